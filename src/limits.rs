@@ -1,0 +1,92 @@
+//! Every bound webvac enforces, named in one place.
+//!
+//! Units go last in names (`_bytes`, `_ms`, `_count`). Relations between the
+//! constants are checked at compile time at the bottom of the file, so a change
+//! that breaks an assumption fails the build instead of a production node.
+
+/// Longest key memcached accepts (`KEY_MAX_LENGTH`). A longer key gets
+/// `CLIENT_ERROR bad command line format`.
+pub const KEY_BYTES_MAX: usize = 250;
+
+/// Default largest item (memcached `-I 1m`). The limit covers memcached's item
+/// header as well as key and value, so the largest storable value is a little
+/// smaller; see [`crate::store::item_fits`].
+pub const ITEM_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
+
+/// Smallest and largest `-I` values memcached allows.
+pub const ITEM_BYTES_MAX_MIN: usize = 1024;
+pub const ITEM_BYTES_MAX_MAX: usize = 1024 * 1024 * 1024;
+
+/// memcached's per-item header (`sizeof(item)` on 64-bit) that counts toward
+/// the `-I` item size limit, plus the 8-byte CAS suffix.
+pub const MEMCACHED_ITEM_HEADER_BYTES: usize = 48;
+pub const MEMCACHED_CAS_BYTES: usize = 8;
+
+/// A command line without a newline after this many bytes is abuse unless it
+/// is a multi-get (`get `/`gets ` prefix); memcached closes such connections.
+pub const LINE_BYTES_MAX: usize = 2048;
+
+/// Ceiling for a multi-get line (memcached lets these grow without bound; we
+/// do not). About 4,000 maximum-length keys.
+pub const MULTIGET_LINE_BYTES_MAX: usize = 1024 * 1024;
+
+/// memcached tokenizes a command into at most this many tokens (`MAX_TOKENS`),
+/// including the empty terminal token.
+pub const TOKENS_MAX: usize = 24;
+
+/// Longest `O` opaque token a meta command may carry (memcached: 32).
+pub const OPAQUE_BYTES_MAX: usize = 32;
+
+/// Relative exptimes above this many seconds (30 days) are absolute unix times
+/// (memcached `REALTIME_MAXDELTA`).
+pub const EXPTIME_RELATIVE_MAX_SECS: i64 = 60 * 60 * 24 * 30;
+
+/// Default memory limit for item storage (memcached `-m 64`).
+pub const MEMORY_LIMIT_MB_DEFAULT: usize = 64;
+
+/// Default maximum number of simultaneous client connections (`-c 1024`).
+pub const CONNECTIONS_MAX_DEFAULT: usize = 1024;
+
+/// Default number of worker threads (`-t 4`, as memcached).
+pub const THREADS_DEFAULT: usize = 4;
+
+/// Default client port.
+pub const PORT_DEFAULT: u16 = 11211;
+
+/// Bytes read from a socket per read call.
+pub const READ_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Replies are flushed to the socket once this many bytes are pending, even in
+/// the middle of a pipelined batch, so a flood of requests cannot grow the
+/// write buffer without bound.
+pub const WRITE_FLUSH_BYTES: usize = 256 * 1024;
+
+/// Most requests executed from one read before replies are flushed and other
+/// connections get a turn.
+pub const REQUESTS_PER_BATCH_MAX: usize = 1024;
+
+/// Store shard count bounds. The count is a power of two chosen from the
+/// memory limit so each shard can hold at least [`SHARD_ITEMS_OF_MAX_SIZE`]
+/// maximum-size items.
+pub const SHARDS_MAX: usize = 64;
+pub const SHARD_ITEMS_OF_MAX_SIZE: usize = 4;
+
+/// Slots the background expiry sweep examines per shard per pass.
+pub const SWEEP_SLOTS_PER_PASS: usize = 4096;
+
+/// Interval between background expiry sweep passes.
+pub const SWEEP_INTERVAL_MS: u64 = 1000;
+
+/// How long a graceful shutdown waits for connections to finish in-flight work.
+pub const SHUTDOWN_GRACE_MS: u64 = 5000;
+
+/// Highest verbosity level (`verbosity N` clamps to it, as memcached).
+pub const VERBOSITY_MAX: u32 = 2;
+
+const _: () = assert!(KEY_BYTES_MAX < 256, "key length is stored in a u8");
+const _: () = assert!(LINE_BYTES_MAX < MULTIGET_LINE_BYTES_MAX);
+const _: () = assert!(ITEM_BYTES_MAX_MIN <= ITEM_BYTES_MAX_DEFAULT);
+const _: () = assert!(ITEM_BYTES_MAX_DEFAULT <= ITEM_BYTES_MAX_MAX);
+const _: () = assert!(SHARDS_MAX.is_power_of_two());
+const _: () = assert!(READ_CHUNK_BYTES <= WRITE_FLUSH_BYTES);
+const _: () = assert!(OPAQUE_BYTES_MAX < LINE_BYTES_MAX);

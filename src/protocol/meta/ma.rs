@@ -1,0 +1,48 @@
+//! `ma <key> <flag>*`: meta arithmetic. `MI`/`M+` increments (default),
+//! `MD`/`M-` decrements, by `D` (default 1). `N<ttl>` creates a missing item
+//! with value `J` (default 0) without applying the delta. Replies `HD` or
+//! `VA <len>` + number, `NF`, `EX`, `NS`.
+
+use std::borrow::Cow;
+
+use super::super::Request;
+use super::{Flags, MetaRequest, errors};
+
+#[derive(Debug)]
+pub struct MetaArith<'a> {
+    pub key: Cow<'a, [u8]>,
+    pub flags: Flags<'a>,
+    pub incr: bool,
+    pub delta: u64,
+    pub initial: u64,
+}
+
+/// Checks the mode (after flag parsing, as memcached does) and fills defaults.
+pub fn build<'a>(key: Cow<'a, [u8]>, flags: Flags<'a>) -> Request<'a> {
+    let incr = match flags.mode {
+        None | Some(b'I' | b'+') => true,
+        Some(b'D' | b'-') => false,
+        _ => return Request::error(errors::MA_BAD_MODE),
+    };
+    let delta = flags.delta.unwrap_or(1);
+    let initial = flags.initial.unwrap_or(0);
+    Request::Meta(MetaRequest::Arith(MetaArith { key, flags, incr, delta, initial }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::super::test_util::*;
+    use super::*;
+
+    #[test]
+    fn modes() {
+        match one(b"ma k MD D5 N0 J9\r\n").0 {
+            Request::Meta(MetaRequest::Arith(a)) => assert_eq!((a.incr, a.delta, a.initial), (false, 5, 9)),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(error_of(b"ma k Mi\r\n"), errors::MA_BAD_MODE);
+        assert_eq!(error_of(b"ma k MX q\r\n"), errors::MA_BAD_MODE);
+        assert_eq!(error_of(b"ma k x MX\r\n"), errors::INVALID_OR_DUPLICATE);
+        assert_eq!(error_of(b"ma k M\r\n"), errors::INVALID_OR_DUPLICATE);
+    }
+}

@@ -1,0 +1,270 @@
+//! memcached text and meta protocols: bytes in, requests out; replies composed
+//! into a buffer. No I/O.
+//!
+//! [`parse`] looks at the front of a connection's read buffer and returns
+//! either a complete [`Request`] with the number of bytes it used, or
+//! [`Parsed::Incomplete`] when more bytes are needed (a normal outcome).
+//! Malformed input is a request too ([`Request::Error`]): memcached answers it
+//! and carries on, and so do we. The request borrows keys and values from the
+//! buffer, so parsing copies nothing.
+
+pub mod arith;
+pub mod delete;
+pub mod flush_all;
+pub mod get;
+pub mod meta;
+pub mod misc;
+pub mod number;
+pub mod stats;
+pub mod storage;
+pub mod tokens;
+pub mod touch;
+
+use crate::limits::{LINE_BYTES_MAX, MULTIGET_LINE_BYTES_MAX};
+use tokens::Tokens;
+
+/// memcached's error replies, verbatim.
+pub mod reply {
+    pub const ERROR: &str = "ERROR";
+    pub const BAD_FORMAT: &str = "CLIENT_ERROR bad command line format";
+    pub const BAD_DATA_CHUNK: &str = "CLIENT_ERROR bad data chunk";
+    pub const BAD_DELTA: &str = "CLIENT_ERROR invalid numeric delta argument";
+    pub const BAD_EXPTIME: &str = "CLIENT_ERROR invalid exptime argument";
+    pub const NON_NUMERIC: &str = "CLIENT_ERROR cannot increment or decrement non-numeric value";
+    pub const DELETE_USAGE: &str = "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]";
+    pub const TOO_LARGE: &str = "SERVER_ERROR object too large for cache";
+    pub const NO_MEMORY_STORING: &str = "SERVER_ERROR out of memory storing object";
+    pub const NO_MEMORY: &str = "SERVER_ERROR out of memory";
+    pub const SHUTDOWN_DISABLED: &str = "ERROR: shutdown not enabled";
+    pub const TOO_MANY_CONNECTIONS: &str = "ERROR Too many open connections";
+}
+
+/// One parsed client request.
+#[derive(Debug)]
+pub enum Request<'a> {
+    Get(get::Get<'a>),
+    Storage(storage::Storage<'a>),
+    Arith(arith::ArithCmd<'a>),
+    Delete(delete::Delete<'a>),
+    Touch(touch::Touch<'a>),
+    FlushAll(flush_all::FlushAll),
+    Stats(stats::StatsCmd<'a>),
+    Version,
+    Verbosity(misc::Verbosity),
+    Quit,
+    Meta(meta::MetaRequest<'a>),
+    /// Answer with this line (unless `noreply`) and carry on. `swallow` bytes
+    /// that follow belong to a rejected data block and must be discarded.
+    Error { reply: &'static str, noreply: bool, swallow: usize },
+    /// memcached drops the connection without a reply.
+    Close,
+}
+
+impl Request<'_> {
+    pub(crate) fn error(reply: &'static str) -> Self {
+        Request::Error { reply, noreply: false, swallow: 0 }
+    }
+
+    pub(crate) fn error_noreply(reply: &'static str, noreply: bool) -> Self {
+        Request::Error { reply, noreply, swallow: 0 }
+    }
+}
+
+/// What [`parse`] found at the front of the buffer.
+#[derive(Debug)]
+pub enum Parsed<'a> {
+    Complete { request: Request<'a>, consumed: usize },
+    Incomplete,
+}
+
+/// Limits the parser enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct ParseLimits {
+    /// `-I`: largest item, memcached's arithmetic (see [`crate::store::item_fits`]).
+    pub item_bytes_max: usize,
+}
+
+/// Parses one request from the front of `buf`.
+pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
+    let Some(nl) = memchr::memchr(b'\n', buf) else {
+        return incomplete_line(buf);
+    };
+    let consumed = nl + 1;
+    let mut line = &buf[..nl];
+    if line.len() > 1 && line[line.len() - 1] == b'\r' {
+        line = &line[..line.len() - 1];
+    }
+    // memcached handles the line as a C string: a NUL ends it.
+    if let Some(nul) = memchr::memchr(0, line) {
+        line = &line[..nul];
+    }
+    let tokens = Tokens::new(line);
+    if tokens.is_empty() || tokens.get(0).len() < 2 {
+        return Parsed::Complete { request: Request::error(reply::ERROR), consumed };
+    }
+    let cmd = tokens.get(0);
+    let request = match cmd {
+        b"get" | b"gets" | b"gat" | b"gats" => get::parse(cmd, &tokens, line),
+        b"set" | b"add" | b"replace" | b"append" | b"prepend" | b"cas" => {
+            return storage::parse(cmd, &tokens, &buf[consumed..], consumed, limits);
+        }
+        b"incr" | b"decr" => arith::parse(cmd, &tokens),
+        b"delete" => delete::parse(&tokens),
+        b"touch" => touch::parse(&tokens),
+        b"flush_all" => flush_all::parse(&tokens),
+        b"stats" => stats::parse(&tokens),
+        b"version" => Request::Version,
+        b"verbosity" => misc::parse_verbosity(&tokens),
+        b"quit" => Request::Quit,
+        b"shutdown" => Request::error(reply::SHUTDOWN_DISABLED),
+        [b'm', _] => return meta::parse(&tokens, &buf[consumed..], consumed, limits),
+        _ if tokens.len() >= 2 && tokens.get(tokens.len() - 1).starts_with(b"HTTP/") => Request::Close,
+        _ => Request::error(reply::ERROR),
+    };
+    Parsed::Complete { request, consumed }
+}
+
+/// No newline yet. memcached drops a connection whose first 2 KiB hold no
+/// newline unless it is a multi-get; we also cap multi-get lines.
+fn incomplete_line(buf: &[u8]) -> Parsed<'_> {
+    if buf.len() <= LINE_BYTES_MAX {
+        return Parsed::Incomplete;
+    }
+    let spaces = buf.iter().take_while(|&&b| b == b' ').count();
+    let rest = &buf[spaces..];
+    let multiget = rest.starts_with(b"get ") || rest.starts_with(b"gets ");
+    if spaces > 100 || !multiget || buf.len() > MULTIGET_LINE_BYTES_MAX {
+        return Parsed::Complete { request: Request::Close, consumed: buf.len() };
+    }
+    Parsed::Incomplete
+}
+
+/// Appends `line` and CRLF.
+#[inline]
+pub fn put_line(out: &mut Vec<u8>, line: &[u8]) {
+    out.extend_from_slice(line);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends a decimal number.
+#[inline]
+pub fn put_u64(out: &mut Vec<u8>, n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+#[inline]
+pub fn put_i64(out: &mut Vec<u8>, n: i64) {
+    if n < 0 {
+        out.push(b'-');
+    }
+    put_u64(out, n.unsigned_abs());
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::*;
+
+    pub const LIMITS: ParseLimits = ParseLimits { item_bytes_max: 1024 * 1024 };
+
+    /// Parses one complete request or panics.
+    pub fn one(buf: &[u8]) -> (Request<'_>, usize) {
+        match parse(buf, &LIMITS) {
+            Parsed::Complete { request, consumed } => (request, consumed),
+            Parsed::Incomplete => panic!("incomplete: {:?}", String::from_utf8_lossy(buf)),
+        }
+    }
+
+    pub fn error_of(buf: &[u8]) -> &'static str {
+        match one(buf).0 {
+            Request::Error { reply, .. } => reply,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_util::*;
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn empty_and_short_lines_are_errors() {
+        assert_eq!(error_of(b"\r\n"), reply::ERROR);
+        assert_eq!(error_of(b"x\r\n"), reply::ERROR);
+        assert_eq!(error_of(b"GET a\r\n"), reply::ERROR);
+        assert_eq!(error_of(b"bogus a b c\r\n"), reply::ERROR);
+    }
+
+    #[test]
+    fn incomplete_until_newline() {
+        assert!(matches!(parse(b"get a", &LIMITS), Parsed::Incomplete));
+        assert!(matches!(parse(b"", &LIMITS), Parsed::Incomplete));
+    }
+
+    #[test]
+    fn long_line_without_newline_closes_unless_multiget() {
+        let junk = vec![b'x'; LINE_BYTES_MAX + 1];
+        assert!(matches!(one(&junk).0, Request::Close));
+        let mut get = b"get ".to_vec();
+        get.resize(LINE_BYTES_MAX + 10, b'k');
+        assert!(matches!(parse(&get, &LIMITS), Parsed::Incomplete));
+    }
+
+    #[test]
+    fn http_request_closes() {
+        assert!(matches!(one(b"GET / HTTP/1.1\r\n").0, Request::Close));
+    }
+
+    #[test]
+    fn numbers_compose() {
+        let mut out = Vec::new();
+        put_u64(&mut out, 0);
+        out.push(b' ');
+        put_u64(&mut out, u64::MAX);
+        out.push(b' ');
+        put_i64(&mut out, -42);
+        assert_eq!(out, b"0 18446744073709551615 -42");
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        /// No byte string makes the parser panic, and a complete parse never
+        /// claims more bytes than it was given.
+        #[test]
+        fn parser_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Parsed::Complete { consumed, .. } = parse(&buf, &LIMITS) {
+                prop_assert!(consumed <= buf.len());
+                prop_assert!(consumed > 0);
+            }
+        }
+
+        /// Command-shaped garbage: same property, far likelier to reach deep branches.
+        #[test]
+        fn parser_never_panics_on_commandish_input(
+            cmd in prop::sample::select(vec!["get", "gets", "gat", "gats", "set", "add", "cas", "append",
+                "incr", "decr", "delete", "touch", "flush_all", "verbosity", "stats", "mg", "ms", "md", "ma", "mn", "me"]),
+            args in proptest::collection::vec("[ -~]{0,12}", 0..8),
+            tail in proptest::collection::vec(any::<u8>(), 0..40),
+        ) {
+            let mut buf = cmd.as_bytes().to_vec();
+            for a in &args { buf.push(b' '); buf.extend_from_slice(a.as_bytes()); }
+            buf.extend_from_slice(b"\r\n");
+            buf.extend_from_slice(&tail);
+            if let Parsed::Complete { consumed, .. } = parse(&buf, &LIMITS) {
+                prop_assert!(consumed <= buf.len());
+            }
+        }
+    }
+}

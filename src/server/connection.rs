@@ -1,0 +1,163 @@
+//! One client connection: the only code here that touches a client socket.
+//!
+//! Read, parse every complete request in the buffer, execute them in order,
+//! and write all their replies with as few writes as possible. Bounds:
+//! the input buffer never holds more than one maximum-size request plus one
+//! read; replies are flushed whenever [`WRITE_FLUSH_BYTES`] are pending (also
+//! inside a long multi-get), so a client that sends without reading stalls
+//! only itself, through TCP backpressure.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::WriteHalf;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, trace};
+
+use super::Shared;
+use super::execute::{self, Action};
+use crate::limits::{LINE_BYTES_MAX, MULTIGET_LINE_BYTES_MAX, READ_CHUNK_BYTES, REQUESTS_PER_BATCH_MAX, WRITE_FLUSH_BYTES};
+use crate::protocol::{Parsed, Request, parse};
+
+/// Buffers larger than this are given back once empty.
+const IDLE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Decrements the connection count however the task ends.
+struct Registered {
+    shared: Arc<Shared>,
+    _done: mpsc::Sender<()>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shared.stats.curr_connections.fetch_sub(1, Relaxed);
+    }
+}
+
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let _registered = Registered { shared: shared.clone(), _done: done };
+    let _ = stream.set_nodelay(true);
+    debug!(peer = %peer, "connection opened");
+    match run(&mut stream, &shared, &mut stop).await {
+        Ok(()) => debug!(peer = %peer, "connection closed"),
+        Err(e) => debug!(peer = %peer, error = %e, "connection ended with an error"),
+    }
+}
+
+/// Largest input a connection may buffer: one maximum-size storage request
+/// (or multi-get line) plus one read.
+fn input_bytes_max(shared: &Shared) -> usize {
+    MULTIGET_LINE_BYTES_MAX.max(LINE_BYTES_MAX + shared.limits.item_bytes_max + 2) + READ_CHUNK_BYTES
+}
+
+async fn run(stream: &mut TcpStream, shared: &Shared, stop: &mut watch::Receiver<bool>) -> std::io::Result<()> {
+    let (mut rd, mut wr) = stream.split();
+    let mut inbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut swallow = 0usize;
+    let input_max = input_bytes_max(shared);
+    loop {
+        let close = process(shared, &mut inbuf, &mut out, &mut swallow, &mut wr).await?;
+        flush(shared, &mut wr, &mut out).await?;
+        if close || *stop.borrow() {
+            return Ok(());
+        }
+        assert!(inbuf.len() < input_max, "parser left {} bytes unconsumed", inbuf.len());
+        if inbuf.is_empty() && inbuf.capacity() > IDLE_BUFFER_BYTES {
+            inbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+        }
+        if out.capacity() > IDLE_BUFFER_BYTES {
+            out = Vec::with_capacity(READ_CHUNK_BYTES);
+        }
+        inbuf.reserve(READ_CHUNK_BYTES);
+        let n = tokio::select! {
+            read = rd.read_buf(&mut inbuf) => read?,
+            _ = stop.changed() => return Ok(()),
+        };
+        if n == 0 {
+            // EOF, possibly a half-close: everything complete was answered.
+            return Ok(());
+        }
+        shared.stats.bytes_read.fetch_add(n as u64, Relaxed);
+    }
+}
+
+async fn flush(shared: &Shared, wr: &mut WriteHalf<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {
+    if !out.is_empty() {
+        wr.write_all(out).await?;
+        shared.stats.bytes_written.fetch_add(out.len() as u64, Relaxed);
+        out.clear();
+    }
+    Ok(())
+}
+
+/// Executes every complete request in `inbuf`. Returns true to close.
+async fn process(
+    shared: &Shared,
+    inbuf: &mut BytesMut,
+    out: &mut Vec<u8>,
+    swallow: &mut usize,
+    wr: &mut WriteHalf<'_>,
+) -> std::io::Result<bool> {
+    let mut executed = 0;
+    loop {
+        if *swallow > 0 {
+            let n = (*swallow).min(inbuf.len());
+            inbuf.advance(n);
+            *swallow -= n;
+            if *swallow > 0 {
+                return Ok(false);
+            }
+        }
+        if inbuf.is_empty() {
+            return Ok(false);
+        }
+        let (action, consumed) = match parse(&inbuf[..], &shared.limits) {
+            Parsed::Incomplete => return Ok(false),
+            Parsed::Complete { request, consumed } => {
+                trace!(?request, "request");
+                let action = match request {
+                    Request::Get(get) => {
+                        for key in get.keys() {
+                            execute::get_key(shared, &get, key, out);
+                            if out.len() >= WRITE_FLUSH_BYTES {
+                                flush(shared, wr, out).await?;
+                            }
+                        }
+                        execute::get_end(out);
+                        Action::Continue
+                    }
+                    other => execute::execute(shared, other, out),
+                };
+                (action, consumed)
+            }
+        };
+        debug_assert!(consumed > 0 && consumed <= inbuf.len());
+        inbuf.advance(consumed);
+        match action {
+            Action::Continue => {}
+            Action::Swallow(n) => *swallow = n,
+            Action::Close => return Ok(true),
+        }
+        if out.len() >= WRITE_FLUSH_BYTES {
+            flush(shared, wr, out).await?;
+        }
+        executed += 1;
+        if executed >= REQUESTS_PER_BATCH_MAX {
+            // Let other connections on this worker run.
+            flush(shared, wr, out).await?;
+            tokio::task::yield_now().await;
+            executed = 0;
+        }
+    }
+}

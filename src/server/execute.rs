@@ -1,0 +1,163 @@
+//! Executes parsed requests against the store and composes the replies.
+//! No sockets here: a request and a buffer in, reply bytes and an action out.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use super::Shared;
+use super::stats::{compose_general, compose_settings};
+use crate::limits::VERBOSITY_MAX;
+use crate::protocol::get::{Get, compose_end, compose_value};
+use crate::protocol::stats::StatsCmd;
+use crate::protocol::{Request, put_line, put_u64, reply};
+use crate::store::{Arith, Delta, Mode, Stored, Write};
+
+/// What the connection does after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    /// Discard this many bytes of input (a rejected data block), then continue.
+    Swallow(usize),
+    /// Close the connection (after flushing replies).
+    Close,
+}
+
+/// One key of a get-family request. The connection calls this per key so it
+/// can flush a long multi-get's replies as it goes.
+#[inline]
+pub fn get_key(shared: &Shared, get: &Get<'_>, key: &[u8], out: &mut Vec<u8>) {
+    let with_cas = get.with_cas;
+    shared.store.get(key, get.touch, |e| {
+        compose_value(out, key, e.flags, e.value(), with_cas.then_some(e.cas));
+    });
+}
+
+pub fn get_end(out: &mut Vec<u8>) {
+    compose_end(out);
+}
+
+/// Executes every request but the get family and meta commands.
+pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Action {
+    match request {
+        Request::Get(get) => {
+            for key in get.keys() {
+                get_key(shared, &get, key, out);
+            }
+            get_end(out);
+        }
+        Request::Storage(s) => {
+            if let Some(swallow) = s.too_large {
+                shared.store.reject_too_large(s.key, s.mode == Mode::Set && s.cas.is_none());
+                if !s.noreply {
+                    put_line(out, reply::TOO_LARGE.as_bytes());
+                }
+                return Action::Swallow(swallow);
+            }
+            let mut w = Write::new(s.mode, s.key, s.data, s.flags, s.exptime);
+            w.compare_cas = s.cas;
+            let result = shared.store.write(&w);
+            if !s.noreply {
+                put_line(out, stored_reply(result, s.mode).as_bytes());
+            }
+        }
+        Request::Arith(a) => {
+            let result = shared.store.arith(&Arith {
+                key: a.key,
+                incr: a.incr,
+                delta: a.delta,
+                compare_cas: None,
+                new_cas: None,
+                vivify: None,
+                exptime: None,
+            });
+            if !a.noreply {
+                match result {
+                    Delta::Value(v, _) => {
+                        put_u64(out, v);
+                        out.extend_from_slice(b"\r\n");
+                    }
+                    Delta::NotFound => put_line(out, b"NOT_FOUND"),
+                    Delta::NonNumeric => put_line(out, reply::NON_NUMERIC.as_bytes()),
+                    Delta::NoMemory => put_line(out, reply::NO_MEMORY.as_bytes()),
+                    Delta::Exists => put_line(out, b"EXISTS"),
+                }
+            }
+        }
+        Request::Delete(d) => {
+            let found = shared.store.delete(d.key, None).is_ok();
+            if !d.noreply {
+                put_line(out, if found { b"DELETED" } else { b"NOT_FOUND" });
+            }
+        }
+        Request::Touch(t) => {
+            let found = shared.store.touch(t.key, t.exptime);
+            if !t.noreply {
+                put_line(out, if found { b"TOUCHED" } else { b"NOT_FOUND" });
+            }
+        }
+        Request::FlushAll(f) => {
+            shared.stats.cmd_flush.fetch_add(1, Relaxed);
+            shared.store.flush_all(f.delay);
+            if !f.noreply {
+                put_line(out, b"OK");
+            }
+        }
+        Request::Stats(cmd) => stats(shared, cmd, out),
+        Request::Version => {
+            out.extend_from_slice(b"VERSION ");
+            put_line(out, shared.facts.version.as_bytes());
+        }
+        Request::Verbosity(v) => {
+            shared.stats.verbosity.store(u64::from(v.level.min(VERBOSITY_MAX)), Relaxed);
+            if !v.noreply {
+                put_line(out, b"OK");
+            }
+        }
+        Request::Quit | Request::Close => return Action::Close,
+        Request::Meta(m) => return super::meta::execute(shared, m, out),
+        Request::Error { reply, noreply, swallow } => {
+            if !noreply {
+                put_line(out, reply.as_bytes());
+            }
+            if swallow > 0 {
+                return Action::Swallow(swallow);
+            }
+        }
+    }
+    Action::Continue
+}
+
+/// memcached's reply for a store outcome.
+pub fn stored_reply(result: Stored, mode: Mode) -> &'static str {
+    let _ = mode;
+    match result {
+        Stored::Stored(_) => "STORED",
+        Stored::NotStored => "NOT_STORED",
+        Stored::Exists => "EXISTS",
+        Stored::NotFound => "NOT_FOUND",
+        Stored::TooLarge => reply::TOO_LARGE,
+        Stored::NoMemory => reply::NO_MEMORY_STORING,
+    }
+}
+
+fn stats(shared: &Shared, cmd: StatsCmd<'_>, out: &mut Vec<u8>) {
+    let now = shared.store.clock().now_secs();
+    match cmd {
+        StatsCmd::General => compose_general(out, &shared.facts, &shared.stats, &shared.store.stats(), now),
+        StatsCmd::Settings => compose_settings(out, &shared.facts, &shared.stats, shared.store.limit_bytes()),
+        StatsCmd::Reset => {
+            shared.store.reset_stats();
+            shared.stats.reset();
+            put_line(out, b"RESET");
+        }
+        // webvac has no slab classes; these report nothing, as an empty
+        // memcached does, so tools that poll them keep working.
+        StatsCmd::Items | StatsCmd::Sizes | StatsCmd::Conns => put_line(out, b"END"),
+        StatsCmd::Slabs => {
+            let st = shared.store.stats();
+            crate::protocol::stats::put_stat(out, "active_slabs", 0);
+            crate::protocol::stats::put_stat(out, "total_malloced", st.bytes);
+            put_line(out, b"END");
+        }
+        StatsCmd::Group(_) => put_line(out, reply::ERROR.as_bytes()),
+    }
+}

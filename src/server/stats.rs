@@ -1,0 +1,124 @@
+//! Server-wide counters (connections, bytes, commands outside the store) and
+//! the `stats` replies.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::protocol::stats::put_stat;
+use crate::store::StoreStats;
+
+/// Counters shared by every connection. Relaxed atomics: each is independent
+/// and only read for reporting.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    pub curr_connections: AtomicU64,
+    pub total_connections: AtomicU64,
+    pub rejected_connections: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub cmd_flush: AtomicU64,
+    pub cmd_meta: AtomicU64,
+    /// Level last set by `verbosity`.
+    pub verbosity: AtomicU64,
+}
+
+impl ServerStats {
+    pub fn reset(&self) {
+        for c in [&self.total_connections, &self.rejected_connections, &self.bytes_read, &self.bytes_written, &self.cmd_flush, &self.cmd_meta] {
+            c.store(0, Relaxed);
+        }
+    }
+}
+
+/// Fixed facts reported by `stats`.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub pid: u32,
+    pub started_unix_secs: u32,
+    pub version: &'static str,
+    pub max_connections: usize,
+    pub threads: usize,
+    pub port: u16,
+    pub listen: String,
+    pub item_bytes_max: usize,
+    pub shards: usize,
+}
+
+/// `stats`: memcached's field names, in memcached's order.
+pub fn compose_general(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, st: &StoreStats, now: u32) {
+    let c = &st.counters;
+    let (user, system) = rusage();
+    put_stat(out, "pid", f.pid);
+    put_stat(out, "uptime", now.saturating_sub(f.started_unix_secs));
+    put_stat(out, "time", now);
+    put_stat(out, "version", f.version);
+    put_stat(out, "pointer_size", usize::BITS);
+    put_stat(out, "rusage_user", format_args!("{}.{:06}", user / 1_000_000, user % 1_000_000));
+    put_stat(out, "rusage_system", format_args!("{}.{:06}", system / 1_000_000, system % 1_000_000));
+    put_stat(out, "max_connections", f.max_connections);
+    put_stat(out, "curr_connections", s.curr_connections.load(Relaxed));
+    put_stat(out, "total_connections", s.total_connections.load(Relaxed));
+    put_stat(out, "rejected_connections", s.rejected_connections.load(Relaxed));
+    put_stat(out, "cmd_get", c.cmd_get);
+    put_stat(out, "cmd_set", c.cmd_set);
+    put_stat(out, "cmd_flush", s.cmd_flush.load(Relaxed));
+    put_stat(out, "cmd_touch", c.cmd_touch);
+    put_stat(out, "cmd_meta", s.cmd_meta.load(Relaxed));
+    put_stat(out, "get_hits", c.get_hits);
+    put_stat(out, "get_misses", c.get_misses);
+    put_stat(out, "get_expired", c.get_expired);
+    put_stat(out, "get_flushed", c.get_flushed);
+    put_stat(out, "delete_misses", c.delete_misses);
+    put_stat(out, "delete_hits", c.delete_hits);
+    put_stat(out, "incr_misses", c.incr_misses);
+    put_stat(out, "incr_hits", c.incr_hits);
+    put_stat(out, "decr_misses", c.decr_misses);
+    put_stat(out, "decr_hits", c.decr_hits);
+    put_stat(out, "cas_misses", c.cas_misses);
+    put_stat(out, "cas_hits", c.cas_hits);
+    put_stat(out, "cas_badval", c.cas_badval);
+    put_stat(out, "touch_hits", c.touch_hits);
+    put_stat(out, "touch_misses", c.touch_misses);
+    put_stat(out, "store_too_large", c.store_too_large);
+    put_stat(out, "store_no_memory", c.store_no_memory);
+    put_stat(out, "bytes_read", s.bytes_read.load(Relaxed));
+    put_stat(out, "bytes_written", s.bytes_written.load(Relaxed));
+    put_stat(out, "limit_maxbytes", st.limit_maxbytes);
+    put_stat(out, "threads", f.threads);
+    put_stat(out, "bytes", st.bytes);
+    put_stat(out, "curr_items", st.curr_items);
+    put_stat(out, "total_items", c.total_items);
+    put_stat(out, "expired_unfetched", c.expired_unfetched);
+    put_stat(out, "evicted_unfetched", c.evicted_unfetched);
+    put_stat(out, "evictions", c.evictions);
+    put_stat(out, "reclaimed", c.reclaimed);
+    out.extend_from_slice(b"END\r\n");
+}
+
+/// `stats settings`.
+pub fn compose_settings(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, limit_bytes: usize) {
+    put_stat(out, "maxbytes", limit_bytes);
+    put_stat(out, "maxconns", f.max_connections);
+    put_stat(out, "tcpport", f.port);
+    put_stat(out, "udpport", 0);
+    put_stat(out, "inter", &f.listen);
+    put_stat(out, "verbosity", s.verbosity.load(Relaxed));
+    put_stat(out, "evictions", "on");
+    put_stat(out, "num_threads", f.threads);
+    put_stat(out, "cas_enabled", "yes");
+    put_stat(out, "item_size_max", f.item_bytes_max);
+    put_stat(out, "flush_enabled", "yes");
+    put_stat(out, "eviction_policy", "sieve");
+    put_stat(out, "store_shards", f.shards);
+    out.extend_from_slice(b"END\r\n");
+}
+
+/// User and system CPU time of this process, in microseconds.
+fn rusage() -> (u64, u64) {
+    // /proc/self/stat fields 14 and 15 are utime and stime in clock ticks.
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return (0, 0) };
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return (0, 0) };
+    let fields: Vec<&str> = after.split(' ').collect();
+    let tick_us = 10_000; // USER_HZ is 100 on Linux
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * tick_us;
+    (get(11), get(12))
+}

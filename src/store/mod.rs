@@ -1,0 +1,644 @@
+//! The lock-sharded item store: memcached semantics, memory limit, eviction,
+//! expiry and versions. No sockets, no cluster.
+//!
+//! Keys are hashed once with xxh3-64 (never std `Hash`: nodes and clients must
+//! agree on it). Bits 40.. of the hash pick the shard; hashbrown uses the low
+//! bits and the top seven, so the three uses do not overlap.
+//!
+//! Every operation takes exactly one shard lock, does all its work under it
+//! (read-modify-write included) and never holds it across I/O. The memory
+//! limit is split evenly across shards, so each shard's budget is hard and the
+//! total never exceeds the limit.
+
+pub mod clock;
+pub mod exptime;
+pub mod hlc;
+pub mod shard;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use parking_lot::Mutex;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use shard::{Entry, ShardStats, charge};
+pub use shard::bits;
+use shard::{Gone, NewItem, Shard};
+
+use crate::limits::{
+    MEMCACHED_CAS_BYTES, MEMCACHED_ITEM_HEADER_BYTES, SHARD_ITEMS_OF_MAX_SIZE, SHARDS_MAX,
+};
+
+/// xxh3-64 of the key: the one hash every node and client agrees on.
+#[inline]
+pub fn key_hash(key: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(key)
+}
+
+/// Whether an item fits under memcached's `-I` limit. memcached counts its
+/// item header, the key with a NUL, the flags (when non-zero), the value with
+/// its CRLF and the CAS; we apply the same arithmetic so the largest storable
+/// value matches memcached's byte for byte.
+pub fn item_fits(key_len: usize, flags: u32, value_len: usize, item_bytes_max: usize) -> bool {
+    let flags_bytes = if flags == 0 { 0 } else { 4 };
+    MEMCACHED_ITEM_HEADER_BYTES + key_len + 1 + flags_bytes + value_len + 2 + MEMCACHED_CAS_BYTES
+        <= item_bytes_max
+}
+
+/// How a write treats an existing item.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Store unconditionally.
+    Set,
+    /// Store only if the key is absent.
+    Add,
+    /// Store only if the key is present.
+    Replace,
+    /// Add to the end of an existing value (flags and expiry stay).
+    Append,
+    /// Add to the front of an existing value (flags and expiry stay).
+    Prepend,
+}
+
+/// A write request, after parsing.
+#[derive(Debug, Clone, Copy)]
+pub struct Write<'a> {
+    pub mode: Mode,
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+    pub flags: u32,
+    /// Client exptime, memcached rules (see [`exptime`]).
+    pub exptime: i64,
+    /// Compare-and-swap: store only if the item's CAS equals this (text `cas`,
+    /// meta `C`). `Some(0)` never matches an existing item.
+    pub compare_cas: Option<u64>,
+    /// Use this as the new CAS instead of a fresh version (meta `E`).
+    pub new_cas: Option<u64>,
+    /// Meta `I`: a CAS older than the item's stores the value marked stale.
+    pub invalidate: bool,
+    /// Meta `N` with append/prepend: create the item with this exptime on a miss.
+    pub vivify_exptime: Option<i64>,
+}
+
+impl<'a> Write<'a> {
+    pub fn new(mode: Mode, key: &'a [u8], value: &'a [u8], flags: u32, exptime: i64) -> Self {
+        Self {
+            mode,
+            key,
+            value,
+            flags,
+            exptime,
+            compare_cas: None,
+            new_cas: None,
+            invalidate: false,
+            vivify_exptime: None,
+        }
+    }
+}
+
+/// The outcome of a write, named after memcached's replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Stored; carries the new CAS.
+    Stored(u64),
+    NotStored,
+    /// CAS mismatch.
+    Exists,
+    /// CAS given but no item.
+    NotFound,
+    /// Larger than the item size limit.
+    TooLarge,
+    /// Could not make room within the memory limit.
+    NoMemory,
+}
+
+/// The outcome of incr/decr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delta {
+    /// The new value and the new CAS.
+    Value(u64, u64),
+    NotFound,
+    NonNumeric,
+    /// CAS given and it did not match.
+    Exists,
+    NoMemory,
+}
+
+/// incr/decr request.
+#[derive(Debug, Clone, Copy)]
+pub struct Arith<'a> {
+    pub key: &'a [u8],
+    pub incr: bool,
+    pub delta: u64,
+    pub compare_cas: Option<u64>,
+    pub new_cas: Option<u64>,
+    /// Meta `N`: create the item on a miss with this exptime and `initial`.
+    pub vivify: Option<(i64, u64)>,
+    /// Meta `T`: update the exptime when applied.
+    pub exptime: Option<i64>,
+}
+
+/// A copy of an item's metadata, handed to readers alongside its value.
+#[derive(Debug, Clone, Copy)]
+pub struct Meta {
+    pub flags: u32,
+    pub cas: u64,
+    pub exptime: u32,
+    pub last_access: u32,
+    pub fetched: bool,
+    pub stale: bool,
+    pub win_sent: bool,
+}
+
+impl Meta {
+    fn of(e: &Entry) -> Self {
+        Self {
+            flags: e.flags,
+            cas: e.cas,
+            exptime: e.exptime,
+            last_access: e.last_access,
+            fetched: e.has(bits::FETCHED),
+            stale: e.has(bits::STALE),
+            win_sent: e.has(bits::WIN_SENT),
+        }
+    }
+}
+
+/// Summed store statistics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StoreStats {
+    pub counters: ShardStats,
+    pub curr_items: u64,
+    pub bytes: u64,
+    pub limit_maxbytes: u64,
+}
+
+/// Store construction options.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub memory_limit_bytes: usize,
+    pub item_bytes_max: usize,
+    pub node_id: u16,
+}
+
+/// A shard lock padded to its own cache lines so neighbours don't false-share.
+#[repr(align(128))]
+struct Padded(Mutex<Shard>);
+
+/// The lock-sharded store.
+pub struct Store {
+    shards: Box<[Padded]>,
+    shard_mask: u64,
+    clock: Arc<dyn Clock>,
+    hlc: hlc::Hlc,
+    item_bytes_max: usize,
+    limit_bytes: usize,
+    /// Pending `flush_all <delay>`: unix second at which it takes effect, 0 = none.
+    flush_at: AtomicU32,
+}
+
+/// Shard count for a memory limit: a power of two, at most [`SHARDS_MAX`],
+/// such that every shard can hold a few maximum-size items.
+pub fn shard_count(limit_bytes: usize, item_bytes_max: usize) -> usize {
+    let per = charge(item_bytes_max) * SHARD_ITEMS_OF_MAX_SIZE;
+    let n = (limit_bytes / per.max(1)).clamp(1, SHARDS_MAX);
+    if n.is_power_of_two() { n } else { n.next_power_of_two() / 2 }
+}
+
+impl Store {
+    pub fn new(config: &StoreConfig, clock: Arc<dyn Clock>) -> Self {
+        let n = shard_count(config.memory_limit_bytes, config.item_bytes_max);
+        let per_shard = config.memory_limit_bytes / n;
+        let shards = (0..n).map(|_| Padded(Mutex::new(Shard::new(per_shard)))).collect();
+        Self {
+            shards,
+            shard_mask: (n - 1) as u64,
+            clock,
+            hlc: hlc::Hlc::new(config.node_id),
+            item_bytes_max: config.item_bytes_max,
+            limit_bytes: per_shard * n,
+            flush_at: AtomicU32::new(0),
+        }
+    }
+
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.clock
+    }
+
+    pub fn item_bytes_max(&self) -> usize {
+        self.item_bytes_max
+    }
+
+    pub fn limit_bytes(&self) -> usize {
+        self.limit_bytes
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    #[inline]
+    fn shard(&self, hash: u64) -> &Mutex<Shard> {
+        &self.shards[((hash >> 40) & self.shard_mask) as usize].0
+    }
+
+    /// Entries last accessed before this second are flushed (0 = none).
+    #[inline]
+    fn flushed_before(&self, now_secs: u32) -> u32 {
+        let at = self.flush_at.load(Ordering::Relaxed);
+        if at != 0 && now_secs >= at { at } else { 0 }
+    }
+
+    /// Runs `f` with the shard holding `key` locked and the key's live slot
+    /// looked up (expired or flushed entries are removed first).
+    #[inline]
+    fn locked<R>(&self, key: &[u8], f: impl FnOnce(&mut Ctx<'_>) -> R) -> R {
+        let hash = key_hash(key);
+        let now_secs = self.clock.now_secs();
+        let flushed_before = self.flushed_before(now_secs);
+        let mut shard = self.shard(hash).lock();
+        let found = shard.find_live(hash, key, now_secs, flushed_before);
+        let mut ctx = Ctx { shard: &mut shard, store: self, hash, key, found, now_secs };
+        f(&mut ctx)
+    }
+
+    /// Looks up `key` for a read, marking it used. `touch` (gat) sets a new
+    /// exptime. `f` sees the item under the shard lock (copy what you need).
+    pub fn get<R>(&self, key: &[u8], touch: Option<i64>, f: impl FnOnce(&Entry) -> R) -> Option<R> {
+        self.locked(key, |ctx| {
+            let now = ctx.now_secs;
+            let st = &mut ctx.shard.stats;
+            st.cmd_get += 1;
+            if touch.is_some() {
+                st.cmd_touch += 1;
+            }
+            match ctx.found {
+                Ok(slot) => {
+                    if touch.is_some() { st.touch_hits += 1 } else { st.get_hits += 1 }
+                    ctx.shard.touch_access(slot, now);
+                    let e = ctx.shard.get_mut(slot);
+                    if let Some(t) = touch {
+                        e.exptime = exptime::absolute(t, now);
+                    }
+                    Some(f(e))
+                }
+                Err(gone) => {
+                    if touch.is_some() { st.touch_misses += 1 } else { st.get_misses += 1 }
+                    match gone {
+                        Gone::Expired => st.get_expired += 1,
+                        Gone::Flushed => st.get_flushed += 1,
+                        Gone::Missing => {}
+                    }
+                    None
+                }
+            }
+        })
+    }
+
+    /// set / add / replace / append / prepend / cas.
+    pub fn write(&self, w: &Write<'_>) -> Stored {
+        if !item_fits(w.key.len(), w.flags, w.value.len(), self.item_bytes_max) {
+            self.reject_too_large(w.key, w.mode == Mode::Set && w.compare_cas.is_none());
+            return Stored::TooLarge;
+        }
+        self.locked(w.key, |ctx| ctx.write(w))
+    }
+
+    /// Records a write refused for its size, before its value was read.
+    /// memcached drops the old value of a refused `set` (`unlink`), so a stale
+    /// value does not outlive a write the client believes replaced it.
+    pub fn reject_too_large(&self, key: &[u8], unlink: bool) {
+        self.locked(key, |ctx| {
+            ctx.shard.stats.store_too_large += 1;
+            if unlink {
+                ctx.remove();
+            }
+        });
+    }
+
+    /// incr / decr.
+    pub fn arith(&self, a: &Arith<'_>) -> Delta {
+        self.locked(a.key, |ctx| ctx.arith(a))
+    }
+
+    /// delete. `compare_cas` (meta `C`) must match if given.
+    pub fn delete(&self, key: &[u8], compare_cas: Option<u64>) -> Result<(), Stored> {
+        self.locked(key, |ctx| {
+            let Ok(slot) = ctx.found else {
+                ctx.shard.stats.delete_misses += 1;
+                return Err(Stored::NotFound);
+            };
+            if let Some(c) = compare_cas {
+                if ctx.shard.get(slot).cas != c {
+                    return Err(Stored::Exists);
+                }
+            }
+            ctx.shard.stats.delete_hits += 1;
+            ctx.remove();
+            Ok(())
+        })
+    }
+
+    /// touch: sets a new exptime. Returns whether the key was found.
+    pub fn touch(&self, key: &[u8], exptime: i64) -> bool {
+        self.locked(key, |ctx| {
+            ctx.shard.stats.cmd_touch += 1;
+            match ctx.found {
+                Ok(slot) => {
+                    ctx.shard.stats.touch_hits += 1;
+                    let now = ctx.now_secs;
+                    ctx.shard.touch_access(slot, now);
+                    ctx.shard.get_mut(slot).exptime = exptime::absolute(exptime, now);
+                    true
+                }
+                Err(_) => {
+                    ctx.shard.stats.touch_misses += 1;
+                    false
+                }
+            }
+        })
+    }
+
+    /// General single-key access for protocol features that need more than
+    /// the operations above (meta commands). `f` runs under the shard lock.
+    pub fn with_key<R>(&self, key: &[u8], f: impl FnOnce(&mut Ctx<'_>) -> R) -> R {
+        self.locked(key, f)
+    }
+
+    /// flush_all: with no delay every item goes now; with a delay, items last
+    /// used before `now + delay` die when that moment comes.
+    pub fn flush_all(&self, delay_secs: i64) {
+        if delay_secs > 0 {
+            let at = exptime::absolute(delay_secs, self.clock.now_secs());
+            self.flush_at.store(at, Ordering::Relaxed);
+            return;
+        }
+        self.flush_at.store(0, Ordering::Relaxed);
+        for s in self.shards.iter() {
+            s.0.lock().clear();
+        }
+    }
+
+    /// One bounded pass of the background expiry sweep over every shard.
+    /// Returns the number of entries reclaimed.
+    pub fn sweep(&self, slots_per_shard: usize) -> usize {
+        let now = self.clock.now_secs();
+        let flushed_before = self.flushed_before(now);
+        self.shards.iter().map(|s| s.0.lock().sweep(slots_per_shard, now, flushed_before)).sum()
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let mut out = StoreStats { limit_maxbytes: self.limit_bytes as u64, ..Default::default() };
+        for s in self.shards.iter() {
+            let s = s.0.lock();
+            out.counters.add(&s.stats);
+            out.curr_items += s.len() as u64;
+            out.bytes += s.used_bytes() as u64;
+        }
+        out
+    }
+
+    /// Zeroes the counters (`stats reset`).
+    pub fn reset_stats(&self) {
+        for s in self.shards.iter() {
+            s.0.lock().stats = ShardStats::default();
+        }
+    }
+
+    /// Checks every shard's invariants. For tests.
+    ///
+    /// # Panics
+    /// On a broken invariant.
+    pub fn check_invariants(&self) {
+        for s in self.shards.iter() {
+            s.0.lock().check_invariants();
+        }
+    }
+
+    fn next_version(&self) -> u64 {
+        self.hlc.next(self.clock.now_ms())
+    }
+}
+
+/// One key's shard, locked, with the key's live slot looked up.
+pub struct Ctx<'a> {
+    shard: &'a mut Shard,
+    store: &'a Store,
+    hash: u64,
+    key: &'a [u8],
+    found: Result<u32, Gone>,
+    pub now_secs: u32,
+}
+
+impl Ctx<'_> {
+    /// The live item, if any.
+    pub fn item(&self) -> Option<&Entry> {
+        self.found.ok().map(|s| self.shard.get(s))
+    }
+
+    pub fn meta(&self) -> Option<Meta> {
+        self.item().map(Meta::of)
+    }
+
+    /// Marks the live item as read (SIEVE bit, fetched, access time).
+    pub fn mark_fetched(&mut self) {
+        if let Ok(slot) = self.found {
+            self.shard.touch_access(slot, self.now_secs);
+        }
+    }
+
+    /// Sets the live item's exptime from a client exptime.
+    pub fn set_exptime(&mut self, client_exptime: i64) {
+        if let Ok(slot) = self.found {
+            let now = self.now_secs;
+            self.shard.get_mut(slot).exptime = exptime::absolute(client_exptime, now);
+        }
+    }
+
+    /// Sets or clears a meta bit on the live item.
+    pub fn set_bit(&mut self, bit: u8, on: bool) {
+        if let Ok(slot) = self.found {
+            self.shard.get_mut(slot).set(bit, on);
+        }
+    }
+
+    /// Gives the live item a fresh version (or `cas` if given); returns it.
+    pub fn bump_cas(&mut self, cas: Option<u64>) -> Option<u64> {
+        let slot = self.found.ok()?;
+        let v = cas.unwrap_or_else(|| self.store.next_version());
+        self.shard.get_mut(slot).cas = v;
+        Some(v)
+    }
+
+    pub fn stats(&mut self) -> &mut ShardStats {
+        &mut self.shard.stats
+    }
+
+    /// Removes the live item, if any.
+    pub fn remove(&mut self) {
+        if let Ok(slot) = self.found {
+            self.shard.remove(slot);
+            self.found = Err(Gone::Missing);
+        }
+    }
+
+    /// Inserts a new item for this key (replacing any) and makes it the live one.
+    pub fn insert(&mut self, value_parts: &[&[u8]], flags: u32, exptime_abs: u32, cas: Option<u64>) -> Result<u64, Stored> {
+        let cas = cas.unwrap_or_else(|| self.store.next_version());
+        let item = NewItem::new(self.key, value_parts, flags, exptime_abs, cas);
+        match self.shard.insert(self.hash, item, self.now_secs) {
+            Ok(slot) => {
+                self.found = Ok(slot);
+                Ok(cas)
+            }
+            Err(shard::InsertError::NoMemory) => {
+                self.shard.stats.store_no_memory += 1;
+                self.found = Err(Gone::Missing);
+                Err(Stored::NoMemory)
+            }
+        }
+    }
+
+    /// The write semantics of memcached's `do_store_item`.
+    pub fn write(&mut self, w: &Write<'_>) -> Stored {
+        self.shard.stats.cmd_set += 1;
+        let now = self.now_secs;
+        let Ok(slot) = self.found else {
+            if w.compare_cas.is_some() && w.mode == Mode::Set {
+                self.shard.stats.cas_misses += 1;
+                return Stored::NotFound;
+            }
+            return match (w.mode, w.vivify_exptime) {
+                (Mode::Set | Mode::Add, _) => {
+                    let exp = exptime::absolute(w.exptime, now);
+                    self.insert(&[w.value], w.flags, exp, w.new_cas).map_or_else(|e| e, Stored::Stored)
+                }
+                (Mode::Append | Mode::Prepend, Some(vivify)) => {
+                    let exp = exptime::absolute(vivify, now);
+                    self.insert(&[w.value], w.flags, exp, w.new_cas).map_or_else(|e| e, Stored::Stored)
+                }
+                _ => Stored::NotStored,
+            };
+        };
+        let old = self.shard.get(slot);
+        let (old_cas, old_flags, old_exptime) = (old.cas, old.flags, old.exptime);
+        let old_bits = old.bits;
+        let cas_match = w.compare_cas.map(|c| c == old_cas);
+        let stale_ok = w.invalidate && w.compare_cas.is_some_and(|c| c < old_cas);
+        match w.mode {
+            Mode::Add => {
+                self.shard.touch_access(slot, now);
+                Stored::NotStored
+            }
+            Mode::Set | Mode::Replace => {
+                let mut mark_stale = false;
+                if w.compare_cas.is_some() {
+                    if cas_match == Some(true) {
+                        self.shard.stats.cas_hits += 1;
+                    } else if stale_ok {
+                        self.shard.stats.cas_hits += 1;
+                        mark_stale = true;
+                    } else {
+                        self.shard.stats.cas_badval += 1;
+                        return Stored::Exists;
+                    }
+                }
+                let exp = if mark_stale { old_exptime } else { exptime::absolute(w.exptime, now) };
+                match self.insert(&[w.value], w.flags, exp, w.new_cas) {
+                    Ok(cas) => {
+                        if mark_stale {
+                            self.set_bit(bits::STALE, true);
+                            self.set_bit(bits::WIN_SENT, old_bits & bits::WIN_SENT != 0);
+                        }
+                        Stored::Stored(cas)
+                    }
+                    Err(e) => e,
+                }
+            }
+            Mode::Append | Mode::Prepend => {
+                if cas_match == Some(false) {
+                    return Stored::Exists;
+                }
+                let old_value = self.shard.get(slot).value().to_vec();
+                let parts: [&[u8]; 2] = if w.mode == Mode::Append {
+                    [&old_value, w.value]
+                } else {
+                    [w.value, &old_value]
+                };
+                let total = old_value.len() + w.value.len();
+                if !item_fits(self.key.len(), old_flags, total, self.store.item_bytes_max) {
+                    // memcached cannot allocate the combined item: NOT_STORED.
+                    return Stored::NotStored;
+                }
+                self.insert(&parts, old_flags, old_exptime, w.new_cas).map_or_else(|e| e, Stored::Stored)
+            }
+        }
+    }
+
+    /// The arithmetic of memcached's `do_add_delta`.
+    pub fn arith(&mut self, a: &Arith<'_>) -> Delta {
+        let now = self.now_secs;
+        let Ok(slot) = self.found else {
+            if let Some((exp, initial)) = a.vivify {
+                let digits = initial.to_string();
+                let exp = exptime::absolute(exp, now);
+                return match self.insert(&[digits.as_bytes()], 0, exp, a.new_cas) {
+                    Ok(cas) => Delta::Value(initial, cas),
+                    Err(_) => Delta::NoMemory,
+                };
+            }
+            if a.incr { self.shard.stats.incr_misses += 1 } else { self.shard.stats.decr_misses += 1 }
+            return Delta::NotFound;
+        };
+        let e = self.shard.get(slot);
+        if let Some(c) = a.compare_cas {
+            if c != 0 && e.cas != c {
+                return Delta::Exists;
+            }
+        }
+        let parsed = crate::protocol::number::parse_value_u64(e.value());
+        let (old_len, flags, old_exptime) = (e.value().len(), e.flags, e.exptime);
+        let Some(current) = parsed else {
+            return Delta::NonNumeric;
+        };
+        let new = if a.incr {
+            current.wrapping_add(a.delta)
+        } else {
+            current.saturating_sub(a.delta)
+        };
+        if a.incr { self.shard.stats.incr_hits += 1 } else { self.shard.stats.decr_hits += 1 }
+        let mut buf = itoa_buf(new);
+        let digits_len = buf.len();
+        let exp = match a.exptime {
+            Some(t) => exptime::absolute(t, now),
+            None => old_exptime,
+        };
+        // memcached rewrites a value in place when the new number is not
+        // longer, padding with spaces: "100" decremented by 91 reads "9  ".
+        if digits_len <= old_len {
+            buf.resize(old_len, b' ');
+        }
+        match self.insert(&[&buf], flags, exp, a.new_cas) {
+            Ok(cas) => {
+                self.mark_fetched_no_visit();
+                Delta::Value(new, cas)
+            }
+            Err(_) => Delta::NoMemory,
+        }
+    }
+
+    fn mark_fetched_no_visit(&mut self) {
+        if let Ok(slot) = self.found {
+            self.shard.get_mut(slot).last_access = self.now_secs;
+        }
+    }
+}
+
+fn itoa_buf(n: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(20);
+    v.extend_from_slice(n.to_string().as_bytes());
+    v
+}
+
+#[cfg(test)]
+mod tests;

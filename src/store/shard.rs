@@ -1,0 +1,488 @@
+//! One lock's worth of the store: a hash index, a slab of entries, a SIEVE
+//! eviction list and the byte budget they share.
+//!
+//! Invariants (checked by `check_invariants` in tests):
+//! - every live slab slot is in the index exactly once and in the SIEVE list
+//!   exactly once; free slots are in neither;
+//! - `used_bytes` is the sum of [`charge`] over live entries and never exceeds
+//!   `limit_bytes` once an operation returns.
+//!
+//! SIEVE (Zhang et al., NSDI '24): new items enter at the head; a hit only
+//! sets a `visited` bit; the eviction hand walks from the tail toward the head,
+//! clearing visited bits and evicting the first unvisited entry. One-hit
+//! wonders leave quickly (scan resistance) without any lock-time reordering on
+//! reads.
+
+use hashbrown::HashTable;
+
+use super::exptime;
+
+/// Marks "no slot" in links and the hand.
+const NIL: u32 = u32::MAX;
+
+/// Bytes the allocator hands out for a request of `n` bytes, modelled on
+/// glibc malloc: an 8-byte header, 16-byte granules, 32 bytes at least.
+#[inline]
+pub const fn alloc_bytes(n: usize) -> usize {
+    let with_header = n + 8;
+    let rounded = (with_header + 15) & !15;
+    if rounded < 32 { 32 } else { rounded }
+}
+
+/// Bytes the index spends per entry: a `u32` slot number and a control byte,
+/// divided by hashbrown's 7/8 maximum load factor, rounded up.
+const INDEX_BYTES_PER_ENTRY: usize = 6;
+
+/// Everything one item costs: its entry, its index slot and its key+value
+/// allocation. This is what the memory limit counts.
+#[inline]
+pub const fn charge(key_and_value_bytes: usize) -> usize {
+    std::mem::size_of::<Entry>() + INDEX_BYTES_PER_ENTRY + alloc_bytes(key_and_value_bytes)
+}
+
+pub mod bits {
+    /// SIEVE: hit since the hand last passed.
+    pub const VISITED: u8 = 1 << 0;
+    /// Read at least once since it was stored (for `*_unfetched` stats and `h`).
+    pub const FETCHED: u8 = 1 << 1;
+    /// Invalidated by a meta `I` flag: served as stale until replaced.
+    pub const STALE: u8 = 1 << 2;
+    /// A meta get already handed out the recache "win" token.
+    pub const WIN_SENT: u8 = 1 << 3;
+    /// Stored by a meta command with a base64 (`b`) key: echoed in base64.
+    pub const KEY_BINARY: u8 = 1 << 4;
+}
+
+/// One stored item.
+pub struct Entry {
+    /// Key bytes followed by value bytes, one allocation.
+    data: Box<[u8]>,
+    /// xxh3-64 of the key; the index is keyed by it.
+    pub(crate) hash: u64,
+    /// Version stamp (HLC); the CAS value clients see.
+    pub cas: u64,
+    /// Absolute unix seconds, 0 = never.
+    pub exptime: u32,
+    /// Opaque client flags.
+    pub flags: u32,
+    /// Unix seconds of the last store or fetch.
+    pub last_access: u32,
+    /// SIEVE links: toward the head (newer) and toward the tail (older).
+    newer: u32,
+    older: u32,
+    key_len: u8,
+    /// [`bits`] flags.
+    pub(crate) bits: u8,
+}
+
+impl Entry {
+    pub fn key(&self) -> &[u8] {
+        &self.data[..usize::from(self.key_len)]
+    }
+
+    pub fn value(&self) -> &[u8] {
+        &self.data[usize::from(self.key_len)..]
+    }
+
+    pub fn charge(&self) -> usize {
+        charge(self.data.len())
+    }
+
+    pub fn has(&self, bit: u8) -> bool {
+        self.bits & bit != 0
+    }
+
+    pub fn set(&mut self, bit: u8, on: bool) {
+        if on { self.bits |= bit } else { self.bits &= !bit }
+    }
+}
+
+/// A new item to put in a shard.
+pub struct NewItem {
+    /// Key then value.
+    pub data: Box<[u8]>,
+    pub key_len: u8,
+    pub flags: u32,
+    pub exptime: u32,
+    pub cas: u64,
+}
+
+impl NewItem {
+    pub fn new(key: &[u8], value_parts: &[&[u8]], flags: u32, exptime: u32, cas: u64) -> Self {
+        let len = key.len() + value_parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut data = Vec::with_capacity(len);
+        data.extend_from_slice(key);
+        for part in value_parts {
+            data.extend_from_slice(part);
+        }
+        debug_assert!(key.len() <= crate::limits::KEY_BYTES_MAX);
+        Self { data: data.into_boxed_slice(), key_len: key.len() as u8, flags, exptime, cas }
+    }
+}
+
+/// Counters kept under the shard lock, so the hot path pays no atomics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ShardStats {
+    pub get_hits: u64,
+    pub get_misses: u64,
+    pub get_expired: u64,
+    pub get_flushed: u64,
+    pub touch_hits: u64,
+    pub touch_misses: u64,
+    pub delete_hits: u64,
+    pub delete_misses: u64,
+    pub incr_hits: u64,
+    pub incr_misses: u64,
+    pub decr_hits: u64,
+    pub decr_misses: u64,
+    pub cas_hits: u64,
+    pub cas_misses: u64,
+    pub cas_badval: u64,
+    pub cmd_get: u64,
+    pub cmd_set: u64,
+    pub cmd_touch: u64,
+    pub total_items: u64,
+    pub evictions: u64,
+    pub evicted_unfetched: u64,
+    pub expired_unfetched: u64,
+    pub reclaimed: u64,
+    pub store_too_large: u64,
+    pub store_no_memory: u64,
+}
+
+impl ShardStats {
+    pub fn add(&mut self, o: &ShardStats) {
+        macro_rules! sum { ($($f:ident),*) => { $( self.$f += o.$f; )* } }
+        sum!(get_hits, get_misses, get_expired, get_flushed, touch_hits, touch_misses,
+             delete_hits, delete_misses, incr_hits, incr_misses, decr_hits, decr_misses,
+             cas_hits, cas_misses, cas_badval, cmd_get, cmd_set, cmd_touch, total_items,
+             evictions, evicted_unfetched, expired_unfetched, reclaimed, store_too_large,
+             store_no_memory);
+    }
+}
+
+/// Why an item could not be stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InsertError {
+    /// The item alone is larger than the shard's whole budget.
+    NoMemory,
+}
+
+/// Why a lookup found nothing usable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gone {
+    Missing,
+    Expired,
+    Flushed,
+}
+
+pub struct Shard {
+    /// key hash → slab slot.
+    index: HashTable<u32>,
+    /// Entry storage; `None` slots are on `free`.
+    slab: Vec<Option<Entry>>,
+    free: Vec<u32>,
+    /// SIEVE list ends and hand.
+    head: u32,
+    tail: u32,
+    hand: u32,
+    used_bytes: usize,
+    limit_bytes: usize,
+    /// Cursor of the background expiry sweep.
+    sweep_cursor: usize,
+    pub stats: ShardStats,
+}
+
+impl Shard {
+    pub fn new(limit_bytes: usize) -> Self {
+        Self {
+            index: HashTable::new(),
+            slab: Vec::new(),
+            free: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            hand: NIL,
+            used_bytes: 0,
+            limit_bytes,
+            sweep_cursor: 0,
+            stats: ShardStats::default(),
+        }
+    }
+
+    pub fn used_bytes(&self) -> usize {
+        self.used_bytes
+    }
+
+    pub fn limit_bytes(&self) -> usize {
+        self.limit_bytes
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    fn entry(&self, slot: u32) -> &Entry {
+        self.slab[slot as usize].as_ref().expect("live slot")
+    }
+
+    fn entry_mut(&mut self, slot: u32) -> &mut Entry {
+        self.slab[slot as usize].as_mut().expect("live slot")
+    }
+
+    /// The slot holding `key`, dead or alive.
+    pub fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
+        let slab = &self.slab;
+        self.index
+            .find(hash, |&s| slab[s as usize].as_ref().is_some_and(|e| e.key() == key))
+            .copied()
+    }
+
+    /// The slot holding a live `key`. An expired or flushed entry found on the
+    /// way is removed and reported, as memcached's lazy expiry does.
+    pub fn find_live(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        now_secs: u32,
+        flushed_before: u32,
+    ) -> Result<u32, Gone> {
+        let slot = self.find(hash, key).ok_or(Gone::Missing)?;
+        let e = self.entry(slot);
+        let why = if exptime::is_expired(e.exptime, now_secs) {
+            Gone::Expired
+        } else if e.last_access < flushed_before {
+            Gone::Flushed
+        } else {
+            return Ok(slot);
+        };
+        if why == Gone::Expired && !e.has(bits::FETCHED) {
+            self.stats.expired_unfetched += 1;
+        }
+        self.remove(slot);
+        Err(why)
+    }
+
+    pub fn get(&self, slot: u32) -> &Entry {
+        self.entry(slot)
+    }
+
+    pub fn get_mut(&mut self, slot: u32) -> &mut Entry {
+        self.entry_mut(slot)
+    }
+
+    /// Stores `item` under its key, replacing any entry with that key, and
+    /// evicts until it fits. Returns the new slot.
+    pub fn insert(&mut self, hash: u64, item: NewItem, now_secs: u32) -> Result<u32, InsertError> {
+        let key = &item.data[..usize::from(item.key_len)];
+        if let Some(old) = self.find(hash, key) {
+            self.remove(old);
+        }
+        let cost = charge(item.data.len());
+        if cost > self.limit_bytes {
+            return Err(InsertError::NoMemory);
+        }
+        while self.used_bytes + cost > self.limit_bytes {
+            self.evict_one(now_secs);
+        }
+        let entry = Entry {
+            data: item.data,
+            hash,
+            cas: item.cas,
+            exptime: item.exptime,
+            flags: item.flags,
+            last_access: now_secs,
+            newer: NIL,
+            older: NIL,
+            key_len: item.key_len,
+            bits: 0,
+        };
+        let slot = match self.free.pop() {
+            Some(s) => {
+                debug_assert!(self.slab[s as usize].is_none());
+                self.slab[s as usize] = Some(entry);
+                s
+            }
+            None => {
+                assert!(self.slab.len() < NIL as usize, "slab index space exhausted");
+                self.slab.push(Some(entry));
+                (self.slab.len() - 1) as u32
+            }
+        };
+        let slab = &self.slab;
+        self.index.insert_unique(hash, slot, |&s| slab[s as usize].as_ref().expect("indexed slot").hash);
+        self.link_head(slot);
+        self.used_bytes += cost;
+        self.stats.total_items += 1;
+        Ok(slot)
+    }
+
+    /// Removes the entry in `slot` from the index, the list and the budget.
+    pub fn remove(&mut self, slot: u32) -> Entry {
+        let hash = self.entry(slot).hash;
+        match self.index.find_entry(hash, |&s| s == slot) {
+            Ok(found) => {
+                found.remove();
+            }
+            Err(_) => unreachable!("live slot {slot} missing from the index"),
+        }
+        self.unlink(slot);
+        let entry = self.slab[slot as usize].take().expect("live slot");
+        self.free.push(slot);
+        self.used_bytes -= entry.charge();
+        entry
+    }
+
+    /// Drops every entry. Keeps the counters.
+    pub fn clear(&mut self) {
+        self.index.clear();
+        self.slab.clear();
+        self.free.clear();
+        self.head = NIL;
+        self.tail = NIL;
+        self.hand = NIL;
+        self.used_bytes = 0;
+        self.sweep_cursor = 0;
+    }
+
+    /// SIEVE eviction of one entry. Expired entries met by the hand count as
+    /// reclaimed, live ones as evictions.
+    ///
+    /// # Panics
+    /// If the shard is empty while over budget (an accounting bug).
+    fn evict_one(&mut self, now_secs: u32) {
+        assert!(self.tail != NIL, "over budget with nothing to evict");
+        let mut slot = if self.hand == NIL { self.tail } else { self.hand };
+        loop {
+            let e = self.entry_mut(slot);
+            if e.bits & bits::VISITED == 0 || exptime::is_expired(e.exptime, now_secs) {
+                break;
+            }
+            e.bits &= !bits::VISITED;
+            slot = if e.newer == NIL { self.tail } else { e.newer };
+        }
+        let e = self.entry(slot);
+        let unfetched = !e.has(bits::FETCHED);
+        if exptime::is_expired(e.exptime, now_secs) {
+            self.stats.reclaimed += 1;
+            if unfetched {
+                self.stats.expired_unfetched += 1;
+            }
+        } else {
+            self.stats.evictions += 1;
+            if unfetched {
+                self.stats.evicted_unfetched += 1;
+            }
+        }
+        self.remove(slot);
+    }
+
+    /// Marks an entry as used: SIEVE visited bit and access time.
+    #[inline]
+    pub fn touch_access(&mut self, slot: u32, now_secs: u32) {
+        let e = self.entry_mut(slot);
+        e.bits |= bits::VISITED | bits::FETCHED;
+        e.last_access = now_secs;
+    }
+
+    fn link_head(&mut self, slot: u32) {
+        let old_head = self.head;
+        {
+            let e = self.entry_mut(slot);
+            e.newer = NIL;
+            e.older = old_head;
+        }
+        if old_head != NIL {
+            self.entry_mut(old_head).newer = slot;
+        } else {
+            self.tail = slot;
+        }
+        self.head = slot;
+    }
+
+    fn unlink(&mut self, slot: u32) {
+        let (newer, older) = {
+            let e = self.entry(slot);
+            (e.newer, e.older)
+        };
+        if self.hand == slot {
+            self.hand = newer;
+        }
+        if newer != NIL {
+            self.entry_mut(newer).older = older;
+        } else {
+            self.head = older;
+        }
+        if older != NIL {
+            self.entry_mut(older).newer = newer;
+        } else {
+            self.tail = newer;
+        }
+    }
+
+    /// Removes expired and flushed entries among the next `budget` slab slots.
+    /// Returns how many were removed.
+    pub fn sweep(&mut self, budget: usize, now_secs: u32, flushed_before: u32) -> usize {
+        let mut removed = 0;
+        for _ in 0..budget.min(self.slab.len()) {
+            if self.sweep_cursor >= self.slab.len() {
+                self.sweep_cursor = 0;
+            }
+            let slot = self.sweep_cursor as u32;
+            self.sweep_cursor += 1;
+            let Some(e) = self.slab[slot as usize].as_ref() else { continue };
+            let expired = exptime::is_expired(e.exptime, now_secs);
+            if expired || e.last_access < flushed_before {
+                if expired {
+                    self.stats.reclaimed += 1;
+                    if !e.has(bits::FETCHED) {
+                        self.stats.expired_unfetched += 1;
+                    }
+                }
+                self.remove(slot);
+                removed += 1;
+            }
+        }
+        // Give back slab memory a fully drained shard no longer needs.
+        if self.index.is_empty() && self.slab.capacity() > 1024 {
+            self.clear();
+            self.slab.shrink_to_fit();
+            self.free.shrink_to_fit();
+            self.index.shrink_to_fit(|_| 0);
+        }
+        removed
+    }
+
+    /// Visits every live entry (for listings and tests).
+    pub fn for_each(&self, mut f: impl FnMut(&Entry)) {
+        for e in self.slab.iter().flatten() {
+            f(e);
+        }
+    }
+
+    /// Checks the invariants in the module header.
+    ///
+    /// # Panics
+    /// On the first broken invariant.
+    pub fn check_invariants(&self) {
+        let live = self.slab.iter().filter(|s| s.is_some()).count();
+        assert_eq!(live, self.index.len(), "index and slab disagree");
+        assert_eq!(live + self.free.len(), self.slab.len(), "free list and slab disagree");
+        let mut walked = 0;
+        let mut slot = self.head;
+        let mut prev = NIL;
+        while slot != NIL {
+            let e = self.entry(slot);
+            assert_eq!(e.newer, prev, "broken back link at {slot}");
+            assert_eq!(self.find(e.hash, e.key()), Some(slot), "entry not indexed at its slot");
+            prev = slot;
+            slot = e.older;
+            walked += 1;
+            assert!(walked <= live, "cycle in the SIEVE list");
+        }
+        assert_eq!(prev, self.tail);
+        assert_eq!(walked, live, "list and slab disagree");
+        let used: usize = self.slab.iter().flatten().map(Entry::charge).sum();
+        assert_eq!(used, self.used_bytes, "byte accounting drifted");
+        assert!(self.used_bytes <= self.limit_bytes, "over the memory limit");
+    }
+}

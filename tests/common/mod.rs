@@ -1,0 +1,678 @@
+//! Black-box test harness shared by the integration tests.
+//!
+//! It starts the real `webvac` binary, or the reference memcached 1.6.18, as a
+//! child process and speaks raw bytes to it:
+//!
+//! ```text
+//!   test ──Client (raw bytes)──▶ webvac  (127.0.0.1:ephemeral, via Server)
+//!        └─Client (raw bytes)──▶ memcached (unix socket in a temp dir, via Memcached)
+//! ```
+//!
+//! Everything here is bounded: start-up, shutdown and every socket read have a
+//! deadline, and the child's stderr is drained for its whole life so a chatty
+//! server can never block on a full pipe. A hung server fails the test instead
+//! of hanging CI.
+
+// Each test crate (`differential`, `compat`, ...) uses a different subset of
+// the harness; the unused rest would otherwise warn in every one of them.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStderr, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The webvac server binary that Cargo built for this test run.
+pub const WEBVAC_BIN: &str = env!("CARGO_BIN_EXE_webvac");
+/// The reference implementation. `.ci/run` installs it (Debian `memcached`).
+pub const MEMCACHED_BIN: &str = "/usr/bin/memcached";
+/// The reference version the protocol is pinned to.
+pub const MEMCACHED_VERSION: &str = "memcached 1.6.18";
+/// Debian's python, which has `python3-pymemcache`; the pyenv python on PATH does not.
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+/// libmemcached's protocol checker (Debian `libmemcached-tools`).
+pub const MEMCCAPABLE_BIN: &str = "/usr/bin/memccapable";
+
+/// How long webvac may take to print its `listening addr=` line.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long memcached may take to accept its first connection.
+pub const MEMCACHED_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a child gets between SIGTERM and SIGKILL.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Interval of the bounded readiness / exit polls (the only sleeps in the harness).
+pub const POLL_INTERVAL: Duration = Duration::from_millis(10);
+/// Default deadline for one reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// A reply larger than this is a runaway server, not a reply.
+pub const REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// How many of a child's last stderr lines are kept for failure messages.
+pub const STDERR_TAIL_LINES: usize = 200;
+/// A stderr "line" longer than this is cut (bounds the drain's memory).
+pub const STDERR_LINE_BYTES_MAX: u64 = 64 * 1024;
+/// Escaped byte strings longer than this are shown as head … tail.
+pub const ESCAPE_BYTES_MAX: usize = 2048;
+
+/// The last lines a child wrote to stderr, for failure messages.
+#[derive(Clone, Default)]
+pub struct StderrTail {
+    /// At most `STDERR_TAIL_LINES` lines, oldest first, ANSI colour stripped.
+    lines: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl StderrTail {
+    fn push(&self, line: String) {
+        let mut lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() == STDERR_TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line);
+    }
+
+    /// The kept lines joined with newlines.
+    pub fn text(&self) -> String {
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
+
+/// Reads `stderr` line by line until EOF (the child exited) in a thread,
+/// keeping the tail and handing every line to `on_line`. Draining for the
+/// child's whole life is what keeps the pipe from filling and blocking it.
+fn spawn_stderr_drain(
+    stderr: ChildStderr,
+    name: &str,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) -> StderrTail {
+    let tail = StderrTail::default();
+    let thread_tail = tail.clone();
+    thread::Builder::new()
+        .name(format!("{name}-stderr"))
+        .spawn(move || {
+            let mut reader = BufReader::new(stderr);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                // `take` bounds a single line; EOF ends the loop.
+                match (&mut reader).take(STDERR_LINE_BYTES_MAX).read_until(b'\n', &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let line = strip_ansi(&String::from_utf8_lossy(&buf));
+                        let line = line.trim_end_matches(['\r', '\n']).to_string();
+                        on_line(&line);
+                        thread_tail.push(line);
+                    }
+                }
+            }
+        })
+        .expect("spawn stderr drain thread");
+    tail
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`): tracing's fmt layer
+/// colours field names, which would split `addr=` apart.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // Parameters and intermediates, then one final byte in '@'..='~'.
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Finds the socket address in a `... listening addr=127.0.0.1:PORT ...` log line.
+pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
+    let line = strip_ansi(line);
+    if !line.contains("listening") {
+        return None;
+    }
+    let rest = &line[line.find("addr=")? + "addr=".len()..];
+    let token = rest.split_whitespace().next()?;
+    token.trim_matches(|c| c == '"' || c == '\'' || c == ',').parse().ok()
+}
+
+/// Sends SIGTERM, waits up to `grace` for the child to exit, then SIGKILLs it.
+/// Returns the exit status if the child exited by itself within the grace.
+fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    // std has no portable SIGTERM and libc is not a dependency: use kill(1).
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) => thread::sleep(POLL_INTERVAL),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// A running webvac server on an ephemeral 127.0.0.1 port. Killed on drop.
+pub struct Server {
+    child: Child,
+    /// Where it listens, parsed from its `listening addr=` log line.
+    addr: SocketAddr,
+    /// Its last stderr lines (the drain keeps running until it exits).
+    stderr: StderrTail,
+    /// Set once the child has been stopped and reaped.
+    stopped: bool,
+}
+
+impl Server {
+    /// Starts `webvac -p 0 -l 127.0.0.1 ARGS...` and waits (at most
+    /// `STARTUP_TIMEOUT`) for its `listening addr=` line on stderr.
+    ///
+    /// # Panics
+    /// If the binary cannot be spawned, exits early, or does not announce its
+    /// address in time; the message carries its stderr.
+    pub fn start(args: &[&str]) -> Server {
+        let mut cmd = Command::new(WEBVAC_BIN);
+        cmd.args(["-p", "0", "-l", "127.0.0.1"])
+            .args(args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // The listening line is logged at INFO: make sure it is not filtered
+        // out, but let a developer's own RUST_LOG (e.g. debug) through.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {WEBVAC_BIN} {args:?}: {e}"));
+        let stderr_pipe = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = mpsc::sync_channel::<SocketAddr>(1);
+        let mut tx = Some(tx);
+        let stderr = spawn_stderr_drain(stderr_pipe, "webvac", move |line| {
+            if let Some(addr) = parse_listening_line(line) {
+                if let Some(tx) = tx.take() {
+                    let _ = tx.try_send(addr);
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(STARTUP_TIMEOUT) {
+            Ok(addr) => addr,
+            Err(e) => {
+                let status = stop_child(&mut child, Duration::from_secs(2));
+                panic!(
+                    "webvac {args:?} did not log `listening addr=...` within {STARTUP_TIMEOUT:?} \
+                     ({e}; exit status {status:?}); its stderr:\n{}",
+                    stderr.text()
+                );
+            }
+        };
+        Server { child, addr, stderr, stopped: false }
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The port the server listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Opens a new raw client connection.
+    pub fn connect(&self) -> Client {
+        Client::connect_tcp(self.addr)
+            .unwrap_or_else(|e| panic!("connect to webvac at {}: {e}\nstderr:\n{}", self.addr, self.stderr_text()))
+    }
+
+    /// The server's last stderr lines.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.text()
+    }
+
+    /// Whether the process has exited (e.g. crashed).
+    pub fn has_exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Sends SIGTERM and waits up to `SHUTDOWN_GRACE`. Returns the exit status,
+    /// or `None` if the server had to be killed with SIGKILL.
+    pub fn terminate(&mut self) -> Option<ExitStatus> {
+        let status = stop_child(&mut self.child, SHUTDOWN_GRACE);
+        self.stopped = true;
+        status
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if !self.stopped {
+            stop_child(&mut self.child, SHUTDOWN_GRACE);
+        }
+    }
+}
+
+/// A unique, fresh directory under the system temp dir.
+fn fresh_temp_dir(prefix: &str) -> PathBuf {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let dir = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}-{nanos}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create temp dir {}: {e}", dir.display()));
+    dir
+}
+
+/// Panics with the standard "install it" message if `path` is missing.
+pub fn require_tool(path: &str, what: &str) {
+    assert!(
+        Path::new(path).exists(),
+        "{path} ({what}) is not installed. These tests need it and never skip: \
+         run `.ci/run` (it installs memcached, libmemcached-tools and python3-pymemcache)."
+    );
+}
+
+/// Panics unless the installed memcached is the pinned reference version.
+pub fn require_reference_memcached() {
+    require_tool(MEMCACHED_BIN, "the reference memcached");
+    let out = Command::new(MEMCACHED_BIN)
+        .arg("-V")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {MEMCACHED_BIN} -V: {e}"));
+    let version = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        version.trim() == MEMCACHED_VERSION,
+        "the differential reference must be {MEMCACHED_VERSION}, found {:?}; run `.ci/run`",
+        version.trim()
+    );
+}
+
+/// Where a memcached instance listens.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+/// A running reference memcached in a fresh temp dir. Killed on drop.
+pub struct Memcached {
+    child: Child,
+    endpoint: Endpoint,
+    dir: PathBuf,
+    stderr: StderrTail,
+}
+
+impl Memcached {
+    /// Starts `memcached -u root -s DIR/memcached.sock -m 64 -U 0` and waits
+    /// (bounded) until it accepts a connection.
+    ///
+    /// # Panics
+    /// If memcached is not installed (with a message to run `.ci/run`), or does
+    /// not come up within `MEMCACHED_READY_TIMEOUT`.
+    pub fn start() -> Memcached {
+        Self::start_with(&[])
+    }
+
+    /// Like `start`, with extra memcached options appended.
+    pub fn start_with(extra_args: &[&str]) -> Memcached {
+        require_tool(MEMCACHED_BIN, "the reference memcached");
+        let dir = fresh_temp_dir("webvac-memcached");
+        let socket = dir.join("memcached.sock");
+        let args: Vec<String> = ["-u", "root", "-s", socket.to_str().expect("utf-8 temp path"), "-m", "64", "-U", "0"]
+            .iter()
+            .chain(extra_args)
+            .map(|s| s.to_string())
+            .collect();
+        Self::spawn_and_wait(args, Endpoint::Unix(socket), dir)
+            .unwrap_or_else(|e| panic!("memcached on a unix socket: {e}"))
+    }
+
+    /// Starts memcached on 127.0.0.1 with a free TCP port (for clients that
+    /// only speak TCP). The port is found by binding :0 and releasing it;
+    /// should another process grab it in between, a few fresh ports are tried.
+    pub fn start_tcp() -> Memcached {
+        require_tool(MEMCACHED_BIN, "the reference memcached");
+        const ATTEMPTS: usize = 5;
+        let mut last_error = String::new();
+        for _ in 0..ATTEMPTS {
+            let port = free_tcp_port();
+            let dir = fresh_temp_dir("webvac-memcached");
+            let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+            let args: Vec<String> =
+                ["-u", "root", "-l", "127.0.0.1", "-p", &port.to_string(), "-m", "64", "-U", "0"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+            match Self::spawn_and_wait(args, Endpoint::Tcp(addr), dir) {
+                Ok(m) => return m,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("memcached on TCP did not start in {ATTEMPTS} attempts; last error: {last_error}");
+    }
+
+    fn spawn_and_wait(args: Vec<String>, endpoint: Endpoint, dir: PathBuf) -> Result<Memcached, String> {
+        let mut child = Command::new(MEMCACHED_BIN)
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot spawn {MEMCACHED_BIN} {args:?}: {e}"))?;
+        let stderr = spawn_stderr_drain(child.stderr.take().expect("stderr is piped"), "memcached", |_| {});
+        let mut me = Memcached { child, endpoint, dir, stderr };
+        let deadline = Instant::now() + MEMCACHED_READY_TIMEOUT;
+        loop {
+            if let Ok(Some(status)) = me.child.try_wait() {
+                return Err(format!("memcached {args:?} exited with {status}; stderr:\n{}", me.stderr.text()));
+            }
+            let ready = match &me.endpoint {
+                Endpoint::Unix(path) => UnixStream::connect(path).is_ok(),
+                Endpoint::Tcp(addr) => TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok(),
+            };
+            if ready {
+                return Ok(me);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "memcached {args:?} not accepting connections after {MEMCACHED_READY_TIMEOUT:?}; stderr:\n{}",
+                    me.stderr.text()
+                ));
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Where this instance listens.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The TCP address, for instances started with `start_tcp`.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        match &self.endpoint {
+            Endpoint::Tcp(addr) => *addr,
+            Endpoint::Unix(path) => panic!("memcached listens on unix socket {}, not TCP", path.display()),
+        }
+    }
+
+    /// Opens a new raw client connection.
+    pub fn connect(&self) -> Client {
+        let result = match &self.endpoint {
+            Endpoint::Unix(path) => Client::connect_unix(path),
+            Endpoint::Tcp(addr) => Client::connect_tcp(*addr),
+        };
+        result.unwrap_or_else(|e| panic!("connect to memcached at {:?}: {e}", self.endpoint))
+    }
+
+    /// memcached's last stderr lines.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.text()
+    }
+}
+
+impl Drop for Memcached {
+    fn drop(&mut self) {
+        stop_child(&mut self.child, SHUTDOWN_GRACE);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A free 127.0.0.1 TCP port, found by binding :0 and releasing it.
+pub fn free_tcp_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Why a reply could not be read. Carries whatever did arrive.
+#[derive(Debug)]
+pub struct ReplyError {
+    pub kind: ReplyErrorKind,
+    /// The bytes received before the failure.
+    pub partial: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub enum ReplyErrorKind {
+    /// The deadline passed before the reply was complete.
+    Timeout(Duration),
+    /// The peer closed the connection.
+    Closed,
+    /// More than `REPLY_BYTES_MAX` bytes without a complete reply.
+    TooLarge,
+    Io(io::Error),
+}
+
+impl fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match &self.kind {
+            ReplyErrorKind::Timeout(t) => format!("no complete reply within {t:?}"),
+            ReplyErrorKind::Closed => "connection closed by the server".to_string(),
+            ReplyErrorKind::TooLarge => format!("reply exceeds {REPLY_BYTES_MAX} bytes"),
+            ReplyErrorKind::Io(e) => format!("i/o error: {e}"),
+        };
+        write!(f, "{what}; received so far: \"{}\"", escape(&self.partial))
+    }
+}
+
+enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// A tiny raw-bytes client. Every read has a deadline; bytes that arrive past
+/// the end of one reply are kept for the next.
+pub struct Client {
+    stream: Stream,
+    /// Received bytes not yet returned as (part of) a reply.
+    pending: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect_tcp(addr: SocketAddr) -> io::Result<Client> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_nodelay(true)?;
+        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        Ok(Client { stream: Stream::Tcp(stream), pending: Vec::new() })
+    }
+
+    pub fn connect_unix(path: &Path) -> io::Result<Client> {
+        let stream = UnixStream::connect(path)?;
+        stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+        Ok(Client { stream: Stream::Unix(stream), pending: Vec::new() })
+    }
+
+    /// Writes all of `bytes` (bounded by the write timeout).
+    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match &mut self.stream {
+            Stream::Tcp(s) => s.write_all(bytes),
+            Stream::Unix(s) => s.write_all(bytes),
+        }
+    }
+
+    fn read_some(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
+        // A zero timeout means "block forever" to std: never pass one.
+        let timeout = timeout.max(Duration::from_millis(1));
+        match &mut self.stream {
+            Stream::Tcp(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.read(buf)
+            }
+            Stream::Unix(s) => {
+                s.set_read_timeout(Some(timeout))?;
+                s.read(buf)
+            }
+        }
+    }
+
+    /// Reads until `complete(received)` returns `Some(n)`: the first `n`
+    /// bytes are the reply; any bytes after them are kept for the next call.
+    /// Gives up at `timeout` after the call, on EOF, or past `REPLY_BYTES_MAX`.
+    pub fn read_reply_until(
+        &mut self,
+        mut complete: impl FnMut(&[u8]) -> Option<usize>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ReplyError> {
+        let deadline = Instant::now() + timeout;
+        let mut chunk = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(n) = complete(&self.pending) {
+                assert!(n <= self.pending.len(), "reply framer consumed more than it was given");
+                let rest = self.pending.split_off(n);
+                return Ok(std::mem::replace(&mut self.pending, rest));
+            }
+            if self.pending.len() > REPLY_BYTES_MAX {
+                return Err(self.fail(ReplyErrorKind::TooLarge));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(self.fail(ReplyErrorKind::Timeout(timeout)));
+            }
+            match self.read_some(&mut chunk, deadline - now) {
+                Ok(0) => return Err(self.fail(ReplyErrorKind::Closed)),
+                Ok(n) => self.pending.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(self.fail(ReplyErrorKind::Io(e))),
+            }
+        }
+    }
+
+    fn fail(&mut self, kind: ReplyErrorKind) -> ReplyError {
+        ReplyError { kind, partial: std::mem::take(&mut self.pending) }
+    }
+
+    /// Reads until the received bytes end with one of `terminators`.
+    pub fn read_until_suffix(&mut self, terminators: &[&[u8]], timeout: Duration) -> Result<Vec<u8>, ReplyError> {
+        self.read_reply_until(|buf| terminators.iter().any(|t| buf.ends_with(t)).then_some(buf.len()), timeout)
+    }
+
+    /// Sends `request` and reads until the reply ends with one of `terminators`.
+    ///
+    /// # Panics
+    /// On any send or read failure, showing the request and partial reply.
+    pub fn request(&mut self, request: &[u8], terminators: &[&[u8]]) -> Vec<u8> {
+        self.send(request).unwrap_or_else(|e| panic!("send \"{}\": {e}", escape(request)));
+        self.read_until_suffix(terminators, REPLY_TIMEOUT)
+            .unwrap_or_else(|e| panic!("reply to \"{}\": {e}", escape(request)))
+    }
+}
+
+/// Escapes bytes for a failure message: printable ASCII as is, `\r \n \t \\`
+/// and `\xNN` otherwise. Long input is shown as head … tail.
+pub fn escape(bytes: &[u8]) -> String {
+    if bytes.len() > ESCAPE_BYTES_MAX {
+        let half = ESCAPE_BYTES_MAX / 2;
+        return format!(
+            "{}…[{} bytes omitted]…{}",
+            escape(&bytes[..half]),
+            bytes.len() - 2 * half,
+            escape(&bytes[bytes.len() - half..])
+        );
+    }
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        match b {
+            b'\r' => out.push_str("\\r"),
+            b'\n' => out.push_str("\\n"),
+            b'\t' => out.push_str("\\t"),
+            b'\\' => out.push_str("\\\\"),
+            b'"' => out.push_str("\\\""),
+            0x20..=0x7e => out.push(b as char),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
+}
+
+/// Output of a child run with `run_bounded`.
+pub struct RunOutput {
+    /// `None` if it was killed for running past its deadline.
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion with piped output, killing it after `timeout`.
+pub fn run_bounded(mut cmd: Command, timeout: Duration) -> RunOutput {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    // Read both pipes in threads so a full pipe never blocks the child; the
+    // threads end when the child exits or is killed (EOF).
+    fn collect(mut r: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    }
+    let out = collect(child.stdout.take().expect("piped"));
+    let err = collect(child.stderr.take().expect("piped"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(POLL_INTERVAL),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    RunOutput {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod harness_tests {
+    use super::*;
+
+    #[test]
+    fn parses_plain_and_coloured_listening_lines() {
+        let plain = "2026-11-22T05:40:01.123Z  INFO webvac::server: listening addr=127.0.0.1:40123";
+        assert_eq!(parse_listening_line(plain), Some("127.0.0.1:40123".parse().unwrap()));
+        let coloured = "\u{1b}[2m2026-11-22T05:40:01.123Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \
+                        \u{1b}[2mwebvac::server\u{1b}[0m\u{1b}[2m:\u{1b}[0m listening \
+                        \u{1b}[3maddr\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:40123 \u{1b}[3mother\u{1b}[0m=1";
+        assert_eq!(parse_listening_line(coloured), Some("127.0.0.1:40123".parse().unwrap()));
+        assert_eq!(parse_listening_line("INFO webvac: starting addr=127.0.0.1:1"), None);
+    }
+}
