@@ -86,8 +86,8 @@ pub fn parse_value_u64(value: &[u8]) -> Option<u64> {
     let (neg, magnitude, rest) = c_number(value)?;
     let magnitude = magnitude?;
     // The value is followed by "\r\n" in memcached's item, so reaching the end
-    // of our bytes counts as whitespace.
-    if !rest.first().is_none_or(|&b| is_c_space(b)) {
+    // of our bytes counts as whitespace; C string functions also stop at NUL.
+    if !rest.first().is_none_or(|&b| is_c_space(b) || b == 0) {
         return None;
     }
     let v = if neg { magnitude.wrapping_neg() } else { magnitude };
@@ -139,6 +139,7 @@ mod tests {
         assert_eq!(parse_value_u64(b"  12"), Some(12));
         assert_eq!(parse_value_u64(b"12 34"), Some(12));
         assert_eq!(parse_value_u64(b"12abc"), None);
+        assert_eq!(parse_value_u64(b"12\0abc"), Some(12));
         assert_eq!(parse_value_u64(b""), None);
         assert_eq!(parse_value_u64(b"   "), None);
     }

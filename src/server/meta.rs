@@ -35,12 +35,21 @@ fn fail(out: &mut Vec<u8>, start: usize, error: &str) {
     put_line(out, error.as_bytes());
 }
 
+/// memcached's clock starts at `process_started = start - 62` (its item
+/// update interval plus two seconds).
+const MEMCACHED_CLOCK_OFFSET_SECS: u32 = 62;
+
 /// ` t<secs>`: -1 for no expiry; otherwise printed as memcached's unsigned
-/// 32-bit difference (an already-expired item wraps to a huge number).
-fn put_ttl(out: &mut Vec<u8>, exptime_abs: u32, now: u32) {
+/// 32-bit difference. An item stored already expired has memcached's
+/// relative expiry 1, so its `t` wraps to `1 - current_time` on memcached's
+/// relative clock; we print the same number.
+fn put_ttl(out: &mut Vec<u8>, exptime_abs: u32, now: u32, started: u32) {
     out.extend_from_slice(b" t");
     if exptime_abs == 0 {
         out.extend_from_slice(b"-1");
+    } else if exptime_abs == exptime::EXPIRED {
+        let current = now.saturating_sub(started) + MEMCACHED_CLOCK_OFFSET_SECS;
+        put_u64(out, u64::from(1u32.wrapping_sub(current)));
     } else {
         put_u64(out, u64::from(exptime_abs.wrapping_sub(now)));
     }
@@ -115,7 +124,7 @@ fn mg(shared: &Shared, g: &MetaGet<'_>, out: &mut Vec<u8>) {
                     out.extend_from_slice(b" s");
                     put_u64(out, value_len as u64);
                 }
-                b't' => put_ttl(out, ctx.meta().expect("live item").exptime, now),
+                b't' => put_ttl(out, ctx.meta().expect("live item").exptime, now, shared.facts.started_unix_secs),
                 b'c' => {
                     out.extend_from_slice(b" c");
                     put_u64(out, item.cas);
@@ -182,8 +191,10 @@ fn ms(shared: &Shared, s: &MetaSet<'_>, out: &mut Vec<u8>) -> Action {
     let binary = f.has(b'b');
     let result = shared.store.with_key(&s.key, |ctx| {
         let r = ctx.write(&w);
+        // Append and prepend build a fresh item from the old one, and
+        // memcached does not mark that one binary.
         if matches!(r, Stored::Stored(_)) {
-            ctx.set_bit(bits::KEY_BINARY, binary);
+            ctx.set_bit(bits::KEY_BINARY, binary && !matches!(mode, Mode::Append | Mode::Prepend));
         }
         r
     });
@@ -328,7 +339,7 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
                     out.extend_from_slice(b" c");
                     put_u64(out, ctx.meta().expect("live item").cas);
                 }
-                b't' => put_ttl(out, ctx.meta().expect("live item").exptime, now),
+                b't' => put_ttl(out, ctx.meta().expect("live item").exptime, now, shared.facts.started_unix_secs),
                 b'T' => ctx.set_exptime(i64::from(f.ttl.expect("parsed T"))),
                 b'N' if created => ctx.set_exptime(i64::from(f.vivify.expect("parsed N"))),
                 b'O' if !opaque_ok(&tok[1..]) => return fail(out, start, errors::OPAQUE_TOO_LONG),

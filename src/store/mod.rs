@@ -524,10 +524,12 @@ impl Ctx<'_> {
         let (old_cas, old_flags, old_exptime) = (old.cas, old.flags, old.exptime);
         let old_bits = old.bits;
         let cas_match = w.compare_cas.map(|c| c == old_cas);
-        let stale_ok = w.invalidate && w.compare_cas.is_some_and(|c| c < old_cas);
+        let stale_ok = w.invalidate && w.compare_cas.is_some_and(|c| c != 0 && c < old_cas);
         match w.mode {
             Mode::Add => {
-                self.shard.touch_access(slot, now);
+                // memcached bumps the item in its LRU but does not count this
+                // as a fetch.
+                self.shard.get_mut(slot).set(bits::VISITED, true);
                 Stored::NotStored
             }
             Mode::Set | Mode::Replace => {
@@ -556,7 +558,8 @@ impl Ctx<'_> {
                 }
             }
             Mode::Append | Mode::Prepend => {
-                if cas_match == Some(false) {
+                // A CAS of 0 means "no check" here (memcached's CAS_NONE).
+                if cas_match == Some(false) && w.compare_cas != Some(0) {
                     return Stored::Exists;
                 }
                 let old_value = self.shard.get(slot).value().to_vec();
@@ -618,18 +621,24 @@ impl Ctx<'_> {
         if digits_len <= old_len {
             buf.resize(old_len, b' ');
         }
+        let in_place = digits_len <= old_len;
+        let (old_bits, old_access) = {
+            let e = self.shard.get(slot);
+            (e.bits, e.last_access)
+        };
         match self.insert(&[&buf], flags, exp, a.new_cas) {
             Ok(cas) => {
-                self.mark_fetched_no_visit();
+                if in_place {
+                    // memcached rewrote the same item: it keeps its state
+                    // (fetched, stale, win token, binary key) and access time.
+                    let slot = self.found.expect("just inserted");
+                    let e = self.shard.get_mut(slot);
+                    e.bits = old_bits;
+                    e.last_access = old_access;
+                }
                 Delta::Value(new, cas)
             }
             Err(_) => Delta::NoMemory,
-        }
-    }
-
-    fn mark_fetched_no_visit(&mut self) {
-        if let Ok(slot) = self.found {
-            self.shard.get_mut(slot).last_access = self.now_secs;
         }
     }
 }
