@@ -373,6 +373,9 @@ impl Shard {
                 self.stats.evicted_unfetched += 1;
             }
         }
+        // The hand rests on the victim; removing it moves the hand one step
+        // toward the head, where the next eviction resumes.
+        self.hand = slot;
         self.remove(slot);
     }
 

@@ -1,1 +1,307 @@
-//! store tests
+//! Store semantics, memory limit and eviction, against a manual clock.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+
+const NOW_MS: u64 = 1_800_000_000_000;
+
+fn store_with(limit: usize) -> (Store, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(NOW_MS));
+    let store = Store::new(
+        &StoreConfig { memory_limit_bytes: limit, item_bytes_max: 1024 * 1024, node_id: 1 },
+        clock.clone(),
+    );
+    (store, clock)
+}
+
+fn store() -> (Store, Arc<ManualClock>) {
+    store_with(64 << 20)
+}
+
+fn set(s: &Store, k: &[u8], v: &[u8]) -> Stored {
+    s.write(&Write::new(Mode::Set, k, v, 0, 0))
+}
+
+fn get(s: &Store, k: &[u8]) -> Option<Vec<u8>> {
+    s.get(k, None, |e| e.value().to_vec())
+}
+
+fn cas_of(s: &Store, k: &[u8]) -> u64 {
+    s.get(k, None, |e| e.cas).expect("present")
+}
+
+#[test]
+fn set_get_add_replace() {
+    let (s, _) = store();
+    assert!(matches!(set(&s, b"k", b"v1"), Stored::Stored(_)));
+    assert_eq!(get(&s, b"k").as_deref(), Some(&b"v1"[..]));
+    assert_eq!(s.write(&Write::new(Mode::Add, b"k", b"v2", 0, 0)), Stored::NotStored);
+    assert_eq!(s.write(&Write::new(Mode::Replace, b"nope", b"v2", 0, 0)), Stored::NotStored);
+    assert!(matches!(s.write(&Write::new(Mode::Replace, b"k", b"v3", 7, 0)), Stored::Stored(_)));
+    assert_eq!(s.get(b"k", None, |e| (e.flags, e.value().to_vec())), Some((7, b"v3".to_vec())));
+    s.check_invariants();
+}
+
+#[test]
+fn append_prepend_keep_flags_and_expiry() {
+    let (s, _) = store();
+    s.write(&Write::new(Mode::Set, b"k", b"mid", 9, 100));
+    let exp = s.get(b"k", None, |e| e.exptime).unwrap();
+    s.write(&Write::new(Mode::Append, b"k", b">", 1, 0));
+    s.write(&Write::new(Mode::Prepend, b"k", b"<", 2, 0));
+    assert_eq!(s.get(b"k", None, |e| (e.value().to_vec(), e.flags, e.exptime)), Some((b"<mid>".to_vec(), 9, exp)));
+    assert_eq!(s.write(&Write::new(Mode::Append, b"none", b"x", 0, 0)), Stored::NotStored);
+}
+
+#[test]
+fn cas_hits_misses_and_badval() {
+    let (s, _) = store();
+    set(&s, b"k", b"a");
+    let c = cas_of(&s, b"k");
+    let mut w = Write::new(Mode::Set, b"k", b"b", 0, 0);
+    w.compare_cas = Some(c + 1);
+    assert_eq!(s.write(&w), Stored::Exists);
+    w.compare_cas = Some(c);
+    let Stored::Stored(c2) = s.write(&w) else { panic!("cas should match") };
+    assert!(c2 > c, "every write gets a newer version");
+    w.key = b"absent";
+    assert_eq!(s.write(&w), Stored::NotFound);
+    let st = s.stats().counters;
+    assert_eq!((st.cas_hits, st.cas_badval, st.cas_misses), (1, 1, 1));
+}
+
+fn arith(s: &Store, k: &[u8], incr: bool, delta: u64) -> Delta {
+    s.arith(&Arith { key: k, incr, delta, compare_cas: None, new_cas: None, vivify: None, exptime: None })
+}
+
+#[test]
+fn incr_wraps_decr_floors_and_pads_in_place() {
+    let (s, _) = store();
+    set(&s, b"n", b"18446744073709551615");
+    assert!(matches!(arith(&s, b"n", true, 1), Delta::Value(0, _)));
+    // memcached rewrites in place, padding with spaces.
+    assert_eq!(get(&s, b"n").unwrap(), b"0                   ");
+    set(&s, b"n", b"100");
+    assert!(matches!(arith(&s, b"n", false, 91), Delta::Value(9, _)));
+    assert_eq!(get(&s, b"n").unwrap(), b"9  ");
+    assert!(matches!(arith(&s, b"n", false, 1000), Delta::Value(0, _)));
+    set(&s, b"n", b"99");
+    assert!(matches!(arith(&s, b"n", true, 1), Delta::Value(100, _)));
+    assert_eq!(get(&s, b"n").unwrap(), b"100");
+    set(&s, b"t", b"12abc");
+    assert_eq!(arith(&s, b"t", true, 1), Delta::NonNumeric);
+    set(&s, b"e", b"");
+    assert_eq!(arith(&s, b"e", true, 1), Delta::NonNumeric);
+    assert_eq!(arith(&s, b"missing", true, 1), Delta::NotFound);
+}
+
+#[test]
+fn exptime_rules_with_a_moving_clock() {
+    let (s, clock) = store();
+    let now = (NOW_MS / 1000) as i64;
+    s.write(&Write::new(Mode::Set, b"rel", b"v", 0, 10));
+    s.write(&Write::new(Mode::Set, b"abs", b"v", 0, now + 20));
+    s.write(&Write::new(Mode::Set, b"past", b"v", 0, now - 1));
+    s.write(&Write::new(Mode::Set, b"neg", b"v", 0, -1));
+    s.write(&Write::new(Mode::Set, b"never", b"v", 0, 0));
+    assert!(get(&s, b"past").is_none() && get(&s, b"neg").is_none());
+    clock.advance_ms(9_999);
+    assert!(get(&s, b"rel").is_some());
+    clock.advance_ms(1);
+    assert!(get(&s, b"rel").is_none(), "expires at exactly now + 10 s");
+    assert!(get(&s, b"abs").is_some());
+    clock.advance_ms(10_000);
+    assert!(get(&s, b"abs").is_none());
+    assert!(get(&s, b"never").is_some());
+    assert_eq!(s.stats().counters.get_expired, 4);
+}
+
+#[test]
+fn touch_and_gat_move_expiry() {
+    let (s, clock) = store();
+    s.write(&Write::new(Mode::Set, b"k", b"v", 0, 5));
+    assert!(s.touch(b"k", 100));
+    clock.advance_ms(50_000);
+    assert_eq!(s.get(b"k", Some(1), |e| e.value().to_vec()).as_deref(), Some(&b"v"[..]));
+    clock.advance_ms(1_000);
+    assert!(get(&s, b"k").is_none());
+    assert!(!s.touch(b"k", 100));
+}
+
+#[test]
+fn flush_all_now_and_delayed() {
+    let (s, clock) = store();
+    set(&s, b"a", b"1");
+    s.flush_all(0);
+    assert!(get(&s, b"a").is_none());
+    set(&s, b"b", b"2");
+    s.flush_all(10);
+    assert!(get(&s, b"b").is_some(), "not yet");
+    clock.advance_ms(10_000);
+    assert!(get(&s, b"b").is_none(), "flushed when the delay passes");
+    set(&s, b"c", b"3");
+    assert!(get(&s, b"c").is_some(), "items written after the flush time live");
+}
+
+#[test]
+fn background_sweep_reclaims_expired_memory() {
+    let (s, clock) = store();
+    for i in 0..1000 {
+        s.write(&Write::new(Mode::Set, format!("k{i}").as_bytes(), &[0u8; 100], 0, 5));
+    }
+    let before = s.stats().bytes;
+    clock.advance_ms(6_000);
+    let mut reclaimed = 0;
+    for _ in 0..10 {
+        reclaimed += s.sweep(1024);
+    }
+    assert_eq!(reclaimed, 1000);
+    let st = s.stats();
+    assert_eq!((st.curr_items, st.bytes), (0, 0));
+    assert!(before > 0);
+    assert_eq!(st.counters.expired_unfetched, 1000);
+    s.check_invariants();
+}
+
+#[test]
+fn memory_limit_is_hard_and_eviction_counts() {
+    let limit = 4 << 20;
+    let (s, _) = store_with(limit);
+    let mut rng = 12345u64;
+    let mut written = 0usize;
+    let mut i = 0u64;
+    while written < 4 * limit {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let len = 10 + (rng % (100 * 1024)) as usize;
+        let value = vec![b'x'; len];
+        assert!(matches!(set(&s, format!("key{i}").as_bytes(), &value), Stored::Stored(_)));
+        written += len;
+        i += 1;
+        assert!(s.stats().bytes as usize <= limit);
+    }
+    let st = s.stats();
+    assert!(st.counters.evictions > 0);
+    assert!(st.bytes as usize <= s.limit_bytes());
+    s.check_invariants();
+}
+
+#[test]
+fn sieve_keeps_a_hot_set_through_a_scan() {
+    // One shard's worth of small items; the hot keys are read between
+    // inserts of one-hit keys, and must survive.
+    let (s, _) = store_with(4 << 20);
+    let hot: Vec<Vec<u8>> = (0..200).map(|i| format!("hot{i}").into_bytes()).collect();
+    for k in &hot {
+        set(&s, k, &[1u8; 200]);
+    }
+    for i in 0..200_000 {
+        set(&s, format!("scan{i}").as_bytes(), &[2u8; 200]);
+        if i % 50 == 0 {
+            for k in &hot {
+                get(&s, k);
+            }
+        }
+    }
+    let survivors = hot.iter().filter(|k| get(&s, k).is_some()).count();
+    assert!(survivors >= 190, "only {survivors} of 200 hot keys survived the scan");
+    assert!(s.stats().counters.evictions > 100_000);
+}
+
+#[test]
+fn an_item_larger_than_a_shard_is_refused_not_stored() {
+    let (s, _) = store_with(1 << 20);
+    assert_eq!(s.shard_count(), 1);
+    // The largest value memcached's -I 1m allows still costs more than the
+    // whole 1 MiB budget once our overhead is added.
+    let big = vec![0u8; 1_048_516];
+    assert_eq!(set(&s, b"k", &big), Stored::NoMemory);
+    s.check_invariants();
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Set(u8, Vec<u8>),
+    Add(u8, Vec<u8>),
+    Append(u8, Vec<u8>),
+    Delete(u8),
+    Incr(u8, u64),
+    Get(u8),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let key = 0u8..16;
+    let val = proptest::collection::vec(b'0'..=b'9', 0..8);
+    prop_oneof![
+        (key.clone(), val.clone()).prop_map(|(k, v)| Op::Set(k, v)),
+        (key.clone(), val.clone()).prop_map(|(k, v)| Op::Add(k, v)),
+        (key.clone(), val).prop_map(|(k, v)| Op::Append(k, v)),
+        key.clone().prop_map(Op::Delete),
+        (key.clone(), any::<u64>()).prop_map(|(k, d)| Op::Incr(k, d)),
+        key.prop_map(Op::Get),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Without memory pressure the store behaves like a map with memcached's
+    /// rules, and its invariants hold after every operation.
+    #[test]
+    fn behaves_like_a_model(ops in proptest::collection::vec(op(), 1..200)) {
+        let (s, _) = store();
+        let mut model: HashMap<u8, Vec<u8>> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Set(k, v) => { set(&s, &[k], &v); model.insert(k, v); }
+                Op::Add(k, v) => {
+                    let r = s.write(&Write::new(Mode::Add, &[k], &v, 0, 0));
+                    prop_assert_eq!(matches!(r, Stored::Stored(_)), !model.contains_key(&k));
+                    model.entry(k).or_insert(v);
+                }
+                Op::Append(k, v) => {
+                    let r = s.write(&Write::new(Mode::Append, &[k], &v, 0, 0));
+                    prop_assert_eq!(matches!(r, Stored::Stored(_)), model.contains_key(&k));
+                    if let Some(old) = model.get_mut(&k) { old.extend_from_slice(&v); }
+                }
+                Op::Delete(k) => {
+                    prop_assert_eq!(s.delete(&[k], None).is_ok(), model.remove(&k).is_some());
+                }
+                Op::Incr(k, d) => {
+                    let r = arith(&s, &[k], true, d);
+                    match model.get_mut(&k) {
+                        None => prop_assert_eq!(r, Delta::NotFound),
+                        Some(v) => match crate::protocol::number::parse_value_u64(v) {
+                            None => prop_assert_eq!(r, Delta::NonNumeric),
+                            Some(n) => {
+                                let new = n.wrapping_add(d);
+                                prop_assert!(matches!(r, Delta::Value(x, _) if x == new));
+                                let mut digits = new.to_string().into_bytes();
+                                if digits.len() <= v.len() { digits.resize(v.len(), b' '); }
+                                *v = digits;
+                            }
+                        },
+                    }
+                }
+                Op::Get(k) => prop_assert_eq!(get(&s, &[k]), model.get(&k).cloned()),
+            }
+            s.check_invariants();
+        }
+    }
+
+    /// Under memory pressure: never over the limit, invariants intact.
+    #[test]
+    fn never_exceeds_the_limit(sizes in proptest::collection::vec(1usize..200_000, 1..120)) {
+        let (s, _) = store_with(2 << 20);
+        for (i, len) in sizes.into_iter().enumerate() {
+            let _ = set(&s, format!("k{}", i % 40).as_bytes(), &vec![7u8; len]);
+            prop_assert!(s.stats().bytes as usize <= s.limit_bytes());
+        }
+        s.check_invariants();
+    }
+}

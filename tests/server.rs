@@ -1,0 +1,252 @@
+//! Black-box tests: the real `webvac` binary on 127.0.0.1:0, raw bytes.
+//! Connection handling, limits and abuse; protocol replies are covered
+//! byte-for-byte by the differential test against memcached.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::time::Duration;
+
+use common::{REPLY_TIMEOUT, Server};
+
+const END: &[&[u8]] = &[b"END\r\n"];
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    let mut batch = Vec::new();
+    for i in 0..500 {
+        batch.extend_from_slice(format!("set k{i} {i} 0 {}\r\nv{i}\r\n", format!("v{i}").len()).as_bytes());
+    }
+    for i in 0..500 {
+        batch.extend_from_slice(format!("get k{i}\r\n").as_bytes());
+    }
+    batch.extend_from_slice(b"mn\r\n");
+    let reply = c.request(&batch, &[b"MN\r\n"]);
+    let mut expected = b"STORED\r\n".repeat(500);
+    for i in 0..500 {
+        expected.extend_from_slice(format!("VALUE k{i} {i} {}\r\nv{i}\r\nEND\r\n", format!("v{i}").len()).as_bytes());
+    }
+    expected.extend_from_slice(b"MN\r\n");
+    assert_eq!(reply, expected);
+}
+
+#[test]
+fn max_size_values_round_trip_and_oversized_ones_are_swallowed() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    let value = vec![b'v'; 1_048_516]; // the largest value -I 1m allows for a 1-byte key
+    let mut req = format!("set k 0 0 {}\r\n", value.len()).into_bytes();
+    req.extend_from_slice(&value);
+    req.extend_from_slice(b"\r\n");
+    assert_eq!(c.request(&req, &[b"\r\n"]), b"STORED\r\n");
+    let reply = c.request(b"get k\r\n", END);
+    assert_eq!(reply.len(), "VALUE k 0 1048516\r\n".len() + value.len() + "\r\nEND\r\n".len());
+    // One byte more is refused, its data discarded, and the old value dropped.
+    let mut big = b"set k 0 0 1048517\r\n".to_vec();
+    big.extend_from_slice(&vec![b'x'; 1_048_517]);
+    big.extend_from_slice(b"\r\nget k\r\n");
+    assert_eq!(c.request(&big, END), b"SERVER_ERROR object too large for cache\r\nEND\r\n");
+}
+
+#[test]
+fn too_many_connections_are_refused_politely() {
+    let server = Server::start(&["-c", "4"]);
+    let mut held: Vec<_> = (0..4).map(|_| server.connect()).collect();
+    for c in &mut held {
+        assert_eq!(c.request(b"version\r\n", &[b"\r\n"]).starts_with(b"VERSION "), true);
+    }
+    let mut extra = TcpStream::connect(server.addr()).unwrap();
+    extra.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    let mut buf = Vec::new();
+    extra.read_to_end(&mut buf).unwrap();
+    assert_eq!(buf, b"ERROR Too many open connections\r\n");
+    // Freeing a slot lets a new client in; the held ones kept working.
+    drop(held.pop());
+    let mut again = None;
+    for _ in 0..500 {
+        let mut c = server.connect();
+        c.send(b"version\r\n").unwrap();
+        if let Ok(r) = c.read_until_suffix(&[b"\r\n"], REPLY_TIMEOUT) {
+            if r.starts_with(b"VERSION") {
+                again = Some(c);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10)); // bounded: the slot frees asynchronously
+    }
+    assert!(again.is_some(), "no slot freed after a client left");
+    let mut stats = held[0].request(b"stats\r\n", END);
+    stats.retain(|&b| b != b'\r');
+    let text = String::from_utf8(stats).unwrap();
+    assert!(text.contains("STAT rejected_connections "), "{text}");
+    assert!(!text.contains("STAT rejected_connections 0\n"), "{text}");
+}
+
+#[test]
+fn garbage_does_not_hurt_other_clients() {
+    let server = Server::start(&[]);
+    let mut good = server.connect();
+    assert_eq!(good.request(b"set safe 0 0 4\r\nsafe\r\n", &[b"\r\n"]), b"STORED\r\n");
+    // Pseudo-random bytes from a fixed seed, including newlines, NULs and high bytes.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut junk = Vec::with_capacity(256 * 1024);
+    for _ in 0..256 * 1024 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        junk.push((x >> 24) as u8);
+    }
+    for chunk in junk.chunks(2000) {
+        let mut bad = server.connect();
+        let _ = bad.send(chunk);
+        let _ = bad.send(b"\r\n");
+        let _ = bad.read_until_suffix(&[b"\r\n"], Duration::from_millis(200));
+    }
+    assert_eq!(good.request(b"get safe\r\n", END), b"VALUE safe 0 4\r\nsafe\r\nEND\r\n");
+    let mut fresh = server.connect();
+    assert_eq!(fresh.request(b"get safe\r\n", END), b"VALUE safe 0 4\r\nsafe\r\nEND\r\n");
+}
+
+#[test]
+fn a_long_line_without_newline_closes_that_connection_only() {
+    let server = Server::start(&[]);
+    let mut bad = TcpStream::connect(server.addr()).unwrap();
+    bad.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    bad.write_all(&vec![b'x'; 4096]).unwrap();
+    let mut buf = Vec::new();
+    let _ = bad.read_to_end(&mut buf); // closed by the server (EOF or reset)
+    assert!(buf.is_empty(), "memcached closes without a reply");
+    let mut good = server.connect();
+    assert_eq!(good.request(b"get x\r\n", END), b"END\r\n");
+}
+
+#[test]
+fn half_closed_connections_still_get_their_replies() {
+    let server = Server::start(&[]);
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    s.write_all(b"set h 0 0 2\r\nhi\r\nget h\r\n").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    assert_eq!(buf, b"STORED\r\nVALUE h 0 2\r\nhi\r\nEND\r\n");
+}
+
+#[test]
+fn a_stalled_sender_does_not_block_others() {
+    let server = Server::start(&["-t", "1"]);
+    // Half a storage command, then silence: its connection waits for the rest.
+    let mut slow = server.connect();
+    slow.send(b"set slow 0 0 10\r\nabc").unwrap();
+    // Someone else is served meanwhile, on the only worker thread.
+    let mut other = server.connect();
+    assert_eq!(other.request(b"set o 0 0 1\r\n1\r\nget o\r\n", END), b"STORED\r\nVALUE o 0 1\r\n1\r\nEND\r\n");
+    // A client that never reads its replies only stalls itself.
+    let mut hog = TcpStream::connect(server.addr()).unwrap();
+    hog.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+    let value = vec![b'z'; 512 * 1024];
+    let mut set = b"set big 0 0 524288\r\n".to_vec();
+    set.extend_from_slice(&value);
+    set.extend_from_slice(b"\r\n");
+    assert_eq!(other.request(&set, &[b"\r\n"]), b"STORED\r\n");
+    let gets = b"get big\r\n".repeat(64);
+    for _ in 0..64 {
+        if hog.write_all(&gets).is_err() {
+            break; // its socket buffers are full: fine, the server must still serve others
+        }
+    }
+    assert_eq!(other.request(b"get o\r\n", END), b"VALUE o 0 1\r\n1\r\nEND\r\n");
+    slow.send(b"defghij\r\n").unwrap();
+    assert_eq!(slow.read_until_suffix(&[b"\r\n"], REPLY_TIMEOUT).unwrap(), b"STORED\r\n");
+}
+
+#[test]
+fn a_flood_of_connections_is_bounded_and_survived() {
+    let server = Server::start(&["-c", "64"]);
+    let mut opened = Vec::new();
+    for _ in 0..300 {
+        if let Ok(s) = TcpStream::connect(server.addr()) {
+            opened.push(s);
+        }
+    }
+    drop(opened);
+    let mut c = None;
+    for _ in 0..500 {
+        let mut attempt = server.connect();
+        attempt.send(b"version\r\n").unwrap();
+        if let Ok(r) = attempt.read_until_suffix(&[b"\r\n"], REPLY_TIMEOUT) {
+            if r.starts_with(b"VERSION") {
+                c = Some(attempt);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10)); // bounded: closed connections drain asynchronously
+    }
+    let mut c = c.expect("server stopped accepting after a connection flood");
+    assert_eq!(c.request(b"set a 0 0 1\r\n1\r\n", &[b"\r\n"]), b"STORED\r\n");
+}
+
+#[test]
+fn sigterm_finishes_work_and_exits_zero() {
+    let mut server = Server::start(&[]);
+    let mut c = server.connect();
+    let _idle = server.connect();
+    let reply = c.request(b"set a 0 0 1\r\n1\r\nget a\r\n", END);
+    assert_eq!(reply, b"STORED\r\nVALUE a 0 1\r\n1\r\nEND\r\n");
+    let status = server.terminate().expect("server did not exit after SIGTERM");
+    assert!(status.success(), "exit status {status:?}\n{}", server.stderr_text());
+    assert!(server.stderr_text().contains("shutting down"));
+}
+
+#[test]
+fn config_file_and_flags_combine() {
+    let dir = std::env::temp_dir().join(format!("webvac-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("webvac.toml");
+    std::fs::write(&path, "memory_limit_mb = 8\nmax_item_size = \"512k\"\nthreads = 2\n").unwrap();
+    let server = Server::start(&["--config", path.to_str().unwrap(), "-t", "3"]);
+    let mut c = server.connect();
+    let mut reply = c.request(b"stats settings\r\n", END);
+    reply.retain(|&b| b != b'\r');
+    let text = String::from_utf8(reply).unwrap();
+    assert!(text.contains("STAT maxbytes 8388608\n"), "{text}");
+    assert!(text.contains("STAT item_size_max 524288\n"), "{text}");
+    assert!(text.contains("STAT num_threads 3\n"), "flags override the file: {text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_configuration_is_refused_with_a_clear_error() {
+    let out = std::process::Command::new(common::WEBVAC_BIN)
+        .args(["-p", "0", "-m", "1", "-I", "1m"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_item_size"), "{err}");
+}
+
+#[test]
+fn stats_report_memcached_fields() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.request(b"set a 0 0 1\r\n1\r\nget a\r\nget b\r\nincr a 1\r\ndelete zz\r\ntouch a 10\r\n", &[b"TOUCHED\r\n"]);
+    let mut reply = c.request(b"stats\r\n", END);
+    reply.retain(|&b| b != b'\r');
+    let text = String::from_utf8(reply).unwrap();
+    for field in [
+        "pid", "uptime", "time", "version", "curr_connections", "total_connections", "cmd_get", "cmd_set",
+        "cmd_touch", "cmd_flush", "get_hits", "get_misses", "get_expired", "delete_hits", "delete_misses",
+        "incr_hits", "incr_misses", "decr_hits", "decr_misses", "cas_hits", "cas_misses", "cas_badval",
+        "touch_hits", "touch_misses", "curr_items", "total_items", "bytes", "limit_maxbytes", "evictions",
+        "expired_unfetched", "evicted_unfetched", "threads",
+    ] {
+        assert!(text.contains(&format!("STAT {field} ")), "missing {field}:\n{text}");
+    }
+    for line in ["STAT get_hits 1\n", "STAT get_misses 1\n", "STAT incr_hits 1\n", "STAT delete_misses 1\n", "STAT touch_hits 1\n", "STAT curr_items 1\n", "STAT limit_maxbytes 67108864\n"] {
+        assert!(text.contains(line), "expected {line:?} in\n{text}");
+    }
+}
