@@ -8,7 +8,23 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use common::{REPLY_TIMEOUT, Server};
+use common::{Client, REPLY_TIMEOUT, Server};
+
+/// A client whose `version` is answered, retrying (boundedly) while closed
+/// connections release their slots asynchronously.
+fn connect_when_a_slot_frees(server: &Server) -> Option<Client> {
+    for _ in 0..500 {
+        let mut c = server.connect();
+        c.send(b"version\r\n").ok()?;
+        if let Ok(r) = c.read_until_suffix(&[b"\r\n"], REPLY_TIMEOUT) {
+            if r.starts_with(b"VERSION") {
+                return Some(c);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
 
 const END: &[&[u8]] = &[b"END\r\n"];
 
@@ -65,18 +81,7 @@ fn too_many_connections_are_refused_politely() {
     assert_eq!(buf, b"ERROR Too many open connections\r\n");
     // Freeing a slot lets a new client in; the held ones kept working.
     drop(held.pop());
-    let mut again = None;
-    for _ in 0..500 {
-        let mut c = server.connect();
-        c.send(b"version\r\n").unwrap();
-        if let Ok(r) = c.read_until_suffix(&[b"\r\n"], REPLY_TIMEOUT) {
-            if r.starts_with(b"VERSION") {
-                again = Some(c);
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10)); // bounded: the slot frees asynchronously
-    }
+    let again = connect_when_a_slot_frees(&server);
     assert!(again.is_some(), "no slot freed after a client left");
     let mut stats = held[0].request(b"stats\r\n", END);
     stats.retain(|&b| b != b'\r');
@@ -173,18 +178,7 @@ fn a_flood_of_connections_is_bounded_and_survived() {
         }
     }
     drop(opened);
-    let mut c = None;
-    for _ in 0..500 {
-        let mut attempt = server.connect();
-        attempt.send(b"version\r\n").unwrap();
-        if let Ok(r) = attempt.read_until_suffix(&[b"\r\n"], REPLY_TIMEOUT) {
-            if r.starts_with(b"VERSION") {
-                c = Some(attempt);
-                break;
-            }
-        }
-        std::thread::sleep(Duration::from_millis(10)); // bounded: closed connections drain asynchronously
-    }
+    let c = connect_when_a_slot_frees(&server);
     let mut c = c.expect("server stopped accepting after a connection flood");
     assert_eq!(c.request(b"set a 0 0 1\r\n1\r\n", &[b"\r\n"]), b"STORED\r\n");
 }

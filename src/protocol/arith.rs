@@ -6,8 +6,7 @@
 
 use super::number::parse_u64;
 use super::tokens::Tokens;
-use super::{Request, put_u64, reply};
-use crate::limits::KEY_BYTES_MAX;
+use super::{Request, key_and_noreply, put_request_end, put_u64, reply};
 
 #[derive(Debug)]
 pub struct ArithCmd<'a> {
@@ -18,15 +17,10 @@ pub struct ArithCmd<'a> {
 }
 
 pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>) -> Request<'a> {
-    let n = tokens.ntokens();
-    if n != 4 && n != 5 {
-        return Request::error(reply::ERROR);
-    }
-    let noreply = tokens.noreply();
-    let key = tokens.get(1);
-    if key.len() > KEY_BYTES_MAX {
-        return Request::error_noreply(reply::BAD_FORMAT, noreply);
-    }
+    let (key, noreply) = match key_and_noreply(tokens, &[4, 5]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
     let Some(delta) = parse_u64(tokens.get(2)) else {
         return Request::error_noreply(reply::BAD_DELTA, noreply);
     };
@@ -38,10 +32,7 @@ pub fn compose_request(out: &mut Vec<u8>, incr: bool, key: &[u8], delta: u64, no
     out.extend_from_slice(key);
     out.push(b' ');
     put_u64(out, delta);
-    if noreply {
-        out.extend_from_slice(b" noreply");
-    }
-    out.extend_from_slice(b"\r\n");
+    put_request_end(out, noreply);
 }
 
 #[cfg(test)]

@@ -35,10 +35,7 @@ pub fn parse<'a>(tokens: &Tokens<'a>) -> Request<'a> {
 pub fn compose_request(out: &mut Vec<u8>, key: &[u8], noreply: bool) {
     out.extend_from_slice(b"delete ");
     out.extend_from_slice(key);
-    if noreply {
-        out.extend_from_slice(b" noreply");
-    }
-    out.extend_from_slice(b"\r\n");
+    super::put_request_end(out, noreply);
 }
 
 #[cfg(test)]

@@ -139,6 +139,28 @@ fn incomplete_line(buf: &[u8]) -> Parsed<'_> {
     Parsed::Incomplete
 }
 
+/// The preamble of `<cmd> <key> <arg> [noreply]` commands: memcached's
+/// token-count check (`ERROR`), `noreply`, and the key length check.
+pub(crate) fn key_and_noreply<'a>(tokens: &Tokens<'a>, ntokens: &[usize]) -> Result<(&'a [u8], bool), Request<'a>> {
+    if !ntokens.contains(&tokens.ntokens()) {
+        return Err(Request::error(reply::ERROR));
+    }
+    let noreply = tokens.noreply();
+    let key = tokens.get(1);
+    if key.len() > crate::limits::KEY_BYTES_MAX {
+        return Err(Request::error_noreply(reply::BAD_FORMAT, noreply));
+    }
+    Ok((key, noreply))
+}
+
+/// Ends a client request line: ` noreply` if asked, then CRLF.
+pub(crate) fn put_request_end(out: &mut Vec<u8>, noreply: bool) {
+    if noreply {
+        out.extend_from_slice(b" noreply");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Appends `line` and CRLF.
 #[inline]
 pub fn put_line(out: &mut Vec<u8>, line: &[u8]) {

@@ -129,10 +129,7 @@ pub fn compose_request(out: &mut Vec<u8>, mode: Mode, key: &[u8], flags: u32, ex
         out.push(b' ');
         put_u64(out, c);
     }
-    if noreply {
-        out.extend_from_slice(b" noreply");
-    }
-    out.extend_from_slice(b"\r\n");
+    super::put_request_end(out, noreply);
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
 }

@@ -2,8 +2,7 @@
 
 use super::number::parse_i32_truncating;
 use super::tokens::Tokens;
-use super::{Request, reply};
-use crate::limits::KEY_BYTES_MAX;
+use super::{Request, key_and_noreply, reply};
 
 #[derive(Debug)]
 pub struct Touch<'a> {
@@ -13,15 +12,10 @@ pub struct Touch<'a> {
 }
 
 pub fn parse<'a>(tokens: &Tokens<'a>) -> Request<'a> {
-    let n = tokens.ntokens();
-    if n != 4 && n != 5 {
-        return Request::error(reply::ERROR);
-    }
-    let noreply = tokens.noreply();
-    let key = tokens.get(1);
-    if key.len() > KEY_BYTES_MAX {
-        return Request::error_noreply(reply::BAD_FORMAT, noreply);
-    }
+    let (key, noreply) = match key_and_noreply(tokens, &[4, 5]) {
+        Ok(v) => v,
+        Err(e) => return e,
+    };
     let Some(exptime) = parse_i32_truncating(tokens.get(2)) else {
         return Request::error_noreply(reply::BAD_EXPTIME, noreply);
     };

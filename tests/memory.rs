@@ -1,0 +1,85 @@
+//! The memory limit under load: write four times the limit with mixed value
+//! sizes and check that the process stays within its budget and evicts.
+//!
+//! Bound (from the issue): RSS <= 1.3 x limit + 32 MiB, checked on the peak
+//! (VmHWM), not just the final RSS.
+
+mod common;
+
+use common::Server;
+
+const LIMIT_MB: u64 = 64;
+const MIB: u64 = 1024 * 1024;
+
+fn stat(text: &str, name: &str) -> u64 {
+    let prefix = format!("STAT {name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {name} in stats:\n{text}"))
+}
+
+/// A field of /proc/PID/status in bytes (the file gives kB).
+fn proc_status_bytes(pid: u64, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+}
+
+#[test]
+fn writing_four_times_the_limit_stays_within_budget_and_evicts() {
+    let server = Server::start(&["-m", &LIMIT_MB.to_string()]);
+    let mut c = server.connect();
+    let stats = String::from_utf8(c.request(b"stats\r\n", &[b"END\r\n"])).unwrap();
+    let pid = stat(&stats, "pid");
+
+    // Log-uniform sizes from 10 B to 100 KiB, from a fixed seed.
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let target = 4 * LIMIT_MB * MIB;
+    let mut written = 0u64;
+    let mut i = 0u64;
+    let mut batch = Vec::new();
+    while written < target {
+        let u = (next() % 10_000) as f64 / 10_000.0;
+        let len = (10.0 * (10_240f64).powf(u)) as usize; // 10 .. 102_400
+        let value = vec![b'a' + (i % 26) as u8; len];
+        batch.extend_from_slice(format!("set key:{i} 0 0 {len} noreply\r\n").as_bytes());
+        batch.extend_from_slice(&value);
+        batch.extend_from_slice(b"\r\n");
+        written += len as u64;
+        i += 1;
+        if batch.len() > 1 << 20 {
+            batch.extend_from_slice(b"mn\r\n");
+            c.request(&batch, &[b"MN\r\n"]);
+            batch.clear();
+        }
+    }
+    batch.extend_from_slice(b"mn\r\n");
+    c.request(&batch, &[b"MN\r\n"]);
+
+    let stats = String::from_utf8(c.request(b"stats\r\n", &[b"END\r\n"])).unwrap();
+    let rss = proc_status_bytes(pid, "VmRSS:");
+    let peak = proc_status_bytes(pid, "VmHWM:");
+    let bound = LIMIT_MB * MIB * 13 / 10 + 32 * MIB;
+    println!(
+        "wrote {} MiB in {i} items; bytes {} MiB; items {}; evictions {}; rss {} MiB; peak {} MiB; bound {} MiB",
+        written / MIB,
+        stat(&stats, "bytes") / MIB,
+        stat(&stats, "curr_items"),
+        stat(&stats, "evictions"),
+        rss / MIB,
+        peak / MIB,
+        bound / MIB
+    );
+    assert!(stat(&stats, "evictions") > 0);
+    assert!(stat(&stats, "bytes") <= LIMIT_MB * MIB);
+    assert!(peak <= bound, "peak RSS {} MiB exceeds {} MiB", peak / MIB, bound / MIB);
+    // Still serving.
+    assert!(c.request(b"version\r\n", &[b"\r\n"]).starts_with(b"VERSION"));
+}
