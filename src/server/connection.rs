@@ -134,7 +134,7 @@ async fn process(
                                 flush(shared, wr, out).await?;
                             }
                         }
-                        execute::get_end(out);
+                        execute::get_end(&get, out);
                         Action::Continue
                     }
                     other => execute::execute(shared, other, out),

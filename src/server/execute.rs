@@ -25,14 +25,23 @@ pub enum Action {
 /// can flush a long multi-get's replies as it goes.
 #[inline]
 pub fn get_key(shared: &Shared, get: &Get<'_>, key: &[u8], out: &mut Vec<u8>) {
+    if get.fails_after_keys {
+        // Fetched for its side effects only; the reply is the error.
+        shared.store.get(key, get.touch, |_| ());
+        return;
+    }
     let with_cas = get.with_cas;
     shared.store.get(key, get.touch, |e| {
         compose_value(out, key, e.flags, e.value(), with_cas.then_some(e.cas));
     });
 }
 
-pub fn get_end(out: &mut Vec<u8>) {
-    compose_end(out);
+pub fn get_end(get: &Get<'_>, out: &mut Vec<u8>) {
+    if get.fails_after_keys {
+        put_line(out, reply::BAD_FORMAT.as_bytes());
+    } else {
+        compose_end(out);
+    }
 }
 
 /// Executes every request but the get family and meta commands.
@@ -42,7 +51,7 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
             for key in get.keys() {
                 get_key(shared, &get, key, out);
             }
-            get_end(out);
+            get_end(&get, out);
         }
         Request::Storage(s) => {
             if let Some(swallow) = s.too_large {
@@ -71,7 +80,7 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
             });
             if !a.noreply {
                 match result {
-                    Delta::Value(v, _) => {
+                    Delta::Value(v, _, _) => {
                         put_u64(out, v);
                         out.extend_from_slice(b"\r\n");
                     }

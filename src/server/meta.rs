@@ -92,6 +92,14 @@ fn mg(shared: &Shared, g: &MetaGet<'_>, out: &mut Vec<u8>) {
             ctx.stats().get_hits += 1;
         }
         let item = ctx.meta().expect("live item");
+        // memcached bumps the item at lookup, unless a flag that reports or
+        // changes access state defers the bump until the reply is built (and
+        // an error while building it then skips the bump).
+        let bump = !f.has(b'u');
+        let bump_late = [b'h', b'l', b'T', b'N', b'R'].iter().any(|&l| f.has(l));
+        if bump && !bump_late {
+            ctx.mark_fetched();
+        }
         let (binary, value_len) = {
             let e = ctx.item().expect("live item");
             (e.has(bits::KEY_BINARY), e.value().len())
@@ -165,7 +173,7 @@ fn mg(shared: &Shared, g: &MetaGet<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(ctx.item().expect("live item").value());
             out.extend_from_slice(b"\r\n");
         }
-        if !f.has(b'u') {
+        if bump && bump_late {
             ctx.mark_fetched();
         }
     });
@@ -290,6 +298,10 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
     shared.store.with_key(&a.key, |ctx| {
         let created;
         let value;
+        // memcached applies `T` to the item it rewrote in place; when the
+        // number grew it built a new item, and the TTL change is lost (the
+        // reply still shows it).
+        let mut stores_ttl = true;
         if ctx.item().is_none() && f.vivify.is_some() {
             let digits = a.initial.to_string();
             if ctx.insert(&[digits.as_bytes()], 0, 0, None).is_err() {
@@ -311,9 +323,10 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
                 exptime: None,
             });
             match result {
-                Delta::Value(v, _) => {
+                Delta::Value(v, _, in_place) => {
                     created = false;
                     value = v;
+                    stores_ttl = in_place;
                 }
                 Delta::NotFound | Delta::Exists => {
                     out.extend_from_slice(if result == Delta::NotFound { b"NF" } else { b"EX" });
@@ -333,15 +346,26 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(b"HD");
         }
         let now = ctx.now_secs;
+        let mut shown_exptime = ctx.meta().expect("live item").exptime;
         for tok in &f.tokens {
             match tok[0] {
                 b'c' => {
                     out.extend_from_slice(b" c");
                     put_u64(out, ctx.meta().expect("live item").cas);
                 }
-                b't' => put_ttl(out, ctx.meta().expect("live item").exptime, now, shared.facts.started_unix_secs),
-                b'T' => ctx.set_exptime(i64::from(f.ttl.expect("parsed T"))),
-                b'N' if created => ctx.set_exptime(i64::from(f.vivify.expect("parsed N"))),
+                b't' => put_ttl(out, shown_exptime, now, shared.facts.started_unix_secs),
+                b'T' => {
+                    let ttl = i64::from(f.ttl.expect("parsed T"));
+                    shown_exptime = exptime::absolute(ttl, now);
+                    if stores_ttl {
+                        ctx.set_exptime(ttl);
+                    }
+                }
+                b'N' if created => {
+                    let ttl = i64::from(f.vivify.expect("parsed N"));
+                    shown_exptime = exptime::absolute(ttl, now);
+                    ctx.set_exptime(ttl);
+                }
                 b'O' if !opaque_ok(&tok[1..]) => return fail(out, start, errors::OPAQUE_TOO_LONG),
                 b'O' => {
                     out.push(b' ');

@@ -115,8 +115,9 @@ pub enum Stored {
 /// The outcome of incr/decr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Delta {
-    /// The new value and the new CAS.
-    Value(u64, u64),
+    /// The new value, the new CAS, and whether memcached would have
+    /// rewritten the item in place (the new number is not longer).
+    Value(u64, u64, bool),
     NotFound,
     NonNumeric,
     /// CAS given and it did not match.
@@ -190,6 +191,7 @@ pub struct Store {
     shards: Box<[Padded]>,
     shard_mask: u64,
     clock: Arc<dyn Clock>,
+    /// Version stamps: one clock per node, so every write's stamp is unique.
     hlc: hlc::Hlc,
     item_bytes_max: usize,
     limit_bytes: usize,
@@ -414,10 +416,6 @@ impl Store {
             s.0.lock().check_invariants();
         }
     }
-
-    fn next_version(&self) -> u64 {
-        self.hlc.next(self.clock.now_ms())
-    }
 }
 
 /// One key's shard, locked, with the key's live slot looked up.
@@ -465,7 +463,10 @@ impl Ctx<'_> {
     /// Gives the live item a fresh version (or `cas` if given); returns it.
     pub fn bump_cas(&mut self, cas: Option<u64>) -> Option<u64> {
         let slot = self.found.ok()?;
-        let v = cas.unwrap_or_else(|| self.store.next_version());
+        let v = match cas {
+            Some(c) => c,
+            None => self.next_version(),
+        };
         self.shard.get_mut(slot).cas = v;
         Some(v)
     }
@@ -484,9 +485,15 @@ impl Ctx<'_> {
 
     /// Inserts a new item for this key (replacing any) and makes it the live one.
     pub fn insert(&mut self, value_parts: &[&[u8]], flags: u32, exptime_abs: u32, cas: Option<u64>) -> Result<u64, Stored> {
-        let cas = cas.unwrap_or_else(|| self.store.next_version());
+        let cas = match cas {
+            Some(c) => c,
+            None => self.next_version(),
+        };
         let item = NewItem::new(self.key, value_parts, flags, exptime_abs, cas);
-        match self.shard.insert(self.hash, item, self.now_secs) {
+        // The lookup that made this context already found the key's live
+        // slot, or established that it has none.
+        let known = Some(self.found.ok());
+        match self.shard.insert(self.hash, item, known, self.now_secs) {
             Ok(slot) => {
                 self.found = Ok(slot);
                 Ok(cas)
@@ -497,6 +504,11 @@ impl Ctx<'_> {
                 Err(Stored::NoMemory)
             }
         }
+    }
+
+    /// A fresh version stamp from this shard's clock.
+    fn next_version(&mut self) -> u64 {
+        self.store.hlc.next(self.store.clock.now_ms())
     }
 
     /// The write semantics of memcached's `do_store_item`.
@@ -586,7 +598,7 @@ impl Ctx<'_> {
                 let digits = initial.to_string();
                 let exp = exptime::absolute(exp, now);
                 return match self.insert(&[digits.as_bytes()], 0, exp, a.new_cas) {
-                    Ok(cas) => Delta::Value(initial, cas),
+                    Ok(cas) => Delta::Value(initial, cas, false),
                     Err(_) => Delta::NoMemory,
                 };
             }
@@ -594,6 +606,10 @@ impl Ctx<'_> {
             return Delta::NotFound;
         };
         let e = self.shard.get(slot);
+        // memcached refuses an empty value before it compares the CAS.
+        if e.value().is_empty() {
+            return Delta::NonNumeric;
+        }
         if let Some(c) = a.compare_cas {
             if c != 0 && e.cas != c {
                 return Delta::Exists;
@@ -636,7 +652,7 @@ impl Ctx<'_> {
                     e.bits = old_bits;
                     e.last_access = old_access;
                 }
-                Delta::Value(new, cas)
+                Delta::Value(new, cas, in_place)
             }
             Err(_) => Delta::NoMemory,
         }

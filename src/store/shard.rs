@@ -271,47 +271,73 @@ impl Shard {
     }
 
     /// Stores `item` under its key, replacing any entry with that key, and
-    /// evicts until it fits. Returns the new slot.
-    pub fn insert(&mut self, hash: u64, item: NewItem, now_secs: u32) -> Result<u32, InsertError> {
-        let key = &item.data[..usize::from(item.key_len)];
-        if let Some(old) = self.find(hash, key) {
-            self.remove(old);
-        }
+    /// evicts until the shard is within budget. `known` is the key's slot if
+    /// the caller already looked it up (`None`: look it up here). Returns the
+    /// item's slot.
+    pub fn insert(&mut self, hash: u64, item: NewItem, known: Option<Option<u32>>, now_secs: u32) -> Result<u32, InsertError> {
+        let existing = match known {
+            Some(k) => k,
+            None => self.find(hash, &item.data[..usize::from(item.key_len)]),
+        };
+        debug_assert_eq!(existing, self.find(hash, &item.data[..usize::from(item.key_len)]));
         let cost = charge(item.data.len());
         if cost > self.limit_bytes {
+            if let Some(old) = existing {
+                self.remove(old);
+            }
             return Err(InsertError::NoMemory);
         }
-        while self.used_bytes + cost > self.limit_bytes {
-            self.evict_one(now_secs);
-        }
-        let entry = Entry {
-            data: item.data,
-            hash,
-            cas: item.cas,
-            exptime: item.exptime,
-            flags: item.flags,
-            last_access: now_secs,
-            newer: NIL,
-            older: NIL,
-            key_len: item.key_len,
-            bits: 0,
-        };
-        let slot = match self.free.pop() {
-            Some(s) => {
-                debug_assert!(self.slab[s as usize].is_none());
-                self.slab[s as usize] = Some(entry);
-                s
+        let slot = match existing {
+            Some(slot) => {
+                // Replace in place: same slot, same index entry, same place
+                // in the SIEVE list.
+                let e = self.entry_mut(slot);
+                let old_cost = e.charge();
+                e.data = item.data;
+                e.key_len = item.key_len;
+                e.cas = item.cas;
+                e.exptime = item.exptime;
+                e.flags = item.flags;
+                e.last_access = now_secs;
+                e.bits = 0;
+                self.used_bytes = self.used_bytes - old_cost + cost;
+                slot
             }
             None => {
-                assert!(self.slab.len() < NIL as usize, "slab index space exhausted");
-                self.slab.push(Some(entry));
-                (self.slab.len() - 1) as u32
+                let entry = Entry {
+                    data: item.data,
+                    hash,
+                    cas: item.cas,
+                    exptime: item.exptime,
+                    flags: item.flags,
+                    last_access: now_secs,
+                    newer: NIL,
+                    older: NIL,
+                    key_len: item.key_len,
+                    bits: 0,
+                };
+                let slot = match self.free.pop() {
+                    Some(s) => {
+                        debug_assert!(self.slab[s as usize].is_none());
+                        self.slab[s as usize] = Some(entry);
+                        s
+                    }
+                    None => {
+                        assert!(self.slab.len() < NIL as usize, "slab index space exhausted");
+                        self.slab.push(Some(entry));
+                        (self.slab.len() - 1) as u32
+                    }
+                };
+                let slab = &self.slab;
+                self.index.insert_unique(hash, slot, |&s| slab[s as usize].as_ref().expect("indexed slot").hash);
+                self.link_head(slot);
+                self.used_bytes += cost;
+                slot
             }
         };
-        let slab = &self.slab;
-        self.index.insert_unique(hash, slot, |&s| slab[s as usize].as_ref().expect("indexed slot").hash);
-        self.link_head(slot);
-        self.used_bytes += cost;
+        while self.used_bytes > self.limit_bytes {
+            self.evict_one(now_secs, slot);
+        }
         self.stats.total_items += 1;
         Ok(slot)
     }
@@ -344,17 +370,20 @@ impl Shard {
         self.sweep_cursor = 0;
     }
 
-    /// SIEVE eviction of one entry. Expired entries met by the hand count as
-    /// reclaimed, live ones as evictions.
+    /// SIEVE eviction of one entry other than `keep` (the entry being
+    /// written). Expired entries met by the hand count as reclaimed, live
+    /// ones as evictions.
     ///
     /// # Panics
-    /// If the shard is empty while over budget (an accounting bug).
-    fn evict_one(&mut self, now_secs: u32) {
-        assert!(self.tail != NIL, "over budget with nothing to evict");
+    /// If nothing but `keep` is left while over budget (an accounting bug:
+    /// an item alone never exceeds the budget).
+    fn evict_one(&mut self, now_secs: u32, keep: u32) {
+        assert!(self.index.len() > 1, "over budget with nothing to evict");
         let mut slot = if self.hand == NIL { self.tail } else { self.hand };
         loop {
             let e = self.entry_mut(slot);
-            if e.bits & bits::VISITED == 0 || exptime::is_expired(e.exptime, now_secs) {
+            let expired = exptime::is_expired(e.exptime, now_secs);
+            if slot != keep && (e.bits & bits::VISITED == 0 || expired) {
                 break;
             }
             e.bits &= !bits::VISITED;

@@ -82,15 +82,15 @@ fn arith(s: &Store, k: &[u8], incr: bool, delta: u64) -> Delta {
 fn incr_wraps_decr_floors_and_pads_in_place() {
     let (s, _) = store();
     set(&s, b"n", b"18446744073709551615");
-    assert!(matches!(arith(&s, b"n", true, 1), Delta::Value(0, _)));
+    assert!(matches!(arith(&s, b"n", true, 1), Delta::Value(0, _, _)));
     // memcached rewrites in place, padding with spaces.
     assert_eq!(get(&s, b"n").unwrap(), b"0                   ");
     set(&s, b"n", b"100");
-    assert!(matches!(arith(&s, b"n", false, 91), Delta::Value(9, _)));
+    assert!(matches!(arith(&s, b"n", false, 91), Delta::Value(9, _, _)));
     assert_eq!(get(&s, b"n").unwrap(), b"9  ");
-    assert!(matches!(arith(&s, b"n", false, 1000), Delta::Value(0, _)));
+    assert!(matches!(arith(&s, b"n", false, 1000), Delta::Value(0, _, _)));
     set(&s, b"n", b"99");
-    assert!(matches!(arith(&s, b"n", true, 1), Delta::Value(100, _)));
+    assert!(matches!(arith(&s, b"n", true, 1), Delta::Value(100, _, _)));
     assert_eq!(get(&s, b"n").unwrap(), b"100");
     set(&s, b"t", b"12abc");
     assert_eq!(arith(&s, b"t", true, 1), Delta::NonNumeric);
@@ -280,7 +280,7 @@ proptest! {
                             None => prop_assert_eq!(r, Delta::NonNumeric),
                             Some(n) => {
                                 let new = n.wrapping_add(d);
-                                prop_assert!(matches!(r, Delta::Value(x, _) if x == new));
+                                prop_assert!(matches!(r, Delta::Value(x, _, _) if x == new));
                                 let mut digits = new.to_string().into_bytes();
                                 if digits.len() <= v.len() { digits.resize(v.len(), b' '); }
                                 *v = digits;
