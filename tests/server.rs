@@ -72,7 +72,7 @@ fn too_many_connections_are_refused_politely() {
     let server = Server::start(&["-c", "4"]);
     let mut held: Vec<_> = (0..4).map(|_| server.connect()).collect();
     for c in &mut held {
-        assert_eq!(c.request(b"version\r\n", &[b"\r\n"]).starts_with(b"VERSION "), true);
+        assert!(c.request(b"version\r\n", &[b"\r\n"]).starts_with(b"VERSION "));
     }
     let mut extra = TcpStream::connect(server.addr()).unwrap();
     extra.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();

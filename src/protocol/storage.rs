@@ -44,7 +44,8 @@ pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>, rest: &'a [u8], line_end: usiz
     let is_cas = cmd == b"cas";
     let n = tokens.ntokens();
     let done = |request| Parsed::Complete { request, consumed: line_end };
-    if (!is_cas && n != 6 && n != 7) || (is_cas && n != 7 && n != 8) {
+    let allowed = if is_cas { [7, 8] } else { [6, 7] };
+    if !allowed.contains(&n) {
         return done(Request::error(reply::ERROR));
     }
     let noreply = tokens.noreply();
@@ -68,7 +69,7 @@ pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>, rest: &'a [u8], line_end: usiz
     } else {
         None
     };
-    if vlen < 0 || vlen > i32::MAX - 2 {
+    if !(0..=i32::MAX - 2).contains(&vlen) {
         return bad();
     }
     let vlen = vlen as usize;

@@ -221,6 +221,10 @@ impl Shard {
         self.index.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
     fn entry(&self, slot: u32) -> &Entry {
         self.slab[slot as usize].as_ref().expect("live slot")
     }

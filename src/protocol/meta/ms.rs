@@ -41,7 +41,7 @@ pub fn parse<'a>(tokens: &Tokens<'a>, rest: &'a [u8], line_end: usize, limits: &
     let Some(vlen) = parse_i32_truncating(tokens.get(2)) else {
         return done(Request::error(reply::BAD_FORMAT));
     };
-    if vlen < 0 || vlen > i32::MAX - 2 {
+    if !(0..=i32::MAX - 2).contains(&vlen) {
         return done(Request::error(reply::BAD_FORMAT));
     }
     let vlen = vlen as usize;
