@@ -490,6 +490,10 @@ impl Ctx<'_> {
             None => self.next_version(),
         };
         let item = NewItem::new(self.key, value_parts, flags, exptime_abs, cas);
+        self.insert_item(item, cas)
+    }
+
+    fn insert_item(&mut self, item: NewItem, cas: u64) -> Result<u64, Stored> {
         // The lookup that made this context already found the key's live
         // slot, or established that it has none.
         let known = Some(self.found.ok());
@@ -574,18 +578,21 @@ impl Ctx<'_> {
                 if cas_match == Some(false) && w.compare_cas != Some(0) {
                     return Stored::Exists;
                 }
-                let old_value = self.shard.get(slot).value().to_vec();
-                let parts: [&[u8]; 2] = if w.mode == Mode::Append {
-                    [&old_value, w.value]
-                } else {
-                    [w.value, &old_value]
-                };
+                let old_value = self.shard.get(slot).value();
                 let total = old_value.len() + w.value.len();
                 if !item_fits(self.key.len(), old_flags, total, self.store.item_bytes_max) {
                     // memcached cannot allocate the combined item: NOT_STORED.
                     return Stored::NotStored;
                 }
-                self.insert(&parts, old_flags, old_exptime, w.new_cas).map_or_else(|e| e, Stored::Stored)
+                // Build the combined value straight from the stored one: one
+                // allocation, one copy of each part.
+                let parts: [&[u8]; 2] = if w.mode == Mode::Append { [old_value, w.value] } else { [w.value, old_value] };
+                let cas = match w.new_cas {
+                    Some(c) => c,
+                    None => self.store.hlc.next(self.store.clock.now_ms()),
+                };
+                let item = NewItem::new(self.key, &parts, old_flags, old_exptime, cas);
+                self.insert_item(item, cas).map_or_else(|e| e, Stored::Stored)
             }
         }
     }

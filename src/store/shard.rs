@@ -416,8 +416,13 @@ impl Shard {
     #[inline]
     pub fn touch_access(&mut self, slot: u32, now_secs: u32) {
         let e = self.entry_mut(slot);
-        e.bits |= bits::VISITED | bits::FETCHED;
-        e.last_access = now_secs;
+        // Hot keys are read far more often than their state changes: skip
+        // the store (and the dirtied cache line) when nothing would change.
+        let want = bits::VISITED | bits::FETCHED;
+        if e.bits & want != want || e.last_access != now_secs {
+            e.bits |= want;
+            e.last_access = now_secs;
+        }
     }
 
     fn link_head(&mut self, slot: u32) {
