@@ -24,8 +24,17 @@
 //!     &StoreConfig { memory_limit_bytes: 64 << 20, item_bytes_max: 1 << 20, node_id: 0 },
 //!     Arc::new(SystemClock),
 //! );
-//! assert!(matches!(store.write(&Write::new(Mode::Set, b"k", b"v", 0, 0)), Stored::Stored(_)));
-//! assert_eq!(store.get(b"k", None, |e| e.value().to_vec()), Some(b"v".to_vec()));
+//! // set with a 300-second TTL (memcached exptime rules)
+//! assert!(matches!(store.write(&Write::new(Mode::Set, b"user:1", b"alice", 0, 300)), Stored::Stored(_)));
+//! // read: the closure runs under the shard lock, so copy what you need
+//! assert_eq!(store.get(b"user:1", None, |item| item.value().to_vec()), Some(b"alice".to_vec()));
+//! // compare-and-swap with the CAS from a read
+//! let cas = store.get(b"user:1", None, |item| item.cas).unwrap();
+//! let mut w = Write::new(Mode::Set, b"user:1", b"bob", 0, 300);
+//! w.compare_cas = Some(cas);
+//! assert!(matches!(store.write(&w), Stored::Stored(_)));
+//! w.value = b"carol"; // the CAS is stale now
+//! assert_eq!(store.write(&w), Stored::Exists);
 //! ```
 
 pub mod config;
