@@ -29,7 +29,7 @@
 //! // read: the closure runs under the shard lock, so copy what you need
 //! assert_eq!(store.get(b"user:1", None, |item| item.value().to_vec()), Some(b"alice".to_vec()));
 //! // compare-and-swap with the CAS from a read
-//! let cas = store.get(b"user:1", None, |item| item.cas).unwrap();
+//! let cas = store.get(b"user:1", None, |item| item.cas()).unwrap();
 //! let mut w = Write::new(Mode::Set, b"user:1", b"bob", 0, 300);
 //! w.compare_cas = Some(cas);
 //! assert!(matches!(store.write(&w), Stored::Stored(_)));

@@ -32,7 +32,7 @@ pub fn get_key(shared: &Shared, get: &Get<'_>, key: &[u8], out: &mut Vec<u8>) {
     }
     let with_cas = get.with_cas;
     shared.store.get(key, get.touch, |e| {
-        compose_value(out, key, e.flags, e.value(), with_cas.then_some(e.cas));
+        compose_value(out, key, e.flags(), e.value(), with_cas.then_some(e.cas()));
     });
 }
 

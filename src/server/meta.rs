@@ -398,13 +398,13 @@ fn me(shared: &Shared, d: &MetaDebug<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(e.key());
         }
         out.extend_from_slice(b" exp=");
-        put_i64(out, if e.exptime == 0 { -1 } else { i64::from(now) - i64::from(e.exptime) });
+        put_i64(out, if e.exptime() == 0 { -1 } else { i64::from(now) - i64::from(e.exptime()) });
         out.extend_from_slice(b" la=");
-        put_u64(out, u64::from(now.saturating_sub(e.last_access)));
+        put_u64(out, u64::from(now.saturating_sub(e.last_access())));
         out.extend_from_slice(b" cas=");
-        put_u64(out, e.cas);
+        put_u64(out, e.cas());
         out.extend_from_slice(if e.has(bits::FETCHED) { b" fetch=yes" } else { b" fetch=no" });
-        let size = memcached_item_size(e.key().len(), e.value().len(), e.flags);
+        let size = memcached_item_size(e.key().len(), e.value().len(), e.flags());
         out.extend_from_slice(b" cls=");
         put_u64(out, memcached_class(size) as u64);
         out.extend_from_slice(b" size=");

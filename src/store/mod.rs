@@ -154,10 +154,10 @@ pub struct Meta {
 impl Meta {
     fn of(e: &Entry) -> Self {
         Self {
-            flags: e.flags,
-            cas: e.cas,
-            exptime: e.exptime,
-            last_access: e.last_access,
+            flags: e.flags(),
+            cas: e.cas(),
+            exptime: e.exptime(),
+            last_access: e.last_access(),
             fetched: e.has(bits::FETCHED),
             stale: e.has(bits::STALE),
             win_sent: e.has(bits::WIN_SENT),
@@ -280,7 +280,7 @@ impl Store {
                     ctx.shard.touch_access(slot, now);
                     let e = ctx.shard.get_mut(slot);
                     if let Some(t) = touch {
-                        e.exptime = exptime::absolute(t, now);
+                        e.set_exptime(exptime::absolute(t, now));
                     }
                     Some(f(e))
                 }
@@ -331,7 +331,7 @@ impl Store {
                 return Err(Stored::NotFound);
             };
             if let Some(c) = compare_cas {
-                if ctx.shard.get(slot).cas != c {
+                if ctx.shard.get(slot).cas() != c {
                     return Err(Stored::Exists);
                 }
             }
@@ -350,7 +350,7 @@ impl Store {
                     ctx.shard.stats.touch_hits += 1;
                     let now = ctx.now_secs;
                     ctx.shard.touch_access(slot, now);
-                    ctx.shard.get_mut(slot).exptime = exptime::absolute(exptime, now);
+                    ctx.shard.get_mut(slot).set_exptime(exptime::absolute(exptime, now));
                     true
                 }
                 Err(_) => {
@@ -449,7 +449,7 @@ impl Ctx<'_> {
     pub fn set_exptime(&mut self, client_exptime: i64) {
         if let Ok(slot) = self.found {
             let now = self.now_secs;
-            self.shard.get_mut(slot).exptime = exptime::absolute(client_exptime, now);
+            self.shard.get_mut(slot).set_exptime(exptime::absolute(client_exptime, now));
         }
     }
 
@@ -467,7 +467,7 @@ impl Ctx<'_> {
             Some(c) => c,
             None => self.next_version(),
         };
-        self.shard.get_mut(slot).cas = v;
+        self.shard.get_mut(slot).set_cas(v);
         Some(v)
     }
 
@@ -537,8 +537,8 @@ impl Ctx<'_> {
             };
         };
         let old = self.shard.get(slot);
-        let (old_cas, old_flags, old_exptime) = (old.cas, old.flags, old.exptime);
-        let old_bits = old.bits;
+        let (old_cas, old_flags, old_exptime) = (old.cas(), old.flags(), old.exptime());
+        let old_bits = old.bits();
         let cas_match = w.compare_cas.map(|c| c == old_cas);
         let stale_ok = w.invalidate && w.compare_cas.is_some_and(|c| c != 0 && c < old_cas);
         match w.mode {
@@ -618,12 +618,12 @@ impl Ctx<'_> {
             return Delta::NonNumeric;
         }
         if let Some(c) = a.compare_cas {
-            if c != 0 && e.cas != c {
+            if c != 0 && e.cas() != c {
                 return Delta::Exists;
             }
         }
         let parsed = crate::protocol::number::parse_value_u64(e.value());
-        let (old_len, flags, old_exptime) = (e.value().len(), e.flags, e.exptime);
+        let (old_len, flags, old_exptime) = (e.value().len(), e.flags(), e.exptime());
         let Some(current) = parsed else {
             return Delta::NonNumeric;
         };
@@ -647,7 +647,7 @@ impl Ctx<'_> {
         let in_place = digits_len <= old_len;
         let (old_bits, old_access) = {
             let e = self.shard.get(slot);
-            (e.bits, e.last_access)
+            (e.bits(), e.last_access())
         };
         match self.insert(&[&buf], flags, exp, a.new_cas) {
             Ok(cas) => {
@@ -656,8 +656,8 @@ impl Ctx<'_> {
                     // (fetched, stale, win token, binary key) and access time.
                     let slot = self.found.expect("just inserted");
                     let e = self.shard.get_mut(slot);
-                    e.bits = old_bits;
-                    e.last_access = old_access;
+                    e.set_bits(old_bits);
+                    e.set_last_access(old_access);
                 }
                 Delta::Value(new, cas, in_place)
             }

@@ -33,11 +33,15 @@ pub const fn alloc_bytes(n: usize) -> usize {
 /// divided by hashbrown's 7/8 maximum load factor, rounded up.
 const INDEX_BYTES_PER_ENTRY: usize = 6;
 
-/// Everything one item costs: its entry, its index slot and its key+value
-/// allocation. This is what the memory limit counts.
+/// Per-slot bytes outside the item allocation: the slab's pointer and the
+/// SIEVE links.
+const SLOT_BYTES: usize = std::mem::size_of::<Option<Entry>>() + std::mem::size_of::<Link>();
+
+/// Everything one item costs: its slot, its index entry and its allocation
+/// (header, key and value). This is what the memory limit counts.
 #[inline]
 pub const fn charge(key_and_value_bytes: usize) -> usize {
-    std::mem::size_of::<Entry>() + INDEX_BYTES_PER_ENTRY + alloc_bytes(key_and_value_bytes)
+    SLOT_BYTES + INDEX_BYTES_PER_ENTRY + alloc_bytes(HEADER_BYTES + key_and_value_bytes)
 }
 
 pub mod bits {
@@ -53,70 +57,122 @@ pub mod bits {
     pub const KEY_BINARY: u8 = 1 << 4;
 }
 
-/// One stored item.
+/// An item's metadata lives at the front of the same allocation as its key
+/// and value, so a lookup that finds the key finds the header and (for small
+/// items) the value in the same cache lines. Layout, native-endian:
+///
+/// ```text
+/// 0       8       16        20      24            28       29     30..32  32..
+/// | cas   | hash  | exptime | flags | last_access | keylen | bits | pad  | key | value |
+/// ```
+const CAS_AT: usize = 0;
+const HASH_AT: usize = 8;
+const EXPTIME_AT: usize = 16;
+const FLAGS_AT: usize = 20;
+const ACCESS_AT: usize = 24;
+const KEY_LEN_AT: usize = 28;
+const BITS_AT: usize = 29;
+pub const HEADER_BYTES: usize = 32;
+
+/// One stored item: header, key and value in one allocation.
 pub struct Entry {
-    /// Key bytes followed by value bytes, one allocation.
-    data: Box<[u8]>,
-    /// xxh3-64 of the key; the index is keyed by it.
-    pub(crate) hash: u64,
-    /// Version stamp (HLC); the CAS value clients see.
-    pub cas: u64,
-    /// Absolute unix seconds, 0 = never.
-    pub exptime: u32,
-    /// Opaque client flags.
-    pub flags: u32,
-    /// Unix seconds of the last store or fetch.
-    pub last_access: u32,
-    /// SIEVE links: toward the head (newer) and toward the tail (older).
+    buf: Box<[u8]>,
+}
+
+/// SIEVE list links of a slot: toward the head (newer) and the tail (older).
+#[derive(Debug, Clone, Copy)]
+struct Link {
     newer: u32,
     older: u32,
-    key_len: u8,
-    /// [`bits`] flags.
-    pub(crate) bits: u8,
+}
+
+macro_rules! header_field {
+    ($get:ident, $set:ident, $ty:ty, $at:expr) => {
+        #[inline]
+        pub fn $get(&self) -> $ty {
+            <$ty>::from_ne_bytes(self.buf[$at..$at + std::mem::size_of::<$ty>()].try_into().expect("header field"))
+        }
+        #[inline]
+        pub fn $set(&mut self, v: $ty) {
+            self.buf[$at..$at + std::mem::size_of::<$ty>()].copy_from_slice(&v.to_ne_bytes());
+        }
+    };
 }
 
 impl Entry {
-    pub fn key(&self) -> &[u8] {
-        &self.data[..usize::from(self.key_len)]
+    header_field!(cas, set_cas, u64, CAS_AT);
+    header_field!(hash, set_hash, u64, HASH_AT);
+    header_field!(exptime, set_exptime, u32, EXPTIME_AT);
+    header_field!(flags, set_flags, u32, FLAGS_AT);
+    header_field!(last_access, set_last_access, u32, ACCESS_AT);
+
+    #[inline]
+    fn key_len(&self) -> usize {
+        usize::from(self.buf[KEY_LEN_AT])
     }
 
+    #[inline]
+    pub fn key(&self) -> &[u8] {
+        &self.buf[HEADER_BYTES..HEADER_BYTES + self.key_len()]
+    }
+
+    #[inline]
     pub fn value(&self) -> &[u8] {
-        &self.data[usize::from(self.key_len)..]
+        &self.buf[HEADER_BYTES + self.key_len()..]
     }
 
     pub fn charge(&self) -> usize {
-        charge(self.data.len())
+        charge(self.buf.len() - HEADER_BYTES)
     }
 
+    #[inline]
+    pub fn bits(&self) -> u8 {
+        self.buf[BITS_AT]
+    }
+
+    #[inline]
+    pub fn set_bits(&mut self, bits: u8) {
+        self.buf[BITS_AT] = bits;
+    }
+
+    #[inline]
     pub fn has(&self, bit: u8) -> bool {
-        self.bits & bit != 0
+        self.bits() & bit != 0
     }
 
+    #[inline]
     pub fn set(&mut self, bit: u8, on: bool) {
-        if on { self.bits |= bit } else { self.bits &= !bit }
+        let b = self.bits();
+        self.set_bits(if on { b | bit } else { b & !bit });
     }
 }
 
-/// A new item to put in a shard.
+/// A new item to put in a shard: its allocation, header filled in except
+/// for the hash and access time, which the shard sets.
 pub struct NewItem {
-    /// Key then value.
-    pub data: Box<[u8]>,
-    pub key_len: u8,
-    pub flags: u32,
-    pub exptime: u32,
-    pub cas: u64,
+    entry: Entry,
 }
 
 impl NewItem {
     pub fn new(key: &[u8], value_parts: &[&[u8]], flags: u32, exptime: u32, cas: u64) -> Self {
-        let len = key.len() + value_parts.iter().map(|p| p.len()).sum::<usize>();
+        debug_assert!(key.len() <= crate::limits::KEY_BYTES_MAX);
+        let len = HEADER_BYTES + key.len() + value_parts.iter().map(|p| p.len()).sum::<usize>();
         let mut data = Vec::with_capacity(len);
+        data.resize(HEADER_BYTES, 0);
         data.extend_from_slice(key);
         for part in value_parts {
             data.extend_from_slice(part);
         }
-        debug_assert!(key.len() <= crate::limits::KEY_BYTES_MAX);
-        Self { data: data.into_boxed_slice(), key_len: key.len() as u8, flags, exptime, cas }
+        data[KEY_LEN_AT] = key.len() as u8;
+        let mut entry = Entry { buf: data.into_boxed_slice() };
+        entry.set_cas(cas);
+        entry.set_flags(flags);
+        entry.set_exptime(exptime);
+        Self { entry }
+    }
+
+    fn key(&self) -> &[u8] {
+        self.entry.key()
     }
 }
 
@@ -181,6 +237,9 @@ pub struct Shard {
     index: HashTable<u32>,
     /// Entry storage; `None` slots are on `free`.
     slab: Vec<Option<Entry>>,
+    /// SIEVE links per slot, kept apart from the entries so the eviction
+    /// hand walks a dense array.
+    links: Vec<Link>,
     free: Vec<u32>,
     /// SIEVE list ends and hand.
     head: u32,
@@ -198,6 +257,7 @@ impl Shard {
         Self {
             index: HashTable::new(),
             slab: Vec::new(),
+            links: Vec::new(),
             free: Vec::new(),
             head: NIL,
             tail: NIL,
@@ -252,9 +312,9 @@ impl Shard {
     ) -> Result<u32, Gone> {
         let slot = self.find(hash, key).ok_or(Gone::Missing)?;
         let e = self.entry(slot);
-        let why = if exptime::is_expired(e.exptime, now_secs) {
+        let why = if exptime::is_expired(e.exptime(), now_secs) {
             Gone::Expired
-        } else if e.last_access < flushed_before {
+        } else if e.last_access() < flushed_before {
             Gone::Flushed
         } else {
             return Ok(slot);
@@ -281,10 +341,13 @@ impl Shard {
     pub fn insert(&mut self, hash: u64, item: NewItem, known: Option<Option<u32>>, now_secs: u32) -> Result<u32, InsertError> {
         let existing = match known {
             Some(k) => k,
-            None => self.find(hash, &item.data[..usize::from(item.key_len)]),
+            None => self.find(hash, item.key()),
         };
-        debug_assert_eq!(existing, self.find(hash, &item.data[..usize::from(item.key_len)]));
-        let cost = charge(item.data.len());
+        debug_assert_eq!(existing, self.find(hash, item.key()));
+        let mut entry = item.entry;
+        entry.set_hash(hash);
+        entry.set_last_access(now_secs);
+        let cost = entry.charge();
         if cost > self.limit_bytes {
             if let Some(old) = existing {
                 self.remove(old);
@@ -295,31 +358,11 @@ impl Shard {
             Some(slot) => {
                 // Replace in place: same slot, same index entry, same place
                 // in the SIEVE list.
-                let e = self.entry_mut(slot);
-                let old_cost = e.charge();
-                e.data = item.data;
-                e.key_len = item.key_len;
-                e.cas = item.cas;
-                e.exptime = item.exptime;
-                e.flags = item.flags;
-                e.last_access = now_secs;
-                e.bits = 0;
-                self.used_bytes = self.used_bytes - old_cost + cost;
+                let old = std::mem::replace(self.entry_mut(slot), entry);
+                self.used_bytes = self.used_bytes - old.charge() + cost;
                 slot
             }
             None => {
-                let entry = Entry {
-                    data: item.data,
-                    hash,
-                    cas: item.cas,
-                    exptime: item.exptime,
-                    flags: item.flags,
-                    last_access: now_secs,
-                    newer: NIL,
-                    older: NIL,
-                    key_len: item.key_len,
-                    bits: 0,
-                };
                 let slot = match self.free.pop() {
                     Some(s) => {
                         debug_assert!(self.slab[s as usize].is_none());
@@ -329,11 +372,12 @@ impl Shard {
                     None => {
                         assert!(self.slab.len() < NIL as usize, "slab index space exhausted");
                         self.slab.push(Some(entry));
+                        self.links.push(Link { newer: NIL, older: NIL });
                         (self.slab.len() - 1) as u32
                     }
                 };
                 let slab = &self.slab;
-                self.index.insert_unique(hash, slot, |&s| slab[s as usize].as_ref().expect("indexed slot").hash);
+                self.index.insert_unique(hash, slot, |&s| slab[s as usize].as_ref().expect("indexed slot").hash());
                 self.link_head(slot);
                 self.used_bytes += cost;
                 slot
@@ -348,7 +392,7 @@ impl Shard {
 
     /// Removes the entry in `slot` from the index, the list and the budget.
     pub fn remove(&mut self, slot: u32) -> Entry {
-        let hash = self.entry(slot).hash;
+        let hash = self.entry(slot).hash();
         match self.index.find_entry(hash, |&s| s == slot) {
             Ok(found) => {
                 found.remove();
@@ -366,6 +410,7 @@ impl Shard {
     pub fn clear(&mut self) {
         self.index.clear();
         self.slab.clear();
+        self.links.clear();
         self.free.clear();
         self.head = NIL;
         self.tail = NIL;
@@ -386,16 +431,17 @@ impl Shard {
         let mut slot = if self.hand == NIL { self.tail } else { self.hand };
         loop {
             let e = self.entry_mut(slot);
-            let expired = exptime::is_expired(e.exptime, now_secs);
-            if slot != keep && (e.bits & bits::VISITED == 0 || expired) {
+            let expired = exptime::is_expired(e.exptime(), now_secs);
+            if slot != keep && (!e.has(bits::VISITED) || expired) {
                 break;
             }
-            e.bits &= !bits::VISITED;
-            slot = if e.newer == NIL { self.tail } else { e.newer };
+            e.set(bits::VISITED, false);
+            let newer = self.links[slot as usize].newer;
+            slot = if newer == NIL { self.tail } else { newer };
         }
         let e = self.entry(slot);
         let unfetched = !e.has(bits::FETCHED);
-        if exptime::is_expired(e.exptime, now_secs) {
+        if exptime::is_expired(e.exptime(), now_secs) {
             self.stats.reclaimed += 1;
             if unfetched {
                 self.stats.expired_unfetched += 1;
@@ -417,23 +463,21 @@ impl Shard {
     pub fn touch_access(&mut self, slot: u32, now_secs: u32) {
         let e = self.entry_mut(slot);
         // Hot keys are read far more often than their state changes: skip
-        // the store (and the dirtied cache line) when nothing would change.
+        // the stores (and the dirtied cache line) when nothing would change.
         let want = bits::VISITED | bits::FETCHED;
-        if e.bits & want != want || e.last_access != now_secs {
-            e.bits |= want;
-            e.last_access = now_secs;
+        if e.bits() & want != want {
+            e.set_bits(e.bits() | want);
+        }
+        if e.last_access() != now_secs {
+            e.set_last_access(now_secs);
         }
     }
 
     fn link_head(&mut self, slot: u32) {
         let old_head = self.head;
-        {
-            let e = self.entry_mut(slot);
-            e.newer = NIL;
-            e.older = old_head;
-        }
+        self.links[slot as usize] = Link { newer: NIL, older: old_head };
         if old_head != NIL {
-            self.entry_mut(old_head).newer = slot;
+            self.links[old_head as usize].newer = slot;
         } else {
             self.tail = slot;
         }
@@ -441,20 +485,17 @@ impl Shard {
     }
 
     fn unlink(&mut self, slot: u32) {
-        let (newer, older) = {
-            let e = self.entry(slot);
-            (e.newer, e.older)
-        };
+        let Link { newer, older } = self.links[slot as usize];
         if self.hand == slot {
             self.hand = newer;
         }
         if newer != NIL {
-            self.entry_mut(newer).older = older;
+            self.links[newer as usize].older = older;
         } else {
             self.head = older;
         }
         if older != NIL {
-            self.entry_mut(older).newer = newer;
+            self.links[older as usize].newer = newer;
         } else {
             self.tail = newer;
         }
@@ -471,8 +512,8 @@ impl Shard {
             let slot = self.sweep_cursor as u32;
             self.sweep_cursor += 1;
             let Some(e) = self.slab[slot as usize].as_ref() else { continue };
-            let expired = exptime::is_expired(e.exptime, now_secs);
-            if expired || e.last_access < flushed_before {
+            let expired = exptime::is_expired(e.exptime(), now_secs);
+            if expired || e.last_access() < flushed_before {
                 if expired {
                     self.stats.reclaimed += 1;
                     if !e.has(bits::FETCHED) {
@@ -487,6 +528,7 @@ impl Shard {
         if self.index.is_empty() && self.slab.capacity() > 1024 {
             self.clear();
             self.slab.shrink_to_fit();
+            self.links.shrink_to_fit();
             self.free.shrink_to_fit();
             self.index.shrink_to_fit(|_| 0);
         }
@@ -511,12 +553,14 @@ impl Shard {
         let mut walked = 0;
         let mut slot = self.head;
         let mut prev = NIL;
+        assert_eq!(self.links.len(), self.slab.len(), "links and slab disagree");
         while slot != NIL {
             let e = self.entry(slot);
-            assert_eq!(e.newer, prev, "broken back link at {slot}");
-            assert_eq!(self.find(e.hash, e.key()), Some(slot), "entry not indexed at its slot");
+            let link = self.links[slot as usize];
+            assert_eq!(link.newer, prev, "broken back link at {slot}");
+            assert_eq!(self.find(e.hash(), e.key()), Some(slot), "entry not indexed at its slot");
             prev = slot;
-            slot = e.older;
+            slot = link.older;
             walked += 1;
             assert!(walked <= live, "cycle in the SIEVE list");
         }

@@ -31,7 +31,7 @@ fn get(s: &Store, k: &[u8]) -> Option<Vec<u8>> {
 }
 
 fn cas_of(s: &Store, k: &[u8]) -> u64 {
-    s.get(k, None, |e| e.cas).expect("present")
+    s.get(k, None, |e| e.cas()).expect("present")
 }
 
 #[test]
@@ -42,7 +42,7 @@ fn set_get_add_replace() {
     assert_eq!(s.write(&Write::new(Mode::Add, b"k", b"v2", 0, 0)), Stored::NotStored);
     assert_eq!(s.write(&Write::new(Mode::Replace, b"nope", b"v2", 0, 0)), Stored::NotStored);
     assert!(matches!(s.write(&Write::new(Mode::Replace, b"k", b"v3", 7, 0)), Stored::Stored(_)));
-    assert_eq!(s.get(b"k", None, |e| (e.flags, e.value().to_vec())), Some((7, b"v3".to_vec())));
+    assert_eq!(s.get(b"k", None, |e| (e.flags(), e.value().to_vec())), Some((7, b"v3".to_vec())));
     s.check_invariants();
 }
 
@@ -50,10 +50,10 @@ fn set_get_add_replace() {
 fn append_prepend_keep_flags_and_expiry() {
     let (s, _) = store();
     s.write(&Write::new(Mode::Set, b"k", b"mid", 9, 100));
-    let exp = s.get(b"k", None, |e| e.exptime).unwrap();
+    let exp = s.get(b"k", None, |e| e.exptime()).unwrap();
     s.write(&Write::new(Mode::Append, b"k", b">", 1, 0));
     s.write(&Write::new(Mode::Prepend, b"k", b"<", 2, 0));
-    assert_eq!(s.get(b"k", None, |e| (e.value().to_vec(), e.flags, e.exptime)), Some((b"<mid>".to_vec(), 9, exp)));
+    assert_eq!(s.get(b"k", None, |e| (e.value().to_vec(), e.flags(), e.exptime())), Some((b"<mid>".to_vec(), 9, exp)));
     assert_eq!(s.write(&Write::new(Mode::Append, b"none", b"x", 0, 0)), Stored::NotStored);
 }
 
