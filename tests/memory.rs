@@ -26,6 +26,47 @@ fn proc_status_bytes(pid: u64, field: &str) -> u64 {
     line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
 }
 
+/// Writes `count` items of `len` bytes, pipelined with `noreply`.
+fn fill(c: &mut common::Client, prefix: &str, count: usize, len: usize) {
+    let value = vec![b'v'; len];
+    let mut batch = Vec::new();
+    for i in 0..count {
+        batch.extend_from_slice(format!("set {prefix}{i} 0 0 {len} noreply\r\n").as_bytes());
+        batch.extend_from_slice(&value);
+        batch.extend_from_slice(b"\r\n");
+        if batch.len() > 1 << 20 || i + 1 == count {
+            batch.extend_from_slice(b"mn\r\n");
+            c.request(&batch, &[b"MN\r\n"]);
+            batch.clear();
+        }
+    }
+}
+
+/// Many tiny items grow the store's index and slab; large items then evict
+/// them. The grown structures count against the limit and are given back.
+#[test]
+fn tiny_items_then_large_ones_stay_within_budget() {
+    let server = Server::start(&["-m", &LIMIT_MB.to_string()]);
+    let mut c = server.connect();
+    let stats = String::from_utf8(c.request(b"stats\r\n", &[b"END\r\n"])).unwrap();
+    let pid = stat(&stats, "pid");
+    fill(&mut c, "tiny:", 900_000, 1);
+    fill(&mut c, "large:", 2_000, 100_000);
+    let stats = String::from_utf8(c.request(b"stats\r\n", &[b"END\r\n"])).unwrap();
+    let peak = proc_status_bytes(pid, "VmHWM:");
+    let bound = LIMIT_MB * MIB * 13 / 10 + 32 * MIB;
+    println!(
+        "tiny then large: bytes {} MiB; items {}; evictions {}; peak {} MiB; bound {} MiB",
+        stat(&stats, "bytes") / MIB,
+        stat(&stats, "curr_items"),
+        stat(&stats, "evictions"),
+        peak / MIB,
+        bound / MIB
+    );
+    assert!(stat(&stats, "bytes") <= LIMIT_MB * MIB);
+    assert!(peak <= bound, "peak RSS {} MiB exceeds {} MiB", peak / MIB, bound / MIB);
+}
+
 #[test]
 fn writing_four_times_the_limit_stays_within_budget_and_evicts() {
     let server = Server::start(&["-m", &LIMIT_MB.to_string()]);

@@ -244,3 +244,56 @@ fn stats_report_memcached_fields() {
         assert!(text.contains(line), "expected {line:?} in\n{text}");
     }
 }
+
+#[test]
+fn a_line_longer_than_any_command_closes_that_connection_only() {
+    // However the reads fall, a 1.1 MB line closes the connection (without a
+    // newline past 2 KiB, or as a complete line over 1 MiB) and nothing else.
+    let mut server = Server::start(&[]);
+    let mut huge = b"set k 0 0 1".to_vec();
+    huge.resize(1_100_000, b' ');
+    huge.extend_from_slice(b"\r\n");
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
+    let _ = s.write_all(&huge);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    assert!(buf.is_empty());
+    let mut c = server.connect();
+    assert_eq!(c.request(b"get k\r\n", END), b"END\r\n");
+    assert!(!server.stderr_text().contains("panicked"), "{}", server.stderr_text());
+    assert!(server.has_exited().is_none());
+}
+
+#[test]
+fn the_open_file_limit_is_raised_or_startup_refused() {
+    // Hard limit too low for -c: refuse to start, naming the remedies.
+    let refuse = format!("ulimit -Sn 100; ulimit -Hn 200; exec {} -p 0 -c 1024", common::WEBVAC_BIN);
+    let out = std::process::Command::new("sh").args(["-c", &refuse]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs 1088 open files") && err.contains("ulimit"), "{err}");
+    // Soft limit too low but the hard limit allows it: raised, and serving.
+    let raise = format!("ulimit -Sn 100; ulimit -Hn 400; exec {} -p 0 -l 127.0.0.1 -c 300", common::WEBVAC_BIN);
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &raise])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let mut listening = false;
+    for _ in 0..50 {
+        line.clear();
+        if std::io::BufRead::read_line(&mut stderr, &mut line).unwrap_or(0) == 0 {
+            break;
+        }
+        if line.contains("listening") {
+            listening = true;
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(listening, "did not start with a raisable limit: {line}");
+}

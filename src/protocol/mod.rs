@@ -90,12 +90,27 @@ pub struct ParseLimits {
     pub item_bytes_max: usize,
 }
 
+/// The most bytes a buffer can hold while [`parse`] still answers
+/// `Incomplete`: a line is at most [`MULTIGET_LINE_BYTES_MAX`] (longer ones
+/// close the connection) and a storage command then waits for at most its
+/// data block, which fits the item size limit. Connections size their input
+/// bound from this.
+pub fn incomplete_bytes_max(limits: &ParseLimits) -> usize {
+    MULTIGET_LINE_BYTES_MAX + 1 + limits.item_bytes_max + 2
+}
+
 /// Parses one request from the front of `buf`.
 pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
     let Some(nl) = memchr::memchr(b'\n', buf) else {
         return incomplete_line(buf);
     };
     let consumed = nl + 1;
+    if nl > MULTIGET_LINE_BYTES_MAX {
+        // Only reachable when a long line and its newline arrive in one read
+        // (otherwise `incomplete_line` closed the connection already). No
+        // command needs a line this long; bounding it bounds the buffer.
+        return Parsed::Complete { request: Request::Close, consumed };
+    }
     let mut line = &buf[..nl];
     if line.len() > 1 && line[line.len() - 1] == b'\r' {
         line = &line[..line.len() - 1];
@@ -249,6 +264,29 @@ mod tests {
         let mut get = b"get ".to_vec();
         get.resize(LINE_BYTES_MAX + 10, b'k');
         assert!(matches!(parse(&get, &LIMITS), Parsed::Incomplete));
+    }
+
+    #[test]
+    fn a_long_line_then_a_maximum_value_stays_within_the_incomplete_bound() {
+        // Regression: a storage line padded far past 2 KiB (its newline came in
+        // a later read) followed by almost all of the largest value.
+        let mut buf = b"set k 0 0 1048516".to_vec();
+        buf.resize(25_000, b' ');
+        buf.extend_from_slice(b"\r\n");
+        buf.extend_from_slice(&vec![b'v'; 1_048_516]);
+        buf.push(b'\r');
+        assert!(matches!(parse(&buf, &LIMITS), Parsed::Incomplete));
+        assert!(buf.len() < incomplete_bytes_max(&LIMITS));
+        buf.push(b'\n');
+        assert!(matches!(one(&buf).0, Request::Storage(_)));
+    }
+
+    #[test]
+    fn a_complete_line_over_a_megabyte_closes() {
+        let mut line = b"set k 0 0 1".to_vec();
+        line.resize(MULTIGET_LINE_BYTES_MAX + 10, b' ');
+        line.extend_from_slice(b"\r\n");
+        assert!(matches!(one(&line).0, Request::Close));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod connection;
 pub mod execute;
 pub mod meta;
+pub mod rlimit;
 pub mod stats;
 
 use std::future::Future;
@@ -57,6 +58,8 @@ impl Server {
     /// As [`Server::bind`].
     pub async fn bind_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, ServerError> {
         config.validate().map_err(|e| ServerError::Config(e.to_string()))?;
+        let open_files = rlimit::ensure_open_files(config.max_connections)?;
+        debug!(open_files, "open-file limit");
         let addr = format!("{}:{}", config.listen, config.port);
         let listener = TcpListener::bind(&addr).await.map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
         let local = listener.local_addr()?;
@@ -110,6 +113,10 @@ impl Server {
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let sweeper = tokio::spawn(sweep_loop(shared.clone(), stop_rx.clone()));
         tokio::pin!(shutdown);
+        // Accept failures (out of descriptors, say) are logged at most once a
+        // second, with how many were not.
+        let mut accept_errors_unlogged = 0u64;
+        let mut last_accept_warning: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -130,7 +137,13 @@ impl Server {
                     Err(e) => {
                         // Out of file descriptors and the like: back off
                         // instead of spinning, then keep serving.
-                        warn!(error = %e, "accept failed");
+                        if last_accept_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                            warn!(error = %e, suppressed = accept_errors_unlogged, "accept failed");
+                            last_accept_warning = Some(std::time::Instant::now());
+                            accept_errors_unlogged = 0;
+                        } else {
+                            accept_errors_unlogged += 1;
+                        }
                         tokio::time::sleep(Duration::from_millis(10)).await;
                     }
                 },

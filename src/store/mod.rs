@@ -29,6 +29,12 @@ use crate::limits::{
     MEMCACHED_CAS_BYTES, MEMCACHED_ITEM_HEADER_BYTES, SHARD_ITEMS_OF_MAX_SIZE, SHARDS_MAX,
 };
 
+/// Whether `key` is a key memcached accepts: 1 to 250 bytes. (The text
+/// protocol cannot carry spaces or newlines in a key; the store does not care.)
+pub fn valid_key(key: &[u8]) -> bool {
+    !key.is_empty() && key.len() <= crate::limits::KEY_BYTES_MAX
+}
+
 /// xxh3-64 of the key: the one hash every node and client agrees on.
 #[inline]
 pub fn key_hash(key: &[u8]) -> u64 {
@@ -245,16 +251,25 @@ impl Store {
     }
 
     /// Entries last accessed before this second are flushed (0 = none).
+    /// memcached's delayed flush takes effect one second before the delay
+    /// runs out (`oldest_live = realtime(delay) - 1`) and removes items last
+    /// used at or before that second; `flush_at` stores that second.
     #[inline]
     fn flushed_before(&self, now_secs: u32) -> u32 {
         let at = self.flush_at.load(Ordering::Relaxed);
-        if at != 0 && now_secs >= at { at } else { 0 }
+        if at != 0 && now_secs >= at { at + 1 } else { 0 }
     }
 
     /// Runs `f` with the shard holding `key` locked and the key's live slot
     /// looked up (expired or flushed entries are removed first).
+    ///
+    /// # Panics
+    /// If the key is longer than 250 bytes: every public operation takes a
+    /// key, and passing an invalid one is a programmer error (check with
+    /// [`valid_key`]). The protocol layer never passes one.
     #[inline]
     fn locked<R>(&self, key: &[u8], f: impl FnOnce(&mut Ctx<'_>) -> R) -> R {
+        assert!(key.len() <= crate::limits::KEY_BYTES_MAX, "key of {} bytes is longer than memcached's 250", key.len());
         let hash = key_hash(key);
         let now_secs = self.clock.now_secs();
         let flushed_before = self.flushed_before(now_secs);
@@ -368,10 +383,10 @@ impl Store {
     }
 
     /// flush_all: with no delay every item goes now; with a delay, items last
-    /// used before `now + delay` die when that moment comes.
+    /// used before `now + delay - 1` die at that second (memcached's timing).
     pub fn flush_all(&self, delay_secs: i64) {
         if delay_secs > 0 {
-            let at = exptime::absolute(delay_secs, self.clock.now_secs());
+            let at = exptime::absolute(delay_secs, self.clock.now_secs()).saturating_sub(1).max(1);
             self.flush_at.store(at, Ordering::Relaxed);
             return;
         }
@@ -395,7 +410,7 @@ impl Store {
             let s = s.0.lock();
             out.counters.add(&s.stats);
             out.curr_items += s.len() as u64;
-            out.bytes += s.used_bytes() as u64;
+            out.bytes += s.footprint_bytes() as u64;
         }
         out
     }

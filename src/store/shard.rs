@@ -20,6 +20,9 @@ use super::exptime;
 /// Marks "no slot" in links and the hand.
 const NIL: u32 = u32::MAX;
 
+/// Slabs smaller than this are never compacted (not worth the pass).
+const COMPACT_SLOTS_MIN: usize = 1024;
+
 /// Bytes the allocator hands out for a request of `n` bytes, modelled on
 /// glibc malloc: an 8-byte header, 16-byte granules, 32 bytes at least.
 #[inline]
@@ -273,6 +276,24 @@ impl Shard {
         self.used_bytes
     }
 
+    /// Bytes the shard's structures hold beyond what live items are charged
+    /// for: unused slab, link and index capacity and the free list. Vectors
+    /// and hash tables keep the capacity of the most items they ever held,
+    /// so this is counted against the budget too.
+    fn spare_bytes(&self) -> usize {
+        let structures = self.slab.capacity() * std::mem::size_of::<Option<Entry>>()
+            + self.links.capacity() * std::mem::size_of::<Link>()
+            + self.free.capacity() * std::mem::size_of::<u32>()
+            + self.index.capacity() * INDEX_BYTES_PER_ENTRY;
+        structures.saturating_sub(self.index.len() * (SLOT_BYTES + INDEX_BYTES_PER_ENTRY))
+    }
+
+    /// Everything this shard holds: live items (with their share of the
+    /// structures) plus spare structure capacity. Never above the budget.
+    pub fn footprint_bytes(&self) -> usize {
+        self.used_bytes + self.spare_bytes()
+    }
+
     pub fn limit_bytes(&self) -> usize {
         self.limit_bytes
     }
@@ -383,8 +404,14 @@ impl Shard {
                 slot
             }
         };
-        while self.used_bytes > self.limit_bytes {
+        while self.footprint_bytes() > self.limit_bytes && self.index.len() > 1 {
             self.evict_one(now_secs, slot);
+        }
+        if self.footprint_bytes() > self.limit_bytes {
+            // Only the new item is left and the structures' capacity still
+            // crowds it out: refuse it rather than exceed the budget.
+            self.remove(slot);
+            return Err(InsertError::NoMemory);
         }
         self.stats.total_items += 1;
         Ok(slot)
@@ -524,15 +551,52 @@ impl Shard {
                 removed += 1;
             }
         }
-        // Give back slab memory a fully drained shard no longer needs.
-        if self.index.is_empty() && self.slab.capacity() > 1024 {
+        // Give back structure memory the shard no longer needs: when most
+        // slab slots are dead, move the live entries together.
+        if self.index.is_empty() && self.spare_bytes() > 0 {
             self.clear();
-            self.slab.shrink_to_fit();
-            self.links.shrink_to_fit();
-            self.free.shrink_to_fit();
-            self.index.shrink_to_fit(|_| 0);
+            self.slab = Vec::new();
+            self.links = Vec::new();
+            self.free = Vec::new();
+            self.index = HashTable::new();
+        } else if self.slab.len() > COMPACT_SLOTS_MIN && self.index.len() * 2 < self.slab.len() {
+            self.compact();
         }
         removed
+    }
+
+    /// Renumbers live entries into a dense slab, rebuilds the links and the
+    /// index, and releases the spare capacity. O(slots), under the shard
+    /// lock; run from the background sweep only when most slots are dead.
+    fn compact(&mut self) {
+        let live = self.index.len();
+        let mut renumber = vec![NIL; self.slab.len()];
+        let mut slab = Vec::with_capacity(live);
+        let mut links = Vec::with_capacity(live);
+        for (old, entry) in std::mem::take(&mut self.slab).into_iter().enumerate() {
+            if let Some(e) = entry {
+                renumber[old] = slab.len() as u32;
+                slab.push(Some(e));
+                links.push(self.links[old]);
+            }
+        }
+        let map = |s: u32| if s == NIL { NIL } else { renumber[s as usize] };
+        for l in &mut links {
+            *l = Link { newer: map(l.newer), older: map(l.older) };
+        }
+        self.head = map(self.head);
+        self.tail = map(self.tail);
+        self.hand = map(self.hand);
+        let mut index = HashTable::with_capacity(live);
+        for (i, e) in slab.iter().enumerate() {
+            let hash = e.as_ref().expect("compacted slab is dense").hash();
+            index.insert_unique(hash, i as u32, |&s: &u32| slab[s as usize].as_ref().expect("dense").hash());
+        }
+        self.slab = slab;
+        self.links = links;
+        self.index = index;
+        self.free = Vec::new();
+        self.sweep_cursor = 0;
     }
 
     /// Visits every live entry (for listings and tests).
@@ -568,6 +632,6 @@ impl Shard {
         assert_eq!(walked, live, "list and slab disagree");
         let used: usize = self.slab.iter().flatten().map(Entry::charge).sum();
         assert_eq!(used, self.used_bytes, "byte accounting drifted");
-        assert!(self.used_bytes <= self.limit_bytes, "over the memory limit");
+        assert!(self.footprint_bytes() <= self.limit_bytes, "over the memory limit");
     }
 }
