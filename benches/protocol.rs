@@ -3,7 +3,7 @@
 use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
 use webvac::protocol::{ParseLimits, Parsed, parse};
 
-const LIMITS: ParseLimits = ParseLimits { item_bytes_max: 1024 * 1024 };
+const LIMITS: ParseLimits = ParseLimits { item_bytes_max: 1024 * 1024, data_bytes_max: usize::MAX };
 
 fn bench_one(c: &mut Criterion, name: &str, input: &[u8]) {
     let mut g = c.benchmark_group("parse");

@@ -56,6 +56,10 @@ pub const PORT_DEFAULT: u16 = 11211;
 /// Bytes read from a socket per read call.
 pub const READ_CHUNK_BYTES: usize = 16 * 1024;
 
+/// A connection may buffer this much of an incomplete request without
+/// reserving from the shared in-flight budget (see `server::inflight`).
+pub const INFLIGHT_FREE_BYTES: usize = 16 * 1024;
+
 /// Replies are flushed to the socket once this many bytes are pending, even in
 /// the middle of a pipelined batch, so a flood of requests cannot grow the
 /// write buffer without bound.

@@ -297,3 +297,62 @@ fn the_open_file_limit_is_raised_or_startup_refused() {
     let _ = child.wait();
     assert!(listening, "did not start with a raisable limit: {line}");
 }
+
+/// `STAT <name> <n>` from a `stats` reply.
+fn stat_of(c: &mut Client, name: &str) -> u64 {
+    let reply = String::from_utf8(c.request(b"stats\r\n", END)).unwrap();
+    let prefix = format!("STAT {name} ");
+    reply.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no {name}:\n{reply}"))
+}
+
+#[test]
+fn half_sent_large_values_are_held_to_a_budget_like_memcached_memory() {
+    // -m 8: the in-flight budget is 8 MiB. Eight clients park a 1 MB `set`
+    // half-way; a ninth is refused as memcached refuses an item it cannot
+    // allocate, its data discarded; once a parked set completes there is room.
+    let server = Server::start(&["-m", "8"]);
+    let line = b"set parked 0 0 1000000\r\n";
+    let frame = (line.len() + 1_000_002) as u64;
+    let mut parked: Vec<Client> = (0..8).map(|_| server.connect()).collect();
+    for c in &mut parked {
+        let mut start = line.to_vec();
+        start.extend_from_slice(&vec![b'p'; 20_000]);
+        c.send(&start).unwrap();
+    }
+    let mut admin = server.connect();
+    let mut held = 0;
+    for _ in 0..1000 {
+        held = stat_of(&mut admin, "inflight_bytes");
+        if held == 8 * frame {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10)); // bounded poll for the server to read the parked lines
+    }
+    assert_eq!(held, 8 * frame, "parked requests did not reserve their frames");
+
+    let mut late = server.connect();
+    let mut full = b"set late 0 0 1000000\r\n".to_vec();
+    full.extend_from_slice(&vec![b'l'; 1_000_000]);
+    full.extend_from_slice(b"\r\nget late\r\n");
+    assert_eq!(late.request(&full, END), b"SERVER_ERROR out of memory storing object\r\nEND\r\n");
+    assert!(stat_of(&mut admin, "store_no_memory") >= 1);
+
+    // Complete one parked set: stored, and its reservation returned.
+    let mut rest = vec![b'p'; 1_000_000 - 20_000];
+    rest.extend_from_slice(b"\r\n");
+    parked[0].send(&rest).unwrap();
+    assert_eq!(parked[0].read_until_suffix(&[b"\r\n"], REPLY_TIMEOUT).unwrap(), b"STORED\r\n");
+    assert_eq!(stat_of(&mut admin, "inflight_bytes"), 7 * frame);
+    assert_eq!(late.request(&full, END).len(), "STORED\r\nVALUE late 0 1000000\r\n".len() + 1_000_000 + "\r\nEND\r\n".len());
+    // Dropping parked clients returns their reservations.
+    drop(parked);
+    let mut freed = u64::MAX;
+    for _ in 0..1000 {
+        freed = stat_of(&mut admin, "inflight_bytes");
+        if freed == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10)); // bounded: connections close asynchronously
+    }
+    assert_eq!(freed, 0);
+}

@@ -88,6 +88,65 @@ pub enum Parsed<'a> {
 pub struct ParseLimits {
     /// `-I`: largest item, memcached's arithmetic (see [`crate::store::item_fits`]).
     pub item_bytes_max: usize,
+    /// Largest data block (value + CRLF) the connection can buffer now; a
+    /// bigger one is refused with `SERVER_ERROR out of memory storing
+    /// object` and discarded, as memcached does when it cannot allocate.
+    pub data_bytes_max: usize,
+}
+
+impl ParseLimits {
+    pub fn new(item_bytes_max: usize) -> Self {
+        Self { item_bytes_max, data_bytes_max: usize::MAX }
+    }
+}
+
+/// Why a storage command's data block is discarded unread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Over the item size limit: `SERVER_ERROR object too large for cache`.
+    TooLarge { swallow: usize },
+    /// No memory to buffer it: `SERVER_ERROR out of memory storing object`.
+    NoMemory { swallow: usize },
+}
+
+impl Refused {
+    /// Bytes after the command line that belong to the refused data block.
+    pub fn swallow(self) -> usize {
+        match self {
+            Refused::TooLarge { swallow } | Refused::NoMemory { swallow } => swallow,
+        }
+    }
+
+    pub fn reply(self) -> &'static str {
+        match self {
+            Refused::TooLarge { .. } => reply::TOO_LARGE,
+            Refused::NoMemory { .. } => reply::NO_MEMORY_STORING,
+        }
+    }
+
+    /// The refusal for a data block of `vlen` bytes, if any.
+    pub(crate) fn check(key_len: usize, flags: u32, vlen: usize, limits: &ParseLimits) -> Option<Refused> {
+        if !crate::store::item_fits(key_len, flags, vlen, limits.item_bytes_max) {
+            Some(Refused::TooLarge { swallow: vlen + 2 })
+        } else if vlen + 2 > limits.data_bytes_max {
+            Some(Refused::NoMemory { swallow: vlen + 2 })
+        } else {
+            None
+        }
+    }
+}
+
+impl Request<'_> {
+    /// For a storage request refused before its data was read: the whole
+    /// frame's size (its line, `line_bytes`, plus the data block).
+    pub fn refused_frame_bytes(&self, line_bytes: usize) -> Option<usize> {
+        let refused = match self {
+            Request::Storage(s) => s.refused,
+            Request::Meta(meta::MetaRequest::Set(s)) => s.refused,
+            _ => None,
+        };
+        refused.map(|r| line_bytes + r.swallow())
+    }
 }
 
 /// The most bytes a buffer can hold while [`parse`] still answers
@@ -219,7 +278,7 @@ pub fn put_i64(out: &mut Vec<u8>, n: i64) {
 pub(crate) mod test_util {
     use super::*;
 
-    pub const LIMITS: ParseLimits = ParseLimits { item_bytes_max: 1024 * 1024 };
+    pub const LIMITS: ParseLimits = ParseLimits { item_bytes_max: 1024 * 1024, data_bytes_max: usize::MAX };
 
     /// Parses one complete request or panics.
     pub fn one(buf: &[u8]) -> (Request<'_>, usize) {

@@ -9,9 +9,9 @@
 
 use super::number::{parse_i32_truncating, parse_u32_truncating, parse_u64};
 use super::tokens::Tokens;
-use super::{ParseLimits, Parsed, Request, put_i64, put_u64, reply};
+use super::{ParseLimits, Parsed, Refused, Request, put_i64, put_u64, reply};
 use crate::limits::KEY_BYTES_MAX;
-use crate::store::{Mode, item_fits};
+use crate::store::Mode;
 
 #[derive(Debug)]
 pub struct Storage<'a> {
@@ -21,12 +21,13 @@ pub struct Storage<'a> {
     pub exptime: i64,
     /// `cas` command only.
     pub cas: Option<u64>,
-    /// The value; empty when `too_large`.
+    /// The value; empty when `refused`.
     pub data: &'a [u8],
     pub noreply: bool,
-    /// The value exceeds the item size limit: answer TOO_LARGE, discard
-    /// `swallow` bytes that follow, and (for `set`) drop the old value.
-    pub too_large: Option<usize>,
+    /// The value was refused before it was read (too large, or no memory to
+    /// buffer it): answer the refusal, discard its bytes, and (for `set`)
+    /// drop the old value.
+    pub refused: Option<Refused>,
 }
 
 fn mode_of(cmd: &[u8]) -> Mode {
@@ -74,7 +75,7 @@ pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>, rest: &'a [u8], line_end: usiz
     }
     let vlen = vlen as usize;
     let mode = mode_of(cmd);
-    if !item_fits(key.len(), flags, vlen, limits.item_bytes_max) {
+    if let Some(refused) = Refused::check(key.len(), flags, vlen, limits) {
         return done(Request::Storage(Storage {
             mode,
             key,
@@ -83,7 +84,7 @@ pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>, rest: &'a [u8], line_end: usiz
             cas,
             data: &[],
             noreply,
-            too_large: Some(vlen + 2),
+            refused: Some(refused),
         }));
     }
     if rest.len() < vlen + 2 {
@@ -102,7 +103,7 @@ pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>, rest: &'a [u8], line_end: usiz
             cas,
             data: &rest[..vlen],
             noreply,
-            too_large: None,
+            refused: None,
         }),
         consumed,
     }
@@ -190,12 +191,25 @@ mod tests {
     #[test]
     fn too_large_items_are_swallowed_not_buffered() {
         let (s, n) = storage(b"set k 0 0 2000000\r\n");
-        assert_eq!(s.too_large, Some(2_000_002));
+        assert_eq!(s.refused, Some(Refused::TooLarge { swallow: 2_000_002 }));
         assert_eq!(n, 19);
         // The exact boundary: 48 + (1 + 1) + 1048516 + 2 + 8 == 1 MiB.
         let (s, _) = storage(b"set y 0 0 1048517\r\n");
-        assert!(s.too_large.is_some());
+        assert!(s.refused.is_some());
         assert!(matches!(parse_any(b"set y 0 0 1048516\r\n", &LIMITS), Parsed::Incomplete));
+    }
+
+    #[test]
+    fn data_over_the_buffer_allowance_is_refused_for_lack_of_memory() {
+        let tight = ParseLimits { data_bytes_max: 100, ..LIMITS };
+        match parse_any(b"set k 0 0 1000\r\n", &tight) {
+            Parsed::Complete { request: Request::Storage(s), consumed } => {
+                assert_eq!(s.refused, Some(Refused::NoMemory { swallow: 1002 }));
+                assert_eq!(consumed, 16);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse_any(b"set k 0 0 10\r\n", &tight), Parsed::Incomplete));
     }
 
     #[test]

@@ -20,8 +20,9 @@ use tracing::{debug, trace, warn};
 
 use super::Shared;
 use super::execute::{self, Action};
+use super::inflight::{INFLIGHT_FREE_BYTES, Reservation};
 use crate::limits::{READ_CHUNK_BYTES, REQUESTS_PER_BATCH_MAX, WRITE_FLUSH_BYTES};
-use crate::protocol::{Parsed, Request, incomplete_bytes_max, parse};
+use crate::protocol::{ParseLimits, Parsed, Request, incomplete_bytes_max, parse};
 
 /// Buffers larger than this are given back once empty.
 const IDLE_BUFFER_BYTES: usize = 64 * 1024;
@@ -59,9 +60,10 @@ async fn run(stream: &mut TcpStream, shared: &Shared, stop: &mut watch::Receiver
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut swallow = 0usize;
+    let mut reservation = Reservation::new(&shared.inflight);
     let input_max = incomplete_bytes_max(&shared.limits);
     loop {
-        let close = process(shared, &mut inbuf, &mut out, &mut swallow, &mut wr).await?;
+        let close = process(shared, &mut inbuf, &mut out, &mut swallow, &mut reservation, &mut wr).await?;
         flush(shared, &mut wr, &mut out).await?;
         if close || *stop.borrow() {
             return Ok(());
@@ -107,6 +109,7 @@ async fn process(
     inbuf: &mut BytesMut,
     out: &mut Vec<u8>,
     swallow: &mut usize,
+    reservation: &mut Reservation<'_>,
     wr: &mut WriteHalf<'_>,
 ) -> std::io::Result<bool> {
     let mut executed = 0;
@@ -123,8 +126,27 @@ async fn process(
             return Ok(false);
         }
         let (action, consumed) = match parse(&inbuf[..], &shared.limits) {
-            Parsed::Incomplete => return Ok(false),
+            Parsed::Incomplete => {
+                if inbuf.len() <= INFLIGHT_FREE_BYTES || reservation.bytes() > 0 {
+                    return Ok(false);
+                }
+                // A large request is arriving: parsing it as if there were no
+                // room tells us whether it is a data block and how big.
+                let no_room = ParseLimits { data_bytes_max: 0, ..shared.limits };
+                let Parsed::Complete { request, consumed } = parse(&inbuf[..], &no_room) else {
+                    return Ok(false); // a long multi-get line, bounded by the parser
+                };
+                let Some(frame_bytes) = request.refused_frame_bytes(consumed) else {
+                    return Ok(false);
+                };
+                if reservation.reserve(frame_bytes) {
+                    return Ok(false); // room held: wait for the rest of the data
+                }
+                debug!(frame_bytes, inflight = shared.inflight.used(), "no in-flight memory for a request; refusing it");
+                (execute::execute(shared, request, out), consumed)
+            }
             Parsed::Complete { request, consumed } => {
+                reservation.clear();
                 trace!(?request, "request");
                 let action = match request {
                     Request::Get(get) => {

@@ -8,7 +8,7 @@ use super::stats::{compose_general, compose_settings};
 use crate::limits::VERBOSITY_MAX;
 use crate::protocol::get::{Get, compose_end, compose_value};
 use crate::protocol::stats::StatsCmd;
-use crate::protocol::{Request, put_line, put_u64, reply};
+use crate::protocol::{Refused, Request, put_line, put_u64, reply};
 use crate::store::{Arith, Delta, Mode, Stored, Write};
 
 /// What the connection does after a request.
@@ -54,12 +54,13 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
             get_end(&get, out);
         }
         Request::Storage(s) => {
-            if let Some(swallow) = s.too_large {
-                shared.store.reject_too_large(s.key, s.mode == Mode::Set && s.cas.is_none());
+            if let Some(refused) = s.refused {
+                let too_large = matches!(refused, Refused::TooLarge { .. });
+                shared.store.reject_write(s.key, s.mode == Mode::Set && s.cas.is_none(), too_large);
                 if !s.noreply {
-                    put_line(out, reply::TOO_LARGE.as_bytes());
+                    put_line(out, refused.reply().as_bytes());
                 }
-                return Action::Swallow(swallow);
+                return Action::Swallow(refused.swallow());
             }
             let mut w = Write::new(s.mode, s.key, s.data, s.flags, s.exptime);
             w.compare_cas = s.cas;
@@ -151,7 +152,7 @@ pub fn stored_reply(result: Stored, mode: Mode) -> &'static str {
 fn stats(shared: &Shared, cmd: StatsCmd<'_>, out: &mut Vec<u8>) {
     let now = shared.store.clock().now_secs();
     match cmd {
-        StatsCmd::General => compose_general(out, &shared.facts, &shared.stats, &shared.store.stats(), now),
+        StatsCmd::General => compose_general(out, &shared.facts, &shared.stats, &shared.store.stats(), now, shared.inflight.used()),
         StatsCmd::Settings => compose_settings(out, &shared.facts, &shared.stats, shared.store.limit_bytes()),
         StatsCmd::Reset => {
             shared.store.reset_stats();

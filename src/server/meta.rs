@@ -11,7 +11,7 @@ use crate::protocol::meta::me::{MetaDebug, memcached_class, memcached_item_size}
 use crate::protocol::meta::mg::MetaGet;
 use crate::protocol::meta::ms::MetaSet;
 use crate::protocol::meta::{MetaRequest, base64, errors, opaque_ok, put_key};
-use crate::protocol::{put_i64, put_line, put_u64, reply};
+use crate::protocol::{Refused, put_i64, put_line, put_u64, reply};
 use crate::store::{Arith, Delta, Mode, Stored, Write, bits, exptime};
 
 pub fn execute(shared: &Shared, req: MetaRequest<'_>, out: &mut Vec<u8>) -> Action {
@@ -181,10 +181,10 @@ fn mg(shared: &Shared, g: &MetaGet<'_>, out: &mut Vec<u8>) {
 
 fn ms(shared: &Shared, s: &MetaSet<'_>, out: &mut Vec<u8>) -> Action {
     let f = &s.flags;
-    if let Some(swallow) = s.too_large {
-        shared.store.reject_too_large(&s.key, true);
-        put_line(out, reply::TOO_LARGE.as_bytes());
-        return Action::Swallow(swallow);
+    if let Some(refused) = s.refused {
+        shared.store.reject_write(&s.key, true, matches!(refused, Refused::TooLarge { .. }));
+        put_line(out, refused.reply().as_bytes());
+        return Action::Swallow(refused.swallow());
     }
     // C is a CAS store in set/replace mode, a CAS check for append/prepend,
     // and ignored by add.

@@ -3,6 +3,7 @@
 
 pub mod connection;
 pub mod execute;
+pub mod inflight;
 pub mod meta;
 pub mod rlimit;
 pub mod stats;
@@ -31,6 +32,9 @@ pub const VERSION: &str = concat!("1.6.18-webvac-", env!("CARGO_PKG_VERSION"));
 /// State every connection shares.
 pub struct Shared {
     pub store: Store,
+    /// Memory for requests whose data is still arriving; as large as the
+    /// item memory limit.
+    pub inflight: inflight::InflightBudget,
     pub stats: ServerStats,
     pub facts: Facts,
     pub limits: ParseLimits,
@@ -83,10 +87,11 @@ impl Server {
             shards: store.shard_count(),
         };
         let shared = Arc::new(Shared {
+            inflight: inflight::InflightBudget::new(config.memory_limit_bytes()),
             store,
             stats: ServerStats::default(),
             facts,
-            limits: ParseLimits { item_bytes_max: config.max_item_size },
+            limits: ParseLimits::new(config.max_item_size),
         });
         Ok(Self { listener, shared, max_connections: config.max_connections })
     }

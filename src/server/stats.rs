@@ -44,7 +44,7 @@ pub struct Facts {
 }
 
 /// `stats`: memcached's field names, in memcached's order.
-pub fn compose_general(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, st: &StoreStats, now: u32) {
+pub fn compose_general(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, st: &StoreStats, now: u32, inflight_bytes: usize) {
     let c = &st.counters;
     let (user, system) = rusage();
     put_stat(out, "pid", f.pid);
@@ -91,6 +91,8 @@ pub fn compose_general(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, st: &Store
     put_stat(out, "evicted_unfetched", c.evicted_unfetched);
     put_stat(out, "evictions", c.evictions);
     put_stat(out, "reclaimed", c.reclaimed);
+    // webvac's own: bytes reserved by requests whose data is still arriving.
+    put_stat(out, "inflight_bytes", inflight_bytes);
     out.extend_from_slice(b"END\r\n");
 }
 

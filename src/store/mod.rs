@@ -325,8 +325,19 @@ impl Store {
     /// memcached drops the old value of a refused `set` (`unlink`), so a stale
     /// value does not outlive a write the client believes replaced it.
     pub fn reject_too_large(&self, key: &[u8], unlink: bool) {
+        self.reject_write(key, unlink, true);
+    }
+
+    /// Records a write refused before its value was read: for its size
+    /// (`too_large`) or for lack of memory to buffer it. Drops the old value
+    /// when `unlink`, as memcached does for `set`.
+    pub fn reject_write(&self, key: &[u8], unlink: bool, too_large: bool) {
         self.locked(key, |ctx| {
-            ctx.shard.stats.store_too_large += 1;
+            if too_large {
+                ctx.shard.stats.store_too_large += 1;
+            } else {
+                ctx.shard.stats.store_no_memory += 1;
+            }
             if unlink {
                 ctx.remove();
             }

@@ -13,10 +13,10 @@ use std::borrow::Cow;
 
 use super::super::number::parse_i32_truncating;
 use super::super::tokens::Tokens;
-use super::super::{ParseLimits, Parsed, Request, reply};
+use super::super::{ParseLimits, Parsed, Refused, Request, reply};
 use super::{Flags, MetaRequest, META_NTOKENS_MAX, errors, opaque_ok, parse_flags};
 use crate::limits::KEY_BYTES_MAX;
-use crate::store::{Mode, item_fits};
+use crate::store::Mode;
 
 #[derive(Debug)]
 pub struct MetaSet<'a> {
@@ -24,9 +24,9 @@ pub struct MetaSet<'a> {
     pub flags: Flags<'a>,
     pub mode: Mode,
     pub data: &'a [u8],
-    /// Over the item size limit: answer TOO_LARGE, drop the old item, discard
-    /// this many bytes.
-    pub too_large: Option<usize>,
+    /// Refused before its data was read (too large, or no memory to buffer
+    /// it): answer the refusal, drop the old item, discard its bytes.
+    pub refused: Option<Refused>,
 }
 
 pub fn parse<'a>(tokens: &Tokens<'a>, rest: &'a [u8], line_end: usize, limits: &ParseLimits) -> Parsed<'a> {
@@ -61,8 +61,8 @@ pub fn parse<'a>(tokens: &Tokens<'a>, rest: &'a [u8], line_end: usize, limits: &
         Some(b'R') => Mode::Replace,
         Some(_) => return swallow(errors::MS_BAD_MODE),
     };
-    if !item_fits(key.len(), flags.client_flags.unwrap_or(0), vlen, limits.item_bytes_max) {
-        return done(Request::Meta(MetaRequest::Set(MetaSet { key, flags, mode, data: &[], too_large: Some(vlen + 2) })));
+    if let Some(refused) = Refused::check(key.len(), flags.client_flags.unwrap_or(0), vlen, limits) {
+        return done(Request::Meta(MetaRequest::Set(MetaSet { key, flags, mode, data: &[], refused: Some(refused) })));
     }
     if rest.len() < vlen + 2 {
         return Parsed::Incomplete;
@@ -72,7 +72,7 @@ pub fn parse<'a>(tokens: &Tokens<'a>, rest: &'a [u8], line_end: usize, limits: &
         return Parsed::Complete { request: Request::error(reply::BAD_DATA_CHUNK), consumed };
     }
     Parsed::Complete {
-        request: Request::Meta(MetaRequest::Set(MetaSet { key, flags, mode, data: &rest[..vlen], too_large: None })),
+        request: Request::Meta(MetaRequest::Set(MetaSet { key, flags, mode, data: &rest[..vlen], refused: None })),
         consumed,
     }
 }
@@ -134,7 +134,7 @@ mod tests {
     #[test]
     fn too_large() {
         match one(b"ms big 2000000 q\r\n").0 {
-            Request::Meta(MetaRequest::Set(s)) => assert_eq!(s.too_large, Some(2_000_002)),
+            Request::Meta(MetaRequest::Set(s)) => assert_eq!(s.refused, Some(Refused::TooLarge { swallow: 2_000_002 })),
             other => panic!("{other:?}"),
         }
     }

@@ -1,0 +1,108 @@
+//! The in-flight budget: memory for requests whose data is still arriving.
+//!
+//! memcached reads a value straight into item memory, so a client half-way
+//! through a large `set` is held to the memory limit. webvac buffers the value
+//! in the connection until it is complete; this budget holds those buffers to
+//! a limit of their own. A connection whose pending data block is larger than
+//! [`INFLIGHT_FREE_BYTES`] reserves its whole frame here first; when the
+//! budget is spent the request is refused exactly as memcached refuses one it
+//! cannot allocate: `SERVER_ERROR out of memory storing object`, the data
+//! discarded, and the old value of a `set` dropped.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub use crate::limits::INFLIGHT_FREE_BYTES;
+
+/// Bytes of incomplete requests all connections may hold beyond
+/// [`INFLIGHT_FREE_BYTES`] each.
+#[derive(Debug)]
+pub struct InflightBudget {
+    /// Bytes reserved now.
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl InflightBudget {
+    pub fn new(limit: usize) -> Self {
+        Self { used: AtomicUsize::new(0), limit }
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn try_reserve(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+                u.checked_add(bytes).filter(|&n| n <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn release(&self, bytes: usize) {
+        let before = self.used.fetch_sub(bytes, Ordering::AcqRel);
+        assert!(before >= bytes, "in-flight budget released more than reserved");
+    }
+}
+
+/// One connection's share of the budget; given back when dropped.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    budget: &'a InflightBudget,
+    bytes: usize,
+}
+
+impl<'a> Reservation<'a> {
+    pub fn new(budget: &'a InflightBudget) -> Self {
+        Self { budget, bytes: 0 }
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Reserves `bytes` for the frame now pending. False if the budget has no
+    /// room (nothing is reserved then).
+    pub fn reserve(&mut self, bytes: usize) -> bool {
+        debug_assert_eq!(self.bytes, 0, "one pending frame at a time");
+        if self.budget.try_reserve(bytes) {
+            self.bytes = bytes;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Gives the reservation back (the frame completed).
+    pub fn clear(&mut self) {
+        if self.bytes > 0 {
+            self.budget.release(self.bytes);
+            self.bytes = 0;
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_are_bounded_and_returned() {
+        let budget = InflightBudget::new(100);
+        let mut a = Reservation::new(&budget);
+        let mut b = Reservation::new(&budget);
+        assert!(a.reserve(60));
+        assert!(!b.reserve(60), "over the limit");
+        assert_eq!(budget.used(), 60);
+        a.clear();
+        assert!(b.reserve(60));
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+}
