@@ -3,7 +3,10 @@
 use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};
 use webvac::protocol::{ParseLimits, Parsed, parse};
 
-const LIMITS: ParseLimits = ParseLimits { item_bytes_max: 1024 * 1024, data_bytes_max: usize::MAX };
+const LIMITS: ParseLimits = ParseLimits {
+    item_bytes_max: 1024 * 1024,
+    data_bytes_max: usize::MAX,
+};
 
 fn bench_one(c: &mut Criterion, name: &str, input: &[u8]) {
     let mut g = c.benchmark_group("parse");
@@ -23,7 +26,10 @@ fn benches(c: &mut Criterion) {
     set.extend_from_slice(&[b'x'; 100]);
     set.extend_from_slice(b"\r\n");
     bench_one(c, "set_100b", &set);
-    let multi: String = std::iter::once("get".to_string()).chain((0..10).map(|i| format!(" user:{i:010}:profile"))).collect::<String>() + "\r\n";
+    let multi: String = std::iter::once("get".to_string())
+        .chain((0..10).map(|i| format!(" user:{i:010}:profile")))
+        .collect::<String>()
+        + "\r\n";
     bench_one(c, "multiget_10", multi.as_bytes());
     bench_one(c, "mg_v_t_c_f", b"mg user:1234567890:profile v t c f\r\n");
     let mut ms = b"ms user:1234567890:profile 100 T300 F5 c\r\n".to_vec();

@@ -22,7 +22,11 @@ fn key(i: usize) -> Vec<u8> {
 
 fn new_store() -> Store {
     Store::new(
-        &StoreConfig { memory_limit_bytes: 256 << 20, item_bytes_max: 1 << 20, node_id: 0 },
+        &StoreConfig {
+            memory_limit_bytes: 256 << 20,
+            item_bytes_max: 1 << 20,
+            node_id: 0,
+        },
         Arc::new(SystemClock),
     )
 }
@@ -63,9 +67,13 @@ fn store_ops(c: &mut Criterion) {
             })
         });
         g.bench_with_input(BenchmarkId::new("get_miss", threads), &threads, |b, &t| {
-            b.iter_custom(|n| run_threads(t, n, |th, i| {
-                black_box(store.get(format!("miss:{th}:{i}").as_bytes(), None, |e| e.value().len()));
-            }))
+            b.iter_custom(|n| {
+                run_threads(t, n, |th, i| {
+                    black_box(store.get(format!("miss:{th}:{i}").as_bytes(), None, |e| {
+                        e.value().len()
+                    }));
+                })
+            })
         });
         g.bench_with_input(BenchmarkId::new("set", threads), &threads, |b, &t| {
             b.iter_custom(|n| {
@@ -78,7 +86,15 @@ fn store_ops(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("incr", threads), &threads, |b, &t| {
             b.iter_custom(|n| {
                 run_threads(t, n, |_, _| {
-                    black_box(store.arith(&Arith { key: b"counter", incr: true, delta: 1, compare_cas: None, new_cas: None, vivify: None, exptime: None }));
+                    black_box(store.arith(&Arith {
+                        key: b"counter",
+                        incr: true,
+                        delta: 1,
+                        compare_cas: None,
+                        new_cas: None,
+                        vivify: None,
+                        exptime: None,
+                    }));
                 })
             })
         });
@@ -112,45 +128,89 @@ fn choice(c: &mut Criterion) {
     let mut g = c.benchmark_group("choice");
     for threads in [1usize, 2] {
         let pick = |th: usize, i: u64| (i as usize * 7919 + th * 104_729) % KEYS;
-        g.bench_with_input(BenchmarkId::new("webvac_get", threads), &threads, |b, &t| {
-            b.iter_custom(|n| run_threads(t, n, |th, i| {
-                let mut out = [0u8; 128];
-                black_box(ours.get(&keys[pick(th, i)], None, |e| out[..e.value().len()].copy_from_slice(e.value())));
-            }))
-        });
-        g.bench_with_input(BenchmarkId::new("quick_cache_get", threads), &threads, |b, &t| {
-            b.iter_custom(|n| run_threads(t, n, |th, i| {
-                let mut out = [0u8; 128];
-                if let Some(v) = qc.get(&keys[pick(th, i)]) {
-                    out[..v.len()].copy_from_slice(&v);
-                }
-                black_box(out);
-            }))
-        });
-        g.bench_with_input(BenchmarkId::new("dashmap_get", threads), &threads, |b, &t| {
-            b.iter_custom(|n| run_threads(t, n, |th, i| {
-                let mut out = [0u8; 128];
-                if let Some(v) = dm.get(&keys[pick(th, i)]) {
-                    out[..v.len()].copy_from_slice(&v);
-                }
-                black_box(out);
-            }))
-        });
-        g.bench_with_input(BenchmarkId::new("webvac_set", threads), &threads, |b, &t| {
-            b.iter_custom(|n| run_threads(t, n, |th, i| {
-                black_box(ours.write(&Write::new(Mode::Set, &keys[pick(th, i)], &VALUE, 0, 0)));
-            }))
-        });
-        g.bench_with_input(BenchmarkId::new("quick_cache_set", threads), &threads, |b, &t| {
-            b.iter_custom(|n| run_threads(t, n, |th, i| {
-                qc.insert(keys[pick(th, i)].clone(), Arc::from(&VALUE[..]));
-            }))
-        });
-        g.bench_with_input(BenchmarkId::new("dashmap_set", threads), &threads, |b, &t| {
-            b.iter_custom(|n| run_threads(t, n, |th, i| {
-                dm.insert(keys[pick(th, i)].clone(), Box::from(&VALUE[..]));
-            }))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("webvac_get", threads),
+            &threads,
+            |b, &t| {
+                b.iter_custom(|n| {
+                    run_threads(t, n, |th, i| {
+                        let mut out = [0u8; 128];
+                        black_box(ours.get(&keys[pick(th, i)], None, |e| {
+                            out[..e.value().len()].copy_from_slice(e.value())
+                        }));
+                    })
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("quick_cache_get", threads),
+            &threads,
+            |b, &t| {
+                b.iter_custom(|n| {
+                    run_threads(t, n, |th, i| {
+                        let mut out = [0u8; 128];
+                        if let Some(v) = qc.get(&keys[pick(th, i)]) {
+                            out[..v.len()].copy_from_slice(&v);
+                        }
+                        black_box(out);
+                    })
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("dashmap_get", threads),
+            &threads,
+            |b, &t| {
+                b.iter_custom(|n| {
+                    run_threads(t, n, |th, i| {
+                        let mut out = [0u8; 128];
+                        if let Some(v) = dm.get(&keys[pick(th, i)]) {
+                            out[..v.len()].copy_from_slice(&v);
+                        }
+                        black_box(out);
+                    })
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("webvac_set", threads),
+            &threads,
+            |b, &t| {
+                b.iter_custom(|n| {
+                    run_threads(t, n, |th, i| {
+                        black_box(ours.write(&Write::new(
+                            Mode::Set,
+                            &keys[pick(th, i)],
+                            &VALUE,
+                            0,
+                            0,
+                        )));
+                    })
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("quick_cache_set", threads),
+            &threads,
+            |b, &t| {
+                b.iter_custom(|n| {
+                    run_threads(t, n, |th, i| {
+                        qc.insert(keys[pick(th, i)].clone(), Arc::from(&VALUE[..]));
+                    })
+                })
+            },
+        );
+        g.bench_with_input(
+            BenchmarkId::new("dashmap_set", threads),
+            &threads,
+            |b, &t| {
+                b.iter_custom(|n| {
+                    run_threads(t, n, |th, i| {
+                        dm.insert(keys[pick(th, i)].clone(), Box::from(&VALUE[..]));
+                    })
+                })
+            },
+        );
     }
     g.finish();
 }

@@ -7,7 +7,11 @@ use webvac::config::{Config, parse_size};
 use webvac::server::Server;
 
 #[derive(Parser, Debug)]
-#[command(name = "webvac", version, about = "A memcached-compatible in-memory cache")]
+#[command(
+    name = "webvac",
+    version,
+    about = "A memcached-compatible in-memory cache"
+)]
 struct Args {
     /// TCP port to listen on (default 11211; 0 picks a free port).
     #[arg(short = 'p', long = "port")]
@@ -41,20 +45,40 @@ fn main() -> anyhow::Result<()> {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
-    if let Some(p) = args.port { config.port = p; }
-    if let Some(l) = args.listen { config.listen = l; }
-    if let Some(m) = args.memory_limit { config.memory_limit_mb = m; }
-    if let Some(t) = args.threads { config.threads = t; }
-    if let Some(c) = args.max_connections { config.max_connections = c; }
-    if let Some(i) = args.max_item_size { config.max_item_size = i; }
-    if args.verbose > 0 { config.verbosity = args.verbose; }
+    if let Some(p) = args.port {
+        config.port = p;
+    }
+    if let Some(l) = args.listen {
+        config.listen = l;
+    }
+    if let Some(m) = args.memory_limit {
+        config.memory_limit_mb = m;
+    }
+    if let Some(t) = args.threads {
+        config.threads = t;
+    }
+    if let Some(c) = args.max_connections {
+        config.max_connections = c;
+    }
+    if let Some(i) = args.max_item_size {
+        config.max_item_size = i;
+    }
+    if args.verbose > 0 {
+        config.verbosity = args.verbose;
+    }
     config.validate()?;
 
-    let level = match config.verbosity { 0 => "info", 1 => "debug", _ => "trace" };
+    let level = match config.verbosity {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
+        )
         .init();
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

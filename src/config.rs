@@ -53,9 +53,14 @@ impl Config {
     /// # Errors
     /// If the file cannot be read or parsed, or has unknown keys.
     pub fn from_file(path: &str) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_string(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_string(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_string(),
+            source,
+        })
     }
 
     pub fn memory_limit_bytes(&self) -> usize {
@@ -72,16 +77,23 @@ impl Config {
             return bad("memory_limit_mb must be at least 1".into());
         }
         if self.threads == 0 || self.threads > 256 {
-            return bad(format!("threads must be between 1 and 256, got {}", self.threads));
+            return bad(format!(
+                "threads must be between 1 and 256, got {}",
+                self.threads
+            ));
         }
         if self.max_connections == 0 {
             return bad("max_connections must be at least 1".into());
         }
         if self.max_item_size < ITEM_BYTES_MAX_MIN {
-            return bad(format!("max_item_size must be at least {ITEM_BYTES_MAX_MIN} bytes"));
+            return bad(format!(
+                "max_item_size must be at least {ITEM_BYTES_MAX_MIN} bytes"
+            ));
         }
         if self.max_item_size > ITEM_BYTES_MAX_MAX {
-            return bad(format!("max_item_size cannot be larger than {ITEM_BYTES_MAX_MAX} bytes"));
+            return bad(format!(
+                "max_item_size cannot be larger than {ITEM_BYTES_MAX_MAX} bytes"
+            ));
         }
         if self.max_item_size > self.memory_limit_bytes() / 2 {
             return bad(format!(
@@ -105,8 +117,11 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         Some('g' | 'G') => (&s[..s.len() - 1], 1024 * 1024 * 1024),
         _ => (s, 1),
     };
-    let n: usize = digits.parse().map_err(|_| format!("invalid size {s:?}: expected a number with optional k/m/g suffix"))?;
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a number with optional k/m/g suffix"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
@@ -151,9 +166,15 @@ mod tests {
 
     #[test]
     fn validation() {
-        let c = Config { max_item_size: 100, ..Config::default() };
+        let c = Config {
+            max_item_size: 100,
+            ..Config::default()
+        };
         assert!(c.validate().is_err());
-        let c = Config { memory_limit_mb: 1, ..Config::default() };
+        let c = Config {
+            memory_limit_mb: 1,
+            ..Config::default()
+        };
         assert!(c.validate().is_err());
     }
 }

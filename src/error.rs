@@ -20,7 +20,10 @@ pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
     Read { path: String, source: io::Error },
     #[error("cannot parse {path}: {source}")]
-    Parse { path: String, source: toml::de::Error },
+    Parse {
+        path: String,
+        source: toml::de::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }

@@ -13,7 +13,9 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{MEMCCAPABLE_BIN, Memcached, RunOutput, SYSTEM_PYTHON, Server, require_tool, run_bounded};
+use common::{
+    MEMCCAPABLE_BIN, Memcached, RunOutput, SYSTEM_PYTHON, Server, require_tool, run_bounded,
+};
 
 /// memccapable runs ~30 small checks; generous for a debug build.
 const MEMCCAPABLE_TIMEOUT: Duration = Duration::from_secs(120);
@@ -28,7 +30,9 @@ fn script_path() -> String {
 fn describe(what: &str, out: &RunOutput) -> String {
     format!(
         "{what}: exit status {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
-        out.status.map(|s| s.to_string()).unwrap_or_else(|| "killed after the timeout".to_string()),
+        out.status
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "killed after the timeout".to_string()),
         out.stdout,
         out.stderr
     )
@@ -37,7 +41,15 @@ fn describe(what: &str, out: &RunOutput) -> String {
 fn run_memccapable(port: u16) -> RunOutput {
     require_tool(MEMCCAPABLE_BIN, "libmemcached-tools' memccapable");
     let mut cmd = Command::new(MEMCCAPABLE_BIN);
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-a", "-t", MEMCCAPABLE_IO_TIMEOUT_SECS]);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-a",
+        "-t",
+        MEMCCAPABLE_IO_TIMEOUT_SECS,
+    ]);
     run_bounded(cmd, MEMCCAPABLE_TIMEOUT)
 }
 
@@ -46,11 +58,18 @@ fn run_memccapable(port: u16) -> RunOutput {
 fn assert_memccapable_passed(target: &str, out: &RunOutput) {
     let report = describe(&format!("memccapable -a against {target}"), out);
     println!("{report}");
-    let failures: Vec<&str> =
-        out.stdout.lines().chain(out.stderr.lines()).filter(|l| l.to_ascii_lowercase().contains("[fail]")).collect();
+    let failures: Vec<&str> = out
+        .stdout
+        .lines()
+        .chain(out.stderr.lines())
+        .filter(|l| l.to_ascii_lowercase().contains("[fail]"))
+        .collect();
     assert!(out.status.is_some_and(|s| s.success()), "{report}");
     assert!(failures.is_empty(), "failed checks {failures:?}\n{report}");
-    assert!(out.stdout.contains("[pass]"), "memccapable ran no check\n{report}");
+    assert!(
+        out.stdout.contains("[pass]"),
+        "memccapable ran no check\n{report}"
+    );
 }
 
 fn run_pymemcache(host: &str, port: u16) -> RunOutput {
@@ -64,7 +83,10 @@ fn assert_pymemcache_passed(target: &str, out: &RunOutput) {
     let report = describe(&format!("compat_pymemcache.py against {target}"), out);
     println!("{report}");
     assert!(out.status.is_some_and(|s| s.success()), "{report}");
-    assert!(out.stdout.contains(" passed, 0 failed"), "no summary line\n{report}");
+    assert!(
+        out.stdout.contains(" passed, 0 failed"),
+        "no summary line\n{report}"
+    );
 }
 
 #[test]

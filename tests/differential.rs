@@ -148,7 +148,14 @@ enum Effect {
 
 impl Cmd {
     fn new(kind: &'static str) -> Cmd {
-        Cmd { kind, parts: Vec::new(), key: None, payload_is_data: false, mn_lines: 1, effect: Effect::None }
+        Cmd {
+            kind,
+            parts: Vec::new(),
+            key: None,
+            payload_is_data: false,
+            mn_lines: 1,
+            effect: Effect::None,
+        }
     }
 
     fn push(&mut self, bytes: impl AsRef<[u8]>) -> &mut Cmd {
@@ -177,7 +184,10 @@ impl Cmd {
                 Part::Bytes(b) => out.extend_from_slice(b),
                 Part::Cas(alias) => {
                     let value = cas.values.get(*alias).unwrap_or_else(|| {
-                        panic!("CAS alias C{} unknown to this connection (aliases out of step)", alias + 1)
+                        panic!(
+                            "CAS alias C{} unknown to this connection (aliases out of step)",
+                            alias + 1
+                        )
                     });
                     out.extend_from_slice(value);
                 }
@@ -210,12 +220,24 @@ fn base64(input: &[u8]) -> Vec<u8> {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         out.push(ALPHABET[(n >> 18) as usize & 63]);
         out.push(ALPHABET[(n >> 12) as usize & 63]);
-        out.push(if chunk.len() > 1 { ALPHABET[(n >> 6) as usize & 63] } else { b'=' });
-        out.push(if chunk.len() > 2 { ALPHABET[n as usize & 63] } else { b'=' });
+        out.push(if chunk.len() > 1 {
+            ALPHABET[(n >> 6) as usize & 63]
+        } else {
+            b'='
+        });
+        out.push(if chunk.len() > 2 {
+            ALPHABET[n as usize & 63]
+        } else {
+            b'='
+        });
     }
     out
 }
@@ -242,15 +264,16 @@ struct Gen {
 }
 
 const UNKNOWN_COMMANDS: &[&str] = &[
-    "foo", "GET", "SET", "Get", "gett", "sett", "deletee", "incrr", "mz", "mx", "mG", "stat", "flush", "verbose",
-    "touchh", "xyzzy", "cas2", "m", "g", "s", "MN", "Mg", "getss", "gatt", "append_", "set-",
+    "foo", "GET", "SET", "Get", "gett", "sett", "deletee", "incrr", "mz", "mx", "mG", "stat",
+    "flush", "verbose", "touchh", "xyzzy", "cas2", "m", "g", "s", "MN", "Mg", "getss", "gatt",
+    "append_", "set-",
 ];
 
 impl Gen {
     fn new(seed: u64, now_secs: u64) -> Gen {
         let mut keys: Vec<Vec<u8>> = [
-            "a", "b", "c", "k3", "key:4", "user/5", "k6", "k7", "n8", "n9", "n10", "n11", "x12", "x13", "key_14",
-            "K15", "{16}", "z17",
+            "a", "b", "c", "k3", "key:4", "user/5", "k6", "k7", "n8", "n9", "n10", "n11", "x12",
+            "x13", "key_14", "K15", "{16}", "z17",
         ]
         .iter()
         .map(|k| k.as_bytes().to_vec())
@@ -291,10 +314,13 @@ impl Gen {
         let unsafe_now = match &cmd.effect {
             Effect::None | Effect::FlushAll => return,
             Effect::Store(value) if stored => unsafe_for_arith(value),
-            Effect::Store(value) if silent => self.arith_unsafe_keys.contains(key) || unsafe_for_arith(value),
+            Effect::Store(value) if silent => {
+                self.arith_unsafe_keys.contains(key) || unsafe_for_arith(value)
+            }
             // The joined value is unknown: any digit or blank might make it unsafe.
             Effect::Concat(value) if stored || silent => {
-                self.arith_unsafe_keys.contains(key) || value.iter().any(|&c| c.is_ascii_digit() || is_c_space(c))
+                self.arith_unsafe_keys.contains(key)
+                    || value.iter().any(|&c| c.is_ascii_digit() || is_c_space(c))
             }
             Effect::Store(_) | Effect::Concat(_) => return,
             Effect::Arith => match first {
@@ -335,7 +361,9 @@ impl Gen {
     fn learn(&mut self, cmd: &Cmd, reply: &[Seg]) {
         self.track_values(cmd, reply);
         for seg in reply {
-            let Seg::Line { toks, .. } = seg else { continue };
+            let Seg::Line { toks, .. } = seg else {
+                continue;
+            };
             let first = match toks.first() {
                 Some(Tok::Exact(w)) => w.as_slice(),
                 _ => continue,
@@ -408,7 +436,9 @@ impl Gen {
 
     fn alnum(&mut self, len: usize) -> Vec<u8> {
         const CHARS: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
-        (0..len).map(|_| CHARS[self.rng.gen_range(0..CHARS.len())]).collect()
+        (0..len)
+            .map(|_| CHARS[self.rng.gen_range(0..CHARS.len())])
+            .collect()
     }
 
     /// A block that memcached may read as a command line: starts with a
@@ -442,7 +472,11 @@ impl Gen {
     /// wrapped to u32, a function of its uptime, not of the commands.
     fn meta_ttl(&mut self, shows_ttl: bool) -> String {
         let ttl = self.exptime();
-        if shows_ttl && (ttl == "-1" || ttl == "2592001") { "1000".to_string() } else { ttl }
+        if shows_ttl && (ttl == "-1" || ttl == "2592001") {
+            "1000".to_string()
+        } else {
+            ttl
+        }
     }
 
     fn client_flags(&mut self) -> String {
@@ -459,7 +493,9 @@ impl Gen {
             0..=49 => self.rng.gen_range(0..=1000u64).to_string(),
             50..=64 => self.rng.r#gen::<u64>().to_string(),
             65..=79 => (u64::MAX - self.rng.gen_range(0..5u64)).to_string(),
-            80..=84 => self.pick(&["18446744073709551616", "99999999999999999999"]).to_string(),
+            80..=84 => self
+                .pick(&["18446744073709551616", "99999999999999999999"])
+                .to_string(),
             _ => self
                 .pick(&[
                     " 12",
@@ -492,10 +528,14 @@ impl Gen {
             }
             75..=96 => {
                 let len = self.rng.gen_range(0..=VALUE_SMALL_BYTES_MAX);
-                (0..len).map(|_| self.rng.gen_range(0x20..=0x7eu8)).collect()
+                (0..len)
+                    .map(|_| self.rng.gen_range(0x20..=0x7eu8))
+                    .collect()
             }
             _ => {
-                let len = self.rng.gen_range(VALUE_LARGE_BYTES_MIN..=VALUE_LARGE_BYTES_MAX);
+                let len = self
+                    .rng
+                    .gen_range(VALUE_LARGE_BYTES_MIN..=VALUE_LARGE_BYTES_MAX);
                 let mut v = vec![0u8; len];
                 self.rng.fill_bytes(&mut v);
                 v
@@ -518,7 +558,11 @@ impl Gen {
         if roll < 88 {
             Part::Bytes(b"0".to_vec())
         } else {
-            Part::Bytes((u64::MAX - self.rng.gen_range(0..1000u64)).to_string().into_bytes())
+            Part::Bytes(
+                (u64::MAX - self.rng.gen_range(0..1000u64))
+                    .to_string()
+                    .into_bytes(),
+            )
         }
     }
 
@@ -588,7 +632,12 @@ impl Gen {
     fn storage(&mut self) -> Cmd {
         let name = *self.pick(&["set", "set", "set", "add", "replace", "append", "prepend"]);
         let key = self.key();
-        let (flags, exptime, value, noreply) = (self.client_flags(), self.exptime(), self.value(), self.noreply());
+        let (flags, exptime, value, noreply) = (
+            self.client_flags(),
+            self.exptime(),
+            self.value(),
+            self.noreply(),
+        );
         let mut cmd = Cmd::new(name);
         cmd.push(name).push(b" ").push(&key);
         cmd.push(format!(" {flags} {exptime} {}{noreply}", value.len()));
@@ -596,7 +645,11 @@ impl Gen {
         cmd.push(eol).push(&value).push(b"\r\n");
         cmd.key = Some(key);
         cmd.payload_is_data = true;
-        cmd.effect = if name == "append" || name == "prepend" { Effect::Concat(value) } else { Effect::Store(value) };
+        cmd.effect = if name == "append" || name == "prepend" {
+            Effect::Concat(value)
+        } else {
+            Effect::Store(value)
+        };
         cmd
     }
 
@@ -606,7 +659,9 @@ impl Gen {
         let cas = self.cas_for(&key);
         let noreply = self.noreply();
         let mut cmd = Cmd::new("cas");
-        cmd.push(b"cas ").push(&key).push(format!(" {flags} {exptime} {} ", value.len()));
+        cmd.push(b"cas ")
+            .push(&key)
+            .push(format!(" {flags} {exptime} {} ", value.len()));
         cmd.push_part(cas).push(noreply);
         let eol = self.eol();
         cmd.push(eol).push(&value).push(b"\r\n");
@@ -632,10 +687,16 @@ impl Gen {
 
     fn incr_decr(&mut self) -> Cmd {
         let name = *self.pick(&["incr", "decr"]);
-        let Some(key) = self.arith_key() else { return self.get_family() };
+        let Some(key) = self.arith_key() else {
+            return self.get_family();
+        };
         let (delta, noreply, eol) = (self.delta(), self.noreply(), self.eol());
         let mut cmd = Cmd::new(name);
-        cmd.push(name).push(b" ").push(&key).push(format!(" {delta}{noreply}")).push(eol);
+        cmd.push(name)
+            .push(b" ")
+            .push(&key)
+            .push(format!(" {delta}{noreply}"))
+            .push(eol);
         cmd.key = Some(key);
         cmd.effect = Effect::Arith;
         cmd
@@ -645,13 +706,21 @@ impl Gen {
         let key = self.key();
         let (exptime, noreply, eol) = (self.exptime(), self.noreply(), self.eol());
         let mut cmd = Cmd::new("touch");
-        cmd.push(b"touch ").push(&key).push(format!(" {exptime}{noreply}")).push(eol);
+        cmd.push(b"touch ")
+            .push(&key)
+            .push(format!(" {exptime}{noreply}"))
+            .push(eol);
         cmd
     }
 
     fn flush_all(&mut self) -> Cmd {
         // No delayed flush: its effect depends on when the clock ticks.
-        let line = *self.pick(&["flush_all", "flush_all 0", "flush_all noreply", "flush_all 0 noreply"]);
+        let line = *self.pick(&[
+            "flush_all",
+            "flush_all 0",
+            "flush_all noreply",
+            "flush_all 0 noreply",
+        ]);
         let eol = self.eol();
         let mut cmd = Cmd::new("flush_all");
         cmd.push(line).push(eol);
@@ -759,7 +828,11 @@ impl Gen {
             let ttl = self.exptime();
             flags.push(tok(format!("T{ttl}")));
         }
-        let mode = if self.pct(40) { *self.pick(&["E", "A", "P", "R", "S"]) } else { "S" };
+        let mode = if self.pct(40) {
+            *self.pick(&["E", "A", "P", "R", "S"])
+        } else {
+            "S"
+        };
         if mode != "S" || self.pct(20) {
             flags.push(tok(format!("M{mode}")));
         }
@@ -776,11 +849,17 @@ impl Gen {
         }
         // Keep base64 keys within the key limit: a too-long key is rejected
         // before the data block, which then must be "safe" (see error cases).
-        let b_percent = if base64(&key).len() <= KEY_BYTES_MAX { 10 } else { 0 };
+        let b_percent = if base64(&key).len() <= KEY_BYTES_MAX {
+            10
+        } else {
+            0
+        };
         let key_tok = self.meta_key(&key, b_percent, &mut flags);
         let mut cmd = Cmd::new("ms");
         cmd.push(b"ms");
-        cmd.push(b" ").push(&key_tok).push(format!(" {}", value.len()));
+        cmd.push(b" ")
+            .push(&key_tok)
+            .push(format!(" {}", value.len()));
         // finish_meta would put the key again: append flags by hand.
         flags.shuffle(&mut self.rng);
         for flag in flags {
@@ -793,7 +872,11 @@ impl Gen {
         cmd.push(eol).push(&value).push(b"\r\n");
         cmd.key = Some(key);
         cmd.payload_is_data = true;
-        cmd.effect = if mode == "A" || mode == "P" { Effect::Concat(value) } else { Effect::Store(value) };
+        cmd.effect = if mode == "A" || mode == "P" {
+            Effect::Concat(value)
+        } else {
+            Effect::Store(value)
+        };
         cmd
     }
 
@@ -824,7 +907,11 @@ impl Gen {
         let key_tok = self.meta_key(&key, 10, &mut flags);
         let mut cmd = Cmd::new("md");
         // With I the item stays (marked stale), value and all.
-        cmd.effect = if invalidate { Effect::None } else { Effect::Delete };
+        cmd.effect = if invalidate {
+            Effect::None
+        } else {
+            Effect::Delete
+        };
         cmd.push(b"md");
         self.finish_meta(&mut cmd, &key_tok, flags);
         let eol = self.eol();
@@ -834,7 +921,9 @@ impl Gen {
     }
 
     fn ma(&mut self) -> Cmd {
-        let Some(key) = self.arith_key() else { return self.mg() };
+        let Some(key) = self.arith_key() else {
+            return self.mg();
+        };
         let mut flags: Vec<Token> = Vec::new();
         let mut shows_ttl = false;
         for f in ["q", "t", "c", "v", "k"] {
@@ -982,7 +1071,10 @@ impl Gen {
         let (template, block) = *self.pick(templates);
         let b64 = String::from_utf8(base64(&self.keys[19])).expect("ascii");
         let other = self.ascii_key();
-        let line = template.replace("{L}", &long).replace("{k}", &other).replace("{B}", &b64);
+        let line = template
+            .replace("{L}", &long)
+            .replace("{k}", &other)
+            .replace("{B}", &b64);
         let mut cmd = Cmd::new("err/key251");
         cmd.push(line).push(b"\r\n");
         if let Some(len) = block {
@@ -999,7 +1091,13 @@ impl Gen {
         let bad_u32 = *self.pick(&["abc", "-1", "1x", "4294967296", "99999999999999999999", ""]);
         let bad_exp = *self.pick(&["abc", "1x", "1.5", "99999999999"]);
         let bad_len = *self.pick(&["abc", "1x", "99999999999999999999", "+"]);
-        let bad_u64 = *self.pick(&["abc", "-1", "1x", "18446744073709551616", "99999999999999999999"]);
+        let bad_u64 = *self.pick(&[
+            "abc",
+            "-1",
+            "1x",
+            "18446744073709551616",
+            "99999999999999999999",
+        ]);
         let noreply = self.noreply();
         let (line, block): (String, Option<usize>) = match self.rng.gen_range(0..10) {
             0 => (format!("set {key} {bad_u32} 0 2{noreply}"), Some(2)),
@@ -1010,7 +1108,10 @@ impl Gen {
             5 => (format!("decr {key} {bad_u64}"), None),
             6 => (format!("touch {key} {bad_exp}{noreply}"), None),
             7 => (format!("gat {bad_exp} {key}"), None),
-            8 => (format!("verbosity {}", self.pick(&["abc", "1x", "-1"])), None),
+            8 => (
+                format!("verbosity {}", self.pick(&["abc", "1x", "-1"])),
+                None,
+            ),
             _ => (format!("flush_all {}", self.pick(&["abc", "1x"])), None),
         };
         let mut cmd = Cmd::new("err/bad-number");
@@ -1027,11 +1128,38 @@ impl Gen {
     fn err_meta(&mut self) -> Cmd {
         let key = self.ascii_key();
         let long_opaque = format!("O{}", String::from_utf8(self.alnum(32)).expect("ascii"));
-        let mg_bad =
-            ["v v", "s s k k", "E5", "x", "Z", "u u", "T", "Tabc", "N", "Nabc", "R", "Rabc", long_opaque.as_str()];
-        let ms_bad = ["c c", "E123", "Mz", "Ma", "Ms", "Fabc", "F-1", "Tabc", "T", "C", "Cabc", "S3", "x", "I I"];
+        let mg_bad = [
+            "v v",
+            "s s k k",
+            "E5",
+            "x",
+            "Z",
+            "u u",
+            "T",
+            "Tabc",
+            "N",
+            "Nabc",
+            "R",
+            "Rabc",
+            long_opaque.as_str(),
+        ];
+        let ms_bad = [
+            "c c", "E123", "Mz", "Ma", "Ms", "Fabc", "F-1", "Tabc", "T", "C", "Cabc", "S3", "x",
+            "I I",
+        ];
         let md_bad = ["x", "q q", "Cabc", "Tabc", "E5"];
-        let ma_bad = ["Mi", "Mz", "Dabc", "D-1", "D18446744073709551616", "Jabc", "J-1", "Nabc", "v v", "E5"];
+        let ma_bad = [
+            "Mi",
+            "Mz",
+            "Dabc",
+            "D-1",
+            "D18446744073709551616",
+            "Jabc",
+            "J-1",
+            "Nabc",
+            "v v",
+            "E5",
+        ];
         let mut cmd = Cmd::new("err/meta-flag");
         match self.rng.gen_range(0..5) {
             0 => {
@@ -1042,7 +1170,9 @@ impl Gen {
                 let bad = *self.pick(&ms_bad);
                 let len = self.rng.gen_range(0..=5);
                 let p = self.safe_payload(len);
-                cmd.push(format!("ms {key} {} {bad}\r\n", p.len())).push(p).push(b"\r\n");
+                cmd.push(format!("ms {key} {} {bad}\r\n", p.len()))
+                    .push(p)
+                    .push(b"\r\n");
             }
             2 => {
                 let bad = *self.pick(&md_bad);
@@ -1082,18 +1212,47 @@ impl Gen {
         let len = self.rng.gen_range(0..=50);
         let mut block = vec![0u8; len];
         self.rng.fill_bytes(&mut block);
-        let trailer = *self.pick(&[&b"XY"[..], b"\n\n", b"\r\r", b"\nX", b"X\r", b"\n\r", b" \n", b"\rX", b"X\n"]);
+        let trailer = *self.pick(&[
+            &b"XY"[..],
+            b"\n\n",
+            b"\r\r",
+            b"\nX",
+            b"X\r",
+            b"\n\r",
+            b" \n",
+            b"\rX",
+            b"X\n",
+        ]);
         let noreply = self.noreply();
         let mut cmd = Cmd::new("err/bad-data-chunk");
         match self.rng.gen_range(0..7) {
-            0 => cmd.push(b"set ").push(&key).push(format!(" 0 0 {len}{noreply}")),
-            1 => cmd.push(b"add ").push(&key).push(format!(" 0 0 {len}{noreply}")),
-            2 => cmd.push(b"replace ").push(&key).push(format!(" 0 0 {len}{noreply}")),
-            3 => cmd.push(b"append ").push(&key).push(format!(" 0 0 {len}{noreply}")),
-            4 => cmd.push(b"prepend ").push(&key).push(format!(" 0 0 {len}{noreply}")),
+            0 => cmd
+                .push(b"set ")
+                .push(&key)
+                .push(format!(" 0 0 {len}{noreply}")),
+            1 => cmd
+                .push(b"add ")
+                .push(&key)
+                .push(format!(" 0 0 {len}{noreply}")),
+            2 => cmd
+                .push(b"replace ")
+                .push(&key)
+                .push(format!(" 0 0 {len}{noreply}")),
+            3 => cmd
+                .push(b"append ")
+                .push(&key)
+                .push(format!(" 0 0 {len}{noreply}")),
+            4 => cmd
+                .push(b"prepend ")
+                .push(&key)
+                .push(format!(" 0 0 {len}{noreply}")),
             5 => {
                 let cas = self.cas_for(&key);
-                cmd.push(b"cas ").push(&key).push(format!(" 0 0 {len} ")).push_part(cas).push(noreply)
+                cmd.push(b"cas ")
+                    .push(&key)
+                    .push(format!(" 0 0 {len} "))
+                    .push_part(cas)
+                    .push(noreply)
             }
             _ => cmd.push(b"ms ").push(&key).push(format!(" {len} T0")),
         };
@@ -1200,7 +1359,10 @@ fn unsafe_for_arith(value: &[u8]) -> bool {
     if value.contains(&b'-') {
         return false; // strchr stops inside the value: "non-numeric", deterministically
     }
-    let start = value.iter().position(|&c| !is_c_space(c)).unwrap_or(value.len());
+    let start = value
+        .iter()
+        .position(|&c| !is_c_space(c))
+        .unwrap_or(value.len());
     let mut rest = &value[start..];
     if let Some(tail) = rest.strip_prefix(b"+") {
         rest = tail;
@@ -1211,7 +1373,10 @@ fn unsafe_for_arith(value: &[u8]) -> bool {
     if digits == 0 || rest.get(digits).is_some_and(|&c| !is_c_space(c)) {
         return false;
     }
-    std::str::from_utf8(&rest[..digits]).ok().and_then(|s| s.parse::<u64>().ok()).is_some_and(|n| n >= 1 << 63)
+    std::str::from_utf8(&rest[..digits])
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .is_some_and(|n| n >= 1 << 63)
 }
 
 /// Per-connection CAS aliases: the n-th distinct CAS value seen is alias n.
@@ -1264,10 +1429,19 @@ const META_CODES: &[&[u8]] = &[b"VA", b"HD", b"EN", b"NF", b"NS", b"EX"];
 fn normalise_meta_flag(word: &[u8], cas: &mut CasMap) -> Tok {
     let digits = |s: &[u8]| !s.is_empty() && s.iter().all(u8::is_ascii_digit);
     match word.split_first() {
-        Some((&b'c', rest)) if digits(rest) => Tok::Cas { prefix: "c", alias: cas.alias(rest) },
+        Some((&b'c', rest)) if digits(rest) => Tok::Cas {
+            prefix: "c",
+            alias: cas.alias(rest),
+        },
         Some((&f @ (b't' | b'l'), rest)) if rest != b"-1" => {
-            match std::str::from_utf8(rest).ok().and_then(|s| s.parse::<i64>().ok()) {
-                Some(secs) => Tok::Secs { flag: f as char, secs },
+            match std::str::from_utf8(rest)
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+            {
+                Some(secs) => Tok::Secs {
+                    flag: f as char,
+                    secs,
+                },
                 None => Tok::Exact(word.to_vec()),
             }
         }
@@ -1291,14 +1465,20 @@ fn normalise(raw: &[u8], cas: &mut CasMap) -> Vec<Seg> {
         let words: Vec<&[u8]> = body.split(|&b| b == b' ').collect();
         let mut toks: Vec<Tok> = words.iter().map(|w| Tok::Exact(w.to_vec())).collect();
         if words[0] == b"VALUE" && words.len() == 5 {
-            toks[4] = Tok::Cas { prefix: "", alias: cas.alias(words[4]) };
+            toks[4] = Tok::Cas {
+                prefix: "",
+                alias: cas.alias(words[4]),
+            };
         } else if META_CODES.contains(&words[0]) {
             let first_flag = if words[0] == b"VA" { 2 } else { 1 };
             for (t, w) in toks.iter_mut().zip(&words).skip(first_flag) {
                 *t = normalise_meta_flag(w, cas);
             }
         }
-        segs.push(Seg::Line { toks, eol: eol.to_vec() });
+        segs.push(Seg::Line {
+            toks,
+            eol: eol.to_vec(),
+        });
         if let Some(n) = data_block_len(body) {
             let end = (i + n + 2).min(raw.len());
             segs.push(Seg::Data(raw[i..end].to_vec()));
@@ -1321,7 +1501,9 @@ fn equivalent(a: &[Seg], b: &[Seg]) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(x, y)| match (x, y) {
             (Seg::Line { toks: ta, eol: ea }, Seg::Line { toks: tb, eol: eb }) => {
-                ea == eb && ta.len() == tb.len() && ta.iter().zip(tb).all(|(p, q)| tok_equivalent(p, q))
+                ea == eb
+                    && ta.len() == tb.len()
+                    && ta.iter().zip(tb).all(|(p, q)| tok_equivalent(p, q))
             }
             _ => x == y,
         })
@@ -1336,7 +1518,9 @@ fn show(segs: &[Seg]) -> String {
                     .iter()
                     .map(|t| match t {
                         Tok::Exact(w) => w.clone(),
-                        Tok::Cas { prefix, alias } => format!("{prefix}<C{}>", alias + 1).into_bytes(),
+                        Tok::Cas { prefix, alias } => {
+                            format!("{prefix}<C{}>", alias + 1).into_bytes()
+                        }
                         Tok::Secs { flag, secs } => format!("{flag}{secs}").into_bytes(),
                     })
                     .collect();
@@ -1368,17 +1552,26 @@ struct Side<'a> {
 
 impl<'a> Side<'a> {
     fn new(name: &'static str, connect: impl Fn() -> Client + 'a) -> Side<'a> {
-        Side { name, client: connect(), cas: CasMap::default(), connect: Box::new(connect) }
+        Side {
+            name,
+            client: connect(),
+            cas: CasMap::default(),
+            connect: Box::new(connect),
+        }
     }
 
     fn send(&mut self, bytes: &[u8]) -> Result<(), ReplyError> {
         let mut msg = bytes.to_vec();
         msg.extend_from_slice(b"mn\r\n");
-        self.client.send(&msg).map_err(|e| ReplyError { kind: common::ReplyErrorKind::Io(e), partial: Vec::new() })
+        self.client.send(&msg).map_err(|e| ReplyError {
+            kind: common::ReplyErrorKind::Io(e),
+            partial: Vec::new(),
+        })
     }
 
     fn read(&mut self, mn_lines: usize) -> Result<Vec<u8>, ReplyError> {
-        self.client.read_reply_until(|buf| frame_reply(buf, mn_lines), REPLY_TIMEOUT)
+        self.client
+            .read_reply_until(|buf| frame_reply(buf, mn_lines), REPLY_TIMEOUT)
     }
 
     /// New connection, empty cache, fresh CAS aliases.
@@ -1390,7 +1583,9 @@ impl<'a> Side<'a> {
 
     /// Empties the cache, so the generator knows the state it starts from.
     fn flush(&mut self) {
-        self.client.send(b"flush_all\r\nmn\r\n").expect("send flush_all");
+        self.client
+            .send(b"flush_all\r\nmn\r\n")
+            .expect("send flush_all");
         match self.read(1) {
             Ok(reply) if reply == b"OK\r\nMN\r\n" => {}
             Ok(reply) => panic!("{}: flush_all answered \"{}\"", self.name, escape(&reply)),
@@ -1420,10 +1615,17 @@ struct Config {
 fn env_config() -> Config {
     let commands = std::env::var("WEBVAC_DIFF_COMMANDS")
         .ok()
-        .map(|v| v.parse().unwrap_or_else(|_| panic!("WEBVAC_DIFF_COMMANDS={v:?} is not a number")))
+        .map(|v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("WEBVAC_DIFF_COMMANDS={v:?} is not a number"))
+        })
         .unwrap_or(COMMANDS_PER_SEED);
-    let keep_going = std::env::var("WEBVAC_DIFF_KEEP_GOING").is_ok_and(|v| v != "0" && !v.is_empty());
-    Config { commands, keep_going }
+    let keep_going =
+        std::env::var("WEBVAC_DIFF_KEEP_GOING").is_ok_and(|v| v != "0" && !v.is_empty());
+    Config {
+        commands,
+        keep_going,
+    }
 }
 
 fn env_seeds() -> Vec<u64> {
@@ -1445,12 +1647,21 @@ fn env_seeds() -> Vec<u64> {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
 }
 
 /// Runs one seed. `reference` must be a real memcached: its failures are
 /// generator bugs, not mismatches.
-fn run_seed(seed: u64, commands: usize, keep_going: bool, reference: &mut Side, other: &mut Side) -> Tally {
+fn run_seed(
+    seed: u64,
+    commands: usize,
+    keep_going: bool,
+    reference: &mut Side,
+    other: &mut Side,
+) -> Tally {
     let mut generator = Gen::new(seed, unix_now());
     // The generator assumes an empty cache (see `Gen::arith_unsafe_keys`).
     reference.flush();
@@ -1485,7 +1696,8 @@ fn run_seed(seed: u64, commands: usize, keep_going: bool, reference: &mut Side, 
             escape(&bytes_ref),
             escape(&reply_ref)
         );
-        let (ok, other_text, other_norm) = match sent_other.and_then(|()| other.read(cmd.mn_lines)) {
+        let (ok, other_text, other_norm) = match sent_other.and_then(|()| other.read(cmd.mn_lines))
+        {
             Ok(r) => {
                 let n = normalise(&r, &mut other.cas);
                 (equivalent(&norm_ref, &n), escape(&r), show(&n))
@@ -1510,21 +1722,51 @@ fn run_seed(seed: u64, commands: usize, keep_going: bool, reference: &mut Side, 
             continue;
         }
         let mut report = String::new();
-        let _ = writeln!(report, "MISMATCH seed={seed} command #{index} kind={}", cmd.kind);
-        let _ = writeln!(report, "  replay: WEBVAC_DIFF_SEED={seed} cargo test --test differential -- --nocapture");
-        let _ = writeln!(report, "  command ({}): \"{}\"", reference.name, escape(&bytes_ref));
+        let _ = writeln!(
+            report,
+            "MISMATCH seed={seed} command #{index} kind={}",
+            cmd.kind
+        );
+        let _ = writeln!(
+            report,
+            "  replay: WEBVAC_DIFF_SEED={seed} cargo test --test differential -- --nocapture"
+        );
+        let _ = writeln!(
+            report,
+            "  command ({}): \"{}\"",
+            reference.name,
+            escape(&bytes_ref)
+        );
         if bytes_other != bytes_ref {
-            let _ = writeln!(report, "  command ({}): \"{}\" (own CAS values)", other.name, escape(&bytes_other));
+            let _ = writeln!(
+                report,
+                "  command ({}): \"{}\" (own CAS values)",
+                other.name,
+                escape(&bytes_other)
+            );
         }
-        let _ = writeln!(report, "  {:>9} replied: \"{}\"", reference.name, escape(&reply_ref));
+        let _ = writeln!(
+            report,
+            "  {:>9} replied: \"{}\"",
+            reference.name,
+            escape(&reply_ref)
+        );
         let _ = writeln!(report, "  {:>9} replied: \"{}\"", other.name, other_text);
-        let _ = writeln!(report, "  {:>9} normalised: \"{}\"", reference.name, show(&norm_ref));
+        let _ = writeln!(
+            report,
+            "  {:>9} normalised: \"{}\"",
+            reference.name,
+            show(&norm_ref)
+        );
         let _ = writeln!(report, "  {:>9} normalised: \"{}\"", other.name, other_norm);
         let _ = writeln!(report, "  previous commands (oldest first):");
         for h in &history {
             let _ = writeln!(report, "    {h}");
         }
-        let entry = tally.mismatches.entry(cmd.kind).or_insert((0, report.clone()));
+        let entry = tally
+            .mismatches
+            .entry(cmd.kind)
+            .or_insert((0, report.clone()));
         entry.0 += 1;
         if !keep_going || resyncs == RESYNC_MAX {
             return tally;
@@ -1540,10 +1782,17 @@ fn run_seed(seed: u64, commands: usize, keep_going: bool, reference: &mut Side, 
 
 fn print_summary(seed: u64, tally: &Tally) {
     let total: usize = tally.commands.values().sum();
-    let kinds: Vec<String> = tally.commands.iter().map(|(k, n)| format!("{k}={n}")).collect();
+    let kinds: Vec<String> = tally
+        .commands
+        .iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
     println!("seed {seed}: {total} commands [{}]", kinds.join(" "));
     for (kind, (n, _)) in &tally.mismatches {
-        println!("  mismatches {kind}: {n} of {}", tally.commands.get(kind).copied().unwrap_or(0));
+        println!(
+            "  mismatches {kind}: {n} of {}",
+            tally.commands.get(kind).copied().unwrap_or(0)
+        );
     }
 }
 
@@ -1588,18 +1837,32 @@ fn webvac_matches_memcached() {
 fn memcached_agrees_with_itself() {
     common::require_reference_memcached();
     let first = Memcached::start_with(REFERENCE_OPTIONS);
-    let second_options: Vec<&str> = REFERENCE_OPTIONS.iter().chain(SECOND_LAYOUT_OPTIONS).copied().collect();
+    let second_options: Vec<&str> = REFERENCE_OPTIONS
+        .iter()
+        .chain(SECOND_LAYOUT_OPTIONS)
+        .copied()
+        .collect();
     let second = Memcached::start_with(&second_options);
     // Move the second instance's CAS counter so CAS values really differ.
     let mut warm = second.connect();
     for i in 0..CAS_WARMUP_WRITES {
-        warm.request(format!("set webvac-warmup 0 0 1\r\n{}\r\n", i % 10).as_bytes(), &[b"STORED\r\n"]);
+        warm.request(
+            format!("set webvac-warmup 0 0 1\r\n{}\r\n", i % 10).as_bytes(),
+            &[b"STORED\r\n"],
+        );
     }
     warm.request(b"delete webvac-warmup\r\n", &[b"DELETED\r\n"]);
     // The environment can widen the check (more seeds/commands) for exploration.
-    let seeds = if std::env::var_os("WEBVAC_DIFF_SEED").is_some() { env_seeds() } else { vec![SELF_CHECK_SEED] };
-    let commands =
-        if std::env::var_os("WEBVAC_DIFF_COMMANDS").is_some() { env_config().commands } else { SELF_CHECK_COMMANDS };
+    let seeds = if std::env::var_os("WEBVAC_DIFF_SEED").is_some() {
+        env_seeds()
+    } else {
+        vec![SELF_CHECK_SEED]
+    };
+    let commands = if std::env::var_os("WEBVAC_DIFF_COMMANDS").is_some() {
+        env_config().commands
+    } else {
+        SELF_CHECK_COMMANDS
+    };
     let mut a = Side::new("memcached", || first.connect());
     let mut b = Side::new("memcached2", || second.connect());
     for seed in seeds {
@@ -1668,7 +1931,10 @@ fn generator_covers_every_kind_and_keeps_framing() {
         "err/garbage",
     ];
     for kind in expected {
-        assert!(kinds.get(kind).copied().unwrap_or(0) >= 5, "kind {kind} generated too rarely: {kinds:?}");
+        assert!(
+            kinds.get(kind).copied().unwrap_or(0) >= 5,
+            "kind {kind} generated too rarely: {kinds:?}"
+        );
     }
 }
 
@@ -1683,9 +1949,17 @@ fn check_framing(cmd: &Cmd, bytes: &[u8]) {
             panic!("unterminated bytes in [{}] \"{}\"", cmd.kind, escape(bytes));
         };
         let (line, _) = strip_eol(&bytes[i..=nl]);
-        let words: Vec<&[u8]> = line.split(|&b| b == b' ').filter(|w| !w.is_empty()).collect();
+        let words: Vec<&[u8]> = line
+            .split(|&b| b == b' ')
+            .filter(|w| !w.is_empty())
+            .collect();
         let is_get = matches!(words.first().copied(), Some(b"get" | b"gets"));
-        assert!(is_get || line.len() <= NON_GET_LINE_BYTES_MAX, "line of {} bytes in [{}]", line.len(), cmd.kind);
+        assert!(
+            is_get || line.len() <= NON_GET_LINE_BYTES_MAX,
+            "line of {} bytes in [{}]",
+            line.len(),
+            cmd.kind
+        );
         i = nl + 1;
         if !cmd.payload_is_data {
             continue;
@@ -1695,7 +1969,10 @@ fn check_framing(cmd: &Cmd, bytes: &[u8]) {
             Some(b"ms") => words.get(2),
             _ => None,
         };
-        if let Some(len) = claimed.and_then(|w| std::str::from_utf8(w).ok()).and_then(|s| s.parse::<usize>().ok()) {
+        if let Some(len) = claimed
+            .and_then(|w| std::str::from_utf8(w).ok())
+            .and_then(|s| s.parse::<usize>().ok())
+        {
             assert!(
                 i + len + 2 == bytes.len(),
                 "[{}] claims {len} bytes but sends {}: \"{}\"",
@@ -1712,8 +1989,14 @@ fn check_framing(cmd: &Cmd, bytes: &[u8]) {
 fn normaliser_aliases_cas_and_tolerates_ttl_jitter() {
     let mut ca = CasMap::default();
     let mut cb = CasMap::default();
-    let a = normalise(b"VALUE k 0 1 12\r\nx\r\nVA 2 c12 t999 l0 kk\r\nMN\r\n", &mut ca);
-    let b = normalise(b"VALUE k 0 1 99887766\r\nx\r\nVA 2 c99887766 t1000 l1 kk\r\nMN\r\n", &mut cb);
+    let a = normalise(
+        b"VALUE k 0 1 12\r\nx\r\nVA 2 c12 t999 l0 kk\r\nMN\r\n",
+        &mut ca,
+    );
+    let b = normalise(
+        b"VALUE k 0 1 99887766\r\nx\r\nVA 2 c99887766 t1000 l1 kk\r\nMN\r\n",
+        &mut cb,
+    );
     // "VA 2" announces a 2-byte block, so "MN\r\n" is data here, not a line.
     assert!(equivalent(&a, &b), "{} vs {}", show(&a), show(&b));
     let c = normalise(b"VALUE k 0 1 5\r\nx\r\nEND\r\n", &mut CasMap::default());
@@ -1747,7 +2030,10 @@ fn unsafe_for_arith_follows_memcached_parsing() {
     // Decided within the value.
     assert!(!unsafe_for_arith(b""));
     assert!(!unsafe_for_arith(b"9223372036854775807"));
-    assert!(!unsafe_for_arith(b"18446744073709551616"), "overflow: ERANGE");
+    assert!(
+        !unsafe_for_arith(b"18446744073709551616"),
+        "overflow: ERANGE"
+    );
     assert!(!unsafe_for_arith(b"-5"));
     assert!(!unsafe_for_arith(b"18446744073709551615-"));
     assert!(!unsafe_for_arith(b"18446744073709551615x"));
@@ -1757,7 +2043,10 @@ fn unsafe_for_arith_follows_memcached_parsing() {
 
 #[test]
 fn framer_skips_data_blocks_and_counts_mn_lines() {
-    assert_eq!(frame_reply(b"VALUE k 0 4\r\nMN\r\n\r\nEND\r\nMN\r\n", 1), Some(28));
+    assert_eq!(
+        frame_reply(b"VALUE k 0 4\r\nMN\r\n\r\nEND\r\nMN\r\n", 1),
+        Some(28)
+    );
     assert_eq!(frame_reply(b"VA 4 v\r\nMN\r\n\r\nMN\r\n", 1), Some(18));
     assert_eq!(frame_reply(b"MN\r\nMN\r\n", 2), Some(8));
     assert_eq!(frame_reply(b"MN\r\n", 2), None);

@@ -22,8 +22,16 @@ fn stat(text: &str, name: &str) -> u64 {
 /// A field of /proc/PID/status in bytes (the file gives kB).
 fn proc_status_bytes(pid: u64, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field}"));
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .unwrap_or_else(|| panic!("no {field}"));
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
 }
 
 /// Writes `count` items of `len` bytes, pipelined with `noreply`.
@@ -64,7 +72,12 @@ fn tiny_items_then_large_ones_stay_within_budget() {
         bound / MIB
     );
     assert!(stat(&stats, "bytes") <= LIMIT_MB * MIB);
-    assert!(peak <= bound, "peak RSS {} MiB exceeds {} MiB", peak / MIB, bound / MIB);
+    assert!(
+        peak <= bound,
+        "peak RSS {} MiB exceeds {} MiB",
+        peak / MIB,
+        bound / MIB
+    );
 }
 
 #[test]
@@ -120,7 +133,15 @@ fn writing_four_times_the_limit_stays_within_budget_and_evicts() {
     );
     assert!(stat(&stats, "evictions") > 0);
     assert!(stat(&stats, "bytes") <= LIMIT_MB * MIB);
-    assert!(peak <= bound, "peak RSS {} MiB exceeds {} MiB", peak / MIB, bound / MIB);
+    assert!(
+        peak <= bound,
+        "peak RSS {} MiB exceeds {} MiB",
+        peak / MIB,
+        bound / MIB
+    );
     // Still serving.
-    assert!(c.request(b"version\r\n", &[b"\r\n"]).starts_with(b"VERSION"));
+    assert!(
+        c.request(b"version\r\n", &[b"\r\n"])
+            .starts_with(b"VERSION")
+    );
 }

@@ -34,7 +34,9 @@ fn pipelined_requests_are_answered_in_order() {
     let mut c = server.connect();
     let mut batch = Vec::new();
     for i in 0..500 {
-        batch.extend_from_slice(format!("set k{i} {i} 0 {}\r\nv{i}\r\n", format!("v{i}").len()).as_bytes());
+        batch.extend_from_slice(
+            format!("set k{i} {i} 0 {}\r\nv{i}\r\n", format!("v{i}").len()).as_bytes(),
+        );
     }
     for i in 0..500 {
         batch.extend_from_slice(format!("get k{i}\r\n").as_bytes());
@@ -43,7 +45,13 @@ fn pipelined_requests_are_answered_in_order() {
     let reply = c.request(&batch, &[b"MN\r\n"]);
     let mut expected = b"STORED\r\n".repeat(500);
     for i in 0..500 {
-        expected.extend_from_slice(format!("VALUE k{i} {i} {}\r\nv{i}\r\nEND\r\n", format!("v{i}").len()).as_bytes());
+        expected.extend_from_slice(
+            format!(
+                "VALUE k{i} {i} {}\r\nv{i}\r\nEND\r\n",
+                format!("v{i}").len()
+            )
+            .as_bytes(),
+        );
     }
     expected.extend_from_slice(b"MN\r\n");
     assert_eq!(reply, expected);
@@ -59,12 +67,18 @@ fn max_size_values_round_trip_and_oversized_ones_are_swallowed() {
     req.extend_from_slice(b"\r\n");
     assert_eq!(c.request(&req, &[b"\r\n"]), b"STORED\r\n");
     let reply = c.request(b"get k\r\n", END);
-    assert_eq!(reply.len(), "VALUE k 0 1048516\r\n".len() + value.len() + "\r\nEND\r\n".len());
+    assert_eq!(
+        reply.len(),
+        "VALUE k 0 1048516\r\n".len() + value.len() + "\r\nEND\r\n".len()
+    );
     // One byte more is refused, its data discarded, and the old value dropped.
     let mut big = b"set k 0 0 1048517\r\n".to_vec();
     big.extend_from_slice(&vec![b'x'; 1_048_517]);
     big.extend_from_slice(b"\r\nget k\r\n");
-    assert_eq!(c.request(&big, END), b"SERVER_ERROR object too large for cache\r\nEND\r\n");
+    assert_eq!(
+        c.request(&big, END),
+        b"SERVER_ERROR object too large for cache\r\nEND\r\n"
+    );
 }
 
 #[test]
@@ -72,7 +86,10 @@ fn too_many_connections_are_refused_politely() {
     let server = Server::start(&["-c", "4"]);
     let mut held: Vec<_> = (0..4).map(|_| server.connect()).collect();
     for c in &mut held {
-        assert!(c.request(b"version\r\n", &[b"\r\n"]).starts_with(b"VERSION "));
+        assert!(
+            c.request(b"version\r\n", &[b"\r\n"])
+                .starts_with(b"VERSION ")
+        );
     }
     let mut extra = TcpStream::connect(server.addr()).unwrap();
     extra.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
@@ -94,7 +111,10 @@ fn too_many_connections_are_refused_politely() {
 fn garbage_does_not_hurt_other_clients() {
     let server = Server::start(&[]);
     let mut good = server.connect();
-    assert_eq!(good.request(b"set safe 0 0 4\r\nsafe\r\n", &[b"\r\n"]), b"STORED\r\n");
+    assert_eq!(
+        good.request(b"set safe 0 0 4\r\nsafe\r\n", &[b"\r\n"]),
+        b"STORED\r\n"
+    );
     // Pseudo-random bytes from a fixed seed, including newlines, NULs and high bytes.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let mut junk = Vec::with_capacity(256 * 1024);
@@ -110,9 +130,15 @@ fn garbage_does_not_hurt_other_clients() {
         let _ = bad.send(b"\r\n");
         let _ = bad.read_until_suffix(&[b"\r\n"], Duration::from_millis(200));
     }
-    assert_eq!(good.request(b"get safe\r\n", END), b"VALUE safe 0 4\r\nsafe\r\nEND\r\n");
+    assert_eq!(
+        good.request(b"get safe\r\n", END),
+        b"VALUE safe 0 4\r\nsafe\r\nEND\r\n"
+    );
     let mut fresh = server.connect();
-    assert_eq!(fresh.request(b"get safe\r\n", END), b"VALUE safe 0 4\r\nsafe\r\nEND\r\n");
+    assert_eq!(
+        fresh.request(b"get safe\r\n", END),
+        b"VALUE safe 0 4\r\nsafe\r\nEND\r\n"
+    );
 }
 
 #[test]
@@ -148,10 +174,14 @@ fn a_stalled_sender_does_not_block_others() {
     slow.send(b"set slow 0 0 10\r\nabc").unwrap();
     // Someone else is served meanwhile, on the only worker thread.
     let mut other = server.connect();
-    assert_eq!(other.request(b"set o 0 0 1\r\n1\r\nget o\r\n", END), b"STORED\r\nVALUE o 0 1\r\n1\r\nEND\r\n");
+    assert_eq!(
+        other.request(b"set o 0 0 1\r\n1\r\nget o\r\n", END),
+        b"STORED\r\nVALUE o 0 1\r\n1\r\nEND\r\n"
+    );
     // A client that never reads its replies only stalls itself.
     let mut hog = TcpStream::connect(server.addr()).unwrap();
-    hog.set_write_timeout(Some(Duration::from_millis(500))).unwrap();
+    hog.set_write_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let value = vec![b'z'; 512 * 1024];
     let mut set = b"set big 0 0 524288\r\n".to_vec();
     set.extend_from_slice(&value);
@@ -163,9 +193,15 @@ fn a_stalled_sender_does_not_block_others() {
             break; // its socket buffers are full: fine, the server must still serve others
         }
     }
-    assert_eq!(other.request(b"get o\r\n", END), b"VALUE o 0 1\r\n1\r\nEND\r\n");
+    assert_eq!(
+        other.request(b"get o\r\n", END),
+        b"VALUE o 0 1\r\n1\r\nEND\r\n"
+    );
     slow.send(b"defghij\r\n").unwrap();
-    assert_eq!(slow.read_until_suffix(&[b"\r\n"], REPLY_TIMEOUT).unwrap(), b"STORED\r\n");
+    assert_eq!(
+        slow.read_until_suffix(&[b"\r\n"], REPLY_TIMEOUT).unwrap(),
+        b"STORED\r\n"
+    );
 }
 
 #[test]
@@ -180,7 +216,10 @@ fn a_flood_of_connections_is_bounded_and_survived() {
     drop(opened);
     let c = connect_when_a_slot_frees(&server);
     let mut c = c.expect("server stopped accepting after a connection flood");
-    assert_eq!(c.request(b"set a 0 0 1\r\n1\r\n", &[b"\r\n"]), b"STORED\r\n");
+    assert_eq!(
+        c.request(b"set a 0 0 1\r\n1\r\n", &[b"\r\n"]),
+        b"STORED\r\n"
+    );
 }
 
 #[test]
@@ -190,8 +229,14 @@ fn sigterm_finishes_work_and_exits_zero() {
     let _idle = server.connect();
     let reply = c.request(b"set a 0 0 1\r\n1\r\nget a\r\n", END);
     assert_eq!(reply, b"STORED\r\nVALUE a 0 1\r\n1\r\nEND\r\n");
-    let status = server.terminate().expect("server did not exit after SIGTERM");
-    assert!(status.success(), "exit status {status:?}\n{}", server.stderr_text());
+    let status = server
+        .terminate()
+        .expect("server did not exit after SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status:?}\n{}",
+        server.stderr_text()
+    );
     assert!(server.stderr_text().contains("shutting down"));
 }
 
@@ -200,7 +245,11 @@ fn config_file_and_flags_combine() {
     let dir = std::env::temp_dir().join(format!("webvac-config-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("webvac.toml");
-    std::fs::write(&path, "memory_limit_mb = 8\nmax_item_size = \"512k\"\nthreads = 2\n").unwrap();
+    std::fs::write(
+        &path,
+        "memory_limit_mb = 8\nmax_item_size = \"512k\"\nthreads = 2\n",
+    )
+    .unwrap();
     let server = Server::start(&["--config", path.to_str().unwrap(), "-t", "3"]);
     let mut c = server.connect();
     let mut reply = c.request(b"stats settings\r\n", END);
@@ -208,7 +257,10 @@ fn config_file_and_flags_combine() {
     let text = String::from_utf8(reply).unwrap();
     assert!(text.contains("STAT maxbytes 8388608\n"), "{text}");
     assert!(text.contains("STAT item_size_max 524288\n"), "{text}");
-    assert!(text.contains("STAT num_threads 3\n"), "flags override the file: {text}");
+    assert!(
+        text.contains("STAT num_threads 3\n"),
+        "flags override the file: {text}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -227,20 +279,61 @@ fn bad_configuration_is_refused_with_a_clear_error() {
 fn stats_report_memcached_fields() {
     let server = Server::start(&[]);
     let mut c = server.connect();
-    c.request(b"set a 0 0 1\r\n1\r\nget a\r\nget b\r\nincr a 1\r\ndelete zz\r\ntouch a 10\r\n", &[b"TOUCHED\r\n"]);
+    c.request(
+        b"set a 0 0 1\r\n1\r\nget a\r\nget b\r\nincr a 1\r\ndelete zz\r\ntouch a 10\r\n",
+        &[b"TOUCHED\r\n"],
+    );
     let mut reply = c.request(b"stats\r\n", END);
     reply.retain(|&b| b != b'\r');
     let text = String::from_utf8(reply).unwrap();
     for field in [
-        "pid", "uptime", "time", "version", "curr_connections", "total_connections", "cmd_get", "cmd_set",
-        "cmd_touch", "cmd_flush", "get_hits", "get_misses", "get_expired", "delete_hits", "delete_misses",
-        "incr_hits", "incr_misses", "decr_hits", "decr_misses", "cas_hits", "cas_misses", "cas_badval",
-        "touch_hits", "touch_misses", "curr_items", "total_items", "bytes", "limit_maxbytes", "evictions",
-        "expired_unfetched", "evicted_unfetched", "threads",
+        "pid",
+        "uptime",
+        "time",
+        "version",
+        "curr_connections",
+        "total_connections",
+        "cmd_get",
+        "cmd_set",
+        "cmd_touch",
+        "cmd_flush",
+        "get_hits",
+        "get_misses",
+        "get_expired",
+        "delete_hits",
+        "delete_misses",
+        "incr_hits",
+        "incr_misses",
+        "decr_hits",
+        "decr_misses",
+        "cas_hits",
+        "cas_misses",
+        "cas_badval",
+        "touch_hits",
+        "touch_misses",
+        "curr_items",
+        "total_items",
+        "bytes",
+        "limit_maxbytes",
+        "evictions",
+        "expired_unfetched",
+        "evicted_unfetched",
+        "threads",
     ] {
-        assert!(text.contains(&format!("STAT {field} ")), "missing {field}:\n{text}");
+        assert!(
+            text.contains(&format!("STAT {field} ")),
+            "missing {field}:\n{text}"
+        );
     }
-    for line in ["STAT get_hits 1\n", "STAT get_misses 1\n", "STAT incr_hits 1\n", "STAT delete_misses 1\n", "STAT touch_hits 1\n", "STAT curr_items 1\n", "STAT limit_maxbytes 67108864\n"] {
+    for line in [
+        "STAT get_hits 1\n",
+        "STAT get_misses 1\n",
+        "STAT incr_hits 1\n",
+        "STAT delete_misses 1\n",
+        "STAT touch_hits 1\n",
+        "STAT curr_items 1\n",
+        "STAT limit_maxbytes 67108864\n",
+    ] {
         assert!(text.contains(line), "expected {line:?} in\n{text}");
     }
 }
@@ -261,20 +354,36 @@ fn a_line_longer_than_any_command_closes_that_connection_only() {
     assert!(buf.is_empty());
     let mut c = server.connect();
     assert_eq!(c.request(b"get k\r\n", END), b"END\r\n");
-    assert!(!server.stderr_text().contains("panicked"), "{}", server.stderr_text());
+    assert!(
+        !server.stderr_text().contains("panicked"),
+        "{}",
+        server.stderr_text()
+    );
     assert!(server.has_exited().is_none());
 }
 
 #[test]
 fn the_open_file_limit_is_raised_or_startup_refused() {
     // Hard limit too low for -c: refuse to start, naming the remedies.
-    let refuse = format!("ulimit -Sn 100; ulimit -Hn 200; exec {} -p 0 -c 1024", common::WEBVAC_BIN);
-    let out = std::process::Command::new("sh").args(["-c", &refuse]).output().unwrap();
+    let refuse = format!(
+        "ulimit -Sn 100; ulimit -Hn 200; exec {} -p 0 -c 1024",
+        common::WEBVAC_BIN
+    );
+    let out = std::process::Command::new("sh")
+        .args(["-c", &refuse])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("needs 1088 open files") && err.contains("ulimit"), "{err}");
+    assert!(
+        err.contains("needs 1088 open files") && err.contains("ulimit"),
+        "{err}"
+    );
     // Soft limit too low but the hard limit allows it: raised, and serving.
-    let raise = format!("ulimit -Sn 100; ulimit -Hn 400; exec {} -p 0 -l 127.0.0.1 -c 300", common::WEBVAC_BIN);
+    let raise = format!(
+        "ulimit -Sn 100; ulimit -Hn 400; exec {} -p 0 -l 127.0.0.1 -c 300",
+        common::WEBVAC_BIN
+    );
     let mut child = std::process::Command::new("sh")
         .args(["-c", &raise])
         .stderr(std::process::Stdio::piped())
@@ -302,7 +411,11 @@ fn the_open_file_limit_is_raised_or_startup_refused() {
 fn stat_of(c: &mut Client, name: &str) -> u64 {
     let reply = String::from_utf8(c.request(b"stats\r\n", END)).unwrap();
     let prefix = format!("STAT {name} ");
-    reply.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse().ok()).unwrap_or_else(|| panic!("no {name}:\n{reply}"))
+    reply
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name}:\n{reply}"))
 }
 
 #[test]
@@ -328,22 +441,37 @@ fn half_sent_large_values_are_held_to_a_budget_like_memcached_memory() {
         }
         std::thread::sleep(Duration::from_millis(10)); // bounded poll for the server to read the parked lines
     }
-    assert_eq!(held, 8 * frame, "parked requests did not reserve their frames");
+    assert_eq!(
+        held,
+        8 * frame,
+        "parked requests did not reserve their frames"
+    );
 
     let mut late = server.connect();
     let mut full = b"set late 0 0 1000000\r\n".to_vec();
     full.extend_from_slice(&vec![b'l'; 1_000_000]);
     full.extend_from_slice(b"\r\nget late\r\n");
-    assert_eq!(late.request(&full, END), b"SERVER_ERROR out of memory storing object\r\nEND\r\n");
+    assert_eq!(
+        late.request(&full, END),
+        b"SERVER_ERROR out of memory storing object\r\nEND\r\n"
+    );
     assert!(stat_of(&mut admin, "store_no_memory") >= 1);
 
     // Complete one parked set: stored, and its reservation returned.
     let mut rest = vec![b'p'; 1_000_000 - 20_000];
     rest.extend_from_slice(b"\r\n");
     parked[0].send(&rest).unwrap();
-    assert_eq!(parked[0].read_until_suffix(&[b"\r\n"], REPLY_TIMEOUT).unwrap(), b"STORED\r\n");
+    assert_eq!(
+        parked[0]
+            .read_until_suffix(&[b"\r\n"], REPLY_TIMEOUT)
+            .unwrap(),
+        b"STORED\r\n"
+    );
     assert_eq!(stat_of(&mut admin, "inflight_bytes"), 7 * frame);
-    assert_eq!(late.request(&full, END).len(), "STORED\r\nVALUE late 0 1000000\r\n".len() + 1_000_000 + "\r\nEND\r\n".len());
+    assert_eq!(
+        late.request(&full, END).len(),
+        "STORED\r\nVALUE late 0 1000000\r\n".len() + 1_000_000 + "\r\nEND\r\n".len()
+    );
     // Dropping parked clients returns their reservations.
     drop(parked);
     let mut freed = u64::MAX;

@@ -24,7 +24,12 @@ pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>) -> Request<'a> {
     let Some(delta) = parse_u64(tokens.get(2)) else {
         return Request::error_noreply(reply::BAD_DELTA, noreply);
     };
-    Request::Arith(ArithCmd { incr: cmd == b"incr", key, delta, noreply })
+    Request::Arith(ArithCmd {
+        incr: cmd == b"incr",
+        key,
+        delta,
+        noreply,
+    })
 }
 
 pub fn compose_request(out: &mut Vec<u8>, incr: bool, key: &[u8], delta: u64, noreply: bool) {
@@ -43,13 +48,19 @@ mod tests {
     #[test]
     fn parses_and_rejects_like_memcached() {
         match one(b"decr k 18446744073709551615 noreply\r\n").0 {
-            Request::Arith(a) => assert_eq!((a.incr, a.key, a.delta, a.noreply), (false, &b"k"[..], u64::MAX, true)),
+            Request::Arith(a) => assert_eq!(
+                (a.incr, a.key, a.delta, a.noreply),
+                (false, &b"k"[..], u64::MAX, true)
+            ),
             other => panic!("{other:?}"),
         }
         assert_eq!(error_of(b"incr k\r\n"), reply::ERROR);
         assert_eq!(error_of(b"incr k 1 2 3\r\n"), reply::ERROR);
         assert_eq!(error_of(b"incr k -1\r\n"), reply::BAD_DELTA);
-        assert_eq!(error_of(b"incr k 18446744073709551616\r\n"), reply::BAD_DELTA);
+        assert_eq!(
+            error_of(b"incr k 18446744073709551616\r\n"),
+            reply::BAD_DELTA
+        );
         let mut out = Vec::new();
         compose_request(&mut out, true, b"k", 5, false);
         assert_eq!(out, b"incr k 5\r\n");

@@ -45,8 +45,14 @@ mod tests {
 
     #[test]
     fn hold_time_rules() {
-        assert!(matches!(one(b"delete a 0\r\n").0, Request::Delete(Delete { noreply: false, .. })));
-        assert!(matches!(one(b"delete a 0 noreply\r\n").0, Request::Delete(Delete { noreply: true, .. })));
+        assert!(matches!(
+            one(b"delete a 0\r\n").0,
+            Request::Delete(Delete { noreply: false, .. })
+        ));
+        assert!(matches!(
+            one(b"delete a 0 noreply\r\n").0,
+            Request::Delete(Delete { noreply: true, .. })
+        ));
         assert_eq!(error_of(b"delete a 1\r\n"), reply::DELETE_USAGE);
         assert_eq!(error_of(b"delete a 1 2 3\r\n"), reply::ERROR);
         assert_eq!(error_of(b"delete\r\n"), reply::ERROR);

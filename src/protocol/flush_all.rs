@@ -34,9 +34,27 @@ mod tests {
 
     #[test]
     fn parses() {
-        assert!(matches!(one(b"flush_all\r\n").0, Request::FlushAll(FlushAll { delay: 0, noreply: false })));
-        assert!(matches!(one(b"flush_all 10 noreply\r\n").0, Request::FlushAll(FlushAll { delay: 10, noreply: true })));
-        assert!(matches!(one(b"flush_all noreply\r\n").0, Request::FlushAll(FlushAll { delay: 0, noreply: true })));
+        assert!(matches!(
+            one(b"flush_all\r\n").0,
+            Request::FlushAll(FlushAll {
+                delay: 0,
+                noreply: false
+            })
+        ));
+        assert!(matches!(
+            one(b"flush_all 10 noreply\r\n").0,
+            Request::FlushAll(FlushAll {
+                delay: 10,
+                noreply: true
+            })
+        ));
+        assert!(matches!(
+            one(b"flush_all noreply\r\n").0,
+            Request::FlushAll(FlushAll {
+                delay: 0,
+                noreply: true
+            })
+        ));
         assert_eq!(error_of(b"flush_all abc\r\n"), reply::BAD_EXPTIME);
         assert_eq!(error_of(b"flush_all 1 2 3\r\n"), reply::ERROR);
     }

@@ -50,7 +50,12 @@ pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>, line: &'a [u8]) -> Request<'a>
     } else {
         (None, end_of(tokens.get(0), line))
     };
-    let mut get = Get { with_cas, touch, keys: &line[keys_from..], fails_after_keys: false };
+    let mut get = Get {
+        with_cas,
+        touch,
+        keys: &line[keys_from..],
+        fails_after_keys: false,
+    };
     if let Some(long) = get.keys().find(|k| k.len() > KEY_BYTES_MAX) {
         let end = long.as_ptr() as usize - line.as_ptr() as usize;
         get.keys = &line[keys_from..end];
@@ -115,7 +120,11 @@ mod tests {
 
     #[test]
     fn parses_multi_key_get_beyond_the_token_limit() {
-        let line: String = std::iter::once("get".to_string()).chain((0..40).map(|i| format!("k{i}"))).collect::<Vec<_>>().join(" ") + "\r\n";
+        let line: String = std::iter::once("get".to_string())
+            .chain((0..40).map(|i| format!("k{i}")))
+            .collect::<Vec<_>>()
+            .join(" ")
+            + "\r\n";
         let g = get(line.as_bytes());
         assert_eq!(g.keys().count(), 40);
         assert!(!g.with_cas && g.touch.is_none());

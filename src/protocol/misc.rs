@@ -30,10 +30,19 @@ mod tests {
 
     #[test]
     fn verbosity() {
-        assert!(matches!(one(b"verbosity 1\r\n").0, Request::Verbosity(Verbosity { level: 1, noreply: false })));
+        assert!(matches!(
+            one(b"verbosity 1\r\n").0,
+            Request::Verbosity(Verbosity {
+                level: 1,
+                noreply: false
+            })
+        ));
         assert_eq!(error_of(b"verbosity\r\n"), reply::ERROR);
         assert_eq!(error_of(b"verbosity abc\r\n"), reply::BAD_FORMAT);
-        assert!(matches!(one(b"verbosity noreply\r\n").0, Request::Error { noreply: true, .. }));
+        assert!(matches!(
+            one(b"verbosity noreply\r\n").0,
+            Request::Error { noreply: true, .. }
+        ));
         assert!(matches!(one(b"version\r\n").0, Request::Version));
         assert!(matches!(one(b"quit\r\n").0, Request::Quit));
     }

@@ -31,7 +31,8 @@ pub mod reply {
     pub const BAD_DELTA: &str = "CLIENT_ERROR invalid numeric delta argument";
     pub const BAD_EXPTIME: &str = "CLIENT_ERROR invalid exptime argument";
     pub const NON_NUMERIC: &str = "CLIENT_ERROR cannot increment or decrement non-numeric value";
-    pub const DELETE_USAGE: &str = "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]";
+    pub const DELETE_USAGE: &str =
+        "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]";
     pub const TOO_LARGE: &str = "SERVER_ERROR object too large for cache";
     pub const NO_MEMORY_STORING: &str = "SERVER_ERROR out of memory storing object";
     pub const NO_MEMORY: &str = "SERVER_ERROR out of memory";
@@ -60,18 +61,30 @@ pub enum Request<'a> {
     Meta(meta::MetaRequest<'a>),
     /// Answer with this line (unless `noreply`) and carry on. `swallow` bytes
     /// that follow belong to a rejected data block and must be discarded.
-    Error { reply: &'static str, noreply: bool, swallow: usize },
+    Error {
+        reply: &'static str,
+        noreply: bool,
+        swallow: usize,
+    },
     /// memcached drops the connection without a reply.
     Close,
 }
 
 impl Request<'_> {
     pub(crate) fn error(reply: &'static str) -> Self {
-        Request::Error { reply, noreply: false, swallow: 0 }
+        Request::Error {
+            reply,
+            noreply: false,
+            swallow: 0,
+        }
     }
 
     pub(crate) fn error_noreply(reply: &'static str, noreply: bool) -> Self {
-        Request::Error { reply, noreply, swallow: 0 }
+        Request::Error {
+            reply,
+            noreply,
+            swallow: 0,
+        }
     }
 }
 
@@ -79,7 +92,10 @@ impl Request<'_> {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // see `Request`
 pub enum Parsed<'a> {
-    Complete { request: Request<'a>, consumed: usize },
+    Complete {
+        request: Request<'a>,
+        consumed: usize,
+    },
     Incomplete,
 }
 
@@ -96,7 +112,10 @@ pub struct ParseLimits {
 
 impl ParseLimits {
     pub fn new(item_bytes_max: usize) -> Self {
-        Self { item_bytes_max, data_bytes_max: usize::MAX }
+        Self {
+            item_bytes_max,
+            data_bytes_max: usize::MAX,
+        }
     }
 }
 
@@ -125,7 +144,12 @@ impl Refused {
     }
 
     /// The refusal for a data block of `vlen` bytes, if any.
-    pub(crate) fn check(key_len: usize, flags: u32, vlen: usize, limits: &ParseLimits) -> Option<Refused> {
+    pub(crate) fn check(
+        key_len: usize,
+        flags: u32,
+        vlen: usize,
+        limits: &ParseLimits,
+    ) -> Option<Refused> {
         if !crate::store::item_fits(key_len, flags, vlen, limits.item_bytes_max) {
             Some(Refused::TooLarge { swallow: vlen + 2 })
         } else if vlen + 2 > limits.data_bytes_max {
@@ -168,7 +192,10 @@ pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
         // Only reachable when a long line and its newline arrive in one read
         // (otherwise `incomplete_line` closed the connection already). No
         // command needs a line this long; bounding it bounds the buffer.
-        return Parsed::Complete { request: Request::Close, consumed };
+        return Parsed::Complete {
+            request: Request::Close,
+            consumed,
+        };
     }
     let mut line = &buf[..nl];
     if line.len() > 1 && line[line.len() - 1] == b'\r' {
@@ -180,7 +207,10 @@ pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
     }
     let tokens = Tokens::new(line);
     if tokens.is_empty() || tokens.get(0).len() < 2 {
-        return Parsed::Complete { request: Request::error(reply::ERROR), consumed };
+        return Parsed::Complete {
+            request: Request::error(reply::ERROR),
+            consumed,
+        };
     }
     let cmd = tokens.get(0);
     let request = match cmd {
@@ -198,7 +228,9 @@ pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
         b"quit" => Request::Quit,
         b"shutdown" => Request::error(reply::SHUTDOWN_DISABLED),
         [b'm', _] => return meta::parse(&tokens, &buf[consumed..], consumed, limits),
-        _ if tokens.len() >= 2 && tokens.get(tokens.len() - 1).starts_with(b"HTTP/") => Request::Close,
+        _ if tokens.len() >= 2 && tokens.get(tokens.len() - 1).starts_with(b"HTTP/") => {
+            Request::Close
+        }
         _ => Request::error(reply::ERROR),
     };
     Parsed::Complete { request, consumed }
@@ -214,7 +246,10 @@ fn incomplete_line(buf: &[u8]) -> Parsed<'_> {
     let rest = &buf[spaces..];
     let multiget = rest.starts_with(b"get ") || rest.starts_with(b"gets ");
     if spaces > 100 || !multiget || buf.len() > MULTIGET_LINE_BYTES_MAX {
-        return Parsed::Complete { request: Request::Close, consumed: buf.len() };
+        return Parsed::Complete {
+            request: Request::Close,
+            consumed: buf.len(),
+        };
     }
     Parsed::Incomplete
 }
@@ -222,7 +257,10 @@ fn incomplete_line(buf: &[u8]) -> Parsed<'_> {
 /// The preamble of `<cmd> <key> <arg> [noreply]` commands: memcached's
 /// token-count check (`ERROR`), `noreply`, and the key length check.
 #[allow(clippy::result_large_err)] // the error is the reply request itself
-pub(crate) fn key_and_noreply<'a>(tokens: &Tokens<'a>, ntokens: &[usize]) -> Result<(&'a [u8], bool), Request<'a>> {
+pub(crate) fn key_and_noreply<'a>(
+    tokens: &Tokens<'a>,
+    ntokens: &[usize],
+) -> Result<(&'a [u8], bool), Request<'a>> {
     if !ntokens.contains(&tokens.ntokens()) {
         return Err(Request::error(reply::ERROR));
     }
@@ -278,7 +316,10 @@ pub fn put_i64(out: &mut Vec<u8>, n: i64) {
 pub(crate) mod test_util {
     use super::*;
 
-    pub const LIMITS: ParseLimits = ParseLimits { item_bytes_max: 1024 * 1024, data_bytes_max: usize::MAX };
+    pub const LIMITS: ParseLimits = ParseLimits {
+        item_bytes_max: 1024 * 1024,
+        data_bytes_max: usize::MAX,
+    };
 
     /// Parses one complete request or panics.
     pub fn one(buf: &[u8]) -> (Request<'_>, usize) {

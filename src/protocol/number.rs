@@ -26,7 +26,9 @@ fn c_number(s: &[u8]) -> Option<(bool, Option<u64>, &[u8])> {
     let start = i;
     let mut value: Option<u64> = Some(0);
     while i < s.len() && s[i].is_ascii_digit() {
-        value = value.and_then(|v| v.checked_mul(10)).and_then(|v| v.checked_add(u64::from(s[i] - b'0')));
+        value = value
+            .and_then(|v| v.checked_mul(10))
+            .and_then(|v| v.checked_add(u64::from(s[i] - b'0')));
         i += 1;
     }
     if i == start {
@@ -48,7 +50,11 @@ pub fn parse_u64(token: &[u8]) -> Option<u64> {
     if !clean_end(rest) {
         return None;
     }
-    let value = if neg { magnitude.wrapping_neg() } else { magnitude };
+    let value = if neg {
+        magnitude.wrapping_neg()
+    } else {
+        magnitude
+    };
     if neg && (value as i64) < 0 {
         return None; // "-5" would wrap to a huge number: refused
     }
@@ -90,7 +96,11 @@ pub fn parse_value_u64(value: &[u8]) -> Option<u64> {
     if !rest.first().is_none_or(|&b| is_c_space(b) || b == 0) {
         return None;
     }
-    let v = if neg { magnitude.wrapping_neg() } else { magnitude };
+    let v = if neg {
+        magnitude.wrapping_neg()
+    } else {
+        magnitude
+    };
     if neg && (v as i64) < 0 {
         return None;
     }
@@ -121,7 +131,10 @@ mod tests {
     #[test]
     fn narrowing_matches_c_assignment() {
         assert_eq!(parse_u32_truncating(b"4294967296"), Some(0));
-        assert_eq!(parse_u32_truncating(b"18446744073709551615"), Some(u32::MAX));
+        assert_eq!(
+            parse_u32_truncating(b"18446744073709551615"),
+            Some(u32::MAX)
+        );
         assert_eq!(parse_u32_truncating(b"-1"), None);
         assert_eq!(parse_i32_truncating(b"2147483648"), Some(i32::MIN));
         assert_eq!(parse_i32_truncating(b"-2147483649"), Some(i32::MAX));

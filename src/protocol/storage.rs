@@ -41,16 +41,28 @@ fn mode_of(cmd: &[u8]) -> Mode {
 }
 
 /// `rest` is the buffer after the command line, which ends at `line_end`.
-pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>, rest: &'a [u8], line_end: usize, limits: &ParseLimits) -> Parsed<'a> {
+pub fn parse<'a>(
+    cmd: &[u8],
+    tokens: &Tokens<'a>,
+    rest: &'a [u8],
+    line_end: usize,
+    limits: &ParseLimits,
+) -> Parsed<'a> {
     let is_cas = cmd == b"cas";
     let n = tokens.ntokens();
-    let done = |request| Parsed::Complete { request, consumed: line_end };
+    let done = |request| Parsed::Complete {
+        request,
+        consumed: line_end,
+    };
     let allowed = if is_cas { [7, 8] } else { [6, 7] };
     if !allowed.contains(&n) {
         return done(Request::error(reply::ERROR));
     }
     let noreply = tokens.noreply();
-    let bad = || Parsed::Complete { request: Request::error_noreply(reply::BAD_FORMAT, noreply), consumed: line_end };
+    let bad = || Parsed::Complete {
+        request: Request::error_noreply(reply::BAD_FORMAT, noreply),
+        consumed: line_end,
+    };
     let key = tokens.get(1);
     if key.len() > KEY_BYTES_MAX {
         return bad();
@@ -92,7 +104,10 @@ pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>, rest: &'a [u8], line_end: usiz
     }
     let consumed = line_end + vlen + 2;
     if &rest[vlen..vlen + 2] != b"\r\n" {
-        return Parsed::Complete { request: Request::error_noreply(reply::BAD_DATA_CHUNK, noreply), consumed };
+        return Parsed::Complete {
+            request: Request::error_noreply(reply::BAD_DATA_CHUNK, noreply),
+            consumed,
+        };
     }
     Parsed::Complete {
         request: Request::Storage(Storage {
@@ -111,7 +126,16 @@ pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>, rest: &'a [u8], line_end: usiz
 
 /// The request a client sends.
 #[allow(clippy::too_many_arguments)]
-pub fn compose_request(out: &mut Vec<u8>, mode: Mode, key: &[u8], flags: u32, exptime: i64, data: &[u8], cas: Option<u64>, noreply: bool) {
+pub fn compose_request(
+    out: &mut Vec<u8>,
+    mode: Mode,
+    key: &[u8],
+    flags: u32,
+    exptime: i64,
+    data: &[u8],
+    cas: Option<u64>,
+    noreply: bool,
+) {
     out.extend_from_slice(match (cas.is_some(), mode) {
         (true, _) => b"cas ".as_slice(),
         (false, Mode::Set) => b"set ",
@@ -138,8 +162,8 @@ pub fn compose_request(out: &mut Vec<u8>, mode: Mode, key: &[u8], flags: u32, ex
 
 #[cfg(test)]
 mod tests {
-    use super::super::test_util::*;
     use super::super::parse as parse_any;
+    use super::super::test_util::*;
     use super::*;
 
     fn storage(buf: &[u8]) -> (Storage<'_>, usize) {
@@ -152,7 +176,10 @@ mod tests {
     #[test]
     fn parses_set_and_cas_with_data() {
         let (s, n) = storage(b"set k 5 100 3\r\nabc\r\nget k\r\n");
-        assert_eq!((s.mode, s.key, s.flags, s.exptime, s.data, s.noreply), (Mode::Set, &b"k"[..], 5, 100, &b"abc"[..], false));
+        assert_eq!(
+            (s.mode, s.key, s.flags, s.exptime, s.data, s.noreply),
+            (Mode::Set, &b"k"[..], 5, 100, &b"abc"[..], false)
+        );
         assert_eq!(n, 20);
         let (s, _) = storage(b"cas k 0 0 1 77 noreply\r\nx\r\n");
         assert_eq!((s.cas, s.noreply), (Some(77), true));
@@ -160,8 +187,14 @@ mod tests {
 
     #[test]
     fn waits_for_the_whole_data_block() {
-        assert!(matches!(parse_any(b"set k 0 0 3\r\nab", &LIMITS), Parsed::Incomplete));
-        assert!(matches!(parse_any(b"set k 0 0 3\r\nabc\r", &LIMITS), Parsed::Incomplete));
+        assert!(matches!(
+            parse_any(b"set k 0 0 3\r\nab", &LIMITS),
+            Parsed::Incomplete
+        ));
+        assert!(matches!(
+            parse_any(b"set k 0 0 3\r\nabc\r", &LIMITS),
+            Parsed::Incomplete
+        ));
     }
 
     #[test]
@@ -178,7 +211,13 @@ mod tests {
         assert_eq!(error_of(long.as_bytes()), reply::BAD_FORMAT);
         // A bad data chunk consumes exactly <bytes> + 2 after the line.
         let (r, n) = one(b"set k 0 0 1\r\nabc\r\n");
-        assert!(matches!(r, Request::Error { reply: reply::BAD_DATA_CHUNK, .. }));
+        assert!(matches!(
+            r,
+            Request::Error {
+                reply: reply::BAD_DATA_CHUNK,
+                ..
+            }
+        ));
         assert_eq!(n, 16);
     }
 
@@ -196,20 +235,32 @@ mod tests {
         // The exact boundary: 48 + (1 + 1) + 1048516 + 2 + 8 == 1 MiB.
         let (s, _) = storage(b"set y 0 0 1048517\r\n");
         assert!(s.refused.is_some());
-        assert!(matches!(parse_any(b"set y 0 0 1048516\r\n", &LIMITS), Parsed::Incomplete));
+        assert!(matches!(
+            parse_any(b"set y 0 0 1048516\r\n", &LIMITS),
+            Parsed::Incomplete
+        ));
     }
 
     #[test]
     fn data_over_the_buffer_allowance_is_refused_for_lack_of_memory() {
-        let tight = ParseLimits { data_bytes_max: 100, ..LIMITS };
+        let tight = ParseLimits {
+            data_bytes_max: 100,
+            ..LIMITS
+        };
         match parse_any(b"set k 0 0 1000\r\n", &tight) {
-            Parsed::Complete { request: Request::Storage(s), consumed } => {
+            Parsed::Complete {
+                request: Request::Storage(s),
+                consumed,
+            } => {
                 assert_eq!(s.refused, Some(Refused::NoMemory { swallow: 1002 }));
                 assert_eq!(consumed, 16);
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse_any(b"set k 0 0 10\r\n", &tight), Parsed::Incomplete));
+        assert!(matches!(
+            parse_any(b"set k 0 0 10\r\n", &tight),
+            Parsed::Incomplete
+        ));
     }
 
     #[test]
@@ -218,6 +269,9 @@ mod tests {
         compose_request(&mut out, Mode::Append, b"k", 1, -1, b"xy", None, true);
         assert_eq!(out, b"append k 1 -1 2 noreply\r\nxy\r\n");
         let (s, n) = storage(&out);
-        assert_eq!((s.mode, s.exptime, s.data, n), (Mode::Append, -1, &b"xy"[..], out.len()));
+        assert_eq!(
+            (s.mode, s.exptime, s.data, n),
+            (Mode::Append, -1, &b"xy"[..], out.len())
+        );
     }
 }

@@ -79,7 +79,10 @@ mod tests {
 
     #[test]
     fn caps_token_count_and_keeps_the_rest() {
-        let line: Vec<u8> = (0..30).map(|i| format!("k{i} ")).collect::<String>().into_bytes();
+        let line: Vec<u8> = (0..30)
+            .map(|i| format!("k{i} "))
+            .collect::<String>()
+            .into_bytes();
         let t = Tokens::new(&line);
         assert_eq!(t.len(), TOKENS_MAX - 1);
         assert!(t.rest.unwrap().starts_with(b"k23"));

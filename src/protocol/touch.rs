@@ -19,7 +19,11 @@ pub fn parse<'a>(tokens: &Tokens<'a>) -> Request<'a> {
     let Some(exptime) = parse_i32_truncating(tokens.get(2)) else {
         return Request::error_noreply(reply::BAD_EXPTIME, noreply);
     };
-    Request::Touch(Touch { key, exptime: i64::from(exptime), noreply })
+    Request::Touch(Touch {
+        key,
+        exptime: i64::from(exptime),
+        noreply,
+    })
 }
 
 #[cfg(test)]
@@ -29,7 +33,14 @@ mod tests {
 
     #[test]
     fn parses() {
-        assert!(matches!(one(b"touch k 10 noreply\r\n").0, Request::Touch(Touch { exptime: 10, noreply: true, .. })));
+        assert!(matches!(
+            one(b"touch k 10 noreply\r\n").0,
+            Request::Touch(Touch {
+                exptime: 10,
+                noreply: true,
+                ..
+            })
+        ));
         assert_eq!(error_of(b"touch k\r\n"), reply::ERROR);
         assert_eq!(error_of(b"touch k abc\r\n"), reply::BAD_EXPTIME);
     }

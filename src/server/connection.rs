@@ -46,7 +46,10 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
-    let _registered = Registered { shared: shared.clone(), _done: done };
+    let _registered = Registered {
+        shared: shared.clone(),
+        _done: done,
+    };
     let _ = stream.set_nodelay(true);
     debug!(peer = %peer, "connection opened");
     match run(&mut stream, &shared, &mut stop).await {
@@ -55,7 +58,11 @@ pub async fn serve(
     }
 }
 
-async fn run(stream: &mut TcpStream, shared: &Shared, stop: &mut watch::Receiver<bool>) -> std::io::Result<()> {
+async fn run(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    stop: &mut watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let (mut rd, mut wr) = stream.split();
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
@@ -63,7 +70,15 @@ async fn run(stream: &mut TcpStream, shared: &Shared, stop: &mut watch::Receiver
     let mut reservation = Reservation::new(&shared.inflight);
     let input_max = incomplete_bytes_max(&shared.limits);
     loop {
-        let close = process(shared, &mut inbuf, &mut out, &mut swallow, &mut reservation, &mut wr).await?;
+        let close = process(
+            shared,
+            &mut inbuf,
+            &mut out,
+            &mut swallow,
+            &mut reservation,
+            &mut wr,
+        )
+        .await?;
         flush(shared, &mut wr, &mut out).await?;
         if close || *stop.borrow() {
             return Ok(());
@@ -71,7 +86,11 @@ async fn run(stream: &mut TcpStream, shared: &Shared, stop: &mut watch::Receiver
         if inbuf.len() >= input_max {
             // The parser's bounds make this unreachable; if a bug ever makes
             // it reachable, drop this client rather than grow.
-            warn!(buffered = inbuf.len(), limit = input_max, "input buffer over its bound; closing connection");
+            warn!(
+                buffered = inbuf.len(),
+                limit = input_max,
+                "input buffer over its bound; closing connection"
+            );
             debug_assert!(false, "parser left {} bytes unconsumed", inbuf.len());
             return Ok(());
         }
@@ -97,7 +116,10 @@ async fn run(stream: &mut TcpStream, shared: &Shared, stop: &mut watch::Receiver
 async fn flush(shared: &Shared, wr: &mut WriteHalf<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {
     if !out.is_empty() {
         wr.write_all(out).await?;
-        shared.stats.bytes_written.fetch_add(out.len() as u64, Relaxed);
+        shared
+            .stats
+            .bytes_written
+            .fetch_add(out.len() as u64, Relaxed);
         out.clear();
     }
     Ok(())
@@ -132,7 +154,10 @@ async fn process(
                 }
                 // A large request is arriving: parsing it as if there were no
                 // room tells us whether it is a data block and how big.
-                let no_room = ParseLimits { data_bytes_max: 0, ..shared.limits };
+                let no_room = ParseLimits {
+                    data_bytes_max: 0,
+                    ..shared.limits
+                };
                 let Parsed::Complete { request, consumed } = parse(&inbuf[..], &no_room) else {
                     return Ok(false); // a long multi-get line, bounded by the parser
                 };
@@ -142,7 +167,11 @@ async fn process(
                 if reservation.reserve(frame_bytes) {
                     return Ok(false); // room held: wait for the rest of the data
                 }
-                debug!(frame_bytes, inflight = shared.inflight.used(), "no in-flight memory for a request; refusing it");
+                debug!(
+                    frame_bytes,
+                    inflight = shared.inflight.used(),
+                    "no in-flight memory for a request; refusing it"
+                );
                 (execute::execute(shared, request, out), consumed)
             }
             Parsed::Complete { request, consumed } => {

@@ -56,7 +56,9 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
         Request::Storage(s) => {
             if let Some(refused) = s.refused {
                 let too_large = matches!(refused, Refused::TooLarge { .. });
-                shared.store.reject_write(s.key, s.mode == Mode::Set && s.cas.is_none(), too_large);
+                shared
+                    .store
+                    .reject_write(s.key, s.mode == Mode::Set && s.cas.is_none(), too_large);
                 if !s.noreply {
                     put_line(out, refused.reply().as_bytes());
                 }
@@ -117,14 +119,21 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
             put_line(out, shared.facts.version.as_bytes());
         }
         Request::Verbosity(v) => {
-            shared.stats.verbosity.store(u64::from(v.level.min(VERBOSITY_MAX)), Relaxed);
+            shared
+                .stats
+                .verbosity
+                .store(u64::from(v.level.min(VERBOSITY_MAX)), Relaxed);
             if !v.noreply {
                 put_line(out, b"OK");
             }
         }
         Request::Quit | Request::Close => return Action::Close,
         Request::Meta(m) => return super::meta::execute(shared, m, out),
-        Request::Error { reply, noreply, swallow } => {
+        Request::Error {
+            reply,
+            noreply,
+            swallow,
+        } => {
             if !noreply {
                 put_line(out, reply.as_bytes());
             }
@@ -152,8 +161,20 @@ pub fn stored_reply(result: Stored, mode: Mode) -> &'static str {
 fn stats(shared: &Shared, cmd: StatsCmd<'_>, out: &mut Vec<u8>) {
     let now = shared.store.clock().now_secs();
     match cmd {
-        StatsCmd::General => compose_general(out, &shared.facts, &shared.stats, &shared.store.stats(), now, shared.inflight.used()),
-        StatsCmd::Settings => compose_settings(out, &shared.facts, &shared.stats, shared.store.limit_bytes()),
+        StatsCmd::General => compose_general(
+            out,
+            &shared.facts,
+            &shared.stats,
+            &shared.store.stats(),
+            now,
+            shared.inflight.used(),
+        ),
+        StatsCmd::Settings => compose_settings(
+            out,
+            &shared.facts,
+            &shared.stats,
+            shared.store.limit_bytes(),
+        ),
         StatsCmd::Reset => {
             shared.store.reset_stats();
             shared.stats.reset();

@@ -24,7 +24,10 @@ pub struct InflightBudget {
 
 impl InflightBudget {
     pub fn new(limit: usize) -> Self {
-        Self { used: AtomicUsize::new(0), limit }
+        Self {
+            used: AtomicUsize::new(0),
+            limit,
+        }
     }
 
     pub fn used(&self) -> usize {
@@ -41,7 +44,10 @@ impl InflightBudget {
 
     fn release(&self, bytes: usize) {
         let before = self.used.fetch_sub(bytes, Ordering::AcqRel);
-        assert!(before >= bytes, "in-flight budget released more than reserved");
+        assert!(
+            before >= bytes,
+            "in-flight budget released more than reserved"
+        );
     }
 }
 

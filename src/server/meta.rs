@@ -68,7 +68,9 @@ fn mg(shared: &Shared, g: &MetaGet<'_>, out: &mut Vec<u8>) {
                 out.extend_from_slice(b"EN");
                 for tok in &f.tokens {
                     match tok[0] {
-                        b'O' if !opaque_ok(&tok[1..]) => return fail(out, start, errors::OPAQUE_TOO_LONG),
+                        b'O' if !opaque_ok(&tok[1..]) => {
+                            return fail(out, start, errors::OPAQUE_TOO_LONG);
+                        }
                         b'O' => {
                             out.push(b' ');
                             out.extend_from_slice(tok);
@@ -124,7 +126,11 @@ fn mg(shared: &Shared, g: &MetaGet<'_>, out: &mut Vec<u8>) {
                 b'R' => {
                     let e = ctx.meta().expect("live item");
                     let threshold = i64::from(f.recache.expect("parsed R"));
-                    if !item.win_sent && !created && e.exptime != 0 && exptime::remaining(e.exptime, now) < threshold {
+                    if !item.win_sent
+                        && !created
+                        && e.exptime != 0
+                        && exptime::remaining(e.exptime, now) < threshold
+                    {
                         won = true;
                     }
                 }
@@ -132,7 +138,12 @@ fn mg(shared: &Shared, g: &MetaGet<'_>, out: &mut Vec<u8>) {
                     out.extend_from_slice(b" s");
                     put_u64(out, value_len as u64);
                 }
-                b't' => put_ttl(out, ctx.meta().expect("live item").exptime, now, shared.facts.started_unix_secs),
+                b't' => put_ttl(
+                    out,
+                    ctx.meta().expect("live item").exptime,
+                    now,
+                    shared.facts.started_unix_secs,
+                ),
                 b'c' => {
                     out.extend_from_slice(b" c");
                     put_u64(out, item.cas);
@@ -182,7 +193,9 @@ fn mg(shared: &Shared, g: &MetaGet<'_>, out: &mut Vec<u8>) {
 fn ms(shared: &Shared, s: &MetaSet<'_>, out: &mut Vec<u8>) -> Action {
     let f = &s.flags;
     if let Some(refused) = s.refused {
-        shared.store.reject_write(&s.key, true, matches!(refused, Refused::TooLarge { .. }));
+        shared
+            .store
+            .reject_write(&s.key, true, matches!(refused, Refused::TooLarge { .. }));
         put_line(out, refused.reply().as_bytes());
         return Action::Swallow(refused.swallow());
     }
@@ -193,7 +206,13 @@ fn ms(shared: &Shared, s: &MetaSet<'_>, out: &mut Vec<u8>) -> Action {
         Mode::Replace if f.cas.is_some() => (Mode::Set, f.cas),
         m => (m, f.cas),
     };
-    let mut w = Write::new(mode, &s.key, s.data, f.client_flags.unwrap_or(0), i64::from(f.ttl.unwrap_or(0)));
+    let mut w = Write::new(
+        mode,
+        &s.key,
+        s.data,
+        f.client_flags.unwrap_or(0),
+        i64::from(f.ttl.unwrap_or(0)),
+    );
     w.compare_cas = compare_cas;
     w.invalidate = f.has(b'I');
     let binary = f.has(b'b');
@@ -202,7 +221,10 @@ fn ms(shared: &Shared, s: &MetaSet<'_>, out: &mut Vec<u8>) -> Action {
         // Append and prepend build a fresh item from the old one, and
         // memcached does not mark that one binary.
         if matches!(r, Stored::Stored(_)) {
-            ctx.set_bit(bits::KEY_BINARY, binary && !matches!(mode, Mode::Append | Mode::Prepend));
+            ctx.set_bit(
+                bits::KEY_BINARY,
+                binary && !matches!(mode, Mode::Append | Mode::Prepend),
+            );
         }
         r
     });
@@ -329,7 +351,11 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
                     stores_ttl = in_place;
                 }
                 Delta::NotFound | Delta::Exists => {
-                    out.extend_from_slice(if result == Delta::NotFound { b"NF" } else { b"EX" });
+                    out.extend_from_slice(if result == Delta::NotFound {
+                        b"NF"
+                    } else {
+                        b"EX"
+                    });
                     put_echo(out, &f.tokens, &a.key, binary);
                     out.extend_from_slice(b"\r\n");
                     return;
@@ -398,12 +424,23 @@ fn me(shared: &Shared, d: &MetaDebug<'_>, out: &mut Vec<u8>) {
             out.extend_from_slice(e.key());
         }
         out.extend_from_slice(b" exp=");
-        put_i64(out, if e.exptime() == 0 { -1 } else { i64::from(now) - i64::from(e.exptime()) });
+        put_i64(
+            out,
+            if e.exptime() == 0 {
+                -1
+            } else {
+                i64::from(now) - i64::from(e.exptime())
+            },
+        );
         out.extend_from_slice(b" la=");
         put_u64(out, u64::from(now.saturating_sub(e.last_access())));
         out.extend_from_slice(b" cas=");
         put_u64(out, e.cas());
-        out.extend_from_slice(if e.has(bits::FETCHED) { b" fetch=yes" } else { b" fetch=no" });
+        out.extend_from_slice(if e.has(bits::FETCHED) {
+            b" fetch=yes"
+        } else {
+            b" fetch=no"
+        });
         let size = memcached_item_size(e.key().len(), e.value().len(), e.flags());
         out.extend_from_slice(b" cls=");
         put_u64(out, memcached_class(size) as u64);

@@ -60,12 +60,22 @@ impl Server {
     ///
     /// # Errors
     /// As [`Server::bind`].
-    pub async fn bind_with_clock(config: &Config, clock: Arc<dyn Clock>) -> Result<Self, ServerError> {
-        config.validate().map_err(|e| ServerError::Config(e.to_string()))?;
+    pub async fn bind_with_clock(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, ServerError> {
+        config
+            .validate()
+            .map_err(|e| ServerError::Config(e.to_string()))?;
         let open_files = rlimit::ensure_open_files(config.max_connections)?;
         debug!(open_files, "open-file limit");
         let addr = format!("{}:{}", config.listen, config.port);
-        let listener = TcpListener::bind(&addr).await.map_err(|source| ServerError::Bind { addr: addr.clone(), source })?;
+        let listener = TcpListener::bind(&addr)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: addr.clone(),
+                source,
+            })?;
         let local = listener.local_addr()?;
         let store = Store::new(
             &StoreConfig {
@@ -93,11 +103,17 @@ impl Server {
             facts,
             limits: ParseLimits::new(config.max_item_size),
         });
-        Ok(Self { listener, shared, max_connections: config.max_connections })
+        Ok(Self {
+            listener,
+            shared,
+            max_connections: config.max_connections,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -111,7 +127,11 @@ impl Server {
     /// # Errors
     /// Only on listener failures that are not per-connection.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
-        let Server { listener, shared, max_connections } = self;
+        let Server {
+            listener,
+            shared,
+            max_connections,
+        } = self;
         info!(addr = %listener.local_addr()?, memory_limit_bytes = shared.store.limit_bytes(), shards = shared.store.shard_count(), "listening");
         let (stop_tx, stop_rx) = watch::channel(false);
         // Each connection holds a sender; when all are dropped, recv() ends.
@@ -159,8 +179,14 @@ impl Server {
         drop(listener);
         let _ = stop_tx.send(true);
         drop(done_tx);
-        if tokio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), done_rx.recv()).await.is_err() {
-            warn!(open = shared.stats.curr_connections.load(Relaxed), "connections still open after the grace period");
+        if tokio::time::timeout(Duration::from_millis(SHUTDOWN_GRACE_MS), done_rx.recv())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = shared.stats.curr_connections.load(Relaxed),
+                "connections still open after the grace period"
+            );
         }
         sweeper.abort();
         info!("stopped");

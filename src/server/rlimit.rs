@@ -16,7 +16,10 @@ pub const FDS_RESERVED: u64 = 64;
 /// If the hard limit is too low, with a message naming both remedies.
 pub fn ensure_open_files(max_connections: usize) -> Result<u64, ServerError> {
     let needed = max_connections as u64 + FDS_RESERVED;
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes into the struct we own; no other memory.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
         return Err(ServerError::Io(std::io::Error::last_os_error()));
@@ -31,7 +34,10 @@ pub fn ensure_open_files(max_connections: usize) -> Result<u64, ServerError> {
             lim.rlim_max
         )));
     }
-    let raised = libc::rlimit { rlim_cur: needed, rlim_max: lim.rlim_max };
+    let raised = libc::rlimit {
+        rlim_cur: needed,
+        rlim_max: lim.rlim_max,
+    };
     // SAFETY: setrlimit only reads the struct we pass.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         return Err(ServerError::Config(format!(

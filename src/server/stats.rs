@@ -23,7 +23,14 @@ pub struct ServerStats {
 
 impl ServerStats {
     pub fn reset(&self) {
-        for c in [&self.total_connections, &self.rejected_connections, &self.bytes_read, &self.bytes_written, &self.cmd_flush, &self.cmd_meta] {
+        for c in [
+            &self.total_connections,
+            &self.rejected_connections,
+            &self.bytes_read,
+            &self.bytes_written,
+            &self.cmd_flush,
+            &self.cmd_meta,
+        ] {
             c.store(0, Relaxed);
         }
     }
@@ -44,7 +51,14 @@ pub struct Facts {
 }
 
 /// `stats`: memcached's field names, in memcached's order.
-pub fn compose_general(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, st: &StoreStats, now: u32, inflight_bytes: usize) {
+pub fn compose_general(
+    out: &mut Vec<u8>,
+    f: &Facts,
+    s: &ServerStats,
+    st: &StoreStats,
+    now: u32,
+    inflight_bytes: usize,
+) {
     let c = &st.counters;
     let (user, system) = rusage();
     put_stat(out, "pid", f.pid);
@@ -52,12 +66,24 @@ pub fn compose_general(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, st: &Store
     put_stat(out, "time", now);
     put_stat(out, "version", f.version);
     put_stat(out, "pointer_size", usize::BITS);
-    put_stat(out, "rusage_user", format_args!("{}.{:06}", user / 1_000_000, user % 1_000_000));
-    put_stat(out, "rusage_system", format_args!("{}.{:06}", system / 1_000_000, system % 1_000_000));
+    put_stat(
+        out,
+        "rusage_user",
+        format_args!("{}.{:06}", user / 1_000_000, user % 1_000_000),
+    );
+    put_stat(
+        out,
+        "rusage_system",
+        format_args!("{}.{:06}", system / 1_000_000, system % 1_000_000),
+    );
     put_stat(out, "max_connections", f.max_connections);
     put_stat(out, "curr_connections", s.curr_connections.load(Relaxed));
     put_stat(out, "total_connections", s.total_connections.load(Relaxed));
-    put_stat(out, "rejected_connections", s.rejected_connections.load(Relaxed));
+    put_stat(
+        out,
+        "rejected_connections",
+        s.rejected_connections.load(Relaxed),
+    );
     put_stat(out, "cmd_get", c.cmd_get);
     put_stat(out, "cmd_set", c.cmd_set);
     put_stat(out, "cmd_flush", s.cmd_flush.load(Relaxed));
@@ -117,10 +143,20 @@ pub fn compose_settings(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, limit_byt
 /// User and system CPU time of this process, in microseconds.
 fn rusage() -> (u64, u64) {
     // /proc/self/stat fields 14 and 15 are utime and stime in clock ticks.
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return (0, 0) };
-    let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else { return (0, 0) };
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return (0, 0);
+    };
+    let Some(after) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+        return (0, 0);
+    };
     let fields: Vec<&str> = after.split(' ').collect();
     let tick_us = 10_000; // USER_HZ is 100 on Linux
-    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * tick_us;
+    let get = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            * tick_us
+    };
     (get(11), get(12))
 }

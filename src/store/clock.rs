@@ -38,7 +38,9 @@ pub struct ManualClock {
 
 impl ManualClock {
     pub fn new(now_ms: u64) -> Self {
-        Self { now_ms: AtomicU64::new(now_ms) }
+        Self {
+            now_ms: AtomicU64::new(now_ms),
+        }
     }
 
     pub fn advance_ms(&self, delta_ms: u64) {

@@ -34,7 +34,11 @@ pub fn is_expired(exptime: u32, now_secs: u32) -> bool {
 
 /// Seconds left before expiry, as the meta protocol reports them (`-1` = never).
 pub fn remaining(exptime: u32, now_secs: u32) -> i64 {
-    if exptime == 0 { -1 } else { i64::from(exptime) - i64::from(now_secs) }
+    if exptime == 0 {
+        -1
+    } else {
+        i64::from(exptime) - i64::from(now_secs)
+    }
 }
 
 #[cfg(test)]

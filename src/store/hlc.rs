@@ -44,8 +44,14 @@ impl Hlc {
     /// # Panics
     /// If `node_id` does not fit in [`NODE_BITS`].
     pub fn new(node_id: u16) -> Self {
-        assert!(node_id <= NODE_ID_MAX, "node id {node_id} exceeds {NODE_ID_MAX}");
-        Self { last: AtomicU64::new(0), node_id }
+        assert!(
+            node_id <= NODE_ID_MAX,
+            "node id {node_id} exceeds {NODE_ID_MAX}"
+        );
+        Self {
+            last: AtomicU64::new(0),
+            node_id,
+        }
     }
 
     /// A new stamp, greater than every stamp this clock issued or observed.
@@ -109,11 +115,16 @@ mod tests {
             .map(|_| {
                 let hlc = hlc.clone();
                 std::thread::spawn(move || {
-                    (0..10_000).map(|_| hlc.next(EPOCH_UNIX_MS + 42)).collect::<Vec<_>>()
+                    (0..10_000)
+                        .map(|_| hlc.next(EPOCH_UNIX_MS + 42))
+                        .collect::<Vec<_>>()
                 })
             })
             .collect();
-        let mut all: Vec<u64> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        let mut all: Vec<u64> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect();
         let n = all.len();
         all.sort_unstable();
         all.dedup();
@@ -151,7 +162,10 @@ mod loom_model {
                     })
                 })
                 .collect();
-            let mut all: Vec<u64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+            let mut all: Vec<u64> = threads
+                .into_iter()
+                .flat_map(|t| t.join().unwrap())
+                .collect();
             all.sort_unstable();
             all.dedup();
             assert_eq!(all.len(), 4);

@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use parking_lot::Mutex;
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use shard::{Entry, ShardStats, charge};
 pub use shard::bits;
+pub use shard::{Entry, ShardStats, charge};
 use shard::{Gone, NewItem, Shard};
 
 use crate::limits::{
@@ -210,14 +210,20 @@ pub struct Store {
 pub fn shard_count(limit_bytes: usize, item_bytes_max: usize) -> usize {
     let per = charge(item_bytes_max) * SHARD_ITEMS_OF_MAX_SIZE;
     let n = (limit_bytes / per.max(1)).clamp(1, SHARDS_MAX);
-    if n.is_power_of_two() { n } else { n.next_power_of_two() / 2 }
+    if n.is_power_of_two() {
+        n
+    } else {
+        n.next_power_of_two() / 2
+    }
 }
 
 impl Store {
     pub fn new(config: &StoreConfig, clock: Arc<dyn Clock>) -> Self {
         let n = shard_count(config.memory_limit_bytes, config.item_bytes_max);
         let per_shard = config.memory_limit_bytes / n;
-        let shards = (0..n).map(|_| Padded(Mutex::new(Shard::new(per_shard)))).collect();
+        let shards = (0..n)
+            .map(|_| Padded(Mutex::new(Shard::new(per_shard))))
+            .collect();
         Self {
             shards,
             shard_mask: (n - 1) as u64,
@@ -269,13 +275,24 @@ impl Store {
     /// [`valid_key`]). The protocol layer never passes one.
     #[inline]
     fn locked<R>(&self, key: &[u8], f: impl FnOnce(&mut Ctx<'_>) -> R) -> R {
-        assert!(key.len() <= crate::limits::KEY_BYTES_MAX, "key of {} bytes is longer than memcached's 250", key.len());
+        assert!(
+            key.len() <= crate::limits::KEY_BYTES_MAX,
+            "key of {} bytes is longer than memcached's 250",
+            key.len()
+        );
         let hash = key_hash(key);
         let now_secs = self.clock.now_secs();
         let flushed_before = self.flushed_before(now_secs);
         let mut shard = self.shard(hash).lock();
         let found = shard.find_live(hash, key, now_secs, flushed_before);
-        let mut ctx = Ctx { shard: &mut shard, store: self, hash, key, found, now_secs };
+        let mut ctx = Ctx {
+            shard: &mut shard,
+            store: self,
+            hash,
+            key,
+            found,
+            now_secs,
+        };
         f(&mut ctx)
     }
 
@@ -291,7 +308,11 @@ impl Store {
             }
             match ctx.found {
                 Ok(slot) => {
-                    if touch.is_some() { st.touch_hits += 1 } else { st.get_hits += 1 }
+                    if touch.is_some() {
+                        st.touch_hits += 1
+                    } else {
+                        st.get_hits += 1
+                    }
                     ctx.shard.touch_access(slot, now);
                     let e = ctx.shard.get_mut(slot);
                     if let Some(t) = touch {
@@ -300,7 +321,11 @@ impl Store {
                     Some(f(e))
                 }
                 Err(gone) => {
-                    if touch.is_some() { st.touch_misses += 1 } else { st.get_misses += 1 }
+                    if touch.is_some() {
+                        st.touch_misses += 1
+                    } else {
+                        st.get_misses += 1
+                    }
                     match gone {
                         Gone::Expired => st.get_expired += 1,
                         Gone::Flushed => st.get_flushed += 1,
@@ -376,7 +401,9 @@ impl Store {
                     ctx.shard.stats.touch_hits += 1;
                     let now = ctx.now_secs;
                     ctx.shard.touch_access(slot, now);
-                    ctx.shard.get_mut(slot).set_exptime(exptime::absolute(exptime, now));
+                    ctx.shard
+                        .get_mut(slot)
+                        .set_exptime(exptime::absolute(exptime, now));
                     true
                 }
                 Err(_) => {
@@ -397,7 +424,9 @@ impl Store {
     /// used before `now + delay - 1` die at that second (memcached's timing).
     pub fn flush_all(&self, delay_secs: i64) {
         if delay_secs > 0 {
-            let at = exptime::absolute(delay_secs, self.clock.now_secs()).saturating_sub(1).max(1);
+            let at = exptime::absolute(delay_secs, self.clock.now_secs())
+                .saturating_sub(1)
+                .max(1);
             self.flush_at.store(at, Ordering::Relaxed);
             return;
         }
@@ -412,11 +441,17 @@ impl Store {
     pub fn sweep(&self, slots_per_shard: usize) -> usize {
         let now = self.clock.now_secs();
         let flushed_before = self.flushed_before(now);
-        self.shards.iter().map(|s| s.0.lock().sweep(slots_per_shard, now, flushed_before)).sum()
+        self.shards
+            .iter()
+            .map(|s| s.0.lock().sweep(slots_per_shard, now, flushed_before))
+            .sum()
     }
 
     pub fn stats(&self) -> StoreStats {
-        let mut out = StoreStats { limit_maxbytes: self.limit_bytes as u64, ..Default::default() };
+        let mut out = StoreStats {
+            limit_maxbytes: self.limit_bytes as u64,
+            ..Default::default()
+        };
         for s in self.shards.iter() {
             let s = s.0.lock();
             out.counters.add(&s.stats);
@@ -475,7 +510,9 @@ impl Ctx<'_> {
     pub fn set_exptime(&mut self, client_exptime: i64) {
         if let Ok(slot) = self.found {
             let now = self.now_secs;
-            self.shard.get_mut(slot).set_exptime(exptime::absolute(client_exptime, now));
+            self.shard
+                .get_mut(slot)
+                .set_exptime(exptime::absolute(client_exptime, now));
         }
     }
 
@@ -510,7 +547,13 @@ impl Ctx<'_> {
     }
 
     /// Inserts a new item for this key (replacing any) and makes it the live one.
-    pub fn insert(&mut self, value_parts: &[&[u8]], flags: u32, exptime_abs: u32, cas: Option<u64>) -> Result<u64, Stored> {
+    pub fn insert(
+        &mut self,
+        value_parts: &[&[u8]],
+        flags: u32,
+        exptime_abs: u32,
+        cas: Option<u64>,
+    ) -> Result<u64, Stored> {
         let cas = match cas {
             Some(c) => c,
             None => self.next_version(),
@@ -553,11 +596,13 @@ impl Ctx<'_> {
             return match (w.mode, w.vivify_exptime) {
                 (Mode::Set | Mode::Add, _) => {
                     let exp = exptime::absolute(w.exptime, now);
-                    self.insert(&[w.value], w.flags, exp, w.new_cas).map_or_else(|e| e, Stored::Stored)
+                    self.insert(&[w.value], w.flags, exp, w.new_cas)
+                        .map_or_else(|e| e, Stored::Stored)
                 }
                 (Mode::Append | Mode::Prepend, Some(vivify)) => {
                     let exp = exptime::absolute(vivify, now);
-                    self.insert(&[w.value], w.flags, exp, w.new_cas).map_or_else(|e| e, Stored::Stored)
+                    self.insert(&[w.value], w.flags, exp, w.new_cas)
+                        .map_or_else(|e| e, Stored::Stored)
                 }
                 _ => Stored::NotStored,
             };
@@ -587,7 +632,11 @@ impl Ctx<'_> {
                         return Stored::Exists;
                     }
                 }
-                let exp = if mark_stale { old_exptime } else { exptime::absolute(w.exptime, now) };
+                let exp = if mark_stale {
+                    old_exptime
+                } else {
+                    exptime::absolute(w.exptime, now)
+                };
                 match self.insert(&[w.value], w.flags, exp, w.new_cas) {
                     Ok(cas) => {
                         if mark_stale {
@@ -612,13 +661,18 @@ impl Ctx<'_> {
                 }
                 // Build the combined value straight from the stored one: one
                 // allocation, one copy of each part.
-                let parts: [&[u8]; 2] = if w.mode == Mode::Append { [old_value, w.value] } else { [w.value, old_value] };
+                let parts: [&[u8]; 2] = if w.mode == Mode::Append {
+                    [old_value, w.value]
+                } else {
+                    [w.value, old_value]
+                };
                 let cas = match w.new_cas {
                     Some(c) => c,
                     None => self.store.hlc.next(self.store.clock.now_ms()),
                 };
                 let item = NewItem::new(self.key, &parts, old_flags, old_exptime, cas);
-                self.insert_item(item, cas).map_or_else(|e| e, Stored::Stored)
+                self.insert_item(item, cas)
+                    .map_or_else(|e| e, Stored::Stored)
             }
         }
     }
@@ -635,7 +689,11 @@ impl Ctx<'_> {
                     Err(_) => Delta::NoMemory,
                 };
             }
-            if a.incr { self.shard.stats.incr_misses += 1 } else { self.shard.stats.decr_misses += 1 }
+            if a.incr {
+                self.shard.stats.incr_misses += 1
+            } else {
+                self.shard.stats.decr_misses += 1
+            }
             return Delta::NotFound;
         };
         let e = self.shard.get(slot);
@@ -658,7 +716,11 @@ impl Ctx<'_> {
         } else {
             current.saturating_sub(a.delta)
         };
-        if a.incr { self.shard.stats.incr_hits += 1 } else { self.shard.stats.decr_hits += 1 }
+        if a.incr {
+            self.shard.stats.incr_hits += 1
+        } else {
+            self.shard.stats.decr_hits += 1
+        }
         let mut buf = itoa_buf(new);
         let digits_len = buf.len();
         let exp = match a.exptime {

@@ -93,7 +93,11 @@ macro_rules! header_field {
     ($get:ident, $set:ident, $ty:ty, $at:expr) => {
         #[inline]
         pub fn $get(&self) -> $ty {
-            <$ty>::from_ne_bytes(self.buf[$at..$at + std::mem::size_of::<$ty>()].try_into().expect("header field"))
+            <$ty>::from_ne_bytes(
+                self.buf[$at..$at + std::mem::size_of::<$ty>()]
+                    .try_into()
+                    .expect("header field"),
+            )
         }
         #[inline]
         pub fn $set(&mut self, v: $ty) {
@@ -167,7 +171,9 @@ impl NewItem {
             data.extend_from_slice(part);
         }
         data[KEY_LEN_AT] = key.len() as u8;
-        let mut entry = Entry { buf: data.into_boxed_slice() };
+        let mut entry = Entry {
+            buf: data.into_boxed_slice(),
+        };
         entry.set_cas(cas);
         entry.set_flags(flags);
         entry.set_exptime(exptime);
@@ -212,11 +218,33 @@ pub struct ShardStats {
 impl ShardStats {
     pub fn add(&mut self, o: &ShardStats) {
         macro_rules! sum { ($($f:ident),*) => { $( self.$f += o.$f; )* } }
-        sum!(get_hits, get_misses, get_expired, get_flushed, touch_hits, touch_misses,
-             delete_hits, delete_misses, incr_hits, incr_misses, decr_hits, decr_misses,
-             cas_hits, cas_misses, cas_badval, cmd_get, cmd_set, cmd_touch, total_items,
-             evictions, evicted_unfetched, expired_unfetched, reclaimed, store_too_large,
-             store_no_memory);
+        sum!(
+            get_hits,
+            get_misses,
+            get_expired,
+            get_flushed,
+            touch_hits,
+            touch_misses,
+            delete_hits,
+            delete_misses,
+            incr_hits,
+            incr_misses,
+            decr_hits,
+            decr_misses,
+            cas_hits,
+            cas_misses,
+            cas_badval,
+            cmd_get,
+            cmd_set,
+            cmd_touch,
+            total_items,
+            evictions,
+            evicted_unfetched,
+            expired_unfetched,
+            reclaimed,
+            store_too_large,
+            store_no_memory
+        );
     }
 }
 
@@ -318,7 +346,9 @@ impl Shard {
     pub fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
         let slab = &self.slab;
         self.index
-            .find(hash, |&s| slab[s as usize].as_ref().is_some_and(|e| e.key() == key))
+            .find(hash, |&s| {
+                slab[s as usize].as_ref().is_some_and(|e| e.key() == key)
+            })
             .copied()
     }
 
@@ -359,7 +389,13 @@ impl Shard {
     /// evicts until the shard is within budget. `known` is the key's slot if
     /// the caller already looked it up (`None`: look it up here). Returns the
     /// item's slot.
-    pub fn insert(&mut self, hash: u64, item: NewItem, known: Option<Option<u32>>, now_secs: u32) -> Result<u32, InsertError> {
+    pub fn insert(
+        &mut self,
+        hash: u64,
+        item: NewItem,
+        known: Option<Option<u32>>,
+        now_secs: u32,
+    ) -> Result<u32, InsertError> {
         let existing = match known {
             Some(k) => k,
             None => self.find(hash, item.key()),
@@ -393,12 +429,17 @@ impl Shard {
                     None => {
                         assert!(self.slab.len() < NIL as usize, "slab index space exhausted");
                         self.slab.push(Some(entry));
-                        self.links.push(Link { newer: NIL, older: NIL });
+                        self.links.push(Link {
+                            newer: NIL,
+                            older: NIL,
+                        });
                         (self.slab.len() - 1) as u32
                     }
                 };
                 let slab = &self.slab;
-                self.index.insert_unique(hash, slot, |&s| slab[s as usize].as_ref().expect("indexed slot").hash());
+                self.index.insert_unique(hash, slot, |&s| {
+                    slab[s as usize].as_ref().expect("indexed slot").hash()
+                });
                 self.link_head(slot);
                 self.used_bytes += cost;
                 slot
@@ -455,7 +496,11 @@ impl Shard {
     /// an item alone never exceeds the budget).
     fn evict_one(&mut self, now_secs: u32, keep: u32) {
         assert!(self.index.len() > 1, "over budget with nothing to evict");
-        let mut slot = if self.hand == NIL { self.tail } else { self.hand };
+        let mut slot = if self.hand == NIL {
+            self.tail
+        } else {
+            self.hand
+        };
         loop {
             let e = self.entry_mut(slot);
             let expired = exptime::is_expired(e.exptime(), now_secs);
@@ -502,7 +547,10 @@ impl Shard {
 
     fn link_head(&mut self, slot: u32) {
         let old_head = self.head;
-        self.links[slot as usize] = Link { newer: NIL, older: old_head };
+        self.links[slot as usize] = Link {
+            newer: NIL,
+            older: old_head,
+        };
         if old_head != NIL {
             self.links[old_head as usize].newer = slot;
         } else {
@@ -538,7 +586,9 @@ impl Shard {
             }
             let slot = self.sweep_cursor as u32;
             self.sweep_cursor += 1;
-            let Some(e) = self.slab[slot as usize].as_ref() else { continue };
+            let Some(e) = self.slab[slot as usize].as_ref() else {
+                continue;
+            };
             let expired = exptime::is_expired(e.exptime(), now_secs);
             if expired || e.last_access() < flushed_before {
                 if expired {
@@ -582,7 +632,10 @@ impl Shard {
         }
         let map = |s: u32| if s == NIL { NIL } else { renumber[s as usize] };
         for l in &mut links {
-            *l = Link { newer: map(l.newer), older: map(l.older) };
+            *l = Link {
+                newer: map(l.newer),
+                older: map(l.older),
+            };
         }
         self.head = map(self.head);
         self.tail = map(self.tail);
@@ -590,7 +643,9 @@ impl Shard {
         let mut index = HashTable::with_capacity(live);
         for (i, e) in slab.iter().enumerate() {
             let hash = e.as_ref().expect("compacted slab is dense").hash();
-            index.insert_unique(hash, i as u32, |&s: &u32| slab[s as usize].as_ref().expect("dense").hash());
+            index.insert_unique(hash, i as u32, |&s: &u32| {
+                slab[s as usize].as_ref().expect("dense").hash()
+            });
         }
         self.slab = slab;
         self.links = links;
@@ -613,7 +668,11 @@ impl Shard {
     pub fn check_invariants(&self) {
         let live = self.slab.iter().filter(|s| s.is_some()).count();
         assert_eq!(live, self.index.len(), "index and slab disagree");
-        assert_eq!(live + self.free.len(), self.slab.len(), "free list and slab disagree");
+        assert_eq!(
+            live + self.free.len(),
+            self.slab.len(),
+            "free list and slab disagree"
+        );
         let mut walked = 0;
         let mut slot = self.head;
         let mut prev = NIL;
@@ -622,7 +681,11 @@ impl Shard {
             let e = self.entry(slot);
             let link = self.links[slot as usize];
             assert_eq!(link.newer, prev, "broken back link at {slot}");
-            assert_eq!(self.find(e.hash(), e.key()), Some(slot), "entry not indexed at its slot");
+            assert_eq!(
+                self.find(e.hash(), e.key()),
+                Some(slot),
+                "entry not indexed at its slot"
+            );
             prev = slot;
             slot = link.older;
             walked += 1;
@@ -632,6 +695,9 @@ impl Shard {
         assert_eq!(walked, live, "list and slab disagree");
         let used: usize = self.slab.iter().flatten().map(Entry::charge).sum();
         assert_eq!(used, self.used_bytes, "byte accounting drifted");
-        assert!(self.footprint_bytes() <= self.limit_bytes, "over the memory limit");
+        assert!(
+            self.footprint_bytes() <= self.limit_bytes,
+            "over the memory limit"
+        );
     }
 }

@@ -12,7 +12,11 @@ const NOW_MS: u64 = 1_800_000_000_000;
 fn store_with(limit: usize) -> (Store, Arc<ManualClock>) {
     let clock = Arc::new(ManualClock::new(NOW_MS));
     let store = Store::new(
-        &StoreConfig { memory_limit_bytes: limit, item_bytes_max: 1024 * 1024, node_id: 1 },
+        &StoreConfig {
+            memory_limit_bytes: limit,
+            item_bytes_max: 1024 * 1024,
+            node_id: 1,
+        },
         clock.clone(),
     );
     (store, clock)
@@ -39,10 +43,22 @@ fn set_get_add_replace() {
     let (s, _) = store();
     assert!(matches!(set(&s, b"k", b"v1"), Stored::Stored(_)));
     assert_eq!(get(&s, b"k").as_deref(), Some(&b"v1"[..]));
-    assert_eq!(s.write(&Write::new(Mode::Add, b"k", b"v2", 0, 0)), Stored::NotStored);
-    assert_eq!(s.write(&Write::new(Mode::Replace, b"nope", b"v2", 0, 0)), Stored::NotStored);
-    assert!(matches!(s.write(&Write::new(Mode::Replace, b"k", b"v3", 7, 0)), Stored::Stored(_)));
-    assert_eq!(s.get(b"k", None, |e| (e.flags(), e.value().to_vec())), Some((7, b"v3".to_vec())));
+    assert_eq!(
+        s.write(&Write::new(Mode::Add, b"k", b"v2", 0, 0)),
+        Stored::NotStored
+    );
+    assert_eq!(
+        s.write(&Write::new(Mode::Replace, b"nope", b"v2", 0, 0)),
+        Stored::NotStored
+    );
+    assert!(matches!(
+        s.write(&Write::new(Mode::Replace, b"k", b"v3", 7, 0)),
+        Stored::Stored(_)
+    ));
+    assert_eq!(
+        s.get(b"k", None, |e| (e.flags(), e.value().to_vec())),
+        Some((7, b"v3".to_vec()))
+    );
     s.check_invariants();
 }
 
@@ -53,8 +69,14 @@ fn append_prepend_keep_flags_and_expiry() {
     let exp = s.get(b"k", None, |e| e.exptime()).unwrap();
     s.write(&Write::new(Mode::Append, b"k", b">", 1, 0));
     s.write(&Write::new(Mode::Prepend, b"k", b"<", 2, 0));
-    assert_eq!(s.get(b"k", None, |e| (e.value().to_vec(), e.flags(), e.exptime())), Some((b"<mid>".to_vec(), 9, exp)));
-    assert_eq!(s.write(&Write::new(Mode::Append, b"none", b"x", 0, 0)), Stored::NotStored);
+    assert_eq!(
+        s.get(b"k", None, |e| (e.value().to_vec(), e.flags(), e.exptime())),
+        Some((b"<mid>".to_vec(), 9, exp))
+    );
+    assert_eq!(
+        s.write(&Write::new(Mode::Append, b"none", b"x", 0, 0)),
+        Stored::NotStored
+    );
 }
 
 #[test]
@@ -66,7 +88,9 @@ fn cas_hits_misses_and_badval() {
     w.compare_cas = Some(c + 1);
     assert_eq!(s.write(&w), Stored::Exists);
     w.compare_cas = Some(c);
-    let Stored::Stored(c2) = s.write(&w) else { panic!("cas should match") };
+    let Stored::Stored(c2) = s.write(&w) else {
+        panic!("cas should match")
+    };
     assert!(c2 > c, "every write gets a newer version");
     w.key = b"absent";
     assert_eq!(s.write(&w), Stored::NotFound);
@@ -75,7 +99,15 @@ fn cas_hits_misses_and_badval() {
 }
 
 fn arith(s: &Store, k: &[u8], incr: bool, delta: u64) -> Delta {
-    s.arith(&Arith { key: k, incr, delta, compare_cas: None, new_cas: None, vivify: None, exptime: None })
+    s.arith(&Arith {
+        key: k,
+        incr,
+        delta,
+        compare_cas: None,
+        new_cas: None,
+        vivify: None,
+        exptime: None,
+    })
 }
 
 #[test]
@@ -88,7 +120,10 @@ fn incr_wraps_decr_floors_and_pads_in_place() {
     set(&s, b"n", b"100");
     assert!(matches!(arith(&s, b"n", false, 91), Delta::Value(9, _, _)));
     assert_eq!(get(&s, b"n").unwrap(), b"9  ");
-    assert!(matches!(arith(&s, b"n", false, 1000), Delta::Value(0, _, _)));
+    assert!(matches!(
+        arith(&s, b"n", false, 1000),
+        Delta::Value(0, _, _)
+    ));
     set(&s, b"n", b"99");
     assert!(matches!(arith(&s, b"n", true, 1), Delta::Value(100, _, _)));
     assert_eq!(get(&s, b"n").unwrap(), b"100");
@@ -126,7 +161,10 @@ fn touch_and_gat_move_expiry() {
     s.write(&Write::new(Mode::Set, b"k", b"v", 0, 5));
     assert!(s.touch(b"k", 100));
     clock.advance_ms(50_000);
-    assert_eq!(s.get(b"k", Some(1), |e| e.value().to_vec()).as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        s.get(b"k", Some(1), |e| e.value().to_vec()).as_deref(),
+        Some(&b"v"[..])
+    );
     clock.advance_ms(1_000);
     assert!(get(&s, b"k").is_none());
     assert!(!s.touch(b"k", 100));
@@ -143,17 +181,29 @@ fn flush_all_now_and_delayed() {
     clock.advance_ms(8_000);
     assert!(get(&s, b"b").is_some(), "not yet");
     clock.advance_ms(1_000);
-    assert!(get(&s, b"b").is_none(), "flushed a second before the delay runs out, as memcached");
+    assert!(
+        get(&s, b"b").is_none(),
+        "flushed a second before the delay runs out, as memcached"
+    );
     clock.advance_ms(1_000);
     set(&s, b"c", b"3");
-    assert!(get(&s, b"c").is_some(), "items written after the flush time live");
+    assert!(
+        get(&s, b"c").is_some(),
+        "items written after the flush time live"
+    );
 }
 
 #[test]
 fn background_sweep_reclaims_expired_memory() {
     let (s, clock) = store();
     for i in 0..1000 {
-        s.write(&Write::new(Mode::Set, format!("k{i}").as_bytes(), &[0u8; 100], 0, 5));
+        s.write(&Write::new(
+            Mode::Set,
+            format!("k{i}").as_bytes(),
+            &[0u8; 100],
+            0,
+            5,
+        ));
     }
     let before = s.stats().bytes;
     clock.advance_ms(6_000);
@@ -182,7 +232,10 @@ fn memory_limit_is_hard_and_eviction_counts() {
         rng ^= rng << 17;
         let len = 10 + (rng % (100 * 1024)) as usize;
         let value = vec![b'x'; len];
-        assert!(matches!(set(&s, format!("key{i}").as_bytes(), &value), Stored::Stored(_)));
+        assert!(matches!(
+            set(&s, format!("key{i}").as_bytes(), &value),
+            Stored::Stored(_)
+        ));
         written += len;
         i += 1;
         assert!(s.stats().bytes as usize <= limit);
@@ -213,7 +266,10 @@ fn structure_capacity_counts_and_is_reclaimed() {
         s.sweep(1);
     }
     let after = s.stats().bytes;
-    assert!(after < before, "compaction released nothing: {before} -> {after}");
+    assert!(
+        after < before,
+        "compaction released nothing: {before} -> {after}"
+    );
     s.check_invariants();
     // Still fully functional after compaction.
     for i in 0..1000 {
@@ -241,7 +297,10 @@ fn sieve_keeps_a_hot_set_through_a_scan() {
         }
     }
     let survivors = hot.iter().filter(|k| get(&s, k).is_some()).count();
-    assert!(survivors >= 190, "only {survivors} of 200 hot keys survived the scan");
+    assert!(
+        survivors >= 190,
+        "only {survivors} of 200 hot keys survived the scan"
+    );
     assert!(s.stats().counters.evictions > 100_000);
 }
 

@@ -85,7 +85,11 @@ impl StderrTail {
 /// Reads `stderr` line by line until EOF (the child exited) in a thread,
 /// keeping the tail and handing every line to `on_line`. Draining for the
 /// child's whole life is what keeps the pipe from filling and blocking it.
-fn spawn_stderr_drain(stderr: ChildStderr, name: &str, mut on_line: impl FnMut(&str) + Send + 'static) -> StderrTail {
+fn spawn_stderr_drain(
+    stderr: ChildStderr,
+    name: &str,
+    mut on_line: impl FnMut(&str) + Send + 'static,
+) -> StderrTail {
     let tail = StderrTail::default();
     let thread_tail = tail.clone();
     thread::Builder::new()
@@ -96,7 +100,10 @@ fn spawn_stderr_drain(stderr: ChildStderr, name: &str, mut on_line: impl FnMut(&
             loop {
                 buf.clear();
                 // `take` bounds a single line; EOF ends the loop.
-                match (&mut reader).take(STDERR_LINE_BYTES_MAX).read_until(b'\n', &mut buf) {
+                match (&mut reader)
+                    .take(STDERR_LINE_BYTES_MAX)
+                    .read_until(b'\n', &mut buf)
+                {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
                         let line = strip_ansi(&String::from_utf8_lossy(&buf));
@@ -142,7 +149,10 @@ pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
     }
     let rest = &line[line.find("addr=")? + "addr=".len()..];
     let token = rest.split_whitespace().next()?;
-    token.trim_matches(|c| c == '"' || c == '\'' || c == ',').parse().ok()
+    token
+        .trim_matches(|c| c == '"' || c == '\'' || c == ',')
+        .parse()
+        .ok()
 }
 
 /// Sends SIGTERM, waits up to `grace` for the child to exit, then SIGKILLs it.
@@ -202,7 +212,9 @@ impl Server {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot spawn {WEBVAC_BIN} {args:?}: {e}"));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {WEBVAC_BIN} {args:?}: {e}"));
         let stderr_pipe = child.stderr.take().expect("stderr is piped");
         let (tx, rx) = mpsc::sync_channel::<SocketAddr>(1);
         let mut tx = Some(tx);
@@ -224,7 +236,12 @@ impl Server {
                 );
             }
         };
-        Server { child, addr, stderr, stopped: false }
+        Server {
+            child,
+            addr,
+            stderr,
+            stopped: false,
+        }
     }
 
     /// The address the server listens on.
@@ -239,8 +256,13 @@ impl Server {
 
     /// Opens a new raw client connection.
     pub fn connect(&self) -> Client {
-        Client::connect_tcp(self.addr)
-            .unwrap_or_else(|e| panic!("connect to webvac at {}: {e}\nstderr:\n{}", self.addr, self.stderr_text()))
+        Client::connect_tcp(self.addr).unwrap_or_else(|e| {
+            panic!(
+                "connect to webvac at {}: {e}\nstderr:\n{}",
+                self.addr,
+                self.stderr_text()
+            )
+        })
     }
 
     /// The server's last stderr lines.
@@ -273,13 +295,17 @@ impl Drop for Server {
 /// A unique, fresh directory under the system temp dir.
 fn fresh_temp_dir(prefix: &str) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     let dir = std::env::temp_dir().join(format!(
         "{prefix}-{}-{}-{nanos}",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create temp dir {}: {e}", dir.display()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("create temp dir {}: {e}", dir.display()));
     dir
 }
 
@@ -339,11 +365,20 @@ impl Memcached {
         require_tool(MEMCACHED_BIN, "the reference memcached");
         let dir = fresh_temp_dir("webvac-memcached");
         let socket = dir.join("memcached.sock");
-        let args: Vec<String> = ["-u", "root", "-s", socket.to_str().expect("utf-8 temp path"), "-m", "64", "-U", "0"]
-            .iter()
-            .chain(extra_args)
-            .map(|s| s.to_string())
-            .collect();
+        let args: Vec<String> = [
+            "-u",
+            "root",
+            "-s",
+            socket.to_str().expect("utf-8 temp path"),
+            "-m",
+            "64",
+            "-U",
+            "0",
+        ]
+        .iter()
+        .chain(extra_args)
+        .map(|s| s.to_string())
+        .collect();
         Self::spawn_and_wait(args, Endpoint::Unix(socket), dir)
             .unwrap_or_else(|e| panic!("memcached on a unix socket: {e}"))
     }
@@ -359,10 +394,21 @@ impl Memcached {
             let port = free_tcp_port();
             let dir = fresh_temp_dir("webvac-memcached");
             let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-            let args: Vec<String> = ["-u", "root", "-l", "127.0.0.1", "-p", &port.to_string(), "-m", "64", "-U", "0"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
+            let args: Vec<String> = [
+                "-u",
+                "root",
+                "-l",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-m",
+                "64",
+                "-U",
+                "0",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
             match Self::spawn_and_wait(args, Endpoint::Tcp(addr), dir) {
                 Ok(m) => return m,
                 Err(e) => last_error = e,
@@ -371,7 +417,11 @@ impl Memcached {
         panic!("memcached on TCP did not start in {ATTEMPTS} attempts; last error: {last_error}");
     }
 
-    fn spawn_and_wait(args: Vec<String>, endpoint: Endpoint, dir: PathBuf) -> Result<Memcached, String> {
+    fn spawn_and_wait(
+        args: Vec<String>,
+        endpoint: Endpoint,
+        dir: PathBuf,
+    ) -> Result<Memcached, String> {
         let mut child = Command::new(MEMCACHED_BIN)
             .args(&args)
             .stdin(Stdio::null())
@@ -379,16 +429,30 @@ impl Memcached {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("cannot spawn {MEMCACHED_BIN} {args:?}: {e}"))?;
-        let stderr = spawn_stderr_drain(child.stderr.take().expect("stderr is piped"), "memcached", |_| {});
-        let mut me = Memcached { child, endpoint, dir, stderr };
+        let stderr = spawn_stderr_drain(
+            child.stderr.take().expect("stderr is piped"),
+            "memcached",
+            |_| {},
+        );
+        let mut me = Memcached {
+            child,
+            endpoint,
+            dir,
+            stderr,
+        };
         let deadline = Instant::now() + MEMCACHED_READY_TIMEOUT;
         loop {
             if let Ok(Some(status)) = me.child.try_wait() {
-                return Err(format!("memcached {args:?} exited with {status}; stderr:\n{}", me.stderr.text()));
+                return Err(format!(
+                    "memcached {args:?} exited with {status}; stderr:\n{}",
+                    me.stderr.text()
+                ));
             }
             let ready = match &me.endpoint {
                 Endpoint::Unix(path) => UnixStream::connect(path).is_ok(),
-                Endpoint::Tcp(addr) => TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok(),
+                Endpoint::Tcp(addr) => {
+                    TcpStream::connect_timeout(addr, Duration::from_millis(200)).is_ok()
+                }
             };
             if ready {
                 return Ok(me);
@@ -412,7 +476,10 @@ impl Memcached {
     pub fn tcp_addr(&self) -> SocketAddr {
         match &self.endpoint {
             Endpoint::Tcp(addr) => *addr,
-            Endpoint::Unix(path) => panic!("memcached listens on unix socket {}, not TCP", path.display()),
+            Endpoint::Unix(path) => panic!(
+                "memcached listens on unix socket {}, not TCP",
+                path.display()
+            ),
         }
     }
 
@@ -497,13 +564,19 @@ impl Client {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
         stream.set_nodelay(true)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
-        Ok(Client { stream: Stream::Tcp(stream), pending: Vec::new() })
+        Ok(Client {
+            stream: Stream::Tcp(stream),
+            pending: Vec::new(),
+        })
     }
 
     pub fn connect_unix(path: &Path) -> io::Result<Client> {
         let stream = UnixStream::connect(path)?;
         stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
-        Ok(Client { stream: Stream::Unix(stream), pending: Vec::new() })
+        Ok(Client {
+            stream: Stream::Unix(stream),
+            pending: Vec::new(),
+        })
     }
 
     /// Writes all of `bytes` (bounded by the write timeout).
@@ -541,7 +614,10 @@ impl Client {
         let mut chunk = vec![0u8; 64 * 1024];
         loop {
             if let Some(n) = complete(&self.pending) {
-                assert!(n <= self.pending.len(), "reply framer consumed more than it was given");
+                assert!(
+                    n <= self.pending.len(),
+                    "reply framer consumed more than it was given"
+                );
                 let rest = self.pending.split_off(n);
                 return Ok(std::mem::replace(&mut self.pending, rest));
             }
@@ -558,7 +634,9 @@ impl Client {
                 Err(e)
                     if matches!(
                         e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
                     ) => {}
                 Err(e) => return Err(self.fail(ReplyErrorKind::Io(e))),
             }
@@ -566,12 +644,27 @@ impl Client {
     }
 
     fn fail(&mut self, kind: ReplyErrorKind) -> ReplyError {
-        ReplyError { kind, partial: std::mem::take(&mut self.pending) }
+        ReplyError {
+            kind,
+            partial: std::mem::take(&mut self.pending),
+        }
     }
 
     /// Reads until the received bytes end with one of `terminators`.
-    pub fn read_until_suffix(&mut self, terminators: &[&[u8]], timeout: Duration) -> Result<Vec<u8>, ReplyError> {
-        self.read_reply_until(|buf| terminators.iter().any(|t| buf.ends_with(t)).then_some(buf.len()), timeout)
+    pub fn read_until_suffix(
+        &mut self,
+        terminators: &[&[u8]],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ReplyError> {
+        self.read_reply_until(
+            |buf| {
+                terminators
+                    .iter()
+                    .any(|t| buf.ends_with(t))
+                    .then_some(buf.len())
+            },
+            timeout,
+        )
     }
 
     /// Sends `request` and reads until the reply ends with one of `terminators`.
@@ -579,7 +672,8 @@ impl Client {
     /// # Panics
     /// On any send or read failure, showing the request and partial reply.
     pub fn request(&mut self, request: &[u8], terminators: &[&[u8]]) -> Vec<u8> {
-        self.send(request).unwrap_or_else(|e| panic!("send \"{}\": {e}", escape(request)));
+        self.send(request)
+            .unwrap_or_else(|e| panic!("send \"{}\": {e}", escape(request)));
         self.read_until_suffix(terminators, REPLY_TIMEOUT)
             .unwrap_or_else(|e| panic!("reply to \"{}\": {e}", escape(request)))
     }
@@ -651,7 +745,11 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> RunOutput {
             }
         }
     };
-    RunOutput { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() }
+    RunOutput {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
 }
 
 #[cfg(test)]
@@ -661,11 +759,20 @@ mod harness_tests {
     #[test]
     fn parses_plain_and_coloured_listening_lines() {
         let plain = "2026-11-22T05:40:01.123Z  INFO webvac::server: listening addr=127.0.0.1:40123";
-        assert_eq!(parse_listening_line(plain), Some("127.0.0.1:40123".parse().unwrap()));
+        assert_eq!(
+            parse_listening_line(plain),
+            Some("127.0.0.1:40123".parse().unwrap())
+        );
         let coloured = "\u{1b}[2m2026-11-22T05:40:01.123Z\u{1b}[0m \u{1b}[32m INFO\u{1b}[0m \
                         \u{1b}[2mwebvac::server\u{1b}[0m\u{1b}[2m:\u{1b}[0m listening \
                         \u{1b}[3maddr\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:40123 \u{1b}[3mother\u{1b}[0m=1";
-        assert_eq!(parse_listening_line(coloured), Some("127.0.0.1:40123".parse().unwrap()));
-        assert_eq!(parse_listening_line("INFO webvac: starting addr=127.0.0.1:1"), None);
+        assert_eq!(
+            parse_listening_line(coloured),
+            Some("127.0.0.1:40123".parse().unwrap())
+        );
+        assert_eq!(
+            parse_listening_line("INFO webvac: starting addr=127.0.0.1:1"),
+            None
+        );
     }
 }

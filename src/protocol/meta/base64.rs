@@ -22,7 +22,11 @@ fn sextet(b: u8) -> Option<u8> {
 
 /// Decodes a key; `None` when memcached's decoder would fail.
 pub fn decode(input: &[u8]) -> Option<Vec<u8>> {
-    let valid: Vec<u8> = input.iter().copied().filter(|&b| b == b'=' || sextet(b).is_some()).collect();
+    let valid: Vec<u8> = input
+        .iter()
+        .copied()
+        .filter(|&b| b == b'=' || sextet(b).is_some())
+        .collect();
     if valid.is_empty() || valid.len() % 4 != 0 {
         return None;
     }
@@ -64,8 +68,19 @@ mod tests {
         assert_eq!(decode(b"Zm9v-_").as_deref(), Some(&b"foo"[..]));
         assert_eq!(decode(b"Zm9vYg==").as_deref(), Some(&b"foob"[..]));
         assert_eq!(decode(b"AA==").as_deref(), Some(&[0u8][..]));
-        assert_eq!(decode(b"Zm9v+/==").map(|k| encode(&k)), Some("Zm9v+w==".to_string()));
-        for bad in [&b"Zm9vYg"[..], b"Zm9vYg=", b"A===", b"====", b"Zm9!YmE=", b"foo", b""] {
+        assert_eq!(
+            decode(b"Zm9v+/==").map(|k| encode(&k)),
+            Some("Zm9v+w==".to_string())
+        );
+        for bad in [
+            &b"Zm9vYg"[..],
+            b"Zm9vYg=",
+            b"A===",
+            b"====",
+            b"Zm9!YmE=",
+            b"foo",
+            b"",
+        ] {
             assert_eq!(decode(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }

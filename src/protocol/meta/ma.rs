@@ -26,7 +26,13 @@ pub fn build<'a>(key: Cow<'a, [u8]>, flags: Flags<'a>) -> Request<'a> {
     };
     let delta = flags.delta.unwrap_or(1);
     let initial = flags.initial.unwrap_or(0);
-    Request::Meta(MetaRequest::Arith(MetaArith { key, flags, incr, delta, initial }))
+    Request::Meta(MetaRequest::Arith(MetaArith {
+        key,
+        flags,
+        incr,
+        delta,
+        initial,
+    }))
 }
 
 #[cfg(test)]
@@ -37,7 +43,9 @@ mod tests {
     #[test]
     fn modes() {
         match one(b"ma k MD D5 N0 J9\r\n").0 {
-            Request::Meta(MetaRequest::Arith(a)) => assert_eq!((a.incr, a.delta, a.initial), (false, 5, 9)),
+            Request::Meta(MetaRequest::Arith(a)) => {
+                assert_eq!((a.incr, a.delta, a.initial), (false, 5, 9))
+            }
             other => panic!("{other:?}"),
         }
         assert_eq!(error_of(b"ma k Mi\r\n"), errors::MA_BAD_MODE);

@@ -44,7 +44,10 @@ pub fn memcached_item_size(key_len: usize, value_len: usize, flags: u32) -> usiz
 
 /// The slab class memcached would use for an item of `size` bytes.
 pub fn memcached_class(size: usize) -> usize {
-    SLAB_CLASSES.iter().position(|&c| size <= c as usize).map_or(SLAB_CLASSES.len(), |i| i + 1)
+    SLAB_CLASSES
+        .iter()
+        .position(|&c| size <= c as usize)
+        .map_or(SLAB_CLASSES.len(), |i| i + 1)
 }
 
 #[cfg(test)]

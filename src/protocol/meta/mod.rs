@@ -84,8 +84,14 @@ pub type FlagError = &'static str;
 
 /// Parses flag tokens with memcached's `_meta_flag_preparse` rules. On
 /// success, also decodes a base64 key when `b` is present.
-pub fn parse_flags<'a>(tokens: &[&'a [u8]], key: &'a [u8]) -> (Flags<'a>, Cow<'a, [u8]>, Option<FlagError>) {
-    let mut f = Flags { tokens: Vec::with_capacity(tokens.len()), ..Flags::default() };
+pub fn parse_flags<'a>(
+    tokens: &[&'a [u8]],
+    key: &'a [u8],
+) -> (Flags<'a>, Cow<'a, [u8]>, Option<FlagError>) {
+    let mut f = Flags {
+        tokens: Vec::with_capacity(tokens.len()),
+        ..Flags::default()
+    };
     let mut error: Option<FlagError> = None;
     let mut key_out: Cow<'a, [u8]> = Cow::Borrowed(key);
     for &tok in tokens {
@@ -100,11 +106,13 @@ pub fn parse_flags<'a>(tokens: &[&'a [u8]], key: &'a [u8]) -> (Flags<'a>, Cow<'a
                 None => error = Some(errors::BAD_KEY_ENCODING),
             },
             b'N' | b'T' | b'R' => match parse_i32_truncating(arg) {
-                Some(v) => *match letter {
-                    b'N' => &mut f.vivify,
-                    b'T' => &mut f.ttl,
-                    _ => &mut f.recache,
-                } = Some(v),
+                Some(v) => {
+                    *match letter {
+                        b'N' => &mut f.vivify,
+                        b'T' => &mut f.ttl,
+                        _ => &mut f.recache,
+                    } = Some(v)
+                }
                 None => error = Some(errors::BAD_TOKEN),
             },
             b'C' => match parse_u64(arg) {
@@ -133,7 +141,8 @@ pub fn parse_flags<'a>(tokens: &[&'a [u8]], key: &'a [u8]) -> (Flags<'a>, Cow<'a
                 None => error = Some(errors::BAD_DELTA),
             },
             b'O' => f.opaque = Some(arg),
-            b'P' | b'L' | b'k' | b's' | b't' | b'c' | b'f' | b'v' | b'h' | b'l' | b'u' | b'q' | b'I' => {}
+            b'P' | b'L' | b'k' | b's' | b't' | b'c' | b'f' | b'v' | b'h' | b'l' | b'u' | b'q'
+            | b'I' => {}
             _ => return (f, key_out, Some(errors::INVALID_FLAG)),
         }
         f.seen |= 1 << (letter - b'A');
@@ -167,9 +176,17 @@ fn key_and_flags<'a>(tokens: &Tokens<'a>) -> Result<(&'a [u8], Vec<&'a [u8]>), &
     Ok((key, tokens.as_slice()[2..].to_vec()))
 }
 
-pub fn parse<'a>(tokens: &Tokens<'a>, rest: &'a [u8], line_end: usize, limits: &ParseLimits) -> Parsed<'a> {
+pub fn parse<'a>(
+    tokens: &Tokens<'a>,
+    rest: &'a [u8],
+    line_end: usize,
+    limits: &ParseLimits,
+) -> Parsed<'a> {
     let cmd = tokens.get(0)[1];
-    let done = |request| Parsed::Complete { request, consumed: line_end };
+    let done = |request| Parsed::Complete {
+        request,
+        consumed: line_end,
+    };
     match cmd {
         b'n' => return done(Request::Meta(MetaRequest::Noop)),
         b'e' => return done(me::parse(tokens)),
@@ -187,7 +204,11 @@ pub fn parse<'a>(tokens: &Tokens<'a>, rest: &'a [u8], line_end: usize, limits: &
         Err(e) => return done(Request::error(e)),
     };
     if tokens.ntokens() > META_NTOKENS_MAX {
-        return done(Request::error(if cmd == b'g' { errors::MG_TOO_MANY_FLAGS } else { errors::TOO_MANY_FLAGS }));
+        return done(Request::error(if cmd == b'g' {
+            errors::MG_TOO_MANY_FLAGS
+        } else {
+            errors::TOO_MANY_FLAGS
+        }));
     }
     let (flags, key, error) = parse_flags(&flag_tokens, key);
     let request = match cmd {
@@ -213,7 +234,10 @@ mod tests {
     use super::*;
 
     fn flags_of(line: &[u8]) -> Result<Flags<'_>, &'static str> {
-        let tokens: Vec<&[u8]> = line.split(|&b| b == b' ').filter(|t| !t.is_empty()).collect();
+        let tokens: Vec<&[u8]> = line
+            .split(|&b| b == b' ')
+            .filter(|t| !t.is_empty())
+            .collect();
         let (f, _, e) = parse_flags(&tokens, b"k");
         e.map_or(Ok(f), Err)
     }
@@ -224,8 +248,14 @@ mod tests {
         assert_eq!(f, errors::DUPLICATE_FLAG);
         let f = flags_of(b"vv T+5 Oabc C7 F4294967297 MA J1 D2 N-1 R9").unwrap();
         assert!(f.has(b'v') && f.has(b'O'));
-        assert_eq!((f.ttl, f.opaque, f.cas, f.client_flags, f.mode), (Some(5), Some(&b"abc"[..]), Some(7), Some(1), Some(b'A')));
-        assert_eq!((f.initial, f.delta, f.vivify, f.recache), (Some(1), Some(2), Some(-1), Some(9)));
+        assert_eq!(
+            (f.ttl, f.opaque, f.cas, f.client_flags, f.mode),
+            (Some(5), Some(&b"abc"[..]), Some(7), Some(1), Some(b'A'))
+        );
+        assert_eq!(
+            (f.initial, f.delta, f.vivify, f.recache),
+            (Some(1), Some(2), Some(-1), Some(9))
+        );
         assert_eq!(flags_of(b"x").unwrap_err(), errors::INVALID_FLAG);
         assert_eq!(flags_of(b"E5").unwrap_err(), errors::INVALID_FLAG);
         assert_eq!(flags_of(b"\xff").unwrap_err(), errors::DUPLICATE_FLAG);
@@ -247,9 +277,15 @@ mod tests {
         assert_eq!(error_of(b"mg foo b\r\n"), errors::BAD_KEY_ENCODING);
         let many = b"mg foo s t f c k h l O1 P L u v T0 N0 R0 F1 C0 J1\r\n";
         assert_eq!(error_of(many), errors::MG_TOO_MANY_FLAGS);
-        assert!(matches!(one(b"mg foo s t f c k h l O1 P L u v T0 N0 R0 F1 C0\r\n").0, Request::Meta(MetaRequest::Get(_))));
+        assert!(matches!(
+            one(b"mg foo s t f c k h l O1 P L u v T0 N0 R0 F1 C0\r\n").0,
+            Request::Meta(MetaRequest::Get(_))
+        ));
         let long = format!("mg {} v\r\n", "a".repeat(251));
         assert_eq!(error_of(long.as_bytes()), reply::BAD_FORMAT);
-        assert!(matches!(one(b"mn foo bar\r\n").0, Request::Meta(MetaRequest::Noop)));
+        assert!(matches!(
+            one(b"mn foo bar\r\n").0,
+            Request::Meta(MetaRequest::Noop)
+        ));
     }
 }

@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use super::super::number::parse_i32_truncating;
 use super::super::tokens::Tokens;
 use super::super::{ParseLimits, Parsed, Refused, Request, reply};
-use super::{Flags, MetaRequest, META_NTOKENS_MAX, errors, opaque_ok, parse_flags};
+use super::{Flags, META_NTOKENS_MAX, MetaRequest, errors, opaque_ok, parse_flags};
 use crate::limits::KEY_BYTES_MAX;
 use crate::store::Mode;
 
@@ -29,8 +29,16 @@ pub struct MetaSet<'a> {
     pub refused: Option<Refused>,
 }
 
-pub fn parse<'a>(tokens: &Tokens<'a>, rest: &'a [u8], line_end: usize, limits: &ParseLimits) -> Parsed<'a> {
-    let done = |request| Parsed::Complete { request, consumed: line_end };
+pub fn parse<'a>(
+    tokens: &Tokens<'a>,
+    rest: &'a [u8],
+    line_end: usize,
+    limits: &ParseLimits,
+) -> Parsed<'a> {
+    let done = |request| Parsed::Complete {
+        request,
+        consumed: line_end,
+    };
     let raw_key = tokens.get(1);
     if raw_key.len() > KEY_BYTES_MAX || tokens.len() < 3 {
         return done(Request::error(reply::BAD_FORMAT));
@@ -45,7 +53,14 @@ pub fn parse<'a>(tokens: &Tokens<'a>, rest: &'a [u8], line_end: usize, limits: &
         return done(Request::error(reply::BAD_FORMAT));
     }
     let vlen = vlen as usize;
-    let swallow = |e: &'static str| Parsed::Complete { request: Request::Error { reply: e, noreply: false, swallow: vlen + 2 }, consumed: line_end };
+    let swallow = |e: &'static str| Parsed::Complete {
+        request: Request::Error {
+            reply: e,
+            noreply: false,
+            swallow: vlen + 2,
+        },
+        consumed: line_end,
+    };
     let (flags, key, error) = parse_flags(&tokens.as_slice()[3..], raw_key);
     if let Some(e) = error {
         return swallow(e);
@@ -61,18 +76,34 @@ pub fn parse<'a>(tokens: &Tokens<'a>, rest: &'a [u8], line_end: usize, limits: &
         Some(b'R') => Mode::Replace,
         Some(_) => return swallow(errors::MS_BAD_MODE),
     };
-    if let Some(refused) = Refused::check(key.len(), flags.client_flags.unwrap_or(0), vlen, limits) {
-        return done(Request::Meta(MetaRequest::Set(MetaSet { key, flags, mode, data: &[], refused: Some(refused) })));
+    if let Some(refused) = Refused::check(key.len(), flags.client_flags.unwrap_or(0), vlen, limits)
+    {
+        return done(Request::Meta(MetaRequest::Set(MetaSet {
+            key,
+            flags,
+            mode,
+            data: &[],
+            refused: Some(refused),
+        })));
     }
     if rest.len() < vlen + 2 {
         return Parsed::Incomplete;
     }
     let consumed = line_end + vlen + 2;
     if &rest[vlen..vlen + 2] != b"\r\n" {
-        return Parsed::Complete { request: Request::error(reply::BAD_DATA_CHUNK), consumed };
+        return Parsed::Complete {
+            request: Request::error(reply::BAD_DATA_CHUNK),
+            consumed,
+        };
     }
     Parsed::Complete {
-        request: Request::Meta(MetaRequest::Set(MetaSet { key, flags, mode, data: &rest[..vlen], refused: None })),
+        request: Request::Meta(MetaRequest::Set(MetaSet {
+            key,
+            flags,
+            mode,
+            data: &rest[..vlen],
+            refused: None,
+        })),
         consumed,
     }
 }
@@ -110,7 +141,10 @@ mod tests {
         compose_request(&mut req, b"foo", b"bar", &["MA", "T10", "F5", "c"]);
         match one(&req) {
             (Request::Meta(MetaRequest::Set(s)), n) => {
-                assert_eq!((s.mode, s.data, s.flags.ttl, s.flags.client_flags, n), (Mode::Append, &b"bar"[..], Some(10), Some(5), req.len()));
+                assert_eq!(
+                    (s.mode, s.data, s.flags.ttl, s.flags.client_flags, n),
+                    (Mode::Append, &b"bar"[..], Some(10), Some(5), req.len())
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -125,16 +159,30 @@ mod tests {
         assert_eq!(swallowed(b"ms foo 3 MX\r\n"), (errors::MS_BAD_MODE, 5));
         assert_eq!(swallowed(b"ms foo 3 b\r\n"), (errors::BAD_KEY_ENCODING, 5));
         let long_opaque = format!("ms foo 3 O{}\r\n", "1".repeat(32));
-        assert_eq!(swallowed(long_opaque.as_bytes()), (errors::OPAQUE_TOO_LONG, 5));
-        assert_eq!(swallowed(b"ms foo 3 s t f c k h l O1 P L u v T0 N0 R0 F1 C0\r\n"), (errors::TOO_MANY_FLAGS, 0));
-        assert!(matches!(parse_any(b"ms foo 3\r\nab", &LIMITS), Parsed::Incomplete));
-        assert_eq!(swallowed(b"ms foo 3\r\nabcd\r\n"), (reply::BAD_DATA_CHUNK, 0));
+        assert_eq!(
+            swallowed(long_opaque.as_bytes()),
+            (errors::OPAQUE_TOO_LONG, 5)
+        );
+        assert_eq!(
+            swallowed(b"ms foo 3 s t f c k h l O1 P L u v T0 N0 R0 F1 C0\r\n"),
+            (errors::TOO_MANY_FLAGS, 0)
+        );
+        assert!(matches!(
+            parse_any(b"ms foo 3\r\nab", &LIMITS),
+            Parsed::Incomplete
+        ));
+        assert_eq!(
+            swallowed(b"ms foo 3\r\nabcd\r\n"),
+            (reply::BAD_DATA_CHUNK, 0)
+        );
     }
 
     #[test]
     fn too_large() {
         match one(b"ms big 2000000 q\r\n").0 {
-            Request::Meta(MetaRequest::Set(s)) => assert_eq!(s.refused, Some(Refused::TooLarge { swallow: 2_000_002 })),
+            Request::Meta(MetaRequest::Set(s)) => {
+                assert_eq!(s.refused, Some(Refused::TooLarge { swallow: 2_000_002 }))
+            }
             other => panic!("{other:?}"),
         }
     }
