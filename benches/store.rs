@@ -91,9 +91,6 @@ fn store_ops(c: &mut Criterion) {
                         incr: true,
                         delta: 1,
                         compare_cas: None,
-                        new_cas: None,
-                        vivify: None,
-                        exptime: None,
                     }));
                 })
             })

@@ -34,6 +34,11 @@ fn proc_status_bytes(pid: u64, field: &str) -> u64 {
         * 1024
 }
 
+/// The `stats` reply, as text.
+fn stats_text(c: &mut common::Client) -> String {
+    String::from_utf8(c.request(b"stats\r\n", &[b"END\r\n"])).unwrap()
+}
+
 /// Writes `count` items of `len` bytes, pipelined with `noreply`.
 fn fill(c: &mut common::Client, prefix: &str, count: usize, len: usize) {
     let value = vec![b'v'; len];
@@ -56,11 +61,11 @@ fn fill(c: &mut common::Client, prefix: &str, count: usize, len: usize) {
 fn tiny_items_then_large_ones_stay_within_budget() {
     let server = Server::start(&["-m", &LIMIT_MB.to_string()]);
     let mut c = server.connect();
-    let stats = String::from_utf8(c.request(b"stats\r\n", &[b"END\r\n"])).unwrap();
+    let stats = stats_text(&mut c);
     let pid = stat(&stats, "pid");
     fill(&mut c, "tiny:", 900_000, 1);
     fill(&mut c, "large:", 2_000, 100_000);
-    let stats = String::from_utf8(c.request(b"stats\r\n", &[b"END\r\n"])).unwrap();
+    let stats = stats_text(&mut c);
     let peak = proc_status_bytes(pid, "VmHWM:");
     let bound = LIMIT_MB * MIB * 13 / 10 + 32 * MIB;
     println!(
@@ -84,7 +89,7 @@ fn tiny_items_then_large_ones_stay_within_budget() {
 fn writing_four_times_the_limit_stays_within_budget_and_evicts() {
     let server = Server::start(&["-m", &LIMIT_MB.to_string()]);
     let mut c = server.connect();
-    let stats = String::from_utf8(c.request(b"stats\r\n", &[b"END\r\n"])).unwrap();
+    let stats = stats_text(&mut c);
     let pid = stat(&stats, "pid");
 
     // Log-uniform sizes from 10 B to 100 KiB, from a fixed seed.
@@ -117,7 +122,7 @@ fn writing_four_times_the_limit_stays_within_budget_and_evicts() {
     batch.extend_from_slice(b"mn\r\n");
     c.request(&batch, &[b"MN\r\n"]);
 
-    let stats = String::from_utf8(c.request(b"stats\r\n", &[b"END\r\n"])).unwrap();
+    let stats = stats_text(&mut c);
     let rss = proc_status_bytes(pid, "VmRSS:");
     let peak = proc_status_bytes(pid, "VmHWM:");
     let bound = LIMIT_MB * MIB * 13 / 10 + 32 * MIB;

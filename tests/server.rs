@@ -418,6 +418,20 @@ fn stat_of(c: &mut Client, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name}:\n{reply}"))
 }
 
+/// Polls a stat (boundedly: at most 1,000 × 10 ms) until it reads `want`;
+/// returns the last reading.
+fn stat_when(c: &mut Client, name: &str, want: u64) -> u64 {
+    let mut seen = stat_of(c, name);
+    for _ in 0..1000 {
+        if seen == want {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+        seen = stat_of(c, name);
+    }
+    seen
+}
+
 #[test]
 fn half_sent_large_values_are_held_to_a_budget_like_memcached_memory() {
     // -m 8: the in-flight budget is 8 MiB. Eight clients park a 1 MB `set`
@@ -433,14 +447,8 @@ fn half_sent_large_values_are_held_to_a_budget_like_memcached_memory() {
         c.send(&start).unwrap();
     }
     let mut admin = server.connect();
-    let mut held = 0;
-    for _ in 0..1000 {
-        held = stat_of(&mut admin, "inflight_bytes");
-        if held == 8 * frame {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10)); // bounded poll for the server to read the parked lines
-    }
+    // The server reads the parked lines asynchronously.
+    let held = stat_when(&mut admin, "inflight_bytes", 8 * frame);
     assert_eq!(
         held,
         8 * frame,
@@ -474,13 +482,6 @@ fn half_sent_large_values_are_held_to_a_budget_like_memcached_memory() {
     );
     // Dropping parked clients returns their reservations.
     drop(parked);
-    let mut freed = u64::MAX;
-    for _ in 0..1000 {
-        freed = stat_of(&mut admin, "inflight_bytes");
-        if freed == 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10)); // bounded: connections close asynchronously
-    }
-    assert_eq!(freed, 0);
+    // Connections close asynchronously.
+    assert_eq!(stat_when(&mut admin, "inflight_bytes", 0), 0);
 }

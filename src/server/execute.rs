@@ -68,7 +68,7 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
             w.compare_cas = s.cas;
             let result = shared.store.write(&w);
             if !s.noreply {
-                put_line(out, stored_reply(result, s.mode).as_bytes());
+                put_line(out, stored_reply(result).as_bytes());
             }
         }
         Request::Arith(a) => {
@@ -77,9 +77,6 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
                 incr: a.incr,
                 delta: a.delta,
                 compare_cas: None,
-                new_cas: None,
-                vivify: None,
-                exptime: None,
             });
             if !a.noreply {
                 match result {
@@ -146,8 +143,7 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
 }
 
 /// memcached's reply for a store outcome.
-pub fn stored_reply(result: Stored, mode: Mode) -> &'static str {
-    let _ = mode;
+pub fn stored_reply(result: Stored) -> &'static str {
     match result {
         Stored::Stored(_) => "STORED",
         Stored::NotStored => "NOT_STORED",

@@ -86,7 +86,7 @@ fn mg(shared: &Shared, g: &MetaGet<'_>, out: &mut Vec<u8>) {
                 }
                 return;
             }
-            if ctx.insert(&[b""], 0, 0, None).is_err() {
+            if ctx.insert(&[b""], 0, 0).is_err() {
                 return fail(out, start, reply::NO_MEMORY_STORING);
             }
             created = true;
@@ -282,7 +282,7 @@ fn md(shared: &Shared, d: &MetaDelete<'_>, out: &mut Vec<u8>) {
         if f.has(b'I') {
             ctx.set_bit(bits::STALE, true);
             ctx.set_bit(bits::WIN_SENT, false);
-            ctx.bump_cas(None);
+            ctx.bump_cas();
             if let Some(t) = f.ttl {
                 ctx.set_exptime(i64::from(t));
             }
@@ -325,8 +325,9 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
         // reply still shows it).
         let mut stores_ttl = true;
         if ctx.item().is_none() && f.vivify.is_some() {
-            let digits = a.initial.to_string();
-            if ctx.insert(&[digits.as_bytes()], 0, 0, None).is_err() {
+            let mut digits = Vec::with_capacity(20);
+            put_u64(&mut digits, a.initial);
+            if ctx.insert(&[&digits], 0, 0).is_err() {
                 out.extend_from_slice(b"NS");
                 put_echo(out, &f.tokens, &a.key, binary);
                 out.extend_from_slice(b"\r\n");
@@ -340,9 +341,6 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
                 incr: a.incr,
                 delta: a.delta,
                 compare_cas: f.cas,
-                new_cas: None,
-                vivify: None,
-                exptime: None,
             });
             match result {
                 Delta::Value(v, _, in_place) => {
@@ -364,7 +362,8 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
                 Delta::NoMemory => return put_line(out, reply::NO_MEMORY.as_bytes()),
             }
         }
-        let digits = value.to_string();
+        let mut digits = Vec::with_capacity(20);
+        put_u64(&mut digits, value);
         if f.has(b'v') {
             out.extend_from_slice(b"VA ");
             put_u64(out, digits.len() as u64);
@@ -403,7 +402,7 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
         }
         out.extend_from_slice(b"\r\n");
         if f.has(b'v') {
-            put_line(out, digits.as_bytes());
+            put_line(out, &digits);
         }
         if f.has(b'q') && !created {
             out.truncate(start);

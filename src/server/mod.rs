@@ -116,10 +116,6 @@ impl Server {
             .expect("bound listener has an address")
     }
 
-    pub fn shared(&self) -> Arc<Shared> {
-        self.shared.clone()
-    }
-
     /// Serves until `shutdown` completes, then stops accepting, lets every
     /// connection finish the requests it has read (up to
     /// [`SHUTDOWN_GRACE_MS`]) and returns.

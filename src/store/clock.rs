@@ -46,10 +46,6 @@ impl ManualClock {
     pub fn advance_ms(&self, delta_ms: u64) {
         self.now_ms.fetch_add(delta_ms, Ordering::SeqCst);
     }
-
-    pub fn set_ms(&self, now_ms: u64) {
-        self.now_ms.store(now_ms, Ordering::SeqCst);
-    }
 }
 
 impl Clock for ManualClock {

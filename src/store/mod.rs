@@ -78,12 +78,8 @@ pub struct Write<'a> {
     /// Compare-and-swap: store only if the item's CAS equals this (text `cas`,
     /// meta `C`). `Some(0)` never matches an existing item.
     pub compare_cas: Option<u64>,
-    /// Use this as the new CAS instead of a fresh version (meta `E`).
-    pub new_cas: Option<u64>,
     /// Meta `I`: a CAS older than the item's stores the value marked stale.
     pub invalidate: bool,
-    /// Meta `N` with append/prepend: create the item with this exptime on a miss.
-    pub vivify_exptime: Option<i64>,
 }
 
 impl<'a> Write<'a> {
@@ -95,9 +91,7 @@ impl<'a> Write<'a> {
             flags,
             exptime,
             compare_cas: None,
-            new_cas: None,
             invalidate: false,
-            vivify_exptime: None,
         }
     }
 }
@@ -137,12 +131,8 @@ pub struct Arith<'a> {
     pub key: &'a [u8],
     pub incr: bool,
     pub delta: u64,
+    /// Meta `C`: apply only if the item's CAS equals this (0: no check).
     pub compare_cas: Option<u64>,
-    pub new_cas: Option<u64>,
-    /// Meta `N`: create the item on a miss with this exptime and `initial`.
-    pub vivify: Option<(i64, u64)>,
-    /// Meta `T`: update the exptime when applied.
-    pub exptime: Option<i64>,
 }
 
 /// A copy of an item's metadata, handed to readers alongside its value.
@@ -281,7 +271,8 @@ impl Store {
             key.len()
         );
         let hash = key_hash(key);
-        let now_secs = self.clock.now_secs();
+        let now_ms = self.clock.now_ms();
+        let now_secs = u32::try_from(now_ms / 1000).unwrap_or(u32::MAX);
         let flushed_before = self.flushed_before(now_secs);
         let mut shard = self.shard(hash).lock();
         let found = shard.find_live(hash, key, now_secs, flushed_before);
@@ -291,6 +282,7 @@ impl Store {
             hash,
             key,
             found,
+            now_ms,
             now_secs,
         };
         f(&mut ctx)
@@ -340,22 +332,16 @@ impl Store {
     /// set / add / replace / append / prepend / cas.
     pub fn write(&self, w: &Write<'_>) -> Stored {
         if !item_fits(w.key.len(), w.flags, w.value.len(), self.item_bytes_max) {
-            self.reject_too_large(w.key, w.mode == Mode::Set && w.compare_cas.is_none());
+            self.reject_write(w.key, w.mode == Mode::Set && w.compare_cas.is_none(), true);
             return Stored::TooLarge;
         }
         self.locked(w.key, |ctx| ctx.write(w))
     }
 
-    /// Records a write refused for its size, before its value was read.
-    /// memcached drops the old value of a refused `set` (`unlink`), so a stale
-    /// value does not outlive a write the client believes replaced it.
-    pub fn reject_too_large(&self, key: &[u8], unlink: bool) {
-        self.reject_write(key, unlink, true);
-    }
-
     /// Records a write refused before its value was read: for its size
-    /// (`too_large`) or for lack of memory to buffer it. Drops the old value
-    /// when `unlink`, as memcached does for `set`.
+    /// (`too_large`) or for lack of memory to buffer it. memcached drops the
+    /// old value of a refused `set` (`unlink`), so a stale value does not
+    /// outlive a write the client believes replaced it.
     pub fn reject_write(&self, key: &[u8], unlink: bool, too_large: bool) {
         self.locked(key, |ctx| {
             if too_large {
@@ -486,6 +472,8 @@ pub struct Ctx<'a> {
     hash: u64,
     key: &'a [u8],
     found: Result<u32, Gone>,
+    /// The operation's one clock reading, in ms and whole seconds.
+    now_ms: u64,
     pub now_secs: u32,
 }
 
@@ -523,13 +511,10 @@ impl Ctx<'_> {
         }
     }
 
-    /// Gives the live item a fresh version (or `cas` if given); returns it.
-    pub fn bump_cas(&mut self, cas: Option<u64>) -> Option<u64> {
+    /// Gives the live item a fresh version; returns it.
+    pub fn bump_cas(&mut self) -> Option<u64> {
         let slot = self.found.ok()?;
-        let v = match cas {
-            Some(c) => c,
-            None => self.next_version(),
-        };
+        let v = self.next_version();
         self.shard.get_mut(slot).set_cas(v);
         Some(v)
     }
@@ -552,12 +537,8 @@ impl Ctx<'_> {
         value_parts: &[&[u8]],
         flags: u32,
         exptime_abs: u32,
-        cas: Option<u64>,
     ) -> Result<u64, Stored> {
-        let cas = match cas {
-            Some(c) => c,
-            None => self.next_version(),
-        };
+        let cas = self.next_version();
         let item = NewItem::new(self.key, value_parts, flags, exptime_abs, cas);
         self.insert_item(item, cas)
     }
@@ -579,9 +560,9 @@ impl Ctx<'_> {
         }
     }
 
-    /// A fresh version stamp from this shard's clock.
-    fn next_version(&mut self) -> u64 {
-        self.store.hlc.next(self.store.clock.now_ms())
+    /// A fresh version stamp from the node's clock.
+    fn next_version(&self) -> u64 {
+        self.store.hlc.next(self.now_ms)
     }
 
     /// The write semantics of memcached's `do_store_item`.
@@ -593,18 +574,13 @@ impl Ctx<'_> {
                 self.shard.stats.cas_misses += 1;
                 return Stored::NotFound;
             }
-            return match (w.mode, w.vivify_exptime) {
-                (Mode::Set | Mode::Add, _) => {
+            return match w.mode {
+                Mode::Set | Mode::Add => {
                     let exp = exptime::absolute(w.exptime, now);
-                    self.insert(&[w.value], w.flags, exp, w.new_cas)
+                    self.insert(&[w.value], w.flags, exp)
                         .map_or_else(|e| e, Stored::Stored)
                 }
-                (Mode::Append | Mode::Prepend, Some(vivify)) => {
-                    let exp = exptime::absolute(vivify, now);
-                    self.insert(&[w.value], w.flags, exp, w.new_cas)
-                        .map_or_else(|e| e, Stored::Stored)
-                }
-                _ => Stored::NotStored,
+                Mode::Replace | Mode::Append | Mode::Prepend => Stored::NotStored,
             };
         };
         let old = self.shard.get(slot);
@@ -637,7 +613,7 @@ impl Ctx<'_> {
                 } else {
                     exptime::absolute(w.exptime, now)
                 };
-                match self.insert(&[w.value], w.flags, exp, w.new_cas) {
+                match self.insert(&[w.value], w.flags, exp) {
                     Ok(cas) => {
                         if mark_stale {
                             self.set_bit(bits::STALE, true);
@@ -666,10 +642,7 @@ impl Ctx<'_> {
                 } else {
                     [w.value, old_value]
                 };
-                let cas = match w.new_cas {
-                    Some(c) => c,
-                    None => self.store.hlc.next(self.store.clock.now_ms()),
-                };
+                let cas = self.next_version();
                 let item = NewItem::new(self.key, &parts, old_flags, old_exptime, cas);
                 self.insert_item(item, cas)
                     .map_or_else(|e| e, Stored::Stored)
@@ -679,16 +652,7 @@ impl Ctx<'_> {
 
     /// The arithmetic of memcached's `do_add_delta`.
     pub fn arith(&mut self, a: &Arith<'_>) -> Delta {
-        let now = self.now_secs;
         let Ok(slot) = self.found else {
-            if let Some((exp, initial)) = a.vivify {
-                let digits = initial.to_string();
-                let exp = exptime::absolute(exp, now);
-                return match self.insert(&[digits.as_bytes()], 0, exp, a.new_cas) {
-                    Ok(cas) => Delta::Value(initial, cas, false),
-                    Err(_) => Delta::NoMemory,
-                };
-            }
             if a.incr {
                 self.shard.stats.incr_misses += 1
             } else {
@@ -721,12 +685,9 @@ impl Ctx<'_> {
         } else {
             self.shard.stats.decr_hits += 1
         }
-        let mut buf = itoa_buf(new);
+        let mut buf = Vec::with_capacity(old_len.max(20));
+        crate::protocol::put_u64(&mut buf, new);
         let digits_len = buf.len();
-        let exp = match a.exptime {
-            Some(t) => exptime::absolute(t, now),
-            None => old_exptime,
-        };
         // memcached rewrites a value in place when the new number is not
         // longer, padding with spaces: "100" decremented by 91 reads "9  ".
         if digits_len <= old_len {
@@ -737,7 +698,7 @@ impl Ctx<'_> {
             let e = self.shard.get(slot);
             (e.bits(), e.last_access())
         };
-        match self.insert(&[&buf], flags, exp, a.new_cas) {
+        match self.insert(&[&buf], flags, old_exptime) {
             Ok(cas) => {
                 if in_place {
                     // memcached rewrote the same item: it keeps its state
@@ -752,12 +713,6 @@ impl Ctx<'_> {
             Err(_) => Delta::NoMemory,
         }
     }
-}
-
-fn itoa_buf(n: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(20);
-    v.extend_from_slice(n.to_string().as_bytes());
-    v
 }
 
 #[cfg(test)]

@@ -654,13 +654,6 @@ impl Shard {
         self.sweep_cursor = 0;
     }
 
-    /// Visits every live entry (for listings and tests).
-    pub fn for_each(&self, mut f: impl FnMut(&Entry)) {
-        for e in self.slab.iter().flatten() {
-            f(e);
-        }
-    }
-
     /// Checks the invariants in the module header.
     ///
     /// # Panics

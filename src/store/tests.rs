@@ -104,9 +104,6 @@ fn arith(s: &Store, k: &[u8], incr: bool, delta: u64) -> Delta {
         incr,
         delta,
         compare_cas: None,
-        new_cas: None,
-        vivify: None,
-        exptime: None,
     })
 }
 
