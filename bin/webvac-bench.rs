@@ -1,0 +1,263 @@
+//! `webvac-bench`: a load generator for the memcached text and meta
+//! protocols, for webvac and memcached alike.
+//!
+//! `webvac-bench run` measures one server; `webvac-bench compare` runs the
+//! same workload against two servers alternately and prints B/A ratios;
+//! `webvac-bench respond` is the trivial responder, the ceiling to measure
+//! against. See the README's "Performance" section.
+
+#[path = "webvac-bench/reply.rs"]
+mod reply;
+#[path = "webvac-bench/report.rs"]
+mod report;
+#[path = "webvac-bench/respond.rs"]
+mod respond;
+#[path = "webvac-bench/run.rs"]
+mod run;
+#[path = "webvac-bench/workload.rs"]
+mod workload;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+
+use report::Outcome;
+use run::Plan;
+use workload::{KeyDist, Protocol, SizeRange, Workload};
+
+#[derive(Parser)]
+#[command(
+    name = "webvac-bench",
+    version,
+    about = "Load generator for memcached-protocol servers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure one server (or spread connections over several).
+    Run {
+        /// Server address; repeat to spread connections round-robin.
+        #[arg(short, long = "server", default_value = "127.0.0.1:11211")]
+        servers: Vec<String>,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// Run the same workload against A and B alternately (A B A B …) and
+    /// print every metric with its B/A ratio.
+    Compare {
+        /// Server A (the baseline).
+        #[arg(short = 'a', long)]
+        a: String,
+        /// Server B (measured against A).
+        #[arg(short = 'b', long)]
+        b: String,
+        /// Names for A and B in the table.
+        #[arg(long, default_value = "A,B", value_delimiter = ',')]
+        names: Vec<String>,
+        /// A B rounds (at least 3).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(3..))]
+        rounds: u32,
+        #[command(flatten)]
+        load: Load,
+    },
+    /// Serve a fixed reply to every request: the trivial responder.
+    Respond {
+        #[arg(short, long, default_value = "127.0.0.1:11299")]
+        listen: SocketAddr,
+        /// Worker threads, as `webvac -t`.
+        #[arg(short, long, default_value_t = 1)]
+        threads: usize,
+    },
+}
+
+#[derive(Args, Clone)]
+struct Load {
+    /// Connections in all.
+    #[arg(short, long, default_value_t = 64)]
+    connections: usize,
+    /// Requests outstanding per connection (closed loop).
+    #[arg(short, long, default_value_t = 1)]
+    depth: usize,
+    /// Seconds to measure for (after warm-up).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Measure this many requests instead of a duration.
+    #[arg(long)]
+    ops: Option<u64>,
+    /// Open loop: send this many requests per second in all, on a fixed
+    /// schedule, whatever the replies do.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Seconds of load before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Set every key once before the run (not measured).
+    #[arg(long)]
+    prefill: bool,
+    /// Protocol to speak.
+    #[arg(long, value_enum, default_value_t = Protocol::Text)]
+    protocol: Protocol,
+    /// Fraction of requests that are gets; the rest are sets.
+    #[arg(long, default_value_t = 0.9)]
+    get_ratio: f64,
+    /// Keys in the key space.
+    #[arg(long, default_value_t = 100_000)]
+    keys: u64,
+    /// Bytes per key.
+    #[arg(long, default_value_t = 20)]
+    key_size: usize,
+    /// Key popularity: `uniform` or `zipf:S`.
+    #[arg(long, default_value = "uniform")]
+    dist: KeyDist,
+    /// Value bytes: `100` or a range `10-1000`.
+    #[arg(long, default_value = "100")]
+    value_size: SizeRange,
+    /// Keys per get.
+    #[arg(long, default_value_t = 1)]
+    multiget: usize,
+    /// After a get misses, set that key (cache-aside).
+    #[arg(long)]
+    set_on_miss: bool,
+    /// Load threads, each a single-threaded runtime.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Seconds without a reply before a connection counts as stalled.
+    #[arg(long, default_value_t = 10.0)]
+    stall: f64,
+    /// Seed for keys, sizes and the mix.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// No progress lines.
+    #[arg(short, long)]
+    quiet: bool,
+    /// Print results as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn secs(s: f64, what: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s).with_context(|| format!("bad {what} {s}"))
+}
+
+fn resolve(s: &str) -> anyhow::Result<SocketAddr> {
+    s.to_socket_addrs()
+        .with_context(|| format!("cannot resolve {s}"))?
+        .next()
+        .with_context(|| format!("no address for {s}"))
+}
+
+impl Load {
+    fn split(&self, servers: Vec<SocketAddr>) -> anyhow::Result<(Plan, Workload)> {
+        let w = Workload {
+            protocol: self.protocol,
+            keys: self.keys,
+            key_size: self.key_size,
+            dist: self.dist,
+            value_size: self.value_size,
+            get_ratio: self.get_ratio,
+            multiget: self.multiget,
+            set_on_miss: self.set_on_miss,
+        };
+        w.check().map_err(anyhow::Error::msg)?;
+        if self.connections == 0 || self.depth == 0 {
+            bail!("--connections and --depth must be at least 1");
+        }
+        if let Some(r) = self.rate {
+            if !(r > 0.0 && r.is_finite()) {
+                bail!("--rate must be positive");
+            }
+            if self.set_on_miss {
+                bail!("--set-on-miss is for the closed loop only");
+            }
+        }
+        let plan = Plan {
+            servers,
+            connections: self.connections,
+            depth: self.depth,
+            threads: self.threads,
+            duration: secs(self.duration, "--duration")?,
+            ops: self.ops,
+            rate: self.rate,
+            warmup: secs(self.warmup, "--warmup")?,
+            stall: secs(self.stall, "--stall")?,
+            seed: self.seed,
+            progress: !self.quiet,
+        };
+        Ok((plan, w))
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Run { servers, load } => {
+            let addrs = servers
+                .iter()
+                .map(|s| resolve(s))
+                .collect::<anyhow::Result<_>>()?;
+            let (plan, w) = load.split(addrs)?;
+            if load.prefill {
+                run::prefill(&plan, &w)?;
+            }
+            let o = run::run(&plan, &w)?;
+            if load.json {
+                println!("{}", serde_json::to_string_pretty(&o)?);
+            } else {
+                o.print();
+            }
+        }
+        Command::Compare {
+            a,
+            b,
+            names,
+            rounds,
+            load,
+        } => {
+            if names.len() != 2 {
+                bail!("--names takes two names, A's and B's: --names memcached,webvac");
+            }
+            let (pa, w) = load.split(vec![resolve(&a)?])?;
+            let (pb, _) = load.split(vec![resolve(&b)?])?;
+            if load.prefill {
+                run::prefill(&pa, &w)?;
+                run::prefill(&pb, &w)?;
+            }
+            let (mut ra, mut rb): (Vec<Outcome>, Vec<Outcome>) = (Vec::new(), Vec::new());
+            for round in 1..=rounds {
+                for (plan, name, out) in [(&pa, &names[0], &mut ra), (&pb, &names[1], &mut rb)] {
+                    if !load.quiet {
+                        eprintln!("round {round}/{rounds}: {name} ({})", plan.servers[0]);
+                    }
+                    let o = run::run(plan, &w)?;
+                    if !load.quiet {
+                        eprintln!(
+                            "  {:.0} ops/s, p99 {:.1}µs, hit ratio {:.4}",
+                            o.ops_per_sec, o.latency_us.p99, o.hit_ratio
+                        );
+                    }
+                    out.push(o);
+                }
+            }
+            let rows = report::compare(&ra, &rb);
+            if load.json {
+                let doc = serde_json::json!({
+                    "names": names, "workload": w, "a": ra, "b": rb, "metrics": rows,
+                });
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            } else {
+                println!(
+                    "compare: A = {} {a}, B = {} {b}, {rounds} rounds; medians, B/A of medians, B/A range per round",
+                    names[0], names[1]
+                );
+                report::print_compare((&names[0], &names[1]), &rows);
+            }
+        }
+        Command::Respond { listen, threads } => respond::serve(listen, threads)?,
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! `webvac-bench` against real servers: it drives the reference memcached and
+//! webvac alike, in both protocols, and its compare mode reports both sides.
+//! These runs are bounded by an operation count, not a duration, and assert
+//! what was counted, never how fast it went: speed is measured by
+//! `scripts/bench-table`, not by tests.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Memcached, Server, run_bounded};
+use serde_json::Value;
+
+const BENCH_BIN: &str = env!("CARGO_BIN_EXE_webvac-bench");
+const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn bench(args: &[&str]) -> Value {
+    let mut cmd = Command::new(BENCH_BIN);
+    cmd.args(args)
+        .args(["--json", "--quiet", "--warmup", "0", "--stall", "20"]);
+    let out = run_bounded(cmd, RUN_TIMEOUT);
+    assert!(
+        out.status.is_some_and(|s| s.success()),
+        "webvac-bench {args:?} failed: {}",
+        out.stderr
+    );
+    serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout))
+}
+
+fn u(v: &Value, field: &str) -> u64 {
+    v[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {field} in {v}"))
+}
+
+fn f(v: &Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no {field} in {v}"))
+}
+
+#[test]
+fn compare_drives_memcached_and_webvac_alike() {
+    let memcached = Memcached::start_tcp();
+    let webvac = Server::start(&[]);
+    let (a, b) = (memcached.tcp_addr().to_string(), webvac.addr().to_string());
+    let doc = bench(&[
+        "compare",
+        "-a",
+        &a,
+        "-b",
+        &b,
+        "--names",
+        "memcached,webvac",
+        "--rounds",
+        "3",
+        "--ops",
+        "3000",
+        "--connections",
+        "4",
+        "--depth",
+        "4",
+        "--keys",
+        "500",
+        "--prefill",
+    ]);
+    for side in ["a", "b"] {
+        let rounds = doc[side].as_array().expect("rounds");
+        assert_eq!(rounds.len(), 3, "{side}: {doc}");
+        for r in rounds {
+            assert_eq!(u(r, "ops"), 3000, "{side}: every admitted request answered");
+            assert_eq!(u(r, "errors"), 0, "{side}: {r}");
+            assert_eq!(u(r, "gets") + u(r, "sets"), 3000);
+            // Prefilled and far below the memory limit: every get hits.
+            assert_eq!(f(r, "hit_ratio"), 1.0, "{side}: {r}");
+            assert!(
+                u(r, "gets") > 2400 && u(r, "sets") > 100,
+                "a 90/10 mix: {r}"
+            );
+            let l = &r["latency_us"];
+            assert!(f(l, "p50") > 0.0 && f(l, "p50") <= f(l, "p99") && f(l, "p99") <= f(l, "max"));
+        }
+    }
+    let metrics = doc["metrics"].as_array().expect("metrics");
+    let ops = metrics
+        .iter()
+        .find(|m| m["metric"] == "ops/s")
+        .expect("ops/s row");
+    let ratio = f(ops, "ratio");
+    assert!(ratio > 0.0 && ratio.is_finite());
+    assert!((ratio - f(ops, "b_median") / f(ops, "a_median")).abs() < 1e-9);
+}
+
+#[test]
+fn meta_protocol_multiget_counts_hits_and_misses() {
+    let webvac = Server::start(&[]);
+    let addr = webvac.addr().to_string();
+    // Keys 0..199 are set; gets draw from 0..399, so about half miss.
+    bench(&[
+        "run",
+        "-s",
+        &addr,
+        "--protocol",
+        "meta",
+        "--keys",
+        "200",
+        "--prefill",
+        "--ops",
+        "0",
+    ]);
+    let r = bench(&[
+        "run",
+        "-s",
+        &addr,
+        "--protocol",
+        "meta",
+        "--keys",
+        "400",
+        "--get-ratio",
+        "1",
+        "--multiget",
+        "10",
+        "--ops",
+        "500",
+        "--connections",
+        "2",
+        "--depth",
+        "8",
+    ]);
+    assert_eq!(u(&r, "gets"), 500);
+    assert_eq!(u(&r, "get_keys"), 5000);
+    assert_eq!(u(&r, "errors"), 0);
+    let ratio = f(&r, "hit_ratio");
+    assert!(
+        (0.35..0.65).contains(&ratio),
+        "about half the keys exist: {r}"
+    );
+}
+
+#[test]
+fn open_loop_and_set_on_miss_against_memcached() {
+    let memcached = Memcached::start_tcp();
+    let addr = memcached.tcp_addr().to_string();
+    let r = bench(&[
+        "run",
+        "-s",
+        &addr,
+        "--rate",
+        "2000",
+        "--ops",
+        "1000",
+        "--connections",
+        "4",
+        "--keys",
+        "100",
+        "--get-ratio",
+        "1",
+        "--dist",
+        "zipf:0.99",
+    ]);
+    assert_eq!(u(&r, "ops"), 1000);
+    assert_eq!(u(&r, "hits"), 0, "nothing was ever set");
+    // Cache-aside: every miss is followed by a set of that key, so the
+    // hit ratio climbs as the hot keys fill in.
+    let r = bench(&[
+        "run",
+        "-s",
+        &addr,
+        "--set-on-miss",
+        "--ops",
+        "3000",
+        "--connections",
+        "2",
+        "--keys",
+        "100",
+        "--get-ratio",
+        "1",
+    ]);
+    let misses = u(&r, "get_keys") - u(&r, "hits");
+    let sets = u(&r, "sets");
+    // One set follows each miss; a connection's last few may be cut off by
+    // the operation budget.
+    assert!(
+        sets > 0 && sets <= misses && misses - sets <= 2,
+        "one set per miss: {r}"
+    );
+    assert!(f(&r, "hit_ratio") > 0.9, "{r}");
+}
+
+#[test]
+fn responder_answers_what_the_bench_sends() {
+    let port = common::free_tcp_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(BENCH_BIN)
+        .args(["respond", "--listen", &listen])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the responder");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "responder never listened"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r = bench(&[
+        "run",
+        "-s",
+        &listen,
+        "--ops",
+        "1000",
+        "--multiget",
+        "3",
+        "--depth",
+        "4",
+    ]);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(u(&r, "ops"), 1000);
+    assert_eq!(f(&r, "hit_ratio"), 1.0, "the responder always hits");
+}
