@@ -73,6 +73,10 @@ pub const REQUESTS_PER_BATCH_MAX: usize = 1024;
 /// memory limit so each shard can hold at least [`SHARD_ITEMS_OF_MAX_SIZE`]
 /// maximum-size items.
 pub const SHARDS_MAX: usize = 64;
+
+/// A multi-get looks up its keys in batches of this many, prefetching each
+/// batch's index buckets and items first so their cache misses overlap.
+pub const PREFETCH_KEYS: usize = 16;
 pub const SHARD_ITEMS_OF_MAX_SIZE: usize = 4;
 
 /// Slots the background expiry sweep examines per shard per pass.

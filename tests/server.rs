@@ -57,6 +57,37 @@ fn pipelined_requests_are_answered_in_order() {
     assert_eq!(reply, expected);
 }
 
+/// Multi-gets are looked up in prefetched batches of 16 keys: a 40-key get
+/// (three batches, the last partial) with misses and a repeated key must
+/// answer every key in order.
+#[test]
+fn long_multi_gets_answer_every_key_in_order() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    for i in (0..40).step_by(3) {
+        let reply = c.request(format!("set m{i} {i} 0 1\r\nx\r\n").as_bytes(), &[b"\r\n"]);
+        assert_eq!(reply, b"STORED\r\n");
+    }
+    let keys: Vec<String> = (0..40)
+        .map(|i| format!("m{}", if i == 39 { 0 } else { i }))
+        .collect();
+    let reply = c.request(
+        format!("get {}\r\n", keys.join(" ")).as_bytes(),
+        &[b"END\r\n"],
+    );
+    let mut expected = Vec::new();
+    for i in (0..40).map(|i| if i == 39 { 0 } else { i }) {
+        if i % 3 == 0 {
+            expected.extend_from_slice(format!("VALUE m{i} {i} 1\r\nx\r\n").as_bytes());
+        }
+    }
+    expected.extend_from_slice(b"END\r\n");
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        String::from_utf8_lossy(&expected)
+    );
+}
+
 #[test]
 fn max_size_values_round_trip_and_oversized_ones_are_swallowed() {
     let server = Server::start(&[]);

@@ -21,7 +21,7 @@ use tracing::{debug, trace, warn};
 use super::Shared;
 use super::execute::{self, Action};
 use super::inflight::{INFLIGHT_FREE_BYTES, Reservation};
-use crate::limits::{READ_CHUNK_BYTES, REQUESTS_PER_BATCH_MAX, WRITE_FLUSH_BYTES};
+use crate::limits::{PREFETCH_KEYS, READ_CHUNK_BYTES, REQUESTS_PER_BATCH_MAX, WRITE_FLUSH_BYTES};
 use crate::protocol::{ParseLimits, Parsed, Request, incomplete_bytes_max, parse};
 
 /// Buffers larger than this are given back once empty.
@@ -179,7 +179,18 @@ async fn process(
                 trace!(?request, "request");
                 let action = match request {
                     Request::Get(get) => {
-                        for key in get.keys() {
+                        let mut ahead = get.keys();
+                        let multi = get.keys().nth(1).is_some();
+                        for (i, key) in get.keys().enumerate() {
+                            if multi && i % PREFETCH_KEYS == 0 {
+                                let mut batch: [&[u8]; PREFETCH_KEYS] = [&[]; PREFETCH_KEYS];
+                                let n = batch
+                                    .iter_mut()
+                                    .zip(ahead.by_ref())
+                                    .map(|(b, k)| *b = k)
+                                    .count();
+                                shared.store.prefetch(&batch[..n]);
+                            }
                             execute::get_key(shared, &get, key, out);
                             if out.len() >= WRITE_FLUSH_BYTES {
                                 flush(shared, wr, out).await?;

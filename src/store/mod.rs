@@ -13,6 +13,7 @@
 pub mod clock;
 pub mod exptime;
 pub mod hlc;
+mod index;
 pub mod shard;
 
 use std::sync::Arc;
@@ -23,10 +24,11 @@ use parking_lot::Mutex;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use shard::bits;
 pub use shard::{Entry, ShardStats, charge};
-use shard::{Gone, NewItem, Shard};
+use shard::{Gone, NewItem, Shard, Slot};
 
 use crate::limits::{
-    MEMCACHED_CAS_BYTES, MEMCACHED_ITEM_HEADER_BYTES, SHARD_ITEMS_OF_MAX_SIZE, SHARDS_MAX,
+    MEMCACHED_CAS_BYTES, MEMCACHED_ITEM_HEADER_BYTES, PREFETCH_KEYS, SHARD_ITEMS_OF_MAX_SIZE,
+    SHARDS_MAX,
 };
 
 /// Whether `key` is a key memcached accepts: 1 to 250 bytes. (The text
@@ -288,6 +290,21 @@ impl Store {
         f(&mut ctx)
     }
 
+    /// Starts loading the index buckets, then the items, of up to
+    /// [`PREFETCH_KEYS`] keys, so the lookups that follow overlap their
+    /// cache misses instead of taking them one after another (multi-get).
+    pub fn prefetch(&self, keys: &[&[u8]]) {
+        let mut hashes = [0u64; PREFETCH_KEYS];
+        let n = keys.len().min(PREFETCH_KEYS);
+        for (h, k) in hashes.iter_mut().zip(&keys[..n]) {
+            *h = key_hash(k);
+            self.shard(*h).lock().prefetch_bucket(*h);
+        }
+        for &h in &hashes[..n] {
+            self.shard(h).lock().prefetch_item(h);
+        }
+    }
+
     /// Looks up `key` for a read, marking it used. `touch` (gat) sets a new
     /// exptime. `f` sees the item under the shard lock (copy what you need).
     pub fn get<R>(&self, key: &[u8], touch: Option<i64>, f: impl FnOnce(&Entry) -> R) -> Option<R> {
@@ -471,7 +488,7 @@ pub struct Ctx<'a> {
     store: &'a Store,
     hash: u64,
     key: &'a [u8],
-    found: Result<u32, Gone>,
+    found: Result<Slot, Gone>,
     /// The operation's one clock reading, in ms and whole seconds.
     now_ms: u64,
     pub now_secs: u32,

@@ -1,27 +1,31 @@
-//! One lock's worth of the store: a hash index, a slab of entries, a SIEVE
-//! eviction list and the byte budget they share.
+//! One lock's worth of the store: a hash index of items, a SIEVE eviction
+//! list threaded through the items, and the byte budget they share.
 //!
 //! Invariants (checked by `check_invariants` in tests):
-//! - every live slab slot is in the index exactly once and in the SIEVE list
-//!   exactly once; free slots are in neither;
-//! - `used_bytes` is the sum of [`charge`] over live entries and never exceeds
-//!   `limit_bytes` once an operation returns.
+//! - every live item is in the index exactly once and in the SIEVE list
+//!   exactly once;
+//! - `used_bytes` is the sum of [`charge`] over live items and, with the
+//!   index's spare buckets, never exceeds `limit_bytes` once an operation
+//!   returns.
 //!
 //! SIEVE (Zhang et al., NSDI '24): new items enter at the head; a hit only
 //! sets a `visited` bit; the eviction hand walks from the tail toward the head,
 //! clearing visited bits and evicting the first unvisited entry. One-hit
 //! wonders leave quickly (scan resistance) without any lock-time reordering on
 //! reads.
+//!
+//! Items are raw allocations owned by the shard (the index and the list hold
+//! their addresses): a lookup reads the index bucket and then the item, two
+//! cache misses, and the list costs no memory outside the items. All unsafe
+//! code of the store is in this file and `index.rs`; an item's address is
+//! only dereferenced while the shard (and so the item) is borrowed.
 
-use hashbrown::HashTable;
+use std::alloc::{Layout, alloc, dealloc};
+use std::ptr::NonNull;
 
 use super::exptime;
-
-/// Marks "no slot" in links and the hand.
-const NIL: u32 = u32::MAX;
-
-/// Slabs smaller than this are never compacted (not worth the pass).
-const COMPACT_SLOTS_MIN: usize = 1024;
+use super::index::Index;
+use super::key_hash;
 
 /// Bytes the allocator hands out for a request of `n` bytes, modelled on
 /// glibc malloc: an 8-byte header, 16-byte granules, 32 bytes at least.
@@ -32,19 +36,15 @@ pub const fn alloc_bytes(n: usize) -> usize {
     if rounded < 32 { 32 } else { rounded }
 }
 
-/// Bytes the index spends per entry: a `u32` slot number and a control byte,
-/// divided by hashbrown's 7/8 maximum load factor, rounded up.
-const INDEX_BYTES_PER_ENTRY: usize = 6;
+/// Bytes of index per item: one 8-byte bucket. Spare buckets (the table is
+/// at most 3/4 full) are counted as the shard's spare bytes.
+const INDEX_BYTES_PER_ENTRY: usize = 8;
 
-/// Per-slot bytes outside the item allocation: the slab's pointer and the
-/// SIEVE links.
-const SLOT_BYTES: usize = std::mem::size_of::<Option<Entry>>() + std::mem::size_of::<Link>();
-
-/// Everything one item costs: its slot, its index entry and its allocation
-/// (header, key and value). This is what the memory limit counts.
+/// Everything one item costs: its index bucket and its allocation (header
+/// with the list links, key and value). This is what the memory limit counts.
 #[inline]
 pub const fn charge(key_and_value_bytes: usize) -> usize {
-    SLOT_BYTES + INDEX_BYTES_PER_ENTRY + alloc_bytes(HEADER_BYTES + key_and_value_bytes)
+    INDEX_BYTES_PER_ENTRY + alloc_bytes(HEADER_BYTES + key_and_value_bytes)
 }
 
 pub mod bits {
@@ -65,34 +65,41 @@ pub mod bits {
 /// items) the value in the same cache lines. Layout, native-endian:
 ///
 /// ```text
-/// 0       8       16        20      24            28       29     30..32  32..
-/// | cas   | hash  | exptime | flags | last_access | keylen | bits | pad  | key | value |
+/// 0     8       16      24          28        32      36            40       41     42..48 48..
+/// | cas | newer | older | value_len | exptime | flags | last_access | keylen | bits | pad  | key | value |
 /// ```
+///
+/// `newer` and `older` are the SIEVE list links: item addresses, 0 for none.
 const CAS_AT: usize = 0;
-const HASH_AT: usize = 8;
-const EXPTIME_AT: usize = 16;
-const FLAGS_AT: usize = 20;
-const ACCESS_AT: usize = 24;
-const KEY_LEN_AT: usize = 28;
-const BITS_AT: usize = 29;
-pub const HEADER_BYTES: usize = 32;
+const NEWER_AT: usize = 8;
+const OLDER_AT: usize = 16;
+const VALUE_LEN_AT: usize = 24;
+const EXPTIME_AT: usize = 28;
+const FLAGS_AT: usize = 32;
+const ACCESS_AT: usize = 36;
+const KEY_LEN_AT: usize = 40;
+const BITS_AT: usize = 41;
+pub const HEADER_BYTES: usize = 48;
+const ITEM_ALIGN: usize = 8;
 
-/// One stored item: header, key and value in one allocation.
+/// One stored item, seen through a reference: header, key and value.
+#[repr(transparent)]
 pub struct Entry {
-    buf: Box<[u8]>,
+    buf: [u8],
 }
 
-/// SIEVE list links of a slot: toward the head (newer) and the tail (older).
-#[derive(Debug, Clone, Copy)]
-struct Link {
-    newer: u32,
-    older: u32,
-}
+/// A live item of a shard: valid until that item is removed or replaced.
+/// The shard hands these out from lookups and takes them back in calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot(NonNull<u8>);
+
+/// The list end or link "none".
+const NIL: Option<Slot> = None;
 
 macro_rules! header_field {
-    ($get:ident, $set:ident, $ty:ty, $at:expr) => {
+    ($vis:vis $get:ident, $set:ident, $ty:ty, $at:expr) => {
         #[inline]
-        pub fn $get(&self) -> $ty {
+        $vis fn $get(&self) -> $ty {
             <$ty>::from_ne_bytes(
                 self.buf[$at..$at + std::mem::size_of::<$ty>()]
                     .try_into()
@@ -100,18 +107,19 @@ macro_rules! header_field {
             )
         }
         #[inline]
-        pub fn $set(&mut self, v: $ty) {
+        $vis fn $set(&mut self, v: $ty) {
             self.buf[$at..$at + std::mem::size_of::<$ty>()].copy_from_slice(&v.to_ne_bytes());
         }
     };
 }
 
 impl Entry {
-    header_field!(cas, set_cas, u64, CAS_AT);
-    header_field!(hash, set_hash, u64, HASH_AT);
-    header_field!(exptime, set_exptime, u32, EXPTIME_AT);
-    header_field!(flags, set_flags, u32, FLAGS_AT);
-    header_field!(last_access, set_last_access, u32, ACCESS_AT);
+    header_field!(pub cas, set_cas, u64, CAS_AT);
+    header_field!(pub exptime, set_exptime, u32, EXPTIME_AT);
+    header_field!(pub flags, set_flags, u32, FLAGS_AT);
+    header_field!(pub last_access, set_last_access, u32, ACCESS_AT);
+    header_field!(newer_raw, set_newer_raw, u64, NEWER_AT);
+    header_field!(older_raw, set_older_raw, u64, OLDER_AT);
 
     #[inline]
     fn key_len(&self) -> usize {
@@ -152,36 +160,141 @@ impl Entry {
         let b = self.bits();
         self.set_bits(if on { b | bit } else { b & !bit });
     }
+
+    fn newer(&self) -> Option<Slot> {
+        NonNull::new(self.newer_raw() as *mut u8).map(Slot)
+    }
+
+    fn older(&self) -> Option<Slot> {
+        NonNull::new(self.older_raw() as *mut u8).map(Slot)
+    }
+
+    fn set_newer(&mut self, s: Option<Slot>) {
+        self.set_newer_raw(s.map_or(0, |s| s.0.as_ptr() as u64));
+    }
+
+    fn set_older(&mut self, s: Option<Slot>) {
+        self.set_older_raw(s.map_or(0, |s| s.0.as_ptr() as u64));
+    }
 }
 
-/// A new item to put in a shard: its allocation, header filled in except
-/// for the hash and access time, which the shard sets.
-pub struct NewItem {
-    entry: Entry,
+/// Bytes of the item at `p`, from its header.
+///
+/// # Safety
+/// `p` is a live item allocation.
+#[inline]
+unsafe fn item_len(p: NonNull<u8>) -> usize {
+    // SAFETY: the header is initialised at allocation; reads are unaligned-safe.
+    unsafe {
+        let value_len = p.as_ptr().add(VALUE_LEN_AT).cast::<u32>().read_unaligned();
+        let key_len = *p.as_ptr().add(KEY_LEN_AT);
+        HEADER_BYTES + usize::from(key_len) + value_len as usize
+    }
 }
+
+fn layout(len: usize) -> Layout {
+    Layout::from_size_align(len, ITEM_ALIGN).expect("item size fits a layout")
+}
+
+/// An item allocation not (or no longer) in a shard: freed on drop.
+pub struct NewItem {
+    ptr: NonNull<u8>,
+}
+
+// SAFETY: a `NewItem` exclusively owns its allocation, like a `Box<[u8]>`.
+unsafe impl Send for NewItem {}
 
 impl NewItem {
     pub fn new(key: &[u8], value_parts: &[&[u8]], flags: u32, exptime: u32, cas: u64) -> Self {
         debug_assert!(key.len() <= crate::limits::KEY_BYTES_MAX);
-        let len = HEADER_BYTES + key.len() + value_parts.iter().map(|p| p.len()).sum::<usize>();
-        let mut data = Vec::with_capacity(len);
-        data.resize(HEADER_BYTES, 0);
-        data.extend_from_slice(key);
-        for part in value_parts {
-            data.extend_from_slice(part);
-        }
-        data[KEY_LEN_AT] = key.len() as u8;
-        let mut entry = Entry {
-            buf: data.into_boxed_slice(),
+        let value_len: usize = value_parts.iter().map(|p| p.len()).sum();
+        let value_len32 = u32::try_from(value_len).expect("value under 4 GiB");
+        let len = HEADER_BYTES + key.len() + value_len;
+        // SAFETY: `len` is at least HEADER_BYTES, so the layout is non-zero.
+        let raw = unsafe { alloc(layout(len)) };
+        let Some(ptr) = NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout(len));
         };
-        entry.set_cas(cas);
-        entry.set_flags(flags);
-        entry.set_exptime(exptime);
-        Self { entry }
+        // SAFETY: `ptr` is a fresh allocation of `len` bytes; we initialise
+        // every byte before any slice is formed over it.
+        unsafe {
+            let p = ptr.as_ptr();
+            p.write_bytes(0, HEADER_BYTES);
+            p.add(VALUE_LEN_AT)
+                .cast::<u32>()
+                .write_unaligned(value_len32);
+            *p.add(KEY_LEN_AT) = key.len() as u8;
+            let mut at = HEADER_BYTES;
+            for part in std::iter::once(&key).chain(value_parts) {
+                std::ptr::copy_nonoverlapping(part.as_ptr(), p.add(at), part.len());
+                at += part.len();
+            }
+        }
+        let mut item = Self { ptr };
+        let e = item.entry_mut();
+        e.set_cas(cas);
+        e.set_flags(flags);
+        e.set_exptime(exptime);
+        item
+    }
+
+    fn entry(&self) -> &Entry {
+        // SAFETY: we own the allocation; it is initialised.
+        unsafe { entry_at(self.ptr) }
+    }
+
+    fn entry_mut(&mut self) -> &mut Entry {
+        // SAFETY: we own the allocation exclusively; it is initialised.
+        unsafe { entry_at_mut(self.ptr) }
     }
 
     fn key(&self) -> &[u8] {
-        self.entry.key()
+        self.entry().key()
+    }
+
+    /// Hands the allocation to a shard.
+    fn into_raw(self) -> NonNull<u8> {
+        let p = self.ptr;
+        std::mem::forget(self);
+        p
+    }
+
+    /// Takes an allocation back from a shard.
+    ///
+    /// # Safety
+    /// `p` is an item allocation that nothing else refers to any more.
+    unsafe fn from_raw(p: NonNull<u8>) -> Self {
+        Self { ptr: p }
+    }
+}
+
+impl Drop for NewItem {
+    fn drop(&mut self) {
+        // SAFETY: we own the allocation; its header gives its layout.
+        unsafe { dealloc(self.ptr.as_ptr(), layout(item_len(self.ptr))) }
+    }
+}
+
+/// # Safety
+/// `p` is a live, initialised item allocation, not mutably borrowed
+/// elsewhere for the returned lifetime.
+#[inline]
+unsafe fn entry_at<'a>(p: NonNull<u8>) -> &'a Entry {
+    // SAFETY: per the contract; `Entry` is a transparent `[u8]`.
+    unsafe {
+        let len = item_len(p);
+        &*(std::ptr::slice_from_raw_parts(p.as_ptr(), len) as *const Entry)
+    }
+}
+
+/// # Safety
+/// As [`entry_at`], and not borrowed at all elsewhere.
+#[inline]
+unsafe fn entry_at_mut<'a>(p: NonNull<u8>) -> &'a mut Entry {
+    // SAFETY: per the contract; `Entry` is a transparent `[u8]`.
+    unsafe {
+        let len = item_len(p);
+        &mut *(std::ptr::slice_from_raw_parts_mut(p.as_ptr(), len) as *mut Entry)
     }
 }
 
@@ -264,32 +377,47 @@ pub enum Gone {
 }
 
 pub struct Shard {
-    /// key hash → slab slot.
-    index: HashTable<u32>,
-    /// Entry storage; `None` slots are on `free`.
-    slab: Vec<Option<Entry>>,
-    /// SIEVE links per slot, kept apart from the entries so the eviction
-    /// hand walks a dense array.
-    links: Vec<Link>,
-    free: Vec<u32>,
+    /// key hash → item. Owns nothing; the shard owns the items.
+    index: Index,
     /// SIEVE list ends and hand.
-    head: u32,
-    tail: u32,
-    hand: u32,
+    head: Option<Slot>,
+    tail: Option<Slot>,
+    hand: Option<Slot>,
     used_bytes: usize,
     limit_bytes: usize,
-    /// Cursor of the background expiry sweep.
+    /// Cursor of the background expiry sweep, by index bucket.
     sweep_cursor: usize,
     pub stats: ShardStats,
+}
+
+// SAFETY: the shard exclusively owns its items (raw allocations reached only
+// through it), so moving it or sharing `&Shard` across threads is as safe as
+// for a `Vec<Box<[u8]>>`.
+unsafe impl Send for Shard {}
+unsafe impl Sync for Shard {}
+
+#[inline]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch has no architectural effect and never faults, even
+    // for an address that is not mapped.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p.cast::<i8>(), std::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// The hash an item is indexed under.
+fn rehash(p: NonNull<u8>) -> u64 {
+    // SAFETY: the index holds only live items of the shard being rebuilt.
+    key_hash(unsafe { entry_at(p) }.key())
 }
 
 impl Shard {
     pub fn new(limit_bytes: usize) -> Self {
         Self {
-            index: HashTable::new(),
-            slab: Vec::new(),
-            links: Vec::new(),
-            free: Vec::new(),
+            index: Index::new(),
             head: NIL,
             tail: NIL,
             hand: NIL,
@@ -304,20 +432,16 @@ impl Shard {
         self.used_bytes
     }
 
-    /// Bytes the shard's structures hold beyond what live items are charged
-    /// for: unused slab, link and index capacity and the free list. Vectors
-    /// and hash tables keep the capacity of the most items they ever held,
-    /// so this is counted against the budget too.
+    /// Bytes of index buckets beyond one per live item. The table keeps a
+    /// quarter or more of its buckets free, and the capacity of the most
+    /// items it held until a sweep shrinks it, so this counts against the
+    /// budget too.
     fn spare_bytes(&self) -> usize {
-        let structures = self.slab.capacity() * std::mem::size_of::<Option<Entry>>()
-            + self.links.capacity() * std::mem::size_of::<Link>()
-            + self.free.capacity() * std::mem::size_of::<u32>()
-            + self.index.capacity() * INDEX_BYTES_PER_ENTRY;
-        structures.saturating_sub(self.index.len() * (SLOT_BYTES + INDEX_BYTES_PER_ENTRY))
+        (self.index.capacity() - self.index.len()) * INDEX_BYTES_PER_ENTRY
     }
 
-    /// Everything this shard holds: live items (with their share of the
-    /// structures) plus spare structure capacity. Never above the budget.
+    /// Everything this shard holds: live items (with their index buckets)
+    /// plus spare buckets. Never above the budget.
     pub fn footprint_bytes(&self) -> usize {
         self.used_bytes + self.spare_bytes()
     }
@@ -334,25 +458,47 @@ impl Shard {
         self.index.is_empty()
     }
 
-    fn entry(&self, slot: u32) -> &Entry {
-        self.slab[slot as usize].as_ref().expect("live slot")
+    /// The item `slot` names.
+    pub fn get(&self, slot: Slot) -> &Entry {
+        // SAFETY: a `Slot` from this shard names a live item until it is
+        // removed or replaced, which takes `&mut self`.
+        unsafe { entry_at(slot.0) }
     }
 
-    fn entry_mut(&mut self, slot: u32) -> &mut Entry {
-        self.slab[slot as usize].as_mut().expect("live slot")
+    pub fn get_mut(&mut self, slot: Slot) -> &mut Entry {
+        // SAFETY: as `get`; `&mut self` makes the borrow exclusive.
+        unsafe { entry_at_mut(slot.0) }
     }
 
-    /// The slot holding `key`, dead or alive.
-    pub fn find(&self, hash: u64, key: &[u8]) -> Option<u32> {
-        let slab = &self.slab;
+    /// Asks the CPU to start loading `hash`'s index bucket, for a lookup
+    /// soon after (multi-get keys are prefetched before they are looked up).
+    #[inline]
+    pub fn prefetch_bucket(&self, hash: u64) {
+        if let Some(p) = self.index.home_address(hash) {
+            prefetch(p.cast());
+        }
+    }
+
+    /// Asks the CPU to start loading the first lines of the item `hash`
+    /// probably names. Reads the bucket: prefetch it first.
+    #[inline]
+    pub fn prefetch_item(&self, hash: u64) {
+        if let Some(p) = self.index.candidate(hash) {
+            prefetch(p.as_ptr());
+            prefetch(p.as_ptr().wrapping_add(64));
+        }
+    }
+
+    /// The item holding `key`, dead or alive.
+    #[inline]
+    pub fn find(&self, hash: u64, key: &[u8]) -> Option<Slot> {
         self.index
-            .find(hash, |&s| {
-                slab[s as usize].as_ref().is_some_and(|e| e.key() == key)
-            })
-            .copied()
+            // SAFETY: the index holds only live items of this shard.
+            .find(hash, |p| unsafe { entry_at(p) }.key() == key)
+            .map(Slot)
     }
 
-    /// The slot holding a live `key`. An expired or flushed entry found on the
+    /// The live item holding `key`. An expired or flushed entry found on the
     /// way is removed and reported, as memcached's lazy expiry does.
     pub fn find_live(
         &mut self,
@@ -360,9 +506,9 @@ impl Shard {
         key: &[u8],
         now_secs: u32,
         flushed_before: u32,
-    ) -> Result<u32, Gone> {
+    ) -> Result<Slot, Gone> {
         let slot = self.find(hash, key).ok_or(Gone::Missing)?;
-        let e = self.entry(slot);
+        let e = self.get(slot);
         let why = if exptime::is_expired(e.exptime(), now_secs) {
             Gone::Expired
         } else if e.last_access() < flushed_before {
@@ -377,79 +523,69 @@ impl Shard {
         Err(why)
     }
 
-    pub fn get(&self, slot: u32) -> &Entry {
-        self.entry(slot)
-    }
-
-    pub fn get_mut(&mut self, slot: u32) -> &mut Entry {
-        self.entry_mut(slot)
-    }
-
     /// Stores `item` under its key, replacing any entry with that key, and
-    /// evicts until the shard is within budget. `known` is the key's slot if
+    /// evicts until the shard is within budget. `known` is the key's item if
     /// the caller already looked it up (`None`: look it up here). Returns the
-    /// item's slot.
+    /// new item.
     pub fn insert(
         &mut self,
         hash: u64,
-        item: NewItem,
-        known: Option<Option<u32>>,
+        mut item: NewItem,
+        known: Option<Option<Slot>>,
         now_secs: u32,
-    ) -> Result<u32, InsertError> {
+    ) -> Result<Slot, InsertError> {
         let existing = match known {
             Some(k) => k,
             None => self.find(hash, item.key()),
         };
         debug_assert_eq!(existing, self.find(hash, item.key()));
-        let mut entry = item.entry;
-        entry.set_hash(hash);
-        entry.set_last_access(now_secs);
-        let cost = entry.charge();
+        item.entry_mut().set_last_access(now_secs);
+        let cost = item.entry().charge();
         if cost > self.limit_bytes {
             if let Some(old) = existing {
                 self.remove(old);
             }
             return Err(InsertError::NoMemory);
         }
-        let slot = match existing {
-            Some(slot) => {
-                // Replace in place: same slot, same index entry, same place
-                // in the SIEVE list.
-                let old = std::mem::replace(self.entry_mut(slot), entry);
-                self.used_bytes = self.used_bytes - old.charge() + cost;
-                slot
+        let slot = Slot(item.into_raw());
+        match existing {
+            Some(old) => {
+                // Replace in place: same index bucket, same place in the
+                // SIEVE list.
+                self.index.replace(hash, old.0, slot.0);
+                let (newer, older) = {
+                    let o = self.get(old);
+                    (o.newer(), o.older())
+                };
+                self.get_mut(slot).set_newer(newer);
+                self.get_mut(slot).set_older(older);
+                match newer {
+                    Some(n) => self.get_mut(n).set_older(Some(slot)),
+                    None => self.head = Some(slot),
+                }
+                match older {
+                    Some(o) => self.get_mut(o).set_newer(Some(slot)),
+                    None => self.tail = Some(slot),
+                }
+                if self.hand == Some(old) {
+                    self.hand = Some(slot);
+                }
+                let old_cost = self.get(old).charge();
+                self.used_bytes = self.used_bytes - old_cost + cost;
+                // SAFETY: `old` is unlinked from the index and the list.
+                drop(unsafe { NewItem::from_raw(old.0) });
             }
             None => {
-                let slot = match self.free.pop() {
-                    Some(s) => {
-                        debug_assert!(self.slab[s as usize].is_none());
-                        self.slab[s as usize] = Some(entry);
-                        s
-                    }
-                    None => {
-                        assert!(self.slab.len() < NIL as usize, "slab index space exhausted");
-                        self.slab.push(Some(entry));
-                        self.links.push(Link {
-                            newer: NIL,
-                            older: NIL,
-                        });
-                        (self.slab.len() - 1) as u32
-                    }
-                };
-                let slab = &self.slab;
-                self.index.insert_unique(hash, slot, |&s| {
-                    slab[s as usize].as_ref().expect("indexed slot").hash()
-                });
+                self.index.insert(hash, slot.0, rehash);
                 self.link_head(slot);
                 self.used_bytes += cost;
-                slot
             }
-        };
+        }
         while self.footprint_bytes() > self.limit_bytes && self.index.len() > 1 {
             self.evict_one(now_secs, slot);
         }
         if self.footprint_bytes() > self.limit_bytes {
-            // Only the new item is left and the structures' capacity still
+            // Only the new item is left and the index's capacity still
             // crowds it out: refuse it rather than exceed the budget.
             self.remove(slot);
             return Err(InsertError::NoMemory);
@@ -458,28 +594,25 @@ impl Shard {
         Ok(slot)
     }
 
-    /// Removes the entry in `slot` from the index, the list and the budget.
-    pub fn remove(&mut self, slot: u32) -> Entry {
-        let hash = self.entry(slot).hash();
-        match self.index.find_entry(hash, |&s| s == slot) {
-            Ok(found) => {
-                found.remove();
-            }
-            Err(_) => unreachable!("live slot {slot} missing from the index"),
-        }
+    /// Removes the item `slot` from the index, the list and the budget, and
+    /// frees it.
+    pub fn remove(&mut self, slot: Slot) {
+        let hash = key_hash(self.get(slot).key());
+        self.index.remove(hash, slot.0);
         self.unlink(slot);
-        let entry = self.slab[slot as usize].take().expect("live slot");
-        self.free.push(slot);
-        self.used_bytes -= entry.charge();
-        entry
+        self.used_bytes -= self.get(slot).charge();
+        // SAFETY: `slot` is now in neither the index nor the list.
+        drop(unsafe { NewItem::from_raw(slot.0) });
     }
 
     /// Drops every entry. Keeps the counters.
     pub fn clear(&mut self) {
-        self.index.clear();
-        self.slab.clear();
-        self.links.clear();
-        self.free.clear();
+        let items: Vec<NonNull<u8>> = self.index.items().collect();
+        self.index = Index::new();
+        for p in items {
+            // SAFETY: the index held each live item exactly once; it is gone.
+            drop(unsafe { NewItem::from_raw(p) });
+        }
         self.head = NIL;
         self.tail = NIL;
         self.hand = NIL;
@@ -494,24 +627,19 @@ impl Shard {
     /// # Panics
     /// If nothing but `keep` is left while over budget (an accounting bug:
     /// an item alone never exceeds the budget).
-    fn evict_one(&mut self, now_secs: u32, keep: u32) {
+    fn evict_one(&mut self, now_secs: u32, keep: Slot) {
         assert!(self.index.len() > 1, "over budget with nothing to evict");
-        let mut slot = if self.hand == NIL {
-            self.tail
-        } else {
-            self.hand
-        };
+        let mut slot = self.hand.or(self.tail).expect("non-empty list");
         loop {
-            let e = self.entry_mut(slot);
+            let e = self.get_mut(slot);
             let expired = exptime::is_expired(e.exptime(), now_secs);
             if slot != keep && (!e.has(bits::VISITED) || expired) {
                 break;
             }
             e.set(bits::VISITED, false);
-            let newer = self.links[slot as usize].newer;
-            slot = if newer == NIL { self.tail } else { newer };
+            slot = e.newer().or(self.tail).expect("non-empty list");
         }
-        let e = self.entry(slot);
+        let e = self.get(slot);
         let unfetched = !e.has(bits::FETCHED);
         if exptime::is_expired(e.exptime(), now_secs) {
             self.stats.reclaimed += 1;
@@ -526,14 +654,14 @@ impl Shard {
         }
         // The hand rests on the victim; removing it moves the hand one step
         // toward the head, where the next eviction resumes.
-        self.hand = slot;
+        self.hand = Some(slot);
         self.remove(slot);
     }
 
     /// Marks an entry as used: SIEVE visited bit and access time.
     #[inline]
-    pub fn touch_access(&mut self, slot: u32, now_secs: u32) {
-        let e = self.entry_mut(slot);
+    pub fn touch_access(&mut self, slot: Slot, now_secs: u32) {
+        let e = self.get_mut(slot);
         // Hot keys are read far more often than their state changes: skip
         // the stores (and the dirtied cache line) when nothing would change.
         let want = bits::VISITED | bits::FETCHED;
@@ -545,113 +673,72 @@ impl Shard {
         }
     }
 
-    fn link_head(&mut self, slot: u32) {
+    fn link_head(&mut self, slot: Slot) {
         let old_head = self.head;
-        self.links[slot as usize] = Link {
-            newer: NIL,
-            older: old_head,
-        };
-        if old_head != NIL {
-            self.links[old_head as usize].newer = slot;
-        } else {
-            self.tail = slot;
+        let e = self.get_mut(slot);
+        e.set_newer(NIL);
+        e.set_older(old_head);
+        match old_head {
+            Some(h) => self.get_mut(h).set_newer(Some(slot)),
+            None => self.tail = Some(slot),
         }
-        self.head = slot;
+        self.head = Some(slot);
     }
 
-    fn unlink(&mut self, slot: u32) {
-        let Link { newer, older } = self.links[slot as usize];
-        if self.hand == slot {
+    fn unlink(&mut self, slot: Slot) {
+        let (newer, older) = {
+            let e = self.get(slot);
+            (e.newer(), e.older())
+        };
+        if self.hand == Some(slot) {
             self.hand = newer;
         }
-        if newer != NIL {
-            self.links[newer as usize].older = older;
-        } else {
-            self.head = older;
+        match newer {
+            Some(n) => self.get_mut(n).set_older(older),
+            None => self.head = older,
         }
-        if older != NIL {
-            self.links[older as usize].newer = newer;
-        } else {
-            self.tail = newer;
+        match older {
+            Some(o) => self.get_mut(o).set_newer(newer),
+            None => self.tail = newer,
         }
     }
 
-    /// Removes expired and flushed entries among the next `budget` slab slots.
-    /// Returns how many were removed.
+    /// Removes expired and flushed entries among the next `budget` index
+    /// buckets. Returns how many were removed.
     pub fn sweep(&mut self, budget: usize, now_secs: u32, flushed_before: u32) -> usize {
         let mut removed = 0;
-        for _ in 0..budget.min(self.slab.len()) {
-            if self.sweep_cursor >= self.slab.len() {
+        for _ in 0..budget.min(self.index.capacity()) {
+            if self.sweep_cursor >= self.index.capacity() {
                 self.sweep_cursor = 0;
             }
-            let slot = self.sweep_cursor as u32;
+            let at = self.sweep_cursor;
             self.sweep_cursor += 1;
-            let Some(e) = self.slab[slot as usize].as_ref() else {
+            let Some(p) = self.index.at(at) else {
                 continue;
             };
+            let slot = Slot(p);
+            let e = self.get(slot);
             let expired = exptime::is_expired(e.exptime(), now_secs);
+            let unfetched = !e.has(bits::FETCHED);
             if expired || e.last_access() < flushed_before {
                 if expired {
                     self.stats.reclaimed += 1;
-                    if !e.has(bits::FETCHED) {
+                    if unfetched {
                         self.stats.expired_unfetched += 1;
                     }
                 }
                 self.remove(slot);
                 removed += 1;
+                // A removal may have emptied buckets behind the cursor;
+                // revisiting this bucket next time is harmless.
             }
         }
-        // Give back structure memory the shard no longer needs: when most
-        // slab slots are dead, move the live entries together.
-        if self.index.is_empty() && self.spare_bytes() > 0 {
-            self.clear();
-            self.slab = Vec::new();
-            self.links = Vec::new();
-            self.free = Vec::new();
-            self.index = HashTable::new();
-        } else if self.slab.len() > COMPACT_SLOTS_MIN && self.index.len() * 2 < self.slab.len() {
-            self.compact();
+        // Give back index memory the shard no longer needs.
+        if self.index.capacity() > 64 && self.index.len() * 8 < self.index.capacity() {
+            self.index.shrink(&rehash);
+            self.sweep_cursor = 0;
         }
         removed
-    }
-
-    /// Renumbers live entries into a dense slab, rebuilds the links and the
-    /// index, and releases the spare capacity. O(slots), under the shard
-    /// lock; run from the background sweep only when most slots are dead.
-    fn compact(&mut self) {
-        let live = self.index.len();
-        let mut renumber = vec![NIL; self.slab.len()];
-        let mut slab = Vec::with_capacity(live);
-        let mut links = Vec::with_capacity(live);
-        for (old, entry) in std::mem::take(&mut self.slab).into_iter().enumerate() {
-            if let Some(e) = entry {
-                renumber[old] = slab.len() as u32;
-                slab.push(Some(e));
-                links.push(self.links[old]);
-            }
-        }
-        let map = |s: u32| if s == NIL { NIL } else { renumber[s as usize] };
-        for l in &mut links {
-            *l = Link {
-                newer: map(l.newer),
-                older: map(l.older),
-            };
-        }
-        self.head = map(self.head);
-        self.tail = map(self.tail);
-        self.hand = map(self.hand);
-        let mut index = HashTable::with_capacity(live);
-        for (i, e) in slab.iter().enumerate() {
-            let hash = e.as_ref().expect("compacted slab is dense").hash();
-            index.insert_unique(hash, i as u32, |&s: &u32| {
-                slab[s as usize].as_ref().expect("dense").hash()
-            });
-        }
-        self.slab = slab;
-        self.links = links;
-        self.index = index;
-        self.free = Vec::new();
-        self.sweep_cursor = 0;
     }
 
     /// Checks the invariants in the module header.
@@ -659,38 +746,38 @@ impl Shard {
     /// # Panics
     /// On the first broken invariant.
     pub fn check_invariants(&self) {
-        let live = self.slab.iter().filter(|s| s.is_some()).count();
-        assert_eq!(live, self.index.len(), "index and slab disagree");
-        assert_eq!(
-            live + self.free.len(),
-            self.slab.len(),
-            "free list and slab disagree"
-        );
+        let live = self.index.len();
+        assert_eq!(self.index.items().count(), live, "index count drifted");
         let mut walked = 0;
+        let mut used = 0;
         let mut slot = self.head;
         let mut prev = NIL;
-        assert_eq!(self.links.len(), self.slab.len(), "links and slab disagree");
-        while slot != NIL {
-            let e = self.entry(slot);
-            let link = self.links[slot as usize];
-            assert_eq!(link.newer, prev, "broken back link at {slot}");
+        while let Some(s) = slot {
+            let e = self.get(s);
+            assert_eq!(e.newer(), prev, "broken back link");
             assert_eq!(
-                self.find(e.hash(), e.key()),
-                Some(slot),
-                "entry not indexed at its slot"
+                self.find(key_hash(e.key()), e.key()),
+                Some(s),
+                "item not indexed"
             );
+            used += e.charge();
             prev = slot;
-            slot = link.older;
+            slot = e.older();
             walked += 1;
             assert!(walked <= live, "cycle in the SIEVE list");
         }
         assert_eq!(prev, self.tail);
-        assert_eq!(walked, live, "list and slab disagree");
-        let used: usize = self.slab.iter().flatten().map(Entry::charge).sum();
+        assert_eq!(walked, live, "list and index disagree");
         assert_eq!(used, self.used_bytes, "byte accounting drifted");
         assert!(
             self.footprint_bytes() <= self.limit_bytes,
             "over the memory limit"
         );
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        self.clear();
     }
 }
