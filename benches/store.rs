@@ -1,6 +1,6 @@
 //! Store operations on 1 and 2 threads, and the store-choice comparison.
 //!
-//! `store/*`: webvac's store (lock-sharded hashbrown tables, SIEVE eviction,
+//! `store/*`: webvac's store (lock-sharded open-addressing indexes, SIEVE eviction,
 //! byte accounting) — get hit and miss, set, incr, append.
 //! `choice/*`: the same get-hit and set workload on quick_cache (with a byte
 //! weighter, its own eviction) and on dashmap (no eviction or accounting at

@@ -2,8 +2,9 @@
 //! expiry and versions. No sockets, no cluster.
 //!
 //! Keys are hashed once with xxh3-64 (never std `Hash`: nodes and clients must
-//! agree on it). Bits 40.. of the hash pick the shard; hashbrown uses the low
-//! bits and the top seven, so the three uses do not overlap.
+//! agree on it). Bits 40 and up pick the shard; a shard's index takes its
+//! home bucket from the low bits and a 16-bit tag from bits 24..40, so the
+//! three uses do not overlap (until an index passes 2^24 buckets).
 //!
 //! Every operation takes exactly one shard lock, does all its work under it
 //! (read-modify-write included) and never holds it across I/O. The memory
