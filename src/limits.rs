@@ -79,7 +79,7 @@ pub const SHARDS_MAX: usize = 64;
 pub const PREFETCH_KEYS: usize = 16;
 pub const SHARD_ITEMS_OF_MAX_SIZE: usize = 4;
 
-/// Slots the background expiry sweep examines per shard per pass.
+/// Index buckets the background expiry sweep examines per shard per pass.
 pub const SWEEP_SLOTS_PER_PASS: usize = 4096;
 
 /// Interval between background expiry sweep passes.

@@ -122,11 +122,7 @@ impl Index {
     /// Indexes `item`, whose key is not in the index yet. `rehash` gives the
     /// hash of any indexed item, for when the table is rebuilt.
     pub fn insert(&mut self, hash: u64, item: NonNull<u8>, rehash: impl Fn(NonNull<u8>) -> u64) {
-        let addr = item.as_ptr() as u64;
-        assert!(
-            addr & !ADDRESS_MASK == 0 && addr > TOMBSTONE,
-            "item address {addr:#x} out of range"
-        );
+        let bucket = bucket(hash, item);
         if (self.live + self.tombstones + 1) * 8 > self.buckets.len() * LOAD_EIGHTHS_MAX {
             // Mostly tombstones: rebuild at the same size; else double.
             let want = if self.live * 2 < self.buckets.len() * LOAD_EIGHTHS_MAX / 8 {
@@ -144,7 +140,7 @@ impl Index {
                 if b == TOMBSTONE {
                     self.tombstones -= 1;
                 }
-                self.buckets[i] = tag(hash) << 48 | addr;
+                self.buckets[i] = bucket;
                 self.live += 1;
                 return;
             }
@@ -155,12 +151,7 @@ impl Index {
     /// Points the bucket of `old` at `new`, an item with the same key.
     pub fn replace(&mut self, hash: u64, old: NonNull<u8>, new: NonNull<u8>) {
         let i = self.position(hash, old);
-        let addr = new.as_ptr() as u64;
-        assert!(
-            addr & !ADDRESS_MASK == 0 && addr > TOMBSTONE,
-            "item address {addr:#x} out of range"
-        );
-        self.buckets[i] = tag(hash) << 48 | addr;
+        self.buckets[i] = bucket(hash, new);
     }
 
     /// Removes `item`, which is indexed under `hash`.
@@ -186,7 +177,7 @@ impl Index {
 
     /// Rebuilds into `buckets` buckets (a power of two above the live count),
     /// dropping tombstones.
-    pub fn rebuild(&mut self, buckets: usize, rehash: &impl Fn(NonNull<u8>) -> u64) {
+    fn rebuild(&mut self, buckets: usize, rehash: &impl Fn(NonNull<u8>) -> u64) {
         debug_assert!(buckets.is_power_of_two() && self.live * 8 < buckets * LOAD_EIGHTHS_MAX);
         let old = std::mem::replace(&mut self.buckets, vec![0; buckets].into_boxed_slice());
         let mask = buckets - 1;
@@ -231,6 +222,17 @@ impl Index {
             .filter(|&b| b > TOMBSTONE)
             .map(address)
     }
+}
+
+/// The bucket value for `item` indexed under `hash`.
+#[inline]
+fn bucket(hash: u64, item: NonNull<u8>) -> u64 {
+    let addr = item.as_ptr() as u64;
+    assert!(
+        addr & !ADDRESS_MASK == 0 && addr > TOMBSTONE,
+        "item address {addr:#x} out of range"
+    );
+    tag(hash) << 48 | addr
 }
 
 #[inline]
