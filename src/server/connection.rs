@@ -69,6 +69,11 @@ async fn run(
     let mut swallow = 0usize;
     let mut reservation = Reservation::new(&shared.inflight);
     let input_max = incomplete_bytes_max(&shared.limits);
+    // One registration with the stop signal for the connection's life:
+    // building a fresh `changed()` future on every read took the signal's
+    // lock twice per request.
+    let mut watcher = stop.clone();
+    let mut stopped = std::pin::pin!(watcher.changed());
     loop {
         let close = process(
             shared,
@@ -102,8 +107,10 @@ async fn run(
         }
         inbuf.reserve(READ_CHUNK_BYTES);
         let n = tokio::select! {
+            // Reading first means a ready socket never touches the signal.
+            biased;
             read = rd.read_buf(&mut inbuf) => read?,
-            _ = stop.changed() => return Ok(()),
+            _ = &mut stopped => return Ok(()),
         };
         if n == 0 {
             // EOF, possibly a half-close: everything complete was answered.
