@@ -37,6 +37,7 @@
 //! assert_eq!(store.write(&w), Stored::Exists);
 //! ```
 
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod limits;

@@ -1,0 +1,6 @@
+//! The cluster layer: placement (ring), coordinator, replication, repair and
+//! transport. Distributed logic here is sans-IO: state machines that take
+//! messages and `now` and return messages; tokio tasks only move them.
+
+pub mod ring;
+pub mod transport;

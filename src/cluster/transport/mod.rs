@@ -1,0 +1,1218 @@
+//! Node-to-node transport: multiplexed request/response over one connection
+//! per peer, in [`frame`]s of `length | crc32 | postcard payload`.
+//!
+//! ```text
+//!  caller ──call()──▶ Peer ─┬─ pending: id → oneshot   (bounded: inflight_max)
+//!                           └─ outbox (bounded mpsc) ──▶ writer ──▶ socket
+//!                  reader ◀── socket: Response{id} ─▶ pending[id]   Pong ─▶ heartbeat
+//!
+//!  socket ──▶ serve_connection: Hello → Welcome | Refused
+//!             Request{id} ──▶ spawn handler (≤ inflight_max at once) ──▶ Response{id}
+//! ```
+//!
+//! The message types are the caller's (`Req`, `Resp`); this module adds only
+//! the envelope: a handshake that checks both nodes agree on the cluster
+//! layout, request ids, and heartbeats. A [`Peer`] owns a background task that
+//! dials, handshakes, reconnects with exponential backoff and full jitter, and
+//! pings; calls never wait on a dead peer: while it is down they fail at once
+//! with [`CallError::Down`], and a full queue is [`CallError::Busy`]. Sockets
+//! come from an injected [`Connector`], so simulation tests can swap TCP for
+//! turmoil.
+
+pub mod frame;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use frame::{Decoded, FrameError};
+
+/// A node's id in the cluster (fits the HLC's 12 node bits).
+pub type NodeId = u16;
+
+/// Default time a call waits for its answer.
+pub const CALL_TIMEOUT_MS_DEFAULT: u64 = 1000;
+/// Default time to dial a peer and complete the handshake.
+pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 500;
+/// Default bound on calls in flight to one peer (and on requests one served
+/// connection runs at once).
+pub const INFLIGHT_MAX_DEFAULT: usize = 1024;
+/// Default bound on one frame's payload.
+pub const FRAME_BYTES_MAX_DEFAULT: usize = 4 * 1024 * 1024;
+/// Default first and largest reconnect backoff.
+pub const BACKOFF_MIN_MS_DEFAULT: u64 = 20;
+pub const BACKOFF_MAX_MS_DEFAULT: u64 = 2000;
+/// Default interval between heartbeat pings.
+pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 250;
+
+/// A writer gathers queued frames into one write up to about this many bytes
+/// (plus one frame), so small messages share syscalls without an unbounded
+/// buffer.
+pub const WRITE_BATCH_BYTES_MAX: usize = 256 * 1024;
+/// Room reserved in a read buffer before each read.
+pub const READ_CHUNK_BYTES: usize = crate::limits::READ_CHUNK_BYTES;
+/// Heartbeat frames queued at once per connection: one ping (or pong) is in
+/// flight at a time, so this never fills in normal operation.
+pub const CONTROL_QUEUE_FRAMES: usize = 2;
+/// A served connection that sends no frame for this many
+/// `call_timeout + heartbeat_interval` periods is dropped: a live peer pings
+/// at least once per such period, so it is a peer that died silently.
+pub const IDLE_PERIODS_MAX: u32 = 2;
+/// Doublings of the backoff before it stays at its cap (2^16 × backoff_min is
+/// far past any sane backoff_max).
+pub const BACKOFF_DOUBLINGS_MAX: u32 = 16;
+/// Version of the envelope below; nodes that speak different ones refuse
+/// each other in the handshake.
+pub const WIRE_VERSION: u16 = 1;
+
+const _: () = assert!(BACKOFF_MIN_MS_DEFAULT <= BACKOFF_MAX_MS_DEFAULT);
+const _: () = assert!(HEARTBEAT_INTERVAL_MS_DEFAULT < CALL_TIMEOUT_MS_DEFAULT);
+const _: () = assert!(FRAME_BYTES_MAX_DEFAULT <= frame::FRAME_PAYLOAD_BYTES_LIMIT);
+const _: () = assert!(INFLIGHT_MAX_DEFAULT > 0 && CONTROL_QUEUE_FRAMES > 0);
+const _: () = assert!(
+    IDLE_PERIODS_MAX >= 2,
+    "one period is too tight for a live peer"
+);
+
+/// Timeouts and bounds of the transport; the same for every peer of a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransportConfig {
+    /// How long [`Peer::call`] waits for an answer, and how long a heartbeat
+    /// may go unanswered before the peer is marked down.
+    pub call_timeout: Duration,
+    /// How long dialling plus the handshake may take, on either side.
+    pub connect_timeout: Duration,
+    /// Calls in flight per peer; beyond it [`Peer::call`] fails fast with
+    /// [`CallError::Busy`]. Also the requests one served connection runs at
+    /// once before it stops reading.
+    pub inflight_max: usize,
+    /// Largest frame payload sent or accepted; a peer sending a larger one is
+    /// disconnected.
+    pub frame_bytes_max: usize,
+    /// Reconnect backoff: the cap starts here and doubles per failed attempt.
+    pub backoff_min: Duration,
+    /// Reconnect backoff cap.
+    pub backoff_max: Duration,
+    /// Interval between heartbeat pings on an idle or busy connection alike.
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            call_timeout: Duration::from_millis(CALL_TIMEOUT_MS_DEFAULT),
+            connect_timeout: Duration::from_millis(CONNECT_TIMEOUT_MS_DEFAULT),
+            inflight_max: INFLIGHT_MAX_DEFAULT,
+            frame_bytes_max: FRAME_BYTES_MAX_DEFAULT,
+            backoff_min: Duration::from_millis(BACKOFF_MIN_MS_DEFAULT),
+            backoff_max: Duration::from_millis(BACKOFF_MAX_MS_DEFAULT),
+            heartbeat_interval: Duration::from_millis(HEARTBEAT_INTERVAL_MS_DEFAULT),
+        }
+    }
+}
+
+impl TransportConfig {
+    /// Programmer errors in a config: the config loader validates user input
+    /// before it gets here.
+    fn assert_valid(&self) {
+        assert!(self.inflight_max > 0, "inflight_max must be positive");
+        assert!(
+            self.frame_bytes_max <= frame::FRAME_PAYLOAD_BYTES_LIMIT,
+            "frame_bytes_max {} exceeds the u32 length field",
+            self.frame_bytes_max
+        );
+        assert!(
+            !self.heartbeat_interval.is_zero(),
+            "heartbeat_interval must be positive"
+        );
+        assert!(
+            self.backoff_min <= self.backoff_max,
+            "backoff_min exceeds backoff_max"
+        );
+    }
+
+    /// Silence after which a served connection is presumed dead.
+    fn idle_timeout(&self) -> Duration {
+        (self.call_timeout + self.heartbeat_interval) * IDLE_PERIODS_MAX
+    }
+}
+
+/// Identity checked in the handshake: both ends must have equal `layout` hashes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// This node's id.
+    pub node_id: NodeId,
+    /// Hash of the cluster layout (members, partitions, replication) this
+    /// node runs with; nodes that disagree would place keys differently.
+    pub layout: u64,
+    /// The layout in words, quoted in refusals so an operator can see what differs.
+    pub layout_text: String,
+}
+
+/// Counters (AtomicU64, Relaxed), shared by every peer and the acceptor of one node.
+#[derive(Default, Debug)]
+pub struct TransportStats {
+    /// Calls made through any [`Peer`].
+    pub calls: AtomicU64,
+    /// Calls that got no answer in time.
+    pub call_timeouts: AtomicU64,
+    /// Calls refused because the in-flight bound was reached.
+    pub call_busy: AtomicU64,
+    /// Calls not sent because the peer was down, refused us, or the request
+    /// could not be encoded.
+    pub call_down: AtomicU64,
+    /// Frames received with a bad checksum or an undecodable payload.
+    pub frames_corrupt: AtomicU64,
+    /// Frame headers received that announced a payload over `frame_bytes_max`.
+    pub frames_oversized: AtomicU64,
+    /// Outgoing connections that completed the handshake.
+    pub connects: AtomicU64,
+    /// Outgoing connections lost after completing the handshake.
+    pub disconnects: AtomicU64,
+    /// Handshakes this node refused as a server (layout or version mismatch).
+    pub handshakes_refused: AtomicU64,
+    /// Requests this node's handlers answered.
+    pub requests_served: AtomicU64,
+}
+
+/// How a node opens connections: real TCP here; the simulation tests will supply a turmoil one.
+pub trait Connector: Send + Sync + 'static {
+    type Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+    fn connect(
+        &self,
+        addr: &str,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Self::Stream>> + Send + 'static>>;
+}
+
+/// Plain TCP with Nagle off: frames are small and latency-bound.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpConnector;
+
+impl Connector for TcpConnector {
+    type Stream = tokio::net::TcpStream;
+
+    fn connect(
+        &self,
+        addr: &str,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Self::Stream>> + Send + 'static>> {
+        let addr = addr.to_owned();
+        Box::pin(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        })
+    }
+}
+
+/// Why a call failed, and whether the peer may have acted on it.
+#[derive(Error, Debug, Clone, PartialEq, Eq)]
+pub enum CallError {
+    /// Not connected (and why, e.g. "connection refused"), or the request
+    /// could not be encoded. The request was NOT sent.
+    #[error("peer down: {0}")]
+    Down(String),
+    /// The peer's in-flight bound was reached. NOT sent.
+    #[error("peer busy: too many calls in flight")]
+    Busy,
+    /// The peer refused our handshake (the layouts disagree; the message says
+    /// how). NOT sent.
+    #[error("peer refused us: {0}")]
+    Refused(String),
+    /// Sent, no answer within the timeout: may or may not have been applied.
+    #[error("call timed out")]
+    Timeout,
+    /// Sent, and the connection dropped before the answer (or the peer could
+    /// not encode its answer): may or may not have been applied.
+    #[error("connection lost before the answer")]
+    Disconnected,
+}
+
+impl CallError {
+    /// Whether the peer may have applied the request: true for
+    /// [`CallError::Timeout`] and [`CallError::Disconnected`].
+    pub fn maybe_applied(&self) -> bool {
+        matches!(self, CallError::Timeout | CallError::Disconnected)
+    }
+}
+
+/// A peer's connection state as its calls see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerState {
+    /// The first dial has not finished yet.
+    Connecting,
+    /// Connected and handshaken: calls are sent.
+    Up,
+    /// Not connected (redialling in the background); calls fail at once.
+    Down { reason: String },
+}
+
+// ---------------------------------------------------------------------------
+// Wire envelope. Handshake messages are separate types so a connection
+// accepts exactly one of them, first.
+
+/// First frame from the dialling node.
+#[derive(Serialize, Deserialize, Debug)]
+struct Hello {
+    wire_version: u16,
+    node_id: NodeId,
+    layout: u64,
+    layout_text: String,
+}
+
+/// The accepting node's answer to [`Hello`].
+#[derive(Serialize, Deserialize, Debug)]
+enum HelloReply {
+    Welcome { node_id: NodeId },
+    Refused { reason: String },
+}
+
+/// Frames from the dialling node after the handshake.
+#[derive(Serialize, Deserialize, Debug)]
+enum ToServer<Req> {
+    Ping { id: u64 },
+    Request { id: u64, body: Req },
+}
+
+/// Frames from the accepting node after the handshake.
+#[derive(Serialize, Deserialize, Debug)]
+enum ToClient<Resp> {
+    Pong {
+        id: u64,
+    },
+    Response {
+        id: u64,
+        body: Resp,
+    },
+    /// The handler answered but the answer could not be sent (too large to
+    /// encode); the caller gets [`CallError::Disconnected`].
+    Failed {
+        id: u64,
+        reason: String,
+    },
+}
+
+/// Why a connection (or an attempt at one) ended; becomes a Down reason.
+#[derive(Error, Debug)]
+enum LinkError {
+    #[error("{0}")]
+    Connect(io::Error),
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Refused(String),
+    #[error("no heartbeat answer within {0:?}")]
+    HeartbeatTimeout(Duration),
+    #[error("no frame for {0:?}")]
+    Idle(Duration),
+    #[error("connect and handshake took over {0:?}")]
+    ConnectTimeout(Duration),
+}
+
+/// Counts a received bad frame; returns whether it was one.
+fn count_frame_error(stats: &TransportStats, e: &LinkError) -> bool {
+    match e {
+        LinkError::Frame(FrameError::Oversized { .. }) => {
+            stats.frames_oversized.fetch_add(1, Relaxed);
+            true
+        }
+        LinkError::Frame(FrameError::Checksum | FrameError::Decode(_)) => {
+            stats.frames_corrupt.fetch_add(1, Relaxed);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Encodes a frame we build ourselves from fixed-size fields.
+///
+/// # Panics
+/// If it does not fit `frame_bytes_max`, which only a config with an absurd
+/// limit (a few bytes) can cause.
+fn encode_control<T: Serialize>(msg: &T, frame_bytes_max: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    frame::encode(msg, &mut out, frame_bytes_max).expect("a control frame always encodes");
+    out
+}
+
+/// Reads until one whole frame is in `buf`, takes it out and returns it.
+async fn read_frame<R, T>(rd: &mut R, buf: &mut BytesMut, max: usize) -> Result<T, LinkError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    loop {
+        if let Decoded::Frame { msg, consumed } = frame::decode::<T>(buf, max)? {
+            buf.advance(consumed);
+            return Ok(msg);
+        }
+        reserve_for_frame(buf);
+        if rd.read_buf(buf).await? == 0 {
+            return Err(LinkError::Closed);
+        }
+    }
+}
+
+/// Makes room for the rest of the frame at the front of `buf` (its length
+/// was checked against the limit by `decode`), or for one read chunk.
+fn reserve_for_frame(buf: &mut BytesMut) {
+    let want = frame::announced_payload_bytes(buf)
+        .map_or(READ_CHUNK_BYTES, |len| {
+            (frame::FRAME_HEADER_BYTES + len).saturating_sub(buf.len())
+        })
+        .max(READ_CHUNK_BYTES);
+    buf.reserve(want);
+}
+
+/// Sends queued frames, control frames first, batching what is queued.
+/// Returns when the queues close (the connection is being dropped) or a write fails.
+async fn write_loop<W, T>(
+    mut wr: W,
+    mut data: mpsc::Receiver<T>,
+    mut control: mpsc::Receiver<Vec<u8>>,
+) -> LinkError
+where
+    W: AsyncWrite + Unpin,
+    T: AsRef<[u8]>,
+{
+    let mut batch = Vec::with_capacity(READ_CHUNK_BYTES);
+    loop {
+        tokio::select! {
+            biased;
+            Some(frame) = control.recv() => batch.extend_from_slice(&frame),
+            Some(frame) = data.recv() => batch.extend_from_slice(frame.as_ref()),
+            else => return LinkError::Closed,
+        }
+        while batch.len() < WRITE_BATCH_BYTES_MAX {
+            if let Ok(frame) = control.try_recv() {
+                batch.extend_from_slice(&frame);
+            } else if let Ok(frame) = data.try_recv() {
+                batch.extend_from_slice(frame.as_ref());
+            } else {
+                break;
+            }
+        }
+        if let Err(e) = wr.write_all(&batch).await {
+            return LinkError::Io(e);
+        }
+        if let Err(e) = wr.flush().await {
+            return LinkError::Io(e);
+        }
+        batch.clear();
+        // One huge frame should not pin its buffer for the connection's life.
+        batch.shrink_to(WRITE_BATCH_BYTES_MAX);
+    }
+}
+
+/// Dials `addr` and handshakes. `expect` is the node id that should answer
+/// there (none for a probe).
+async fn dial<C: Connector>(
+    connector: &C,
+    me: &Identity,
+    addr: &str,
+    expect: Option<NodeId>,
+    frame_bytes_max: usize,
+) -> Result<(C::Stream, BytesMut), LinkError> {
+    let mut stream = connector.connect(addr).await.map_err(LinkError::Connect)?;
+    let hello = Hello {
+        wire_version: WIRE_VERSION,
+        node_id: me.node_id,
+        layout: me.layout,
+        layout_text: me.layout_text.clone(),
+    };
+    let mut out = Vec::new();
+    frame::encode(&hello, &mut out, frame_bytes_max)?;
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    match read_frame::<_, HelloReply>(&mut stream, &mut buf, frame_bytes_max).await? {
+        HelloReply::Welcome { node_id } => match expect {
+            Some(expected) if expected != node_id => Err(LinkError::Refused(format!(
+                "expected node {expected} at {addr}, found node {node_id}"
+            ))),
+            _ => Ok((stream, buf)),
+        },
+        HelloReply::Refused { reason } => Err(LinkError::Refused(reason)),
+    }
+}
+
+/// One-shot startup check: connect, handshake, disconnect. Ok(()) if layouts agree;
+/// Err(CallError::Refused(reason)) if the peer refused us; Err(Down(..)) if unreachable.
+///
+/// # Errors
+/// As above; a connection that fails mid-handshake or takes over `timeout`
+/// is `Down`.
+pub async fn probe<C: Connector>(
+    connector: &C,
+    me: &Identity,
+    addr: &str,
+    timeout: Duration,
+) -> Result<(), CallError> {
+    let dialled = tokio::time::timeout(
+        timeout,
+        dial(connector, me, addr, None, FRAME_BYTES_MAX_DEFAULT),
+    )
+    .await;
+    match dialled {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(LinkError::Refused(reason))) => Err(CallError::Refused(reason)),
+        Ok(Err(e)) => Err(CallError::Down(e.to_string())),
+        Err(_) => Err(CallError::Down(
+            LinkError::ConnectTimeout(timeout).to_string(),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Client side.
+
+/// What calls need to know about the connection, published by the peer task.
+#[derive(Debug)]
+struct Link {
+    /// The state [`Peer::state`] reports.
+    state: PeerState,
+    /// Queue into the current connection's writer; `Some` exactly while `Up`.
+    outbox: Option<mpsc::Sender<Vec<u8>>>,
+    /// While `Down`: whether because the peer refused our handshake.
+    refused: bool,
+}
+
+/// What calls answer from: oneshot senders keyed by request id.
+type Pending<Resp> = Mutex<HashMap<u64, oneshot::Sender<Result<Resp, CallError>>>>;
+
+/// State shared by a peer's handles and its background task.
+struct Shared<Resp> {
+    /// The node at the other end.
+    remote: NodeId,
+    /// Where it listens.
+    addr: String,
+    /// Timeouts and bounds, fixed at spawn.
+    config: TransportConfig,
+    /// The node's transport counters, shared with its other peers.
+    stats: Arc<TransportStats>,
+    /// Calls sent and not yet answered, by request id; at most
+    /// `config.inflight_max`. Locked only for map operations, never across
+    /// `.await`.
+    pending: Pending<Resp>,
+    /// Source of request and ping ids; never reused, so a late answer cannot
+    /// reach the wrong call.
+    next_id: AtomicU64,
+    /// Connection state, written only by the background task.
+    link: watch::Sender<Link>,
+    /// Set once to stop the background task.
+    shutdown: watch::Sender<bool>,
+}
+
+impl<Resp> Shared<Resp> {
+    /// Publishes a Down state; logs when the reason changes, so a peer that
+    /// stays down does not log every redial.
+    fn set_down(&self, reason: String, refused: bool) {
+        self.link.send_if_modified(|link| {
+            let changed = !matches!(&link.state, PeerState::Down { reason: r } if *r == reason);
+            if changed {
+                if refused {
+                    warn!(peer = self.remote, addr = %self.addr, reason = %reason, "peer refused our handshake");
+                } else {
+                    warn!(peer = self.remote, addr = %self.addr, reason = %reason, "peer down");
+                }
+            }
+            link.state = PeerState::Down { reason };
+            link.outbox = None;
+            link.refused = refused;
+            changed
+        });
+    }
+
+    /// Fails every call waiting on the connection that just ended.
+    fn fail_pending(&self) {
+        let drained: Vec<_> = self.pending.lock().drain().collect();
+        for (_, tx) in drained {
+            let _ = tx.send(Err(CallError::Disconnected));
+        }
+    }
+}
+
+/// Stops the background task when the last [`Peer`] handle is dropped.
+struct Owner<Resp> {
+    shared: Arc<Shared<Resp>>,
+}
+
+impl<Resp> Drop for Owner<Resp> {
+    fn drop(&mut self) {
+        self.shared.shutdown.send_replace(true);
+    }
+}
+
+/// Removes a call's pending entry however the call ends (answer, timeout,
+/// error or the caller dropping the future).
+struct PendingGuard<'a, Resp> {
+    pending: &'a Pending<Resp>,
+    id: u64,
+}
+
+impl<Resp> Drop for PendingGuard<'_, Resp> {
+    fn drop(&mut self) {
+        self.pending.lock().remove(&self.id);
+    }
+}
+
+/// A multiplexed connection to one peer, owned by a background task that connects,
+/// handshakes, reconnects with exponential backoff and full jitter, and sends a heartbeat
+/// (a Ping frame) every heartbeat_interval; a peer that does not answer a heartbeat within
+/// call_timeout is marked Down and its connection is dropped and re-dialled.
+///
+/// Cheap to clone; the task stops on [`Peer::shutdown`] or when the last
+/// clone is dropped.
+pub struct Peer<Req, Resp> {
+    owner: Arc<Owner<Resp>>,
+    _req: PhantomData<fn(Req)>,
+}
+
+impl<Req, Resp> Clone for Peer<Req, Resp> {
+    fn clone(&self) -> Self {
+        Self {
+            owner: self.owner.clone(),
+            _req: PhantomData,
+        }
+    }
+}
+
+impl<Req, Resp> std::fmt::Debug for Peer<Req, Resp> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shared = &self.owner.shared;
+        f.debug_struct("Peer")
+            .field("remote", &shared.remote)
+            .field("addr", &shared.addr)
+            .field("state", &shared.link.borrow().state)
+            .finish()
+    }
+}
+
+impl<Req, Resp> Peer<Req, Resp>
+where
+    Req: Serialize + DeserializeOwned + Send + 'static,
+    Resp: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Starts the background task that connects to `remote` at `addr`.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, or if `config` is invalid (zero
+    /// `inflight_max` or `heartbeat_interval`, `backoff_min > backoff_max`).
+    pub fn spawn<C: Connector>(
+        me: Identity,
+        remote: NodeId,
+        addr: String,
+        connector: Arc<C>,
+        config: TransportConfig,
+        stats: Arc<TransportStats>,
+    ) -> Self {
+        config.assert_valid();
+        let (link, _) = watch::channel(Link {
+            state: PeerState::Connecting,
+            outbox: None,
+            refused: false,
+        });
+        let (shutdown, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            remote,
+            addr,
+            config,
+            stats,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            link,
+            shutdown,
+        });
+        tokio::spawn(run_peer::<Req, Resp, C>(shared.clone(), me, connector));
+        Self {
+            owner: Arc::new(Owner { shared }),
+            _req: PhantomData,
+        }
+    }
+
+    /// Sends `req` and waits up to `config.call_timeout` for the answer.
+    ///
+    /// # Errors
+    /// See [`CallError`]; [`CallError::maybe_applied`] tells whether the peer
+    /// may have acted on it.
+    pub async fn call(&self, req: Req) -> Result<Resp, CallError> {
+        self.call_timeout(req, self.owner.shared.config.call_timeout)
+            .await
+    }
+
+    /// Sends `req` and waits up to `timeout` (in all, counting any wait for
+    /// the first connection) for the answer.
+    ///
+    /// # Errors
+    /// See [`CallError`].
+    pub async fn call_timeout(&self, req: Req, timeout: Duration) -> Result<Resp, CallError> {
+        let shared = &*self.owner.shared;
+        let stats = &shared.stats;
+        stats.calls.fetch_add(1, Relaxed);
+        let deadline = Instant::now() + timeout;
+        let outbox = match self.outbox(deadline).await {
+            Ok(outbox) => outbox,
+            Err(e) => {
+                stats.call_down.fetch_add(1, Relaxed);
+                return Err(e);
+            }
+        };
+
+        let id = shared.next_id.fetch_add(1, Relaxed);
+        let mut frame = Vec::new();
+        let request = ToServer::Request { id, body: req };
+        if let Err(e) = frame::encode(&request, &mut frame, shared.config.frame_bytes_max) {
+            warn!(peer = shared.remote, error = %e, "request not sent");
+            stats.call_down.fetch_add(1, Relaxed);
+            return Err(CallError::Down(format!("request not sent: {e}")));
+        }
+
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = shared.pending.lock();
+            if pending.len() >= shared.config.inflight_max {
+                drop(pending);
+                stats.call_busy.fetch_add(1, Relaxed);
+                return Err(CallError::Busy);
+            }
+            let previous = pending.insert(id, tx);
+            assert!(previous.is_none(), "request id {id} reused");
+        }
+        let _guard = PendingGuard {
+            pending: &shared.pending,
+            id,
+        };
+        // The entry is in `pending` before the frame is queued, and the
+        // connection drops its queue before failing `pending`: a queued
+        // frame's call is always answered or failed.
+        match outbox.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                stats.call_busy.fetch_add(1, Relaxed);
+                return Err(CallError::Busy);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                stats.call_down.fetch_add(1, Relaxed);
+                return Err(CallError::Down(LinkError::Closed.to_string()));
+            }
+        }
+        drop(outbox);
+
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(_)) => Err(CallError::Disconnected),
+            Err(_) => {
+                stats.call_timeouts.fetch_add(1, Relaxed);
+                Err(CallError::Timeout)
+            }
+        }
+    }
+
+    /// The current connection's queue, or why there is none. Waits for the
+    /// first dial up to `connect_timeout` (and `deadline`).
+    async fn outbox(&self, deadline: Instant) -> Result<mpsc::Sender<Vec<u8>>, CallError> {
+        let shared = &*self.owner.shared;
+        let mut link = shared.link.subscribe();
+        if let Some(ready) = link_outbox(&link.borrow_and_update()) {
+            return ready;
+        }
+        let until = deadline.min(Instant::now() + shared.config.connect_timeout);
+        let waited =
+            tokio::time::timeout_at(until, link.wait_for(|l| l.state != PeerState::Connecting))
+                .await;
+        if let Ok(Ok(current)) = waited {
+            if let Some(ready) = link_outbox(&current) {
+                return ready;
+            }
+        }
+        Err(CallError::Down("still connecting".into()))
+    }
+
+    /// The connection state right now.
+    pub fn state(&self) -> PeerState {
+        self.owner.shared.link.borrow().state.clone()
+    }
+
+    /// The node this peer connects to.
+    pub fn remote(&self) -> NodeId {
+        self.owner.shared.remote
+    }
+
+    /// Stops the background task and drops the connection; pending calls fail
+    /// with [`CallError::Disconnected`], later ones with [`CallError::Down`].
+    pub fn shutdown(&self) {
+        self.owner.shared.shutdown.send_replace(true);
+    }
+}
+
+/// What a call does given the link: send on the outbox, fail, or wait
+/// (`None`, while the first dial runs).
+fn link_outbox(link: &Link) -> Option<Result<mpsc::Sender<Vec<u8>>, CallError>> {
+    match &link.state {
+        PeerState::Connecting => None,
+        PeerState::Up => Some(Ok(link.outbox.clone().expect("an up link has an outbox"))),
+        PeerState::Down { reason } if link.refused => Some(Err(CallError::Refused(reason.clone()))),
+        PeerState::Down { reason } => Some(Err(CallError::Down(reason.clone()))),
+    }
+}
+
+/// The peer's background task: dial, serve the connection until it fails,
+/// back off, again; until shutdown.
+async fn run_peer<Req, Resp, C>(shared: Arc<Shared<Resp>>, me: Identity, connector: Arc<C>)
+where
+    Req: Serialize + Send + 'static,
+    Resp: DeserializeOwned + Send + 'static,
+    C: Connector,
+{
+    let config = shared.config.clone();
+    let mut shutdown = shared.shutdown.subscribe();
+    let mut jitter = Jitter::seeded(u64::from(shared.remote));
+    let mut failures: u32 = 0;
+    'dial: loop {
+        let dialled = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break 'dial,
+            dialled = tokio::time::timeout(
+                config.connect_timeout,
+                dial(&*connector, &me, &shared.addr, Some(shared.remote), config.frame_bytes_max),
+            ) => dialled,
+        };
+        match dialled {
+            Ok(Ok((stream, buf))) => {
+                failures = 0;
+                shared.stats.connects.fetch_add(1, Relaxed);
+                info!(peer = shared.remote, addr = %shared.addr, "peer up");
+                let ended = tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|stop| *stop) => None,
+                    e = drive::<Req, Resp, C::Stream>(&shared, stream, buf) => Some(e),
+                };
+                // The connection's queue is gone now; fail what it carried.
+                shared.stats.disconnects.fetch_add(1, Relaxed);
+                // (client_read_loop counted and logged a bad frame.)
+                let Some(e) = ended else { break 'dial };
+                shared.set_down(e.to_string(), false);
+                shared.fail_pending();
+            }
+            Ok(Err(LinkError::Refused(reason))) => shared.set_down(reason, true),
+            Ok(Err(e)) => {
+                count_frame_error(&shared.stats, &e);
+                shared.set_down(e.to_string(), false);
+            }
+            Err(_) => shared.set_down(
+                LinkError::ConnectTimeout(config.connect_timeout).to_string(),
+                false,
+            ),
+        }
+        let cap = config
+            .backoff_min
+            .saturating_mul(1 << failures.min(BACKOFF_DOUBLINGS_MAX))
+            .min(config.backoff_max);
+        failures = failures.saturating_add(1);
+        let pause = jitter.up_to(cap);
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => break 'dial,
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    shared.set_down("shut down".into(), false);
+    shared.fail_pending();
+    debug!(peer = shared.remote, "peer task stopped");
+}
+
+/// Runs one handshaken connection until it fails; returns why.
+async fn drive<Req, Resp, S>(shared: &Shared<Resp>, stream: S, buf: BytesMut) -> LinkError
+where
+    Req: Serialize,
+    Resp: DeserializeOwned,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let config = &shared.config;
+    let (rd, wr) = tokio::io::split(stream);
+    let (data_tx, data_rx) = mpsc::channel::<Vec<u8>>(config.inflight_max);
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_FRAMES);
+    // The id of the last pong received.
+    let pong = AtomicU64::new(u64::MAX);
+    shared.link.send_modify(|link| {
+        link.state = PeerState::Up;
+        link.outbox = Some(data_tx);
+        link.refused = false;
+    });
+    tokio::select! {
+        e = client_read_loop(shared, rd, buf, &pong) => e,
+        e = write_loop(wr, data_rx, control_rx) => e,
+        e = heartbeat::<Req, Resp>(shared, control_tx, &pong) => e,
+    }
+}
+
+/// Hands each answer to its call; records pongs.
+async fn client_read_loop<R, Resp>(
+    shared: &Shared<Resp>,
+    mut rd: R,
+    mut buf: BytesMut,
+    pong: &AtomicU64,
+) -> LinkError
+where
+    R: AsyncRead + Unpin,
+    Resp: DeserializeOwned,
+{
+    loop {
+        let msg = match read_frame::<_, ToClient<Resp>>(
+            &mut rd,
+            &mut buf,
+            shared.config.frame_bytes_max,
+        )
+        .await
+        {
+            Ok(msg) => msg,
+            Err(e) => {
+                if count_frame_error(&shared.stats, &e) {
+                    warn!(peer = shared.remote, addr = %shared.addr, error = %e, "bad frame from peer, reconnecting");
+                }
+                return e;
+            }
+        };
+        let (id, answer) = match msg {
+            ToClient::Pong { id } => {
+                pong.store(id, Relaxed);
+                continue;
+            }
+            ToClient::Response { id, body } => (id, Ok(body)),
+            ToClient::Failed { id, reason } => {
+                warn!(peer = shared.remote, id, reason = %reason, "peer could not answer a call");
+                (id, Err(CallError::Disconnected))
+            }
+        };
+        let waiting = shared.pending.lock().remove(&id);
+        match waiting {
+            Some(tx) => {
+                let _ = tx.send(answer);
+            }
+            None => debug!(peer = shared.remote, id, "answer after its call gave up"),
+        }
+    }
+}
+
+/// Pings every `heartbeat_interval` (one ping outstanding at a time); ends
+/// the connection when a ping goes unanswered for `call_timeout`.
+async fn heartbeat<Req, Resp>(
+    shared: &Shared<Resp>,
+    control: mpsc::Sender<Vec<u8>>,
+    pong: &AtomicU64,
+) -> LinkError
+where
+    Req: Serialize,
+{
+    let config = &shared.config;
+    let mut tick = tokio::time::interval(config.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut outstanding: Option<(u64, Instant)> = None;
+    loop {
+        tick.tick().await;
+        if let Some((id, sent_at)) = outstanding {
+            let answered = pong.load(Relaxed) == id;
+            if !answered && sent_at.elapsed() >= config.call_timeout {
+                return LinkError::HeartbeatTimeout(config.call_timeout);
+            }
+            if !answered {
+                continue;
+            }
+        }
+        let id = shared.next_id.fetch_add(1, Relaxed);
+        let ping = encode_control(&ToServer::<Req>::Ping { id }, config.frame_bytes_max);
+        match control.try_send(ping) {
+            Ok(()) => outstanding = Some((id, Instant::now())),
+            // The previous ping was answered, so it left the queue: only the
+            // writer being gone can make this fail.
+            Err(_) => return LinkError::Closed,
+        }
+    }
+}
+
+/// Full-jitter source: xorshift64* seeded from the clock. Not for anything
+/// but spreading reconnects.
+struct Jitter(u64);
+
+impl Jitter {
+    fn seeded(salt: u64) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        // splitmix64 of the seed, never zero
+        let mut z = (nanos ^ salt.rotate_left(32)).wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        Self((z ^ (z >> 31)) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `[0, cap]`, to the microsecond.
+    fn up_to(&mut self, cap: Duration) -> Duration {
+        let cap_us = u64::try_from(cap.as_micros()).unwrap_or(u64::MAX);
+        Duration::from_micros(self.next() % cap_us.saturating_add(1).max(1))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Server side.
+
+/// A response on its way to the writer, holding its request's in-flight
+/// permit until it leaves the queue.
+struct Outgoing {
+    /// The encoded Response (or Failed) frame.
+    frame: Vec<u8>,
+    /// Returned to the connection's semaphore when the frame is dropped.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Outgoing {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+/// Why `hello` from the other node must be refused, if it must.
+fn refusal(me: &Identity, hello: &Hello) -> Option<String> {
+    if hello.wire_version != WIRE_VERSION {
+        return Some(format!(
+            "wire version mismatch: node {} speaks {}, node {} speaks {}",
+            me.node_id, WIRE_VERSION, hello.node_id, hello.wire_version
+        ));
+    }
+    if hello.layout != me.layout {
+        return Some(format!(
+            "layout mismatch: node {} has {:#018x} ({}), node {} has {:#018x} ({})",
+            me.node_id, me.layout, me.layout_text, hello.node_id, hello.layout, hello.layout_text
+        ));
+    }
+    None
+}
+
+/// Reads the Hello and answers it; the caller's id if we welcomed it.
+async fn accept_handshake<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    buf: &mut BytesMut,
+    me: &Identity,
+    config: &TransportConfig,
+    stats: &TransportStats,
+) -> Result<NodeId, LinkError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let hello: Hello = read_frame(rd, buf, config.frame_bytes_max).await?;
+    let (reply, outcome) = match refusal(me, &hello) {
+        Some(reason) => {
+            stats.handshakes_refused.fetch_add(1, Relaxed);
+            (
+                HelloReply::Refused {
+                    reason: reason.clone(),
+                },
+                Err(LinkError::Refused(reason)),
+            )
+        }
+        None => (
+            HelloReply::Welcome {
+                node_id: me.node_id,
+            },
+            Ok(hello.node_id),
+        ),
+    };
+    wr.write_all(&encode_reply(&reply, config.frame_bytes_max))
+        .await?;
+    wr.flush().await?;
+    outcome
+}
+
+/// Encodes a handshake reply; a refusal quoting two huge layout texts is cut
+/// to fit the frame limit rather than not sent.
+fn encode_reply(reply: &HelloReply, frame_bytes_max: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    if frame::encode(reply, &mut out, frame_bytes_max).is_ok() {
+        return out;
+    }
+    let short = HelloReply::Refused {
+        reason: "layout mismatch (layout texts too long to quote)".into(),
+    };
+    encode_control(&short, frame_bytes_max)
+}
+
+/// Serves one accepted connection: reads the peer's Hello, answers Welcome or Refused (layout
+/// mismatch: the reason names both layout_texts), then reads request frames, runs
+/// `handler` for each concurrently (spawned tasks, at most config.inflight_max at once per
+/// connection: beyond that, stop reading until one finishes — backpressure), and writes the
+/// responses (any order; matched by id). Pings get Pongs. A corrupt (bad crc / undecodable)
+/// or oversized frame: count it in stats, log `warn!`, drop the connection.
+///
+/// The handshake must finish within `config.connect_timeout`, and a
+/// connection silent for [`IDLE_PERIODS_MAX`] heartbeat periods is dropped.
+/// Handlers already running when the connection drops run to completion
+/// (their answers are discarded), so a request is never cut off half-applied.
+///
+/// # Panics
+/// If `config` is invalid (see [`Peer::spawn`]).
+pub async fn serve_connection<S, Req, Resp, H, F>(
+    stream: S,
+    me: Identity,
+    handler: H,
+    config: TransportConfig,
+    stats: Arc<TransportStats>,
+) where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Fn(NodeId, Req) -> F + Send + Sync + 'static,
+    F: Future<Output = Resp> + Send + 'static,
+{
+    config.assert_valid();
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let handshake = tokio::time::timeout(
+        config.connect_timeout,
+        accept_handshake(&mut rd, &mut wr, &mut buf, &me, &config, &stats),
+    )
+    .await;
+    let caller = match handshake {
+        Ok(Ok(caller)) => caller,
+        Ok(Err(e)) => {
+            if count_frame_error(&stats, &e) {
+                warn!(error = %e, "bad frame in handshake, dropping connection");
+            } else if let LinkError::Refused(reason) = &e {
+                warn!(reason = %reason, "refused a peer's handshake");
+            } else {
+                debug!(error = %e, "handshake failed");
+            }
+            return;
+        }
+        Err(_) => {
+            debug!(timeout = ?config.connect_timeout, "handshake timed out");
+            return;
+        }
+    };
+    debug!(peer = caller, "peer connection accepted");
+
+    let (data_tx, data_rx) = mpsc::channel::<Outgoing>(config.inflight_max);
+    let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_FRAMES);
+    let reads = server_read_loop(
+        caller, rd, buf, &handler, &config, &stats, data_tx, control_tx,
+    );
+    let ended = tokio::select! {
+        e = reads => e,
+        e = write_loop(wr, data_rx, control_rx) => e,
+    };
+    if count_frame_error(&stats, &ended) {
+        warn!(peer = caller, error = %ended, "bad frame from peer, dropping connection");
+    } else {
+        debug!(peer = caller, reason = %ended, "peer connection closed");
+    }
+}
+
+/// Reads requests and spawns their handlers, at most `inflight_max` at once;
+/// answers pings.
+#[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
+async fn server_read_loop<R, Req, Resp, H, F>(
+    caller: NodeId,
+    mut rd: R,
+    mut buf: BytesMut,
+    handler: &H,
+    config: &TransportConfig,
+    stats: &Arc<TransportStats>,
+    data: mpsc::Sender<Outgoing>,
+    control: mpsc::Sender<Vec<u8>>,
+) -> LinkError
+where
+    R: AsyncRead + Unpin,
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+    H: Fn(NodeId, Req) -> F,
+    F: Future<Output = Resp> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(config.inflight_max));
+    let idle = config.idle_timeout();
+    let max = config.frame_bytes_max;
+    let mut last_frame_at = Instant::now();
+    loop {
+        let msg = match tokio::time::timeout_at(
+            last_frame_at + idle,
+            read_frame::<_, ToServer<Req>>(&mut rd, &mut buf, max),
+        )
+        .await
+        {
+            Ok(Ok(msg)) => msg,
+            Ok(Err(e)) => return e,
+            Err(_) => return LinkError::Idle(idle),
+        };
+        match msg {
+            ToServer::Ping { id } => {
+                let pong = encode_control(&ToClient::<Resp>::Pong { id }, max);
+                if control.send(pong).await.is_err() {
+                    return LinkError::Closed;
+                }
+            }
+            ToServer::Request { id, body } => {
+                // Backpressure: no more reading until a handler finishes.
+                let permit = permits
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
+                let answer = handler(caller, body);
+                let data = data.clone();
+                let stats = stats.clone();
+                tokio::spawn(async move {
+                    let body = answer.await;
+                    stats.requests_served.fetch_add(1, Relaxed);
+                    let mut frame = Vec::new();
+                    if let Err(e) = frame::encode(&ToClient::Response { id, body }, &mut frame, max)
+                    {
+                        warn!(peer = caller, id, error = %e, "answer not sent");
+                        let failed = ToClient::<Resp>::Failed {
+                            id,
+                            reason: e.to_string(),
+                        };
+                        frame = encode_control(&failed, max);
+                    }
+                    // Fails only once the connection is gone: nobody to tell.
+                    let _ = data
+                        .send(Outgoing {
+                            frame,
+                            _permit: permit,
+                        })
+                        .await;
+                });
+            }
+        }
+        last_frame_at = Instant::now();
+    }
+}
+
+#[cfg(test)]
+mod tests;

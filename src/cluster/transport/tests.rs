@@ -1,0 +1,538 @@
+//! Transport tests over real TCP on 127.0.0.1. No sleep stands in for
+//! synchronisation: tests poll for the condition they need, with a deadline.
+
+use super::*;
+use rand::Rng;
+use std::net::SocketAddr;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// How long any awaited condition may take before the test fails.
+const WAIT_MAX: Duration = Duration::from_secs(10);
+/// Polling interval of [`wait_until`].
+const POLL_INTERVAL: Duration = Duration::from_millis(2);
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+enum TestReq {
+    Echo(u64),
+    SleepEcho { n: u64, ms: u64 },
+    Hang,
+    Big(usize),
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+enum TestResp {
+    Echo { n: u64, caller: NodeId },
+    Big(Vec<u8>),
+}
+
+type TestPeer = Peer<TestReq, TestResp>;
+
+fn identity(node_id: NodeId, layout: u64) -> Identity {
+    Identity {
+        node_id,
+        layout,
+        layout_text: format!("layout-{layout}: nodes 1,2,3 rf 3"),
+    }
+}
+
+fn test_config() -> TransportConfig {
+    TransportConfig {
+        call_timeout: Duration::from_secs(2),
+        backoff_min: Duration::from_millis(5),
+        backoff_max: Duration::from_millis(50),
+        heartbeat_interval: Duration::from_millis(50),
+        ..TransportConfig::default()
+    }
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT_MAX;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+fn load(counter: &AtomicU64) -> u64 {
+    counter.load(Relaxed)
+}
+
+/// An acceptor running [`serve_connection`] with the test handler. Aborting
+/// its task drops every connection it serves.
+struct Server {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+    stats: Arc<TransportStats>,
+    /// Requests that reached the handler.
+    started: Arc<AtomicU64>,
+}
+
+impl Server {
+    async fn start(me: Identity, config: TransportConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::on(listener, me, config)
+    }
+
+    fn on(listener: TcpListener, me: Identity, config: TransportConfig) -> Self {
+        let addr = listener.local_addr().unwrap();
+        let stats = Arc::new(TransportStats::default());
+        let started = Arc::new(AtomicU64::new(0));
+        let task = {
+            let (stats, started) = (stats.clone(), started.clone());
+            tokio::spawn(async move {
+                let mut connections = JoinSet::new();
+                loop {
+                    let (stream, _) = listener.accept().await.unwrap();
+                    stream.set_nodelay(true).unwrap();
+                    while connections.try_join_next().is_some() {}
+                    let started = started.clone();
+                    let handler = move |caller: NodeId, req: TestReq| {
+                        started.fetch_add(1, Relaxed);
+                        async move {
+                            match req {
+                                TestReq::Echo(n) => TestResp::Echo { n, caller },
+                                TestReq::SleepEcho { n, ms } => {
+                                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                                    TestResp::Echo { n, caller }
+                                }
+                                TestReq::Hang => std::future::pending().await,
+                                TestReq::Big(len) => TestResp::Big(vec![7; len]),
+                            }
+                        }
+                    };
+                    connections.spawn(serve_connection(
+                        stream,
+                        me.clone(),
+                        handler,
+                        config.clone(),
+                        stats.clone(),
+                    ));
+                }
+            })
+        };
+        Self {
+            addr,
+            task,
+            stats,
+            started,
+        }
+    }
+
+    async fn stop(self) -> SocketAddr {
+        self.task.abort();
+        let _ = self.task.await;
+        self.addr
+    }
+}
+
+fn spawn_peer(me: Identity, remote: NodeId, addr: SocketAddr, config: TransportConfig) -> TestPeer {
+    let stats = Arc::new(TransportStats::default());
+    Peer::spawn(
+        me,
+        remote,
+        addr.to_string(),
+        Arc::new(TcpConnector),
+        config,
+        stats,
+    )
+}
+
+fn peer_stats(peer: &TestPeer) -> &TransportStats {
+    &peer.owner.shared.stats
+}
+
+fn pending_count(peer: &TestPeer) -> usize {
+    peer.owner.shared.pending.lock().len()
+}
+
+async fn wait_up(peer: &TestPeer) {
+    wait_until("peer up", || peer.state() == PeerState::Up).await;
+}
+
+fn is_down(peer: &TestPeer) -> bool {
+    matches!(peer.state(), PeerState::Down { .. })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_response_round_trip() {
+    let server = Server::start(identity(2, 9), test_config()).await;
+    let peer = spawn_peer(identity(1, 9), 2, server.addr, test_config());
+    // The first call may arrive while the first dial is still running.
+    assert_eq!(
+        peer.call(TestReq::Echo(7)).await,
+        Ok(TestResp::Echo { n: 7, caller: 1 })
+    );
+    assert_eq!(peer.state(), PeerState::Up);
+    assert_eq!(peer.remote(), 2);
+    assert_eq!(load(&peer_stats(&peer).calls), 1);
+    assert_eq!(load(&peer_stats(&peer).connects), 1);
+    assert_eq!(load(&server.stats.requests_served), 1);
+    assert_eq!(pending_count(&peer), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_each_get_their_own_answer() {
+    let server = Server::start(identity(2, 9), test_config()).await;
+    let peer = spawn_peer(identity(1, 9), 2, server.addr, test_config());
+    wait_up(&peer).await;
+    let mut calls = JoinSet::new();
+    for n in 0..200u64 {
+        let peer = peer.clone();
+        let ms = rand::thread_rng().gen_range(0..5);
+        calls.spawn(async move { (n, peer.call(TestReq::SleepEcho { n, ms }).await) });
+    }
+    let mut answered = 0;
+    while let Some(joined) = calls.join_next().await {
+        let (n, answer) = joined.unwrap();
+        assert_eq!(answer, Ok(TestResp::Echo { n, caller: 1 }));
+        answered += 1;
+    }
+    assert_eq!(answered, 200);
+    assert_eq!(load(&server.stats.requests_served), 200);
+    assert_eq!(pending_count(&peer), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unanswered_call_times_out_and_the_connection_lives_on() {
+    let server = Server::start(identity(2, 9), test_config()).await;
+    let peer = spawn_peer(identity(1, 9), 2, server.addr, test_config());
+    wait_up(&peer).await;
+    let timeout = Duration::from_millis(200);
+    let start = Instant::now();
+    let answer = peer.call_timeout(TestReq::Hang, timeout).await;
+    let took = start.elapsed();
+    assert_eq!(answer, Err(CallError::Timeout));
+    assert!(answer.unwrap_err().maybe_applied());
+    assert!(took >= timeout, "gave up early: {took:?}");
+    assert!(
+        took < timeout + Duration::from_millis(500),
+        "gave up late: {took:?}"
+    );
+    assert_eq!(load(&peer_stats(&peer).call_timeouts), 1);
+    assert_eq!(pending_count(&peer), 0);
+    // Heartbeats keep flowing past the hung handler.
+    assert_eq!(
+        peer.call(TestReq::Echo(1)).await,
+        Ok(TestResp::Echo { n: 1, caller: 1 })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_beyond_inflight_max_are_busy_and_shutdown_fails_pending_calls() {
+    let config = TransportConfig {
+        inflight_max: 4,
+        ..test_config()
+    };
+    let server = Server::start(identity(2, 9), config.clone()).await;
+    let peer = spawn_peer(identity(1, 9), 2, server.addr, config);
+    wait_up(&peer).await;
+    let mut hung = JoinSet::new();
+    for _ in 0..4 {
+        let peer = peer.clone();
+        hung.spawn(async move { peer.call_timeout(TestReq::Hang, WAIT_MAX).await });
+    }
+    wait_until("4 hung requests at the server", || {
+        load(&server.started) == 4
+    })
+    .await;
+
+    let start = Instant::now();
+    assert_eq!(peer.call(TestReq::Echo(5)).await, Err(CallError::Busy));
+    assert!(start.elapsed() < Duration::from_millis(100));
+    assert_eq!(load(&peer_stats(&peer).call_busy), 1);
+    assert!(!CallError::Busy.maybe_applied());
+
+    peer.shutdown();
+    while let Some(joined) = hung.join_next().await {
+        assert_eq!(joined.unwrap(), Err(CallError::Disconnected));
+    }
+    wait_until("peer down after shutdown", || is_down(&peer)).await;
+    assert!(matches!(
+        peer.call(TestReq::Echo(6)).await,
+        Err(CallError::Down(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_a_closed_port_fail_fast_with_down() {
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = closed.local_addr().unwrap();
+    drop(closed);
+    let peer = spawn_peer(identity(1, 9), 2, addr, test_config());
+    wait_until("peer down", || is_down(&peer)).await;
+    let start = Instant::now();
+    let answer = peer.call(TestReq::Echo(1)).await;
+    assert!(start.elapsed() < Duration::from_millis(50));
+    let Err(CallError::Down(reason)) = answer else {
+        panic!("expected Down, got {answer:?}");
+    };
+    assert!(reason.to_lowercase().contains("refused"), "{reason}");
+    assert!(!CallError::Down(reason).maybe_applied());
+    assert_eq!(load(&peer_stats(&peer).call_down), 1);
+    assert!(matches!(
+        probe(&TcpConnector, &identity(1, 9), &addr.to_string(), WAIT_MAX).await,
+        Err(CallError::Down(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_reconnects_after_the_server_restarts_on_the_same_port() {
+    let server = Server::start(identity(2, 9), test_config()).await;
+    let peer = spawn_peer(identity(1, 9), 2, server.addr, test_config());
+    wait_up(&peer).await;
+    assert!(peer.call(TestReq::Echo(1)).await.is_ok());
+
+    let addr = server.stop().await;
+    wait_until("peer down", || is_down(&peer)).await;
+    assert!(matches!(
+        peer.call(TestReq::Echo(2)).await,
+        Err(CallError::Down(_))
+    ));
+
+    // The port is ours again once bind succeeds (SO_REUSEADDR).
+    let deadline = Instant::now() + WAIT_MAX;
+    let listener = loop {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => break listener,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "cannot rebind {addr}: {e}");
+                tokio::time::sleep(POLL_INTERVAL).await;
+            }
+        }
+    };
+    let _server = Server::on(listener, identity(2, 9), test_config());
+    wait_up(&peer).await;
+    assert_eq!(
+        peer.call(TestReq::Echo(3)).await,
+        Ok(TestResp::Echo { n: 3, caller: 1 })
+    );
+    assert_eq!(load(&peer_stats(&peer).connects), 2);
+    assert_eq!(load(&peer_stats(&peer).disconnects), 1);
+}
+
+/// Connects raw, optionally handshakes as node 9, sends `bytes`, and returns
+/// once the server has dropped the connection.
+async fn send_raw_and_expect_drop(addr: SocketAddr, handshake: bool, bytes: &[u8]) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut buf = BytesMut::new();
+    if handshake {
+        let hello = Hello {
+            wire_version: WIRE_VERSION,
+            node_id: 9,
+            layout: 9,
+            layout_text: "raw".into(),
+        };
+        stream
+            .write_all(&encode_control(&hello, FRAME_BYTES_MAX_DEFAULT))
+            .await
+            .unwrap();
+        let reply: HelloReply = read_frame(&mut stream, &mut buf, FRAME_BYTES_MAX_DEFAULT)
+            .await
+            .unwrap();
+        assert!(matches!(reply, HelloReply::Welcome { node_id: 2 }));
+    }
+    stream.write_all(bytes).await.unwrap();
+    let mut sink = [0u8; 64];
+    loop {
+        match tokio::time::timeout(WAIT_MAX, stream.read(&mut sink)).await {
+            Ok(Ok(0) | Err(_)) => return,
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("server kept the connection after bad bytes"),
+        }
+    }
+}
+
+fn frame_with_crc(payload: &[u8], crc: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&crc.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_drop_only_their_connection() {
+    let server = Server::start(identity(2, 9), test_config()).await;
+    let good = spawn_peer(identity(1, 9), 2, server.addr, test_config());
+    wait_up(&good).await;
+
+    // Text where a header belongs: "GET " announces a ~1.2 GB payload.
+    send_raw_and_expect_drop(server.addr, false, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert_eq!(load(&server.stats.frames_oversized), 1);
+
+    // An oversized header after the handshake, with no payload behind it.
+    let oversized = ((FRAME_BYTES_MAX_DEFAULT + 1) as u32).to_be_bytes();
+    send_raw_and_expect_drop(server.addr, true, &[&oversized[..], &[0; 4]].concat()).await;
+    assert_eq!(load(&server.stats.frames_oversized), 2);
+
+    // A request with one bit flipped.
+    let mut bad_crc = encode_control(
+        &ToServer::Request {
+            id: 1,
+            body: TestReq::Echo(1),
+        },
+        FRAME_BYTES_MAX_DEFAULT,
+    );
+    *bad_crc.last_mut().unwrap() ^= 1;
+    send_raw_and_expect_drop(server.addr, true, &bad_crc).await;
+    assert_eq!(load(&server.stats.frames_corrupt), 1);
+
+    // Garbage behind a valid checksum.
+    let garbage = [0xff; 12];
+    send_raw_and_expect_drop(
+        server.addr,
+        true,
+        &frame_with_crc(&garbage, crc32fast::hash(&garbage)),
+    )
+    .await;
+    assert_eq!(load(&server.stats.frames_corrupt), 2);
+
+    assert_eq!(good.state(), PeerState::Up);
+    assert_eq!(
+        good.call(TestReq::Echo(4)).await,
+        Ok(TestResp::Echo { n: 4, caller: 1 })
+    );
+    assert_eq!(load(&peer_stats(&good).connects), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layout_mismatch_is_refused_with_both_layouts_named() {
+    let server = Server::start(identity(2, 9), test_config()).await;
+    let me = identity(1, 8);
+    let peer = spawn_peer(me.clone(), 2, server.addr, test_config());
+    wait_until("peer refused", || is_down(&peer)).await;
+    let answer = peer.call(TestReq::Echo(1)).await;
+    let Err(CallError::Refused(reason)) = answer else {
+        panic!("expected Refused, got {answer:?}");
+    };
+    assert!(reason.contains(&identity(2, 9).layout_text), "{reason}");
+    assert!(reason.contains(&me.layout_text), "{reason}");
+
+    let addr = server.addr.to_string();
+    let probed = probe(&TcpConnector, &me, &addr, WAIT_MAX).await;
+    assert!(
+        matches!(&probed, Err(CallError::Refused(r)) if *r == reason),
+        "{probed:?}"
+    );
+    assert!(load(&server.stats.handshakes_refused) >= 2);
+    assert_eq!(load(&server.started), 0);
+    assert_eq!(
+        probe(&TcpConnector, &identity(1, 9), &addr, WAIT_MAX).await,
+        Ok(())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_node_at_the_address_is_refused() {
+    let server = Server::start(identity(3, 9), test_config()).await;
+    let peer = spawn_peer(identity(1, 9), 2, server.addr, test_config());
+    wait_until("peer refused", || is_down(&peer)).await;
+    let answer = peer.call(TestReq::Echo(1)).await;
+    assert!(
+        matches!(&answer, Err(CallError::Refused(r)) if r.contains("expected node 2") && r.contains("found node 3")),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_too_large_to_send_fails_only_its_call() {
+    let server_config = TransportConfig {
+        frame_bytes_max: 1024,
+        ..test_config()
+    };
+    let server = Server::start(identity(2, 9), server_config).await;
+    let peer = spawn_peer(identity(1, 9), 2, server.addr, test_config());
+    wait_up(&peer).await;
+    assert_eq!(
+        peer.call(TestReq::Big(4096)).await,
+        Err(CallError::Disconnected)
+    );
+    assert_eq!(
+        peer.call(TestReq::Big(16)).await,
+        Ok(TestResp::Big(vec![7; 16]))
+    );
+    assert_eq!(load(&peer_stats(&peer).connects), 1);
+}
+
+/// A server that handshakes as node 2 and then runs `after` on the socket.
+async fn raw_server<F, Fut>(after: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = BytesMut::new();
+            let _: Hello = read_frame(&mut stream, &mut buf, FRAME_BYTES_MAX_DEFAULT)
+                .await
+                .unwrap();
+            let welcome =
+                encode_control(&HelloReply::Welcome { node_id: 2 }, FRAME_BYTES_MAX_DEFAULT);
+            stream.write_all(&welcome).await.unwrap();
+            tokio::spawn(after(stream));
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_marked_down_by_the_heartbeat() {
+    // Handshakes, then never reads or answers again.
+    let addr = raw_server(|stream| async move {
+        let _keep_open = stream;
+        std::future::pending::<()>().await;
+    })
+    .await;
+    let config = TransportConfig {
+        call_timeout: Duration::from_millis(300),
+        ..test_config()
+    };
+    let peer = spawn_peer(identity(1, 9), 2, addr, config);
+    wait_up(&peer).await;
+    let start = Instant::now();
+    wait_until(
+        "heartbeat timeout",
+        || matches!(peer.state(), PeerState::Down { reason } if reason.contains("heartbeat")),
+    )
+    .await;
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_frame_from_the_server_drops_the_connection() {
+    let addr = raw_server(|mut stream| async move {
+        let garbage = frame_with_crc(b"not a response", 0);
+        let _ = stream.write_all(&garbage).await;
+        std::future::pending::<()>().await;
+    })
+    .await;
+    let peer = spawn_peer(identity(1, 9), 2, addr, test_config());
+    wait_until("corrupt frame counted", || {
+        load(&peer_stats(&peer).frames_corrupt) >= 1
+    })
+    .await;
+    wait_until("peer redialled", || load(&peer_stats(&peer).connects) >= 2).await;
+}
+
+#[test]
+fn jitter_stays_within_its_cap() {
+    let mut jitter = Jitter::seeded(3);
+    let cap = Duration::from_millis(20);
+    for _ in 0..10_000 {
+        assert!(jitter.up_to(cap) <= cap);
+    }
+    assert_eq!(jitter.up_to(Duration::ZERO), Duration::ZERO);
+}
+
+#[test]
+fn call_errors_say_whether_the_request_may_have_been_applied() {
+    assert!(CallError::Timeout.maybe_applied());
+    assert!(CallError::Disconnected.maybe_applied());
+    assert!(!CallError::Busy.maybe_applied());
+    assert!(!CallError::Down("x".into()).maybe_applied());
+    assert!(!CallError::Refused("x".into()).maybe_applied());
+}
