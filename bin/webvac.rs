@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use webvac::config::{Config, parse_size};
+use webvac::config::{ClusterConfig, Config, MemberConfig, parse_size};
 use webvac::server::Server;
 
 #[derive(Parser, Debug)]
@@ -37,6 +37,90 @@ struct Args {
     /// Read settings from this TOML file; flags override it.
     #[arg(long = "config")]
     config: Option<String>,
+    /// Cluster: this node's member id. With --member, makes a cluster
+    /// without a config file.
+    #[arg(long = "node-id")]
+    node_id: Option<u16>,
+    /// Cluster: a member as ID=CLIENT_ADDR,PEER_ADDR, e.g.
+    /// 1=127.0.0.1:11211,127.0.0.1:12211. Repeat for every member,
+    /// this node included. Replaces the file's member list.
+    #[arg(long = "member", value_parser = parse_member)]
+    members: Vec<MemberConfig>,
+    /// Cluster: copies of each partition (N, default 3).
+    #[arg(long = "replicas")]
+    replicas: Option<usize>,
+    /// Cluster: replicas a read waits for (R, default a majority of N).
+    #[arg(long = "read-quorum")]
+    read_quorum: Option<usize>,
+    /// Cluster: replicas a write must reach (W, default a majority of N).
+    #[arg(long = "write-quorum")]
+    write_quorum: Option<usize>,
+    /// Cluster: number of partitions (default 1024; fixed for the cluster's life).
+    #[arg(long = "partitions")]
+    partitions: Option<u32>,
+    /// Cluster: how long one hop may take, in ms (default 1000).
+    #[arg(long = "request-timeout-ms")]
+    request_timeout_ms: Option<u64>,
+}
+
+/// `ID=CLIENT_ADDR,PEER_ADDR`.
+fn parse_member(s: &str) -> Result<MemberConfig, String> {
+    let err = || format!("invalid member {s:?}: expected ID=CLIENT_ADDR,PEER_ADDR");
+    let (id, addrs) = s.split_once('=').ok_or_else(err)?;
+    let (client, peer) = addrs.split_once(',').ok_or_else(err)?;
+    Ok(MemberConfig {
+        id: id.trim().parse().map_err(|_| err())?,
+        client: client.trim().to_string(),
+        peer: peer.trim().to_string(),
+    })
+}
+
+/// Applies the cluster flags on top of the file's `[cluster]`, if any.
+fn cluster_flags(
+    args: &Args,
+    file: Option<ClusterConfig>,
+) -> anyhow::Result<Option<ClusterConfig>> {
+    let any_flag = args.node_id.is_some()
+        || !args.members.is_empty()
+        || args.replicas.is_some()
+        || args.read_quorum.is_some()
+        || args.write_quorum.is_some()
+        || args.partitions.is_some()
+        || args.request_timeout_ms.is_some();
+    if !any_flag {
+        return Ok(file);
+    }
+    let mut c = match file {
+        Some(c) => c,
+        None => {
+            let node_id = args
+                .node_id
+                .context("cluster flags need --node-id (or a [cluster] section in --config)")?;
+            toml::from_str::<ClusterConfig>(&format!("node_id = {node_id}\nmembers = []"))?
+        }
+    };
+    if let Some(id) = args.node_id {
+        c.node_id = id;
+    }
+    if !args.members.is_empty() {
+        c.members = args.members.clone();
+    }
+    if let Some(n) = args.replicas {
+        c.replicas = n;
+    }
+    if let Some(r) = args.read_quorum {
+        c.read_quorum = Some(r);
+    }
+    if let Some(w) = args.write_quorum {
+        c.write_quorum = Some(w);
+    }
+    if let Some(p) = args.partitions {
+        c.partitions = p;
+    }
+    if let Some(t) = args.request_timeout_ms {
+        c.request_timeout_ms = t;
+    }
+    Ok(Some(c))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +129,7 @@ fn main() -> anyhow::Result<()> {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
     };
+    config.cluster = cluster_flags(&args, config.cluster.take())?;
     if let Some(p) = args.port {
         config.port = p;
     }

@@ -6,10 +6,12 @@
 
 use serde::{Deserialize, Deserializer};
 
+use crate::cluster::ring::{PARTITIONS_DEFAULT, PARTITIONS_MAX};
 use crate::error::ConfigError;
 use crate::limits::{
     CONNECTIONS_MAX_DEFAULT, ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN,
-    MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT, THREADS_DEFAULT,
+    MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT, REPLICAS_DEFAULT, REQUEST_TIMEOUT_MS_DEFAULT,
+    THREADS_DEFAULT,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -31,6 +33,162 @@ pub struct Config {
     pub max_item_size: usize,
     /// Log verbosity: 0 info, 1 debug, 2 trace (`-v`, `-vv`).
     pub verbosity: u8,
+    /// Cluster membership; absent: a single memcached-like node.
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// `[cluster]`: this node's place in a cluster. Every node must agree on
+/// everything here but `node_id`; nodes check at startup and refuse peers
+/// that disagree.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's id: one of the members'.
+    pub node_id: u16,
+    /// Every member, this node included.
+    pub members: Vec<MemberConfig>,
+    /// Copies of each partition (N), capped at the member count.
+    #[serde(default = "replicas_default")]
+    pub replicas: usize,
+    /// Replicas a read waits for (R); default a majority of N.
+    #[serde(default)]
+    pub read_quorum: Option<usize>,
+    /// Replicas that must hold a write before it is acknowledged (W);
+    /// default a majority of N.
+    #[serde(default)]
+    pub write_quorum: Option<usize>,
+    /// Fixed number of partitions; never change it on a running cluster.
+    #[serde(default = "partitions_default")]
+    pub partitions: u32,
+    /// How long one hop (coordinator to primary, primary to replica) may
+    /// take before the peer is passed over.
+    #[serde(default = "request_timeout_ms_default")]
+    pub request_timeout_ms: u64,
+}
+
+/// One member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberConfig {
+    /// 1..=4095: the id is part of every version stamp the node issues.
+    pub id: u16,
+    /// `host:port` where memcached clients reach it.
+    pub client: String,
+    /// `host:port` where the other nodes reach it.
+    pub peer: String,
+}
+
+fn replicas_default() -> usize {
+    REPLICAS_DEFAULT
+}
+fn partitions_default() -> u32 {
+    PARTITIONS_DEFAULT
+}
+fn request_timeout_ms_default() -> u64 {
+    REQUEST_TIMEOUT_MS_DEFAULT
+}
+
+impl ClusterConfig {
+    /// N after capping at the member count.
+    pub fn replicas_effective(&self) -> usize {
+        self.replicas.min(self.members.len()).max(1)
+    }
+
+    /// R, defaulting to a majority of N.
+    pub fn read_quorum_effective(&self) -> usize {
+        self.read_quorum
+            .unwrap_or(self.replicas_effective() / 2 + 1)
+    }
+
+    /// W, defaulting to a majority of N.
+    pub fn write_quorum_effective(&self) -> usize {
+        self.write_quorum
+            .unwrap_or(self.replicas_effective() / 2 + 1)
+    }
+
+    /// This node's own member entry.
+    pub fn me(&self) -> Option<&MemberConfig> {
+        self.members.iter().find(|m| m.id == self.node_id)
+    }
+
+    /// Everything the nodes must agree on, in one canonical line: members
+    /// sorted by id, then N, R, W and the partition count. Its xxh3 is the
+    /// layout hash exchanged in every handshake.
+    pub fn layout_text(&self) -> String {
+        let mut members: Vec<&MemberConfig> = self.members.iter().collect();
+        members.sort_by_key(|m| m.id);
+        let list: Vec<String> = members
+            .iter()
+            .map(|m| format!("{}={},{}", m.id, m.client, m.peer))
+            .collect();
+        format!(
+            "members=[{}] replicas={} read_quorum={} write_quorum={} partitions={}",
+            list.join(" "),
+            self.replicas_effective(),
+            self.read_quorum_effective(),
+            self.write_quorum_effective(),
+            self.partitions
+        )
+    }
+
+    pub fn layout_hash(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(self.layout_text().as_bytes())
+    }
+
+    /// # Errors
+    /// With a message naming the offending setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.members.is_empty() {
+            return bad("cluster.members is empty".into());
+        }
+        let mut ids: Vec<u16> = self.members.iter().map(|m| m.id).collect();
+        ids.sort_unstable();
+        if ids.windows(2).any(|w| w[0] == w[1]) {
+            return bad("cluster.members has a duplicate id".into());
+        }
+        if let Some(m) = self
+            .members
+            .iter()
+            .find(|m| m.id == 0 || m.id > crate::store::hlc::NODE_ID_MAX)
+        {
+            return bad(format!(
+                "member id {} is out of range 1..={}",
+                m.id,
+                crate::store::hlc::NODE_ID_MAX
+            ));
+        }
+        if self.me().is_none() {
+            return bad(format!(
+                "cluster.node_id {} is not one of the members ({ids:?})",
+                self.node_id
+            ));
+        }
+        if self.replicas == 0 {
+            return bad("cluster.replicas must be at least 1".into());
+        }
+        let n = self.replicas_effective();
+        for (name, q) in [
+            ("read_quorum", self.read_quorum_effective()),
+            ("write_quorum", self.write_quorum_effective()),
+        ] {
+            if q == 0 || q > n {
+                return bad(format!(
+                    "cluster.{name} must be between 1 and the replica count {n}, got {q}"
+                ));
+            }
+        }
+        if self.partitions == 0 || self.partitions > PARTITIONS_MAX {
+            return bad(format!(
+                "cluster.partitions must be between 1 and {PARTITIONS_MAX}, got {}",
+                self.partitions
+            ));
+        }
+        if self.request_timeout_ms == 0 {
+            return bad("cluster.request_timeout_ms must be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -43,6 +201,7 @@ impl Default for Config {
             max_connections: CONNECTIONS_MAX_DEFAULT,
             max_item_size: ITEM_BYTES_MAX_DEFAULT,
             verbosity: 0,
+            cluster: None,
         }
     }
 }
@@ -94,6 +253,9 @@ impl Config {
             return bad(format!(
                 "max_item_size cannot be larger than {ITEM_BYTES_MAX_MAX} bytes"
             ));
+        }
+        if let Some(c) = &self.cluster {
+            c.validate()?;
         }
         if self.max_item_size > self.memory_limit_bytes() / 2 {
             return bad(format!(

@@ -53,6 +53,12 @@ pub const THREADS_DEFAULT: usize = 4;
 /// Default client port.
 pub const PORT_DEFAULT: u16 = 11211;
 
+/// Copies of each partition in a cluster (N), as in Dynamo and Riak.
+pub const REPLICAS_DEFAULT: usize = 3;
+
+/// How long one cluster hop may take before the peer is passed over.
+pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 1000;
+
 /// Bytes read from a socket per read call.
 pub const READ_CHUNK_BYTES: usize = 16 * 1024;
 

@@ -3,4 +3,7 @@
 //! messages and `now` and return messages; tokio tasks only move them.
 
 pub mod ring;
+pub mod coordinator;
+pub mod message;
+pub mod quorum;
 pub mod transport;

@@ -184,6 +184,18 @@ async fn process(
             Parsed::Complete { request, consumed } => {
                 reservation.clear();
                 trace!(?request, "request");
+                if let Some(cluster) = &shared.cluster {
+                    if !cluster.is_local(&request) {
+                        cluster
+                            .coordinate(shared, &request, &inbuf[..consumed], out)
+                            .await;
+                        inbuf.advance(consumed);
+                        if out.len() >= WRITE_FLUSH_BYTES {
+                            flush(shared, wr, out).await?;
+                        }
+                        continue;
+                    }
+                }
                 let action = match request {
                     Request::Get(get) => {
                         let mut ahead = get.keys();

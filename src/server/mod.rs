@@ -1,6 +1,7 @@
 //! The network server: a listener that admits connections up to the limit,
 //! one task per connection, a background expiry sweep, graceful shutdown.
 
+pub mod cluster;
 pub mod connection;
 pub mod execute;
 pub mod inflight;
@@ -18,10 +19,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::cluster::coordinator::{Cluster, Local};
+use crate::cluster::transport::Identity;
 use crate::config::Config;
 use crate::error::ServerError;
 use crate::limits::{SHUTDOWN_GRACE_MS, SWEEP_INTERVAL_MS, SWEEP_SLOTS_PER_PASS};
-use crate::protocol::{ParseLimits, reply};
+use crate::protocol::{ParseLimits, put_line, reply};
 use crate::store::{Clock, Store, StoreConfig, SystemClock};
 use stats::{Facts, ServerStats};
 
@@ -38,11 +41,77 @@ pub struct Shared {
     pub stats: ServerStats,
     pub facts: Facts,
     pub limits: ParseLimits,
+    /// Present when this node is a cluster member: every request that is
+    /// not purely local goes through it.
+    pub cluster: Option<Arc<Cluster>>,
+}
+
+impl Shared {
+    /// A node's shared state: its store (sized by `config`) and, for a
+    /// cluster member, its cluster. `port` is what `stats` reports.
+    pub fn new(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        port: u16,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Self {
+        let store = Store::new(
+            &StoreConfig {
+                memory_limit_bytes: config.memory_limit_bytes(),
+                item_bytes_max: config.max_item_size,
+                node_id: config.cluster.as_ref().map_or(0, |c| c.node_id),
+            },
+            clock.clone(),
+        );
+        let facts = Facts {
+            pid: std::process::id(),
+            started_unix_secs: clock.now_secs(),
+            version: VERSION,
+            max_connections: config.max_connections,
+            threads: config.threads,
+            port,
+            listen: config.listen.clone(),
+            item_bytes_max: config.max_item_size,
+            shards: store.shard_count(),
+        };
+        Self {
+            inflight: inflight::InflightBudget::new(config.memory_limit_bytes()),
+            store,
+            stats: ServerStats::default(),
+            facts,
+            limits: ParseLimits::new(config.max_item_size),
+            cluster,
+        }
+    }
+}
+
+impl Local for Shared {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn limits(&self) -> &ParseLimits {
+        &self.limits
+    }
+
+    fn execute(&self, command: &[u8], out: &mut Vec<u8>) {
+        match crate::protocol::parse(command, &self.limits) {
+            crate::protocol::Parsed::Complete { request, .. } => {
+                execute::execute(self, request, out);
+            }
+            crate::protocol::Parsed::Incomplete => {
+                put_line(out, b"SERVER_ERROR incomplete command");
+            }
+        }
+    }
 }
 
 /// A bound, not yet running, server.
 pub struct Server {
     listener: TcpListener,
+    /// The port other cluster members call; only in a cluster.
+    peer_listener: Option<TcpListener>,
+    identity: Option<Identity>,
     shared: Arc<Shared>,
     max_connections: usize,
 }
@@ -69,7 +138,12 @@ impl Server {
             .map_err(|e| ServerError::Config(e.to_string()))?;
         let open_files = rlimit::ensure_open_files(config.max_connections)?;
         debug!(open_files, "open-file limit");
-        let addr = format!("{}:{}", config.listen, config.port);
+        // A cluster member listens where its member entry says.
+        let me = config.cluster.as_ref().and_then(|c| c.me());
+        let addr = me.map_or_else(
+            || format!("{}:{}", config.listen, config.port),
+            |m| m.client.clone(),
+        );
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|source| ServerError::Bind {
@@ -77,34 +151,18 @@ impl Server {
                 source,
             })?;
         let local = listener.local_addr()?;
-        let store = Store::new(
-            &StoreConfig {
-                memory_limit_bytes: config.memory_limit_bytes(),
-                item_bytes_max: config.max_item_size,
-                node_id: 0,
-            },
-            clock.clone(),
-        );
-        let facts = Facts {
-            pid: std::process::id(),
-            started_unix_secs: clock.now_secs(),
-            version: VERSION,
-            max_connections: config.max_connections,
-            threads: config.threads,
-            port: local.port(),
-            listen: config.listen.clone(),
-            item_bytes_max: config.max_item_size,
-            shards: store.shard_count(),
+        let (cluster, peer_listener, identity) = match &config.cluster {
+            Some(c) => {
+                let (cluster, listener, identity) = cluster::start(c).await?;
+                (Some(cluster), Some(listener), Some(identity))
+            }
+            None => (None, None, None),
         };
-        let shared = Arc::new(Shared {
-            inflight: inflight::InflightBudget::new(config.memory_limit_bytes()),
-            store,
-            stats: ServerStats::default(),
-            facts,
-            limits: ParseLimits::new(config.max_item_size),
-        });
+        let shared = Arc::new(Shared::new(config, clock, local.port(), cluster));
         Ok(Self {
             listener,
+            peer_listener,
+            identity,
             shared,
             max_connections: config.max_connections,
         })
@@ -125,9 +183,15 @@ impl Server {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
         let Server {
             listener,
+            peer_listener,
+            identity,
             shared,
             max_connections,
         } = self;
+        let peers = match (peer_listener, identity) {
+            (Some(l), Some(id)) => Some(tokio::spawn(cluster::serve_peers(l, id, shared.clone()))),
+            _ => None,
+        };
         info!(addr = %listener.local_addr()?, memory_limit_bytes = shared.store.limit_bytes(), shards = shared.store.shard_count(), "listening");
         let (stop_tx, stop_rx) = watch::channel(false);
         // Each connection holds a sender; when all are dropped, recv() ends.
@@ -185,6 +249,12 @@ impl Server {
             );
         }
         sweeper.abort();
+        if let Some(p) = peers {
+            p.abort();
+        }
+        if let Some(c) = &shared.cluster {
+            c.shutdown();
+        }
         info!("stopped");
         Ok(())
     }

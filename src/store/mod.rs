@@ -164,6 +164,51 @@ impl Meta {
     }
 }
 
+/// One key's replicable state: what a primary ships to the other replicas
+/// and what they apply, "highest version wins". Absolute expiry, so every
+/// replica expires the item at the same second.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KeyState {
+    Item {
+        /// The item's version stamp (also its CAS).
+        version: u64,
+        flags: u32,
+        /// Absolute unix seconds; 0 = never.
+        exptime: u32,
+        /// The item bits that travel with it ([`REPLICATED_BITS`]: stale,
+        /// base64 key); access bits stay local.
+        bits: u8,
+        value: Vec<u8>,
+    },
+    /// The key was removed (deleted, or absent after a write that removed
+    /// it) at this version. Applying it removes older items only.
+    Absent { version: u64 },
+}
+
+impl KeyState {
+    pub fn version(&self) -> u64 {
+        match self {
+            KeyState::Item { version, .. } | KeyState::Absent { version } => *version,
+        }
+    }
+}
+
+/// Item bits that are part of its replicated state.
+pub const REPLICATED_BITS: u8 = bits::STALE | bits::KEY_BINARY;
+
+/// What applying a [`KeyState`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// It was newer than the local state and replaced it.
+    Newer,
+    /// Same version: only the expiry (a replicated `touch`) was taken.
+    Same,
+    /// The local state is newer; nothing changed.
+    Older,
+    /// Newer, but there was no memory to hold it.
+    NoMemory,
+}
+
 /// Summed store statistics.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StoreStats {
@@ -416,6 +461,81 @@ impl Store {
                 }
             }
         })
+    }
+
+    /// A copy of the key's live item as replicable state; `None` if absent.
+    /// Does not count as a read (no stats, no access bits).
+    pub fn snapshot(&self, key: &[u8]) -> Option<KeyState> {
+        self.locked(key, |ctx| {
+            ctx.item().map(|e| KeyState::Item {
+                version: e.cas(),
+                flags: e.flags(),
+                exptime: e.exptime(),
+                bits: e.bits() & REPLICATED_BITS,
+                value: e.value().to_vec(),
+            })
+        })
+    }
+
+    /// The live item's version and absolute expiry, if any: cheap change
+    /// detection around a write.
+    pub fn version_of(&self, key: &[u8]) -> Option<(u64, u32)> {
+        self.locked(key, |ctx| ctx.item().map(|e| (e.cas(), e.exptime())))
+    }
+
+    /// Applies replicated state, highest version wins. The node's clock
+    /// moves past the version, so its own next write orders after it.
+    pub fn apply(&self, key: &[u8], state: &KeyState) -> Applied {
+        self.hlc.observe(state.version());
+        self.locked(key, |ctx| {
+            let local = ctx.item().map(|e| e.cas());
+            match (state, local) {
+                (
+                    KeyState::Item {
+                        version, exptime, ..
+                    },
+                    Some(v),
+                ) if *version == v => {
+                    // A replicated touch keeps the version (memcached's touch
+                    // keeps the CAS): take the primary's expiry.
+                    if let Ok(slot) = ctx.found {
+                        ctx.shard.get_mut(slot).set_exptime(*exptime);
+                    }
+                    Applied::Same
+                }
+                (_, Some(v)) if state.version() <= v => Applied::Older,
+                (KeyState::Absent { .. }, _) => {
+                    ctx.remove();
+                    Applied::Newer
+                }
+                (
+                    KeyState::Item {
+                        version,
+                        flags,
+                        exptime,
+                        bits: replicated,
+                        value,
+                    },
+                    _,
+                ) => {
+                    let item = NewItem::new(ctx.key, &[value], *flags, *exptime, *version);
+                    match ctx.insert_item(item, *version) {
+                        Ok(_) => {
+                            for bit in [bits::STALE, bits::KEY_BINARY] {
+                                ctx.set_bit(bit, replicated & bit != 0);
+                            }
+                            Applied::Newer
+                        }
+                        Err(_) => Applied::NoMemory,
+                    }
+                }
+            }
+        })
+    }
+
+    /// A fresh version stamp (for a removal that must replicate).
+    pub fn next_version(&self) -> u64 {
+        self.hlc.next(self.clock.now_ms())
     }
 
     /// General single-key access for protocol features that need more than

@@ -11,6 +11,7 @@
 //!   nominal success (or `EN`) but never an error.
 
 pub mod base64;
+pub mod hints;
 pub mod ma;
 pub mod md;
 pub mod me;

@@ -1,0 +1,911 @@
+//! The coordinator: any node accepts any request and sees it through.
+//!
+//! - **Writes** go to the key's primary: the first reachable node of its
+//!   preference list. The primary executes the command on its own store
+//!   (the shard lock serialises read-modify-write operations per key), which
+//!   stamps the new version and turns a relative TTL into an absolute one,
+//!   then ships the resulting *state* to the other replicas and answers once
+//!   `W` replicas, itself included, hold it. Fewer: `SERVER_ERROR`, never a
+//!   false `STORED`.
+//! - **Reads** ask the replicas, wait for `R` answers and return the newest
+//!   version. With `R = 1` a replica answers from its own memory.
+//! - A replica that does not answer within the hop timeout is passed over; a
+//!   peer the transport knows to be down is skipped without waiting.
+//!
+//! Commands travel as raw protocol bytes, so a command runs through exactly
+//! the single-node code wherever it runs (see [`super::message`]).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use super::message::{PeerRequest, PeerResponse};
+use super::quorum::{Decision, Quorum};
+use super::ring::{NodeId, Ring};
+use super::transport::{CallError, Peer, PeerState, TransportStats};
+use crate::config::{ClusterConfig, MemberConfig};
+use crate::protocol::get::{Get, compose_end, compose_value};
+use crate::protocol::meta::{MetaRequest, hints};
+use crate::protocol::stats::put_stat;
+use crate::protocol::{ParseLimits, Parsed, Request, parse, put_line};
+use crate::store::{Applied, KeyState, Mode, Store, valid_key};
+
+/// What the coordinator needs from the node it runs in: its store and the
+/// single-node executor. The server implements it; keeping it a trait keeps
+/// the layers one-way (the cluster never reaches up into the server).
+pub trait Local: Send + Sync + 'static {
+    fn store(&self) -> &Store;
+    fn limits(&self) -> &ParseLimits;
+    /// Executes one complete command exactly as a single node would and
+    /// appends its reply.
+    fn execute(&self, command: &[u8], out: &mut Vec<u8>);
+}
+
+pub type PeerHandle = Peer<PeerRequest, PeerResponse>;
+
+/// One replica's answer for one key: its version and `VALUE` block, or a miss.
+type KeyAnswer = Option<(u64, Vec<u8>)>;
+
+/// Counters for `stats cluster`.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    /// Client commands sent on to another node's primary.
+    pub forwarded: AtomicU64,
+    /// Commands this node executed as a key's primary.
+    pub primary_writes: AtomicU64,
+    /// Item states shipped to replicas.
+    pub replica_writes_sent: AtomicU64,
+    /// Item states received and applied (newer than ours).
+    pub replica_writes_applied: AtomicU64,
+    /// Item states received that were not newer than ours.
+    pub replica_writes_stale: AtomicU64,
+    /// Reads answered from more than this node's memory.
+    pub quorum_reads: AtomicU64,
+    /// Writes refused because fewer than W replicas acknowledged.
+    pub write_quorum_failures: AtomicU64,
+    /// Reads refused because fewer than R replicas answered.
+    pub read_quorum_failures: AtomicU64,
+    /// Peer calls that timed out.
+    pub timeouts: AtomicU64,
+    /// Read-modify-writes that first fetched the key from other replicas
+    /// (a failed-over primary, or one that lost its memory).
+    pub catch_up_reads: AtomicU64,
+}
+
+/// One node's view of the cluster and its request path.
+pub struct Cluster {
+    me: NodeId,
+    ring: Ring,
+    members: Vec<MemberConfig>,
+    /// Every member but this node.
+    peers: BTreeMap<NodeId, PeerHandle>,
+    read_quorum: usize,
+    write_quorum: usize,
+    hop_timeout: Duration,
+    pub stats: ClusterStats,
+    pub transport: Arc<TransportStats>,
+}
+
+/// The error line for a classic command, or nothing when the client asked
+/// for no reply (`noreply` hides errors too, as in memcached).
+fn server_error(out: &mut Vec<u8>, silent: bool, why: &str) {
+    if !silent {
+        out.extend_from_slice(b"SERVER_ERROR ");
+        put_line(out, why.as_bytes());
+    }
+}
+
+/// What a request asks of the cluster.
+enum Plan<'r> {
+    /// Runs on this node alone (stats, version, errors, ...).
+    Local,
+    /// get / gets: a quorum read of every key.
+    Read {
+        get: &'r Get<'r>,
+    },
+    /// gat / gats: a write (the touch) per key at its primary.
+    TouchRead {
+        get: &'r Get<'r>,
+    },
+    /// A meta get that changes nothing: quorum read of one key.
+    MetaRead {
+        key: &'r [u8],
+    },
+    /// Any other single-key command: executed by the key's primary.
+    Write {
+        key: &'r [u8],
+        silent: bool,
+    },
+    FlushAll {
+        delay_secs: i64,
+        silent: bool,
+    },
+    ClusterStats,
+}
+
+fn plan<'r>(request: &'r Request<'r>) -> Plan<'r> {
+    match request {
+        Request::Get(g) if g.fails_after_keys => Plan::Local,
+        Request::Get(g) if g.touch.is_none() => Plan::Read { get: g },
+        Request::Get(g) => Plan::TouchRead { get: g },
+        Request::Storage(s) if s.refused.is_some() => Plan::Local,
+        Request::Storage(s) => Plan::Write {
+            key: s.key,
+            silent: s.noreply,
+        },
+        Request::Arith(a) => Plan::Write {
+            key: a.key,
+            silent: a.noreply,
+        },
+        Request::Delete(d) => Plan::Write {
+            key: d.key,
+            silent: d.noreply,
+        },
+        Request::Touch(t) => Plan::Write {
+            key: t.key,
+            silent: t.noreply,
+        },
+        Request::FlushAll(f) => Plan::FlushAll {
+            delay_secs: f.delay,
+            silent: f.noreply,
+        },
+        Request::Stats(crate::protocol::stats::StatsCmd::Group(b"cluster")) => Plan::ClusterStats,
+        Request::Meta(m) => match m {
+            MetaRequest::Get(g)
+                if !(g.flags.has(b'N') || g.flags.has(b'T') || g.flags.has(b'R')) =>
+            {
+                Plan::MetaRead { key: &g.key }
+            }
+            MetaRequest::Get(g) => Plan::Write {
+                key: &g.key,
+                silent: false,
+            },
+            MetaRequest::Set(s) if s.refused.is_some() => Plan::Local,
+            MetaRequest::Set(s) => Plan::Write {
+                key: &s.key,
+                silent: false,
+            },
+            MetaRequest::Delete(d) => Plan::Write {
+                key: &d.key,
+                silent: false,
+            },
+            MetaRequest::Arith(a) => Plan::Write {
+                key: &a.key,
+                silent: false,
+            },
+            MetaRequest::Debug(_) | MetaRequest::Noop => Plan::Local,
+        },
+        _ => Plan::Local,
+    }
+}
+
+/// Whether a command's outcome depends on the key's current state (so a
+/// primary that may have missed writes must catch up first). A plain set
+/// or delete does not.
+fn reads_before_writing(request: &Request<'_>) -> bool {
+    match request {
+        Request::Storage(s) => s.mode != Mode::Set || s.cas.is_some(),
+        Request::Delete(_) => false,
+        Request::Meta(MetaRequest::Set(s)) => {
+            s.mode != Mode::Set || s.flags.has(b'C') || s.flags.has(b'I')
+        }
+        Request::Meta(MetaRequest::Delete(d)) => d.flags.has(b'C') || d.flags.has(b'I'),
+        _ => true,
+    }
+}
+
+/// A node's `cmd_*` counters count the commands its clients sent, wherever
+/// they ran: a write forwarded to another primary is counted here too.
+fn count_forwarded(store: &Store, key: &[u8], request: &Request<'_>) {
+    store.with_key(key, |ctx| {
+        let st = ctx.stats();
+        match request {
+            Request::Storage(_) | Request::Meta(MetaRequest::Set(_)) => st.cmd_set += 1,
+            Request::Touch(_) => st.cmd_touch += 1,
+            Request::Meta(MetaRequest::Get(_)) => st.cmd_get += 1,
+            _ => {}
+        }
+    });
+}
+
+fn meta_tokens<'r>(request: &'r Request<'r>) -> &'r [&'r [u8]] {
+    match request {
+        Request::Meta(MetaRequest::Get(g)) => &g.flags.tokens,
+        Request::Meta(MetaRequest::Set(s)) => &s.flags.tokens,
+        Request::Meta(MetaRequest::Delete(d)) => &d.flags.tokens,
+        Request::Meta(MetaRequest::Arith(a)) => &a.flags.tokens,
+        _ => &[],
+    }
+}
+
+/// Reads keys from the local store: per key its version and `VALUE` block.
+fn read_local(store: &Store, keys: &[&[u8]], with_cas: bool) -> Vec<KeyAnswer> {
+    keys.iter()
+        .map(|&key| {
+            store.get(key, None, |e| {
+                let mut block = Vec::with_capacity(key.len() + e.value().len() + 48);
+                compose_value(
+                    &mut block,
+                    key,
+                    e.flags(),
+                    e.value(),
+                    with_cas.then_some(e.cas()),
+                );
+                (e.cas(), block)
+            })
+        })
+        .collect()
+}
+
+impl Cluster {
+    /// Builds the ring and a peer handle per other member; the peers connect
+    /// in the background.
+    pub fn new(
+        config: &ClusterConfig,
+        peers: BTreeMap<NodeId, PeerHandle>,
+        transport: Arc<TransportStats>,
+    ) -> Self {
+        let ids: Vec<NodeId> = config.members.iter().map(|m| m.id).collect();
+        let ring = Ring::new(&ids, config.partitions, config.replicas_effective());
+        Self {
+            me: config.node_id,
+            ring,
+            members: config.members.clone(),
+            peers,
+            read_quorum: config.read_quorum_effective(),
+            write_quorum: config.write_quorum_effective(),
+            hop_timeout: Duration::from_millis(config.request_timeout_ms),
+            stats: ClusterStats::default(),
+            transport,
+        }
+    }
+
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn ring(&self) -> &Ring {
+        &self.ring
+    }
+
+    pub fn peers(&self) -> &BTreeMap<NodeId, PeerHandle> {
+        &self.peers
+    }
+
+    /// Stops every peer connection.
+    pub fn shutdown(&self) {
+        for p in self.peers.values() {
+            p.shutdown();
+        }
+    }
+
+    /// Whether the request needs the cluster; if not, the connection runs it
+    /// on the fast single-node path.
+    pub fn is_local(&self, request: &Request<'_>) -> bool {
+        matches!(plan(request), Plan::Local)
+    }
+
+    /// Sees one client request through the cluster and appends its reply.
+    /// `raw` is the request's exact bytes (command line and data block).
+    pub async fn coordinate(
+        &self,
+        local: &dyn Local,
+        request: &Request<'_>,
+        raw: &[u8],
+        out: &mut Vec<u8>,
+    ) {
+        let hints = match hints::parse(meta_tokens(request)) {
+            Ok(h) => h,
+            Err(e) => return put_line(out, e.as_bytes()),
+        };
+        let n = self.ring.replicas();
+        let r = hints.read_quorum.map_or(self.read_quorum, usize::from);
+        let w = hints.write_quorum.map_or(self.write_quorum, usize::from);
+        if r > n || w > n {
+            return put_line(
+                out,
+                format!("CLIENT_ERROR quorum larger than the replica count {n}").as_bytes(),
+            );
+        }
+        match plan(request) {
+            Plan::Local => local.execute(raw, out),
+            Plan::Read { get } => self.read_keys(local, get, r, out).await,
+            Plan::TouchRead { get } => self.touch_keys(local, get, w, out).await,
+            Plan::MetaRead { key } => self.read_meta(local, key, raw, r, out).await,
+            Plan::Write { key, silent } => {
+                if self.write(local, key, raw, w, silent, out).await {
+                    count_forwarded(local.store(), key, request);
+                }
+            }
+            Plan::FlushAll { delay_secs, silent } => {
+                self.flush_all(local, delay_secs, silent, out).await
+            }
+            Plan::ClusterStats => self.compose_stats(local, out),
+        }
+    }
+
+    /// Sends a write to the key's primary: this node, or the first peer of
+    /// the preference list that is not known to be down. Returns whether it
+    /// went to another node.
+    async fn write(
+        &self,
+        local: &dyn Local,
+        key: &[u8],
+        raw: &[u8],
+        w: usize,
+        silent: bool,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let pref = self.ring.preference_list_for_key(key);
+        let mut skipped = Vec::new();
+        for &node in pref {
+            if node == self.me {
+                self.execute_as_primary(local, raw, w, out).await;
+                return false;
+            }
+            let peer = &self.peers[&node];
+            if let PeerState::Down { reason } = peer.state() {
+                skipped.push(format!("node {node}: {reason}"));
+                continue;
+            }
+            self.stats.forwarded.fetch_add(1, Relaxed);
+            let req = PeerRequest::Execute {
+                command: raw.to_vec(),
+                write_quorum: u8::try_from(w).unwrap_or(u8::MAX),
+            };
+            // The primary may wait a full hop for its replicas.
+            match peer.call_timeout(req, self.hop_timeout * 2).await {
+                Ok(PeerResponse::Executed { reply }) => {
+                    out.extend_from_slice(&reply);
+                    return true;
+                }
+                Ok(other) => {
+                    warn!(node, response = ?other, "primary answered out of turn");
+                    server_error(
+                        out,
+                        silent,
+                        &format!("primary node {node} answered out of turn"),
+                    );
+                    return true;
+                }
+                Err(e) if !e.maybe_applied() => {
+                    // Known not sent: the next replica may act as primary.
+                    skipped.push(format!("node {node}: {e}"));
+                }
+                Err(e) => {
+                    self.stats.timeouts.fetch_add(1, Relaxed);
+                    server_error(
+                        out,
+                        silent,
+                        &format!(
+                            "primary node {node}: {e}; the write may or may not have been applied"
+                        ),
+                    );
+                    return true;
+                }
+            }
+        }
+        self.stats.write_quorum_failures.fetch_add(1, Relaxed);
+        server_error(
+            out,
+            silent,
+            &format!(
+                "no replica of this key is reachable ({})",
+                skipped.join("; ")
+            ),
+        );
+        false
+    }
+
+    /// Runs a command as the key's primary: catch up if this node may be
+    /// stale, execute, then replicate the key's new state to W replicas.
+    pub async fn execute_as_primary(
+        &self,
+        local: &dyn Local,
+        raw: &[u8],
+        w: usize,
+        out: &mut Vec<u8>,
+    ) {
+        let Parsed::Complete { request, .. } = parse(raw, local.limits()) else {
+            return put_line(out, b"SERVER_ERROR incomplete command forwarded");
+        };
+        let (key, silent) = match plan(&request) {
+            Plan::Write { key, silent } => (key, silent),
+            // Not a single-key write after all: run it as it is.
+            _ => return local.execute(raw, out),
+        };
+        self.stats.primary_writes.fetch_add(1, Relaxed);
+        let store = local.store();
+        let pref = self.ring.preference_list_for_key(key);
+        let others: Vec<NodeId> = pref.iter().copied().filter(|&n| n != self.me).collect();
+        // A failed-over primary may have missed writes, and its clock may
+        // be behind the versions they carry: it takes the newest state
+        // first, so its write both sees and outranks them. The preferred
+        // primary does so only when it has no copy (restarted empty).
+        let stale_risk = pref[0] != self.me
+            || (reads_before_writing(&request) && store.version_of(key).is_none());
+        if stale_risk && !others.is_empty() {
+            self.catch_up(store, key, &others).await;
+        }
+        let before = store.version_of(key);
+        let start = out.len();
+        local.execute(raw, out);
+        if others.is_empty() {
+            return;
+        }
+        let state = match (before, store.snapshot(key)) {
+            (None, None) => return,
+            (
+                Some((v, e)),
+                Some(KeyState::Item {
+                    version, exptime, ..
+                }),
+            ) if v == version && e == exptime => return,
+            (_, Some(state)) => state,
+            (Some(_), None) => KeyState::Absent {
+                version: store.next_version(),
+            },
+        };
+        let needed = w.saturating_sub(1);
+        let quorum = self.replicate(key, state, &others, needed).await;
+        if let Err(why) = quorum {
+            self.stats.write_quorum_failures.fetch_add(1, Relaxed);
+            out.truncate(start);
+            server_error(out, silent, &format!("write quorum not met: {why}"));
+        }
+    }
+
+    /// Before a read-modify-write on a primary that may be stale: take the
+    /// newest state any other replica holds.
+    async fn catch_up(&self, store: &Store, key: &[u8], others: &[NodeId]) {
+        self.stats.catch_up_reads.fetch_add(1, Relaxed);
+        let calls = others.iter().map(|n| {
+            let peer = self.peers[n].clone();
+            let req = PeerRequest::Fetch { key: key.to_vec() };
+            let timeout = self.hop_timeout;
+            async move { peer.call_timeout(req, timeout).await }
+        });
+        for answer in join_all(calls).await {
+            if let Ok(PeerResponse::State(Some(state))) = answer {
+                store.apply(key, &state);
+            }
+        }
+    }
+
+    /// Ships `state` to every other replica; returns once `needed` of them
+    /// hold it (the rest keep going in the background), or why they don't.
+    async fn replicate(
+        &self,
+        key: &[u8],
+        state: KeyState,
+        others: &[NodeId],
+        needed: usize,
+    ) -> Result<(), String> {
+        let (tx, mut rx) = mpsc::channel(others.len());
+        for &node in others {
+            let peer = self.peers[&node].clone();
+            let req = PeerRequest::Apply {
+                key: key.to_vec(),
+                state: state.clone(),
+            };
+            let timeout = self.hop_timeout;
+            let tx = tx.clone();
+            self.stats.replica_writes_sent.fetch_add(1, Relaxed);
+            tokio::spawn(async move {
+                let result = peer.call_timeout(req, timeout).await;
+                let _ = tx.send((node, result)).await;
+            });
+        }
+        drop(tx);
+        if needed == 0 {
+            return Ok(());
+        }
+        let mut quorum = Quorum::new(needed, others.len());
+        while let Some((node, result)) = rx.recv().await {
+            let decision = match result {
+                Ok(PeerResponse::Applied) => quorum.succeeded(node),
+                Ok(other) => quorum.failed(node, format!("unexpected answer {other:?}")),
+                Err(e) => {
+                    if matches!(e, CallError::Timeout) {
+                        self.stats.timeouts.fetch_add(1, Relaxed);
+                    }
+                    quorum.failed(node, e.to_string())
+                }
+            };
+            match decision {
+                Decision::Met => return Ok(()),
+                Decision::Failed => return Err(explain_with_self(&quorum)),
+                Decision::Pending => {}
+            }
+        }
+        Err(explain_with_self(&quorum))
+    }
+
+    /// get / gets: every key from R replicas, newest version wins.
+    async fn read_keys(&self, local: &dyn Local, get: &Get<'_>, r: usize, out: &mut Vec<u8>) {
+        let keys: Vec<&[u8]> = get.keys().collect();
+        let mut answers: Vec<Vec<KeyAnswer>> = vec![Vec::new(); keys.len()];
+        let mut asks: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+        for (i, key) in keys.iter().enumerate() {
+            let pref = self.ring.preference_list_for_key(key);
+            if r == 1 {
+                // One answer is enough: this node if it holds the key, else
+                // the first replica not known to be down.
+                let pick = if pref.contains(&self.me) {
+                    Some(self.me)
+                } else {
+                    pref.iter()
+                        .copied()
+                        .find(|n| !matches!(self.peers[n].state(), PeerState::Down { .. }))
+                };
+                if let Some(node) = pick {
+                    asks.entry(node).or_default().push(i);
+                }
+            } else {
+                for &node in pref {
+                    asks.entry(node).or_default().push(i);
+                }
+            }
+        }
+        let mut read_here = vec![false; keys.len()];
+        if let Some(mine) = asks.remove(&self.me) {
+            for &i in &mine {
+                read_here[i] = true;
+            }
+            let ks: Vec<&[u8]> = mine.iter().map(|&i| keys[i]).collect();
+            for (&i, answer) in mine
+                .iter()
+                .zip(read_local(local.store(), &ks, get.with_cas))
+            {
+                answers[i].push(answer);
+            }
+        }
+        if !asks.is_empty() {
+            self.stats.quorum_reads.fetch_add(1, Relaxed);
+        }
+        let calls = asks.into_iter().map(|(node, idx)| {
+            let peer = self.peers[&node].clone();
+            let req = PeerRequest::ReadKeys {
+                keys: idx.iter().map(|&i| keys[i].to_vec()).collect(),
+                with_cas: get.with_cas,
+            };
+            let timeout = self.hop_timeout;
+            async move { (idx, peer.call_timeout(req, timeout).await) }
+        });
+        // Done as soon as every key has R answers; a slow replica is passed
+        // over (its call is dropped), a silent one costs one hop timeout.
+        let mut pending: FuturesUnordered<_> = calls.collect();
+        while answers.iter().any(|a| a.len() < r) {
+            let Some((idx, result)) = pending.next().await else {
+                break;
+            };
+            match result {
+                Ok(PeerResponse::Values(values)) if values.len() == idx.len() => {
+                    for (i, v) in idx.into_iter().zip(values) {
+                        answers[i].push(v);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if matches!(e, CallError::Timeout) {
+                        self.stats.timeouts.fetch_add(1, Relaxed);
+                    }
+                    debug!(error = %e, "replica read failed");
+                }
+            }
+        }
+        if let Some(i) = answers.iter().position(|a| a.len() < r) {
+            self.stats.read_quorum_failures.fetch_add(1, Relaxed);
+            return server_error(
+                out,
+                false,
+                &format!(
+                    "read quorum not met: {} of {r} replicas answered for key {}",
+                    answers[i].len(),
+                    String::from_utf8_lossy(keys[i])
+                ),
+            );
+        }
+        for (i, a) in answers.into_iter().enumerate() {
+            let newest = a.into_iter().flatten().max_by_key(|(v, _)| *v);
+            if !read_here[i] {
+                // Counted where the client asked, as the local path counts.
+                local.store().with_key(keys[i], |ctx| {
+                    let st = ctx.stats();
+                    st.cmd_get += 1;
+                    if newest.is_some() {
+                        st.get_hits += 1;
+                    } else {
+                        st.get_misses += 1;
+                    }
+                });
+            }
+            if let Some((_, block)) = newest {
+                out.extend_from_slice(&block);
+            }
+        }
+        compose_end(out);
+    }
+
+    /// gat / gats: the touch is a write, so each key goes to its primary.
+    async fn touch_keys(&self, local: &dyn Local, get: &Get<'_>, w: usize, out: &mut Vec<u8>) {
+        let verb: &[u8] = if get.with_cas { b"gats" } else { b"gat" };
+        let exptime = get.touch.unwrap_or(0);
+        for key in get.keys() {
+            let mut command = Vec::with_capacity(key.len() + 32);
+            command.extend_from_slice(verb);
+            command.extend_from_slice(format!(" {exptime} ").as_bytes());
+            command.extend_from_slice(key);
+            command.extend_from_slice(b"\r\n");
+            let mut reply = Vec::new();
+            if self.write(local, key, &command, w, false, &mut reply).await {
+                local
+                    .store()
+                    .with_key(key, |ctx| ctx.stats().cmd_touch += 1);
+            }
+            if reply.starts_with(b"SERVER_ERROR") {
+                out.clear();
+                return out.extend_from_slice(&reply);
+            }
+            out.extend_from_slice(reply.strip_suffix(b"END\r\n").unwrap_or(&reply));
+        }
+        compose_end(out);
+    }
+
+    /// A meta get that changes nothing: run on R replicas, newest wins.
+    async fn read_meta(
+        &self,
+        local: &dyn Local,
+        key: &[u8],
+        raw: &[u8],
+        r: usize,
+        out: &mut Vec<u8>,
+    ) {
+        let pref = self.ring.preference_list_for_key(key);
+        if r == 1 && pref.contains(&self.me) {
+            return local.execute(raw, out);
+        }
+        self.stats.quorum_reads.fetch_add(1, Relaxed);
+        let mut replies: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut remote = Vec::new();
+        for &node in pref {
+            if node == self.me {
+                let mut reply = Vec::new();
+                local.execute(raw, &mut reply);
+                let version = local.store().version_of(key).map_or(0, |(v, _)| v);
+                replies.push((version, reply));
+            } else {
+                remote.push(node);
+            }
+        }
+        let calls = remote.into_iter().map(|node| {
+            let peer = self.peers[&node].clone();
+            let req = PeerRequest::ReadMeta {
+                command: raw.to_vec(),
+                key: key.to_vec(),
+            };
+            let timeout = self.hop_timeout;
+            async move { peer.call_timeout(req, timeout).await }
+        });
+        let mut pending: FuturesUnordered<_> = calls.collect();
+        while replies.len() < r {
+            let Some(result) = pending.next().await else {
+                break;
+            };
+            if let Ok(PeerResponse::MetaRead { version, reply }) = result {
+                replies.push((version, reply));
+            }
+        }
+        if replies.len() < r {
+            self.stats.read_quorum_failures.fetch_add(1, Relaxed);
+            return server_error(
+                out,
+                false,
+                &format!(
+                    "read quorum not met: {} of {r} replicas answered",
+                    replies.len()
+                ),
+            );
+        }
+        if let Some((_, reply)) = replies.into_iter().max_by_key(|(v, _)| *v) {
+            out.extend_from_slice(&reply);
+        }
+    }
+
+    /// flush_all on every member. OK only if every member acknowledged.
+    async fn flush_all(&self, local: &dyn Local, delay_secs: i64, silent: bool, out: &mut Vec<u8>) {
+        local.store().flush_all(delay_secs);
+        let calls = self.peers.iter().map(|(&node, peer)| {
+            let peer = peer.clone();
+            let timeout = self.hop_timeout;
+            async move {
+                (
+                    node,
+                    peer.call_timeout(PeerRequest::FlushAll { delay_secs }, timeout)
+                        .await,
+                )
+            }
+        });
+        let failed: Vec<String> = join_all(calls)
+            .await
+            .into_iter()
+            .filter_map(|(node, r)| match r {
+                Ok(PeerResponse::Flushed) => None,
+                Ok(other) => Some(format!("node {node}: {other:?}")),
+                Err(e) => Some(format!("node {node}: {e}")),
+            })
+            .collect();
+        if failed.is_empty() {
+            if !silent {
+                put_line(out, b"OK");
+            }
+        } else {
+            server_error(
+                out,
+                silent,
+                &format!(
+                    "flush_all reached {} of {} members; {}",
+                    self.members.len() - failed.len(),
+                    self.members.len(),
+                    failed.join("; ")
+                ),
+            );
+        }
+    }
+
+    /// Serves a request from another node.
+    pub async fn serve(
+        &self,
+        local: &dyn Local,
+        caller: NodeId,
+        request: PeerRequest,
+    ) -> PeerResponse {
+        let bad_key = |k: &[u8]| !valid_key(k);
+        match request {
+            PeerRequest::Execute {
+                command,
+                write_quorum,
+            } => {
+                let w = usize::from(write_quorum).clamp(1, self.ring.replicas());
+                let mut reply = Vec::new();
+                self.execute_as_primary(local, &command, w, &mut reply)
+                    .await;
+                PeerResponse::Executed { reply }
+            }
+            PeerRequest::ReadKeys { keys, with_cas } => {
+                if keys.iter().any(|k| bad_key(k)) {
+                    return PeerResponse::Refused("invalid key".into());
+                }
+                let ks: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+                PeerResponse::Values(read_local(local.store(), &ks, with_cas))
+            }
+            PeerRequest::ReadMeta { command, key } => {
+                if bad_key(&key) {
+                    return PeerResponse::Refused("invalid key".into());
+                }
+                let mut reply = Vec::new();
+                local.execute(&command, &mut reply);
+                let version = local.store().version_of(&key).map_or(0, |(v, _)| v);
+                PeerResponse::MetaRead { version, reply }
+            }
+            PeerRequest::Fetch { key } => {
+                if bad_key(&key) {
+                    return PeerResponse::Refused("invalid key".into());
+                }
+                PeerResponse::State(local.store().snapshot(&key))
+            }
+            PeerRequest::Apply { key, state } => {
+                if bad_key(&key) {
+                    return PeerResponse::Refused("invalid key".into());
+                }
+                match local.store().apply(&key, &state) {
+                    Applied::Newer | Applied::Same => {
+                        self.stats.replica_writes_applied.fetch_add(1, Relaxed);
+                        PeerResponse::Applied
+                    }
+                    Applied::Older => {
+                        self.stats.replica_writes_stale.fetch_add(1, Relaxed);
+                        PeerResponse::Applied
+                    }
+                    Applied::NoMemory => {
+                        warn!(caller, "no memory for a replicated item");
+                        PeerResponse::Refused("out of memory".into())
+                    }
+                }
+            }
+            PeerRequest::FlushAll { delay_secs } => {
+                local.store().flush_all(delay_secs);
+                PeerResponse::Flushed
+            }
+        }
+    }
+
+    /// `stats cluster`: members and their state, what each owns, counters.
+    fn compose_stats(&self, local: &dyn Local, out: &mut Vec<u8>) {
+        let _ = local;
+        put_stat(out, "node_id", self.me);
+        put_stat(out, "partitions", self.ring.partitions());
+        put_stat(out, "replicas", self.ring.replicas());
+        put_stat(out, "read_quorum", self.read_quorum);
+        put_stat(out, "write_quorum", self.write_quorum);
+        for m in &self.members {
+            let state = if m.id == self.me {
+                "self".to_string()
+            } else {
+                match self.peers[&m.id].state() {
+                    PeerState::Up => "up".to_string(),
+                    PeerState::Connecting => "connecting".to_string(),
+                    PeerState::Down { reason } => {
+                        format!("down({})", reason.replace([' ', '\r', '\n'], "_"))
+                    }
+                }
+            };
+            let (mut primary, mut replica) = (0usize, 0usize);
+            for (_, pos) in self.ring.partitions_of(m.id) {
+                if pos == 0 {
+                    primary += 1;
+                } else {
+                    replica += 1;
+                }
+            }
+            put_stat(
+                out,
+                &format!("member:{}", m.id),
+                format!(
+                    "{state} client={} peer={} primary_partitions={primary} replica_partitions={replica}",
+                    m.client, m.peer
+                ),
+            );
+        }
+        let s = &self.stats;
+        for (name, v) in [
+            ("forwarded", &s.forwarded),
+            ("primary_writes", &s.primary_writes),
+            ("replica_writes_sent", &s.replica_writes_sent),
+            ("replica_writes_applied", &s.replica_writes_applied),
+            ("replica_writes_stale", &s.replica_writes_stale),
+            ("quorum_reads", &s.quorum_reads),
+            ("write_quorum_failures", &s.write_quorum_failures),
+            ("read_quorum_failures", &s.read_quorum_failures),
+            ("timeouts", &s.timeouts),
+            ("catch_up_reads", &s.catch_up_reads),
+        ] {
+            put_stat(out, name, v.load(Relaxed));
+        }
+        let t = &self.transport;
+        for (name, v) in [
+            ("peer_calls", &t.calls),
+            ("peer_call_timeouts", &t.call_timeouts),
+            ("peer_call_busy", &t.call_busy),
+            ("peer_call_down", &t.call_down),
+            ("peer_connects", &t.connects),
+            ("peer_disconnects", &t.disconnects),
+            ("peer_frames_corrupt", &t.frames_corrupt),
+            ("peer_frames_oversized", &t.frames_oversized),
+            ("peer_handshakes_refused", &t.handshakes_refused),
+            ("peer_requests_served", &t.requests_served),
+        ] {
+            put_stat(out, name, v.load(Relaxed));
+        }
+        put_line(out, b"END");
+    }
+}
+
+fn explain_with_self(q: &Quorum) -> String {
+    // The primary itself is the first copy; the quorum tracks the others.
+    format!(
+        "{} of {} replicas hold the write{}",
+        q.acks() + 1,
+        q.needed() + 1,
+        q.explain()
+            .split_once(';')
+            .map_or(String::new(), |(_, rest)| format!(";{rest}"))
+    )
+}

@@ -1,0 +1,52 @@
+//! What nodes say to each other. Carried by the transport in postcard frames.
+//!
+//! Client commands travel as their raw protocol bytes: the node that executes
+//! one parses it with the same parser and runs it with the same code as a
+//! single node, so every memcached rule (meta flags, noreply, CAS, TTLs)
+//! holds unchanged in a cluster. What replicas exchange is state, never
+//! operations: applying a [`KeyState`] twice, late or out of order is
+//! harmless because the highest version wins.
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::KeyState;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Execute one client command as the key's primary and replicate its
+    /// result to `write_quorum` replicas (this one included) before
+    /// answering.
+    Execute { command: Vec<u8>, write_quorum: u8 },
+    /// Read these keys locally (get/gets): per key, its version and the
+    /// `VALUE` block a client would get.
+    ReadKeys { keys: Vec<Vec<u8>>, with_cas: bool },
+    /// Run a meta get that changes nothing, locally: the reply and the
+    /// version it saw.
+    ReadMeta { command: Vec<u8>, key: Vec<u8> },
+    /// The key's state, for a primary that must catch up before a
+    /// read-modify-write.
+    Fetch { key: Vec<u8> },
+    /// Apply replicated state, highest version wins.
+    Apply { key: Vec<u8>, state: KeyState },
+    /// `flush_all`, relayed to every member.
+    FlushAll { delay_secs: i64 },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum PeerResponse {
+    Executed {
+        reply: Vec<u8>,
+    },
+    /// Per key asked: `(version, VALUE block)` or `None` for a miss.
+    Values(Vec<Option<(u64, Vec<u8>)>>),
+    /// Version 0: the key was absent.
+    MetaRead {
+        version: u64,
+        reply: Vec<u8>,
+    },
+    State(Option<KeyState>),
+    Applied,
+    Flushed,
+    /// The request was malformed; nothing was done.
+    Refused(String),
+}

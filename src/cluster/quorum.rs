@@ -1,0 +1,117 @@
+//! Quorum tracking: a plain state machine that counts answers from replicas
+//! and says when a request is decided. No I/O and no clock: the coordinator
+//! feeds it answers and asks it what to do (sans-IO).
+
+use super::ring::NodeId;
+
+/// Where a quorum stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Enough replicas have answered.
+    Met,
+    /// Too many replicas failed for the quorum to be met any more.
+    Failed,
+    /// Still waiting.
+    Pending,
+}
+
+/// Counts successes and failures toward `needed` out of `asked` replicas.
+#[derive(Debug, Clone)]
+pub struct Quorum {
+    needed: usize,
+    asked: usize,
+    ok: Vec<NodeId>,
+    failed: Vec<(NodeId, String)>,
+}
+
+impl Quorum {
+    /// # Panics
+    /// If `needed` is 0: a quorum of nobody is a programmer error.
+    pub fn new(needed: usize, asked: usize) -> Self {
+        assert!(needed > 0, "a quorum needs at least one replica");
+        Self {
+            needed,
+            asked,
+            ok: Vec::with_capacity(asked),
+            failed: Vec::new(),
+        }
+    }
+
+    pub fn succeeded(&mut self, node: NodeId) -> Decision {
+        debug_assert!(!self.ok.contains(&node), "node {node} answered twice");
+        self.ok.push(node);
+        self.decision()
+    }
+
+    pub fn failed(&mut self, node: NodeId, why: String) -> Decision {
+        self.failed.push((node, why));
+        self.decision()
+    }
+
+    pub fn decision(&self) -> Decision {
+        if self.ok.len() >= self.needed {
+            Decision::Met
+        } else if self.asked - self.failed.len() < self.needed {
+            Decision::Failed
+        } else {
+            Decision::Pending
+        }
+    }
+
+    pub fn acks(&self) -> usize {
+        self.ok.len()
+    }
+
+    pub fn needed(&self) -> usize {
+        self.needed
+    }
+
+    /// A reason a client can act on: how many answered, of how many needed,
+    /// and what happened to the others.
+    pub fn explain(&self) -> String {
+        let mut s = format!("{} of {} replicas answered", self.ok.len(), self.needed);
+        for (node, why) in &self.failed {
+            s.push_str(&format!("; node {node}: {why}"));
+        }
+        let silent = self.asked - self.ok.len() - self.failed.len();
+        if silent > 0 {
+            s.push_str(&format!("; {silent} did not answer in time"));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn met_as_soon_as_enough_answer() {
+        let mut q = Quorum::new(2, 3);
+        assert_eq!(q.succeeded(1), Decision::Pending);
+        assert_eq!(q.failed(2, "down".into()), Decision::Pending);
+        assert_eq!(q.succeeded(3), Decision::Met);
+    }
+
+    #[test]
+    fn fails_as_soon_as_it_cannot_be_met() {
+        let mut q = Quorum::new(2, 3);
+        assert_eq!(q.failed(2, "down".into()), Decision::Pending);
+        assert_eq!(q.failed(3, "timeout".into()), Decision::Failed);
+        assert!(q.explain().contains("node 3: timeout"), "{}", q.explain());
+    }
+
+    #[test]
+    fn asking_fewer_than_needed_fails_at_once() {
+        let q = Quorum::new(3, 2);
+        assert_eq!(q.decision(), Decision::Failed);
+        assert!(q.explain().contains("0 of 3"));
+    }
+
+    #[test]
+    fn silent_replicas_are_named_in_the_reason() {
+        let mut q = Quorum::new(2, 3);
+        q.succeeded(1);
+        assert!(q.explain().contains("2 did not answer"), "{}", q.explain());
+    }
+}
