@@ -56,6 +56,11 @@ pub const PORT_DEFAULT: u16 = 11211;
 /// Copies of each partition in a cluster (N), as in Dynamo and Riak.
 pub const REPLICAS_DEFAULT: usize = 3;
 
+/// How long a cluster delete's tombstone outlives the item, so a late or
+/// resent copy of the deleted item cannot bring it back: the 3-hour hint
+/// window DESIGN sets, plus ten minutes for one anti-entropy round.
+pub const TOMBSTONE_GRACE_SECS: u32 = 3 * 3600 + 600;
+
 /// How long one cluster hop may take before the peer is passed over.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 1000;
 

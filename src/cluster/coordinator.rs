@@ -35,7 +35,11 @@ use crate::protocol::get::{Get, compose_end, compose_value};
 use crate::protocol::meta::{MetaRequest, hints};
 use crate::protocol::stats::put_stat;
 use crate::protocol::{ParseLimits, Parsed, Request, parse, put_line};
-use crate::store::{Applied, KeyState, Mode, Store, valid_key};
+use crate::store::{Applied, KeyState, Mode, Store, hlc, valid_key};
+
+/// Bound on the waits for the clock to leave a flush's millisecond (each
+/// waits about a millisecond; a clock that does not move is a test clock).
+const FLUSH_CLOCK_WAITS_MAX: usize = 10;
 
 /// What the coordinator needs from the node it runs in: its store and the
 /// single-node executor. The server implements it; keeping it a trait keeps
@@ -215,6 +219,17 @@ fn count_forwarded(store: &Store, key: &[u8], request: &Request<'_>) {
     });
 }
 
+/// `flush_all` on this node's store. An immediate flush also raises the
+/// flush barrier to `version`, so replicated copies written before it and
+/// still in flight are dropped when they arrive. (A delayed flush has no
+/// barrier: it removes what is there when its time comes.)
+fn flush_local(store: &Store, delay_secs: i64, version: u64) {
+    store.flush_all(delay_secs);
+    if delay_secs <= 0 {
+        store.set_flush_barrier(version);
+    }
+}
+
 fn meta_tokens<'r>(request: &'r Request<'r>) -> &'r [&'r [u8]] {
     match request {
         Request::Meta(MetaRequest::Get(g)) => &g.flags.tokens,
@@ -225,21 +240,20 @@ fn meta_tokens<'r>(request: &'r Request<'r>) -> &'r [&'r [u8]] {
     }
 }
 
-/// Reads keys from the local store: per key its version and `VALUE` block.
+/// Reads keys from the local store: per key its version and `VALUE` block;
+/// a tombstone answers its version with an empty block (a delete that
+/// outranks older copies elsewhere).
 fn read_local(store: &Store, keys: &[&[u8]], with_cas: bool) -> Vec<KeyAnswer> {
     keys.iter()
         .map(|&key| {
-            store.get(key, None, |e| {
-                let mut block = Vec::with_capacity(key.len() + e.value().len() + 48);
-                compose_value(
-                    &mut block,
-                    key,
-                    e.flags(),
-                    e.value(),
-                    with_cas.then_some(e.cas()),
-                );
-                (e.cas(), block)
-            })
+            store
+                .get(key, None, |e| {
+                    let mut block = Vec::with_capacity(key.len() + e.value().len() + 48);
+                    let cas = with_cas.then_some(e.cas());
+                    compose_value(&mut block, key, e.flags(), e.value(), cas);
+                    (e.cas(), block)
+                })
+                .or_else(|| store.version_or_tombstone(key).map(|v| (v, Vec::new())))
         })
         .collect()
 }
@@ -449,9 +463,15 @@ impl Cluster {
                 }),
             ) if v == version && e == exptime => return,
             (_, Some(state)) => state,
-            (Some(_), None) => KeyState::Absent {
-                version: store.next_version(),
-            },
+            (Some(_), None) => {
+                // Removed: leave a tombstone here too, so a late copy of
+                // the old item cannot bring it back on this node either.
+                let gone = KeyState::Absent {
+                    version: store.next_version(),
+                };
+                store.apply(key, &gone);
+                gone
+            }
         };
         let needed = w.saturating_sub(1);
         let quorum = self.replicate(key, state, &others, needed).await;
@@ -614,7 +634,12 @@ impl Cluster {
             );
         }
         for (i, a) in answers.into_iter().enumerate() {
-            let newest = a.into_iter().flatten().max_by_key(|(v, _)| *v);
+            // The newest answer wins; a tombstone (empty block) is a miss.
+            let newest = a
+                .into_iter()
+                .flatten()
+                .max_by_key(|(v, _)| *v)
+                .filter(|(_, block)| !block.is_empty());
             if !read_here[i] {
                 // Counted where the client asked, as the local path counts.
                 local.store().with_key(keys[i], |ctx| {
@@ -679,7 +704,7 @@ impl Cluster {
             if node == self.me {
                 let mut reply = Vec::new();
                 local.execute(raw, &mut reply);
-                let version = local.store().version_of(key).map_or(0, |(v, _)| v);
+                let version = local.store().version_or_tombstone(key).unwrap_or(0);
                 replies.push((version, reply));
             } else {
                 remote.push(node);
@@ -721,15 +746,33 @@ impl Cluster {
 
     /// flush_all on every member. OK only if every member acknowledged.
     async fn flush_all(&self, local: &dyn Local, delay_secs: i64, silent: bool, out: &mut Vec<u8>) {
-        local.store().flush_all(delay_secs);
+        // Every write stamped in the flush's millisecond falls below the
+        // barrier, including one whose copy is still on its way; waiting for
+        // the clock to leave that millisecond keeps writes made after the
+        // OK above it.
+        let version = hlc::end_of_millisecond(local.store().next_version());
+        flush_local(local.store(), delay_secs, version);
+        let barrier_ms = hlc::version_unix_ms(version);
+        for _ in 0..FLUSH_CLOCK_WAITS_MAX {
+            if local.store().clock().now_ms() > barrier_ms {
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
         let calls = self.peers.iter().map(|(&node, peer)| {
             let peer = peer.clone();
             let timeout = self.hop_timeout;
             async move {
                 (
                     node,
-                    peer.call_timeout(PeerRequest::FlushAll { delay_secs }, timeout)
-                        .await,
+                    peer.call_timeout(
+                        PeerRequest::FlushAll {
+                            delay_secs,
+                            version,
+                        },
+                        timeout,
+                    )
+                    .await,
                 )
             }
         });
@@ -792,14 +835,14 @@ impl Cluster {
                 }
                 let mut reply = Vec::new();
                 local.execute(&command, &mut reply);
-                let version = local.store().version_of(&key).map_or(0, |(v, _)| v);
+                let version = local.store().version_or_tombstone(&key).unwrap_or(0);
                 PeerResponse::MetaRead { version, reply }
             }
             PeerRequest::Fetch { key } => {
                 if bad_key(&key) {
                     return PeerResponse::Refused("invalid key".into());
                 }
-                PeerResponse::State(local.store().snapshot(&key))
+                PeerResponse::State(local.store().replica_state(&key))
             }
             PeerRequest::Apply { key, state } => {
                 if bad_key(&key) {
@@ -820,8 +863,11 @@ impl Cluster {
                     }
                 }
             }
-            PeerRequest::FlushAll { delay_secs } => {
-                local.store().flush_all(delay_secs);
+            PeerRequest::FlushAll {
+                delay_secs,
+                version,
+            } => {
+                flush_local(local.store(), delay_secs, version);
                 PeerResponse::Flushed
             }
         }

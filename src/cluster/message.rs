@@ -28,8 +28,10 @@ pub enum PeerRequest {
     Fetch { key: Vec<u8> },
     /// Apply replicated state, highest version wins.
     Apply { key: Vec<u8>, state: KeyState },
-    /// `flush_all`, relayed to every member.
-    FlushAll { delay_secs: i64 },
+    /// `flush_all`, relayed to every member. `version` is the coordinator's
+    /// stamp for it: replicated states older than an immediate flush are
+    /// dropped afterwards.
+    FlushAll { delay_secs: i64, version: u64 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

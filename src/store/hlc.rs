@@ -79,6 +79,12 @@ impl Hlc {
     }
 }
 
+/// The highest stamp any node can issue in the same millisecond as
+/// `version`: a barrier that every write of that millisecond falls below.
+pub fn end_of_millisecond(version: u64) -> u64 {
+    version | ((1 << (LOGICAL_BITS + NODE_BITS)) - 1)
+}
+
 /// The unix milliseconds a version stamp was issued at (its physical part).
 pub fn version_unix_ms(version: u64) -> u64 {
     (version >> (NODE_BITS + LOGICAL_BITS)) + EPOCH_UNIX_MS

@@ -18,7 +18,7 @@ mod index;
 pub mod shard;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -29,7 +29,7 @@ use shard::{Gone, NewItem, Shard, Slot};
 
 use crate::limits::{
     MEMCACHED_CAS_BYTES, MEMCACHED_ITEM_HEADER_BYTES, PREFETCH_KEYS, SHARD_ITEMS_OF_MAX_SIZE,
-    SHARDS_MAX,
+    SHARDS_MAX, TOMBSTONE_GRACE_SECS,
 };
 
 /// Whether `key` is a key memcached accepts: 1 to 250 bytes. (The text
@@ -241,6 +241,9 @@ pub struct Store {
     limit_bytes: usize,
     /// Pending `flush_all <delay>`: unix second at which it takes effect, 0 = none.
     flush_at: AtomicU32,
+    /// Version of the last cluster-wide `flush_all`; older replicated
+    /// states are dropped (0: none).
+    flush_barrier: AtomicU64,
 }
 
 /// Shard count for a memory limit: a power of two, at most [`SHARDS_MAX`],
@@ -270,6 +273,7 @@ impl Store {
             item_bytes_max: config.item_bytes_max,
             limit_bytes: per_shard * n,
             flush_at: AtomicU32::new(0),
+            flush_barrier: AtomicU64::new(0),
         }
     }
 
@@ -384,7 +388,7 @@ impl Store {
                     match gone {
                         Gone::Expired => st.get_expired += 1,
                         Gone::Flushed => st.get_flushed += 1,
-                        Gone::Missing => {}
+                        Gone::Missing | Gone::Deleted(_) => {}
                     }
                     None
                 }
@@ -483,18 +487,54 @@ impl Store {
         self.locked(key, |ctx| ctx.item().map(|e| (e.cas(), e.exptime())))
     }
 
-    /// Applies replicated state, highest version wins. The node's clock
-    /// moves past the version, so its own next write orders after it.
+    /// The version of the key's live item or of its tombstone: what a read
+    /// compares, so a delete outranks older copies on other replicas.
+    pub fn version_or_tombstone(&self, key: &[u8]) -> Option<u64> {
+        self.locked(key, |ctx| match ctx.found {
+            Ok(slot) | Err(Gone::Deleted(slot)) => Some(ctx.shard.get(slot).cas()),
+            Err(_) => None,
+        })
+    }
+
+    /// The key's state as a replica holds it, tombstone included: what a
+    /// primary catching up needs.
+    pub fn replica_state(&self, key: &[u8]) -> Option<KeyState> {
+        self.locked(key, |ctx| match ctx.found {
+            Err(Gone::Deleted(slot)) => Some(KeyState::Absent {
+                version: ctx.shard.get(slot).cas(),
+            }),
+            _ => ctx.item().map(|e| KeyState::Item {
+                version: e.cas(),
+                flags: e.flags(),
+                exptime: e.exptime(),
+                bits: e.bits() & REPLICATED_BITS,
+                value: e.value().to_vec(),
+            }),
+        })
+    }
+
+    /// Applies replicated state, highest version wins. An absence leaves a
+    /// tombstone for [`TOMBSTONE_GRACE_SECS`], so an older copy arriving
+    /// late loses to it. A state older than the last cluster-wide
+    /// `flush_all` is dropped. The node's clock moves past the version, so
+    /// its own next write orders after it.
     pub fn apply(&self, key: &[u8], state: &KeyState) -> Applied {
         self.hlc.observe(state.version());
+        if state.version() < self.flush_barrier.load(Ordering::Relaxed) {
+            return Applied::Older;
+        }
         self.locked(key, |ctx| {
-            let local = ctx.item().map(|e| e.cas());
+            let local = match ctx.found {
+                Ok(slot) => Some((ctx.shard.get(slot).cas(), false)),
+                Err(Gone::Deleted(slot)) => Some((ctx.shard.get(slot).cas(), true)),
+                Err(_) => None,
+            };
             match (state, local) {
                 (
                     KeyState::Item {
                         version, exptime, ..
                     },
-                    Some(v),
+                    Some((v, false)),
                 ) if *version == v => {
                     // A replicated touch keeps the version (memcached's touch
                     // keeps the CAS): take the primary's expiry.
@@ -503,10 +543,21 @@ impl Store {
                     }
                     Applied::Same
                 }
-                (_, Some(v)) if state.version() <= v => Applied::Older,
-                (KeyState::Absent { .. }, _) => {
-                    ctx.remove();
-                    Applied::Newer
+                (_, Some((v, _))) if state.version() <= v => Applied::Older,
+                (KeyState::Absent { version }, _) => {
+                    let until = ctx.now_secs.saturating_add(TOMBSTONE_GRACE_SECS);
+                    let mut item = NewItem::new(ctx.key, &[], 0, until, *version);
+                    item.entry_mut().set(bits::TOMBSTONE | bits::FETCHED, true);
+                    match ctx.insert_item(item, *version) {
+                        Ok(_) => {
+                            // Invisible to clients: the key reads as absent.
+                            if let Ok(slot) = ctx.found {
+                                ctx.found = Err(Gone::Deleted(slot));
+                            }
+                            Applied::Newer
+                        }
+                        Err(_) => Applied::NoMemory,
+                    }
                 }
                 (
                     KeyState::Item {
@@ -531,6 +582,14 @@ impl Store {
                 }
             }
         })
+    }
+
+    /// A cluster-wide `flush_all` at `version`: replicated states older than
+    /// it are dropped from now on, so a copy in flight when the flush ran
+    /// cannot refill the cache.
+    pub fn set_flush_barrier(&self, version: u64) {
+        self.hlc.observe(version);
+        self.flush_barrier.fetch_max(version, Ordering::Relaxed);
     }
 
     /// A fresh version stamp (for a removal that must replicate).
@@ -579,7 +638,7 @@ impl Store {
         for s in self.shards.iter() {
             let s = s.0.lock();
             out.counters.add(&s.stats);
-            out.curr_items += s.len() as u64;
+            out.curr_items += s.live_len() as u64;
             out.bytes += s.footprint_bytes() as u64;
         }
         out
@@ -682,9 +741,12 @@ impl Ctx<'_> {
     }
 
     fn insert_item(&mut self, item: NewItem, cas: u64) -> Result<u64, Stored> {
-        // The lookup that made this context already found the key's live
-        // slot, or established that it has none.
-        let known = Some(self.found.ok());
+        // The lookup that made this context already found the key's slot
+        // (live or a tombstone), or established that it has none.
+        let known = Some(match self.found {
+            Ok(slot) | Err(Gone::Deleted(slot)) => Some(slot),
+            Err(_) => None,
+        });
         match self.shard.insert(self.hash, item, known, self.now_secs) {
             Ok(slot) => {
                 self.found = Ok(slot);

@@ -56,6 +56,9 @@ pub mod bits {
     pub const STALE: u8 = 1 << 2;
     /// A meta get already handed out the recache "win" token.
     pub const WIN_SENT: u8 = 1 << 3;
+    /// A cluster delete marker: no value, invisible to clients, kept until
+    /// its exptime so a late copy of the deleted item cannot bring it back.
+    pub const TOMBSTONE: u8 = 1 << 5;
     /// Stored by a meta command with a base64 (`b`) key: echoed in base64.
     pub const KEY_BINARY: u8 = 1 << 4;
 }
@@ -243,7 +246,7 @@ impl NewItem {
         unsafe { entry_at(self.ptr) }
     }
 
-    fn entry_mut(&mut self) -> &mut Entry {
+    pub fn entry_mut(&mut self) -> &mut Entry {
         // SAFETY: we own the allocation exclusively; it is initialised.
         unsafe { entry_at_mut(self.ptr) }
     }
@@ -374,6 +377,9 @@ pub enum Gone {
     Missing,
     Expired,
     Flushed,
+    /// A tombstone: absent for clients, but its version still outranks
+    /// older copies (and an insert must replace this slot).
+    Deleted(Slot),
 }
 
 pub struct Shard {
@@ -385,6 +391,8 @@ pub struct Shard {
     hand: Option<Slot>,
     used_bytes: usize,
     limit_bytes: usize,
+    /// Entries that are tombstones (counted in the index, not in `curr_items`).
+    tombstones: usize,
     /// Cursor of the background expiry sweep, by index bucket.
     sweep_cursor: usize,
     pub stats: ShardStats,
@@ -422,6 +430,7 @@ impl Shard {
             tail: NIL,
             hand: NIL,
             used_bytes: 0,
+            tombstones: 0,
             limit_bytes,
             sweep_cursor: 0,
             stats: ShardStats::default(),
@@ -452,6 +461,11 @@ impl Shard {
 
     pub fn len(&self) -> usize {
         self.index.len()
+    }
+
+    /// Entries clients can see: every entry but tombstones.
+    pub fn live_len(&self) -> usize {
+        self.index.len() - self.tombstones
     }
 
     pub fn is_empty(&self) -> bool {
@@ -513,6 +527,8 @@ impl Shard {
             Gone::Expired
         } else if e.last_access() < flushed_before {
             Gone::Flushed
+        } else if e.has(bits::TOMBSTONE) {
+            return Err(Gone::Deleted(slot));
         } else {
             return Ok(slot);
         };
@@ -547,9 +563,13 @@ impl Shard {
             }
             return Err(InsertError::NoMemory);
         }
+        let tombstone = item.entry().has(bits::TOMBSTONE);
         let slot = Slot(item.into_raw());
         match existing {
             Some(old) => {
+                if self.get(old).has(bits::TOMBSTONE) {
+                    self.tombstones -= 1;
+                }
                 // Replace in place: same index bucket, same place in the
                 // SIEVE list.
                 self.index.replace(hash, old.0, slot.0);
@@ -581,6 +601,9 @@ impl Shard {
                 self.used_bytes += cost;
             }
         }
+        if tombstone {
+            self.tombstones += 1;
+        }
         while self.footprint_bytes() > self.limit_bytes && self.index.len() > 1 {
             self.evict_one(now_secs, slot);
         }
@@ -590,13 +613,18 @@ impl Shard {
             self.remove(slot);
             return Err(InsertError::NoMemory);
         }
-        self.stats.total_items += 1;
+        if !tombstone {
+            self.stats.total_items += 1;
+        }
         Ok(slot)
     }
 
     /// Removes the item `slot` from the index, the list and the budget, and
     /// frees it.
     pub fn remove(&mut self, slot: Slot) {
+        if self.get(slot).has(bits::TOMBSTONE) {
+            self.tombstones -= 1;
+        }
         let hash = key_hash(self.get(slot).key());
         self.index.remove(hash, slot.0);
         self.unlink(slot);
@@ -617,6 +645,7 @@ impl Shard {
         self.tail = NIL;
         self.hand = NIL;
         self.used_bytes = 0;
+        self.tombstones = 0;
         self.sweep_cursor = 0;
     }
 

@@ -400,3 +400,96 @@ proptest! {
         s.check_invariants();
     }
 }
+
+fn item_state(version: u64, value: &[u8]) -> KeyState {
+    KeyState::Item {
+        version,
+        flags: 7,
+        exptime: 0,
+        bits: 0,
+        value: value.to_vec(),
+    }
+}
+
+#[test]
+fn apply_keeps_the_highest_version_in_any_order() {
+    let (s, _) = store();
+    let (old, new) = (item_state(100 << 22, b"old"), item_state(200 << 22, b"new"));
+    assert_eq!(s.apply(b"k", &new), Applied::Newer);
+    assert_eq!(s.apply(b"k", &old), Applied::Older);
+    assert_eq!(s.apply(b"k", &new), Applied::Same);
+    assert_eq!(get(&s, b"k").as_deref(), Some(&b"new"[..]));
+    assert_eq!(cas_of(&s, b"k"), 200 << 22);
+    // The node's own next write orders after what it applied.
+    set(&s, b"k", b"mine");
+    assert!(cas_of(&s, b"k") > 200 << 22);
+}
+
+#[test]
+fn a_tombstone_hides_the_key_and_outranks_older_copies() {
+    let (s, clock) = store();
+    assert_eq!(
+        s.apply(b"k", &item_state(100 << 22, b"old")),
+        Applied::Newer
+    );
+    assert_eq!(
+        s.apply(b"k", &KeyState::Absent { version: 150 << 22 }),
+        Applied::Newer
+    );
+    assert_eq!(get(&s, b"k"), None);
+    assert_eq!(s.stats().curr_items, 0, "tombstones are not items");
+    assert_eq!(s.version_of(b"k"), None);
+    assert_eq!(s.snapshot(b"k"), None);
+    assert_eq!(
+        s.replica_state(b"k"),
+        Some(KeyState::Absent { version: 150 << 22 })
+    );
+    // The deleted item arriving late does not come back.
+    assert_eq!(
+        s.apply(b"k", &item_state(100 << 22, b"old")),
+        Applied::Older
+    );
+    assert_eq!(get(&s, b"k"), None);
+    // add sees the key as absent and replaces the tombstone.
+    assert!(matches!(
+        s.write(&Write::new(Mode::Add, b"k", b"new", 0, 0)),
+        Stored::Stored(_)
+    ));
+    assert_eq!(get(&s, b"k").as_deref(), Some(&b"new"[..]));
+    assert_eq!(s.stats().curr_items, 1);
+    s.check_invariants();
+    // A tombstone expires after its grace period.
+    assert_eq!(
+        s.apply(b"t", &KeyState::Absent { version: 300 << 22 }),
+        Applied::Newer
+    );
+    clock.advance_ms((u64::from(TOMBSTONE_GRACE_SECS) + 1) * 1000);
+    assert_eq!(s.replica_state(b"t"), None);
+    assert_eq!(
+        s.apply(b"t", &item_state(120 << 22, b"late")),
+        Applied::Newer
+    );
+    s.check_invariants();
+}
+
+#[test]
+fn copies_older_than_a_cluster_flush_are_dropped() {
+    let (s, _) = store();
+    s.apply(b"a", &item_state(100 << 22, b"a"));
+    s.flush_all(0);
+    s.set_flush_barrier(150 << 22);
+    assert_eq!(
+        s.apply(b"b", &item_state(120 << 22, b"late")),
+        Applied::Older
+    );
+    assert_eq!(get(&s, b"b"), None);
+    assert_eq!(
+        s.apply(b"b", &item_state(160 << 22, b"after")),
+        Applied::Newer
+    );
+    set(&s, b"c", b"x");
+    assert!(
+        cas_of(&s, b"c") > 150 << 22,
+        "local writes order after the flush"
+    );
+}
