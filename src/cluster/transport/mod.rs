@@ -110,6 +110,9 @@ pub struct TransportConfig {
     pub backoff_max: Duration,
     /// Interval between heartbeat pings on an idle or busy connection alike.
     pub heartbeat_interval: Duration,
+    /// Seed of the reconnect jitter; `None` seeds from the wall clock. A
+    /// simulation sets it so a seed replays the same run.
+    pub jitter_seed: Option<u64>,
 }
 
 impl Default for TransportConfig {
@@ -122,6 +125,7 @@ impl Default for TransportConfig {
             backoff_min: Duration::from_millis(BACKOFF_MIN_MS_DEFAULT),
             backoff_max: Duration::from_millis(BACKOFF_MAX_MS_DEFAULT),
             heartbeat_interval: Duration::from_millis(HEARTBEAT_INTERVAL_MS_DEFAULT),
+            jitter_seed: None,
         }
     }
 }
@@ -784,7 +788,7 @@ where
 {
     let config = shared.config.clone();
     let mut shutdown = shared.shutdown.subscribe();
-    let mut jitter = Jitter::seeded(u64::from(shared.remote));
+    let mut jitter = Jitter::seeded(u64::from(shared.remote), config.jitter_seed);
     let mut failures: u32 = 0;
     'dial: loop {
         let dialled = tokio::select! {
@@ -857,7 +861,9 @@ where
         link.outbox = Some(data_tx);
         link.refused = false;
     });
+    // Biased: a fixed polling order keeps simulations replayable.
     tokio::select! {
+        biased;
         e = client_read_loop(shared, rd, buf, &pong) => e,
         e = write_loop(wr, data_rx, control_rx) => e,
         e = heartbeat::<Req, Resp>(shared, control_tx, &pong) => e,
@@ -948,15 +954,17 @@ where
     }
 }
 
-/// Full-jitter source: xorshift64* seeded from the clock. Not for anything
-/// but spreading reconnects.
+/// Full-jitter source: xorshift64* seeded from the clock (or a given seed).
+/// Not for anything but spreading reconnects.
 struct Jitter(u64);
 
 impl Jitter {
-    fn seeded(salt: u64) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+    fn seeded(salt: u64, seed: Option<u64>) -> Self {
+        let nanos = seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64)
+        });
         // splitmix64 of the seed, never zero
         let mut z = (nanos ^ salt.rotate_left(32)).wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -1125,6 +1133,7 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
         caller, rd, buf, &handler, &config, &stats, data_tx, control_tx,
     );
     let ended = tokio::select! {
+        biased;
         e = reads => e,
         e = write_loop(wr, data_rx, control_rx) => e,
     };

@@ -520,7 +520,7 @@ async fn a_corrupt_frame_from_the_server_drops_the_connection() {
 
 #[test]
 fn jitter_stays_within_its_cap() {
-    let mut jitter = Jitter::seeded(3);
+    let mut jitter = Jitter::seeded(3, None);
     let cap = Duration::from_millis(20);
     for _ in 0..10_000 {
         assert!(jitter.up_to(cap) <= cap);
