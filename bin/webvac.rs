@@ -124,6 +124,7 @@ fn cluster_flags(
 }
 
 fn main() -> anyhow::Result<()> {
+    webvac::server::rlimit::limit_malloc_arenas();
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
