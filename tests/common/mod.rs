@@ -17,6 +17,9 @@
 // the harness; the unused rest would otherwise warn in every one of them.
 #![allow(dead_code)]
 
+pub mod cluster;
+pub mod compat;
+
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -667,6 +670,32 @@ impl Client {
         )
     }
 
+    /// Sends one command (not `noreply`) and reads exactly its reply, framed
+    /// by [`one_reply_len`], within `timeout`. Unlike [`Client::request`] it
+    /// does not panic: a closed or broken connection is an outcome callers
+    /// such as the cluster tests must handle.
+    ///
+    /// # Errors
+    /// A failed send (as [`ReplyErrorKind::Io`]) or any [`Client::read_reply_until`] failure.
+    pub fn call(&mut self, request: &[u8], timeout: Duration) -> Result<Vec<u8>, ReplyError> {
+        self.send(request).map_err(|e| ReplyError {
+            kind: ReplyErrorKind::Io(e),
+            partial: Vec::new(),
+        })?;
+        self.read_reply_until(one_reply_len, timeout)
+    }
+
+    /// [`Client::call`] with `REPLY_TIMEOUT`, as text.
+    ///
+    /// # Panics
+    /// On any send or read failure, showing the request and partial reply.
+    pub fn ask(&mut self, request: &[u8]) -> String {
+        match self.call(request, REPLY_TIMEOUT) {
+            Ok(reply) => String::from_utf8_lossy(&reply).into_owned(),
+            Err(e) => panic!("reply to \"{}\": {e}", escape(request)),
+        }
+    }
+
     /// Sends `request` and reads until the reply ends with one of `terminators`.
     ///
     /// # Panics
@@ -676,6 +705,51 @@ impl Client {
             .unwrap_or_else(|e| panic!("send \"{}\": {e}", escape(request)));
         self.read_until_suffix(terminators, REPLY_TIMEOUT)
             .unwrap_or_else(|e| panic!("reply to \"{}\": {e}", escape(request)))
+    }
+}
+
+/// The length of the first complete reply in `buf` to a single text or meta
+/// command (one sent without `noreply`/`q`), or `None` if more bytes are needed.
+///
+/// `VALUE` blocks and `STAT` lines continue a reply until `END`; a `VA` line is
+/// followed by its data block; any other line (`STORED`, `HD`, `EN`, a number,
+/// `SERVER_ERROR ...`, `END`, ...) completes it. An error line in the middle
+/// of a multi-get ends the reply, as it does on the wire.
+pub fn one_reply_len(buf: &[u8]) -> Option<usize> {
+    fn data_len(line: &[u8], index: usize) -> Option<usize> {
+        std::str::from_utf8(line)
+            .ok()?
+            .split_whitespace()
+            .nth(index)?
+            .parse()
+            .ok()
+    }
+    let mut pos = 0;
+    loop {
+        let eol = pos + buf[pos..].windows(2).position(|w| w == b"\r\n")?;
+        let line = &buf[pos..eol];
+        let next = eol + 2;
+        if line.starts_with(b"VALUE ") {
+            // VALUE <key> <flags> <bytes> [<cas>]
+            let Some(bytes) = data_len(line, 3) else {
+                return Some(next);
+            };
+            pos = next + bytes + 2;
+            if pos > buf.len() {
+                return None;
+            }
+        } else if line.starts_with(b"STAT ") {
+            pos = next;
+        } else if line.starts_with(b"VA ") {
+            // VA <bytes> <flags>*
+            let Some(bytes) = data_len(line, 1) else {
+                return Some(next);
+            };
+            let end = next + bytes + 2;
+            return (end <= buf.len()).then_some(end);
+        } else {
+            return Some(next);
+        }
     }
 }
 
@@ -755,6 +829,25 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> RunOutput {
 #[cfg(test)]
 mod harness_tests {
     use super::*;
+
+    #[test]
+    fn frames_one_reply_of_each_shape() {
+        assert_eq!(one_reply_len(b"STORED\r\nHD\r\n"), Some(8));
+        assert_eq!(one_reply_len(b"STORED\r"), None);
+        assert_eq!(one_reply_len(b"END\r\n"), Some(5));
+        let get = b"VALUE k 0 5\r\na\r\nEN\r\nEND\r\n";
+        assert_eq!(one_reply_len(get), Some(get.len()));
+        assert_eq!(one_reply_len(&get[..get.len() - 1]), None);
+        assert_eq!(one_reply_len(b"VALUE k 0 5 7\r\nab"), None);
+        assert_eq!(one_reply_len(b"VA 2 t9\r\nab\r\nMN\r\n"), Some(13));
+        assert_eq!(one_reply_len(b"VA 2 t9\r\nab"), None);
+        assert_eq!(one_reply_len(b"STAT a 1\r\nSTAT b 2\r\nEND\r\n"), Some(25));
+        assert_eq!(one_reply_len(b"STAT a 1\r\n"), None);
+        assert_eq!(
+            one_reply_len(b"SERVER_ERROR read quorum not met\r\n"),
+            Some(34)
+        );
+    }
 
     #[test]
     fn parses_plain_and_coloured_listening_lines() {

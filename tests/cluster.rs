@@ -1,0 +1,1057 @@
+//! Cluster tests: several real `webvac` processes on loopback, raw bytes.
+//!
+//! Each test starts its own cluster (`common::cluster::Cluster`), talks to
+//! its nodes as a memcached client would, kills nodes with SIGKILL and
+//! restarts them, and checks what clients were promised: a write answered
+//! `STORED` is read back through every node that is still up, a request
+//! whose quorum cannot be met fails fast with `SERVER_ERROR`, and each key
+//! lives on exactly N nodes. `me <key>` answers from the node's own memory,
+//! so it shows where a key is held.
+//!
+//! The tests run one at a time (`cluster::exclusive`): some assert latency
+//! bounds that parallel clusters on a small machine would blur. Randomised
+//! tests print their seed; set `WEBVAC_TEST_SEED` to replay one.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use common::cluster::{
+    Cluster, Layout, NodeId, cluster_stats, exclusive, member_fields, member_states, parse_stats,
+};
+use common::compat::{
+    assert_memccapable_passed, assert_pymemcache_passed, run_memccapable, run_pymemcache,
+};
+use common::{Client, ReplyErrorKind, RunOutput, run_bounded};
+
+/// Bounded wait for replicas that a write did not wait for (N > W) to catch up.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(5);
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// The seed for a randomised test: `WEBVAC_TEST_SEED` or the clock. Printed.
+fn seed(test: &str) -> u64 {
+    let seed = std::env::var("WEBVAC_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+    println!("{test}: seed {seed} (replay with WEBVAC_TEST_SEED={seed})");
+    seed
+}
+
+fn set_request(verb: &str, key: &str, exptime: u32, value: &str) -> Vec<u8> {
+    format!("{verb} {key} 0 {exptime} {}\r\n{value}\r\n", value.len()).into_bytes()
+}
+
+/// `VALUE` blocks of a get/gets reply: key -> (value, cas).
+///
+/// # Panics
+/// If the reply is not a well-formed get reply (e.g. a `SERVER_ERROR`).
+fn parse_get_reply(reply: &str) -> BTreeMap<String, (String, Option<u64>)> {
+    let mut found = BTreeMap::new();
+    let mut rest = reply;
+    loop {
+        let (line, after) = rest
+            .split_once("\r\n")
+            .unwrap_or_else(|| panic!("not a get reply: {reply:?}"));
+        if line == "END" {
+            assert!(after.is_empty(), "bytes after END in {reply:?}");
+            return found;
+        }
+        let fields: Vec<&str> = line.split(' ').collect();
+        assert!(
+            fields[0] == "VALUE" && (fields.len() == 4 || fields.len() == 5),
+            "not a get reply: {reply:?}"
+        );
+        let len: usize = fields[3].parse().expect("VALUE length");
+        let value = &after[..len];
+        assert_eq!(&after[len..len + 2], "\r\n", "data block end in {reply:?}");
+        let cas = fields.get(4).map(|c| c.parse().expect("cas unique"));
+        found.insert(fields[1].to_string(), (value.to_string(), cas));
+        rest = &after[len + 2..];
+    }
+}
+
+/// The value of `key` read through `client` with `get`.
+fn get(client: &mut Client, key: &str) -> Option<String> {
+    let reply = client.ask(format!("get {key}\r\n").as_bytes());
+    let mut found = parse_get_reply(&reply);
+    let value = found.remove(key).map(|(v, _)| v);
+    assert!(found.is_empty(), "get {key} answered other keys: {reply:?}");
+    value
+}
+
+/// The value and CAS unique of `key` read through `client` with `gets`.
+fn gets(client: &mut Client, key: &str) -> Option<(String, u64)> {
+    let reply = client.ask(format!("gets {key}\r\n").as_bytes());
+    parse_get_reply(&reply)
+        .remove(key)
+        .map(|(v, cas)| (v, cas.expect("gets shows the cas unique")))
+}
+
+/// Whether the node behind `client` holds `key` in its own memory (`me`).
+fn holds(client: &mut Client, key: &str) -> bool {
+    let reply = client.ask(format!("me {key}\r\n").as_bytes());
+    match reply.as_str() {
+        "EN\r\n" => false,
+        r if r.starts_with(&format!("ME {key} ")) => true,
+        r => panic!("me {key} answered {r:?}"),
+    }
+}
+
+/// `me`'s `exp=` field; memcached (and so webvac) prints now - exptime,
+/// i.e. minus the remaining TTL.
+fn me_exp(client: &mut Client, key: &str) -> i64 {
+    let reply = client.ask(format!("me {key}\r\n").as_bytes());
+    reply
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("exp="))
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("me {key} answered {reply:?}"))
+}
+
+/// The `t` (remaining TTL) token of an `mg ... t` reply.
+fn mg_ttl(client: &mut Client, request: &str) -> i64 {
+    let reply = client.ask(request.as_bytes());
+    assert!(reply.starts_with("HD "), "{request:?} answered {reply:?}");
+    reply
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix('t'))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{request:?} answered {reply:?}"))
+}
+
+/// A client per member, in member order (`clients[0]` talks to node 1).
+fn connect_all(cluster: &Cluster) -> Vec<Client> {
+    cluster
+        .ids()
+        .into_iter()
+        .map(|id| cluster.connect(id))
+        .collect()
+}
+
+/// `key` reads as `want` through every client, with both get and gets; all
+/// nodes report the same CAS unique. Returns it.
+fn assert_everywhere(clients: &mut [Client], key: &str, want: Option<&str>) -> Option<u64> {
+    let mut cas_seen = None;
+    for (i, c) in clients.iter_mut().enumerate() {
+        let node = i + 1;
+        assert_eq!(
+            get(c, key).as_deref(),
+            want,
+            "get {key} through node {node}"
+        );
+        let g = gets(c, key);
+        assert_eq!(
+            g.as_ref().map(|(v, _)| v.as_str()),
+            want,
+            "gets {key} through node {node}"
+        );
+        if let Some((_, cas)) = g {
+            if let Some(seen) = cas_seen {
+                assert_eq!(
+                    cas, seen,
+                    "gets {key}: node {node} shows another cas unique"
+                );
+            }
+            cas_seen = Some(cas);
+        }
+    }
+    cas_seen
+}
+
+#[test]
+fn write_through_one_node_reads_through_every_node() {
+    let _serial = exclusive();
+    let cluster = Cluster::start(Layout::new(3));
+    let mut c = connect_all(&cluster);
+
+    // Storage commands through different coordinators.
+    assert_eq!(
+        c[0].ask(&set_request("set", "k1", 0, "hello")),
+        "STORED\r\n"
+    );
+    assert_everywhere(&mut c, "k1", Some("hello"));
+    assert_eq!(
+        c[1].ask(&set_request("add", "k1", 0, "nope")),
+        "NOT_STORED\r\n"
+    );
+    assert_eq!(c[1].ask(&set_request("add", "k2", 0, "two")), "STORED\r\n");
+    assert_everywhere(&mut c, "k1", Some("hello"));
+    assert_everywhere(&mut c, "k2", Some("two"));
+    assert_eq!(
+        c[2].ask(&set_request("append", "k1", 0, " world")),
+        "STORED\r\n"
+    );
+    assert_eq!(
+        c[0].ask(&set_request("prepend", "k1", 0, "> ")),
+        "STORED\r\n"
+    );
+    assert_everywhere(&mut c, "k1", Some("> hello world"));
+    assert_eq!(
+        c[1].ask(&set_request("replace", "k2", 0, "TWO")),
+        "STORED\r\n"
+    );
+    assert_eq!(
+        c[2].ask(&set_request("replace", "k3", 0, "x")),
+        "NOT_STORED\r\n"
+    );
+    assert_everywhere(&mut c, "k2", Some("TWO"));
+    assert_everywhere(&mut c, "k3", None);
+
+    // Arithmetic: each step runs on the key's primary whoever coordinates.
+    assert_eq!(c[0].ask(&set_request("set", "n", 0, "10")), "STORED\r\n");
+    assert_eq!(c[1].ask(b"incr n 5\r\n"), "15\r\n");
+    assert_eq!(c[2].ask(b"decr n 3\r\n"), "12\r\n");
+    assert_eq!(c[0].ask(b"incr n 100\r\n"), "112\r\n");
+    assert_everywhere(&mut c, "n", Some("112"));
+    assert_eq!(c[2].ask(b"incr missing 1\r\n"), "NOT_FOUND\r\n");
+
+    // touch changes the expiry on every copy.
+    assert_eq!(c[2].ask(b"touch k2 1000\r\n"), "TOUCHED\r\n");
+    assert_eq!(c[0].ask(b"touch missing 1000\r\n"), "NOT_FOUND\r\n");
+    for (i, client) in c.iter_mut().enumerate() {
+        let exp = me_exp(client, "k2");
+        assert!(
+            (-1000..=-998).contains(&exp),
+            "node {} holds k2 with exp={exp} after touch 1000",
+            i + 1
+        );
+    }
+
+    // delete
+    assert_eq!(c[2].ask(b"delete k1\r\n"), "DELETED\r\n");
+    assert_everywhere(&mut c, "k1", None);
+    assert_eq!(c[1].ask(b"delete k1\r\n"), "NOT_FOUND\r\n");
+
+    // A CAS unique read on one node is good on another, and only once.
+    assert_eq!(c[0].ask(&set_request("set", "cas", 0, "v1")), "STORED\r\n");
+    let cas = assert_everywhere(&mut c, "cas", Some("v1")).expect("cas is set");
+    let (_, cas_on_a) = gets(&mut c[0], "cas").expect("cas is set");
+    assert_eq!(cas_on_a, cas);
+    let swap = format!("cas cas 0 0 2 {cas_on_a}\r\nv2\r\n");
+    assert_eq!(c[1].ask(swap.as_bytes()), "STORED\r\n");
+    let stale = format!("cas cas 0 0 2 {cas_on_a}\r\nv3\r\n");
+    assert_eq!(c[2].ask(stale.as_bytes()), "EXISTS\r\n");
+    let new_cas = assert_everywhere(&mut c, "cas", Some("v2")).expect("cas is set");
+    assert_ne!(new_cas, cas_on_a, "a successful cas changes the unique");
+    let fresh = format!("cas cas 0 0 2 {new_cas}\r\nv4\r\n");
+    assert_eq!(c[2].ask(fresh.as_bytes()), "STORED\r\n");
+    assert_everywhere(&mut c, "cas", Some("v4"));
+
+    // A relative TTL becomes one absolute expiry, the same on every copy.
+    assert_eq!(c[0].ask(&set_request("set", "ttl", 100, "t")), "STORED\r\n");
+    for (i, client) in c.iter_mut().enumerate() {
+        let node = i + 1;
+        let quorum = mg_ttl(client, "mg ttl t\r\n");
+        let own = mg_ttl(client, "mg ttl t Pr1\r\n");
+        let exp = me_exp(client, "ttl");
+        assert!(
+            (98..=100).contains(&quorum)
+                && (98..=100).contains(&own)
+                && (-100..=-98).contains(&exp),
+            "node {node}: mg t (R=2) {quorum}, mg t Pr1 {own}, me exp={exp}; want a TTL of 98..=100"
+        );
+    }
+
+    // flush_all through one node empties every node.
+    assert_eq!(c[1].ask(b"flush_all\r\n"), "OK\r\n");
+    for key in ["k1", "k2", "k3", "n", "cas", "ttl"] {
+        assert_everywhere(&mut c, key, None);
+        for (i, client) in c.iter_mut().enumerate() {
+            assert!(
+                !holds(client, key),
+                "node {} still holds {key} after flush_all",
+                i + 1
+            );
+        }
+    }
+}
+
+#[test]
+fn each_key_is_held_by_exactly_n_nodes() {
+    const KEYS: usize = 200;
+    const REPLICAS: usize = 3;
+    let _serial = exclusive();
+    let mut rng = StdRng::seed_from_u64(seed("each_key_is_held_by_exactly_n_nodes"));
+    let cluster = Cluster::start(Layout::new(5).replicas(REPLICAS));
+    let mut c = connect_all(&cluster);
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("key:{i}")).collect();
+    for key in &keys {
+        let via = rng.gen_range(0..c.len());
+        let reply = c[via].ask(&set_request("set", key, 0, &format!("value of {key}")));
+        assert_eq!(reply, "STORED\r\n", "set {key} through node {}", via + 1);
+    }
+    // W = 2 of N = 3: the third copy may still be on its way. Never more
+    // than N copies, and all N within a bound.
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    let mut pending: Vec<&String> = keys.iter().collect();
+    loop {
+        let mut still = Vec::new();
+        for key in pending {
+            let holders: Vec<usize> = (0..c.len())
+                .filter(|&i| holds(&mut c[i], key))
+                .map(|i| i + 1)
+                .collect();
+            assert!(
+                holders.len() <= REPLICAS,
+                "{key} is held by nodes {holders:?}, more than N={REPLICAS}"
+            );
+            if holders.len() < REPLICAS {
+                still.push((key, holders));
+            }
+        }
+        if still.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} keys not on N={REPLICAS} nodes after {CONVERGE_TIMEOUT:?}, e.g. {:?}",
+            still.len(),
+            &still[..still.len().min(5)]
+        );
+        pending = still.into_iter().map(|(k, _)| k).collect();
+        thread::sleep(POLL_INTERVAL);
+    }
+    for key in &keys {
+        let want = format!("value of {key}");
+        for (i, client) in c.iter_mut().enumerate() {
+            assert_eq!(
+                get(client, key).as_deref(),
+                Some(want.as_str()),
+                "get {key} through node {}",
+                i + 1
+            );
+        }
+    }
+}
+
+/// What one writer knows about one of its keys.
+#[derive(Clone, Copy, Default, Debug)]
+struct KeyLog {
+    /// The last value answered STORED.
+    last_acked: Option<u64>,
+    /// The last value sent (values are 1, 2, 3, ... per key).
+    attempted: u64,
+}
+
+#[derive(Default)]
+struct WriterReport {
+    keys: Vec<KeyLog>,
+    acked: u64,
+    server_errors: u64,
+    /// Writes whose connection broke: applied or not, nobody knows.
+    unknown: u64,
+    slowest: Duration,
+    first_server_errors: Vec<String>,
+    violations: Vec<String>,
+}
+
+/// Bound on one request during the load: a hang is a failure.
+const REQUEST_BOUND: Duration = Duration::from_secs(5);
+const WRITERS: usize = 4;
+const KEYS_PER_WRITER: usize = 25;
+const LOAD_BEFORE_KILL: Duration = Duration::from_secs(1);
+const LOAD_AFTER_KILL: Duration = Duration::from_secs(1);
+
+/// The `killed` node index before any node is killed (no index is `usize::MAX`).
+const NONE_KILLED: usize = usize::MAX;
+
+/// One writer: `set wTkJ` with increasing values through one node at a time,
+/// moving to the next node when its connection breaks.
+fn writer(
+    t: usize,
+    addrs: &[SocketAddr],
+    seed: u64,
+    stop: &AtomicBool,
+    killed: &AtomicUsize,
+    acked_total: &AtomicU64,
+) -> WriterReport {
+    let mut rng = StdRng::seed_from_u64(seed ^ (t as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut report = WriterReport {
+        keys: vec![KeyLog::default(); KEYS_PER_WRITER],
+        ..WriterReport::default()
+    };
+    let mut node = t % addrs.len();
+    let mut conn: Option<Client> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let client = match &mut conn {
+            Some(c) => c,
+            None => match Client::connect_tcp(addrs[node]) {
+                Ok(c) => conn.insert(c),
+                Err(e) => {
+                    if killed.load(Ordering::SeqCst) != node {
+                        report.violations.push(format!(
+                            "writer {t}: cannot connect to live node {}: {e}",
+                            node + 1
+                        ));
+                    }
+                    node = (node + 1) % addrs.len();
+                    continue;
+                }
+            },
+        };
+        let j = rng.gen_range(0..KEYS_PER_WRITER);
+        let log = &mut report.keys[j];
+        log.attempted += 1;
+        let value = log.attempted.to_string();
+        let key = format!("w{t}k{j}");
+        let started = Instant::now();
+        let result = client.call(&set_request("set", &key, 0, &value), REQUEST_BOUND);
+        report.slowest = report.slowest.max(started.elapsed());
+        match result {
+            Ok(reply) if reply == b"STORED\r\n" => {
+                log.last_acked = Some(log.attempted);
+                report.acked += 1;
+                acked_total.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(reply) if reply.starts_with(b"SERVER_ERROR ") => {
+                report.server_errors += 1;
+                if report.first_server_errors.len() < 3 {
+                    report
+                        .first_server_errors
+                        .push(String::from_utf8_lossy(&reply).trim_end().to_string());
+                }
+            }
+            Ok(reply) => report.violations.push(format!(
+                "writer {t}: set {key} = {value} through node {} answered {:?}",
+                node + 1,
+                String::from_utf8_lossy(&reply)
+            )),
+            Err(e) => {
+                let dead = killed.load(Ordering::SeqCst) == node;
+                match e.kind {
+                    ReplyErrorKind::Timeout(_) => report.violations.push(format!(
+                        "writer {t}: set {key} = {value} through node {} hung: {e}",
+                        node + 1
+                    )),
+                    _ if dead => report.unknown += 1,
+                    _ => report.violations.push(format!(
+                        "writer {t}: connection to live node {} failed on set {key} = {value}: {e}",
+                        node + 1
+                    )),
+                }
+                conn = None;
+                node = (node + 1) % addrs.len();
+            }
+        }
+    }
+    report
+}
+
+/// Checks one value read back against what the writer knows of the key.
+fn check_read(log: &KeyLog, read: Option<&str>) -> Result<(), String> {
+    let value = match read {
+        None if log.last_acked.is_none() => return Ok(()),
+        None => return Err(format!("missing; last acked {:?}", log.last_acked)),
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| format!("{v:?} was never written"))?,
+    };
+    let lowest = log.last_acked.unwrap_or(1);
+    if (lowest..=log.attempted).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!(
+            "read {value}; last acked {:?}, last attempted {}",
+            log.last_acked, log.attempted
+        ))
+    }
+}
+
+/// N=3, R=2, W=2: kill -9 one node under write load. Every request answers
+/// in bounded time, the others keep taking writes, and every acknowledged
+/// write reads back through every surviving node.
+#[test]
+fn kill_one_node_mid_load() {
+    let _serial = exclusive();
+    let seed = seed("kill_one_node_mid_load");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cluster = Cluster::start(
+        Layout::new(3)
+            .replicas(3)
+            .quorums(2, 2)
+            .request_timeout_ms(300),
+    );
+    let addrs: Vec<SocketAddr> = cluster.members().iter().map(|m| m.client).collect();
+    let victim_index = rng.gen_range(0..addrs.len());
+    let victim = cluster.ids()[victim_index];
+    let stop = AtomicBool::new(false);
+    let killed = AtomicUsize::new(NONE_KILLED);
+    let acked_total = AtomicU64::new(0);
+    let mut acked_before_kill = 0;
+    let reports: Vec<WriterReport> = thread::scope(|s| {
+        let handles: Vec<_> = (0..WRITERS)
+            .map(|t| {
+                let (addrs, stop, killed, acked_total) = (&addrs, &stop, &killed, &acked_total);
+                s.spawn(move || writer(t, addrs, seed, stop, killed, acked_total))
+            })
+            .collect();
+        thread::sleep(LOAD_BEFORE_KILL);
+        acked_before_kill = acked_total.load(Ordering::Relaxed);
+        killed.store(victim_index, Ordering::SeqCst);
+        cluster.kill(victim);
+        thread::sleep(LOAD_AFTER_KILL);
+        stop.store(true, Ordering::Relaxed);
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("writer thread panicked"))
+            .collect()
+    });
+    let acked: u64 = reports.iter().map(|r| r.acked).sum();
+    let errors: u64 = reports.iter().map(|r| r.server_errors).sum();
+    let unknown: u64 = reports.iter().map(|r| r.unknown).sum();
+    let slowest = reports.iter().map(|r| r.slowest).max().unwrap_or_default();
+    let summary = format!(
+        "seed {seed}: killed node {victim}; {} keys, {acked} writes acked ({acked_before_kill} before the kill), \
+         {errors} SERVER_ERROR, {unknown} unknown (connection lost), slowest reply {slowest:?}; \
+         first errors {:?}",
+        WRITERS * KEYS_PER_WRITER,
+        reports
+            .iter()
+            .flat_map(|r| &r.first_server_errors)
+            .take(3)
+            .collect::<Vec<_>>()
+    );
+    println!("{summary}");
+    let violations: Vec<&String> = reports.iter().flat_map(|r| &r.violations).collect();
+    assert!(
+        violations.is_empty(),
+        "{summary}\nviolations: {violations:#?}"
+    );
+    assert!(
+        acked_before_kill > 0,
+        "no write acked before the kill\n{summary}"
+    );
+    assert!(
+        acked > acked_before_kill,
+        "no write acked after the kill: 2 of 3 nodes must take W=2 writes\n{summary}"
+    );
+
+    let mut failures = Vec::new();
+    for id in cluster.running_ids() {
+        assert_eq!(
+            cluster.exited(id),
+            None,
+            "node {id} died\n{}",
+            cluster.describe_nodes()
+        );
+        let mut client = cluster.connect(id);
+        for (t, report) in reports.iter().enumerate() {
+            for (j, log) in report.keys.iter().enumerate() {
+                let key = format!("w{t}k{j}");
+                let by_get = get(&mut client, &key);
+                if let Err(why) = check_read(log, by_get.as_deref()) {
+                    failures.push(format!("node {id}: get {key}: {why}"));
+                }
+                let reply = client.ask(format!("mg {key} v Pr2\r\n").as_bytes());
+                let by_mg = if reply == "EN\r\n" {
+                    None
+                } else {
+                    let value = reply
+                        .strip_prefix("VA ")
+                        .and_then(|r| r.split_once("\r\n"))
+                        .map(|(_, v)| v.trim_end_matches("\r\n").to_string());
+                    Some(value.unwrap_or_else(|| format!("<reply {reply:?}>")))
+                };
+                if let Err(why) = check_read(log, by_mg.as_deref()) {
+                    failures.push(format!("node {id}: mg {key} v Pr2: {why}"));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{summary}\n{} reads lost acknowledged writes, e.g. {:#?}\n{}",
+        failures.len(),
+        &failures[..failures.len().min(20)],
+        cluster.describe_nodes()
+    );
+}
+
+/// Runs `request` and checks it fails with a SERVER_ERROR within `bound`.
+fn assert_fails_fast(client: &mut Client, request: &str, bound: Duration, node: NodeId) -> String {
+    let started = Instant::now();
+    let reply = client
+        .call(request.as_bytes(), bound + Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("{request:?} through node {node}: {e}"));
+    let took = started.elapsed();
+    let reply = String::from_utf8_lossy(&reply).into_owned();
+    assert!(
+        reply.starts_with("SERVER_ERROR ") && reply.ends_with("\r\n") && reply.lines().count() == 1,
+        "{request:?} through node {node} answered {reply:?}"
+    );
+    assert!(
+        took < bound,
+        "{request:?} through node {node} took {took:?} (bound {bound:?}) to answer {reply:?}"
+    );
+    reply
+}
+
+#[test]
+fn two_nodes_down_fail_fast() {
+    const TIMEOUT_MS: u64 = 500;
+    let bound = Duration::from_millis(2 * TIMEOUT_MS) + Duration::from_secs(1);
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(Layout::new(3).request_timeout_ms(TIMEOUT_MS));
+    let mut c1 = cluster.connect(1);
+    for i in 0..5 {
+        let reply = c1.ask(&set_request(
+            "set",
+            &format!("before{i}"),
+            0,
+            &format!("old{i}"),
+        ));
+        assert_eq!(reply, "STORED\r\n");
+    }
+    cluster.kill(2);
+    cluster.kill(3);
+    // Both right after the kill (the survivor may not know yet) and once it
+    // has marked both down.
+    for phase in ["just killed", "known down"] {
+        if phase == "known down" {
+            for dead in [2, 3] {
+                cluster.wait_member_state(1, dead, |s| s.starts_with("down"));
+            }
+        }
+        for i in 0..5 {
+            let key = format!("during{i}");
+            let set = String::from_utf8(set_request("set", &key, 0, "x")).expect("ascii");
+            let reply = assert_fails_fast(&mut c1, &set, bound, 1);
+            println!("{phase}: set {key}: {}", reply.trim_end());
+            let reply = assert_fails_fast(&mut c1, &format!("get {key}\r\n"), bound, 1);
+            assert!(
+                reply.contains("read quorum not met"),
+                "{phase}: get {key}: {reply:?}"
+            );
+            let reply = assert_fails_fast(&mut c1, &format!("get before{i}\r\n"), bound, 1);
+            assert!(
+                reply.contains("read quorum not met"),
+                "{phase}: get before{i}: {reply:?}"
+            );
+        }
+        if phase == "known down" {
+            let reply = assert_fails_fast(&mut c1, "set after 0 0 1\r\nx\r\n", bound, 1);
+            assert!(
+                reply.contains("write quorum not met")
+                    || reply.contains("no replica of this key is reachable"),
+                "{reply:?}"
+            );
+        }
+    }
+    // One of the two comes back (empty): W=2 and R=2 are possible again.
+    cluster.restart(2);
+    cluster.wait_member_state(1, 2, |s| s == "up");
+    let mut c2 = cluster.connect(2);
+    for i in 0..5 {
+        let key = format!("again{i}");
+        let value = format!("new{i}");
+        let via = if i % 2 == 0 { &mut c1 } else { &mut c2 };
+        assert_eq!(
+            via.ask(&set_request("set", &key, 0, &value)),
+            "STORED\r\n",
+            "set {key}"
+        );
+        for (node, client) in [(1, &mut c1), (2, &mut c2)] {
+            assert_eq!(
+                get(client, &key),
+                Some(value.clone()),
+                "get {key} through node {node}"
+            );
+        }
+    }
+    // Written while all three were up: node 1 kept it, node 2 lost it.
+    for i in 0..5 {
+        let key = format!("before{i}");
+        for (node, client) in [(1, &mut c1), (2, &mut c2)] {
+            assert_eq!(
+                get(client, &key),
+                Some(format!("old{i}")),
+                "get {key} through node {node}"
+            );
+        }
+    }
+}
+
+#[test]
+fn per_request_quorum() {
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(Layout::new(3));
+    cluster.kill(3);
+    for via in [1, 2] {
+        cluster.wait_member_state(via, 3, |s| s.starts_with("down"));
+    }
+    for via in [1, 2] {
+        let mut c = cluster.connect(via);
+        let mut ask = |request: &str| c.ask(request.as_bytes());
+        for key in [
+            format!("pq{via}"),
+            format!("other{via}"),
+            format!("third{via}"),
+        ] {
+            let what = |r: &str| format!("{r:?} through node {via}");
+            let r = ask(&format!("ms {key} 1 Pw3\r\na\r\n"));
+            assert!(
+                r.starts_with("SERVER_ERROR ") && r.contains("write quorum not met"),
+                "{}: {r:?}",
+                what("ms Pw3")
+            );
+            assert_eq!(
+                ask(&format!("ms {key} 1 Pw2\r\nb\r\n")),
+                "HD\r\n",
+                "{}",
+                what("ms Pw2")
+            );
+            let r = ask(&format!("mg {key} v Pr3\r\n"));
+            assert!(
+                r.starts_with("SERVER_ERROR ") && r.contains("read quorum not met"),
+                "{}: {r:?}",
+                what("mg Pr3")
+            );
+            assert_eq!(
+                ask(&format!("mg {key} v Pr1\r\n")),
+                "VA 1\r\nb\r\n",
+                "{}",
+                what("mg Pr1")
+            );
+            assert_eq!(
+                ask(&format!("mg {key} v Pr2\r\n")),
+                "VA 1\r\nb\r\n",
+                "{}",
+                what("mg Pr2")
+            );
+            let r = ask(&format!("mg {key} v Pr9\r\n"));
+            assert!(r.starts_with("CLIENT_ERROR "), "{}: {r:?}", what("mg Pr9"));
+            let r = ask(&format!("mg {key} v Pr0\r\n"));
+            assert!(r.starts_with("CLIENT_ERROR "), "{}: {r:?}", what("mg Pr0"));
+            let r = ask(&format!("ms {key} 1 Pw9\r\nz\r\n"));
+            assert!(r.starts_with("CLIENT_ERROR "), "{}: {r:?}", what("ms Pw9"));
+            // A memcached proxy hint is not ours: ignored, default R=2.
+            assert_eq!(
+                ask(&format!("mg {key} v Pfoo/bar\r\n")),
+                "VA 1\r\nb\r\n",
+                "{}",
+                what("mg Pfoo/bar")
+            );
+            // Several items in one token.
+            assert_eq!(
+                ask(&format!("ms {key} 1 Pr1,w2\r\nc\r\n")),
+                "HD\r\n",
+                "{}",
+                what("ms Pr1,w2")
+            );
+            assert_eq!(
+                ask(&format!("mg {key} v Pw3,r2\r\n")),
+                "VA 1\r\nc\r\n",
+                "{}",
+                what("mg Pw3,r2")
+            );
+        }
+    }
+}
+
+/// Runs a node by hand and expects it to refuse to start.
+fn assert_refuses_layout(args: &[String], what: &str) {
+    let started = Instant::now();
+    let out: RunOutput = run_bounded(Cluster::command(args), Duration::from_secs(10));
+    let took = started.elapsed();
+    let report = format!(
+        "{what}: exit {:?} after {took:?}\n--- stderr ---\n{}",
+        out.status, out.stderr
+    );
+    let status = out
+        .status
+        .unwrap_or_else(|| panic!("still running, killed\n{report}"));
+    assert!(!status.success(), "{report}");
+    assert!(took < Duration::from_secs(5), "{report}");
+    assert!(
+        out.stderr.contains("disagrees on the cluster layout"),
+        "{report}"
+    );
+}
+
+#[test]
+fn layout_mismatch_refuses_to_start() {
+    let _serial = exclusive();
+    let mut cluster = Cluster::start_members(Layout::new(3), &[1, 2]);
+
+    // Another N.
+    let mut args = cluster.args(3);
+    args.extend(["--replicas".to_string(), "2".to_string()]);
+    assert_refuses_layout(&args, "node 3 with --replicas 2");
+
+    // Another member list: a fourth member nobody else knows.
+    let mut args = cluster.args(3);
+    let (client, peer) = (common::free_tcp_port(), common::free_tcp_port());
+    args.extend([
+        "--member".to_string(),
+        format!("4=127.0.0.1:{client},127.0.0.1:{peer}"),
+    ]);
+    assert_refuses_layout(&args, "node 3 with a fourth member");
+
+    // The two good nodes are unaffected and take the right node 3.
+    for id in [1, 2] {
+        assert_eq!(
+            cluster.exited(id),
+            None,
+            "node {id} died\n{}",
+            cluster.describe_nodes()
+        );
+        let states = member_states(&cluster_stats(&mut cluster.connect(id)));
+        assert_ne!(
+            states.get(&3).map(String::as_str),
+            Some("up"),
+            "node {id}: {states:?}"
+        );
+    }
+    cluster.restart(3);
+    let mut c3 = cluster.connect(3);
+    assert_eq!(c3.ask(&set_request("set", "k", 0, "v")), "STORED\r\n");
+    assert_eq!(get(&mut cluster.connect(1), "k").as_deref(), Some("v"));
+}
+
+#[test]
+fn stats_cluster_reports_members_and_counters() {
+    const KEYS: usize = 60;
+    const REPLICAS: usize = 2;
+    let _serial = exclusive();
+    let mut rng = StdRng::seed_from_u64(seed("stats_cluster_reports_members_and_counters"));
+    // N=2 of 3 nodes (W=2: every copy is written before the reply), so
+    // nodes hold different keys.
+    let cluster = Cluster::start(Layout::new(3).replicas(REPLICAS));
+    let mut c = connect_all(&cluster);
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("s{i}")).collect();
+    for key in &keys {
+        let via = rng.gen_range(0..c.len());
+        assert_eq!(c[via].ask(&set_request("set", key, 0, "v")), "STORED\r\n");
+    }
+
+    let mut totals: BTreeMap<&str, u64> = BTreeMap::new();
+    for (i, client) in c.iter_mut().enumerate() {
+        let node = cluster.ids()[i];
+        let stats = cluster_stats(client);
+        let num = |name: &str| -> u64 {
+            stats
+                .get(name)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("node {node}: no numeric {name} in {stats:?}"))
+        };
+        let partitions = num("partitions");
+        assert_eq!(num("node_id"), u64::from(node));
+        assert_eq!(num("replicas"), REPLICAS as u64);
+        let (mut primary, mut replica) = (0, 0);
+        for m in cluster.members() {
+            let line = stats
+                .get(&format!("member:{}", m.id))
+                .unwrap_or_else(|| panic!("node {node}: no member:{} in {stats:?}", m.id));
+            let state = line.split_whitespace().next().unwrap_or_default();
+            let want = if m.id == node { "self" } else { "up" };
+            assert_eq!(state, want, "node {node}: member:{} {line}", m.id);
+            let fields = member_fields(line);
+            assert_eq!(fields.get("client"), Some(&m.client.to_string()), "{line}");
+            assert_eq!(fields.get("peer"), Some(&m.peer.to_string()), "{line}");
+            let field = |f: &str| -> u64 {
+                fields
+                    .get(f)
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{line}"))
+            };
+            assert!(field("primary_partitions") > 0, "node {node}: {line}");
+            primary += field("primary_partitions");
+            replica += field("replica_partitions");
+        }
+        assert_eq!(
+            primary, partitions,
+            "node {node}: primary partitions of all members"
+        );
+        assert_eq!(
+            replica,
+            partitions * (REPLICAS as u64 - 1),
+            "node {node}: replica partitions of all members"
+        );
+        for name in [
+            "forwarded",
+            "primary_writes",
+            "replica_writes_sent",
+            "replica_writes_applied",
+            "write_quorum_failures",
+            "read_quorum_failures",
+            "timeouts",
+        ] {
+            *totals.entry(name).or_default() += num(name);
+        }
+
+        // curr_items counts exactly the keys this node holds.
+        let held = keys.iter().filter(|k| holds(client, k)).count();
+        let plain = parse_stats(&client.ask(b"stats\r\n"));
+        assert_eq!(
+            plain.get("curr_items").map(String::as_str),
+            Some(held.to_string().as_str()),
+            "node {node}: curr_items vs keys held (me)"
+        );
+    }
+    println!("stats cluster totals: {totals:?}");
+    let n = KEYS as u64;
+    assert!((1..=n).contains(&totals["forwarded"]), "{totals:?}");
+    // Every set ran once on its primary and was copied to the one other replica.
+    assert_eq!(totals["primary_writes"], n, "{totals:?}");
+    assert_eq!(
+        totals["replica_writes_sent"],
+        n * (REPLICAS as u64 - 1),
+        "{totals:?}"
+    );
+    assert_eq!(
+        totals["replica_writes_applied"],
+        n * (REPLICAS as u64 - 1),
+        "{totals:?}"
+    );
+    for name in ["write_quorum_failures", "read_quorum_failures", "timeouts"] {
+        assert_eq!(totals[name], 0, "{name} in a healthy cluster: {totals:?}");
+    }
+    // Every key is on exactly N nodes.
+    for key in &keys {
+        let holders = c
+            .iter_mut()
+            .map(|client| holds(client, key))
+            .filter(|&h| h)
+            .count();
+        assert_eq!(holders, REPLICAS, "{key}");
+    }
+}
+
+#[test]
+fn real_clients_pass_against_every_node() {
+    let _serial = exclusive();
+    let cluster = Cluster::start(Layout::new(3));
+    for m in cluster.members() {
+        let target = format!("cluster node {} ({})", m.id, m.client);
+        let out = run_memccapable(m.client.port());
+        assert_memccapable_passed(&target, &out);
+        let out = run_pymemcache("127.0.0.1", m.client.port());
+        assert_pymemcache_passed(&target, &out);
+    }
+}
+
+/// A delete acknowledged at W=2 stays deleted when the third replica, which
+/// missed it (paused, as behind a partition), comes back with the old item.
+/// R + W > N promises that reads see the delete.
+#[test]
+fn acknowledged_delete_survives_a_replica_that_missed_it() {
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(Layout::new(3).quorums(2, 2).request_timeout_ms(300));
+    let mut c1 = cluster.connect(1);
+    let mut c2 = cluster.connect(2);
+    assert_eq!(c1.ask(b"ms gone 3 Pw3\r\nold\r\n"), "HD\r\n");
+    let mut c3 = cluster.connect(3);
+    assert!(holds(&mut c3, "gone"), "Pw3: node 3 holds the item");
+    drop(c3);
+
+    cluster.pause(3);
+    for via in [1, 2] {
+        cluster.wait_member_state(via, 3, |s| s.starts_with("down"));
+    }
+    assert_eq!(c1.ask(b"delete gone\r\n"), "DELETED\r\n");
+    assert!(!holds(&mut c1, "gone") && !holds(&mut c2, "gone"));
+    cluster.resume(3);
+    cluster.wait_ready();
+
+    let mut c3 = cluster.connect(3);
+    let reads: Vec<(NodeId, Option<String>)> = [(1, &mut c1), (2, &mut c2), (3, &mut c3)]
+        .into_iter()
+        .map(|(node, c)| (node, get(c, "gone")))
+        .collect();
+    let add = c1.ask(b"add gone 0 0 3\r\nnew\r\n");
+    assert!(
+        reads.iter().all(|(_, v)| v.is_none()) && add == "STORED\r\n",
+        "after `delete gone` answered DELETED (W=2, node 3 paused and known down), node 3 resumed: \
+         get gone through nodes 1, 2, 3 gave {reads:?} (want all misses); `add gone` gave {add:?} (want STORED)"
+    );
+}
+
+/// A delete answered DELETED is seen by the next command through any node,
+/// also while the third replica is still applying it in the background
+/// (W=2 of N=3): `add` after `delete` stores. Repeated, since the window is
+/// a race between the background copy and the next command.
+#[test]
+fn delete_is_seen_by_the_next_write_through_any_node() {
+    const ROUNDS: usize = 2000;
+    let _serial = exclusive();
+    let cluster = Cluster::start(Layout::new(3));
+    let mut c = connect_all(&cluster);
+    let mut wrong = Vec::new();
+    for i in 0..ROUNDS {
+        let key = format!("d{}", i % 7);
+        let via = i % c.len();
+        let (next, third) = ((via + 1) % c.len(), (via + 2) % c.len());
+        let set = set_request("set", &key, 0, &format!("v{i}"));
+        assert_eq!(c[via].ask(&set), "STORED\r\n", "round {i}");
+        let delete = format!("delete {key}\r\n");
+        assert_eq!(c[next].ask(delete.as_bytes()), "DELETED\r\n", "round {i}");
+        let add = c[third].ask(&set_request("add", &key, 0, "new"));
+        if add != "STORED\r\n" {
+            wrong.push(format!(
+                "round {i}: set {key} via node {}, delete via node {} (DELETED), add via node {}: {add:?}",
+                via + 1,
+                next + 1,
+                third + 1
+            ));
+        }
+        // Start the next round from a missing key whatever add did.
+        let reply = c[via].ask(delete.as_bytes());
+        assert!(
+            reply == "DELETED\r\n" || reply == "NOT_FOUND\r\n",
+            "round {i}: {reply:?}"
+        );
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {ROUNDS} adds right after an acknowledged delete did not store, e.g. {:#?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}
+
+/// flush_all answered OK leaves nothing that was stored before it, also
+/// while the third copy of a W=2 write is still on its way. Repeated, since
+/// the window is a race between that copy and the flush.
+#[test]
+fn flush_all_is_seen_by_the_next_read_through_any_node() {
+    const ROUNDS: usize = 1000;
+    let _serial = exclusive();
+    let cluster = Cluster::start(Layout::new(3));
+    let mut c = connect_all(&cluster);
+    let mut wrong = Vec::new();
+    for i in 0..ROUNDS {
+        let key = format!("f{}", i % 7);
+        let via = i % c.len();
+        let (next, third) = ((via + 1) % c.len(), (via + 2) % c.len());
+        let set = set_request("set", &key, 0, &format!("v{i}"));
+        assert_eq!(c[via].ask(&set), "STORED\r\n", "round {i}");
+        assert_eq!(c[next].ask(b"flush_all\r\n"), "OK\r\n", "round {i}");
+        if let Some(value) = get(&mut c[third], &key) {
+            wrong.push(format!(
+                "round {i}: set {key} via node {}, flush_all via node {} (OK), get via node {}: {value:?}",
+                via + 1,
+                next + 1,
+                third + 1
+            ));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "{} of {ROUNDS} reads right after an acknowledged flush_all found an item stored before it, e.g. {:#?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(5)]
+    );
+}

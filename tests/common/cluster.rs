@@ -1,0 +1,628 @@
+//! A cluster of real `webvac` processes on loopback, for black-box cluster tests.
+//!
+//! ```text
+//!   test ──Client (raw bytes)──▶ node 1 client port ◀──peer──▶ node 2 peer port
+//!        ──Client (raw bytes)──▶ node 2 client port ◀──peer──▶ node 3 peer port ...
+//! ```
+//!
+//! Every node gets two free 127.0.0.1 ports (client and peer), found by binding
+//! `:0` and releasing them. Another process may grab one in between, so a
+//! start whose node fails to bind is retried from scratch with fresh ports.
+//! Nodes can be killed with SIGKILL and restarted with exactly the flags they
+//! had; the `Cluster` kills whatever still runs when it is dropped.
+//!
+//! Every wait is bounded and polls (readiness, member states); every reply has
+//! a deadline. A node that hangs fails the test instead of hanging CI.
+
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::{
+    Client, STARTUP_TIMEOUT, StderrTail, WEBVAC_BIN, parse_listening_line, spawn_stderr_drain,
+};
+
+/// A member id, as on the command line (`--node-id`, `--member ID=...`).
+pub type NodeId = u16;
+
+/// How long a cluster may take until every running node sees every other up.
+/// Peers reconnect with a backoff capped at 2 s, so this leaves room for a
+/// couple of missed attempts after a restart.
+pub const CLUSTER_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Interval of the readiness and member-state polls.
+pub const CLUSTER_POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Starts tried with fresh ports when a node cannot bind its ports.
+pub const START_ATTEMPTS: usize = 5;
+/// Deadline of one reply during readiness polls.
+pub const PROBE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serialises the cluster tests of one test binary.
+///
+/// Each test runs several server processes and some assert latency bounds
+/// (fail-fast within a request timeout); running them side by side on a small
+/// CI machine would turn scheduler noise into flaky failures.
+pub fn exclusive() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    // A failed test poisons the lock; the next test may still run.
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The settings every member of a cluster shares, as flags.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// Members, with ids `1..=nodes`.
+    pub nodes: usize,
+    /// `--replicas` (N), if not the default.
+    pub replicas: Option<usize>,
+    /// `--read-quorum` (R), if not the default.
+    pub read_quorum: Option<usize>,
+    /// `--write-quorum` (W), if not the default.
+    pub write_quorum: Option<usize>,
+    /// `--request-timeout-ms`, if not the default.
+    pub request_timeout_ms: Option<u64>,
+    /// `-m`, item memory per node in MiB.
+    pub memory_limit_mb: usize,
+}
+
+impl Layout {
+    /// `nodes` members with the server's default N, R, W and timeout.
+    pub fn new(nodes: usize) -> Layout {
+        assert!(nodes >= 1, "a cluster has at least one member");
+        Layout {
+            nodes,
+            replicas: None,
+            read_quorum: None,
+            write_quorum: None,
+            request_timeout_ms: None,
+            memory_limit_mb: 64,
+        }
+    }
+
+    pub fn replicas(mut self, n: usize) -> Layout {
+        self.replicas = Some(n);
+        self
+    }
+
+    pub fn quorums(mut self, read: usize, write: usize) -> Layout {
+        self.read_quorum = Some(read);
+        self.write_quorum = Some(write);
+        self
+    }
+
+    pub fn request_timeout_ms(mut self, ms: u64) -> Layout {
+        self.request_timeout_ms = Some(ms);
+        self
+    }
+}
+
+/// One member's addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub id: NodeId,
+    /// Where it speaks the memcached protocol.
+    pub client: SocketAddr,
+    /// Where other members call it.
+    pub peer: SocketAddr,
+}
+
+/// A running node process.
+struct Process {
+    child: Child,
+    stderr: StderrTail,
+    /// Set once the node logged its `listening addr=` line.
+    listening: Arc<AtomicBool>,
+}
+
+impl Process {
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Why a node did not come up.
+enum StartFailure {
+    /// A port was taken: worth another attempt with fresh ports.
+    PortTaken(String),
+    Other(String),
+}
+
+/// Real `webvac` processes forming one cluster on 127.0.0.1.
+pub struct Cluster {
+    layout: Layout,
+    members: Vec<Member>,
+    /// The nodes that run now.
+    running: BTreeMap<NodeId, Process>,
+    /// Each node's most recent stderr, kept after it is killed.
+    stderr: BTreeMap<NodeId, StderrTail>,
+}
+
+impl Cluster {
+    /// Starts every member and waits until each sees every other `up`.
+    ///
+    /// # Panics
+    /// If the cluster does not come up (the message carries every node's stderr).
+    pub fn start(layout: Layout) -> Cluster {
+        let ids: Vec<NodeId> = (1..=layout.nodes).map(node_id).collect();
+        Self::start_members(layout, &ids)
+    }
+
+    /// Starts only `ids` of the layout's members (the others stay down) and
+    /// waits until each started node answers and sees the other started ones `up`.
+    ///
+    /// # Panics
+    /// As [`Cluster::start`].
+    pub fn start_members(layout: Layout, ids: &[NodeId]) -> Cluster {
+        let mut last_failure = String::new();
+        for attempt in 1..=START_ATTEMPTS {
+            let mut cluster = Cluster {
+                members: pick_members(layout.nodes),
+                layout: layout.clone(),
+                running: BTreeMap::new(),
+                stderr: BTreeMap::new(),
+            };
+            match cluster.spawn_and_wait_listening(ids) {
+                Ok(()) => {
+                    cluster.wait_ready();
+                    return cluster;
+                }
+                Err(StartFailure::PortTaken(why)) => {
+                    // Dropping the cluster kills the nodes that did start.
+                    eprintln!("cluster start attempt {attempt} lost a port race: {why}");
+                    last_failure = why;
+                }
+                Err(StartFailure::Other(why)) => panic!("cluster did not start: {why}"),
+            }
+        }
+        panic!("cluster did not start in {START_ATTEMPTS} attempts; last failure: {last_failure}");
+    }
+
+    /// Every member of the layout, running or not.
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    pub fn member(&self, id: NodeId) -> Member {
+        *self
+            .members
+            .iter()
+            .find(|m| m.id == id)
+            .unwrap_or_else(|| panic!("no member {id}"))
+    }
+
+    /// Every member id.
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.members.iter().map(|m| m.id).collect()
+    }
+
+    /// The ids of the nodes that run now.
+    pub fn running_ids(&self) -> Vec<NodeId> {
+        self.running.keys().copied().collect()
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    /// The exact flags node `id` runs with.
+    pub fn args(&self, id: NodeId) -> Vec<String> {
+        let l = &self.layout;
+        let mut args = vec![
+            "--node-id".to_string(),
+            id.to_string(),
+            "-m".to_string(),
+            l.memory_limit_mb.to_string(),
+        ];
+        for m in &self.members {
+            args.push("--member".to_string());
+            args.push(format!("{}={},{}", m.id, m.client, m.peer));
+        }
+        let optional = [
+            ("--replicas", l.replicas.map(|v| v.to_string())),
+            ("--read-quorum", l.read_quorum.map(|v| v.to_string())),
+            ("--write-quorum", l.write_quorum.map(|v| v.to_string())),
+            (
+                "--request-timeout-ms",
+                l.request_timeout_ms.map(|v| v.to_string()),
+            ),
+        ];
+        for (flag, value) in optional {
+            if let Some(v) = value {
+                args.push(flag.to_string());
+                args.push(v);
+            }
+        }
+        args
+    }
+
+    /// A `webvac ARGS` command set up as the harness runs nodes (plain-text
+    /// INFO logs), for tests that run a node by hand.
+    pub fn command(args: &[String]) -> Command {
+        let mut cmd = Command::new(WEBVAC_BIN);
+        cmd.args(args).env("NO_COLOR", "1");
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd
+    }
+
+    /// Opens a raw client connection to node `id`.
+    ///
+    /// # Panics
+    /// If the node does not accept it.
+    pub fn connect(&self, id: NodeId) -> Client {
+        let addr = self.member(id).client;
+        Client::connect_tcp(addr).unwrap_or_else(|e| {
+            panic!(
+                "connect to node {id} at {addr}: {e}\n{}",
+                self.describe_nodes()
+            )
+        })
+    }
+
+    /// Kills node `id` with SIGKILL and reaps it.
+    ///
+    /// # Panics
+    /// If the node is not running.
+    pub fn kill(&mut self, id: NodeId) {
+        let mut process = self
+            .running
+            .remove(&id)
+            .unwrap_or_else(|| panic!("node {id} is not running"));
+        process.kill();
+    }
+
+    /// Freezes node `id` with SIGSTOP: it keeps its memory and its sockets
+    /// but answers nothing, as a node behind a partition would.
+    ///
+    /// # Panics
+    /// If the node is not running or the signal cannot be sent.
+    pub fn pause(&mut self, id: NodeId) {
+        self.signal(id, "STOP");
+    }
+
+    /// Lets a paused node run again (SIGCONT).
+    ///
+    /// # Panics
+    /// As [`Cluster::pause`].
+    pub fn resume(&mut self, id: NodeId) {
+        self.signal(id, "CONT");
+    }
+
+    fn signal(&mut self, id: NodeId, signal: &str) {
+        let pid = self
+            .running
+            .get(&id)
+            .unwrap_or_else(|| panic!("node {id} is not running"))
+            .child
+            .id();
+        // std has no portable signal sending and libc is not a dependency.
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap_or_else(|e| panic!("run kill -{signal} {pid}: {e}"));
+        assert!(
+            status.success(),
+            "kill -{signal} {pid} (node {id}): {status}"
+        );
+    }
+
+    /// Starts node `id` again with the same flags (it comes back empty) and
+    /// waits until every running node sees every other `up`.
+    ///
+    /// # Panics
+    /// If it is already running or does not come up in time.
+    pub fn restart(&mut self, id: NodeId) {
+        assert!(
+            !self.running.contains_key(&id),
+            "node {id} is already running"
+        );
+        match self.spawn_and_wait_listening(&[id]) {
+            Ok(()) => {}
+            Err(StartFailure::PortTaken(why) | StartFailure::Other(why)) => {
+                panic!("node {id} did not restart: {why}")
+            }
+        }
+        self.wait_ready();
+    }
+
+    /// Whether node `id` exited by itself (a crash).
+    pub fn exited(&mut self, id: NodeId) -> Option<ExitStatus> {
+        self.running
+            .get_mut(&id)
+            .and_then(|p| p.child.try_wait().ok().flatten())
+    }
+
+    /// Waits until every running node answers `version` and its `stats
+    /// cluster` shows every other running node `up`.
+    ///
+    /// # Panics
+    /// After `CLUSTER_READY_TIMEOUT`, with the last states seen and every stderr.
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + CLUSTER_READY_TIMEOUT;
+        let running = self.running_ids();
+        let mut clients: BTreeMap<NodeId, Client> = BTreeMap::new();
+        let mut last_seen = String::new();
+        loop {
+            self.assert_none_exited();
+            let mut ready = true;
+            for &id in &running {
+                match self.probe(id, &running, &mut clients) {
+                    Ok(()) => {}
+                    Err(why) => {
+                        last_seen = format!("node {id}: {why}");
+                        ready = false;
+                        break;
+                    }
+                }
+            }
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not ready within {CLUSTER_READY_TIMEOUT:?}: {last_seen}\n{}",
+                self.describe_nodes()
+            );
+            thread::sleep(CLUSTER_POLL_INTERVAL);
+        }
+    }
+
+    /// Waits until node `observer`'s `stats cluster` shows member `member` in
+    /// a state for which `want` holds (e.g. `|s| s.starts_with("down")`), and
+    /// returns that state.
+    ///
+    /// # Panics
+    /// After `CLUSTER_READY_TIMEOUT`.
+    pub fn wait_member_state(
+        &self,
+        observer: NodeId,
+        member: NodeId,
+        want: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + CLUSTER_READY_TIMEOUT;
+        let mut client = self.connect(observer);
+        let mut last = String::new();
+        loop {
+            let states = member_states(&cluster_stats(&mut client));
+            if let Some(state) = states.get(&member) {
+                if want(state) {
+                    return state.clone();
+                }
+                last.clone_from(state);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {observer} still sees member {member} as {last:?} after {CLUSTER_READY_TIMEOUT:?}\n{}",
+                self.describe_nodes()
+            );
+            thread::sleep(CLUSTER_POLL_INTERVAL);
+        }
+    }
+
+    /// Node `id`'s last stderr lines (also after it was killed).
+    pub fn stderr_text(&self, id: NodeId) -> String {
+        self.stderr
+            .get(&id)
+            .map(StderrTail::text)
+            .unwrap_or_default()
+    }
+
+    /// Every node's state and last stderr lines, for failure messages.
+    pub fn describe_nodes(&self) -> String {
+        let mut out = String::new();
+        for m in &self.members {
+            let state = if self.running.contains_key(&m.id) {
+                "running"
+            } else {
+                "not running"
+            };
+            out.push_str(&format!(
+                "--- node {} ({state}) client={} peer={} stderr ---\n{}\n",
+                m.id,
+                m.client,
+                m.peer,
+                self.stderr_text(m.id)
+            ));
+        }
+        out
+    }
+
+    /// One readiness check of node `id`, reusing (or reopening) its client.
+    fn probe(
+        &self,
+        id: NodeId,
+        running: &[NodeId],
+        clients: &mut BTreeMap<NodeId, Client>,
+    ) -> Result<(), String> {
+        let client = match clients.entry(id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(
+                Client::connect_tcp(self.member(id).client).map_err(|e| format!("connect: {e}"))?,
+            ),
+        };
+        let result = (|| {
+            let version = client
+                .call(b"version\r\n", PROBE_REPLY_TIMEOUT)
+                .map_err(|e| format!("version: {e}"))?;
+            if !version.starts_with(b"VERSION ") {
+                return Err(format!("version: {}", String::from_utf8_lossy(&version)));
+            }
+            let stats = client
+                .call(b"stats cluster\r\n", PROBE_REPLY_TIMEOUT)
+                .map_err(|e| format!("stats cluster: {e}"))?;
+            let states = member_states(&parse_stats(&String::from_utf8_lossy(&stats)));
+            for &other in running.iter().filter(|&&o| o != id) {
+                match states.get(&other) {
+                    Some(s) if s == "up" => {}
+                    s => return Err(format!("sees member {other} as {s:?}")),
+                }
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            // A broken connection is reopened on the next poll.
+            clients.remove(&id);
+        }
+        result
+    }
+
+    fn assert_none_exited(&mut self) {
+        let exited: Vec<(NodeId, ExitStatus)> = self
+            .running
+            .iter_mut()
+            .filter_map(|(&id, p)| p.child.try_wait().ok().flatten().map(|s| (id, s)))
+            .collect();
+        assert!(
+            exited.is_empty(),
+            "nodes exited by themselves: {exited:?}\n{}",
+            self.describe_nodes()
+        );
+    }
+
+    /// Spawns `ids` and waits (bounded) until each logged `listening`.
+    fn spawn_and_wait_listening(&mut self, ids: &[NodeId]) -> Result<(), StartFailure> {
+        for &id in ids {
+            let args = self.args(id);
+            let mut cmd = Self::command(&args);
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped());
+            let mut child = cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot spawn {WEBVAC_BIN} {args:?}: {e}"));
+            let listening = Arc::new(AtomicBool::new(false));
+            let flag = listening.clone();
+            let stderr = spawn_stderr_drain(
+                child.stderr.take().expect("stderr is piped"),
+                &format!("node{id}"),
+                move |line| {
+                    if parse_listening_line(line).is_some() {
+                        flag.store(true, Ordering::Release);
+                    }
+                },
+            );
+            self.stderr.insert(id, stderr.clone());
+            self.running.insert(
+                id,
+                Process {
+                    child,
+                    stderr,
+                    listening,
+                },
+            );
+        }
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let mut all_listening = true;
+            for &id in ids {
+                let p = self.running.get_mut(&id).expect("spawned above");
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    let text = p.stderr.text();
+                    let why = format!("node {id} exited with {status}; stderr:\n{text}");
+                    let lower = text.to_ascii_lowercase();
+                    return Err(
+                        if lower.contains("address already in use") || lower.contains("addrinuse") {
+                            StartFailure::PortTaken(why)
+                        } else {
+                            StartFailure::Other(why)
+                        },
+                    );
+                }
+                all_listening &= p.listening.load(Ordering::Acquire);
+            }
+            if all_listening {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(StartFailure::Other(format!(
+                    "not every node of {ids:?} logged `listening` within {STARTUP_TIMEOUT:?}\n{}",
+                    self.describe_nodes()
+                )));
+            }
+            thread::sleep(CLUSTER_POLL_INTERVAL);
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for p in self.running.values_mut() {
+            p.kill();
+        }
+    }
+}
+
+fn node_id(index: usize) -> NodeId {
+    NodeId::try_from(index).expect("member ids fit in u16")
+}
+
+/// Members `1..=nodes` with a distinct free client and peer port each. All
+/// ports are held at once while picking, so they differ from each other.
+fn pick_members(nodes: usize) -> Vec<Member> {
+    let listeners: Vec<TcpListener> = (0..2 * nodes)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local addr"))
+        .collect();
+    (0..nodes)
+        .map(|i| Member {
+            id: node_id(i + 1),
+            client: addrs[2 * i],
+            peer: addrs[2 * i + 1],
+        })
+        .collect()
+}
+
+/// `STAT name value` lines as a map (the value is the rest of the line).
+pub fn parse_stats(reply: &str) -> BTreeMap<String, String> {
+    reply
+        .lines()
+        .filter_map(|l| l.strip_prefix("STAT "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// `stats cluster` from this connection.
+///
+/// # Panics
+/// If the reply is not a stats listing.
+pub fn cluster_stats(client: &mut Client) -> BTreeMap<String, String> {
+    let reply = client.ask(b"stats cluster\r\n");
+    assert!(
+        reply.ends_with("END\r\n"),
+        "stats cluster answered {reply:?}"
+    );
+    parse_stats(&reply)
+}
+
+/// The state word (`up`, `self`, `connecting`, `down(...)`) of each
+/// `member:ID` in a `stats cluster` map.
+pub fn member_states(stats: &BTreeMap<String, String>) -> BTreeMap<NodeId, String> {
+    stats
+        .iter()
+        .filter_map(|(k, v)| {
+            let id = k.strip_prefix("member:")?.parse().ok()?;
+            Some((id, v.split_whitespace().next()?.to_string()))
+        })
+        .collect()
+}
+
+/// The `name=value` fields of a `member:ID` line.
+pub fn member_fields(line: &str) -> BTreeMap<String, String> {
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
