@@ -2,8 +2,8 @@
 //! transport. Distributed logic here is sans-IO: state machines that take
 //! messages and `now` and return messages; tokio tasks only move them.
 
-pub mod ring;
 pub mod coordinator;
 pub mod message;
 pub mod quorum;
+pub mod ring;
 pub mod transport;
