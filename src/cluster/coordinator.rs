@@ -20,9 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use futures_util::future::join_all;
-use futures_util::stream::FuturesUnordered;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -548,76 +546,85 @@ impl Cluster {
         Err(explain_with_self(&quorum))
     }
 
+    /// Replicas of `key` to read from, best first, skipping `asked`: this
+    /// node, then peers not known to be down (in preference order), then
+    /// the rest (they fail fast).
+    fn read_order(&self, key: &[u8], asked: &[NodeId]) -> Vec<NodeId> {
+        let pref = self.ring.preference_list_for_key(key);
+        let rank = |n: &NodeId| {
+            if *n == self.me {
+                0
+            } else if matches!(self.peers[n].state(), PeerState::Down { .. }) {
+                2
+            } else {
+                1
+            }
+        };
+        let mut order: Vec<NodeId> = pref
+            .iter()
+            .copied()
+            .filter(|n| !asked.contains(n))
+            .collect();
+        order.sort_by_key(rank); // stable: preference order within a rank
+        order
+    }
+
     /// get / gets: every key from R replicas, newest version wins.
     async fn read_keys(&self, local: &dyn Local, get: &Get<'_>, r: usize, out: &mut Vec<u8>) {
         let keys: Vec<&[u8]> = get.keys().collect();
         let mut answers: Vec<Vec<KeyAnswer>> = vec![Vec::new(); keys.len()];
-        let mut asks: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
-        for (i, key) in keys.iter().enumerate() {
-            let pref = self.ring.preference_list_for_key(key);
-            if r == 1 {
-                // One answer is enough: this node if it holds the key, else
-                // the first replica not known to be down.
-                let pick = if pref.contains(&self.me) {
-                    Some(self.me)
-                } else {
-                    pref.iter()
-                        .copied()
-                        .find(|n| !matches!(self.peers[n].state(), PeerState::Down { .. }))
-                };
-                if let Some(node) = pick {
-                    asks.entry(node).or_default().push(i);
-                }
-            } else {
-                for &node in pref {
-                    asks.entry(node).or_default().push(i);
-                }
-            }
-        }
+        let mut asked: Vec<Vec<NodeId>> = vec![Vec::new(); keys.len()];
         let mut read_here = vec![false; keys.len()];
-        if let Some(mine) = asks.remove(&self.me) {
-            for &i in &mine {
-                read_here[i] = true;
-            }
-            let ks: Vec<&[u8]> = mine.iter().map(|&i| keys[i]).collect();
-            for (&i, answer) in mine
-                .iter()
-                .zip(read_local(local.store(), &ks, get.with_cas))
-            {
-                answers[i].push(answer);
-            }
-        }
-        if !asks.is_empty() {
-            self.stats.quorum_reads.fetch_add(1, Relaxed);
-        }
-        let calls = asks.into_iter().map(|(node, idx)| {
-            let peer = self.peers[&node].clone();
-            let req = PeerRequest::ReadKeys {
-                keys: idx.iter().map(|&i| keys[i].to_vec()).collect(),
-                with_cas: get.with_cas,
-            };
-            let timeout = self.hop_timeout;
-            async move { (idx, peer.call_timeout(req, timeout).await) }
-        });
-        // Done as soon as every key has R answers; a slow replica is passed
-        // over (its call is dropped), a silent one costs one hop timeout.
-        let mut pending: FuturesUnordered<_> = calls.collect();
-        while answers.iter().any(|a| a.len() < r) {
-            let Some((idx, result)) = pending.next().await else {
-                break;
-            };
-            match result {
-                Ok(PeerResponse::Values(values)) if values.len() == idx.len() => {
-                    for (i, v) in idx.into_iter().zip(values) {
-                        answers[i].push(v);
-                    }
+        // Ask exactly as many replicas as are still missing, this node
+        // first, then peers not known to be down in preference order; a
+        // replica that fails or times out is replaced in the next round.
+        for _round in 0..self.ring.replicas() {
+            let mut asks: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
+            for (i, key) in keys.iter().enumerate() {
+                let need = r.saturating_sub(answers[i].len());
+                for node in self.read_order(key, &asked[i]).into_iter().take(need) {
+                    asked[i].push(node);
+                    asks.entry(node).or_default().push(i);
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    if matches!(e, CallError::Timeout) {
-                        self.stats.timeouts.fetch_add(1, Relaxed);
+            }
+            if asks.is_empty() {
+                break;
+            }
+            if let Some(mine) = asks.remove(&self.me) {
+                let ks: Vec<&[u8]> = mine.iter().map(|&i| keys[i]).collect();
+                let local_answers = read_local(local.store(), &ks, get.with_cas);
+                for (&i, answer) in mine.iter().zip(local_answers) {
+                    read_here[i] = true;
+                    answers[i].push(answer);
+                }
+            }
+            if asks.is_empty() {
+                continue;
+            }
+            self.stats.quorum_reads.fetch_add(1, Relaxed);
+            let calls = asks.into_iter().map(|(node, idx)| {
+                let peer = self.peers[&node].clone();
+                let req = PeerRequest::ReadKeys {
+                    keys: idx.iter().map(|&i| keys[i].to_vec()).collect(),
+                    with_cas: get.with_cas,
+                };
+                let timeout = self.hop_timeout;
+                async move { (idx, peer.call_timeout(req, timeout).await) }
+            });
+            for (idx, result) in join_all(calls).await {
+                match result {
+                    Ok(PeerResponse::Values(values)) if values.len() == idx.len() => {
+                        for (i, v) in idx.into_iter().zip(values) {
+                            answers[i].push(v);
+                        }
                     }
-                    debug!(error = %e, "replica read failed");
+                    Ok(_) => {}
+                    Err(e) => {
+                        if matches!(e, CallError::Timeout) {
+                            self.stats.timeouts.fetch_add(1, Relaxed);
+                        }
+                        debug!(error = %e, "replica read failed");
+                    }
                 }
             }
         }
@@ -697,35 +704,47 @@ impl Cluster {
         if r == 1 && pref.contains(&self.me) {
             return local.execute(raw, out);
         }
-        self.stats.quorum_reads.fetch_add(1, Relaxed);
         let mut replies: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut remote = Vec::new();
-        for &node in pref {
-            if node == self.me {
-                let mut reply = Vec::new();
-                local.execute(raw, &mut reply);
-                let version = local.store().version_or_tombstone(key).unwrap_or(0);
-                replies.push((version, reply));
-            } else {
-                remote.push(node);
-            }
-        }
-        let calls = remote.into_iter().map(|node| {
-            let peer = self.peers[&node].clone();
-            let req = PeerRequest::ReadMeta {
-                command: raw.to_vec(),
-                key: key.to_vec(),
-            };
-            let timeout = self.hop_timeout;
-            async move { peer.call_timeout(req, timeout).await }
-        });
-        let mut pending: FuturesUnordered<_> = calls.collect();
-        while replies.len() < r {
-            let Some(result) = pending.next().await else {
+        let mut asked: Vec<NodeId> = Vec::new();
+        for _round in 0..self.ring.replicas() {
+            let need = r.saturating_sub(replies.len());
+            let nodes: Vec<NodeId> = self
+                .read_order(key, &asked)
+                .into_iter()
+                .take(need)
+                .collect();
+            if nodes.is_empty() {
                 break;
-            };
-            if let Ok(PeerResponse::MetaRead { version, reply }) = result {
-                replies.push((version, reply));
+            }
+            asked.extend_from_slice(&nodes);
+            let mut remote = Vec::new();
+            for node in nodes {
+                if node == self.me {
+                    let mut reply = Vec::new();
+                    local.execute(raw, &mut reply);
+                    let version = local.store().version_or_tombstone(key).unwrap_or(0);
+                    replies.push((version, reply));
+                } else {
+                    remote.push(node);
+                }
+            }
+            if remote.is_empty() {
+                continue;
+            }
+            self.stats.quorum_reads.fetch_add(1, Relaxed);
+            let calls = remote.into_iter().map(|node| {
+                let peer = self.peers[&node].clone();
+                let req = PeerRequest::ReadMeta {
+                    command: raw.to_vec(),
+                    key: key.to_vec(),
+                };
+                let timeout = self.hop_timeout;
+                async move { peer.call_timeout(req, timeout).await }
+            });
+            for result in join_all(calls).await {
+                if let Ok(PeerResponse::MetaRead { version, reply }) = result {
+                    replies.push((version, reply));
+                }
             }
         }
         if replies.len() < r {
