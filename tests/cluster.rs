@@ -1055,3 +1055,69 @@ fn flush_all_is_seen_by_the_next_read_through_any_node() {
         &wrong[..wrong.len().min(5)]
     );
 }
+
+/// Read repair: a node restarted empty gets each key back the first time a
+/// quorum read through it sees the other replicas hold a newer copy; a read
+/// elsewhere repairs it too, in the background.
+#[test]
+fn read_repair_refills_a_node_restarted_empty() {
+    const KEYS: usize = 50;
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(Layout::new(3));
+    let mut c1 = cluster.connect(1);
+    for i in 0..KEYS {
+        let reply = c1.ask(&set_request("set", &format!("rr{i}"), 0, &format!("v{i}")));
+        assert_eq!(reply, "STORED\r\n", "key rr{i}");
+    }
+    cluster.kill(3);
+    cluster.restart(3);
+    let mut c3 = cluster.connect(3);
+    assert!(
+        (0..KEYS).all(|i| !holds(&mut c3, &format!("rr{i}"))),
+        "a restarted node starts empty"
+    );
+    // Reads through node 3 at R=2: its own empty answer is stale.
+    for i in 0..KEYS / 2 {
+        assert_eq!(
+            get(&mut c3, &format!("rr{i}")).as_deref(),
+            Some(format!("v{i}").as_str())
+        );
+        assert!(
+            holds(&mut c3, &format!("rr{i}")),
+            "rr{i} repaired on node 3 by its own read"
+        );
+    }
+    // Reads through node 2: node 3 is repaired in the background when it is
+    // one of the replicas asked; wait (bounded) for every such key.
+    let mut c2 = cluster.connect(2);
+    for i in KEYS / 2..KEYS {
+        // Ask with R=3 so node 3 is certainly among the replicas read.
+        let reply = c2.ask(format!("mg rr{i} v Pr3\r\n").as_bytes());
+        assert!(
+            reply.starts_with("VA "),
+            "mg rr{i} v Pr3 through node 2: {reply:?}"
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let missing = loop {
+        let missing: Vec<usize> = (KEYS / 2..KEYS)
+            .filter(|i| !holds(&mut c3, &format!("rr{i}")))
+            .collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            break missing;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(missing.is_empty(), "not repaired on node 3: {missing:?}");
+    let repairs: u64 = [1, 2, 3]
+        .iter()
+        .map(|&id| {
+            let stats = cluster_stats(&mut cluster.connect(id));
+            stats["read_repairs"].parse::<u64>().expect("number")
+        })
+        .sum();
+    assert!(
+        repairs >= KEYS as u64,
+        "read_repairs summed over nodes: {repairs}"
+    );
+}

@@ -79,6 +79,8 @@ pub struct ClusterStats {
     /// Read-modify-writes that first fetched the key from other replicas
     /// (a failed-over primary, or one that lost its memory).
     pub catch_up_reads: AtomicU64,
+    /// Stale replicas sent the newest state after a read saw them differ.
+    pub read_repairs: AtomicU64,
 }
 
 /// One node's view of the cluster and its request path.
@@ -572,7 +574,7 @@ impl Cluster {
     /// get / gets: every key from R replicas, newest version wins.
     async fn read_keys(&self, local: &dyn Local, get: &Get<'_>, r: usize, out: &mut Vec<u8>) {
         let keys: Vec<&[u8]> = get.keys().collect();
-        let mut answers: Vec<Vec<KeyAnswer>> = vec![Vec::new(); keys.len()];
+        let mut answers: Vec<Vec<(NodeId, KeyAnswer)>> = vec![Vec::new(); keys.len()];
         let mut asked: Vec<Vec<NodeId>> = vec![Vec::new(); keys.len()];
         let mut read_here = vec![false; keys.len()];
         // Ask exactly as many replicas as are still missing, this node
@@ -595,7 +597,7 @@ impl Cluster {
                 let local_answers = read_local(local.store(), &ks, get.with_cas);
                 for (&i, answer) in mine.iter().zip(local_answers) {
                     read_here[i] = true;
-                    answers[i].push(answer);
+                    answers[i].push((self.me, answer));
                 }
             }
             if asks.is_empty() {
@@ -609,13 +611,13 @@ impl Cluster {
                     with_cas: get.with_cas,
                 };
                 let timeout = self.hop_timeout;
-                async move { (idx, peer.call_timeout(req, timeout).await) }
+                async move { (node, idx, peer.call_timeout(req, timeout).await) }
             });
-            for (idx, result) in join_all(calls).await {
+            for (node, idx, result) in join_all(calls).await {
                 match result {
                     Ok(PeerResponse::Values(values)) if values.len() == idx.len() => {
                         for (i, v) in idx.into_iter().zip(values) {
-                            answers[i].push(v);
+                            answers[i].push((node, v));
                         }
                     }
                     Ok(_) => {}
@@ -641,10 +643,26 @@ impl Cluster {
             );
         }
         for (i, a) in answers.into_iter().enumerate() {
+            let version_of = |answer: &KeyAnswer| answer.as_ref().map_or(0, |(v, _)| *v);
+            let newest_at = a
+                .iter()
+                .max_by_key(|(_, answer)| version_of(answer))
+                .map(|(n, answer)| (*n, version_of(answer)));
+            if let Some((source, newest_version)) = newest_at {
+                let stale: Vec<NodeId> = a
+                    .iter()
+                    .filter(|(_, answer)| version_of(answer) < newest_version)
+                    .map(|(n, _)| *n)
+                    .collect();
+                if !stale.is_empty() {
+                    self.read_repair(local.store(), keys[i], source, &stale)
+                        .await;
+                }
+            }
             // The newest answer wins; a tombstone (empty block) is a miss.
             let newest = a
                 .into_iter()
-                .flatten()
+                .filter_map(|(_, answer)| answer)
                 .max_by_key(|(v, _)| *v)
                 .filter(|(_, block)| !block.is_empty());
             if !read_here[i] {
@@ -664,6 +682,46 @@ impl Cluster {
             }
         }
         compose_end(out);
+    }
+
+    /// Read repair: replicas that answered a read with an older version (or
+    /// nothing) get the newest state. Taking it from `source` is one hop
+    /// when that is another node; the copies to stale peers go on in the
+    /// background and the read does not wait for them.
+    async fn read_repair(&self, store: &Store, key: &[u8], source: NodeId, stale: &[NodeId]) {
+        let state = if source == self.me {
+            store.replica_state(key)
+        } else {
+            let req = PeerRequest::Fetch { key: key.to_vec() };
+            match self.peers[&source]
+                .call_timeout(req, self.hop_timeout)
+                .await
+            {
+                Ok(PeerResponse::State(state)) => state,
+                _ => None,
+            }
+        };
+        let Some(state) = state else {
+            return;
+        };
+        for &node in stale {
+            self.stats.read_repairs.fetch_add(1, Relaxed);
+            if node == self.me {
+                store.apply(key, &state);
+                continue;
+            }
+            let peer = self.peers[&node].clone();
+            let req = PeerRequest::Apply {
+                key: key.to_vec(),
+                state: state.clone(),
+            };
+            let timeout = self.hop_timeout;
+            tokio::spawn(async move {
+                if let Err(e) = peer.call_timeout(req, timeout).await {
+                    debug!(node, error = %e, "read repair not delivered");
+                }
+            });
+        }
     }
 
     /// gat / gats: the touch is a write, so each key goes to its primary.
@@ -704,7 +762,7 @@ impl Cluster {
         if r == 1 && pref.contains(&self.me) {
             return local.execute(raw, out);
         }
-        let mut replies: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut replies: Vec<(NodeId, u64, Vec<u8>)> = Vec::new();
         let mut asked: Vec<NodeId> = Vec::new();
         for _round in 0..self.ring.replicas() {
             let need = r.saturating_sub(replies.len());
@@ -723,7 +781,7 @@ impl Cluster {
                     let mut reply = Vec::new();
                     local.execute(raw, &mut reply);
                     let version = local.store().version_or_tombstone(key).unwrap_or(0);
-                    replies.push((version, reply));
+                    replies.push((self.me, version, reply));
                 } else {
                     remote.push(node);
                 }
@@ -739,11 +797,11 @@ impl Cluster {
                     key: key.to_vec(),
                 };
                 let timeout = self.hop_timeout;
-                async move { peer.call_timeout(req, timeout).await }
+                async move { (node, peer.call_timeout(req, timeout).await) }
             });
-            for result in join_all(calls).await {
+            for (node, result) in join_all(calls).await {
                 if let Ok(PeerResponse::MetaRead { version, reply }) = result {
-                    replies.push((version, reply));
+                    replies.push((node, version, reply));
                 }
             }
         }
@@ -758,7 +816,17 @@ impl Cluster {
                 ),
             );
         }
-        if let Some((_, reply)) = replies.into_iter().max_by_key(|(v, _)| *v) {
+        if let Some(&(source, newest, _)) = replies.iter().max_by_key(|(_, v, _)| *v) {
+            let stale: Vec<NodeId> = replies
+                .iter()
+                .filter(|(_, v, _)| *v < newest)
+                .map(|(n, _, _)| *n)
+                .collect();
+            if !stale.is_empty() {
+                self.read_repair(local.store(), key, source, &stale).await;
+            }
+        }
+        if let Some((_, _, reply)) = replies.into_iter().max_by_key(|(_, v, _)| *v) {
             out.extend_from_slice(&reply);
         }
     }
@@ -941,6 +1009,7 @@ impl Cluster {
             ("read_quorum_failures", &s.read_quorum_failures),
             ("timeouts", &s.timeouts),
             ("catch_up_reads", &s.catch_up_reads),
+            ("read_repairs", &s.read_repairs),
         ] {
             put_stat(out, name, v.load(Relaxed));
         }
