@@ -1121,3 +1121,108 @@ fn read_repair_refills_a_node_restarted_empty() {
         "read_repairs summed over nodes: {repairs}"
     );
 }
+
+/// The preferred primary of `key` on members 1..=nodes (default 1024
+/// partitions), from the library's own ring.
+fn primary_of(key: &str, nodes: u16, replicas: usize) -> u16 {
+    let ids: Vec<u16> = (1..=nodes).collect();
+    let ring = webvac::cluster::ring::Ring::new(&ids, 1024, replicas);
+    ring.preference_list_for_key(key.as_bytes())[0]
+}
+
+/// A primary that was paused while its key was rewritten elsewhere catches
+/// up before a read-modify-write: the acknowledged value is not lost.
+#[test]
+fn a_primary_that_missed_writes_catches_up_before_incr() {
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(Layout::new(3).request_timeout_ms(300));
+    let key = "counter";
+    let primary = primary_of(key, 3, 3);
+    let other = if primary == 1 { 2 } else { 1 };
+    let mut c = cluster.connect(other);
+    assert_eq!(c.ask(&set_request("set", key, 0, "1")), "STORED\r\n");
+    cluster.pause(primary);
+    cluster.wait_member_state(other, primary, |s| s.starts_with("down"));
+    assert_eq!(c.ask(&set_request("set", key, 0, "5")), "STORED\r\n");
+    cluster.resume(primary);
+    cluster.wait_member_state(other, primary, |s| s == "up");
+    let mut p = cluster.connect(primary);
+    assert_eq!(p.ask(format!("incr {key} 1\r\n").as_bytes()), "6\r\n");
+    for id in [1, 2, 3] {
+        assert_eq!(
+            get(&mut cluster.connect(id), key).as_deref(),
+            Some("6"),
+            "node {id}"
+        );
+    }
+}
+
+/// gat replicates its touch: every replica holds the new expiry.
+#[test]
+fn gat_replicates_the_new_expiry() {
+    let _serial = exclusive();
+    let cluster = Cluster::start(Layout::new(3));
+    let mut c1 = cluster.connect(1);
+    assert_eq!(c1.ask(&set_request("set", "g", 0, "v")), "STORED\r\n");
+    let reply = c1.ask(b"gat 100 g\r\n");
+    assert_eq!(reply, "VALUE g 0 1\r\nv\r\nEND\r\n");
+    for id in [1, 2, 3] {
+        let mut c = cluster.connect(id);
+        let reply = c.ask(b"mg g t\r\n");
+        let ttl: i64 = reply
+            .trim_end()
+            .strip_prefix("HD t")
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("node {id}: mg g t answered {reply:?}"));
+        assert!((98..=100).contains(&ttl), "node {id}: ttl {ttl}");
+    }
+}
+
+/// A gat that fails leaves the replies to earlier pipelined requests alone.
+#[test]
+fn a_failed_gat_keeps_earlier_pipelined_replies() {
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(Layout::new(3).replicas(1).quorums(1, 1));
+    let key = (0..)
+        .map(|i| format!("only{i}"))
+        .find(|k| primary_of(k, 3, 1) == 3)
+        .expect("some key lives on node 3");
+    cluster.kill(3);
+    cluster.wait_member_state(1, 3, |s| s.starts_with("down"));
+    let mut c = cluster.connect(1);
+    c.send(format!("version\r\nmn\r\ngat 100 {key}\r\nmn\r\n").as_bytes())
+        .expect("send");
+    let replies: Vec<String> = (0..4)
+        .map(|_| {
+            let r = c
+                .read_reply_until(
+                    |b| b.windows(2).position(|w| w == b"\r\n").map(|p| p + 2),
+                    Duration::from_secs(5),
+                )
+                .expect("a reply line");
+            String::from_utf8(r).expect("text")
+        })
+        .collect();
+    assert!(replies[0].starts_with("VERSION "), "{replies:?}");
+    assert_eq!(replies[1], "MN\r\n", "{replies:?}");
+    assert!(replies[2].starts_with("SERVER_ERROR "), "{replies:?}");
+    assert_eq!(replies[3], "MN\r\n", "{replies:?}");
+}
+
+/// A delete through a primary that restarted empty still deletes.
+#[test]
+fn delete_through_a_primary_restarted_empty() {
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(Layout::new(3));
+    let key = "doomed";
+    let primary = primary_of(key, 3, 3);
+    let mut c = cluster.connect(if primary == 1 { 2 } else { 1 });
+    assert_eq!(c.ask(&set_request("set", key, 0, "old")), "STORED\r\n");
+    cluster.kill(primary);
+    cluster.restart(primary);
+    let mut p = cluster.connect(primary);
+    assert_eq!(p.ask(format!("delete {key}\r\n").as_bytes()), "DELETED\r\n");
+    for id in [1, 2, 3] {
+        assert_eq!(get(&mut cluster.connect(id), key), None, "node {id}");
+    }
+}

@@ -39,6 +39,9 @@ use crate::store::{Applied, KeyState, Mode, Store, hlc, valid_key};
 /// waits about a millisecond; a clock that does not move is a test clock).
 const FLUSH_CLOCK_WAITS_MAX: usize = 10;
 
+/// gat/gats keys touched at once, each at its own primary.
+const TOUCH_KEYS_IN_FLIGHT: usize = 64;
+
 /// What the coordinator needs from the node it runs in: its store and the
 /// single-node executor. The server implements it; keeping it a trait keeps
 /// the layers one-way (the cluster never reaches up into the server).
@@ -224,10 +227,12 @@ fn count_forwarded(store: &Store, key: &[u8], request: &Request<'_>) {
 /// still in flight are dropped when they arrive. (A delayed flush has no
 /// barrier: it removes what is there when its time comes.)
 fn flush_local(store: &Store, delay_secs: i64, version: u64) {
-    store.flush_all(delay_secs);
+    // Barrier first: a copy applied while the shards are being cleared is
+    // then either cleared or refused, never kept.
     if delay_secs <= 0 {
         store.set_flush_barrier(version);
     }
+    store.flush_all(delay_secs);
 }
 
 fn meta_tokens<'r>(request: &'r Request<'r>) -> &'r [&'r [u8]] {
@@ -389,6 +394,12 @@ impl Cluster {
                     );
                     return true;
                 }
+                Err(e @ CallError::Busy) => {
+                    // Alive but overloaded: a second primary for the key
+                    // would race it, so answer busy instead.
+                    server_error(out, silent, &format!("primary node {node}: {e}"));
+                    return true;
+                }
                 Err(e) if !e.maybe_applied() => {
                     // Known not sent: the next replica may act as primary.
                     skipped.push(format!("node {node}: {e}"));
@@ -432,6 +443,12 @@ impl Cluster {
         };
         let (key, silent) = match plan(&request) {
             Plan::Write { key, silent } => (key, silent),
+            // A one-key gat/gats, as `touch_keys` sends it: the touch is
+            // the write.
+            Plan::TouchRead { get } if get.keys().nth(1).is_none() => match get.keys().next() {
+                Some(key) => (key, false),
+                None => return local.execute(raw, out),
+            },
             // Not a single-key write after all: run it as it is.
             _ => return local.execute(raw, out),
         };
@@ -439,14 +456,38 @@ impl Cluster {
         let store = local.store();
         let pref = self.ring.preference_list_for_key(key);
         let others: Vec<NodeId> = pref.iter().copied().filter(|&n| n != self.me).collect();
-        // A failed-over primary may have missed writes, and its clock may
-        // be behind the versions they carry: it takes the newest state
-        // first, so its write both sees and outranks them. The preferred
-        // primary does so only when it has no copy (restarted empty).
-        let stale_risk = pref[0] != self.me
-            || (reads_before_writing(&request) && store.version_of(key).is_none());
-        if stale_risk && !others.is_empty() {
-            self.catch_up(store, key, &others).await;
+        // Catch up first where this node's copy may be stale: a failed-over
+        // primary may have missed writes and its clock may be behind their
+        // versions; any read-modify-write must see the latest acknowledged
+        // value even if this node was paused or cut off while it was
+        // written; a delete on a node with neither item nor tombstone
+        // (restarted empty) must find the item to delete. A plain set on
+        // the preferred primary needs none of it.
+        let rmw = reads_before_writing(&request);
+        let is_delete = matches!(
+            request,
+            Request::Delete(_) | Request::Meta(MetaRequest::Delete(_))
+        );
+        let failover = pref[0] != self.me;
+        let unknown_here = store.version_or_tombstone(key).is_none();
+        if !others.is_empty() && (failover || rmw || (is_delete && unknown_here)) {
+            // Any W replicas hold every acknowledged write, so N - W others
+            // plus this node meet all of them.
+            let needed = (pref.len() - w).max(1).min(others.len());
+            let answered = self.catch_up(store, key, &others).await;
+            // The preferred primary with its own copy may go on without
+            // them (it saw every write while it was stable); anyone else
+            // must not guess.
+            if answered < needed && (failover || unknown_here) {
+                self.stats.write_quorum_failures.fetch_add(1, Relaxed);
+                return server_error(
+                    out,
+                    silent,
+                    &format!(
+                        "cannot read the key's current state: {answered} of {needed} other replicas answered"
+                    ),
+                );
+            }
         }
         let before = store.version_of(key);
         let start = out.len();
@@ -484,7 +525,8 @@ impl Cluster {
 
     /// Before a read-modify-write on a primary that may be stale: take the
     /// newest state any other replica holds.
-    async fn catch_up(&self, store: &Store, key: &[u8], others: &[NodeId]) {
+    /// Returns how many replicas answered.
+    async fn catch_up(&self, store: &Store, key: &[u8], others: &[NodeId]) -> usize {
         self.stats.catch_up_reads.fetch_add(1, Relaxed);
         let calls = others.iter().map(|n| {
             let peer = self.peers[n].clone();
@@ -492,11 +534,16 @@ impl Cluster {
             let timeout = self.hop_timeout;
             async move { peer.call_timeout(req, timeout).await }
         });
+        let mut answered = 0;
         for answer in join_all(calls).await {
-            if let Ok(PeerResponse::State(Some(state))) = answer {
-                store.apply(key, &state);
+            if let Ok(PeerResponse::State(state)) = answer {
+                answered += 1;
+                if let Some(state) = state {
+                    store.apply(key, &state);
+                }
             }
         }
+        answered
     }
 
     /// Ships `state` to every other replica; returns once `needed` of them
@@ -642,6 +689,7 @@ impl Cluster {
                 ),
             );
         }
+        let mut repairs: Vec<(&[u8], NodeId, Vec<NodeId>)> = Vec::new();
         for (i, a) in answers.into_iter().enumerate() {
             let version_of = |answer: &KeyAnswer| answer.as_ref().map_or(0, |(v, _)| *v);
             let newest_at = a
@@ -655,8 +703,7 @@ impl Cluster {
                     .map(|(n, _)| *n)
                     .collect();
                 if !stale.is_empty() {
-                    self.read_repair(local.store(), keys[i], source, &stale)
-                        .await;
+                    repairs.push((keys[i], source, stale));
                 }
             }
             // The newest answer wins; a tombstone (empty block) is a miss.
@@ -682,6 +729,14 @@ impl Cluster {
             }
         }
         compose_end(out);
+        // Repairs of different keys run side by side: one hop at most.
+        let store = local.store();
+        join_all(
+            repairs
+                .iter()
+                .map(|(key, source, stale)| self.read_repair(store, key, *source, stale)),
+        )
+        .await;
     }
 
     /// Read repair: replicas that answered a read with an older version (or
@@ -724,27 +779,38 @@ impl Cluster {
         }
     }
 
-    /// gat / gats: the touch is a write, so each key goes to its primary.
+    /// gat / gats: the touch is a write, so each key goes to its primary;
+    /// up to [`TOUCH_KEYS_IN_FLIGHT`] keys at a time.
     async fn touch_keys(&self, local: &dyn Local, get: &Get<'_>, w: usize, out: &mut Vec<u8>) {
         let verb: &[u8] = if get.with_cas { b"gats" } else { b"gat" };
         let exptime = get.touch.unwrap_or(0);
-        for key in get.keys() {
-            let mut command = Vec::with_capacity(key.len() + 32);
-            command.extend_from_slice(verb);
-            command.extend_from_slice(format!(" {exptime} ").as_bytes());
-            command.extend_from_slice(key);
-            command.extend_from_slice(b"\r\n");
-            let mut reply = Vec::new();
-            if self.write(local, key, &command, w, false, &mut reply).await {
-                local
-                    .store()
-                    .with_key(key, |ctx| ctx.stats().cmd_touch += 1);
+        let start = out.len();
+        let keys: Vec<&[u8]> = get.keys().collect();
+        for chunk in keys.chunks(TOUCH_KEYS_IN_FLIGHT) {
+            let calls = chunk.iter().map(|&key| async move {
+                let mut command = Vec::with_capacity(key.len() + 32);
+                command.extend_from_slice(verb);
+                command.extend_from_slice(format!(" {exptime} ").as_bytes());
+                command.extend_from_slice(key);
+                command.extend_from_slice(b"\r\n");
+                let mut reply = Vec::new();
+                let forwarded = self.write(local, key, &command, w, false, &mut reply).await;
+                (key, forwarded, reply)
+            });
+            for (key, forwarded, reply) in join_all(calls).await {
+                if forwarded {
+                    local
+                        .store()
+                        .with_key(key, |ctx| ctx.stats().cmd_touch += 1);
+                }
+                if reply.starts_with(b"SERVER_ERROR") {
+                    // This request's reply becomes the error alone; earlier
+                    // pipelined replies in `out` stay.
+                    out.truncate(start);
+                    return out.extend_from_slice(&reply);
+                }
+                out.extend_from_slice(reply.strip_suffix(b"END\r\n").unwrap_or(&reply));
             }
-            if reply.starts_with(b"SERVER_ERROR") {
-                out.clear();
-                return out.extend_from_slice(&reply);
-            }
-            out.extend_from_slice(reply.strip_suffix(b"END\r\n").unwrap_or(&reply));
         }
         compose_end(out);
     }
@@ -943,6 +1009,9 @@ impl Cluster {
                     Applied::Older => {
                         self.stats.replica_writes_stale.fetch_add(1, Relaxed);
                         PeerResponse::Applied
+                    }
+                    Applied::Flushed => {
+                        PeerResponse::Refused("older than the last flush_all".into())
                     }
                     Applied::NoMemory => {
                         warn!(caller, "no memory for a replicated item");

@@ -207,6 +207,8 @@ pub enum Applied {
     Older,
     /// Newer, but there was no memory to hold it.
     NoMemory,
+    /// Older than the last cluster-wide `flush_all`: dropped.
+    Flushed,
 }
 
 /// Summed store statistics.
@@ -520,10 +522,12 @@ impl Store {
     /// its own next write orders after it.
     pub fn apply(&self, key: &[u8], state: &KeyState) -> Applied {
         self.hlc.observe(state.version());
-        if state.version() < self.flush_barrier.load(Ordering::Relaxed) {
-            return Applied::Older;
-        }
         self.locked(key, |ctx| {
+            // Checked under the shard lock: a flush that clears this shard
+            // has raised the barrier before taking the lock.
+            if state.version() < self.flush_barrier.load(Ordering::Relaxed) {
+                return Applied::Flushed;
+            }
             let local = match ctx.found {
                 Ok(slot) => Some((ctx.shard.get(slot).cas(), false)),
                 Err(Gone::Deleted(slot)) => Some((ctx.shard.get(slot).cas(), true)),

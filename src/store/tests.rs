@@ -480,7 +480,7 @@ fn copies_older_than_a_cluster_flush_are_dropped() {
     s.set_flush_barrier(150 << 22);
     assert_eq!(
         s.apply(b"b", &item_state(120 << 22, b"late")),
-        Applied::Older
+        Applied::Flushed
     );
     assert_eq!(get(&s, b"b"), None);
     assert_eq!(
