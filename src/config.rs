@@ -7,6 +7,10 @@
 use serde::{Deserialize, Deserializer};
 
 use crate::cluster::ring::{PARTITIONS_DEFAULT, PARTITIONS_MAX};
+
+/// Largest item a cluster accepts (`-I`): one item and its key must fit one
+/// node-to-node frame (4 MiB) with room to spare.
+pub const CLUSTER_ITEM_BYTES_MAX: usize = 2 * 1024 * 1024;
 use crate::error::ConfigError;
 use crate::limits::{
     CONNECTIONS_MAX_DEFAULT, ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN,
@@ -256,6 +260,11 @@ impl Config {
         }
         if let Some(c) = &self.cluster {
             c.validate()?;
+            if self.max_item_size > CLUSTER_ITEM_BYTES_MAX {
+                return bad(format!(
+                    "max_item_size cannot be larger than {CLUSTER_ITEM_BYTES_MAX} bytes in a cluster (an item travels between nodes in one frame)"
+                ));
+            }
         }
         if self.max_item_size > self.memory_limit_bytes() / 2 {
             return bad(format!(

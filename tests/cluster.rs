@@ -1226,3 +1226,33 @@ fn delete_through_a_primary_restarted_empty() {
         assert_eq!(get(&mut cluster.connect(id), key), None, "node {id}");
     }
 }
+
+/// A multi-get whose values add up to more than one node-to-node frame is
+/// answered in full: replicas answer byte-bounded pieces.
+#[test]
+fn multi_get_of_large_values_crosses_frames() {
+    let _serial = exclusive();
+    let cluster = Cluster::start(Layout::new(3));
+    let mut c1 = cluster.connect(1);
+    let value = "x".repeat(900_000);
+    for i in 0..6 {
+        assert_eq!(
+            c1.ask(&set_request("set", &format!("big{i}"), 0, &value)),
+            "STORED\r\n"
+        );
+    }
+    let mut c2 = cluster.connect(2);
+    let reply = c2.ask(b"get big0 big1 big2 big3 big4 big5 big0\r\n");
+    let values = reply.matches("VALUE big").count();
+    assert_eq!(
+        values,
+        7,
+        "reply starts {:?}",
+        &reply[..reply.len().min(120)]
+    );
+    assert!(reply.ends_with("END\r\n"));
+    assert_eq!(
+        reply.len(),
+        7 * (value.len() + "VALUE big0 0 900000\r\n\r\n".len()) + 5
+    );
+}

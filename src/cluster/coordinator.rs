@@ -39,6 +39,15 @@ use crate::store::{Applied, KeyState, Mode, Store, hlc, valid_key};
 /// waits about a millisecond; a clock that does not move is a test clock).
 const FLUSH_CLOCK_WAITS_MAX: usize = 10;
 
+/// Bytes of values one replica puts in one read answer (at least one key
+/// always goes in); well inside the transport's 4 MiB frame.
+const READ_ANSWER_BYTES_MAX: usize = 1024 * 1024;
+
+/// A cluster multi-get gathers its replicas' answers before replying
+/// (newest wins per key), so its reply is bounded: past this, the client
+/// gets a `SERVER_ERROR` asking it to split the request.
+const MULTI_GET_REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;
+
 /// gat/gats keys touched at once, each at its own primary.
 const TOUCH_KEYS_IN_FLIGHT: usize = 64;
 
@@ -624,6 +633,7 @@ impl Cluster {
         let mut answers: Vec<Vec<(NodeId, KeyAnswer)>> = vec![Vec::new(); keys.len()];
         let mut asked: Vec<Vec<NodeId>> = vec![Vec::new(); keys.len()];
         let mut read_here = vec![false; keys.len()];
+        let mut reply_bytes = 0usize;
         // Ask exactly as many replicas as are still missing, this node
         // first, then peers not known to be down in preference order; a
         // replica that fails or times out is replaced in the next round.
@@ -644,6 +654,7 @@ impl Cluster {
                 let local_answers = read_local(local.store(), &ks, get.with_cas);
                 for (&i, answer) in mine.iter().zip(local_answers) {
                     read_here[i] = true;
+                    reply_bytes += answer.as_ref().map_or(0, |(_, block)| block.len());
                     answers[i].push((self.me, answer));
                 }
             }
@@ -653,28 +664,59 @@ impl Cluster {
             self.stats.quorum_reads.fetch_add(1, Relaxed);
             let calls = asks.into_iter().map(|(node, idx)| {
                 let peer = self.peers[&node].clone();
-                let req = PeerRequest::ReadKeys {
-                    keys: idx.iter().map(|&i| keys[i].to_vec()).collect(),
-                    with_cas: get.with_cas,
-                };
                 let timeout = self.hop_timeout;
-                async move { (node, idx, peer.call_timeout(req, timeout).await) }
-            });
-            for (node, idx, result) in join_all(calls).await {
-                match result {
-                    Ok(PeerResponse::Values(values)) if values.len() == idx.len() => {
-                        for (i, v) in idx.into_iter().zip(values) {
-                            answers[i].push((node, v));
+                let with_cas = get.with_cas;
+                let keys = &keys;
+                async move {
+                    // A replica answers a byte-bounded prefix; ask on for
+                    // the rest until every key is answered or a call fails.
+                    let mut got: Vec<KeyAnswer> = Vec::new();
+                    let mut error = None;
+                    while got.len() < idx.len() {
+                        let req = PeerRequest::ReadKeys {
+                            keys: idx[got.len()..].iter().map(|&i| keys[i].to_vec()).collect(),
+                            with_cas,
+                        };
+                        match peer.call_timeout(req, timeout).await {
+                            Ok(PeerResponse::Values(v))
+                                if !v.is_empty() && v.len() <= idx.len() - got.len() =>
+                            {
+                                got.extend(v);
+                            }
+                            Ok(other) => {
+                                debug!(node, answer = ?other, "unexpected read answer");
+                                break;
+                            }
+                            Err(e) => {
+                                error = Some(e);
+                                break;
+                            }
                         }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if matches!(e, CallError::Timeout) {
-                            self.stats.timeouts.fetch_add(1, Relaxed);
-                        }
-                        debug!(error = %e, "replica read failed");
-                    }
+                    (node, idx, got, error)
                 }
+            });
+            for (node, idx, got, error) in join_all(calls).await {
+                if let Some(e) = error {
+                    if matches!(e, CallError::Timeout) {
+                        self.stats.timeouts.fetch_add(1, Relaxed);
+                    }
+                    debug!(node, error = %e, "replica read failed");
+                }
+                for (i, v) in idx.into_iter().zip(got) {
+                    reply_bytes += v.as_ref().map_or(0, |(_, block)| block.len());
+                    answers[i].push((node, v));
+                }
+            }
+            if reply_bytes > MULTI_GET_REPLY_BYTES_MAX {
+                return server_error(
+                    out,
+                    false,
+                    &format!(
+                        "multi-get reply over {} MiB in a cluster; split the request",
+                        MULTI_GET_REPLY_BYTES_MAX >> 20
+                    ),
+                );
             }
         }
         if let Some(i) = answers.iter().position(|a| a.len() < r) {
@@ -979,8 +1021,22 @@ impl Cluster {
                 if keys.iter().any(|k| bad_key(k)) {
                     return PeerResponse::Refused("invalid key".into());
                 }
-                let ks: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-                PeerResponse::Values(read_local(local.store(), &ks, with_cas))
+                // Answer a prefix of at most READ_ANSWER_BYTES_MAX (at least
+                // one key), so an answer always fits a frame; the caller
+                // asks again for the rest.
+                let mut values = Vec::new();
+                let mut bytes = 0usize;
+                for key in &keys {
+                    if bytes >= READ_ANSWER_BYTES_MAX {
+                        break;
+                    }
+                    let answer = read_local(local.store(), &[key.as_slice()], with_cas)
+                        .pop()
+                        .flatten();
+                    bytes += answer.as_ref().map_or(0, |(_, block)| block.len()) + key.len();
+                    values.push(answer);
+                }
+                PeerResponse::Values(values)
             }
             PeerRequest::ReadMeta { command, key } => {
                 if bad_key(&key) {

@@ -92,7 +92,11 @@ pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<
         .cluster
         .clone()
         .expect("a cluster member has a cluster");
+    // Owns every peer connection: aborting this task (shutdown) drops the
+    // set, which stops them all, so a stopped node answers no peer.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         match listener.accept().await {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
@@ -105,7 +109,7 @@ pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<
                     }
                 };
                 tracing::debug!(peer = %addr, "peer connected");
-                tokio::spawn(transport::serve_connection(
+                connections.spawn(transport::serve_connection(
                     stream,
                     identity.clone(),
                     handler,
