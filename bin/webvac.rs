@@ -61,6 +61,9 @@ struct Args {
     /// Cluster: how long one hop may take, in ms (default 1000).
     #[arg(long = "request-timeout-ms")]
     request_timeout_ms: Option<u64>,
+    /// Cluster: count hints for unreachable replicas toward W.
+    #[arg(long = "sloppy-quorum")]
+    sloppy_quorum: bool,
 }
 
 /// `ID=CLIENT_ADDR,PEER_ADDR`.
@@ -86,7 +89,8 @@ fn cluster_flags(
         || args.read_quorum.is_some()
         || args.write_quorum.is_some()
         || args.partitions.is_some()
-        || args.request_timeout_ms.is_some();
+        || args.request_timeout_ms.is_some()
+        || args.sloppy_quorum;
     if !any_flag {
         return Ok(file);
     }
@@ -119,6 +123,9 @@ fn cluster_flags(
     }
     if let Some(t) = args.request_timeout_ms {
         c.request_timeout_ms = t;
+    }
+    if args.sloppy_quorum {
+        c.sloppy_quorum = true;
     }
     Ok(Some(c))
 }

@@ -13,7 +13,8 @@ use crate::cluster::ring::{PARTITIONS_DEFAULT, PARTITIONS_MAX};
 pub const CLUSTER_ITEM_BYTES_MAX: usize = 2 * 1024 * 1024;
 use crate::error::ConfigError;
 use crate::limits::{
-    CONNECTIONS_MAX_DEFAULT, ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN,
+    CONNECTIONS_MAX_DEFAULT, HINT_WINDOW_SECS_DEFAULT, HINTS_MEMORY_MB_DEFAULT,
+    HINTS_PER_TARGET_MAX_DEFAULT, ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN,
     MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT, REPLICAS_DEFAULT, REQUEST_TIMEOUT_MS_DEFAULT,
     THREADS_DEFAULT,
 };
@@ -68,6 +69,21 @@ pub struct ClusterConfig {
     /// take before the peer is passed over.
     #[serde(default = "request_timeout_ms_default")]
     pub request_timeout_ms: u64,
+    /// Whether a hint held for an unreachable replica counts toward W
+    /// (sloppy quorum: more writes succeed while replicas are down, but an
+    /// acknowledged write may then live on fewer than W of its own
+    /// replicas until the hint is handed over).
+    #[serde(default)]
+    pub sloppy_quorum: bool,
+    /// How long a hint waits for its replica before it is dropped.
+    #[serde(default = "hint_window_secs_default")]
+    pub hint_window_secs: u64,
+    /// Hints held per unreachable replica; past it the oldest go.
+    #[serde(default = "hints_per_target_max_default")]
+    pub hints_per_target_max: usize,
+    /// Memory for hints on this node, in MiB, on top of the item memory.
+    #[serde(default = "hints_memory_mb_default")]
+    pub hints_memory_mb: usize,
 }
 
 /// One member of the cluster.
@@ -90,6 +106,15 @@ fn partitions_default() -> u32 {
 }
 fn request_timeout_ms_default() -> u64 {
     REQUEST_TIMEOUT_MS_DEFAULT
+}
+fn hint_window_secs_default() -> u64 {
+    HINT_WINDOW_SECS_DEFAULT
+}
+fn hints_per_target_max_default() -> usize {
+    HINTS_PER_TARGET_MAX_DEFAULT
+}
+fn hints_memory_mb_default() -> usize {
+    HINTS_MEMORY_MB_DEFAULT
 }
 
 impl ClusterConfig {
@@ -126,12 +151,13 @@ impl ClusterConfig {
             .map(|m| format!("{}={},{}", m.id, m.client, m.peer))
             .collect();
         format!(
-            "members=[{}] replicas={} read_quorum={} write_quorum={} partitions={}",
+            "members=[{}] replicas={} read_quorum={} write_quorum={} partitions={} sloppy_quorum={}",
             list.join(" "),
             self.replicas_effective(),
             self.read_quorum_effective(),
             self.write_quorum_effective(),
-            self.partitions
+            self.partitions,
+            self.sloppy_quorum
         )
     }
 
@@ -326,6 +352,25 @@ mod tests {
         let c = Config::from_file(path).unwrap();
         assert_eq!(c, Config::default());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn the_shipped_cluster_files_agree_on_one_layout() {
+        let layouts: Vec<u64> = (1..=3)
+            .map(|i| {
+                let path = format!(
+                    "{}/config/cluster-3/node{i}.toml",
+                    env!("CARGO_MANIFEST_DIR")
+                );
+                let c = Config::from_file(&path).unwrap();
+                c.validate().unwrap();
+                let cluster = c.cluster.expect("a [cluster] section");
+                assert_eq!(cluster.node_id, i);
+                assert_eq!(cluster.me().unwrap().client, format!("127.0.0.1:1121{i}"));
+                cluster.layout_hash()
+            })
+            .collect();
+        assert!(layouts.windows(2).all(|w| w[0] == w[1]));
     }
 
     #[test]

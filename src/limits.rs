@@ -61,6 +61,17 @@ pub const REPLICAS_DEFAULT: usize = 3;
 /// window DESIGN sets, plus ten minutes for one anti-entropy round.
 pub const TOMBSTONE_GRACE_SECS: u32 = 3 * 3600 + 600;
 
+/// How long a hint waits for its replica (DESIGN: 3 hours).
+pub const HINT_WINDOW_SECS_DEFAULT: u64 = 3 * 3600;
+
+/// Hints held per unreachable replica.
+pub const HINTS_PER_TARGET_MAX_DEFAULT: usize = 100_000;
+
+/// Memory for hints per node, in MiB, beside the item memory.
+pub const HINTS_MEMORY_MB_DEFAULT: usize = 64;
+
+const _: () = assert!(HINT_WINDOW_SECS_DEFAULT < TOMBSTONE_GRACE_SECS as u64);
+
 /// How long one cluster hop may take before the peer is passed over.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 1000;
 

@@ -1098,24 +1098,10 @@ fn read_repair_refills_a_node_restarted_empty() {
             "mg rr{i} v Pr3 through node 2: {reply:?}"
         );
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let missing = loop {
-        let missing: Vec<usize> = (KEYS / 2..KEYS)
-            .filter(|i| !holds(&mut c3, &format!("rr{i}")))
-            .collect();
-        if missing.is_empty() || Instant::now() > deadline {
-            break missing;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let keys: Vec<String> = (KEYS / 2..KEYS).map(|i| format!("rr{i}")).collect();
+    let missing = wait_until_held(&mut c3, &keys, Duration::from_secs(5));
     assert!(missing.is_empty(), "not repaired on node 3: {missing:?}");
-    let repairs: u64 = [1, 2, 3]
-        .iter()
-        .map(|&id| {
-            let stats = cluster_stats(&mut cluster.connect(id));
-            stats["read_repairs"].parse::<u64>().expect("number")
-        })
-        .sum();
+    let repairs = summed_stat(&cluster, &[1, 2, 3], "read_repairs");
     assert!(
         repairs >= KEYS as u64,
         "read_repairs summed over nodes: {repairs}"
@@ -1255,4 +1241,81 @@ fn multi_get_of_large_values_crosses_frames() {
         reply.len(),
         7 * (value.len() + "VALUE big0 0 900000\r\n\r\n".len()) + 5
     );
+}
+
+/// Polls (bounded) until the node behind `client` holds every key (`me`);
+/// returns the keys still missing at the deadline.
+fn wait_until_held(client: &mut Client, keys: &[String], within: Duration) -> Vec<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let missing: Vec<String> = keys.iter().filter(|k| !holds(client, k)).cloned().collect();
+        if missing.is_empty() || Instant::now() > deadline {
+            return missing;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn summed_stat(cluster: &Cluster, ids: &[u16], name: &str) -> u64 {
+    ids.iter()
+        .map(|&id| {
+            let stats = cluster_stats(&mut cluster.connect(id));
+            stats[name].parse::<u64>().expect("number")
+        })
+        .sum()
+}
+
+/// Hinted handoff: writes made while a replica is down are held as hints
+/// and handed to it when it is back, even though it restarted empty.
+#[test]
+fn hints_hand_missed_writes_to_a_restarted_replica() {
+    const KEYS: usize = 100;
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(Layout::new(3));
+    cluster.kill(3);
+    cluster.wait_member_state(1, 3, |s| s.starts_with("down"));
+    cluster.wait_member_state(2, 3, |s| s.starts_with("down"));
+    let mut c1 = cluster.connect(1);
+    for i in 0..KEYS {
+        let reply = c1.ask(&set_request("set", &format!("h{i}"), 0, &format!("v{i}")));
+        assert_eq!(reply, "STORED\r\n", "h{i}");
+    }
+    assert!(summed_stat(&cluster, &[1, 2], "hints_pending") >= KEYS as u64);
+    cluster.restart(3);
+    let mut c3 = cluster.connect(3);
+    let keys: Vec<String> = (0..KEYS).map(|i| format!("h{i}")).collect();
+    let missing = wait_until_held(&mut c3, &keys, Duration::from_secs(10));
+    assert!(missing.is_empty(), "not handed to node 3: {missing:?}");
+    assert!(summed_stat(&cluster, &[1, 2], "hints_delivered") >= KEYS as u64);
+    assert_eq!(summed_stat(&cluster, &[1, 2], "hints_pending"), 0);
+}
+
+/// With a replica down, W=3 fails under a strict quorum and succeeds under
+/// a sloppy one (the hint counts).
+#[test]
+fn sloppy_quorum_counts_hints_toward_w() {
+    let _serial = exclusive();
+    for sloppy in [false, true] {
+        let layout = Layout::new(3).quorums(2, 3);
+        let layout = if sloppy {
+            layout.sloppy_quorum()
+        } else {
+            layout
+        };
+        let mut cluster = Cluster::start(layout);
+        cluster.kill(3);
+        cluster.wait_member_state(1, 3, |s| s.starts_with("down"));
+        cluster.wait_member_state(2, 3, |s| s.starts_with("down"));
+        let mut c1 = cluster.connect(1);
+        let reply = c1.ask(&set_request("set", "sq", 0, "v"));
+        if sloppy {
+            assert_eq!(reply, "STORED\r\n");
+        } else {
+            assert!(
+                reply.starts_with("SERVER_ERROR write quorum not met"),
+                "{reply:?}"
+            );
+            assert!(reply.contains("hinted to node"), "{reply:?}");
+        }
+    }
 }

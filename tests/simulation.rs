@@ -126,6 +126,10 @@ fn cluster_config(node_id: u16) -> ClusterConfig {
         write_quorum: Some(2),
         partitions: 64,
         request_timeout_ms: HOP_TIMEOUT_MS,
+        sloppy_quorum: false,
+        hint_window_secs: 3 * 3600,
+        hints_per_target_max: 10_000,
+        hints_memory_mb: 16,
     }
 }
 

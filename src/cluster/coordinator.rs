@@ -21,9 +21,11 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
+use super::hints::{HintLimits, HintStore};
 use super::message::{PeerRequest, PeerResponse};
 use super::quorum::{Decision, Quorum};
 use super::ring::{NodeId, Ring};
@@ -47,6 +49,11 @@ const READ_ANSWER_BYTES_MAX: usize = 1024 * 1024;
 /// (newest wins per key), so its reply is bounded: past this, the client
 /// gets a `SERVER_ERROR` asking it to split the request.
 const MULTI_GET_REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// How often held hints are offered to their replicas, and how many per
+/// replica per pass.
+const HINT_DELIVERY_INTERVAL_MS: u64 = 200;
+const HINT_DELIVERY_BATCH: usize = 256;
 
 /// gat/gats keys touched at once, each at its own primary.
 const TOUCH_KEYS_IN_FLIGHT: usize = 64;
@@ -105,6 +112,13 @@ pub struct Cluster {
     read_quorum: usize,
     write_quorum: usize,
     hop_timeout: Duration,
+    /// Every member in ring order per partition: past the first N are the
+    /// nodes that hold hints for unreachable replicas.
+    full_ring: Ring,
+    /// Hints this node holds for unreachable replicas.
+    hints: Arc<Mutex<HintStore>>,
+    /// Whether a hint counts toward W.
+    sloppy_quorum: bool,
     pub stats: ClusterStats,
     pub transport: Arc<TransportStats>,
 }
@@ -282,7 +296,16 @@ impl Cluster {
     ) -> Self {
         let ids: Vec<NodeId> = config.members.iter().map(|m| m.id).collect();
         let ring = Ring::new(&ids, config.partitions, config.replicas_effective());
+        let full_ring = Ring::new(&ids, config.partitions, ids.len());
+        let hints = HintStore::new(HintLimits {
+            per_target_max: config.hints_per_target_max,
+            bytes_max: config.hints_memory_mb.saturating_mul(1024 * 1024),
+            window_ms: config.hint_window_secs.saturating_mul(1000),
+        });
         Self {
+            full_ring,
+            hints: Arc::new(Mutex::new(hints)),
+            sloppy_quorum: config.sloppy_quorum,
             me: config.node_id,
             ring,
             members: config.members.clone(),
@@ -524,7 +547,8 @@ impl Cluster {
             }
         };
         let needed = w.saturating_sub(1);
-        let quorum = self.replicate(key, state, &others, needed).await;
+        let now_ms = store.clock().now_ms();
+        let quorum = self.replicate(key, state, &others, needed, now_ms).await;
         if let Err(why) = quorum {
             self.stats.write_quorum_failures.fetch_add(1, Relaxed);
             out.truncate(start);
@@ -563,20 +587,52 @@ impl Cluster {
         state: KeyState,
         others: &[NodeId],
         needed: usize,
+        now_ms: u64,
     ) -> Result<(), String> {
         let (tx, mut rx) = mpsc::channel(others.len());
+        let holder = self.hint_holder(key);
         for &node in others {
             let peer = self.peers[&node].clone();
-            let req = PeerRequest::Apply {
-                key: key.to_vec(),
-                state: state.clone(),
-            };
+            let holder_peer = (holder != self.me).then(|| self.peers[&holder].clone());
+            let hints = self.hints.clone();
+            let key = key.to_vec();
+            let state = state.clone();
             let timeout = self.hop_timeout;
             let tx = tx.clone();
             self.stats.replica_writes_sent.fetch_add(1, Relaxed);
             tokio::spawn(async move {
-                let result = peer.call_timeout(req, timeout).await;
-                let _ = tx.send((node, result)).await;
+                let req = PeerRequest::Apply {
+                    key: key.clone(),
+                    state: state.clone(),
+                };
+                let outcome = match peer.call_timeout(req, timeout).await {
+                    Ok(PeerResponse::Applied) => Ok(false),
+                    Ok(other) => Err(format!("unexpected answer {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                };
+                // Not confirmed: hand the state to the hint holder. The
+                // state is idempotent, so a copy that did land is harmless.
+                let outcome = match outcome {
+                    Err(why) => match holder_peer {
+                        None => {
+                            hints.lock().add(node, &key, state, now_ms);
+                            Ok(true)
+                        }
+                        Some(h) => {
+                            let req = PeerRequest::Hint {
+                                target: node,
+                                key,
+                                state,
+                            };
+                            match h.call_timeout(req, timeout).await {
+                                Ok(PeerResponse::Applied) => Ok(true),
+                                _ => Err(why),
+                            }
+                        }
+                    },
+                    ok => ok,
+                };
+                let _ = tx.send((node, outcome)).await;
             });
         }
         drop(tx);
@@ -584,15 +640,16 @@ impl Cluster {
             return Ok(());
         }
         let mut quorum = Quorum::new(needed, others.len());
-        while let Some((node, result)) = rx.recv().await {
-            let decision = match result {
-                Ok(PeerResponse::Applied) => quorum.succeeded(node),
-                Ok(other) => quorum.failed(node, format!("unexpected answer {other:?}")),
-                Err(e) => {
-                    if matches!(e, CallError::Timeout) {
+        while let Some((node, outcome)) = rx.recv().await {
+            let decision = match outcome {
+                Ok(false) => quorum.succeeded(node),
+                Ok(true) if self.sloppy_quorum => quorum.succeeded(node),
+                Ok(true) => quorum.failed(node, format!("unreachable; hinted to node {holder}")),
+                Err(why) => {
+                    if why.contains("timed out") {
                         self.stats.timeouts.fetch_add(1, Relaxed);
                     }
-                    quorum.failed(node, e.to_string())
+                    quorum.failed(node, why)
                 }
             };
             match decision {
@@ -602,6 +659,63 @@ impl Cluster {
             }
         }
         Err(explain_with_self(&quorum))
+    }
+
+    /// Who holds hints for `key`'s replicas: the first member past its
+    /// preference list on the ring that is not known to be down, else this
+    /// node (a cluster of N members has no one past the list).
+    fn hint_holder(&self, key: &[u8]) -> NodeId {
+        let all = self.full_ring.preference_list_for_key(key);
+        all[self.ring.replicas()..]
+            .iter()
+            .copied()
+            .find(|n| *n == self.me || !matches!(self.peers[n].state(), PeerState::Down { .. }))
+            .unwrap_or(self.me)
+    }
+
+    /// Hands held hints to their replicas once they are reachable again;
+    /// runs until the node stops. Bounded work per pass.
+    pub async fn deliver_hints(self: Arc<Self>, clock: Arc<dyn crate::store::Clock>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(HINT_DELIVERY_INTERVAL_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let targets = {
+                let mut hints = self.hints.lock();
+                hints.expire(clock.now_ms());
+                hints.targets()
+            };
+            for target in targets {
+                let Some(peer) = self.peers.get(&target) else {
+                    continue;
+                };
+                if peer.state() != PeerState::Up {
+                    continue;
+                }
+                let batch = self.hints.lock().take(target, HINT_DELIVERY_BATCH);
+                let calls = batch.iter().map(|h| {
+                    let req = PeerRequest::Apply {
+                        key: h.key.clone(),
+                        state: h.state.clone(),
+                    };
+                    peer.call_timeout(req, self.hop_timeout)
+                });
+                let results = join_all(calls).await;
+                let mut undelivered = Vec::new();
+                let mut delivered = 0;
+                for (h, r) in batch.into_iter().zip(results) {
+                    match r {
+                        Ok(PeerResponse::Applied) => delivered += 1,
+                        _ => undelivered.push(h),
+                    }
+                }
+                let mut hints = self.hints.lock();
+                hints.delivered(delivered);
+                if !undelivered.is_empty() {
+                    hints.put_back(target, undelivered);
+                }
+            }
+        }
     }
 
     /// Replicas of `key` to read from, best first, skipping `asked`: this
@@ -1075,6 +1189,14 @@ impl Cluster {
                     }
                 }
             }
+            PeerRequest::Hint { target, key, state } => {
+                if bad_key(&key) || !self.peers.contains_key(&target) {
+                    return PeerResponse::Refused("invalid hint".into());
+                }
+                let now_ms = local.store().clock().now_ms();
+                self.hints.lock().add(target, &key, state, now_ms);
+                PeerResponse::Applied
+            }
             PeerRequest::FlushAll {
                 delay_secs,
                 version,
@@ -1138,6 +1260,17 @@ impl Cluster {
         ] {
             put_stat(out, name, v.load(Relaxed));
         }
+        let (counts, pending, bytes) = {
+            let h = self.hints.lock();
+            (h.counts, h.pending(), h.bytes())
+        };
+        put_stat(out, "sloppy_quorum", u8::from(self.sloppy_quorum));
+        put_stat(out, "hints_stored", counts.stored);
+        put_stat(out, "hints_delivered", counts.delivered);
+        put_stat(out, "hints_dropped", counts.dropped);
+        put_stat(out, "hints_expired", counts.expired);
+        put_stat(out, "hints_pending", pending);
+        put_stat(out, "hints_bytes", bytes);
         let t = &self.transport;
         for (name, v) in [
             ("peer_calls", &t.calls),

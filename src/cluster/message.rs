@@ -28,6 +28,13 @@ pub enum PeerRequest {
     Fetch { key: Vec<u8> },
     /// Apply replicated state, highest version wins.
     Apply { key: Vec<u8>, state: KeyState },
+    /// Hold `state` for `target`, a replica that could not be reached, and
+    /// hand it over when it is back (hinted handoff).
+    Hint {
+        target: u16,
+        key: Vec<u8>,
+        state: KeyState,
+    },
     /// `flush_all`, relayed to every member. `version` is the coordinator's
     /// stamp for it: replicated states older than an immediate flush are
     /// dropped afterwards.

@@ -3,6 +3,7 @@
 //! messages and `now` and return messages; tokio tasks only move them.
 
 pub mod coordinator;
+pub mod hints;
 pub mod message;
 pub mod quorum;
 pub mod ring;

@@ -188,6 +188,10 @@ impl Server {
             shared,
             max_connections,
         } = self;
+        let hint_delivery = shared
+            .cluster
+            .clone()
+            .map(|c| tokio::spawn(c.deliver_hints(shared.store.clock_arc())));
         let peers = match (peer_listener, identity) {
             (Some(l), Some(id)) => Some(tokio::spawn(cluster::serve_peers(l, id, shared.clone()))),
             _ => None,
@@ -251,6 +255,9 @@ impl Server {
         sweeper.abort();
         if let Some(p) = peers {
             p.abort();
+        }
+        if let Some(h) = hint_delivery {
+            h.abort();
         }
         if let Some(c) = &shared.cluster {
             c.shutdown();

@@ -279,6 +279,11 @@ impl Store {
         }
     }
 
+    /// The store's clock, shared (for tasks that outlive a borrow).
+    pub fn clock_arc(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
     pub fn clock(&self) -> &dyn Clock {
         &*self.clock
     }

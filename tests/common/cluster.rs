@@ -67,6 +67,8 @@ pub struct Layout {
     pub request_timeout_ms: Option<u64>,
     /// `-m`, item memory per node in MiB.
     pub memory_limit_mb: usize,
+    /// `--sloppy-quorum`.
+    pub sloppy_quorum: bool,
 }
 
 impl Layout {
@@ -80,6 +82,7 @@ impl Layout {
             write_quorum: None,
             request_timeout_ms: None,
             memory_limit_mb: 64,
+            sloppy_quorum: false,
         }
     }
 
@@ -91,6 +94,11 @@ impl Layout {
     pub fn quorums(mut self, read: usize, write: usize) -> Layout {
         self.read_quorum = Some(read);
         self.write_quorum = Some(write);
+        self
+    }
+
+    pub fn sloppy_quorum(mut self) -> Layout {
+        self.sloppy_quorum = true;
         self
     }
 
@@ -236,6 +244,9 @@ impl Cluster {
                 args.push(flag.to_string());
                 args.push(v);
             }
+        }
+        if l.sloppy_quorum {
+            args.push("--sloppy-quorum".to_string());
         }
         args
     }
