@@ -54,6 +54,7 @@ const MULTI_GET_REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// replica per pass.
 const HINT_DELIVERY_INTERVAL_MS: u64 = 200;
 const HINT_DELIVERY_BATCH: usize = 256;
+const HINT_DELIVERY_BATCHES_PER_PASS: usize = 64;
 
 /// gat/gats keys touched at once, each at its own primary.
 const TOUCH_KEYS_IN_FLIGHT: usize = 64;
@@ -692,30 +693,43 @@ impl Cluster {
                 if peer.state() != PeerState::Up {
                     continue;
                 }
-                let batch = self.hints.lock().take(target, HINT_DELIVERY_BATCH);
-                let calls = batch.iter().map(|h| {
-                    let req = PeerRequest::Apply {
-                        key: h.key.clone(),
-                        state: h.state.clone(),
-                    };
-                    peer.call_timeout(req, self.hop_timeout)
-                });
-                let results = join_all(calls).await;
-                let mut undelivered = Vec::new();
-                let mut delivered = 0;
-                for (h, r) in batch.into_iter().zip(results) {
-                    match r {
-                        Ok(PeerResponse::Applied) => delivered += 1,
-                        _ => undelivered.push(h),
+                for _ in 0..HINT_DELIVERY_BATCHES_PER_PASS {
+                    if !self.deliver_hint_batch(target, peer).await {
+                        break;
                     }
-                }
-                let mut hints = self.hints.lock();
-                hints.delivered(delivered);
-                if !undelivered.is_empty() {
-                    hints.put_back(target, undelivered);
                 }
             }
         }
+    }
+
+    /// Hands one batch of `target`'s hints over. Returns whether a full
+    /// batch landed (so there may be more to send now).
+    async fn deliver_hint_batch(&self, target: NodeId, peer: &PeerHandle) -> bool {
+        let batch = self.hints.lock().take(target, HINT_DELIVERY_BATCH);
+        let full = batch.len() == HINT_DELIVERY_BATCH;
+        let calls = batch.iter().map(|h| {
+            let req = PeerRequest::Apply {
+                key: h.key.clone(),
+                state: h.state.clone(),
+            };
+            peer.call_timeout(req, self.hop_timeout)
+        });
+        let results = join_all(calls).await;
+        let mut undelivered = Vec::new();
+        let mut delivered = 0;
+        for (h, r) in batch.into_iter().zip(results) {
+            match r {
+                Ok(PeerResponse::Applied) => delivered += 1,
+                _ => undelivered.push(h),
+            }
+        }
+        let mut hints = self.hints.lock();
+        hints.delivered(delivered);
+        let all_landed = undelivered.is_empty();
+        if !all_landed {
+            hints.put_back(target, undelivered);
+        }
+        full && all_landed
     }
 
     /// Replicas of `key` to read from, best first, skipping `asked`: this
