@@ -523,7 +523,10 @@ impl Shard {
     ) -> Result<Slot, Gone> {
         let slot = self.find(hash, key).ok_or(Gone::Missing)?;
         let e = self.get(slot);
-        let why = if exptime::is_expired(e.exptime(), now_secs) {
+        let why = if e.has(bits::TOMBSTONE) && exptime::is_expired(e.exptime(), now_secs) {
+            // A tombstone past its grace: the key was deleted, not expired.
+            Gone::Missing
+        } else if exptime::is_expired(e.exptime(), now_secs) {
             Gone::Expired
         } else if e.last_access() < flushed_before {
             Gone::Flushed
@@ -670,7 +673,9 @@ impl Shard {
         }
         let e = self.get(slot);
         let unfetched = !e.has(bits::FETCHED);
-        if exptime::is_expired(e.exptime(), now_secs) {
+        if e.has(bits::TOMBSTONE) {
+            // Not an item: its removal is no eviction or reclaim.
+        } else if exptime::is_expired(e.exptime(), now_secs) {
             self.stats.reclaimed += 1;
             if unfetched {
                 self.stats.expired_unfetched += 1;
@@ -750,7 +755,7 @@ impl Shard {
             let expired = exptime::is_expired(e.exptime(), now_secs);
             let unfetched = !e.has(bits::FETCHED);
             if expired || e.last_access() < flushed_before {
-                if expired {
+                if expired && !e.has(bits::TOMBSTONE) {
                     self.stats.reclaimed += 1;
                     if unfetched {
                         self.stats.expired_unfetched += 1;

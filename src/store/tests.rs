@@ -493,3 +493,19 @@ fn copies_older_than_a_cluster_flush_are_dropped() {
         "local writes order after the flush"
     );
 }
+
+#[test]
+fn tombstones_leave_item_statistics_alone() {
+    let (s, clock) = store();
+    s.apply(b"t", &KeyState::Absent { version: 300 << 22 });
+    assert_eq!(get(&s, b"t"), None);
+    clock.advance_ms((u64::from(TOMBSTONE_GRACE_SECS) + 1) * 1000);
+    assert_eq!(get(&s, b"t"), None);
+    s.sweep(1 << 20);
+    let c = s.stats().counters;
+    assert_eq!(
+        (c.get_expired, c.reclaimed, c.evictions, c.total_items),
+        (0, 0, 0, 0)
+    );
+    assert_eq!((c.get_misses, s.stats().curr_items), (2, 0));
+}
