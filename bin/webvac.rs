@@ -64,6 +64,9 @@ struct Args {
     /// Cluster: count hints for unreachable replicas toward W.
     #[arg(long = "sloppy-quorum")]
     sloppy_quorum: bool,
+    /// Cluster: do not pull this node's keys from its peers at start.
+    #[arg(long = "no-refill")]
+    no_refill: bool,
 }
 
 /// `ID=CLIENT_ADDR,PEER_ADDR`.
@@ -90,7 +93,8 @@ fn cluster_flags(
         || args.write_quorum.is_some()
         || args.partitions.is_some()
         || args.request_timeout_ms.is_some()
-        || args.sloppy_quorum;
+        || args.sloppy_quorum
+        || args.no_refill;
     if !any_flag {
         return Ok(file);
     }
@@ -126,6 +130,9 @@ fn cluster_flags(
     }
     if args.sloppy_quorum {
         c.sloppy_quorum = true;
+    }
+    if args.no_refill {
+        c.refill_on_start = false;
     }
     Ok(Some(c))
 }

@@ -84,6 +84,14 @@ pub struct ClusterConfig {
     /// Memory for hints on this node, in MiB, on top of the item memory.
     #[serde(default = "hints_memory_mb_default")]
     pub hints_memory_mb: usize,
+    /// Whether a starting node pulls the keys it replicates from its peers
+    /// (how a node restarted empty gets its data back).
+    #[serde(default = "refill_on_start_default")]
+    pub refill_on_start: bool,
+}
+
+fn refill_on_start_default() -> bool {
+    true
 }
 
 /// One member of the cluster.

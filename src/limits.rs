@@ -61,6 +61,9 @@ pub const REPLICAS_DEFAULT: usize = 3;
 /// window DESIGN sets, plus ten minutes for one anti-entropy round.
 pub const TOMBSTONE_GRACE_SECS: u32 = 3 * 3600 + 600;
 
+/// Index buckets a store walk (refill) visits under one shard lock.
+pub const SCAN_BUCKETS_PER_LOCK: usize = 4096;
+
 /// How long a hint waits for its replica (DESIGN: 3 hours).
 pub const HINT_WINDOW_SECS_DEFAULT: u64 = 3 * 3600;
 

@@ -1063,7 +1063,8 @@ fn flush_all_is_seen_by_the_next_read_through_any_node() {
 fn read_repair_refills_a_node_restarted_empty() {
     const KEYS: usize = 50;
     let _serial = exclusive();
-    let mut cluster = Cluster::start(Layout::new(3));
+    // Without the start-up refill, so only reads can bring keys back.
+    let mut cluster = Cluster::start(Layout::new(3).no_refill());
     let mut c1 = cluster.connect(1);
     for i in 0..KEYS {
         let reply = c1.ask(&set_request("set", &format!("rr{i}"), 0, &format!("v{i}")));
@@ -1271,7 +1272,8 @@ fn summed_stat(cluster: &Cluster, ids: &[u16], name: &str) -> u64 {
 fn hints_hand_missed_writes_to_a_restarted_replica() {
     const KEYS: usize = 100;
     let _serial = exclusive();
-    let mut cluster = Cluster::start(Layout::new(3));
+    // Without the start-up refill, so only hints can bring the keys.
+    let mut cluster = Cluster::start(Layout::new(3).no_refill());
     cluster.kill(3);
     cluster.wait_member_state(1, 3, |s| s.starts_with("down"));
     cluster.wait_member_state(2, 3, |s| s.starts_with("down"));
@@ -1318,4 +1320,43 @@ fn sloppy_quorum_counts_hints_toward_w() {
             assert!(reply.contains("hinted to node"), "{reply:?}");
         }
     }
+}
+
+/// A node restarted empty refills itself from its peers while it serves:
+/// keys written before it went down come back without being read, deleted
+/// ones stay deleted.
+#[test]
+fn a_node_restarted_empty_refills_from_its_peers() {
+    const KEYS: usize = 2000;
+    const DELETED: usize = 100;
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(Layout::new(3));
+    let mut c1 = cluster.connect(1);
+    for i in 0..KEYS {
+        let reply = c1.ask(&set_request("set", &format!("f{i}"), 0, &format!("v{i}")));
+        assert_eq!(reply, "STORED\r\n", "f{i}");
+    }
+    for i in 0..DELETED {
+        assert_eq!(c1.ask(format!("delete f{i}\r\n").as_bytes()), "DELETED\r\n");
+    }
+    cluster.kill(3);
+    cluster.restart(3);
+    let mut c3 = cluster.connect(3);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let items = loop {
+        let stats = parse_stats(&c3.ask(b"stats\r\n"));
+        let items: usize = stats["curr_items"].parse().expect("number");
+        if items >= KEYS - DELETED || Instant::now() > deadline {
+            break items;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(items, KEYS - DELETED, "node 3 after its refill");
+    let live: Vec<String> = (DELETED..KEYS).map(|i| format!("f{i}")).collect();
+    assert!(wait_until_held(&mut c3, &live, Duration::ZERO).is_empty());
+    for i in 0..DELETED {
+        assert!(!holds(&mut c3, &format!("f{i}")), "deleted f{i} came back");
+        assert_eq!(get(&mut c3, &format!("f{i}")), None, "deleted f{i}");
+    }
+    assert!(summed_stat(&cluster, &[3], "refill_keys") >= (KEYS - DELETED) as u64);
 }

@@ -130,6 +130,7 @@ fn cluster_config(node_id: u16) -> ClusterConfig {
         hint_window_secs: 3 * 3600,
         hints_per_target_max: 10_000,
         hints_memory_mb: 16,
+        refill_on_start: false,
     }
 }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::hints::{HintLimits, HintStore};
 use super::message::{PeerRequest, PeerResponse};
@@ -55,6 +55,14 @@ const MULTI_GET_REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;
 const HINT_DELIVERY_INTERVAL_MS: u64 = 200;
 const HINT_DELIVERY_BATCH: usize = 256;
 const HINT_DELIVERY_BATCHES_PER_PASS: usize = 64;
+
+/// Refill after a start: page size, how long to wait for each peer to come
+/// up, and how often to retry a page before giving up on that peer.
+const REFILL_PAGE_ITEMS: usize = 1024;
+const REFILL_PAGE_BYTES: usize = 1024 * 1024;
+const REFILL_POLL_MS: u64 = 50;
+const REFILL_WAIT_FOR_PEER_POLLS: usize = 100;
+const REFILL_RETRIES_MAX: usize = 5;
 
 /// gat/gats keys touched at once, each at its own primary.
 const TOUCH_KEYS_IN_FLIGHT: usize = 64;
@@ -101,6 +109,12 @@ pub struct ClusterStats {
     pub catch_up_reads: AtomicU64,
     /// Stale replicas sent the newest state after a read saw them differ.
     pub read_repairs: AtomicU64,
+    /// States pulled from peers by the refill after a start, and their
+    /// key and value bytes.
+    pub refill_keys: AtomicU64,
+    pub refill_bytes: AtomicU64,
+    /// Peers the refill has finished with.
+    pub refill_peers_done: AtomicU64,
 }
 
 /// One node's view of the cluster and its request path.
@@ -732,6 +746,69 @@ impl Cluster {
         full && all_landed
     }
 
+    /// Refill after a start: pulls from every peer the states of the keys
+    /// this node replicates, a page at a time, and applies them (highest
+    /// version wins, so what it already has or writes meanwhile is kept).
+    /// A node that restarted empty so gets its partitions back while it
+    /// serves. Bounded: pages of [`REFILL_PAGE_ITEMS`] items, a bounded
+    /// wait for peers, a bounded number of retries per page.
+    pub async fn refill(self: Arc<Self>, local: Arc<dyn Local>) {
+        for (&node, peer) in &self.peers {
+            // Wait (bounded) for the peer to come up.
+            for _ in 0..REFILL_WAIT_FOR_PEER_POLLS {
+                if peer.state() == PeerState::Up {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(REFILL_POLL_MS)).await;
+            }
+            let mut cursor = 0u64;
+            let mut failures = 0;
+            loop {
+                let req = PeerRequest::Scan {
+                    for_node: self.me,
+                    cursor,
+                };
+                match peer.call_timeout(req, self.hop_timeout).await {
+                    Ok(PeerResponse::Page { states, next }) => {
+                        failures = 0;
+                        let mut bytes = 0u64;
+                        for (key, state) in &states {
+                            if valid_key(key) {
+                                bytes += key.len() as u64;
+                                if let KeyState::Item { value, .. } = state {
+                                    bytes += value.len() as u64;
+                                }
+                                local.store().apply(key, state);
+                            }
+                        }
+                        self.stats
+                            .refill_keys
+                            .fetch_add(states.len() as u64, Relaxed);
+                        self.stats.refill_bytes.fetch_add(bytes, Relaxed);
+                        match next {
+                            Some(c) => cursor = c,
+                            None => break,
+                        }
+                    }
+                    other => {
+                        failures += 1;
+                        if failures > REFILL_RETRIES_MAX {
+                            warn!(node, answer = ?other.err(), "refill from peer abandoned");
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(REFILL_POLL_MS)).await;
+                    }
+                }
+            }
+            self.stats.refill_peers_done.fetch_add(1, Relaxed);
+        }
+        info!(
+            keys = self.stats.refill_keys.load(Relaxed),
+            bytes = self.stats.refill_bytes.load(Relaxed),
+            "refill from peers finished"
+        );
+    }
+
     /// Replicas of `key` to read from, best first, skipping `asked`: this
     /// node, then peers not known to be down (in preference order), then
     /// the rest (they fail fast).
@@ -1203,6 +1280,18 @@ impl Cluster {
                     }
                 }
             }
+            PeerRequest::Scan { for_node, cursor } => {
+                if !self.peers.contains_key(&for_node) {
+                    return PeerResponse::Refused("unknown node".into());
+                }
+                let (states, next) =
+                    local
+                        .store()
+                        .scan_page(cursor, REFILL_PAGE_ITEMS, REFILL_PAGE_BYTES, |key| {
+                            self.ring.preference_list_for_key(key).contains(&for_node)
+                        });
+                PeerResponse::Page { states, next }
+            }
             PeerRequest::Hint { target, key, state } => {
                 if bad_key(&key) || !self.peers.contains_key(&target) {
                     return PeerResponse::Refused("invalid hint".into());
@@ -1271,6 +1360,9 @@ impl Cluster {
             ("timeouts", &s.timeouts),
             ("catch_up_reads", &s.catch_up_reads),
             ("read_repairs", &s.read_repairs),
+            ("refill_keys", &s.refill_keys),
+            ("refill_bytes", &s.refill_bytes),
+            ("refill_peers_done", &s.refill_peers_done),
         ] {
             put_stat(out, name, v.load(Relaxed));
         }

@@ -35,6 +35,10 @@ pub enum PeerRequest {
         key: Vec<u8>,
         state: KeyState,
     },
+    /// One page of the states this node holds for keys that `for_node`
+    /// replicates, from `cursor` (0 to begin): how a node that restarted
+    /// empty refills itself.
+    Scan { for_node: u16, cursor: u64 },
     /// `flush_all`, relayed to every member. `version` is the coordinator's
     /// stamp for it: replicated states older than an immediate flush are
     /// dropped afterwards.
@@ -54,6 +58,11 @@ pub enum PeerResponse {
         reply: Vec<u8>,
     },
     State(Option<KeyState>),
+    /// A page of a [`PeerRequest::Scan`] and where to continue (`None`: done).
+    Page {
+        states: Vec<(Vec<u8>, KeyState)>,
+        next: Option<u64>,
+    },
     Applied,
     Flushed,
     /// The request was malformed; nothing was done.

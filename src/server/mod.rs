@@ -112,6 +112,8 @@ pub struct Server {
     /// The port other cluster members call; only in a cluster.
     peer_listener: Option<TcpListener>,
     identity: Option<Identity>,
+    /// Pull this node's keys from its peers once running (cluster only).
+    refill_on_start: bool,
     shared: Arc<Shared>,
     max_connections: usize,
 }
@@ -163,6 +165,7 @@ impl Server {
             listener,
             peer_listener,
             identity,
+            refill_on_start: config.cluster.as_ref().is_some_and(|c| c.refill_on_start),
             shared,
             max_connections: config.max_connections,
         })
@@ -185,9 +188,14 @@ impl Server {
             listener,
             peer_listener,
             identity,
+            refill_on_start,
             shared,
             max_connections,
         } = self;
+        let refill = shared.cluster.clone().filter(|_| refill_on_start).map(|c| {
+            let local: Arc<dyn Local> = shared.clone();
+            tokio::spawn(c.refill(local))
+        });
         let hint_delivery = shared
             .cluster
             .clone()
@@ -258,6 +266,9 @@ impl Server {
         }
         if let Some(h) = hint_delivery {
             h.abort();
+        }
+        if let Some(r) = refill {
+            r.abort();
         }
         if let Some(c) = &shared.cluster {
             c.shutdown();

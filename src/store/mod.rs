@@ -28,8 +28,8 @@ pub use shard::{Entry, ShardStats, charge};
 use shard::{Gone, NewItem, Shard, Slot};
 
 use crate::limits::{
-    MEMCACHED_CAS_BYTES, MEMCACHED_ITEM_HEADER_BYTES, PREFETCH_KEYS, SHARD_ITEMS_OF_MAX_SIZE,
-    SHARDS_MAX, TOMBSTONE_GRACE_SECS,
+    MEMCACHED_CAS_BYTES, MEMCACHED_ITEM_HEADER_BYTES, PREFETCH_KEYS, SCAN_BUCKETS_PER_LOCK,
+    SHARD_ITEMS_OF_MAX_SIZE, SHARDS_MAX, TOMBSTONE_GRACE_SECS,
 };
 
 /// Whether `key` is a key memcached accepts: 1 to 250 bytes. (The text
@@ -626,6 +626,66 @@ impl Store {
         for s in self.shards.iter() {
             s.0.lock().clear();
         }
+    }
+
+    /// One page of a walk over every entry, tombstones included: the states
+    /// of up to `max_items` keys (or about `max_bytes` of values) for which
+    /// `want(key)` holds, starting at `cursor` (0 to begin). Returns the
+    /// page and the cursor to continue from, `None` at the end. Each shard
+    /// is locked for at most [`SCAN_BUCKETS_PER_LOCK`] buckets at a time.
+    /// An index that grows or shrinks during a walk can make it skip or
+    /// repeat entries; callers apply states, so repeats are harmless.
+    pub fn scan_page(
+        &self,
+        cursor: u64,
+        max_items: usize,
+        max_bytes: usize,
+        want: impl Fn(&[u8]) -> bool,
+    ) -> (Vec<(Vec<u8>, KeyState)>, Option<u64>) {
+        let now = self.clock.now_secs();
+        let flushed_before = self.flushed_before(now);
+        let mut shard = (cursor >> 40) as usize;
+        let mut bucket = (cursor & ((1 << 40) - 1)) as usize;
+        let mut page = Vec::new();
+        let mut bytes = 0usize;
+        while shard < self.shards.len() {
+            let s = self.shards[shard].0.lock();
+            let end = s.buckets().min(bucket + SCAN_BUCKETS_PER_LOCK);
+            while bucket < end {
+                if page.len() >= max_items || bytes >= max_bytes {
+                    return (page, Some(((shard as u64) << 40) | bucket as u64));
+                }
+                if let Some(e) = s.entry_at(bucket) {
+                    let tombstone = e.has(bits::TOMBSTONE);
+                    let live =
+                        !exptime::is_expired(e.exptime(), now) && e.last_access() >= flushed_before;
+                    if live && want(e.key()) {
+                        let state = if tombstone {
+                            KeyState::Absent { version: e.cas() }
+                        } else {
+                            KeyState::Item {
+                                version: e.cas(),
+                                flags: e.flags(),
+                                exptime: e.exptime(),
+                                bits: e.bits() & REPLICATED_BITS,
+                                value: e.value().to_vec(),
+                            }
+                        };
+                        bytes += e.key().len() + e.value().len();
+                        page.push((e.key().to_vec(), state));
+                    }
+                }
+                bucket += 1;
+            }
+            if bucket >= s.buckets() {
+                shard += 1;
+                bucket = 0;
+            } else {
+                // Lock held long enough: let writers in, go on next page.
+                return (page, Some(((shard as u64) << 40) | bucket as u64));
+            }
+        }
+        (page, None)
     }
 
     /// One bounded pass of the background expiry sweep over every shard.

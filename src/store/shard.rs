@@ -463,6 +463,16 @@ impl Shard {
         self.index.len()
     }
 
+    /// Index buckets: the positions a scan walks.
+    pub fn buckets(&self) -> usize {
+        self.index.capacity()
+    }
+
+    /// The entry in bucket `i`, if any (live, expired or tombstone).
+    pub fn entry_at(&self, i: usize) -> Option<&Entry> {
+        self.index.at(i).map(|p| self.get(Slot(p)))
+    }
+
     /// Entries clients can see: every entry but tombstones.
     pub fn live_len(&self) -> usize {
         self.index.len() - self.tombstones

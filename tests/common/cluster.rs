@@ -69,6 +69,8 @@ pub struct Layout {
     pub memory_limit_mb: usize,
     /// `--sloppy-quorum`.
     pub sloppy_quorum: bool,
+    /// `--no-refill`.
+    pub no_refill: bool,
 }
 
 impl Layout {
@@ -83,6 +85,7 @@ impl Layout {
             request_timeout_ms: None,
             memory_limit_mb: 64,
             sloppy_quorum: false,
+            no_refill: false,
         }
     }
 
@@ -94,6 +97,11 @@ impl Layout {
     pub fn quorums(mut self, read: usize, write: usize) -> Layout {
         self.read_quorum = Some(read);
         self.write_quorum = Some(write);
+        self
+    }
+
+    pub fn no_refill(mut self) -> Layout {
+        self.no_refill = true;
         self
     }
 
@@ -247,6 +255,9 @@ impl Cluster {
         }
         if l.sloppy_quorum {
             args.push("--sloppy-quorum".to_string());
+        }
+        if l.no_refill {
+            args.push("--no-refill".to_string());
         }
         args
     }
