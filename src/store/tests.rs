@@ -509,3 +509,35 @@ fn tombstones_leave_item_statistics_alone() {
     );
     assert_eq!((c.get_misses, s.stats().curr_items), (2, 0));
 }
+
+#[test]
+fn a_scan_visits_every_wanted_entry_once_tombstones_included() {
+    let (s, _) = store();
+    for i in 0..5000u32 {
+        set(&s, format!("k{i}").as_bytes(), b"v");
+    }
+    for i in 0..100u32 {
+        s.apply(
+            format!("gone{i}").as_bytes(),
+            &KeyState::Absent { version: 1 << 40 },
+        );
+    }
+    let want = |k: &[u8]| k.ends_with(b"7");
+    let mut seen = std::collections::HashMap::new();
+    let mut cursor = Some(0);
+    let mut pages = 0;
+    while let Some(c) = cursor {
+        let (page, next) = s.scan_page(c, 300, 1 << 20, want);
+        assert!(page.len() <= 300);
+        for (k, state) in page {
+            assert!(seen.insert(k, state).is_none(), "an entry came twice");
+        }
+        cursor = next;
+        pages += 1;
+        assert!(pages < 10_000, "the walk ends");
+    }
+    assert_eq!(seen.len(), 500 + 10);
+    assert!(seen.keys().all(|k| want(k)));
+    assert!(matches!(seen[&b"gone7"[..]], KeyState::Absent { .. }));
+    assert!(matches!(seen[&b"k7"[..]], KeyState::Item { .. }));
+}
