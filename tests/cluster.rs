@@ -1359,4 +1359,25 @@ fn a_node_restarted_empty_refills_from_its_peers() {
         assert_eq!(get(&mut c3, &format!("f{i}")), None, "deleted f{i}");
     }
     assert!(summed_stat(&cluster, &[3], "refill_keys") >= (KEYS - DELETED) as u64);
+    // Every partition's replicas hold the same (key, version) set,
+    // tombstones included: `stats partitions` agrees on all three nodes.
+    let digests = |id: u16| cluster.connect(id).ask(b"stats partitions\r\n");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (d1, d2, d3) = (digests(1), digests(2), digests(3));
+        assert_eq!(
+            d1.matches("STAT partition:").count(),
+            1024,
+            "{}",
+            &d1[..200]
+        );
+        if d1 == d2 && d2 == d3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "partition digests differ after the refill"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
