@@ -186,6 +186,21 @@ pub enum KeyState {
 }
 
 impl KeyState {
+    /// The state an entry stands for: its item, or its absence if it is a
+    /// tombstone.
+    pub fn of(e: &Entry) -> Self {
+        if e.has(bits::TOMBSTONE) {
+            return KeyState::Absent { version: e.cas() };
+        }
+        KeyState::Item {
+            version: e.cas(),
+            flags: e.flags(),
+            exptime: e.exptime(),
+            bits: e.bits() & REPLICATED_BITS,
+            value: e.value().to_vec(),
+        }
+    }
+
     pub fn version(&self) -> u64 {
         match self {
             KeyState::Item { version, .. } | KeyState::Absent { version } => *version,
@@ -477,15 +492,7 @@ impl Store {
     /// A copy of the key's live item as replicable state; `None` if absent.
     /// Does not count as a read (no stats, no access bits).
     pub fn snapshot(&self, key: &[u8]) -> Option<KeyState> {
-        self.locked(key, |ctx| {
-            ctx.item().map(|e| KeyState::Item {
-                version: e.cas(),
-                flags: e.flags(),
-                exptime: e.exptime(),
-                bits: e.bits() & REPLICATED_BITS,
-                value: e.value().to_vec(),
-            })
-        })
+        self.locked(key, |ctx| ctx.item().map(KeyState::of))
     }
 
     /// The live item's version and absolute expiry, if any: cheap change
@@ -507,16 +514,8 @@ impl Store {
     /// primary catching up needs.
     pub fn replica_state(&self, key: &[u8]) -> Option<KeyState> {
         self.locked(key, |ctx| match ctx.found {
-            Err(Gone::Deleted(slot)) => Some(KeyState::Absent {
-                version: ctx.shard.get(slot).cas(),
-            }),
-            _ => ctx.item().map(|e| KeyState::Item {
-                version: e.cas(),
-                flags: e.flags(),
-                exptime: e.exptime(),
-                bits: e.bits() & REPLICATED_BITS,
-                value: e.value().to_vec(),
-            }),
+            Ok(slot) | Err(Gone::Deleted(slot)) => Some(KeyState::of(ctx.shard.get(slot))),
+            Err(_) => None,
         })
     }
 
@@ -656,21 +655,10 @@ impl Store {
                     return (page, Some(((shard as u64) << 40) | bucket as u64));
                 }
                 if let Some(e) = s.entry_at(bucket) {
-                    let tombstone = e.has(bits::TOMBSTONE);
                     let live =
                         !exptime::is_expired(e.exptime(), now) && e.last_access() >= flushed_before;
                     if live && want(e.key()) {
-                        let state = if tombstone {
-                            KeyState::Absent { version: e.cas() }
-                        } else {
-                            KeyState::Item {
-                                version: e.cas(),
-                                flags: e.flags(),
-                                exptime: e.exptime(),
-                                bits: e.bits() & REPLICATED_BITS,
-                                value: e.value().to_vec(),
-                            }
-                        };
+                        let state = KeyState::of(e);
                         bytes += e.key().len() + e.value().len();
                         page.push((e.key().to_vec(), state));
                     }
