@@ -36,14 +36,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turmoil::net::{TcpListener, TcpStream};
-use webvac::cluster::coordinator::{Cluster, Local, PeerHandle};
-use webvac::cluster::transport::{
-    self, Connector, Identity, Peer, TransportConfig, TransportStats,
-};
+use webvac::cluster::coordinator::Local;
+use webvac::cluster::transport::{Connector, Identity, TransportConfig};
 use webvac::config::{ClusterConfig, Config, MemberConfig};
 use webvac::protocol::{Parsed, parse};
 use webvac::server::Shared;
-use webvac::server::cluster::transport_config;
+use webvac::server::cluster;
 use webvac::store::Clock;
 
 /// Seeds run when `WEBVAC_SIM_SEED` is not set.
@@ -145,35 +143,17 @@ async fn node(node_id: u16, seed: u64) -> turmoil::Result {
     config.validate()?;
     let peer_listener = TcpListener::bind(("0.0.0.0", PEER_PORT)).await?;
     let client_listener = TcpListener::bind(("0.0.0.0", CLIENT_PORT)).await?;
-    let identity = Identity {
-        node_id,
-        layout: cfg.layout_hash(),
-        layout_text: cfg.layout_text(),
-    };
-    let connector = Arc::new(TurmoilConnector);
-    let stats = Arc::new(TransportStats::default());
-    let peers: BTreeMap<u16, PeerHandle> = cfg
-        .members
-        .iter()
-        .filter(|m| m.id != node_id)
-        .map(|m| {
-            let peer = Peer::spawn(
-                identity.clone(),
-                m.id,
-                m.peer.clone(),
-                connector.clone(),
-                // Reconnect jitter from the simulation's seed: one seed,
-                // one history.
-                TransportConfig {
-                    jitter_seed: Some(seed ^ u64::from(node_id) << 32 ^ u64::from(m.id)),
-                    ..transport_config(&cfg)
-                },
-                stats.clone(),
-            );
-            (m.id, peer)
-        })
-        .collect();
-    let cluster = Arc::new(Cluster::new(&cfg, peers, stats));
+    let identity = cluster::identity(&cfg);
+    // Reconnect jitter from the simulation's seed: one seed, one history.
+    let cluster = Arc::new(cluster::connect_peers(
+        &cfg,
+        &identity,
+        Arc::new(TurmoilConnector),
+        |peer| TransportConfig {
+            jitter_seed: Some(seed ^ u64::from(node_id) << 32 ^ u64::from(peer)),
+            ..cluster::transport_config(&cfg)
+        },
+    ));
     let shared = Arc::new(Shared::new(
         &config,
         Arc::new(SimClock),
@@ -189,25 +169,14 @@ async fn node(node_id: u16, seed: u64) -> turmoil::Result {
 
 /// `server::cluster::serve_peers` on a turmoil listener.
 async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<Shared>) {
-    let cluster = shared.cluster.clone().expect("a member has a cluster");
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let shared = shared.clone();
-        let handler = move |caller, req| {
-            let shared = shared.clone();
-            async move {
-                let cluster = shared.cluster.as_ref().expect("member").clone();
-                cluster.serve(&*shared, caller, req).await
-            }
-        };
-        tokio::spawn(transport::serve_connection(
+        tokio::spawn(cluster::serve_peer_connection(
             stream,
             identity.clone(),
-            handler,
-            TransportConfig::default(),
-            cluster.transport.clone(),
+            shared.clone(),
         ));
     }
 }

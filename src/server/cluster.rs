@@ -2,16 +2,20 @@
 //! startup check that every reachable member agrees on the layout.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::join_all;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use super::Shared;
 use crate::cluster::coordinator::{Cluster, PeerHandle};
+use crate::cluster::ring::NodeId;
 use crate::cluster::transport::{
-    self, CallError, Identity, Peer, TcpConnector, TransportConfig, TransportStats,
+    self, CallError, Connector, Identity, Peer, TcpConnector, TransportConfig, TransportStats,
 };
 use crate::config::ClusterConfig;
 use crate::error::ServerError;
@@ -40,15 +44,17 @@ pub async fn start(
             addr: me.peer.clone(),
             source,
         })?;
-    let identity = Identity {
-        node_id: c.node_id,
-        layout: c.layout_hash(),
-        layout_text: c.layout_text(),
-    };
+    let identity = identity(c);
     let config = transport_config(c);
     let connector = Arc::new(TcpConnector);
-    for m in c.members.iter().filter(|m| m.id != c.node_id) {
-        match transport::probe(&*connector, &identity, &m.peer, config.connect_timeout).await {
+    // Probe every member at once: an unreachable one costs one connect
+    // timeout in all, not one each.
+    let others: Vec<_> = c.members.iter().filter(|m| m.id != c.node_id).collect();
+    let probes = others
+        .iter()
+        .map(|m| transport::probe(&*connector, &identity, &m.peer, config.connect_timeout));
+    for (m, probe) in others.iter().zip(join_all(probes).await) {
+        match probe {
             Ok(()) => info!(node = m.id, addr = %m.peer, "peer agrees on the layout"),
             Err(CallError::Refused(reason)) => {
                 return Err(ServerError::Config(format!(
@@ -59,6 +65,33 @@ pub async fn start(
             Err(e) => info!(node = m.id, addr = %m.peer, error = %e, "peer not reachable yet"),
         }
     }
+    let cluster = Arc::new(connect_peers(c, &identity, connector, |_| config.clone()));
+    info!(
+        node = c.node_id,
+        peer_addr = %me.peer,
+        layout = %identity.layout_text,
+        "cluster member"
+    );
+    Ok((cluster, listener, identity))
+}
+
+/// This node's identity in peer handshakes.
+pub fn identity(c: &ClusterConfig) -> Identity {
+    Identity {
+        node_id: c.node_id,
+        layout: c.layout_hash(),
+        layout_text: c.layout_text(),
+    }
+}
+
+/// The cluster with a connection (dialled in the background) to every
+/// other member; `config_for` gives each peer's transport settings.
+pub fn connect_peers<C: Connector>(
+    c: &ClusterConfig,
+    identity: &Identity,
+    connector: Arc<C>,
+    config_for: impl Fn(NodeId) -> TransportConfig,
+) -> Cluster {
     let stats = Arc::new(TransportStats::default());
     let peers: BTreeMap<_, PeerHandle> = c
         .members
@@ -70,28 +103,38 @@ pub async fn start(
                 m.id,
                 m.peer.clone(),
                 connector.clone(),
-                config.clone(),
+                config_for(m.id),
                 stats.clone(),
             );
             (m.id, peer)
         })
         .collect();
-    let cluster = Arc::new(Cluster::new(c, peers, stats));
-    info!(
-        node = c.node_id,
-        peer_addr = %me.peer,
-        layout = %identity.layout_text,
-        "cluster member"
-    );
-    Ok((cluster, listener, identity))
+    Cluster::new(c, peers, stats)
 }
 
-/// Accepts peer connections and serves their requests until aborted.
-pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<Shared>) {
+/// Serves one accepted peer connection with this node's cluster.
+pub fn serve_peer_connection<S>(
+    stream: S,
+    identity: Identity,
+    shared: Arc<Shared>,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let cluster = shared
         .cluster
         .clone()
         .expect("a cluster member has a cluster");
+    let stats = cluster.transport.clone();
+    let handler = move |caller, req| {
+        let (shared, cluster) = (shared.clone(), cluster.clone());
+        async move { cluster.serve(&*shared, caller, req).await }
+    };
+    transport::serve_connection(stream, identity, handler, TransportConfig::default(), stats)
+}
+
+/// Accepts peer connections and serves their requests until aborted.
+pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<Shared>) {
     // Owns every peer connection: aborting this task (shutdown) drops the
     // set, which stops them all, so a stopped node answers no peer.
     let mut connections = tokio::task::JoinSet::new();
@@ -100,21 +143,11 @@ pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<
         match listener.accept().await {
             Ok((stream, addr)) => {
                 let _ = stream.set_nodelay(true);
-                let shared = shared.clone();
-                let handler = move |caller, req| {
-                    let shared = shared.clone();
-                    async move {
-                        let cluster = shared.cluster.as_ref().expect("member").clone();
-                        cluster.serve(&*shared, caller, req).await
-                    }
-                };
                 tracing::debug!(peer = %addr, "peer connected");
-                connections.spawn(transport::serve_connection(
+                connections.spawn(serve_peer_connection(
                     stream,
                     identity.clone(),
-                    handler,
-                    TransportConfig::default(),
-                    cluster.transport.clone(),
+                    shared.clone(),
                 ));
             }
             Err(e) => {
