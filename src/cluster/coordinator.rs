@@ -67,6 +67,18 @@ const REFILL_RETRIES_MAX: usize = 5;
 /// gat/gats keys touched at once, each at its own primary.
 const TOUCH_KEYS_IN_FLIGHT: usize = 64;
 
+/// What became of one replica's copy of a write.
+enum ReplicaCopy {
+    Applied,
+    /// Not confirmed by the replica; held as a hint for it.
+    Hinted,
+    /// Neither the replica nor a hint holder took it.
+    Failed {
+        why: String,
+        timed_out: bool,
+    },
+}
+
 /// What the coordinator needs from the node it runs in: its store and the
 /// single-node executor. The server implements it; keeping it a trait keeps
 /// the layers one-way (the cluster never reaches up into the server).
@@ -338,18 +350,6 @@ impl Cluster {
         }
     }
 
-    pub fn me(&self) -> NodeId {
-        self.me
-    }
-
-    pub fn ring(&self) -> &Ring {
-        &self.ring
-    }
-
-    pub fn peers(&self) -> &BTreeMap<NodeId, PeerHandle> {
-        &self.peers
-    }
-
     /// Stops every peer connection.
     pub fn shutdown(&self) {
         for p in self.peers.values() {
@@ -360,7 +360,18 @@ impl Cluster {
     /// Whether the request needs the cluster; if not, the connection runs it
     /// on the fast single-node path.
     pub fn is_local(&self, request: &Request<'_>) -> bool {
-        matches!(plan(request), Plan::Local)
+        match plan(request) {
+            Plan::Local => true,
+            // get/gets at R=1 on a node that holds every key: the
+            // single-node path, which also streams a long reply.
+            Plan::Read { get } => {
+                self.read_quorum == 1
+                    && get
+                        .keys()
+                        .all(|k| self.ring.preference_list_for_key(k).contains(&self.me))
+            }
+            _ => false,
+        }
     }
 
     /// Sees one client request through the cluster and appends its reply.
@@ -626,18 +637,19 @@ impl Cluster {
                     key: key.clone(),
                     state: state.clone(),
                 };
-                let outcome = match peer.call_timeout(req, timeout).await {
-                    Ok(PeerResponse::Applied) => Ok(false),
-                    Ok(other) => Err(format!("unexpected answer {other:?}")),
-                    Err(e) => Err(e.to_string()),
+                let failed = match peer.call_timeout(req, timeout).await {
+                    Ok(PeerResponse::Applied) => None,
+                    Ok(other) => Some((format!("unexpected answer {other:?}"), false)),
+                    Err(e) => Some((e.to_string(), matches!(e, CallError::Timeout))),
                 };
                 // Not confirmed: hand the state to the hint holder. The
                 // state is idempotent, so a copy that did land is harmless.
-                let outcome = match outcome {
-                    Err(why) => match holder_peer {
+                let outcome = match failed {
+                    None => ReplicaCopy::Applied,
+                    Some((why, timed_out)) => match holder_peer {
                         None => {
                             hints.lock().add(node, &key, state, now_ms);
-                            Ok(true)
+                            ReplicaCopy::Hinted
                         }
                         Some(h) => {
                             let req = PeerRequest::Hint {
@@ -646,12 +658,11 @@ impl Cluster {
                                 state,
                             };
                             match h.call_timeout(req, timeout).await {
-                                Ok(PeerResponse::Applied) => Ok(true),
-                                _ => Err(why),
+                                Ok(PeerResponse::Applied) => ReplicaCopy::Hinted,
+                                _ => ReplicaCopy::Failed { why, timed_out },
                             }
                         }
                     },
-                    ok => ok,
                 };
                 let _ = tx.send((node, outcome)).await;
             });
@@ -663,11 +674,13 @@ impl Cluster {
         let mut quorum = Quorum::new(needed, others.len());
         while let Some((node, outcome)) = rx.recv().await {
             let decision = match outcome {
-                Ok(false) => quorum.succeeded(node),
-                Ok(true) if self.sloppy_quorum => quorum.succeeded(node),
-                Ok(true) => quorum.failed(node, format!("unreachable; hinted to node {holder}")),
-                Err(why) => {
-                    if why.contains("timed out") {
+                ReplicaCopy::Applied => quorum.succeeded(node),
+                ReplicaCopy::Hinted if self.sloppy_quorum => quorum.succeeded(node),
+                ReplicaCopy::Hinted => {
+                    quorum.failed(node, format!("unreachable; hinted to node {holder}"))
+                }
+                ReplicaCopy::Failed { why, timed_out } => {
+                    if timed_out {
                         self.stats.timeouts.fetch_add(1, Relaxed);
                     }
                     quorum.failed(node, why)
@@ -1439,8 +1452,6 @@ fn explain_with_self(q: &Quorum) -> String {
         "{} of {} replicas hold the write{}",
         q.acks() + 1,
         q.needed() + 1,
-        q.explain()
-            .split_once(';')
-            .map_or(String::new(), |(_, rest)| format!(";{rest}"))
+        q.failures()
     )
 }

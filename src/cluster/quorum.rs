@@ -69,7 +69,18 @@ impl Quorum {
     /// A reason a client can act on: how many answered, of how many needed,
     /// and what happened to the others.
     pub fn explain(&self) -> String {
-        let mut s = format!("{} of {} replicas answered", self.ok.len(), self.needed);
+        format!(
+            "{} of {} replicas answered{}",
+            self.ok.len(),
+            self.needed,
+            self.failures()
+        )
+    }
+
+    /// What happened to the replicas that did not count: `; node 3: why`
+    /// for each failure, then how many stayed silent.
+    pub fn failures(&self) -> String {
+        let mut s = String::new();
         for (node, why) in &self.failed {
             s.push_str(&format!("; node {node}: {why}"));
         }
