@@ -26,6 +26,7 @@ fn new_store() -> Store {
             memory_limit_bytes: 256 << 20,
             item_bytes_max: 1 << 20,
             node_id: 0,
+            ..StoreConfig::default()
         },
         Arc::new(SystemClock),
     )

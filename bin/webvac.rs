@@ -67,6 +67,30 @@ struct Args {
     /// Cluster: do not pull this node's keys from its peers at start.
     #[arg(long = "no-refill")]
     no_refill: bool,
+    /// Cluster: do not compare hash trees with the other replicas.
+    #[arg(long = "no-anti-entropy")]
+    no_anti_entropy: bool,
+    /// Cluster: ms between anti-entropy rounds (default 1000).
+    #[arg(long = "anti-entropy-interval-ms")]
+    anti_entropy_interval_ms: Option<u64>,
+    /// Cluster: partitions one anti-entropy round compares (default 256).
+    #[arg(long = "anti-entropy-partitions-per-round")]
+    anti_entropy_partitions_per_round: Option<usize>,
+    /// Cluster: entries one anti-entropy round lists per peer (default 10000).
+    #[arg(long = "anti-entropy-keys-per-round")]
+    anti_entropy_keys_per_round: Option<usize>,
+    /// Cluster: anti-entropy bytes per second per peer (default 8 MiB).
+    #[arg(long = "anti-entropy-bytes-per-sec")]
+    anti_entropy_bytes_per_sec: Option<u64>,
+    /// Cluster: how long a hint waits for its replica, in seconds (default 10800).
+    #[arg(long = "hint-window-secs")]
+    hint_window_secs: Option<u64>,
+    /// Cluster: hints held per unreachable replica; 0 turns hinted handoff off.
+    #[arg(long = "hints-per-target-max")]
+    hints_per_target_max: Option<usize>,
+    /// Cluster: how long a tombstone lives, in seconds (default 11400).
+    #[arg(long = "tombstone-grace-secs")]
+    tombstone_grace_secs: Option<u64>,
 }
 
 /// `ID=CLIENT_ADDR,PEER_ADDR`.
@@ -94,7 +118,15 @@ fn cluster_flags(
         || args.partitions.is_some()
         || args.request_timeout_ms.is_some()
         || args.sloppy_quorum
-        || args.no_refill;
+        || args.no_refill
+        || args.no_anti_entropy
+        || args.anti_entropy_interval_ms.is_some()
+        || args.anti_entropy_partitions_per_round.is_some()
+        || args.anti_entropy_keys_per_round.is_some()
+        || args.anti_entropy_bytes_per_sec.is_some()
+        || args.hint_window_secs.is_some()
+        || args.hints_per_target_max.is_some()
+        || args.tombstone_grace_secs.is_some();
     if !any_flag {
         return Ok(file);
     }
@@ -133,6 +165,30 @@ fn cluster_flags(
     }
     if args.no_refill {
         c.refill_on_start = false;
+    }
+    if args.no_anti_entropy {
+        c.anti_entropy = false;
+    }
+    if let Some(v) = args.anti_entropy_interval_ms {
+        c.anti_entropy_interval_ms = v;
+    }
+    if let Some(v) = args.anti_entropy_partitions_per_round {
+        c.anti_entropy_partitions_per_round = v;
+    }
+    if let Some(v) = args.anti_entropy_keys_per_round {
+        c.anti_entropy_keys_per_round = v;
+    }
+    if let Some(v) = args.anti_entropy_bytes_per_sec {
+        c.anti_entropy_bytes_per_sec = v;
+    }
+    if let Some(v) = args.hint_window_secs {
+        c.hint_window_secs = v;
+    }
+    if let Some(v) = args.hints_per_target_max {
+        c.hints_per_target_max = v;
+    }
+    if let Some(v) = args.tombstone_grace_secs {
+        c.tombstone_grace_secs = v;
     }
     Ok(Some(c))
 }

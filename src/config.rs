@@ -13,10 +13,12 @@ use crate::cluster::ring::{PARTITIONS_DEFAULT, PARTITIONS_MAX};
 pub const CLUSTER_ITEM_BYTES_MAX: usize = 2 * 1024 * 1024;
 use crate::error::ConfigError;
 use crate::limits::{
+    ANTI_ENTROPY_BYTES_PER_SEC_DEFAULT, ANTI_ENTROPY_INTERVAL_MS_DEFAULT,
+    ANTI_ENTROPY_KEYS_PER_ROUND_DEFAULT, ANTI_ENTROPY_PARTITIONS_PER_ROUND_DEFAULT,
     CONNECTIONS_MAX_DEFAULT, HINT_WINDOW_SECS_DEFAULT, HINTS_MEMORY_MB_DEFAULT,
     HINTS_PER_TARGET_MAX_DEFAULT, ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN,
     MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT, REPLICAS_DEFAULT, REQUEST_TIMEOUT_MS_DEFAULT,
-    THREADS_DEFAULT,
+    THREADS_DEFAULT, TOMBSTONE_GRACE_SECS,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -88,10 +90,49 @@ pub struct ClusterConfig {
     /// (how a node restarted empty gets its data back).
     #[serde(default = "refill_on_start_default")]
     pub refill_on_start: bool,
+    /// Whether replicas compare hash trees in the background and exchange
+    /// the keys they differ on (anti-entropy).
+    #[serde(default = "anti_entropy_default")]
+    pub anti_entropy: bool,
+    /// Anti-entropy: milliseconds between rounds.
+    #[serde(default = "anti_entropy_interval_ms_default")]
+    pub anti_entropy_interval_ms: u64,
+    /// Anti-entropy: partitions a round compares with each peer.
+    #[serde(default = "anti_entropy_partitions_per_round_default")]
+    pub anti_entropy_partitions_per_round: usize,
+    /// Anti-entropy: keys a round lists, pulls or pushes with each peer.
+    #[serde(default = "anti_entropy_keys_per_round_default")]
+    pub anti_entropy_keys_per_round: usize,
+    /// Anti-entropy: bytes per second sent to and asked of each peer.
+    #[serde(default = "anti_entropy_bytes_per_sec_default")]
+    pub anti_entropy_bytes_per_sec: u64,
+    /// How long a delete's tombstone lives, from the delete. Must exceed
+    /// the hint window plus one anti-entropy cycle, so no copy of a
+    /// deleted item can outlive it and come back.
+    #[serde(default = "tombstone_grace_secs_default")]
+    pub tombstone_grace_secs: u64,
 }
 
 fn refill_on_start_default() -> bool {
     true
+}
+fn anti_entropy_default() -> bool {
+    true
+}
+fn anti_entropy_interval_ms_default() -> u64 {
+    ANTI_ENTROPY_INTERVAL_MS_DEFAULT
+}
+fn anti_entropy_partitions_per_round_default() -> usize {
+    ANTI_ENTROPY_PARTITIONS_PER_ROUND_DEFAULT
+}
+fn anti_entropy_keys_per_round_default() -> usize {
+    ANTI_ENTROPY_KEYS_PER_ROUND_DEFAULT
+}
+fn anti_entropy_bytes_per_sec_default() -> u64 {
+    ANTI_ENTROPY_BYTES_PER_SEC_DEFAULT
+}
+fn tombstone_grace_secs_default() -> u64 {
+    u64::from(TOMBSTONE_GRACE_SECS)
 }
 
 /// One member of the cluster.
@@ -169,6 +210,17 @@ impl ClusterConfig {
         )
     }
 
+    /// Seconds anti-entropy takes to compare every partition once
+    /// (rounded up; 0 with anti-entropy off).
+    pub fn anti_entropy_cycle_secs(&self) -> u64 {
+        if !self.anti_entropy {
+            return 0;
+        }
+        let rounds = u64::from(self.partitions)
+            .div_ceil(self.anti_entropy_partitions_per_round.max(1) as u64);
+        (rounds * self.anti_entropy_interval_ms).div_ceil(1000)
+    }
+
     pub fn layout_hash(&self) -> u64 {
         xxhash_rust::xxh3::xxh3_64(self.layout_text().as_bytes())
     }
@@ -224,6 +276,39 @@ impl ClusterConfig {
         }
         if self.request_timeout_ms == 0 {
             return bad("cluster.request_timeout_ms must be at least 1".into());
+        }
+        if self.anti_entropy {
+            for (name, v) in [
+                ("anti_entropy_interval_ms", self.anti_entropy_interval_ms),
+                (
+                    "anti_entropy_partitions_per_round",
+                    self.anti_entropy_partitions_per_round as u64,
+                ),
+                (
+                    "anti_entropy_keys_per_round",
+                    self.anti_entropy_keys_per_round as u64,
+                ),
+                (
+                    "anti_entropy_bytes_per_sec",
+                    self.anti_entropy_bytes_per_sec,
+                ),
+            ] {
+                if v == 0 {
+                    return bad(format!("cluster.{name} must be at least 1"));
+                }
+            }
+        }
+        let floor = self.hint_window_secs + self.anti_entropy_cycle_secs();
+        if self.tombstone_grace_secs <= floor {
+            return bad(format!(
+                "cluster.tombstone_grace_secs ({}) must exceed hint_window_secs ({}) plus one anti-entropy cycle ({} s), or a deleted key could come back",
+                self.tombstone_grace_secs,
+                self.hint_window_secs,
+                self.anti_entropy_cycle_secs()
+            ));
+        }
+        if self.tombstone_grace_secs > u64::from(u32::MAX / 2) {
+            return bad("cluster.tombstone_grace_secs is too large".into());
         }
         Ok(())
     }

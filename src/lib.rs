@@ -21,7 +21,7 @@
 //! use webvac::store::{Mode, Store, StoreConfig, Stored, SystemClock, Write};
 //!
 //! let store = Store::new(
-//!     &StoreConfig { memory_limit_bytes: 64 << 20, item_bytes_max: 1 << 20, node_id: 0 },
+//!     &StoreConfig { memory_limit_bytes: 64 << 20, item_bytes_max: 1 << 20, ..StoreConfig::default() },
 //!     Arc::new(SystemClock),
 //! );
 //! // set with a 300-second TTL (memcached exptime rules)

@@ -56,10 +56,44 @@ pub const PORT_DEFAULT: u16 = 11211;
 /// Copies of each partition in a cluster (N), as in Dynamo and Riak.
 pub const REPLICAS_DEFAULT: usize = 3;
 
-/// How long a cluster delete's tombstone outlives the item, so a late or
+/// How long a cluster delete's tombstone outlives the delete, so a late or
 /// resent copy of the deleted item cannot bring it back: the 3-hour hint
-/// window DESIGN sets, plus ten minutes for one anti-entropy round.
+/// window DESIGN sets, plus ten minutes, more than one anti-entropy cycle.
+/// Configurable (`tombstone_grace_secs`), checked against both.
 pub const TOMBSTONE_GRACE_SECS: u32 = 3 * 3600 + 600;
+
+/// Anti-entropy: time between rounds.
+pub const ANTI_ENTROPY_INTERVAL_MS_DEFAULT: u64 = 1000;
+/// Anti-entropy: partitions one round compares with each peer. With 1,024
+/// partitions and one round a second, a node compares everything it holds
+/// every 4 seconds.
+pub const ANTI_ENTROPY_PARTITIONS_PER_ROUND_DEFAULT: usize = 256;
+/// Anti-entropy: entries one round lists per peer (at most as many keys move).
+pub const ANTI_ENTROPY_KEYS_PER_ROUND_DEFAULT: usize = 10_000;
+/// Anti-entropy: bytes per second one node sends and asks for, per peer.
+pub const ANTI_ENTROPY_BYTES_PER_SEC_DEFAULT: u64 = 8 * 1024 * 1024;
+/// Anti-entropy: tree nodes asked for in one message.
+pub const ANTI_ENTROPY_NODES_PER_MESSAGE_MAX: usize = 4096;
+/// Anti-entropy: (key, version) entries in one listing message: at 250-byte
+/// keys, about 1 MiB.
+pub const ANTI_ENTROPY_ENTRIES_PER_MESSAGE_MAX: usize = 4096;
+/// Anti-entropy: item bytes in one pull or push message.
+pub const ANTI_ENTROPY_MESSAGE_BYTES_MAX: usize = 1024 * 1024;
+
+/// One cycle over the default partitions at the default settings.
+const ANTI_ENTROPY_CYCLE_SECS_DEFAULT: u64 = (crate::cluster::ring::PARTITIONS_DEFAULT as u64)
+    .div_ceil(ANTI_ENTROPY_PARTITIONS_PER_ROUND_DEFAULT as u64)
+    * ANTI_ENTROPY_INTERVAL_MS_DEFAULT.div_ceil(1000);
+const _: () = assert!(
+    HINT_WINDOW_SECS_DEFAULT + ANTI_ENTROPY_CYCLE_SECS_DEFAULT < TOMBSTONE_GRACE_SECS as u64
+);
+const _: () = assert!(
+    ANTI_ENTROPY_ENTRIES_PER_MESSAGE_MAX * (KEY_BYTES_MAX + 8 + 8)
+        < crate::cluster::transport::FRAME_BYTES_MAX_DEFAULT / 2
+);
+const _: () = assert!(
+    ANTI_ENTROPY_MESSAGE_BYTES_MAX + (1 << 20) < crate::cluster::transport::FRAME_BYTES_MAX_DEFAULT
+);
 
 /// Index buckets a store walk (refill) visits under one shard lock.
 pub const SCAN_BUCKETS_PER_LOCK: usize = 4096;

@@ -36,7 +36,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turmoil::net::{TcpListener, TcpStream};
-use webvac::cluster::coordinator::Local;
+use webvac::cluster::coordinator::{Cluster, Local};
 use webvac::cluster::transport::{Connector, Identity, TransportConfig};
 use webvac::config::{ClusterConfig, Config, MemberConfig};
 use webvac::protocol::{Parsed, parse};
@@ -129,6 +129,12 @@ fn cluster_config(node_id: u16) -> ClusterConfig {
         hints_per_target_max: 10_000,
         hints_memory_mb: 16,
         refill_on_start: false,
+        anti_entropy: true,
+        anti_entropy_interval_ms: 200,
+        anti_entropy_partitions_per_round: 64,
+        anti_entropy_keys_per_round: 10_000,
+        anti_entropy_bytes_per_sec: 8 << 20,
+        tombstone_grace_secs: 3 * 3600 + 600,
     }
 }
 
@@ -161,10 +167,16 @@ async fn node(node_id: u16, seed: u64) -> turmoil::Result {
         Some(cluster),
     ));
     tokio::spawn(serve_peers(peer_listener, identity, shared.clone()));
+    let local: Arc<dyn Local> = shared.clone();
+    tokio::spawn(cluster_handle(&shared).anti_entropy(local));
     loop {
         let (stream, _) = client_listener.accept().await?;
         tokio::spawn(serve_client(stream, shared.clone()));
     }
+}
+
+fn cluster_handle(shared: &Shared) -> Arc<Cluster> {
+    shared.cluster.clone().expect("a member has a cluster")
 }
 
 /// `server::cluster::serve_peers` on a turmoil listener.

@@ -25,6 +25,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use super::anti_entropy;
 use super::hints::{HintLimits, HintStore};
 use super::message::{PeerRequest, PeerResponse};
 use super::quorum::{Decision, Quorum};
@@ -36,6 +37,8 @@ use crate::protocol::meta::{MetaRequest, hints};
 use crate::protocol::stats::put_stat;
 use crate::protocol::{ParseLimits, Parsed, Request, parse, put_line};
 use crate::store::{Applied, KeyState, Mode, Store, hlc, valid_key};
+
+mod repair;
 
 /// Bound on the waits for the clock to leave a flush's millisecond (each
 /// waits about a millisecond; a clock that does not move is a test clock).
@@ -127,6 +130,21 @@ pub struct ClusterStats {
     pub refill_bytes: AtomicU64,
     /// Peers the refill has finished with.
     pub refill_peers_done: AtomicU64,
+    /// Anti-entropy rounds run, partitions compared and found differing.
+    pub ae_rounds: AtomicU64,
+    pub ae_partitions_compared: AtomicU64,
+    pub ae_partitions_differing: AtomicU64,
+    /// Entries listed (from differing leaves), keys pulled from and pushed
+    /// to peers, and the bytes of every anti-entropy message both ways.
+    pub ae_keys_listed: AtomicU64,
+    pub ae_keys_pulled: AtomicU64,
+    pub ae_keys_pushed: AtomicU64,
+    pub ae_bytes: AtomicU64,
+    /// Repaired states not taken for lack of free memory (here or at the
+    /// peer): repair does not evict.
+    pub ae_no_room: AtomicU64,
+    /// Exchanges cut short by a failed call.
+    pub ae_errors: AtomicU64,
 }
 
 /// One node's view of the cluster and its request path.
@@ -146,6 +164,8 @@ pub struct Cluster {
     hints: Arc<Mutex<HintStore>>,
     /// Whether a hint counts toward W.
     sloppy_quorum: bool,
+    /// Anti-entropy's settings; `None`: off.
+    anti_entropy: Option<anti_entropy::Settings>,
     pub stats: ClusterStats,
     pub transport: Arc<TransportStats>,
 }
@@ -338,6 +358,7 @@ impl Cluster {
             full_ring,
             hints: Arc::new(Mutex::new(hints)),
             sloppy_quorum: config.sloppy_quorum,
+            anti_entropy: anti_entropy::Settings::of(config),
             me: config.node_id,
             ring,
             members: config.members.clone(),
@@ -1293,7 +1314,7 @@ impl Cluster {
                     Applied::Flushed => {
                         PeerResponse::Refused("older than the last flush_all".into())
                     }
-                    Applied::NoMemory => {
+                    Applied::NoMemory | Applied::NoRoom => {
                         warn!(caller, "no memory for a replicated item");
                         PeerResponse::Refused("out of memory".into())
                     }
@@ -1326,6 +1347,16 @@ impl Cluster {
                 flush_local(local.store(), delay_secs, version);
                 PeerResponse::Flushed
             }
+            PeerRequest::TreeHashes { nodes } => self.serve_tree_hashes(local.store(), &nodes),
+            PeerRequest::LeafEntries {
+                leaves,
+                max_entries,
+            } => {
+                self.serve_leaf_entries(local.store(), &leaves, max_entries)
+                    .await
+            }
+            PeerRequest::FetchStates { keys } => repair::serve_fetch_states(local.store(), &keys),
+            PeerRequest::Repair { states } => self.serve_repair(local.store(), &states),
         }
     }
 
@@ -1413,6 +1444,26 @@ impl Cluster {
             ("refill_keys", &s.refill_keys),
             ("refill_bytes", &s.refill_bytes),
             ("refill_peers_done", &s.refill_peers_done),
+        ] {
+            put_stat(out, name, v.load(Relaxed));
+        }
+        put_stat(out, "anti_entropy", u8::from(self.anti_entropy.is_some()));
+        for (name, v) in [
+            ("anti_entropy_rounds", &s.ae_rounds),
+            (
+                "anti_entropy_partitions_compared",
+                &s.ae_partitions_compared,
+            ),
+            (
+                "anti_entropy_partitions_differing",
+                &s.ae_partitions_differing,
+            ),
+            ("anti_entropy_keys_listed", &s.ae_keys_listed),
+            ("anti_entropy_keys_pulled", &s.ae_keys_pulled),
+            ("anti_entropy_keys_pushed", &s.ae_keys_pushed),
+            ("anti_entropy_bytes", &s.ae_bytes),
+            ("anti_entropy_no_room", &s.ae_no_room),
+            ("anti_entropy_errors", &s.ae_errors),
         ] {
             put_stat(out, name, v.load(Relaxed));
         }

@@ -9,7 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::KeyState;
+use crate::store::merkle::TreeNode;
+use crate::store::{KeyState, KeyVersion};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum PeerRequest {
@@ -43,6 +44,21 @@ pub enum PeerRequest {
     /// stamp for it: replicated states older than an immediate flush are
     /// dropped afterwards.
     FlushAll { delay_secs: i64, version: u64 },
+    /// Anti-entropy: the hashes of these tree nodes.
+    TreeHashes { nodes: Vec<TreeNode> },
+    /// Anti-entropy: the (key, version) entries of these leaves, one list
+    /// per leaf, whole leaves only, as many as fit `max_entries` (at least
+    /// one leaf).
+    LeafEntries {
+        leaves: Vec<(u32, u16)>,
+        max_entries: u32,
+    },
+    /// Anti-entropy: the states of these keys, tombstones included; the
+    /// answer may stop early to stay within a frame.
+    FetchStates { keys: Vec<Vec<u8>> },
+    /// Anti-entropy: apply these states, highest version wins, into free
+    /// memory only (repair never evicts).
+    Repair { states: Vec<(Vec<u8>, KeyState)> },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,6 +81,20 @@ pub enum PeerResponse {
     },
     Applied,
     Flushed,
+    /// Per tree node asked, its hash.
+    Hashes(Vec<u64>),
+    /// Per leaf answered (a prefix of those asked), its entries.
+    Entries(Vec<Vec<KeyVersion>>),
+    /// The states of the first `answered` keys asked (keys held by
+    /// neither an item nor a tombstone are left out).
+    States {
+        states: Vec<(Vec<u8>, KeyState)>,
+        answered: u32,
+    },
+    /// How many states found no free memory.
+    Repaired {
+        no_room: u32,
+    },
     /// The request was malformed; nothing was done.
     Refused(String),
 }

@@ -2,6 +2,7 @@
 //! transport. Distributed logic here is sans-IO: state machines that take
 //! messages and `now` and return messages; tokio tasks only move them.
 
+pub mod anti_entropy;
 pub mod coordinator;
 pub mod hints;
 pub mod message;

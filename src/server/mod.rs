@@ -23,6 +23,7 @@ use crate::cluster::coordinator::{Cluster, Local};
 use crate::cluster::transport::Identity;
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::limits::TOMBSTONE_GRACE_SECS;
 use crate::limits::{SHUTDOWN_GRACE_MS, SWEEP_INTERVAL_MS, SWEEP_SLOTS_PER_PASS};
 use crate::protocol::{ParseLimits, put_line, reply};
 use crate::store::{Clock, Store, StoreConfig, SystemClock};
@@ -60,6 +61,14 @@ impl Shared {
                 memory_limit_bytes: config.memory_limit_bytes(),
                 item_bytes_max: config.max_item_size,
                 node_id: config.cluster.as_ref().map_or(0, |c| c.node_id),
+                tree_partitions: config
+                    .cluster
+                    .as_ref()
+                    .filter(|c| c.anti_entropy)
+                    .map(|c| c.partitions),
+                tombstone_grace_secs: config.cluster.as_ref().map_or(TOMBSTONE_GRACE_SECS, |c| {
+                    u32::try_from(c.tombstone_grace_secs).unwrap_or(u32::MAX)
+                }),
             },
             clock.clone(),
         );
@@ -200,6 +209,10 @@ impl Server {
             .cluster
             .clone()
             .map(|c| tokio::spawn(c.deliver_hints(shared.store.clock_arc())));
+        let anti_entropy = shared.cluster.clone().map(|c| {
+            let local: Arc<dyn Local> = shared.clone();
+            tokio::spawn(c.anti_entropy(local))
+        });
         let peers = match (peer_listener, identity) {
             (Some(l), Some(id)) => Some(tokio::spawn(cluster::serve_peers(l, id, shared.clone()))),
             _ => None,
@@ -266,6 +279,9 @@ impl Server {
         }
         if let Some(h) = hint_delivery {
             h.abort();
+        }
+        if let Some(a) = anti_entropy {
+            a.abort();
         }
         if let Some(r) = refill {
             r.abort();

@@ -2,9 +2,13 @@
 //! expiry and versions. No sockets, no cluster.
 //!
 //! Keys are hashed once with xxh3-64 (never std `Hash`: nodes and clients must
-//! agree on it). Bits 40 and up pick the shard; a shard's index takes its
-//! home bucket from the low bits and a 16-bit tag from bits 24..40, so the
-//! three uses do not overlap (until an index passes 2^24 buckets).
+//! agree on it). The top bits pick the shard (at most 6 of them, bits 58..64);
+//! a shard's index takes its home bucket from the low bits and a 16-bit tag
+//! from bits 24..40, so the three uses do not overlap (until an index passes
+//! 2^24 buckets). A cluster's partitions also come from the top bits, so with
+//! at least as many partitions as shards one partition lives in one shard (or
+//! two, for a partition count that is not a power of two): a walk over one
+//! partition's entries locks and reads only those shards.
 //!
 //! Every operation takes exactly one shard lock, does all its work under it
 //! (read-modify-write included) and never holds it across I/O. The memory
@@ -15,6 +19,7 @@ pub mod clock;
 pub mod exptime;
 pub mod hlc;
 mod index;
+pub mod merkle;
 pub mod shard;
 
 use std::sync::Arc;
@@ -23,6 +28,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use parking_lot::Mutex;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+use merkle::{Trees, leaf_of};
 pub use shard::bits;
 pub use shard::{Entry, ShardStats, charge};
 use shard::{Gone, NewItem, Shard, Slot};
@@ -222,6 +228,9 @@ pub enum Applied {
     Older,
     /// Newer, but there was no memory to hold it.
     NoMemory,
+    /// Not held here, and taking it would have evicted something: a repair
+    /// ([`Fill::FreeOnly`]) does not fight eviction.
+    NoRoom,
     /// Older than the last cluster-wide `flush_all`: dropped.
     Flushed,
 }
@@ -235,12 +244,48 @@ pub struct StoreStats {
     pub limit_maxbytes: u64,
 }
 
+/// How [`Store::apply`] may make room for a key it does not hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// Evict as a client write would: replication, hints, refill.
+    Evict,
+    /// Only into free memory: anti-entropy. A replica that evicted a key
+    /// for lack of memory would otherwise get it back, evict another, get
+    /// that back, and so on.
+    FreeOnly,
+}
+
 /// Store construction options.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub memory_limit_bytes: usize,
     pub item_bytes_max: usize,
     pub node_id: u16,
+    /// Keep anti-entropy trees over this many partitions (`None`: none).
+    pub tree_partitions: Option<u32>,
+    /// How long a tombstone outlives its delete, from the delete's version.
+    pub tombstone_grace_secs: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            memory_limit_bytes: crate::limits::MEMORY_LIMIT_MB_DEFAULT << 20,
+            item_bytes_max: crate::limits::ITEM_BYTES_MAX_DEFAULT,
+            node_id: 0,
+            tree_partitions: None,
+            tombstone_grace_secs: TOMBSTONE_GRACE_SECS,
+        }
+    }
+}
+
+/// A key and the version of its entry there.
+pub type KeyVersion = (Vec<u8>, u64);
+
+/// The unix second a version was stamped at.
+pub fn version_unix_secs(version: u64) -> u32 {
+    let ms = (version >> (hlc::LOGICAL_BITS + hlc::NODE_BITS)) + hlc::EPOCH_UNIX_MS;
+    u32::try_from(ms / 1000).unwrap_or(u32::MAX)
 }
 
 /// A shard lock padded to its own cache lines so neighbours don't false-share.
@@ -250,7 +295,8 @@ struct Padded(Mutex<Shard>);
 /// The lock-sharded store.
 pub struct Store {
     shards: Box<[Padded]>,
-    shard_mask: u64,
+    /// log2 of the shard count.
+    shard_bits: u32,
     clock: Arc<dyn Clock>,
     /// Version stamps: one clock per node, so every write's stamp is unique.
     hlc: hlc::Hlc,
@@ -261,6 +307,9 @@ pub struct Store {
     /// Version of the last cluster-wide `flush_all`; older replicated
     /// states are dropped (0: none).
     flush_barrier: AtomicU64,
+    /// Anti-entropy trees, updated by every shard (`None`: not kept).
+    trees: Option<Arc<Trees>>,
+    tombstone_grace_secs: u32,
 }
 
 /// Shard count for a memory limit: a power of two, at most [`SHARDS_MAX`],
@@ -279,19 +328,27 @@ impl Store {
     pub fn new(config: &StoreConfig, clock: Arc<dyn Clock>) -> Self {
         let n = shard_count(config.memory_limit_bytes, config.item_bytes_max);
         let per_shard = config.memory_limit_bytes / n;
+        let trees = config.tree_partitions.map(|p| Arc::new(Trees::new(p)));
         let shards = (0..n)
-            .map(|_| Padded(Mutex::new(Shard::new(per_shard))))
+            .map(|_| Padded(Mutex::new(Shard::new(per_shard, trees.clone()))))
             .collect();
         Self {
             shards,
-            shard_mask: (n - 1) as u64,
+            shard_bits: n.trailing_zeros(),
             clock,
             hlc: hlc::Hlc::new(config.node_id),
             item_bytes_max: config.item_bytes_max,
             limit_bytes: per_shard * n,
             flush_at: AtomicU32::new(0),
             flush_barrier: AtomicU64::new(0),
+            trees,
+            tombstone_grace_secs: config.tombstone_grace_secs,
         }
+    }
+
+    /// The anti-entropy trees, if this store keeps them.
+    pub fn trees(&self) -> Option<&Trees> {
+        self.trees.as_deref()
     }
 
     /// The store's clock, shared (for tasks that outlive a borrow).
@@ -316,8 +373,14 @@ impl Store {
     }
 
     #[inline]
+    fn shard_index(&self, hash: u64) -> usize {
+        // The top `shard_bits` bits; a shift by 64 would overflow.
+        ((hash >> 32) >> (32 - self.shard_bits)) as usize
+    }
+
+    #[inline]
     fn shard(&self, hash: u64) -> &Mutex<Shard> {
-        &self.shards[((hash >> 40) & self.shard_mask) as usize].0
+        &self.shards[self.shard_index(hash)].0
     }
 
     /// Entries last accessed before this second are flushed (0 = none).
@@ -519,12 +582,20 @@ impl Store {
         })
     }
 
-    /// Applies replicated state, highest version wins. An absence leaves a
-    /// tombstone for [`TOMBSTONE_GRACE_SECS`], so an older copy arriving
-    /// late loses to it. A state older than the last cluster-wide
-    /// `flush_all` is dropped. The node's clock moves past the version, so
-    /// its own next write orders after it.
+    /// Applies replicated state, highest version wins, making room as a
+    /// client write would ([`Fill::Evict`]).
     pub fn apply(&self, key: &[u8], state: &KeyState) -> Applied {
+        self.apply_with(key, state, Fill::Evict)
+    }
+
+    /// Applies replicated state, highest version wins. An absence leaves a
+    /// tombstone until [`Store::tombstone_expiry`], so an older copy
+    /// arriving late loses to it; a state that is already dead (a tombstone
+    /// past its grace, an item past its expiry) only removes what it
+    /// outranks, on every replica alike. A state older than the last
+    /// cluster-wide `flush_all` is dropped. The node's clock moves past the
+    /// version, so its own next write orders after it.
+    pub fn apply_with(&self, key: &[u8], state: &KeyState, fill: Fill) -> Applied {
         self.hlc.observe(state.version());
         self.locked(key, |ctx| {
             // Checked under the shard lock: a flush that clears this shard
@@ -537,59 +608,83 @@ impl Store {
                 Err(Gone::Deleted(slot)) => Some((ctx.shard.get(slot).cas(), true)),
                 Err(_) => None,
             };
-            match (state, local) {
-                (
-                    KeyState::Item {
-                        version, exptime, ..
-                    },
-                    Some((v, false)),
-                ) if *version == v => {
-                    // A replicated touch keeps the version (memcached's touch
-                    // keeps the CAS): take the primary's expiry.
+            if let (
+                KeyState::Item {
+                    version, exptime, ..
+                },
+                Some((v, false)),
+            ) = (state, local)
+            {
+                if *version == v {
+                    // A replicated touch keeps the version (memcached's
+                    // touch keeps the CAS): take the primary's expiry.
                     if let Ok(slot) = ctx.found {
                         ctx.shard.get_mut(slot).set_exptime(*exptime);
                     }
-                    Applied::Same
-                }
-                (_, Some((v, _))) if state.version() <= v => Applied::Older,
-                (KeyState::Absent { version }, _) => {
-                    let until = ctx.now_secs.saturating_add(TOMBSTONE_GRACE_SECS);
-                    let mut item = NewItem::new(ctx.key, &[], 0, until, *version);
-                    item.entry_mut().set(bits::TOMBSTONE | bits::FETCHED, true);
-                    match ctx.insert_item(item, *version) {
-                        Ok(_) => {
-                            // Invisible to clients: the key reads as absent.
-                            if let Ok(slot) = ctx.found {
-                                ctx.found = Err(Gone::Deleted(slot));
-                            }
-                            Applied::Newer
-                        }
-                        Err(_) => Applied::NoMemory,
-                    }
-                }
-                (
-                    KeyState::Item {
-                        version,
-                        flags,
-                        exptime,
-                        bits: replicated,
-                        value,
-                    },
-                    _,
-                ) => {
-                    let item = NewItem::new(ctx.key, &[value], *flags, *exptime, *version);
-                    match ctx.insert_item(item, *version) {
-                        Ok(_) => {
-                            for bit in [bits::STALE, bits::KEY_BINARY] {
-                                ctx.set_bit(bit, replicated & bit != 0);
-                            }
-                            Applied::Newer
-                        }
-                        Err(_) => Applied::NoMemory,
-                    }
+                    return Applied::Same;
                 }
             }
+            if local.is_some_and(|(v, _)| state.version() <= v) {
+                return Applied::Older;
+            }
+            let (item, bits_to_copy) = match state {
+                KeyState::Absent { version } => {
+                    let until = self.tombstone_expiry(*version);
+                    let mut item = NewItem::new(ctx.key, &[], 0, until, *version);
+                    item.entry_mut().set(bits::TOMBSTONE | bits::FETCHED, true);
+                    (item, None)
+                }
+                KeyState::Item {
+                    version,
+                    flags,
+                    exptime,
+                    bits: replicated,
+                    value,
+                } => {
+                    let item = NewItem::new(ctx.key, &[value], *flags, *exptime, *version);
+                    (item, Some(*replicated))
+                }
+            };
+            if exptime::is_expired(item.entry().exptime(), ctx.now_secs) {
+                // Dead on arrival: it still outranks what is here.
+                ctx.remove_entry();
+                return Applied::Newer;
+            }
+            if local.is_none()
+                && fill == Fill::FreeOnly
+                && !ctx.shard.has_room_for(item.entry().charge())
+            {
+                return Applied::NoRoom;
+            }
+            let version = state.version();
+            match ctx.insert_item(item, version) {
+                Ok(_) => match bits_to_copy {
+                    Some(replicated) => {
+                        for bit in [bits::STALE, bits::KEY_BINARY] {
+                            ctx.set_bit(bit, replicated & bit != 0);
+                        }
+                        Applied::Newer
+                    }
+                    None => {
+                        // Invisible to clients: the key reads as absent.
+                        if let Ok(slot) = ctx.found {
+                            ctx.found = Err(Gone::Deleted(slot));
+                        }
+                        Applied::Newer
+                    }
+                },
+                Err(_) => Applied::NoMemory,
+            }
         })
+    }
+
+    /// The unix second at which a tombstone written at `version` goes:
+    /// fixed by the delete's own version, so every replica drops it at the
+    /// same time however late its copy arrived.
+    pub fn tombstone_expiry(&self, version: u64) -> u32 {
+        version_unix_secs(version)
+            .saturating_add(self.tombstone_grace_secs)
+            .max(1)
     }
 
     /// A cluster-wide `flush_all` at `version`: replicated states older than
@@ -676,6 +771,76 @@ impl Store {
         (page, None)
     }
 
+    /// The shards holding partition `p` of `partitions`: its hashes form
+    /// one range of the top bits, and so do the shards'.
+    pub fn shards_of_partition(&self, p: u32, partitions: u32) -> std::ops::RangeInclusive<usize> {
+        let start = |p: u32| (u128::from(p) << 64).div_ceil(u128::from(partitions));
+        let lo = start(p) as u64;
+        let hi = (start(p + 1) - 1) as u64;
+        self.shard_index(lo)..=self.shard_index(hi)
+    }
+
+    /// The (key, version) of every entry in the given leaves of the
+    /// anti-entropy trees: live items and tombstones, not those expired or
+    /// flushed, which every replica leaves out alike. Leaves are answered
+    /// whole and in the order asked, one list per leaf, as many leaves as
+    /// fit in `max_entries` entries (at least one).
+    /// Walks only the shards of the partitions asked, each locked for at
+    /// most [`SCAN_BUCKETS_PER_LOCK`] buckets at a time.
+    ///
+    /// # Panics
+    /// If the store keeps no trees.
+    pub fn leaf_entries(&self, leaves: &[(u32, u16)], max_entries: usize) -> Vec<Vec<KeyVersion>> {
+        let partitions = self.trees().expect("a store with trees").partitions();
+        let wanted: std::collections::HashMap<(u32, u16), usize> =
+            leaves.iter().enumerate().map(|(i, l)| (*l, i)).collect();
+        let mut shards: Vec<usize> = leaves
+            .iter()
+            .flat_map(|(p, _)| self.shards_of_partition(*p, partitions))
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let now = self.clock.now_secs();
+        let flushed_before = self.flushed_before(now);
+        let mut found: Vec<Vec<KeyVersion>> = vec![Vec::new(); leaves.len()];
+        for shard in shards {
+            let mut bucket = 0;
+            loop {
+                let s = self.shards[shard].0.lock();
+                let end = s.buckets().min(bucket + SCAN_BUCKETS_PER_LOCK);
+                while bucket < end {
+                    if let Some(e) = s.entry_at(bucket) {
+                        let h = key_hash(e.key());
+                        let at = (
+                            crate::cluster::ring::partition_of_hash(h, partitions),
+                            leaf_of(h),
+                        );
+                        let live = !exptime::is_expired(e.exptime(), now)
+                            && e.last_access() >= flushed_before;
+                        if let (Some(&i), true) = (wanted.get(&at), live) {
+                            found[i].push((e.key().to_vec(), e.cas()));
+                        }
+                    }
+                    bucket += 1;
+                }
+                if bucket >= s.buckets() {
+                    break;
+                }
+            }
+        }
+        let mut total = 0;
+        let covered = found
+            .iter()
+            .take_while(|entries| {
+                let first = total == 0;
+                total += entries.len();
+                first || total <= max_entries
+            })
+            .count();
+        found.truncate(covered);
+        found
+    }
+
     /// One bounded pass of the background expiry sweep over every shard.
     /// Returns the number of entries reclaimed.
     pub fn sweep(&self, slots_per_shard: usize) -> usize {
@@ -715,6 +880,36 @@ impl Store {
     pub fn check_invariants(&self) {
         for s in self.shards.iter() {
             s.0.lock().check_invariants();
+        }
+        // The trees hold exactly the entries in the shards: rebuilt from
+        // scratch, every leaf matches. (Only meaningful while no other
+        // thread writes.)
+        if let Some(trees) = &self.trees {
+            let fresh = Trees::new(trees.partitions());
+            let mut shards: Vec<_> = self.shards.iter().map(|s| s.0.lock()).collect();
+            for (i, s) in shards.iter_mut().enumerate() {
+                for bucket in 0..s.buckets() {
+                    if let Some(e) = s.entry_at(bucket) {
+                        let h = key_hash(e.key());
+                        assert_eq!(self.shard_index(h), i, "entry in the wrong shard");
+                        fresh.toggle(h, e.cas());
+                    }
+                }
+            }
+            for p in 0..trees.partitions() {
+                for leaf in 0..merkle::LEAVES as u16 {
+                    let node = merkle::TreeNode {
+                        partition: p,
+                        level: merkle::DEPTH,
+                        index: leaf,
+                    };
+                    assert_eq!(
+                        trees.hash(node),
+                        fresh.hash(node),
+                        "tree leaf {p}/{leaf} drifted"
+                    );
+                }
+            }
         }
     }
 }
@@ -769,7 +964,7 @@ impl Ctx<'_> {
     pub fn bump_cas(&mut self) -> Option<u64> {
         let slot = self.found.ok()?;
         let v = self.next_version();
-        self.shard.get_mut(slot).set_cas(v);
+        self.shard.set_version(slot, self.hash, v);
         Some(v)
     }
 
@@ -778,6 +973,14 @@ impl Ctx<'_> {
     }
 
     /// Removes the live item, if any.
+    /// Removes the key's entry, live item or tombstone, if any.
+    pub fn remove_entry(&mut self) {
+        if let Ok(slot) | Err(Gone::Deleted(slot)) = self.found {
+            self.shard.remove(slot);
+            self.found = Err(Gone::Missing);
+        }
+    }
+
     pub fn remove(&mut self) {
         if let Ok(slot) = self.found {
             self.shard.remove(slot);

@@ -22,10 +22,12 @@
 
 use std::alloc::{Layout, alloc, dealloc};
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use super::exptime;
 use super::index::Index;
 use super::key_hash;
+use super::merkle::Trees;
 
 /// Bytes the allocator hands out for a request of `n` bytes, modelled on
 /// glibc malloc: an 8-byte header, 16-byte granules, 32 bytes at least.
@@ -241,7 +243,7 @@ impl NewItem {
         item
     }
 
-    fn entry(&self) -> &Entry {
+    pub fn entry(&self) -> &Entry {
         // SAFETY: we own the allocation; it is initialised.
         unsafe { entry_at(self.ptr) }
     }
@@ -395,6 +397,9 @@ pub struct Shard {
     tombstones: usize,
     /// Cursor of the background expiry sweep, by index bucket.
     sweep_cursor: usize,
+    /// The node's anti-entropy trees, told of every entry that comes or
+    /// goes (`None`: a single node, or anti-entropy off).
+    trees: Option<Arc<Trees>>,
     pub stats: ShardStats,
 }
 
@@ -423,7 +428,7 @@ fn rehash(p: NonNull<u8>) -> u64 {
 }
 
 impl Shard {
-    pub fn new(limit_bytes: usize) -> Self {
+    pub fn new(limit_bytes: usize, trees: Option<Arc<Trees>>) -> Self {
         Self {
             index: Index::new(),
             head: NIL,
@@ -433,8 +438,29 @@ impl Shard {
             tombstones: 0,
             limit_bytes,
             sweep_cursor: 0,
+            trees,
             stats: ShardStats::default(),
         }
+    }
+
+    /// Tells the trees that the entry (key hash, version) came or went.
+    #[inline]
+    fn toggle_tree(&self, hash: u64, version: u64) {
+        if let Some(t) = &self.trees {
+            t.toggle(hash, version);
+        }
+    }
+
+    /// Gives the entry `slot` (key hash `hash`) a new version.
+    pub fn set_version(&mut self, slot: Slot, hash: u64, version: u64) {
+        self.toggle_tree(hash, self.get(slot).cas());
+        self.get_mut(slot).set_cas(version);
+        self.toggle_tree(hash, version);
+    }
+
+    /// Whether an entry costing `cost` bytes fits without evicting anything.
+    pub fn has_room_for(&self, cost: usize) -> bool {
+        self.footprint_bytes() + cost <= self.limit_bytes
     }
 
     pub fn used_bytes(&self) -> usize {
@@ -586,6 +612,8 @@ impl Shard {
                 // Replace in place: same index bucket, same place in the
                 // SIEVE list.
                 self.index.replace(hash, old.0, slot.0);
+                self.toggle_tree(hash, self.get(old).cas());
+                self.toggle_tree(hash, self.get(slot).cas());
                 let (newer, older) = {
                     let o = self.get(old);
                     (o.newer(), o.older())
@@ -610,6 +638,7 @@ impl Shard {
             }
             None => {
                 self.index.insert(hash, slot.0, rehash);
+                self.toggle_tree(hash, self.get(slot).cas());
                 self.link_head(slot);
                 self.used_bytes += cost;
             }
@@ -640,6 +669,7 @@ impl Shard {
         }
         let hash = key_hash(self.get(slot).key());
         self.index.remove(hash, slot.0);
+        self.toggle_tree(hash, self.get(slot).cas());
         self.unlink(slot);
         self.used_bytes -= self.get(slot).charge();
         // SAFETY: `slot` is now in neither the index nor the list.
@@ -651,6 +681,9 @@ impl Shard {
         let items: Vec<NonNull<u8>> = self.index.items().collect();
         self.index = Index::new();
         for p in items {
+            // SAFETY: the index held each live item exactly once.
+            let e = unsafe { entry_at(p) };
+            self.toggle_tree(key_hash(e.key()), e.cas());
             // SAFETY: the index held each live item exactly once; it is gone.
             drop(unsafe { NewItem::from_raw(p) });
         }

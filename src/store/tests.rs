@@ -16,10 +16,20 @@ fn store_with(limit: usize) -> (Store, Arc<ManualClock>) {
             memory_limit_bytes: limit,
             item_bytes_max: 1024 * 1024,
             node_id: 1,
+            // Every test also checks the anti-entropy trees against the
+            // store (`check_invariants`).
+            tree_partitions: Some(64),
+            ..StoreConfig::default()
         },
         clock.clone(),
     );
     (store, clock)
+}
+
+/// A version stamped `ms` milliseconds after the test clock's start (a
+/// tombstone's lifetime runs from its version's time).
+fn at(ms: u64) -> u64 {
+    (NOW_MS - hlc::EPOCH_UNIX_MS + ms) << (hlc::LOGICAL_BITS + hlc::NODE_BITS)
 }
 
 fn store() -> (Store, Arc<ManualClock>) {
@@ -428,12 +438,9 @@ fn apply_keeps_the_highest_version_in_any_order() {
 #[test]
 fn a_tombstone_hides_the_key_and_outranks_older_copies() {
     let (s, clock) = store();
+    assert_eq!(s.apply(b"k", &item_state(at(100), b"old")), Applied::Newer);
     assert_eq!(
-        s.apply(b"k", &item_state(100 << 22, b"old")),
-        Applied::Newer
-    );
-    assert_eq!(
-        s.apply(b"k", &KeyState::Absent { version: 150 << 22 }),
+        s.apply(b"k", &KeyState::Absent { version: at(150) }),
         Applied::Newer
     );
     assert_eq!(get(&s, b"k"), None);
@@ -442,13 +449,10 @@ fn a_tombstone_hides_the_key_and_outranks_older_copies() {
     assert_eq!(s.snapshot(b"k"), None);
     assert_eq!(
         s.replica_state(b"k"),
-        Some(KeyState::Absent { version: 150 << 22 })
+        Some(KeyState::Absent { version: at(150) })
     );
     // The deleted item arriving late does not come back.
-    assert_eq!(
-        s.apply(b"k", &item_state(100 << 22, b"old")),
-        Applied::Older
-    );
+    assert_eq!(s.apply(b"k", &item_state(at(100), b"old")), Applied::Older);
     assert_eq!(get(&s, b"k"), None);
     // add sees the key as absent and replaces the tombstone.
     assert!(matches!(
@@ -460,15 +464,12 @@ fn a_tombstone_hides_the_key_and_outranks_older_copies() {
     s.check_invariants();
     // A tombstone expires after its grace period.
     assert_eq!(
-        s.apply(b"t", &KeyState::Absent { version: 300 << 22 }),
+        s.apply(b"t", &KeyState::Absent { version: at(300) }),
         Applied::Newer
     );
     clock.advance_ms((u64::from(TOMBSTONE_GRACE_SECS) + 1) * 1000);
     assert_eq!(s.replica_state(b"t"), None);
-    assert_eq!(
-        s.apply(b"t", &item_state(120 << 22, b"late")),
-        Applied::Newer
-    );
+    assert_eq!(s.apply(b"t", &item_state(at(120), b"late")), Applied::Newer);
     s.check_invariants();
 }
 
@@ -497,7 +498,7 @@ fn copies_older_than_a_cluster_flush_are_dropped() {
 #[test]
 fn tombstones_leave_item_statistics_alone() {
     let (s, clock) = store();
-    s.apply(b"t", &KeyState::Absent { version: 300 << 22 });
+    s.apply(b"t", &KeyState::Absent { version: at(300) });
     assert_eq!(get(&s, b"t"), None);
     clock.advance_ms((u64::from(TOMBSTONE_GRACE_SECS) + 1) * 1000);
     assert_eq!(get(&s, b"t"), None);
@@ -519,7 +520,7 @@ fn a_scan_visits_every_wanted_entry_once_tombstones_included() {
     for i in 0..100u32 {
         s.apply(
             format!("gone{i}").as_bytes(),
-            &KeyState::Absent { version: 1 << 40 },
+            &KeyState::Absent { version: at(1) },
         );
     }
     let want = |k: &[u8]| k.ends_with(b"7");
@@ -540,4 +541,135 @@ fn a_scan_visits_every_wanted_entry_once_tombstones_included() {
     assert!(seen.keys().all(|k| want(k)));
     assert!(matches!(seen[&b"gone7"[..]], KeyState::Absent { .. }));
     assert!(matches!(seen[&b"k7"[..]], KeyState::Item { .. }));
+}
+
+#[test]
+fn leaf_listings_hold_live_entries_and_tombstones_not_expired_ones() {
+    let (s, clock) = store();
+    for i in 0..3000u32 {
+        set(&s, format!("k{i}").as_bytes(), b"v");
+    }
+    s.write(&Write::new(Mode::Set, b"short", b"v", 0, 5));
+    s.apply(b"gone", &KeyState::Absent { version: at(10) });
+    let trees = s.trees().expect("trees");
+    let every_leaf: Vec<(u32, u16)> = (0..trees.partitions())
+        .flat_map(|p| (0..merkle::LEAVES as u16).map(move |l| (p, l)))
+        .collect();
+    let listed = |s: &Store| -> HashMap<Vec<u8>, u64> {
+        s.leaf_entries(&every_leaf, usize::MAX)
+            .into_iter()
+            .flatten()
+            .collect()
+    };
+    let all = listed(&s);
+    assert_eq!(all.len(), 3000 + 2);
+    assert_eq!(all[&b"gone"[..]], at(10));
+    assert_eq!(all[&b"k7"[..]], cas_of(&s, b"k7"));
+    // Each leaf lists exactly its own keys.
+    let one = every_leaf[5];
+    for (k, _) in s.leaf_entries(&[one], usize::MAX).concat() {
+        let h = key_hash(&k);
+        assert_eq!(
+            (
+                crate::cluster::ring::partition_of_hash(h, 64),
+                merkle::leaf_of(h)
+            ),
+            one
+        );
+    }
+    // Whole leaves only, at least one, within the bound.
+    let some = s.leaf_entries(&every_leaf, 100);
+    let n: usize = some.iter().map(Vec::len).sum();
+    assert!(!some.is_empty() && some.len() < every_leaf.len());
+    assert!(
+        n <= 100 || some.len() == 1,
+        "{n} entries in {} leaves",
+        some.len()
+    );
+    // An expired item is left out even before anything removes it.
+    clock.advance_ms(6000);
+    assert!(!listed(&s).contains_key(&b"short"[..]));
+    s.check_invariants();
+}
+
+#[test]
+fn a_dead_state_removes_what_it_outranks_and_leaves_nothing() {
+    let (s, clock) = store();
+    // A delete older than the grace period: nothing of it stays.
+    s.apply(b"k", &item_state(at(1), b"old"));
+    let long_ago = at(0) - ((u64::from(TOMBSTONE_GRACE_SECS) * 1000) << 22) + (5 << 22);
+    assert!(long_ago < at(1));
+    assert_eq!(
+        s.apply(b"k", &KeyState::Absent { version: at(2) }),
+        Applied::Newer
+    );
+    assert!(s.replica_state(b"k").is_some(), "a fresh tombstone stays");
+    s.apply(b"j", &item_state(long_ago - (1 << 22), b"older"));
+    assert_eq!(
+        s.apply(b"j", &KeyState::Absent { version: long_ago }),
+        Applied::Newer
+    );
+    assert_eq!(
+        s.replica_state(b"j"),
+        None,
+        "a tombstone past its grace is not kept"
+    );
+    // Every replica drops a tombstone at the same second, set by its version.
+    assert_eq!(
+        s.tombstone_expiry(at(2)),
+        version_unix_secs(at(2)) + TOMBSTONE_GRACE_SECS
+    );
+    clock.advance_ms(u64::from(TOMBSTONE_GRACE_SECS) * 1000 + 1000);
+    assert_eq!(s.replica_state(b"k"), None);
+    // An item past its expiry removes an older one and is not kept.
+    s.apply(b"e", &item_state(at(3), b"v"));
+    let expired = KeyState::Item {
+        version: at(4),
+        flags: 0,
+        exptime: 1000,
+        bits: 0,
+        value: b"x".to_vec(),
+    };
+    assert_eq!(s.apply(b"e", &expired), Applied::Newer);
+    assert_eq!(s.replica_state(b"e"), None);
+    s.check_invariants();
+}
+
+#[test]
+fn repair_fills_free_memory_only_and_never_evicts() {
+    let (s, _) = store_with(4 << 20);
+    let value = vec![b'x'; 1000];
+    let mut i = 0u32;
+    while s.stats().counters.evictions == 0 {
+        set(&s, format!("k{i}").as_bytes(), &value);
+        i += 1;
+        assert!(i < 100_000, "the store fills");
+    }
+    let before = s.stats();
+    let state = KeyState::Item {
+        version: at(50),
+        flags: 0,
+        exptime: 0,
+        bits: 0,
+        value: value.clone(),
+    };
+    let mut no_room = 0;
+    for j in 0..200u32 {
+        if s.apply_with(format!("new{j}").as_bytes(), &state, Fill::FreeOnly) == Applied::NoRoom {
+            no_room += 1;
+        }
+    }
+    assert!(
+        no_room > 150,
+        "a full store takes almost none: {no_room} refused"
+    );
+    assert_eq!(s.stats().counters.evictions, before.counters.evictions);
+    // A key it holds is still updated in place.
+    let held = format!("k{}", i - 1);
+    assert_eq!(
+        s.apply_with(held.as_bytes(), &state, Fill::FreeOnly),
+        Applied::Newer
+    );
+    assert_eq!(cas_of(&s, held.as_bytes()), at(50));
+    s.check_invariants();
 }
