@@ -2,6 +2,7 @@
 //!
 //! `store/*`: webvac's store (lock-sharded open-addressing indexes, SIEVE eviction,
 //! byte accounting) — get hit and miss, set, incr, append.
+//! `trees/*`: a set with and without anti-entropy trees.
 //! `choice/*`: the same get-hit and set workload on quick_cache (with a byte
 //! weighter, its own eviction) and on dashmap (no eviction or accounting at
 //! all: the floor for "dashmap plus eviction of our own").
@@ -106,6 +107,35 @@ fn store_ops(c: &mut Criterion) {
                     }
                     black_box(store.write(&Write::new(Mode::Append, k, b"abcd", 0, 0)));
                 })
+            })
+        });
+    }
+    g.finish();
+}
+
+/// What keeping anti-entropy trees adds to a write: the same set, with and
+/// without trees over 1,024 partitions.
+fn trees(c: &mut Criterion) {
+    let keys: Vec<Vec<u8>> = (0..KEYS).map(key).collect();
+    let mut g = c.benchmark_group("trees");
+    for (name, partitions) in [("set_without_trees", None), ("set_with_trees", Some(1024))] {
+        let store = Store::new(
+            &StoreConfig {
+                memory_limit_bytes: 256 << 20,
+                item_bytes_max: 1 << 20,
+                tree_partitions: partitions,
+                ..StoreConfig::default()
+            },
+            Arc::new(SystemClock),
+        );
+        for k in &keys {
+            store.write(&Write::new(Mode::Set, k, &VALUE, 0, 0));
+        }
+        g.bench_function(name, |b| {
+            let mut i = 0usize;
+            b.iter(|| {
+                i = (i + 7919) % KEYS;
+                black_box(store.write(&Write::new(Mode::Set, &keys[i], &VALUE, 0, 0)))
             })
         });
     }
@@ -225,6 +255,6 @@ impl quick_cache::Weighter<Vec<u8>, Arc<[u8]>> for ByteWeighter {
 criterion_group! {
     name = store_benches;
     config = Criterion::default().measurement_time(Duration::from_secs(2)).warm_up_time(Duration::from_millis(500));
-    targets = store_ops, choice
+    targets = store_ops, trees, choice
 }
 criterion_main!(store_benches);

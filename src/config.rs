@@ -467,6 +467,26 @@ mod tests {
     }
 
     #[test]
+    fn a_tombstone_grace_shorter_than_hints_plus_a_cycle_is_refused() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/cluster-3/node1.toml");
+        let mut c = Config::from_file(path).unwrap().cluster.unwrap();
+        c.validate().unwrap();
+        // 1024 partitions at 256 a round and 1 s a round: a 4 s cycle.
+        assert_eq!(c.anti_entropy_cycle_secs(), 4);
+        c.tombstone_grace_secs = c.hint_window_secs + 4;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("tombstone_grace_secs"), "{e}");
+        c.tombstone_grace_secs += 1;
+        c.validate().unwrap();
+        c.anti_entropy_partitions_per_round = 0;
+        assert!(c.validate().is_err());
+        // Off, anti-entropy adds nothing to the floor.
+        c.anti_entropy = false;
+        c.tombstone_grace_secs = c.hint_window_secs + 1;
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         assert!(toml::from_str::<Config>("memroy_limit_mb = 5").is_err());
         let c: Config = toml::from_str("max_item_size = \"2m\"\nport = 1").unwrap();

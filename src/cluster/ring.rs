@@ -86,10 +86,10 @@ pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
 /// [`partition_of`] for a key whose xxh3-64 (seed 0) is already known, such as
 /// [`crate::store::key_hash`], so the request path hashes each key once.
 ///
-/// The store picks its shard from hash bits 40..46; the partition comes from
-/// the top bits (bits 48 and up for any partition count up to
-/// [`PARTITIONS_MAX`] that is a power of two), so the keys of one partition
-/// still spread over all of a node's shards.
+/// The store picks its shard from the same top bits, so with at least as
+/// many partitions as shards the keys of one partition sit in one shard (two
+/// if the partition count is not a power of two): anti-entropy lists a
+/// partition's keys by walking only those shards.
 ///
 /// # Panics
 /// If `partitions` is 0 or above [`PARTITIONS_MAX`].

@@ -782,7 +782,8 @@ impl Store {
 
     /// The (key, version) of every entry in the given leaves of the
     /// anti-entropy trees: live items and tombstones, not those expired or
-    /// flushed, which every replica leaves out alike. Leaves are answered
+    /// flushed, which every replica leaves out alike (the walk removes
+    /// them from the shards it passes through, as the sweep would). Leaves are answered
     /// whole and in the order asked, one list per leaf, as many leaves as
     /// fit in `max_entries` entries (at least one).
     /// Walks only the shards of the partitions asked, each locked for at
@@ -806,18 +807,22 @@ impl Store {
         for shard in shards {
             let mut bucket = 0;
             loop {
-                let s = self.shards[shard].0.lock();
+                let mut s = self.shards[shard].0.lock();
                 let end = s.buckets().min(bucket + SCAN_BUCKETS_PER_LOCK);
                 while bucket < end {
+                    // Dead entries go now, on both sides of a comparison
+                    // alike, so they stop making the trees differ.
+                    if s.reap_at(bucket, now, flushed_before) {
+                        bucket += 1;
+                        continue;
+                    }
                     if let Some(e) = s.entry_at(bucket) {
                         let h = key_hash(e.key());
                         let at = (
                             crate::cluster::ring::partition_of_hash(h, partitions),
                             leaf_of(h),
                         );
-                        let live = !exptime::is_expired(e.exptime(), now)
-                            && e.last_access() >= flushed_before;
-                        if let (Some(&i), true) = (wanted.get(&at), live) {
+                        if let Some(&i) = wanted.get(&at) {
                             found[i].push((e.key().to_vec(), e.cas()));
                         }
                     }

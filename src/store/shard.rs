@@ -499,6 +499,30 @@ impl Shard {
         self.index.at(i).map(|p| self.get(Slot(p)))
     }
 
+    /// Removes the entry in bucket `i` if it is expired (an item past its
+    /// expiry, a tombstone past its grace) or flushed, counting it as the
+    /// sweep does. Other entries keep their buckets. Returns whether it did.
+    pub fn reap_at(&mut self, i: usize, now_secs: u32, flushed_before: u32) -> bool {
+        let Some(p) = self.index.at(i) else {
+            return false;
+        };
+        let slot = Slot(p);
+        let e = self.get(slot);
+        let expired = exptime::is_expired(e.exptime(), now_secs);
+        let (tombstone, fetched) = (e.has(bits::TOMBSTONE), e.has(bits::FETCHED));
+        if !expired && e.last_access() >= flushed_before {
+            return false;
+        }
+        if expired && !tombstone {
+            self.stats.reclaimed += 1;
+            if !fetched {
+                self.stats.expired_unfetched += 1;
+            }
+        }
+        self.remove(slot);
+        true
+    }
+
     /// Entries clients can see: every entry but tombstones.
     pub fn live_len(&self) -> usize {
         self.index.len() - self.tombstones
@@ -790,24 +814,10 @@ impl Shard {
             }
             let at = self.sweep_cursor;
             self.sweep_cursor += 1;
-            let Some(p) = self.index.at(at) else {
-                continue;
-            };
-            let slot = Slot(p);
-            let e = self.get(slot);
-            let expired = exptime::is_expired(e.exptime(), now_secs);
-            let unfetched = !e.has(bits::FETCHED);
-            if expired || e.last_access() < flushed_before {
-                if expired && !e.has(bits::TOMBSTONE) {
-                    self.stats.reclaimed += 1;
-                    if unfetched {
-                        self.stats.expired_unfetched += 1;
-                    }
-                }
-                self.remove(slot);
+            // A removal leaves the other entries where they are (the index
+            // marks the bucket), so the walk goes on undisturbed.
+            if self.reap_at(at, now_secs, flushed_before) {
                 removed += 1;
-                // A removal may have emptied buckets behind the cursor;
-                // revisiting this bucket next time is harmless.
             }
         }
         // Give back index memory the shard no longer needs.
