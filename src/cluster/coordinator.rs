@@ -669,8 +669,14 @@ impl Cluster {
                     None => ReplicaCopy::Applied,
                     Some((why, timed_out)) => match holder_peer {
                         None => {
-                            hints.lock().add(node, &key, state, now_ms);
-                            ReplicaCopy::Hinted
+                            if hints.lock().add(node, &key, state, now_ms) {
+                                ReplicaCopy::Hinted
+                            } else {
+                                ReplicaCopy::Failed {
+                                    why: format!("{why}; no room for a hint"),
+                                    timed_out,
+                                }
+                            }
                         }
                         Some(h) => {
                             let req = PeerRequest::Hint {
@@ -1337,8 +1343,11 @@ impl Cluster {
                     return PeerResponse::Refused("invalid hint".into());
                 }
                 let now_ms = local.store().clock().now_ms();
-                self.hints.lock().add(target, &key, state, now_ms);
-                PeerResponse::Applied
+                if self.hints.lock().add(target, &key, state, now_ms) {
+                    PeerResponse::Applied
+                } else {
+                    PeerResponse::Refused("no room for the hint".into())
+                }
             }
             PeerRequest::FlushAll {
                 delay_secs,

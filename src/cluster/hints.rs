@@ -70,8 +70,10 @@ impl HintStore {
     }
 
     /// Holds `state` for `target`, dropping the oldest hints if a bound
-    /// would be exceeded. A hint larger than the whole budget is dropped.
-    pub fn add(&mut self, target: NodeId, key: &[u8], state: KeyState, now_ms: u64) {
+    /// would be exceeded. A hint larger than the whole budget (or any hint,
+    /// with hints off) is dropped: returns whether it is held.
+    #[must_use]
+    pub fn add(&mut self, target: NodeId, key: &[u8], state: KeyState, now_ms: u64) -> bool {
         let hint = Hint {
             key: key.to_vec(),
             state,
@@ -80,7 +82,7 @@ impl HintStore {
         let size = hint.bytes();
         if size > self.limits.bytes_max || self.limits.per_target_max == 0 {
             self.counts.dropped += 1;
-            return;
+            return false;
         }
         while self
             .by_target
@@ -102,6 +104,7 @@ impl HintStore {
         self.bytes += size;
         self.counts.stored += 1;
         self.by_target.entry(target).or_default().push_back(hint);
+        true
     }
 
     fn drop_oldest_of(&mut self, target: NodeId) {
@@ -214,7 +217,7 @@ mod tests {
     fn per_target_bound_drops_the_oldest() {
         let mut h = HintStore::new(limits());
         for v in 1..=5 {
-            h.add(2, format!("k{v}").as_bytes(), item(v, 10), 0);
+            assert!(h.add(2, format!("k{v}").as_bytes(), item(v, 10), 0));
         }
         let kept: Vec<u64> = h.take(2, 10).iter().map(|x| x.state.version()).collect();
         assert_eq!(kept, vec![3, 4, 5]);
@@ -229,25 +232,32 @@ mod tests {
             bytes_max: 3 * (2 + 1000 + HINT_OVERHEAD_BYTES),
             window_ms: 1_000,
         });
-        h.add(2, b"k1", item(1, 1000), 0);
-        h.add(3, b"k2", item(2, 1000), 1);
-        h.add(2, b"k3", item(3, 1000), 2);
-        h.add(3, b"k4", item(4, 1000), 3);
+        assert!(h.add(2, b"k1", item(1, 1000), 0));
+        assert!(h.add(3, b"k2", item(2, 1000), 1));
+        assert!(h.add(2, b"k3", item(3, 1000), 2));
+        assert!(h.add(3, b"k4", item(4, 1000), 3));
         assert_eq!(h.pending(), 3);
         assert_eq!(h.counts.dropped, 1);
         assert!(h.take(2, 10).iter().all(|x| x.key != b"k1"));
         assert!(h.bytes() <= 3 * (2 + 1000 + HINT_OVERHEAD_BYTES));
         let huge = HintStore::new(limits()).limits.bytes_max + 1;
         let mut h = HintStore::new(limits());
-        h.add(2, b"big", item(9, huge), 0);
+        assert!(!h.add(2, b"big", item(9, huge), 0), "too big to hold");
         assert_eq!((h.pending(), h.counts.dropped), (0, 1));
+        // Hints off: nothing is held, and the caller is told so.
+        let mut off = HintStore::new(HintLimits {
+            per_target_max: 0,
+            ..limits()
+        });
+        assert!(!off.add(2, b"k", item(1, 1), 0));
+        assert_eq!((off.pending(), off.counts.dropped), (0, 1));
     }
 
     #[test]
     fn hints_expire_after_the_window() {
         let mut h = HintStore::new(limits());
-        h.add(2, b"a", item(1, 1), 0);
-        h.add(2, b"b", item(2, 1), 500);
+        assert!(h.add(2, b"a", item(1, 1), 0));
+        assert!(h.add(2, b"b", item(2, 1), 500));
         h.expire(1_000);
         assert_eq!((h.pending(), h.counts.expired, h.counts.dropped), (1, 1, 0));
         h.expire(1_500);
@@ -259,7 +269,7 @@ mod tests {
     fn undelivered_hints_go_back_in_order() {
         let mut h = HintStore::new(limits());
         for v in 1..=3 {
-            h.add(2, b"k", item(v, 1), 0);
+            assert!(h.add(2, b"k", item(v, 1), 0));
         }
         let batch = h.take(2, 2);
         assert_eq!(h.pending(), 1);
