@@ -25,11 +25,14 @@ use rand::{Rng, SeedableRng};
 
 use common::cluster::{
     Cluster, Layout, NodeId, cluster_stats, exclusive, member_fields, member_states, parse_stats,
+    partition_keys,
 };
 use common::compat::{
     assert_memccapable_passed, assert_pymemcache_passed, run_memccapable, run_pymemcache,
 };
-use common::{Client, ReplyErrorKind, RunOutput, run_bounded};
+use common::{
+    Client, REPLY_TIMEOUT, ReplyErrorKind, RunOutput, escape, one_reply_len, run_bounded,
+};
 
 /// Bounded wait for replicas that a write did not wait for (N > W) to catch up.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -949,7 +952,15 @@ fn real_clients_pass_against_every_node() {
 #[test]
 fn acknowledged_delete_survives_a_replica_that_missed_it() {
     let _serial = exclusive();
-    let mut cluster = Cluster::start(Layout::new(3).quorums(2, 2).request_timeout_ms(300));
+    // Without hints or anti-entropy, which could hand the tombstone to node
+    // 3 before the reads: only the quorum read may hide the old item.
+    let mut cluster = Cluster::start(
+        Layout::new(3)
+            .quorums(2, 2)
+            .request_timeout_ms(300)
+            .no_hints()
+            .no_anti_entropy(),
+    );
     let mut c1 = cluster.connect(1);
     let mut c2 = cluster.connect(2);
     assert_eq!(c1.ask(b"ms gone 3 Pw3\r\nold\r\n"), "HD\r\n");
@@ -1063,8 +1074,9 @@ fn flush_all_is_seen_by_the_next_read_through_any_node() {
 fn read_repair_refills_a_node_restarted_empty() {
     const KEYS: usize = 50;
     let _serial = exclusive();
-    // Without the start-up refill, so only reads can bring keys back.
-    let mut cluster = Cluster::start(Layout::new(3).no_refill());
+    // Without the start-up refill or anti-entropy, so only reads can bring
+    // keys back.
+    let mut cluster = Cluster::start(Layout::new(3).no_refill().no_anti_entropy());
     let mut c1 = cluster.connect(1);
     for i in 0..KEYS {
         let reply = c1.ask(&set_request("set", &format!("rr{i}"), 0, &format!("v{i}")));
@@ -1122,7 +1134,14 @@ fn primary_of(key: &str, nodes: u16, replicas: usize) -> u16 {
 #[test]
 fn a_primary_that_missed_writes_catches_up_before_incr() {
     let _serial = exclusive();
-    let mut cluster = Cluster::start(Layout::new(3).request_timeout_ms(300));
+    // Without hints or anti-entropy, which could hand the missed write to
+    // the primary before the incr: only its catch-up read may find it.
+    let mut cluster = Cluster::start(
+        Layout::new(3)
+            .request_timeout_ms(300)
+            .no_hints()
+            .no_anti_entropy(),
+    );
     let key = "counter";
     let primary = primary_of(key, 3, 3);
     let other = if primary == 1 { 2 } else { 1 };
@@ -1200,7 +1219,9 @@ fn a_failed_gat_keeps_earlier_pipelined_replies() {
 #[test]
 fn delete_through_a_primary_restarted_empty() {
     let _serial = exclusive();
-    let mut cluster = Cluster::start(Layout::new(3));
+    // Without the start-up refill or anti-entropy, so the primary really is
+    // empty when the delete reaches it.
+    let mut cluster = Cluster::start(Layout::new(3).no_refill().no_anti_entropy());
     let key = "doomed";
     let primary = primary_of(key, 3, 3);
     let mut c = cluster.connect(if primary == 1 { 2 } else { 1 });
@@ -1272,8 +1293,9 @@ fn summed_stat(cluster: &Cluster, ids: &[u16], name: &str) -> u64 {
 fn hints_hand_missed_writes_to_a_restarted_replica() {
     const KEYS: usize = 100;
     let _serial = exclusive();
-    // Without the start-up refill, so only hints can bring the keys.
-    let mut cluster = Cluster::start(Layout::new(3).no_refill());
+    // Without the start-up refill or anti-entropy, so only hints can bring
+    // the keys.
+    let mut cluster = Cluster::start(Layout::new(3).no_refill().no_anti_entropy());
     cluster.kill(3);
     cluster.wait_member_state(1, 3, |s| s.starts_with("down"));
     cluster.wait_member_state(2, 3, |s| s.starts_with("down"));
@@ -1330,7 +1352,8 @@ fn a_node_restarted_empty_refills_from_its_peers() {
     const KEYS: usize = 2000;
     const DELETED: usize = 100;
     let _serial = exclusive();
-    let mut cluster = Cluster::start(Layout::new(3));
+    // Without anti-entropy, so only the refill can bring the keys.
+    let mut cluster = Cluster::start(Layout::new(3).no_anti_entropy());
     let mut c1 = cluster.connect(1);
     for i in 0..KEYS {
         let reply = c1.ask(&set_request("set", &format!("f{i}"), 0, &format!("v{i}")));
@@ -1379,5 +1402,580 @@ fn a_node_restarted_empty_refills_from_its_peers() {
             "partition digests differ after the refill"
         );
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Requests sent at once when pipelining. A batch's requests (and their
+/// replies) fit in the socket buffers, so sending a whole batch before
+/// reading any reply never leaves both sides blocked on a full buffer.
+const PIPELINE_BATCH: usize = 500;
+
+/// Sends `requests` (none `noreply`) pipelined, [`PIPELINE_BATCH`] at a
+/// time, and returns their replies in order, each read within
+/// `REPLY_TIMEOUT`.
+///
+/// # Panics
+/// On a send or read failure.
+fn pipelined(client: &mut Client, requests: &[Vec<u8>]) -> Vec<String> {
+    let mut replies = Vec::with_capacity(requests.len());
+    for batch in requests.chunks(PIPELINE_BATCH) {
+        client
+            .send(&batch.concat())
+            .unwrap_or_else(|e| panic!("send a batch of {} requests: {e}", batch.len()));
+        for request in batch {
+            let reply = client
+                .read_reply_until(one_reply_len, REPLY_TIMEOUT)
+                .unwrap_or_else(|e| panic!("pipelined reply to \"{}\": {e}", escape(request)));
+            replies.push(String::from_utf8_lossy(&reply).into_owned());
+        }
+    }
+    replies
+}
+
+/// The `i`-th key and value of the anti-entropy tests.
+fn ae_key(i: usize) -> String {
+    format!("ae:{i}")
+}
+
+/// About 60 bytes, different for every key.
+fn ae_value(i: usize) -> String {
+    format!("value-{i:08}-{}", "x".repeat(40))
+}
+
+/// Sets `ae_key(i)` = `ae_value(i)` for every `i` in `range`, pipelined and
+/// spread over `clients` batch by batch; asserts each is acknowledged.
+fn set_ae_keys(clients: &mut [Client], range: std::ops::Range<usize>) {
+    let requests: Vec<Vec<u8>> = range
+        .clone()
+        .map(|i| set_request("set", &ae_key(i), 0, &ae_value(i)))
+        .collect();
+    let mut failed = Vec::new();
+    for (n, batch) in requests.chunks(PIPELINE_BATCH).enumerate() {
+        let client = &mut clients[n % clients.len()];
+        for (j, reply) in pipelined(client, batch).into_iter().enumerate() {
+            if reply != "STORED\r\n" {
+                failed.push((ae_key(range.start + n * PIPELINE_BATCH + j), reply));
+            }
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} sets not acknowledged, e.g. {:?}",
+        failed.len(),
+        range.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
+/// A numeric field of a stats map.
+fn stat_u64(stats: &BTreeMap<String, String>, name: &str) -> u64 {
+    stats
+        .get(name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {name} in {stats:?}"))
+}
+
+/// A numeric field of node `id`'s plain `stats`.
+fn plain_stat(cluster: &Cluster, id: NodeId, name: &str) -> u64 {
+    stat_u64(&parse_stats(&cluster.connect(id).ask(b"stats\r\n")), name)
+}
+
+/// The anti-entropy, refill and hint counters of every running node, for
+/// the log.
+fn repair_counters(cluster: &Cluster) -> String {
+    let names = [
+        "anti_entropy_rounds",
+        "anti_entropy_partitions_differing",
+        "anti_entropy_keys_listed",
+        "anti_entropy_keys_pulled",
+        "anti_entropy_keys_pushed",
+        "anti_entropy_bytes",
+        "anti_entropy_no_room",
+        "anti_entropy_errors",
+        "read_repairs",
+        "refill_keys",
+        "hints_stored",
+        "hints_delivered",
+    ];
+    let mut out = String::new();
+    for id in cluster.running_ids() {
+        let stats = cluster_stats(&mut cluster.connect(id));
+        let fields: Vec<String> = names
+            .iter()
+            .map(|n| format!("{}={}", n, stats.get(*n).map_or("?", String::as_str)))
+            .collect();
+        out.push_str(&format!("node {id}: {}\n", fields.join(" ")));
+    }
+    out
+}
+
+/// The sum of the `keys=` counts of node `id`'s partitions.
+fn keys_in_partitions(lines: &BTreeMap<NodeId, BTreeMap<u32, String>>, id: NodeId) -> u64 {
+    lines[&id].values().map(|l| partition_keys(l)).sum()
+}
+
+/// Asserts node `id` holds `ae_key(i)` for every `i` in `range` in its own
+/// memory (`me`), and reads the right value of every 50th of them with
+/// `mg <key> v Pr1` through it.
+fn assert_node_holds_ae_keys(cluster: &Cluster, id: NodeId, range: std::ops::Range<usize>) {
+    let mut c = cluster.connect(id);
+    let requests: Vec<Vec<u8>> = range
+        .clone()
+        .map(|i| format!("me {}\r\n", ae_key(i)).into_bytes())
+        .collect();
+    let missing: Vec<String> = range
+        .clone()
+        .zip(pipelined(&mut c, &requests))
+        .filter(|(_, reply)| !reply.starts_with("ME "))
+        .map(|(i, reply)| format!("{}: {reply:?}", ae_key(i)))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "node {id} lacks {} of {} keys, e.g. {:?}",
+        missing.len(),
+        range.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let sample: Vec<usize> = range.step_by(50).collect();
+    let requests: Vec<Vec<u8>> = sample
+        .iter()
+        .map(|&i| format!("mg {} v Pr1\r\n", ae_key(i)).into_bytes())
+        .collect();
+    for (&i, reply) in sample.iter().zip(pipelined(&mut c, &requests)) {
+        let value = ae_value(i);
+        assert_eq!(
+            reply,
+            format!("VA {}\r\n{value}\r\n", value.len()),
+            "mg {} v Pr1 through node {id}",
+            ae_key(i)
+        );
+    }
+}
+
+/// Keys written while the anti-entropy tests' node 3 is down.
+const AE_KEYS: usize = 50_000;
+/// Bound on the convergence after node 3 restarts empty: at the default
+/// 10,000 keys per round and one round a second, 50,000 keys take a few
+/// cycles of 4 s.
+const AE_CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Kills node 3 of a 3-node N=3 cluster, writes [`AE_KEYS`] keys through
+/// nodes 1 and 2 (every write acknowledged at W=2), restarts node 3 empty
+/// and waits until every partition's replicas agree; prints how long that
+/// took. Then checks node 3 holds every key.
+fn converge_a_node_killed_and_restarted_empty(cluster: &mut Cluster, test: &str) {
+    cluster.kill(3);
+    for via in [1, 2] {
+        cluster.wait_member_state(via, 3, |s| s.starts_with("down"));
+    }
+    let mut writers = vec![cluster.connect(1), cluster.connect(2)];
+    let started = Instant::now();
+    set_ae_keys(&mut writers, 0..AE_KEYS);
+    eprintln!(
+        "{test}: {AE_KEYS} sets acknowledged through nodes 1 and 2 in {:?}",
+        started.elapsed()
+    );
+    let started = Instant::now();
+    cluster.restart(3);
+    let restarted = started.elapsed();
+    let (converged, lines) = cluster.wait_partitions_agree(AE_CONVERGE_TIMEOUT);
+    eprintln!(
+        "{test}: node 3 restarted (seen up by all) in {restarted:?}; every partition agreed \
+         on all 3 nodes {converged:?} later ({:?} from the restart)\n{}",
+        restarted + converged,
+        repair_counters(cluster)
+    );
+    for id in [1, 2, 3] {
+        assert_eq!(
+            lines[&id].len(),
+            1024,
+            "node {id} replicates every partition (N=3 of 3)"
+        );
+        assert_eq!(
+            keys_in_partitions(&lines, id),
+            AE_KEYS as u64,
+            "entries on node {id} once the replicas agree"
+        );
+    }
+    assert_node_holds_ae_keys(cluster, 3, 0..AE_KEYS);
+}
+
+/// Anti-entropy alone repairs a replica that lost everything: with the
+/// start-up refill and hinted handoff off, and no reads, a node killed with
+/// SIGKILL while 50,000 keys were written and restarted empty ends up with
+/// every key at the version the others hold, in every partition.
+#[test]
+fn anti_entropy_converges_a_node_killed_and_restarted_empty() {
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(
+        Layout::new(3)
+            .replicas(3)
+            .quorums(2, 2)
+            .no_refill()
+            .no_hints(),
+    );
+    converge_a_node_killed_and_restarted_empty(
+        &mut cluster,
+        "anti_entropy_converges_a_node_killed_and_restarted_empty",
+    );
+    let moved = summed_stat(&cluster, &[1, 2, 3], "anti_entropy_keys_pushed")
+        + summed_stat(&cluster, &[1, 2, 3], "anti_entropy_keys_pulled");
+    assert!(
+        moved >= AE_KEYS as u64,
+        "anti-entropy moved {moved} keys; node 3 lacked {AE_KEYS}\n{}",
+        repair_counters(&cluster)
+    );
+    // Nothing else did the work.
+    assert_eq!(summed_stat(&cluster, &[3], "refill_keys"), 0);
+    assert_eq!(summed_stat(&cluster, &[1, 2, 3], "hints_delivered"), 0);
+    assert_eq!(summed_stat(&cluster, &[1, 2, 3], "read_repairs"), 0);
+}
+
+/// With the default settings (refill, hints and anti-entropy all on) a node
+/// killed while 50,000 keys were written and restarted empty converges:
+/// every partition's replicas agree. The time printed is the README's
+/// figure for 50,000 keys.
+#[test]
+fn default_settings_converge_a_node_killed_and_restarted_empty() {
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(Layout::new(3));
+    converge_a_node_killed_and_restarted_empty(
+        &mut cluster,
+        "default_settings_converge_a_node_killed_and_restarted_empty",
+    );
+}
+
+/// Reads every `ae_key(i)` for `i` in `0..keys` through every running node
+/// with `mg <key> v Pr1` and `Pr3`; returns what disagrees with "the first
+/// `deleted` keys are gone, the rest hold their value".
+fn wrong_reads_after_deletes(cluster: &Cluster, keys: usize, deleted: usize) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for id in cluster.running_ids() {
+        let mut c = cluster.connect(id);
+        for r in [1, 3] {
+            let requests: Vec<Vec<u8>> = (0..keys)
+                .map(|i| format!("mg {} v Pr{r}\r\n", ae_key(i)).into_bytes())
+                .collect();
+            for (i, reply) in pipelined(&mut c, &requests).into_iter().enumerate() {
+                let want = if i < deleted {
+                    "EN\r\n".to_string()
+                } else {
+                    let value = ae_value(i);
+                    format!("VA {}\r\n{value}\r\n", value.len())
+                };
+                if reply != want {
+                    wrong.push(format!(
+                        "mg {} v Pr{r} through node {id}: {reply:?}, want {want:?}",
+                        ae_key(i)
+                    ));
+                }
+            }
+        }
+        let requests: Vec<Vec<u8>> = (0..deleted)
+            .map(|i| format!("me {}\r\n", ae_key(i)).into_bytes())
+            .collect();
+        for (i, reply) in pipelined(&mut c, &requests).into_iter().enumerate() {
+            if reply != "EN\r\n" {
+                wrong.push(format!("me {} on node {id}: {reply:?}", ae_key(i)));
+            }
+        }
+    }
+    wrong
+}
+
+/// Deletes acknowledged while a replica is cut off (paused: it keeps the old
+/// items) reach it through anti-entropy alone (no hints), as tombstones that
+/// outrank its older copies; and once the tombstones' grace has passed and
+/// they are gone everywhere, no deleted key comes back, through any node,
+/// at R=1 or R=3, however many anti-entropy rounds run.
+#[test]
+fn deletes_while_a_replica_is_down_never_come_back() {
+    const KEYS: usize = 2000;
+    const DELETED: usize = 500;
+    const GRACE_SECS: u64 = 4;
+    let test = "deletes_while_a_replica_is_down_never_come_back";
+    let _serial = exclusive();
+    // A cycle is one round of 0.2 s, counted as 1 s: 1 s of hint window
+    // plus 1 s of cycle is below the 4 s grace, so the nodes accept it.
+    let mut cluster = Cluster::start(
+        Layout::new(3)
+            .replicas(3)
+            .quorums(2, 2)
+            .request_timeout_ms(300)
+            .no_hints()
+            .hint_window_secs(1)
+            .anti_entropy_interval_ms(200)
+            .anti_entropy_partitions_per_round(1024)
+            .tombstone_grace_secs(GRACE_SECS),
+    );
+    let mut c1 = cluster.connect(1);
+    set_ae_keys(std::slice::from_mut(&mut c1), 0..KEYS);
+    // Every replica holds every key before node 3 is cut off.
+    let (took, lines) = cluster.wait_partitions_agree(CONVERGE_TIMEOUT);
+    eprintln!("{test}: {KEYS} keys on all 3 nodes {took:?} after the last set");
+    for id in [1, 2, 3] {
+        assert_eq!(keys_in_partitions(&lines, id), KEYS as u64, "node {id}");
+    }
+
+    cluster.pause(3);
+    for via in [1, 2] {
+        cluster.wait_member_state(via, 3, |s| s.starts_with("down"));
+    }
+    let deletes_started = Instant::now();
+    let requests: Vec<Vec<u8>> = (0..DELETED)
+        .map(|i| format!("delete {}\r\n", ae_key(i)).into_bytes())
+        .collect();
+    let replies = pipelined(&mut c1, &requests);
+    let deleting = deletes_started.elapsed();
+    let refused: Vec<(usize, &String)> = replies
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| *r != "DELETED\r\n")
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "{} of {DELETED} deletes with node 3 paused not acknowledged, e.g. {:?}",
+        refused.len(),
+        &refused[..refused.len().min(5)]
+    );
+    cluster.resume(3);
+    cluster.wait_ready();
+    let resumed = deletes_started.elapsed();
+    let (took, lines) = cluster.wait_partitions_agree(Duration::from_secs(10));
+    let converged = deletes_started.elapsed();
+    eprintln!(
+        "{test}: {DELETED} deletes took {deleting:?}; node 3 resumed and seen up {resumed:?} \
+         after the first delete; the replicas agreed {took:?} later ({converged:?} after the \
+         first delete)\n{}",
+        repair_counters(&cluster)
+    );
+    // Past the grace the tombstones may be gone from nodes 1 and 2 before
+    // node 3 got them: the test's premise, not anti-entropy, would fail.
+    // Expiry counts whole seconds, so a tombstone may go up to a second
+    // early.
+    assert!(
+        converged < Duration::from_secs(GRACE_SECS - 1),
+        "the replicas agreed {converged:?} after the first delete, too close to the \
+         {GRACE_SECS} s grace for the test to mean anything"
+    );
+    // Node 3 holds tombstones for the deleted keys, not its old items.
+    for id in [1, 2, 3] {
+        assert_eq!(
+            keys_in_partitions(&lines, id),
+            KEYS as u64,
+            "node {id}: {} live keys and {DELETED} tombstones",
+            KEYS - DELETED
+        );
+        assert_eq!(
+            plain_stat(&cluster, id, "curr_items"),
+            (KEYS - DELETED) as u64,
+            "node {id}"
+        );
+    }
+    let wrong = wrong_reads_after_deletes(&cluster, KEYS, DELETED);
+    assert!(
+        wrong.is_empty(),
+        "{} wrong reads once the replicas agree, e.g. {:#?}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)]
+    );
+    let moved = summed_stat(&cluster, &[1, 2, 3], "anti_entropy_keys_pushed")
+        + summed_stat(&cluster, &[1, 2, 3], "anti_entropy_keys_pulled");
+    assert!(
+        moved >= DELETED as u64,
+        "anti-entropy moved {moved} keys; node 3 missed {DELETED} deletes"
+    );
+    assert_eq!(summed_stat(&cluster, &[1, 2, 3], "hints_stored"), 0);
+
+    // Past the grace every tombstone goes, on every node.
+    let deadline = Instant::now() + Duration::from_secs(GRACE_SECS + 15);
+    loop {
+        let lines = cluster.partition_lines();
+        let counts: Vec<u64> = [1, 2, 3]
+            .iter()
+            .map(|&id| keys_in_partitions(&lines, id))
+            .collect();
+        if counts.iter().all(|&c| c == (KEYS - DELETED) as u64) {
+            eprintln!(
+                "{test}: tombstones gone from all 3 nodes {:?} after the first delete",
+                deletes_started.elapsed()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "entries per node {counts:?} {:?} after the first delete; want {} once the \
+             tombstones' {GRACE_SECS} s grace has passed\n{}",
+            deletes_started.elapsed(),
+            KEYS - DELETED,
+            repair_counters(&cluster)
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    // Let anti-entropy run a few more full cycles over the tombstone-free
+    // replicas before looking again.
+    let rounds = |cluster: &Cluster| summed_stat(cluster, &[1, 2], "anti_entropy_rounds");
+    let before = rounds(&cluster);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rounds(&cluster) < before + 10 {
+        assert!(
+            Instant::now() < deadline,
+            "anti-entropy rounds stalled at {}",
+            rounds(&cluster)
+        );
+        thread::sleep(POLL_INTERVAL);
+    }
+    let (_, lines) = cluster.wait_partitions_agree(CONVERGE_TIMEOUT);
+    for id in [1, 2, 3] {
+        assert_eq!(
+            keys_in_partitions(&lines, id),
+            (KEYS - DELETED) as u64,
+            "node {id}"
+        );
+        assert_eq!(
+            plain_stat(&cluster, id, "curr_items"),
+            (KEYS - DELETED) as u64,
+            "node {id}"
+        );
+    }
+    let wrong = wrong_reads_after_deletes(&cluster, KEYS, DELETED);
+    assert!(
+        wrong.is_empty(),
+        "{} wrong reads after the tombstones' grace, e.g. {:#?}\n{}",
+        wrong.len(),
+        &wrong[..wrong.len().min(10)],
+        repair_counters(&cluster)
+    );
+}
+
+/// Anti-entropy applies into free memory only: on nodes whose memory is full
+/// and which evicted different keys, it does not evict to make room for
+/// the keys another replica still holds (which would make that replica's
+/// copies differ in turn, round after round). After the writes stop, the
+/// `evictions` count of every node stays put while anti-entropy runs, and
+/// what it could not place is counted as `anti_entropy_no_room`.
+#[test]
+fn anti_entropy_does_not_fight_eviction() {
+    const MEMORY_MB: usize = 8;
+    const VALUE_BYTES: usize = 1000;
+    /// About what one node holds.
+    const FULL: usize = MEMORY_MB * 1024 * 1024 / VALUE_BYTES;
+    const ROUNDS: u64 = 10;
+    /// Anti-entropy's bandwidth bound, per peer (the default).
+    const BYTES_PER_SEC: u64 = 8 * 1024 * 1024;
+    /// What one exchange may overdraw its bound by: a message whose size is
+    /// known only when it arrives (at most about 1 MiB of states).
+    const MESSAGE_DEBT_BYTES: u64 = 2 * 1024 * 1024;
+    let test = "anti_entropy_does_not_fight_eviction";
+    let _serial = exclusive();
+    let cluster = Cluster::start(
+        Layout::new(3)
+            .replicas(3)
+            .quorums(2, 2)
+            .memory_limit_mb(MEMORY_MB)
+            .anti_entropy_interval_ms(200)
+            .anti_entropy_partitions_per_round(1024)
+            .arg("--anti-entropy-bytes-per-sec")
+            .arg(BYTES_PER_SEC.to_string()),
+    );
+    let mut clients = connect_all(&cluster);
+    let value = "e".repeat(VALUE_BYTES);
+    let key = |i: usize| format!("ev:{i}");
+    let set_all = |clients: &mut [Client], range: std::ops::Range<usize>| {
+        let requests: Vec<Vec<u8>> = range
+            .map(|i| set_request("set", &key(i), 0, &value))
+            .collect();
+        for (n, batch) in requests.chunks(PIPELINE_BATCH).enumerate() {
+            let client = &mut clients[n % clients.len()];
+            for reply in pipelined(client, batch) {
+                assert_eq!(reply, "STORED\r\n");
+            }
+        }
+    };
+    let started = Instant::now();
+    // Every node sees the same writes and evicts the same keys...
+    set_all(&mut clients, 0..FULL * 3 / 2);
+    // ...until every other key is read on node 1 alone (R=1 on a node
+    // holding every key reads its own memory): those survive its next
+    // evictions (SIEVE) and newer ones go in their place, while nodes 2
+    // and 3 evict the oldest.
+    let requests: Vec<Vec<u8>> = (0..FULL * 3 / 2)
+        .step_by(2)
+        .map(|i| format!("mg {} Pr1\r\n", key(i)).into_bytes())
+        .collect();
+    let hits = pipelined(&mut clients[0], &requests)
+        .iter()
+        .filter(|r| r.starts_with("HD"))
+        .count();
+    set_all(&mut clients, FULL * 3 / 2..FULL * 2);
+    eprintln!(
+        "{test}: {} sets of {VALUE_BYTES} bytes into {MEMORY_MB} MiB nodes, {hits} keys read \
+         on node 1 in between, in {:?}",
+        FULL * 2,
+        started.elapsed()
+    );
+    let evictions = |cluster: &Cluster| -> Vec<u64> {
+        [1, 2, 3]
+            .iter()
+            .map(|&id| plain_stat(cluster, id, "evictions"))
+            .collect()
+    };
+    // Node 1 starts the exchanges with both others.
+    let wait_rounds = |cluster: &Cluster, n: u64| {
+        let rounds = || summed_stat(cluster, &[1], "anti_entropy_rounds");
+        let before = rounds();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rounds() < before + n {
+            assert!(Instant::now() < deadline, "anti-entropy rounds stalled");
+            thread::sleep(POLL_INTERVAL);
+        }
+    };
+    // Wait out the copies still in flight for the last writes, then count
+    // rounds from there.
+    wait_rounds(&cluster, 2);
+    let ae_bytes = || summed_stat(&cluster, &[1], "anti_entropy_bytes");
+    let (first_at, first_bytes) = (Instant::now(), ae_bytes());
+    let first = evictions(&cluster);
+    let counters_first = repair_counters(&cluster);
+    assert!(
+        first.iter().all(|&e| e > 0),
+        "every node evicted: {first:?}"
+    );
+    wait_rounds(&cluster, ROUNDS);
+    let second = evictions(&cluster);
+    // Bytes first: the time then covers at least what they count.
+    let sent = ae_bytes() - first_bytes;
+    let elapsed = first_at.elapsed();
+    let counters_second = repair_counters(&cluster);
+    let differing = common::cluster::disagreeing_partitions(&cluster.partition_lines()).len();
+    eprintln!(
+        "{test}: evictions per node {first:?}, then {second:?} after {ROUNDS} more rounds \
+         ({elapsed:?}); {differing} partitions differ between replicas; node 1's anti-entropy \
+         moved {sent} bytes meanwhile ({:.1} MiB/s)\n{counters_first}then\n{counters_second}",
+        sent as f64 / elapsed.as_secs_f64() / (1024.0 * 1024.0)
+    );
+    assert_eq!(
+        first, second,
+        "evictions grew while anti-entropy ran with no client writes\n{counters_second}"
+    );
+    let no_room = summed_stat(&cluster, &[1, 2, 3], "anti_entropy_no_room");
+    assert!(
+        no_room > 0,
+        "the replicas evicted different keys, so anti-entropy found keys it had no room \
+         for\n{counters_second}"
+    );
+    // However little it achieves, it stays within its bandwidth: per peer
+    // (node 1 compares with two), a second's saved-up budget, the rate over
+    // the time measured, and one message of debt.
+    let budget =
+        2 * (BYTES_PER_SEC * (elapsed.as_millis() as u64 + 1000) / 1000 + MESSAGE_DEBT_BYTES);
+    assert!(
+        sent <= budget,
+        "node 1's anti-entropy moved {sent} bytes in {elapsed:?}, over its budget of {budget}"
+    );
+    for id in [1, 2, 3] {
+        let bytes = plain_stat(&cluster, id, "bytes");
+        let limit = plain_stat(&cluster, id, "limit_maxbytes");
+        assert!(bytes <= limit, "node {id}: bytes {bytes} > limit {limit}");
     }
 }

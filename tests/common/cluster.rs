@@ -11,8 +11,9 @@
 //! Nodes can be killed with SIGKILL and restarted with exactly the flags they
 //! had; the `Cluster` kills whatever still runs when it is dropped.
 //!
-//! Every wait is bounded and polls (readiness, member states); every reply has
-//! a deadline. A node that hangs fails the test instead of hanging CI.
+//! Every wait is bounded and polls (readiness, member states, partition
+//! digests); every reply has a deadline. A node that hangs fails the test
+//! instead of hanging CI.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
@@ -40,6 +41,9 @@ pub const CLUSTER_POLL_INTERVAL: Duration = Duration::from_millis(20);
 pub const START_ATTEMPTS: usize = 5;
 /// Deadline of one reply during readiness polls.
 pub const PROBE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Interval of the `stats partitions` polls: each walks a node's whole
+/// store, so not as often as the member-state polls.
+pub const PARTITIONS_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Serialises the cluster tests of one test binary.
 ///
@@ -71,6 +75,10 @@ pub struct Layout {
     pub sloppy_quorum: bool,
     /// `--no-refill`.
     pub no_refill: bool,
+    /// More flags, passed as they are after all the others (anti-entropy,
+    /// hinted handoff, tombstone grace, ...). The typed builders below add
+    /// the common ones; [`Layout::arg`] adds any.
+    pub extra_args: Vec<String>,
 }
 
 impl Layout {
@@ -86,6 +94,7 @@ impl Layout {
             memory_limit_mb: 64,
             sloppy_quorum: false,
             no_refill: false,
+            extra_args: Vec::new(),
         }
     }
 
@@ -113,6 +122,53 @@ impl Layout {
     pub fn request_timeout_ms(mut self, ms: u64) -> Layout {
         self.request_timeout_ms = Some(ms);
         self
+    }
+
+    /// `-m`: item memory per node in MiB.
+    pub fn memory_limit_mb(mut self, mb: usize) -> Layout {
+        self.memory_limit_mb = mb;
+        self
+    }
+
+    /// Appends one flag or value, as is, to every node's command line.
+    pub fn arg(mut self, arg: impl Into<String>) -> Layout {
+        self.extra_args.push(arg.into());
+        self
+    }
+
+    /// `--no-anti-entropy`: replicas never compare hash trees, so a test
+    /// of another repair mechanism sees only that mechanism's work.
+    pub fn no_anti_entropy(self) -> Layout {
+        self.arg("--no-anti-entropy")
+    }
+
+    /// `--anti-entropy-interval-ms`: time between anti-entropy rounds.
+    pub fn anti_entropy_interval_ms(self, ms: u64) -> Layout {
+        self.arg("--anti-entropy-interval-ms").arg(ms.to_string())
+    }
+
+    /// `--anti-entropy-partitions-per-round`: 1024 (every partition) makes
+    /// one round a whole cycle.
+    pub fn anti_entropy_partitions_per_round(self, partitions: usize) -> Layout {
+        self.arg("--anti-entropy-partitions-per-round")
+            .arg(partitions.to_string())
+    }
+
+    /// `--hints-per-target-max 0`: no hinted handoff.
+    pub fn no_hints(self) -> Layout {
+        self.arg("--hints-per-target-max").arg("0")
+    }
+
+    /// `--hint-window-secs`: how long a hint waits for its replica.
+    pub fn hint_window_secs(self, secs: u64) -> Layout {
+        self.arg("--hint-window-secs").arg(secs.to_string())
+    }
+
+    /// `--tombstone-grace-secs`: how long a delete's tombstone lives. The
+    /// node refuses to start unless it exceeds the hint window plus one
+    /// anti-entropy cycle.
+    pub fn tombstone_grace_secs(self, secs: u64) -> Layout {
+        self.arg("--tombstone-grace-secs").arg(secs.to_string())
     }
 }
 
@@ -259,6 +315,7 @@ impl Cluster {
         if l.no_refill {
             args.push("--no-refill".to_string());
         }
+        args.extend(l.extra_args.iter().cloned());
         args
     }
 
@@ -427,6 +484,46 @@ impl Cluster {
                 self.describe_nodes()
             );
             thread::sleep(CLUSTER_POLL_INTERVAL);
+        }
+    }
+
+    /// Each running node's `stats partitions`.
+    pub fn partition_lines(&self) -> BTreeMap<NodeId, BTreeMap<u32, String>> {
+        self.running_ids()
+            .into_iter()
+            .map(|id| (id, partition_lines(&mut self.connect(id))))
+            .collect()
+    }
+
+    /// Polls until every partition's `stats partitions` line is the same on
+    /// every running node that holds it (the replicas hold the same keys at
+    /// the same versions, tombstones included); returns how long that took
+    /// and the lines they agree on.
+    ///
+    /// # Panics
+    /// After `within`, naming a few partitions that still differ; or if a
+    /// node exits.
+    pub fn wait_partitions_agree(
+        &mut self,
+        within: Duration,
+    ) -> (Duration, BTreeMap<NodeId, BTreeMap<u32, String>>) {
+        let started = Instant::now();
+        let deadline = started + within;
+        loop {
+            self.assert_none_exited();
+            let lines = self.partition_lines();
+            let differing = disagreeing_partitions(&lines);
+            if differing.is_empty() {
+                return (started.elapsed(), lines);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} partitions still differ between replicas after {within:?}, e.g. {:#?}\n{}",
+                differing.len(),
+                differing.iter().take(3).collect::<Vec<_>>(),
+                self.describe_nodes()
+            );
+            thread::sleep(PARTITIONS_POLL_INTERVAL);
         }
     }
 
@@ -647,4 +744,49 @@ pub fn member_fields(line: &str) -> BTreeMap<String, String> {
         .filter_map(|w| w.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// `stats partitions` from this connection: for each partition the node
+/// replicates, its `keys=N digest=HEX` (an order-free digest over key and
+/// version, tombstones included).
+///
+/// # Panics
+/// If the reply is not a stats listing.
+pub fn partition_lines(client: &mut Client) -> BTreeMap<u32, String> {
+    let reply = client.ask(b"stats partitions\r\n");
+    assert!(
+        reply.ends_with("END\r\n"),
+        "stats partitions answered {:?}",
+        &reply[..reply.len().min(200)]
+    );
+    parse_stats(&reply)
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("partition:")?.parse().ok()?, v)))
+        .collect()
+}
+
+/// The `keys=` count of a `stats partitions` line.
+///
+/// # Panics
+/// If the line has none.
+pub fn partition_keys(line: &str) -> u64 {
+    member_fields(line)
+        .get("keys")
+        .and_then(|k| k.parse().ok())
+        .unwrap_or_else(|| panic!("no keys= in partition line {line:?}"))
+}
+
+/// The partitions whose lines differ between the nodes that hold them,
+/// with each holder's line, given each node's `stats partitions`.
+pub fn disagreeing_partitions(
+    lines: &BTreeMap<NodeId, BTreeMap<u32, String>>,
+) -> BTreeMap<u32, Vec<(NodeId, String)>> {
+    let mut holders: BTreeMap<u32, Vec<(NodeId, String)>> = BTreeMap::new();
+    for (&id, partitions) in lines {
+        for (&p, line) in partitions {
+            holders.entry(p).or_default().push((id, line.clone()));
+        }
+    }
+    holders.retain(|_, h| h.windows(2).any(|w| w[0].1 != w[1].1));
+    holders
 }
