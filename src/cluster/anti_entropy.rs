@@ -82,6 +82,8 @@ pub struct Exchange {
     /// Entries this round may still list (on either side; at most as many
     /// keys move).
     keys_left: usize,
+    /// Partitions whose roots differed.
+    pub differing: Vec<u32>,
     pub outcome: Outcome,
 }
 
@@ -91,6 +93,7 @@ impl Exchange {
         let ex = Self {
             leaves: Vec::new(),
             keys_left: keys_per_round,
+            differing: Vec::new(),
             outcome: Outcome {
                 partitions_compared: partitions.len() as u64,
                 ..Outcome::default()
@@ -122,7 +125,10 @@ impl Exchange {
             return self.next_leaves();
         }
         match differing[0].level {
-            0 => self.outcome.partitions_differing += differing.len() as u64,
+            0 => {
+                self.outcome.partitions_differing += differing.len() as u64;
+                self.differing = differing.iter().map(|n| n.partition).collect();
+            }
             DEPTH => self.outcome.leaves_differing += differing.len() as u64,
             _ => {}
         }
@@ -210,14 +216,29 @@ pub fn diff_entries(
     (pull, push)
 }
 
+/// Cycles a futile comparison is put off for, at most: `2^FUTILE_LEVEL_MAX`.
+pub const FUTILE_BACKOFF_CYCLES_MAX: u64 = 1 << FUTILE_LEVEL_MAX;
+const FUTILE_LEVEL_MAX: u32 = 6;
+
 /// Which partitions to compare with which peer, round after round: walks the
 /// partitions this node holds, a batch per round, pairing each with the
 /// replicas whose id is above this node's.
+///
+/// A comparison is *futile* when the replicas differ but every key that
+/// should have moved was turned away for lack of free memory (a full cache
+/// whose replicas evicted different keys). Such a pair is put off for 2, 4,
+/// 8 … up to [`FUTILE_BACKOFF_CYCLES_MAX`] cycles, so a cache under memory
+/// pressure does not resend the same keys every cycle; any comparison that
+/// moves a key, or finds agreement, ends the backoff.
 #[derive(Debug)]
 pub struct Schedule {
     /// Per partition this node holds: the peers it compares it with.
     held: Vec<(u32, Vec<NodeId>)>,
     cursor: usize,
+    /// Full passes over `held` so far.
+    cycle: u64,
+    /// (peer, partition) → (backoff level, first cycle to compare again).
+    futile: BTreeMap<(NodeId, u32), (u32, u64)>,
 }
 
 impl Schedule {
@@ -234,7 +255,12 @@ impl Schedule {
                 (!peers.is_empty()).then_some((p, peers))
             })
             .collect();
-        Self { held, cursor: 0 }
+        Self {
+            held,
+            cursor: 0,
+            cycle: 0,
+            futile: BTreeMap::new(),
+        }
     }
 
     /// Partitions this node starts exchanges for.
@@ -246,17 +272,40 @@ impl Schedule {
         self.held.is_empty()
     }
 
-    /// The next `batch` partitions, grouped by peer.
+    /// The next `batch` partitions, grouped by peer, leaving out pairs put
+    /// off as futile.
     pub fn next_round(&mut self, batch: usize) -> BTreeMap<NodeId, Vec<u32>> {
         let mut out: BTreeMap<NodeId, Vec<u32>> = BTreeMap::new();
         for _ in 0..batch.min(self.held.len()) {
             let (p, peers) = &self.held[self.cursor];
             for peer in peers {
-                out.entry(*peer).or_default().push(*p);
+                let put_off = self
+                    .futile
+                    .get(&(*peer, *p))
+                    .is_some_and(|(_, until)| *until > self.cycle);
+                if !put_off {
+                    out.entry(*peer).or_default().push(*p);
+                }
             }
-            self.cursor = (self.cursor + 1) % self.held.len();
+            self.cursor += 1;
+            if self.cursor == self.held.len() {
+                self.cursor = 0;
+                self.cycle += 1;
+            }
         }
         out
+    }
+
+    /// The comparison of `partition` with `peer` was futile: put it off.
+    pub fn futile(&mut self, peer: NodeId, partition: u32) {
+        let e = self.futile.entry((peer, partition)).or_insert((0, 0));
+        e.0 = (e.0 + 1).min(FUTILE_LEVEL_MAX);
+        e.1 = self.cycle + (1 << e.0);
+    }
+
+    /// The comparison of `partition` with `peer` agreed or moved keys.
+    pub fn fruitful(&mut self, peer: NodeId, partition: u32) {
+        self.futile.remove(&(peer, partition));
     }
 }
 
@@ -504,6 +553,32 @@ mod tests {
             let pref = ring.preference_list(p);
             assert!(pref.contains(&a) && pref.contains(&b));
         }
+    }
+
+    #[test]
+    fn futile_comparisons_back_off_and_a_fruitful_one_ends_it() {
+        let ring = Ring::new(&[1, 2], 8, 2);
+        let mut s = Schedule::new(&ring, 1);
+        assert_eq!(s.len(), 8);
+        let count = |s: &mut Schedule| s.next_round(8).get(&2).map_or(0, Vec::len);
+        assert_eq!(count(&mut s), 8);
+        s.futile(2, 3);
+        // Put off for 2 cycles, then back.
+        assert_eq!(count(&mut s), 7);
+        assert_eq!(count(&mut s), 7);
+        assert_eq!(count(&mut s), 8);
+        // Futile again: 4 cycles; the backoff doubles up to its cap.
+        s.futile(2, 3);
+        let skipped = (0..10).take_while(|_| count(&mut s) == 7).count();
+        assert_eq!(skipped, 4);
+        for _ in 0..20 {
+            s.futile(2, 3);
+        }
+        let skipped = (0..200).take_while(|_| count(&mut s) == 7).count() as u64;
+        assert_eq!(skipped, FUTILE_BACKOFF_CYCLES_MAX);
+        s.futile(2, 3);
+        s.fruitful(2, 3);
+        assert_eq!(count(&mut s), 8);
     }
 
     #[test]

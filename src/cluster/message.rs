@@ -91,9 +91,9 @@ pub enum PeerResponse {
         states: Vec<(Vec<u8>, KeyState)>,
         answered: u32,
     },
-    /// How many states found no free memory.
+    /// Which of the states sent (by index) found no free memory.
     Repaired {
-        no_room: u32,
+        no_room: Vec<u32>,
     },
     /// The request was malformed; nothing was done.
     Refused(String),

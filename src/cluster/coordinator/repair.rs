@@ -148,10 +148,10 @@ impl Cluster {
         if states.len() > KEYS_PER_MESSAGE_MAX || states.iter().any(|(k, _)| !valid_key(k)) {
             return PeerResponse::Refused("invalid states".into());
         }
-        let mut no_room = 0;
-        for (key, state) in states {
+        let mut no_room = Vec::new();
+        for (i, (key, state)) in states.iter().enumerate() {
             if store.apply_with(key, state, Fill::FreeOnly) == Applied::NoRoom {
-                no_room += 1;
+                no_room.push(i as u32);
             }
         }
         PeerResponse::Repaired { no_room }
@@ -199,8 +199,20 @@ impl Cluster {
                     peer,
                     bandwidth: bw,
                     clock: clock.as_ref(),
+                    moved: BTreeMap::new(),
                 };
-                let (outcome, failed) = run.exchange(&partitions, settings.keys_per_round).await;
+                let (outcome, differing, failed) =
+                    run.exchange(&partitions, settings.keys_per_round).await;
+                if failed.is_none() {
+                    for p in &partitions {
+                        match run.moved.get(p) {
+                            Some(&(0, refused)) if refused > 0 => schedule.futile(node, *p),
+                            Some(_) => schedule.fruitful(node, *p),
+                            None if !differing.contains(p) => schedule.fruitful(node, *p),
+                            None => {}
+                        }
+                    }
+                }
                 let s = &self.stats;
                 s.ae_partitions_compared
                     .fetch_add(outcome.partitions_compared, Relaxed);
@@ -226,20 +238,22 @@ struct Run<'a> {
     peer: &'a PeerHandle,
     bandwidth: &'a mut Bandwidth,
     clock: &'a dyn crate::store::Clock,
+    /// Per partition: keys moved, and keys turned away for lack of room.
+    moved: BTreeMap<u32, (u64, u64)>,
 }
 
 impl Run<'_> {
-    /// Runs the exchange to its end; returns what it did and, if a call
-    /// failed, why it stopped early.
+    /// Runs the exchange to its end; returns what it did, the partitions
+    /// whose roots differed and, if a call failed, why it stopped early.
     async fn exchange(
         &mut self,
         partitions: &[u32],
         keys_per_round: usize,
-    ) -> (Outcome, Option<String>) {
+    ) -> (Outcome, Vec<u32>, Option<String>) {
         let (mut ex, mut step) = Exchange::start(partitions, keys_per_round);
         loop {
             let next = match step {
-                Step::Done => return (ex.outcome, None),
+                Step::Done => return (ex.outcome, ex.differing, None),
                 Step::Hashes(nodes) => self
                     .hashes(&nodes)
                     .await
@@ -258,7 +272,7 @@ impl Run<'_> {
             };
             match next {
                 Ok(s) => step = s,
-                Err(why) => return (ex.outcome, Some(why)),
+                Err(why) => return (ex.outcome, ex.differing, Some(why)),
             }
         }
     }
@@ -278,6 +292,18 @@ impl Run<'_> {
             Ok(PeerResponse::Refused(why)) => Err(format!("refused: {why}")),
             Ok(r) => Ok(r),
             Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Counts a key moved (`taken`) or turned away for lack of room.
+    fn count_move(&mut self, key: &[u8], taken: bool) {
+        let p = crate::cluster::ring::partition_of(key, self.cluster.ring.partitions());
+        let e = self.moved.entry(p).or_default();
+        if taken {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+            self.cluster.stats.ae_no_room.fetch_add(1, Relaxed);
         }
     }
 
@@ -351,9 +377,9 @@ impl Run<'_> {
                             return Err("peer sent an invalid key".into());
                         }
                         bytes += state_bytes(key, state) as u64;
-                        if self.store.apply_with(key, state, Fill::FreeOnly) == Applied::NoRoom {
-                            self.cluster.stats.ae_no_room.fetch_add(1, Relaxed);
-                        }
+                        let taken =
+                            self.store.apply_with(key, state, Fill::FreeOnly) != Applied::NoRoom;
+                        self.count_move(key, taken);
                     }
                     self.charge(bytes);
                     rest = &rest[answered as usize..];
@@ -377,15 +403,21 @@ impl Run<'_> {
             let full =
                 bytes >= ANTI_ENTROPY_MESSAGE_BYTES_MAX || batch.len() >= KEYS_PER_MESSAGE_MAX;
             if (full || last) && !batch.is_empty() {
+                let states = std::mem::take(&mut batch);
                 let request = PeerRequest::Repair {
-                    states: std::mem::take(&mut batch),
+                    states: states.clone(),
                 };
                 match self.call(request, bytes as u64).await? {
                     PeerResponse::Repaired { no_room } => {
-                        self.cluster
-                            .stats
-                            .ae_no_room
-                            .fetch_add(u64::from(no_room), Relaxed);
+                        let mut refused = vec![false; states.len()];
+                        for i in no_room {
+                            if let Some(r) = refused.get_mut(i as usize) {
+                                *r = true;
+                            }
+                        }
+                        for ((key, _), refused) in states.iter().zip(refused) {
+                            self.count_move(key, !refused);
+                        }
                     }
                     other => return Err(format!("unexpected answer to repair: {other:?}")),
                 }
