@@ -1280,10 +1280,7 @@ fn wait_until_held(client: &mut Client, keys: &[String], within: Duration) -> Ve
 
 fn summed_stat(cluster: &Cluster, ids: &[u16], name: &str) -> u64 {
     ids.iter()
-        .map(|&id| {
-            let stats = cluster_stats(&mut cluster.connect(id));
-            stats[name].parse::<u64>().expect("number")
-        })
+        .map(|&id| stat_u64(&cluster_stats(&mut cluster.connect(id)), name))
         .sum()
 }
 

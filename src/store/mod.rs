@@ -891,8 +891,8 @@ impl Store {
         // thread writes.)
         if let Some(trees) = &self.trees {
             let fresh = Trees::new(trees.partitions());
-            let mut shards: Vec<_> = self.shards.iter().map(|s| s.0.lock()).collect();
-            for (i, s) in shards.iter_mut().enumerate() {
+            let shards: Vec<_> = self.shards.iter().map(|s| s.0.lock()).collect();
+            for (i, s) in shards.iter().enumerate() {
                 for bucket in 0..s.buckets() {
                     if let Some(e) = s.entry_at(bucket) {
                         let h = key_hash(e.key());

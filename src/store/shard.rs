@@ -443,19 +443,20 @@ impl Shard {
         }
     }
 
-    /// Tells the trees that the entry (key hash, version) came or went.
+    /// Tells the trees that the entry in `slot` (key hash `hash`) came or
+    /// went. Reads nothing when the shard keeps no trees.
     #[inline]
-    fn toggle_tree(&self, hash: u64, version: u64) {
+    fn toggle_tree(&self, hash: u64, slot: Slot) {
         if let Some(t) = &self.trees {
-            t.toggle(hash, version);
+            t.toggle(hash, self.get(slot).cas());
         }
     }
 
     /// Gives the entry `slot` (key hash `hash`) a new version.
     pub fn set_version(&mut self, slot: Slot, hash: u64, version: u64) {
-        self.toggle_tree(hash, self.get(slot).cas());
+        self.toggle_tree(hash, slot);
         self.get_mut(slot).set_cas(version);
-        self.toggle_tree(hash, version);
+        self.toggle_tree(hash, slot);
     }
 
     /// Whether an entry costing `cost` bytes fits without evicting anything.
@@ -636,8 +637,8 @@ impl Shard {
                 // Replace in place: same index bucket, same place in the
                 // SIEVE list.
                 self.index.replace(hash, old.0, slot.0);
-                self.toggle_tree(hash, self.get(old).cas());
-                self.toggle_tree(hash, self.get(slot).cas());
+                self.toggle_tree(hash, old);
+                self.toggle_tree(hash, slot);
                 let (newer, older) = {
                     let o = self.get(old);
                     (o.newer(), o.older())
@@ -662,7 +663,7 @@ impl Shard {
             }
             None => {
                 self.index.insert(hash, slot.0, rehash);
-                self.toggle_tree(hash, self.get(slot).cas());
+                self.toggle_tree(hash, slot);
                 self.link_head(slot);
                 self.used_bytes += cost;
             }
@@ -693,7 +694,7 @@ impl Shard {
         }
         let hash = key_hash(self.get(slot).key());
         self.index.remove(hash, slot.0);
-        self.toggle_tree(hash, self.get(slot).cas());
+        self.toggle_tree(hash, slot);
         self.unlink(slot);
         self.used_bytes -= self.get(slot).charge();
         // SAFETY: `slot` is now in neither the index nor the list.
@@ -705,9 +706,11 @@ impl Shard {
         let items: Vec<NonNull<u8>> = self.index.items().collect();
         self.index = Index::new();
         for p in items {
-            // SAFETY: the index held each live item exactly once.
-            let e = unsafe { entry_at(p) };
-            self.toggle_tree(key_hash(e.key()), e.cas());
+            if let Some(t) = &self.trees {
+                // SAFETY: the index held each live item exactly once.
+                let e = unsafe { entry_at(p) };
+                t.toggle(key_hash(e.key()), e.cas());
+            }
             // SAFETY: the index held each live item exactly once; it is gone.
             drop(unsafe { NewItem::from_raw(p) });
         }
