@@ -91,6 +91,30 @@ struct Args {
     /// Cluster: how long a tombstone lives, in seconds (default 11400).
     #[arg(long = "tombstone-grace-secs")]
     tombstone_grace_secs: Option<u64>,
+    /// How long a request id makes a retry safe, in seconds (default 600).
+    #[arg(long = "dedup-window-secs")]
+    dedup_window_secs: Option<u32>,
+    /// Request-id records kept per key (default 16, at most 64).
+    #[arg(long = "request-id-records-per-key")]
+    request_id_records_per_key: Option<usize>,
+    /// Key that authenticates `lk` listing tokens (same on every node).
+    #[arg(long = "listing-secret")]
+    listing_secret: Option<String>,
+    /// Testing only: fraction of requests to ignore (no execution, no reply).
+    #[arg(long = "fault-drop-request")]
+    fault_drop_request: Option<f64>,
+    /// Testing only: fraction of replies to drop (the request is executed).
+    #[arg(long = "fault-drop-reply")]
+    fault_drop_reply: Option<f64>,
+    /// Testing only: fraction of requests to delay by --fault-delay-ms.
+    #[arg(long = "fault-delay")]
+    fault_delay: Option<f64>,
+    /// Testing only: how long a delayed request waits, in ms.
+    #[arg(long = "fault-delay-ms")]
+    fault_delay_ms: Option<u64>,
+    /// Testing only: seed of the fault choices.
+    #[arg(long = "fault-seed")]
+    fault_seed: Option<u64>,
 }
 
 /// `ID=CLIENT_ADDR,PEER_ADDR`.
@@ -222,7 +246,38 @@ fn main() -> anyhow::Result<()> {
     if args.verbose > 0 {
         config.verbosity = args.verbose;
     }
+    if let Some(v) = args.dedup_window_secs {
+        config.dedup_window_secs = v;
+    }
+    if let Some(v) = args.request_id_records_per_key {
+        config.request_id_records_per_key = v;
+    }
+    if let Some(v) = args.listing_secret {
+        config.listing_secret = Some(v);
+    }
+    let f = &mut config.faults;
+    for (flag, field) in [
+        (args.fault_drop_request, &mut f.drop_request),
+        (args.fault_drop_reply, &mut f.drop_reply),
+        (args.fault_delay, &mut f.delay),
+    ] {
+        if let Some(v) = flag {
+            *field = v;
+        }
+    }
+    if let Some(v) = args.fault_delay_ms {
+        f.delay_ms = v;
+    }
+    if let Some(v) = args.fault_seed {
+        f.seed = v;
+    }
     config.validate()?;
+    if config.faults.any() {
+        eprintln!(
+            "warning: fault injection is on ({:?}); for testing only",
+            config.faults
+        );
+    }
 
     let level = match config.verbosity {
         0 => "info",

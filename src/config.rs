@@ -15,13 +15,14 @@ use crate::error::ConfigError;
 use crate::limits::{
     ANTI_ENTROPY_BYTES_PER_SEC_DEFAULT, ANTI_ENTROPY_INTERVAL_MS_DEFAULT,
     ANTI_ENTROPY_KEYS_PER_ROUND_DEFAULT, ANTI_ENTROPY_PARTITIONS_PER_ROUND_DEFAULT,
-    CONNECTIONS_MAX_DEFAULT, HINT_WINDOW_SECS_DEFAULT, HINTS_MEMORY_MB_DEFAULT,
-    HINTS_PER_TARGET_MAX_DEFAULT, ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN,
-    MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT, REPLICAS_DEFAULT, REQUEST_TIMEOUT_MS_DEFAULT,
-    THREADS_DEFAULT, TOMBSTONE_GRACE_SECS,
+    CONNECTIONS_MAX_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, HINT_WINDOW_SECS_DEFAULT,
+    HINTS_MEMORY_MB_DEFAULT, HINTS_PER_TARGET_MAX_DEFAULT, ITEM_BYTES_MAX_DEFAULT,
+    ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN, MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT,
+    REPLICAS_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_LIMIT,
+    REQUEST_TIMEOUT_MS_DEFAULT, THREADS_DEFAULT, TOMBSTONE_GRACE_SECS,
 };
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     /// Interface to listen on. Never all interfaces by default.
@@ -40,8 +41,45 @@ pub struct Config {
     pub max_item_size: usize,
     /// Log verbosity: 0 info, 1 debug, 2 trace (`-v`, `-vv`).
     pub verbosity: u8,
+    /// How long a request id makes a retry safe, in seconds: a mutation
+    /// retried with the same id within this window is not applied again.
+    pub dedup_window_secs: u32,
+    /// Request-id records one key keeps (1..=64); older ones go first.
+    pub request_id_records_per_key: usize,
+    /// Key for the keyed hash that authenticates `lk` listing tokens; every
+    /// node of a cluster must have the same. Absent: derived from the
+    /// cluster layout (tokens then resist corruption and other clusters'
+    /// tokens, but not a client that knows the layout and forges one).
+    pub listing_secret: Option<String>,
     /// Cluster membership; absent: a single memcached-like node.
     pub cluster: Option<ClusterConfig>,
+    /// Fault injection, for testing only: off unless set.
+    pub faults: FaultsConfig,
+}
+
+/// `[faults]`: drop or delay a fraction of client requests or replies, to
+/// test how clients cope with a lossy network. For testing only; all
+/// fractions default to 0 (off).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultsConfig {
+    /// Fraction of requests read and then ignored: not executed, no reply.
+    pub drop_request: f64,
+    /// Fraction of requests executed whose reply is not sent.
+    pub drop_reply: f64,
+    /// Fraction of requests held `delay_ms` before they are executed.
+    pub delay: f64,
+    /// How long a delayed request waits.
+    pub delay_ms: u64,
+    /// Seed of the fault choices, so a run can be repeated.
+    pub seed: u64,
+}
+
+impl FaultsConfig {
+    /// Whether any fault is on.
+    pub fn any(&self) -> bool {
+        self.drop_request > 0.0 || self.drop_reply > 0.0 || self.delay > 0.0
+    }
 }
 
 /// `[cluster]`: this node's place in a cluster. Every node must agree on
@@ -324,7 +362,11 @@ impl Default for Config {
             max_connections: CONNECTIONS_MAX_DEFAULT,
             max_item_size: ITEM_BYTES_MAX_DEFAULT,
             verbosity: 0,
+            dedup_window_secs: DEDUP_WINDOW_SECS_DEFAULT,
+            request_id_records_per_key: REQUEST_ID_RECORDS_PER_KEY_DEFAULT,
+            listing_secret: None,
             cluster: None,
+            faults: FaultsConfig::default(),
         }
     }
 }
@@ -376,6 +418,37 @@ impl Config {
             return bad(format!(
                 "max_item_size cannot be larger than {ITEM_BYTES_MAX_MAX} bytes"
             ));
+        }
+        if self.dedup_window_secs == 0 {
+            return bad("dedup_window_secs must be at least 1".into());
+        }
+        if !(1..=REQUEST_ID_RECORDS_PER_KEY_LIMIT).contains(&self.request_id_records_per_key) {
+            return bad(format!(
+                "request_id_records_per_key must be between 1 and {REQUEST_ID_RECORDS_PER_KEY_LIMIT}, got {}",
+                self.request_id_records_per_key
+            ));
+        }
+        let grace = self
+            .cluster
+            .as_ref()
+            .map_or(u64::from(TOMBSTONE_GRACE_SECS), |c| c.tombstone_grace_secs);
+        if u64::from(self.dedup_window_secs) > grace {
+            return bad(format!(
+                "dedup_window_secs ({}) cannot exceed tombstone_grace_secs ({grace}): a delete's request id lives in its tombstone",
+                self.dedup_window_secs
+            ));
+        }
+        let f = &self.faults;
+        for (name, v) in [
+            ("drop_request", f.drop_request),
+            ("drop_reply", f.drop_reply),
+            ("delay", f.delay),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(format!(
+                    "faults.{name} must be a fraction from 0 to 1, got {v}"
+                ));
+            }
         }
         if let Some(c) = &self.cluster {
             c.validate()?;

@@ -109,6 +109,24 @@ pub const HINTS_MEMORY_MB_DEFAULT: usize = 64;
 
 const _: () = assert!(HINT_WINDOW_SECS_DEFAULT < TOMBSTONE_GRACE_SECS as u64);
 
+/// Longest request id (`P` token item `i<id>`), like an opaque.
+pub const REQUEST_ID_BYTES_MAX: usize = 32;
+
+/// Default for how long a request id's record makes a retry safe: at least
+/// ten minutes, as long as any client keeps retrying one call.
+pub const DEDUP_WINDOW_SECS_DEFAULT: u32 = 600;
+
+/// Default for how many request-id records one key keeps.
+pub const REQUEST_ID_RECORDS_PER_KEY_DEFAULT: usize = 16;
+
+/// The most request-id records one key may keep (the area's length is a
+/// `u16` in the item header).
+pub const REQUEST_ID_RECORDS_PER_KEY_LIMIT: usize = 64;
+
+const _: () = assert!(REQUEST_ID_RECORDS_PER_KEY_DEFAULT <= REQUEST_ID_RECORDS_PER_KEY_LIMIT);
+// A delete's record lives in its tombstone, so tombstones outlive the window.
+const _: () = assert!(DEDUP_WINDOW_SECS_DEFAULT < TOMBSTONE_GRACE_SECS);
+
 /// How long one cluster hop may take before the peer is passed over.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 1000;
 

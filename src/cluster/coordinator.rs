@@ -272,6 +272,11 @@ fn plan<'r>(request: &'r Request<'r>) -> Plan<'r> {
 /// primary that may have missed writes must catch up first). A plain set
 /// or delete does not.
 fn reads_before_writing(request: &Request<'_>) -> bool {
+    // A request id is looked up in the key's newest state, which a
+    // failed-over or lagging primary may not hold yet.
+    if carries_request_id(request) {
+        return true;
+    }
     match request {
         Request::Storage(s) => s.mode != Mode::Set || s.cas.is_some(),
         Request::Delete(_) => false,
@@ -281,6 +286,11 @@ fn reads_before_writing(request: &Request<'_>) -> bool {
         Request::Meta(MetaRequest::Delete(d)) => d.flags.has(b'C') || d.flags.has(b'I'),
         _ => true,
     }
+}
+
+/// Whether a meta mutation carries a request id (`P` token item `i`).
+fn carries_request_id(request: &Request<'_>) -> bool {
+    hints::parse(meta_tokens(request)).is_ok_and(|h| h.request_id.is_some())
 }
 
 /// A node's `cmd_*` counters count the commands its clients sent, wherever
@@ -574,27 +584,29 @@ impl Cluster {
                 );
             }
         }
-        let before = store.version_of(key);
+        let before = store.entry_version(key);
         let start = out.len();
         local.execute(raw, out);
         if others.is_empty() {
             return;
         }
-        let state = match (before, store.snapshot(key)) {
+        // A mutation with a request id that changed nothing may be the
+        // retry of one that ran here but did not reach W replicas: ship the
+        // state again (it is idempotent), so the retry's answer means what
+        // a first answer means.
+        let resend = carries_request_id(&request);
+        let after = store.entry_version(key);
+        let state = match (before, after) {
             (None, None) => return,
-            (
-                Some((v, e)),
-                Some(KeyState::Item {
-                    version, exptime, ..
-                }),
-            ) if v == version && e == exptime => return,
-            (_, Some(state)) => state,
+            (Some(b), Some(a)) if b == a && !resend => return,
+            (_, Some(_)) => match store.replica_state(key) {
+                Some(state) => state,
+                None => return,
+            },
             (Some(_), None) => {
                 // Removed: leave a tombstone here too, so a late copy of
                 // the old item cannot bring it back on this node either.
-                let gone = KeyState::Absent {
-                    version: store.next_version(),
-                };
+                let gone = KeyState::absent(store.next_version());
                 store.apply(key, &gone);
                 gone
             }

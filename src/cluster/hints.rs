@@ -34,11 +34,7 @@ pub struct Hint {
 
 impl Hint {
     fn bytes(&self) -> usize {
-        let value = match &self.state {
-            KeyState::Item { value, .. } => value.len(),
-            KeyState::Absent { .. } => 0,
-        };
-        self.key.len() + value + HINT_OVERHEAD_BYTES
+        self.key.len() + self.state.payload_bytes() + HINT_OVERHEAD_BYTES
     }
 }
 
@@ -202,6 +198,7 @@ mod tests {
             exptime: 0,
             bits: 0,
             value: vec![b'x'; len],
+            dedup: Vec::new(),
         }
     }
 

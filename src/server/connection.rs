@@ -20,6 +20,7 @@ use tracing::{debug, trace, warn};
 
 use super::Shared;
 use super::execute::{self, Action};
+use super::faults::{Fault, Faults};
 use super::inflight::{INFLIGHT_FREE_BYTES, Reservation};
 use crate::limits::{PREFETCH_KEYS, READ_CHUNK_BYTES, REQUESTS_PER_BATCH_MAX, WRITE_FLUSH_BYTES};
 use crate::protocol::{ParseLimits, Parsed, Request, incomplete_bytes_max, parse};
@@ -184,11 +185,32 @@ async fn process(
             Parsed::Complete { request, consumed } => {
                 reservation.clear();
                 trace!(?request, "request");
+                let fault = shared.faults.as_ref().map_or(Fault::None, Faults::next);
+                match fault {
+                    Fault::DropRequest => {
+                        inbuf.advance(consumed);
+                        continue;
+                    }
+                    Fault::Delay(d) => {
+                        flush(shared, wr, out).await?;
+                        tokio::time::sleep(d).await;
+                    }
+                    Fault::None | Fault::DropReply => {}
+                }
+                // A dropped reply is cut from the output after it is
+                // composed (one that outgrew a flush is cut short instead).
+                let reply_at = out.len();
+                let drop_reply = |out: &mut Vec<u8>| {
+                    if fault == Fault::DropReply {
+                        out.truncate(reply_at.min(out.len()));
+                    }
+                };
                 if let Some(cluster) = &shared.cluster {
                     if !cluster.is_local(&request) {
                         cluster
                             .coordinate(shared, &request, &inbuf[..consumed], out)
                             .await;
+                        drop_reply(out);
                         inbuf.advance(consumed);
                         if out.len() >= WRITE_FLUSH_BYTES {
                             flush(shared, wr, out).await?;
@@ -220,6 +242,7 @@ async fn process(
                     }
                     other => execute::execute(shared, other, out),
                 };
+                drop_reply(out);
                 (action, consumed)
             }
         };

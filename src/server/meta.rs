@@ -10,9 +10,18 @@ use crate::protocol::meta::md::MetaDelete;
 use crate::protocol::meta::me::{MetaDebug, memcached_class, memcached_item_size};
 use crate::protocol::meta::mg::MetaGet;
 use crate::protocol::meta::ms::MetaSet;
-use crate::protocol::meta::{MetaRequest, base64, errors, opaque_ok, put_key};
+use crate::protocol::meta::{MetaRequest, base64, errors, hints, opaque_ok, put_key};
 use crate::protocol::{Refused, put_i64, put_line, put_u64, reply};
+use crate::store::dedup::Outcome;
 use crate::store::{Arith, Delta, Mode, Stored, Write, bits, exptime};
+
+/// A request id that a different kind of command already used on this key.
+const ID_REUSED: &str = "CLIENT_ERROR request id already used by another command on this key";
+
+/// The request id of a mutation, or the client error a bad `P` token gets.
+fn request_id<'a>(tokens: &[&'a [u8]]) -> Result<Option<&'a [u8]>, &'static str> {
+    hints::parse(tokens).map(|h| h.request_id)
+}
 
 pub fn execute(shared: &Shared, req: MetaRequest<'_>, out: &mut Vec<u8>) -> Action {
     if !matches!(req, MetaRequest::Noop) {
@@ -216,7 +225,22 @@ fn ms(shared: &Shared, s: &MetaSet<'_>, out: &mut Vec<u8>) -> Action {
     w.compare_cas = compare_cas;
     w.invalidate = f.has(b'I');
     let binary = f.has(b'b');
+    let id = match request_id(&f.tokens) {
+        Ok(id) => id,
+        Err(e) => {
+            put_line(out, e.as_bytes());
+            return Action::Continue;
+        }
+    };
     let result = shared.store.with_key(&s.key, |ctx| {
+        if let Some(id) = id {
+            // A retry of a store that already ran: its original answer.
+            match ctx.recorded(id) {
+                Some(Outcome::Stored { cas }) => return Ok(Stored::Stored(cas)),
+                Some(_) => return Err(ID_REUSED),
+                None => ctx.record_as(id, None),
+            }
+        }
         let r = ctx.write(&w);
         // Append and prepend build a fresh item from the old one, and
         // memcached does not mark that one binary.
@@ -226,8 +250,15 @@ fn ms(shared: &Shared, s: &MetaSet<'_>, out: &mut Vec<u8>) -> Action {
                 binary && !matches!(mode, Mode::Append | Mode::Prepend),
             );
         }
-        r
+        Ok(r)
     });
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => {
+            put_line(out, e.as_bytes());
+            return Action::Continue;
+        }
+    };
     let (code, cas) = match result {
         Stored::Stored(cas) => ("HD", cas),
         Stored::NotStored => ("NS", 0),
@@ -270,7 +301,18 @@ fn md(shared: &Shared, d: &MetaDelete<'_>, out: &mut Vec<u8>) {
         put_line(out, errors::OPAQUE_TOO_LONG.as_bytes());
         return;
     }
+    let id = match request_id(&f.tokens) {
+        Ok(id) => id,
+        Err(e) => return put_line(out, e.as_bytes()),
+    };
     let code = shared.store.with_key(&d.key, |ctx| {
+        if let Some(id) = id {
+            match ctx.recorded(id) {
+                Some(Outcome::Deleted) => return "HD",
+                Some(_) => return ID_REUSED,
+                None => {}
+            }
+        }
         let Some(item) = ctx.meta() else {
             ctx.stats().delete_misses += 1;
             return "NF";
@@ -280,17 +322,27 @@ fn md(shared: &Shared, d: &MetaDelete<'_>, out: &mut Vec<u8>) {
         }
         ctx.stats().delete_hits += 1;
         if f.has(b'I') {
+            // Invalidation keeps the item (marked stale, fresh CAS); doing
+            // it twice changes nothing a client relies on, so it records
+            // no id.
             ctx.set_bit(bits::STALE, true);
             ctx.set_bit(bits::WIN_SENT, false);
             ctx.bump_cas();
             if let Some(t) = f.ttl {
                 ctx.set_exptime(i64::from(t));
             }
+        } else if let Some(id) = id {
+            // The tombstone keeps the id, so a retry finds the delete done.
+            ctx.record_as(id, None);
+            ctx.delete_recorded();
         } else {
             ctx.remove();
         }
         "HD"
     });
+    if code == ID_REUSED {
+        return put_line(out, code.as_bytes());
+    }
     if code == "HD" && f.has(b'q') {
         return;
     }
@@ -317,7 +369,23 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
     let f = &a.flags;
     let start = out.len();
     let binary = f.has(b'b');
+    let id = match request_id(&f.tokens) {
+        Ok(id) => id,
+        Err(e) => return put_line(out, e.as_bytes()),
+    };
     shared.store.with_key(&a.key, |ctx| {
+        if let Some(id) = id {
+            match ctx.recorded(id) {
+                Some(Outcome::Value { number, cas }) => {
+                    let exptime = ctx.meta().map_or(0, |m| m.exptime);
+                    let now = ctx.now_secs;
+                    let started = shared.facts.started_unix_secs;
+                    return ma_replay(out, a, number, cas, exptime, now, started);
+                }
+                Some(_) => return put_line(out, ID_REUSED.as_bytes()),
+                None => ctx.record_as(id, None),
+            }
+        }
         let created;
         let value;
         // memcached applies `T` to the item it rewrote in place; when the
@@ -325,6 +393,9 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
         // reply still shows it).
         let mut stores_ttl = true;
         if ctx.item().is_none() && f.vivify.is_some() {
+            if let Some(id) = id {
+                ctx.record_as(id, Some(a.initial));
+            }
             let mut digits = Vec::with_capacity(20);
             put_u64(&mut digits, a.initial);
             if ctx.insert(&[&digits], 0, 0).is_err() {
@@ -408,6 +479,51 @@ fn ma(shared: &Shared, a: &MetaArith<'_>, out: &mut Vec<u8>) {
             out.truncate(start);
         }
     });
+}
+
+/// The reply to a retried `ma` whose first attempt ran: the number and CAS
+/// it produced, with the flags of the retry. Nothing is applied again, so
+/// `T` and `N` change nothing; `t` shows the key's expiry now.
+fn ma_replay(
+    out: &mut Vec<u8>,
+    a: &MetaArith<'_>,
+    number: u64,
+    cas: u64,
+    exptime_abs: u32,
+    now: u32,
+    started: u32,
+) {
+    let f = &a.flags;
+    if f.has(b'q') {
+        return;
+    }
+    let mut digits = Vec::with_capacity(20);
+    put_u64(&mut digits, number);
+    if f.has(b'v') {
+        out.extend_from_slice(b"VA ");
+        put_u64(out, digits.len() as u64);
+    } else {
+        out.extend_from_slice(b"HD");
+    }
+    for tok in &f.tokens {
+        match tok[0] {
+            b'c' => {
+                out.extend_from_slice(b" c");
+                put_u64(out, cas);
+            }
+            b't' => put_ttl(out, exptime_abs, now, started),
+            b'O' => {
+                out.push(b' ');
+                out.extend_from_slice(tok);
+            }
+            b'k' => put_key(out, &a.key, f.has(b'b')),
+            _ => {}
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+    if f.has(b'v') {
+        put_line(out, &digits);
+    }
 }
 
 fn me(shared: &Shared, d: &MetaDebug<'_>, out: &mut Vec<u8>) {

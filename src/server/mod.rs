@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod connection;
 pub mod execute;
+pub mod faults;
 pub mod inflight;
 pub mod meta;
 pub mod rlimit;
@@ -45,6 +46,8 @@ pub struct Shared {
     /// Present when this node is a cluster member: every request that is
     /// not purely local goes through it.
     pub cluster: Option<Arc<Cluster>>,
+    /// Fault injection for tests (`[faults]`); `None` when off.
+    pub faults: Option<faults::Faults>,
 }
 
 impl Shared {
@@ -69,6 +72,10 @@ impl Shared {
                 tombstone_grace_secs: config.cluster.as_ref().map_or(TOMBSTONE_GRACE_SECS, |c| {
                     u32::try_from(c.tombstone_grace_secs).unwrap_or(u32::MAX)
                 }),
+                dedup: crate::store::dedup::Policy {
+                    window_ms: u64::from(config.dedup_window_secs) * 1000,
+                    records_max: config.request_id_records_per_key,
+                },
             },
             clock.clone(),
         );
@@ -90,6 +97,7 @@ impl Shared {
             facts,
             limits: ParseLimits::new(config.max_item_size),
             cluster,
+            faults: faults::Faults::new(&config.faults),
         }
     }
 }

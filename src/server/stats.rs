@@ -119,6 +119,14 @@ pub fn compose_general(
     put_stat(out, "reclaimed", c.reclaimed);
     // webvac's own: bytes reserved by requests whose data is still arriving.
     put_stat(out, "inflight_bytes", inflight_bytes);
+    // Mutations answered from a request-id record, and live records
+    // dropped for the per-key bound.
+    put_stat(out, "request_id_replays", c.request_id_replays);
+    put_stat(
+        out,
+        "request_id_records_dropped",
+        c.request_id_records_dropped,
+    );
     out.extend_from_slice(b"END\r\n");
 }
 

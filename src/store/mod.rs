@@ -16,6 +16,7 @@
 //! total never exceeds the limit.
 
 pub mod clock;
+pub mod dedup;
 pub mod exptime;
 pub mod hlc;
 mod index;
@@ -185,10 +186,17 @@ pub enum KeyState {
         /// base64 key); access bits stay local.
         bits: u8,
         value: Vec<u8>,
+        /// Request-id records ([`dedup`]): replicated with the item so a
+        /// retry finds them on any replica.
+        dedup: Vec<u8>,
     },
     /// The key was removed (deleted, or absent after a write that removed
     /// it) at this version. Applying it removes older items only.
-    Absent { version: u64 },
+    Absent {
+        version: u64,
+        /// The records of a delete that carried a request id.
+        dedup: Vec<u8>,
+    },
 }
 
 impl KeyState {
@@ -196,7 +204,10 @@ impl KeyState {
     /// tombstone.
     pub fn of(e: &Entry) -> Self {
         if e.has(bits::TOMBSTONE) {
-            return KeyState::Absent { version: e.cas() };
+            return KeyState::Absent {
+                version: e.cas(),
+                dedup: e.dedup().to_vec(),
+            };
         }
         KeyState::Item {
             version: e.cas(),
@@ -204,12 +215,38 @@ impl KeyState {
             exptime: e.exptime(),
             bits: e.bits() & REPLICATED_BITS,
             value: e.value().to_vec(),
+            dedup: e.dedup().to_vec(),
+        }
+    }
+
+    /// The absence of a key at `version`, with no records.
+    pub fn absent(version: u64) -> Self {
+        KeyState::Absent {
+            version,
+            dedup: Vec::new(),
         }
     }
 
     pub fn version(&self) -> u64 {
         match self {
-            KeyState::Item { version, .. } | KeyState::Absent { version } => *version,
+            KeyState::Item { version, .. } | KeyState::Absent { version, .. } => *version,
+        }
+    }
+
+    /// Bytes of value and request-id records it carries (what a message or
+    /// a hint holding it costs beyond the key and a fixed overhead).
+    pub fn payload_bytes(&self) -> usize {
+        let value = match self {
+            KeyState::Item { value, .. } => value.len(),
+            KeyState::Absent { .. } => 0,
+        };
+        value + self.dedup().len()
+    }
+
+    /// Its request-id records.
+    pub fn dedup(&self) -> &[u8] {
+        match self {
+            KeyState::Item { dedup, .. } | KeyState::Absent { dedup, .. } => dedup,
         }
     }
 }
@@ -265,6 +302,8 @@ pub struct StoreConfig {
     pub tree_partitions: Option<u32>,
     /// How long a tombstone outlives its delete, from the delete's version.
     pub tombstone_grace_secs: u32,
+    /// Request ids: how long a record lasts and how many a key keeps.
+    pub dedup: dedup::Policy,
 }
 
 impl Default for StoreConfig {
@@ -275,6 +314,10 @@ impl Default for StoreConfig {
             node_id: 0,
             tree_partitions: None,
             tombstone_grace_secs: TOMBSTONE_GRACE_SECS,
+            dedup: dedup::Policy {
+                window_ms: u64::from(crate::limits::DEDUP_WINDOW_SECS_DEFAULT) * 1000,
+                records_max: crate::limits::REQUEST_ID_RECORDS_PER_KEY_DEFAULT,
+            },
         }
     }
 }
@@ -310,6 +353,7 @@ pub struct Store {
     /// Anti-entropy trees, updated by every shard (`None`: not kept).
     trees: Option<Arc<Trees>>,
     tombstone_grace_secs: u32,
+    dedup: dedup::Policy,
 }
 
 /// Shard count for a memory limit: a power of two, at most [`SHARDS_MAX`],
@@ -343,6 +387,7 @@ impl Store {
             flush_barrier: AtomicU64::new(0),
             trees,
             tombstone_grace_secs: config.tombstone_grace_secs,
+            dedup: config.dedup,
         }
     }
 
@@ -421,6 +466,7 @@ impl Store {
             found,
             now_ms,
             now_secs,
+            record_as: None,
         };
         f(&mut ctx)
     }
@@ -573,6 +619,18 @@ impl Store {
         })
     }
 
+    /// The version and expiry of the key's entry, live item or tombstone:
+    /// cheap change detection around a write that may leave either.
+    pub fn entry_version(&self, key: &[u8]) -> Option<(u64, u32)> {
+        self.locked(key, |ctx| match ctx.found {
+            Ok(slot) | Err(Gone::Deleted(slot)) => {
+                let e = ctx.shard.get(slot);
+                Some((e.cas(), e.exptime()))
+            }
+            Err(_) => None,
+        })
+    }
+
     /// The key's state as a replica holds it, tombstone included: what a
     /// primary catching up needs.
     pub fn replica_state(&self, key: &[u8]) -> Option<KeyState> {
@@ -627,10 +685,16 @@ impl Store {
             if local.is_some_and(|(v, _)| state.version() <= v) {
                 return Applied::Older;
             }
+            // Records from a peer are checked, not trusted to decode.
+            let area = if dedup::well_formed(state.dedup()) {
+                state.dedup()
+            } else {
+                &[]
+            };
             let (item, bits_to_copy) = match state {
-                KeyState::Absent { version } => {
+                KeyState::Absent { version, .. } => {
                     let until = self.tombstone_expiry(*version);
-                    let mut item = NewItem::new(ctx.key, &[], 0, until, *version);
+                    let mut item = NewItem::with_dedup(ctx.key, &[], area, 0, until, *version);
                     item.entry_mut().set(bits::TOMBSTONE | bits::FETCHED, true);
                     (item, None)
                 }
@@ -640,8 +704,10 @@ impl Store {
                     exptime,
                     bits: replicated,
                     value,
+                    ..
                 } => {
-                    let item = NewItem::new(ctx.key, &[value], *flags, *exptime, *version);
+                    let item =
+                        NewItem::with_dedup(ctx.key, &[value], area, *flags, *exptime, *version);
                     (item, Some(*replicated))
                 }
             };
@@ -929,6 +995,32 @@ pub struct Ctx<'a> {
     /// The operation's one clock reading, in ms and whole seconds.
     now_ms: u64,
     pub now_secs: u32,
+    /// The request id (and, for `ma`, the number) to record on this
+    /// operation's write, if it succeeds ([`Ctx::record_as`]).
+    record_as: Option<(RequestId, Option<u64>)>,
+}
+
+/// A request id, held inline (ids are at most 32 bytes).
+#[derive(Debug, Clone, Copy)]
+struct RequestId {
+    bytes: [u8; crate::limits::REQUEST_ID_BYTES_MAX],
+    len: u8,
+}
+
+impl RequestId {
+    fn new(id: &[u8]) -> Self {
+        assert!(dedup::valid_id(id), "request ids are checked by the parser");
+        let mut bytes = [0; crate::limits::REQUEST_ID_BYTES_MAX];
+        bytes[..id.len()].copy_from_slice(id);
+        Self {
+            bytes,
+            len: id.len() as u8,
+        }
+    }
+
+    fn get(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
 }
 
 impl Ctx<'_> {
@@ -1001,8 +1093,84 @@ impl Ctx<'_> {
         exptime_abs: u32,
     ) -> Result<u64, Stored> {
         let cas = self.next_version();
-        let item = NewItem::new(self.key, value_parts, flags, exptime_abs, cas);
+        let area = self.next_dedup(cas, false);
+        let item = NewItem::with_dedup(self.key, value_parts, &area, flags, exptime_abs, cas);
         self.insert_item(item, cas)
+    }
+
+    /// The outcome recorded for request `id` on this key (live item or
+    /// tombstone), if any within the dedup window: the mutation already
+    /// ran, and a retry answers with this instead of running it again.
+    pub fn recorded(&mut self, id: &[u8]) -> Option<dedup::Outcome> {
+        let (Ok(slot) | Err(Gone::Deleted(slot))) = self.found else {
+            return None;
+        };
+        let outcome = dedup::find(
+            self.shard.get(slot).dedup(),
+            id,
+            self.now_ms,
+            self.store.dedup,
+        );
+        if outcome.is_some() {
+            self.shard.stats.request_id_replays += 1;
+        }
+        outcome
+    }
+
+    /// Records request `id` on the write this operation makes, if it makes
+    /// one: a store records [`dedup::Outcome::Stored`], an incr/decr the
+    /// number it produced; `number` is the value an `ma` creates.
+    pub fn record_as(&mut self, id: &[u8], number: Option<u64>) {
+        self.record_as = Some((RequestId::new(id), number));
+    }
+
+    /// The request-id area of the key's next version: the current entry's
+    /// live records plus the pending one, if any (taken).
+    fn next_dedup(&mut self, cas: u64, deleted: bool) -> Vec<u8> {
+        let old: &[u8] = match self.found {
+            Ok(slot) | Err(Gone::Deleted(slot)) => self.shard.get(slot).dedup(),
+            Err(_) => &[],
+        };
+        let pending = self.record_as.take();
+        if old.is_empty() && pending.is_none() {
+            return Vec::new();
+        }
+        let new = pending.as_ref().map(|(id, number)| dedup::Record {
+            id: id.get(),
+            at_ms: self.now_ms,
+            outcome: match (deleted, number) {
+                (true, _) => dedup::Outcome::Deleted,
+                (false, Some(number)) => dedup::Outcome::Value {
+                    number: *number,
+                    cas,
+                },
+                (false, None) => dedup::Outcome::Stored { cas },
+            },
+        });
+        let (area, dropped) = dedup::carry(old, new, self.now_ms, self.store.dedup);
+        self.shard.stats.request_id_records_dropped += dropped as u64;
+        area
+    }
+
+    /// Deletes the live item, leaving a tombstone that keeps its records
+    /// and the pending one: a delete that carries a request id. Returns
+    /// `false` if there was no memory for the tombstone (the item is gone
+    /// all the same).
+    pub fn delete_recorded(&mut self) -> bool {
+        let version = self.next_version();
+        let area = self.next_dedup(version, true);
+        let until = self.store.tombstone_expiry(version);
+        let mut item = NewItem::with_dedup(self.key, &[], &area, 0, until, version);
+        item.entry_mut().set(bits::TOMBSTONE | bits::FETCHED, true);
+        match self.insert_item(item, version) {
+            Ok(_) => {
+                if let Ok(slot) = self.found {
+                    self.found = Err(Gone::Deleted(slot));
+                }
+                true
+            }
+            Err(_) => false,
+        }
     }
 
     fn insert_item(&mut self, item: NewItem, cas: u64) -> Result<u64, Stored> {
@@ -1094,21 +1262,23 @@ impl Ctx<'_> {
                 if cas_match == Some(false) && w.compare_cas != Some(0) {
                     return Stored::Exists;
                 }
-                let old_value = self.shard.get(slot).value();
-                let total = old_value.len() + w.value.len();
+                let total = self.shard.get(slot).value().len() + w.value.len();
                 if !item_fits(self.key.len(), old_flags, total, self.store.item_bytes_max) {
                     // memcached cannot allocate the combined item: NOT_STORED.
                     return Stored::NotStored;
                 }
+                let cas = self.next_version();
+                let area = self.next_dedup(cas, false);
                 // Build the combined value straight from the stored one: one
                 // allocation, one copy of each part.
+                let old_value = self.shard.get(slot).value();
                 let parts: [&[u8]; 2] = if w.mode == Mode::Append {
                     [old_value, w.value]
                 } else {
                     [w.value, old_value]
                 };
-                let cas = self.next_version();
-                let item = NewItem::new(self.key, &parts, old_flags, old_exptime, cas);
+                let item =
+                    NewItem::with_dedup(self.key, &parts, &area, old_flags, old_exptime, cas);
                 self.insert_item(item, cas)
                     .map_or_else(|e| e, Stored::Stored)
             }
@@ -1159,6 +1329,9 @@ impl Ctx<'_> {
             buf.resize(old_len, b' ');
         }
         let in_place = digits_len <= old_len;
+        if let Some((_, number)) = &mut self.record_as {
+            *number = Some(new);
+        }
         let (old_bits, old_access) = {
             let e = self.shard.get(slot);
             (e.bits(), e.last_access())

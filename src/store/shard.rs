@@ -70,11 +70,13 @@ pub mod bits {
 /// items) the value in the same cache lines. Layout, native-endian:
 ///
 /// ```text
-/// 0     8       16      24          28        32      36            40       41     42..48 48..
-/// | cas | newer | older | value_len | exptime | flags | last_access | keylen | bits | pad  | key | value |
+/// 0     8       16      24          28        32      36            40       41     42          44..48 48..
+/// | cas | newer | older | value_len | exptime | flags | last_access | keylen | bits | dedup_len | pad  | key | value | dedup |
 /// ```
 ///
 /// `newer` and `older` are the SIEVE list links: item addresses, 0 for none.
+/// `dedup` is the item's request-id records ([`super::dedup`]), usually
+/// empty.
 const CAS_AT: usize = 0;
 const NEWER_AT: usize = 8;
 const OLDER_AT: usize = 16;
@@ -84,6 +86,7 @@ const FLAGS_AT: usize = 32;
 const ACCESS_AT: usize = 36;
 const KEY_LEN_AT: usize = 40;
 const BITS_AT: usize = 41;
+const DEDUP_LEN_AT: usize = 42;
 pub const HEADER_BYTES: usize = 48;
 const ITEM_ALIGN: usize = 8;
 
@@ -137,8 +140,24 @@ impl Entry {
     }
 
     #[inline]
+    fn value_len(&self) -> usize {
+        u32::from_ne_bytes(
+            self.buf[VALUE_LEN_AT..VALUE_LEN_AT + 4]
+                .try_into()
+                .expect("header field"),
+        ) as usize
+    }
+
+    #[inline]
     pub fn value(&self) -> &[u8] {
-        &self.buf[HEADER_BYTES + self.key_len()..]
+        let at = HEADER_BYTES + self.key_len();
+        &self.buf[at..at + self.value_len()]
+    }
+
+    /// The item's request-id records (empty for most items).
+    #[inline]
+    pub fn dedup(&self) -> &[u8] {
+        &self.buf[HEADER_BYTES + self.key_len() + self.value_len()..]
     }
 
     pub fn charge(&self) -> usize {
@@ -193,7 +212,8 @@ unsafe fn item_len(p: NonNull<u8>) -> usize {
     unsafe {
         let value_len = p.as_ptr().add(VALUE_LEN_AT).cast::<u32>().read_unaligned();
         let key_len = *p.as_ptr().add(KEY_LEN_AT);
-        HEADER_BYTES + usize::from(key_len) + value_len as usize
+        let dedup_len = p.as_ptr().add(DEDUP_LEN_AT).cast::<u16>().read_unaligned();
+        HEADER_BYTES + usize::from(key_len) + value_len as usize + usize::from(dedup_len)
     }
 }
 
@@ -211,10 +231,26 @@ unsafe impl Send for NewItem {}
 
 impl NewItem {
     pub fn new(key: &[u8], value_parts: &[&[u8]], flags: u32, exptime: u32, cas: u64) -> Self {
+        Self::with_dedup(key, value_parts, &[], flags, exptime, cas)
+    }
+
+    /// An item that also carries request-id records.
+    pub fn with_dedup(
+        key: &[u8],
+        value_parts: &[&[u8]],
+        dedup: &[u8],
+        flags: u32,
+        exptime: u32,
+        cas: u64,
+    ) -> Self {
         debug_assert!(key.len() <= crate::limits::KEY_BYTES_MAX);
+        assert!(
+            dedup.len() <= super::dedup::AREA_BYTES_MAX,
+            "dedup area bound"
+        );
         let value_len: usize = value_parts.iter().map(|p| p.len()).sum();
         let value_len32 = u32::try_from(value_len).expect("value under 4 GiB");
-        let len = HEADER_BYTES + key.len() + value_len;
+        let len = HEADER_BYTES + key.len() + value_len + dedup.len();
         // SAFETY: `len` is at least HEADER_BYTES, so the layout is non-zero.
         let raw = unsafe { alloc(layout(len)) };
         let Some(ptr) = NonNull::new(raw) else {
@@ -229,8 +265,11 @@ impl NewItem {
                 .cast::<u32>()
                 .write_unaligned(value_len32);
             *p.add(KEY_LEN_AT) = key.len() as u8;
+            p.add(DEDUP_LEN_AT)
+                .cast::<u16>()
+                .write_unaligned(dedup.len() as u16);
             let mut at = HEADER_BYTES;
-            for part in std::iter::once(&key).chain(value_parts) {
+            for part in std::iter::once(&key).chain(value_parts).chain([&dedup]) {
                 std::ptr::copy_nonoverlapping(part.as_ptr(), p.add(at), part.len());
                 at += part.len();
             }
@@ -331,6 +370,10 @@ pub struct ShardStats {
     pub reclaimed: u64,
     pub store_too_large: u64,
     pub store_no_memory: u64,
+    /// Mutations answered from a request-id record instead of applied.
+    pub request_id_replays: u64,
+    /// Live request-id records dropped for the per-key bound.
+    pub request_id_records_dropped: u64,
 }
 
 impl ShardStats {
@@ -361,7 +404,9 @@ impl ShardStats {
             expired_unfetched,
             reclaimed,
             store_too_large,
-            store_no_memory
+            store_no_memory,
+            request_id_replays,
+            request_id_records_dropped
         );
     }
 }

@@ -418,6 +418,7 @@ fn item_state(version: u64, value: &[u8]) -> KeyState {
         exptime: 0,
         bits: 0,
         value: value.to_vec(),
+        dedup: Vec::new(),
     }
 }
 
@@ -439,18 +440,12 @@ fn apply_keeps_the_highest_version_in_any_order() {
 fn a_tombstone_hides_the_key_and_outranks_older_copies() {
     let (s, clock) = store();
     assert_eq!(s.apply(b"k", &item_state(at(100), b"old")), Applied::Newer);
-    assert_eq!(
-        s.apply(b"k", &KeyState::Absent { version: at(150) }),
-        Applied::Newer
-    );
+    assert_eq!(s.apply(b"k", &KeyState::absent(at(150))), Applied::Newer);
     assert_eq!(get(&s, b"k"), None);
     assert_eq!(s.stats().curr_items, 0, "tombstones are not items");
     assert_eq!(s.version_of(b"k"), None);
     assert_eq!(s.snapshot(b"k"), None);
-    assert_eq!(
-        s.replica_state(b"k"),
-        Some(KeyState::Absent { version: at(150) })
-    );
+    assert_eq!(s.replica_state(b"k"), Some(KeyState::absent(at(150))));
     // The deleted item arriving late does not come back.
     assert_eq!(s.apply(b"k", &item_state(at(100), b"old")), Applied::Older);
     assert_eq!(get(&s, b"k"), None);
@@ -463,10 +458,7 @@ fn a_tombstone_hides_the_key_and_outranks_older_copies() {
     assert_eq!(s.stats().curr_items, 1);
     s.check_invariants();
     // A tombstone expires after its grace period.
-    assert_eq!(
-        s.apply(b"t", &KeyState::Absent { version: at(300) }),
-        Applied::Newer
-    );
+    assert_eq!(s.apply(b"t", &KeyState::absent(at(300))), Applied::Newer);
     clock.advance_ms((u64::from(TOMBSTONE_GRACE_SECS) + 1) * 1000);
     assert_eq!(s.replica_state(b"t"), None);
     assert_eq!(s.apply(b"t", &item_state(at(120), b"late")), Applied::Newer);
@@ -498,7 +490,7 @@ fn copies_older_than_a_cluster_flush_are_dropped() {
 #[test]
 fn tombstones_leave_item_statistics_alone() {
     let (s, clock) = store();
-    s.apply(b"t", &KeyState::Absent { version: at(300) });
+    s.apply(b"t", &KeyState::absent(at(300)));
     assert_eq!(get(&s, b"t"), None);
     clock.advance_ms((u64::from(TOMBSTONE_GRACE_SECS) + 1) * 1000);
     assert_eq!(get(&s, b"t"), None);
@@ -518,10 +510,7 @@ fn a_scan_visits_every_wanted_entry_once_tombstones_included() {
         set(&s, format!("k{i}").as_bytes(), b"v");
     }
     for i in 0..100u32 {
-        s.apply(
-            format!("gone{i}").as_bytes(),
-            &KeyState::Absent { version: at(1) },
-        );
+        s.apply(format!("gone{i}").as_bytes(), &KeyState::absent(at(1)));
     }
     let want = |k: &[u8]| k.ends_with(b"7");
     let mut seen = std::collections::HashMap::new();
@@ -550,7 +539,7 @@ fn leaf_listings_hold_live_entries_and_tombstones_not_expired_ones() {
         set(&s, format!("k{i}").as_bytes(), b"v");
     }
     s.write(&Write::new(Mode::Set, b"short", b"v", 0, 5));
-    s.apply(b"gone", &KeyState::Absent { version: at(10) });
+    s.apply(b"gone", &KeyState::absent(at(10)));
     let trees = s.trees().expect("trees");
     let every_leaf: Vec<(u32, u16)> = (0..trees.partitions())
         .flat_map(|p| (0..merkle::LEAVES as u16).map(move |l| (p, l)))
@@ -599,16 +588,10 @@ fn a_dead_state_removes_what_it_outranks_and_leaves_nothing() {
     s.apply(b"k", &item_state(at(1), b"old"));
     let long_ago = at(0) - ((u64::from(TOMBSTONE_GRACE_SECS) * 1000) << 22) + (5 << 22);
     assert!(long_ago < at(1));
-    assert_eq!(
-        s.apply(b"k", &KeyState::Absent { version: at(2) }),
-        Applied::Newer
-    );
+    assert_eq!(s.apply(b"k", &KeyState::absent(at(2))), Applied::Newer);
     assert!(s.replica_state(b"k").is_some(), "a fresh tombstone stays");
     s.apply(b"j", &item_state(long_ago - (1 << 22), b"older"));
-    assert_eq!(
-        s.apply(b"j", &KeyState::Absent { version: long_ago }),
-        Applied::Newer
-    );
+    assert_eq!(s.apply(b"j", &KeyState::absent(long_ago)), Applied::Newer);
     assert_eq!(
         s.replica_state(b"j"),
         None,
@@ -629,6 +612,7 @@ fn a_dead_state_removes_what_it_outranks_and_leaves_nothing() {
         exptime: 1000,
         bits: 0,
         value: b"x".to_vec(),
+        dedup: Vec::new(),
     };
     assert_eq!(s.apply(b"e", &expired), Applied::Newer);
     assert_eq!(s.replica_state(b"e"), None);
@@ -652,6 +636,7 @@ fn repair_fills_free_memory_only_and_never_evicts() {
         exptime: 0,
         bits: 0,
         value: value.clone(),
+        dedup: Vec::new(),
     };
     let mut no_room = 0;
     for j in 0..200u32 {
@@ -671,5 +656,199 @@ fn repair_fills_free_memory_only_and_never_evicts() {
         Applied::Newer
     );
     assert_eq!(cas_of(&s, held.as_bytes()), at(50));
+    s.check_invariants();
+}
+
+/// Request ids: a mutation run through `with_key` as the meta commands run
+/// it (look up the id; record it on the write if it is new).
+#[derive(Debug, Clone)]
+enum IdOp {
+    Set(u8, Vec<u8>),
+    Add(u8, Vec<u8>),
+    Append(u8, Vec<u8>),
+    Delete(u8),
+    Incr(u8, u64),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdOut {
+    Stored,
+    NotStored,
+    Deleted,
+    NotFound,
+    Value(u64),
+    NonNumeric,
+}
+
+fn run_with_id(s: &Store, op: &IdOp, id: &[u8]) -> IdOut {
+    let key = match op {
+        IdOp::Set(k, _)
+        | IdOp::Add(k, _)
+        | IdOp::Append(k, _)
+        | IdOp::Delete(k)
+        | IdOp::Incr(k, _) => [*k],
+    };
+    s.with_key(&key, |ctx| {
+        if let Some(o) = ctx.recorded(id) {
+            return match o {
+                dedup::Outcome::Stored { .. } => IdOut::Stored,
+                dedup::Outcome::Deleted => IdOut::Deleted,
+                dedup::Outcome::Value { number, .. } => IdOut::Value(number),
+            };
+        }
+        ctx.record_as(id, None);
+        let write =
+            |ctx: &mut Ctx<'_>, mode, v: &[u8]| match ctx.write(&Write::new(mode, &key, v, 0, 0)) {
+                Stored::Stored(_) => IdOut::Stored,
+                Stored::NotStored => IdOut::NotStored,
+                other => panic!("{other:?}"),
+            };
+        match op {
+            IdOp::Set(_, v) => write(ctx, Mode::Set, v),
+            IdOp::Add(_, v) => write(ctx, Mode::Add, v),
+            IdOp::Append(_, v) => write(ctx, Mode::Append, v),
+            IdOp::Delete(_) => {
+                if ctx.item().is_none() {
+                    return IdOut::NotFound;
+                }
+                ctx.delete_recorded();
+                IdOut::Deleted
+            }
+            IdOp::Incr(_, d) => match ctx.arith(&Arith {
+                key: &key,
+                incr: true,
+                delta: *d,
+                compare_cas: None,
+            }) {
+                Delta::Value(n, _, _) => IdOut::Value(n),
+                Delta::NotFound => IdOut::NotFound,
+                Delta::NonNumeric => IdOut::NonNumeric,
+                other => panic!("{other:?}"),
+            },
+        }
+    })
+}
+
+fn id_op() -> impl Strategy<Value = IdOp> {
+    let key = 0u8..4;
+    let val = proptest::collection::vec(b'0'..=b'9', 0..4);
+    prop_oneof![
+        (key.clone(), val.clone()).prop_map(|(k, v)| IdOp::Set(k, v)),
+        (key.clone(), val.clone()).prop_map(|(k, v)| IdOp::Add(k, v)),
+        (key.clone(), val).prop_map(|(k, v)| IdOp::Append(k, v)),
+        key.clone().prop_map(IdOp::Delete),
+        (key, 0u64..1000).prop_map(|(k, d)| IdOp::Incr(k, d)),
+    ]
+}
+
+/// What each key reads as, for every key an op can touch.
+fn id_keys_state(s: &Store) -> Vec<Option<Vec<u8>>> {
+    (0u8..4).map(|k| get(s, &[k])).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Retrying any mutation with its request id, at any later point, gives
+    /// the first attempt's answer and changes nothing, on this store and on
+    /// a replica that applied its states; a mutation that did nothing the
+    /// first time is simply run again.
+    #[test]
+    fn a_retried_id_is_applied_once(
+        steps in proptest::collection::vec((id_op(), any::<bool>(), any::<prop::sample::Index>()), 1..80),
+    ) {
+        let (s, _) = store();
+        let mut done: Vec<(IdOp, Vec<u8>, IdOut)> = Vec::new();
+        for (i, (op, retry, pick)) in steps.into_iter().enumerate() {
+            if retry && !done.is_empty() {
+                let (op, id, first) = done[pick.index(done.len())].clone();
+                let before = id_keys_state(&s);
+                let again = run_with_id(&s, &op, &id);
+                if matches!(first, IdOut::Stored | IdOut::Deleted | IdOut::Value(_)) {
+                    prop_assert_eq!(again, first, "retry of {:?}", op);
+                    prop_assert_eq!(id_keys_state(&s), before, "a retry changed the store");
+                }
+            } else {
+                let id = format!("id{i}").into_bytes();
+                let out = run_with_id(&s, &op, &id);
+                done.push((op, id, out));
+            }
+            s.check_invariants();
+        }
+        // A replica that applied every key's state answers retries alike.
+        let (r, _) = store();
+        for k in 0u8..4 {
+            if let Some(state) = s.replica_state(&[k]) {
+                r.apply(&[k], &state);
+            }
+        }
+        prop_assert_eq!(id_keys_state(&r), id_keys_state(&s));
+        for (op, id, first) in &done {
+            if matches!(first, IdOut::Stored | IdOut::Deleted | IdOut::Value(_)) {
+                let before = id_keys_state(&r);
+                prop_assert_eq!(run_with_id(&r, op, id), *first, "retry of {:?} on a replica", op);
+                prop_assert_eq!(id_keys_state(&r), before);
+            }
+        }
+        r.check_invariants();
+    }
+}
+
+#[test]
+fn request_id_records_are_charged_and_bounded_per_key() {
+    let (s, _) = store();
+    assert!(matches!(set(&s, b"n", b"0"), Stored::Stored(_)));
+    let plain = s.stats().bytes;
+    for i in 0..40u64 {
+        let out = run_with_id(&s, &IdOp::Incr(b'n', 1), format!("r{i}").as_bytes());
+        assert_eq!(out, IdOut::Value(i + 1));
+    }
+    // The newest 16 ids are kept; the oldest 24 went, counted.
+    let st = s.stats();
+    assert_eq!(st.counters.request_id_records_dropped, 24);
+    let area = s.with_key(b"n", |ctx| ctx.item().unwrap().dedup().to_vec());
+    assert_eq!(dedup::records(&area).count(), 16);
+    assert!(
+        st.bytes as usize >= plain as usize + area.len(),
+        "records count against the memory limit: {plain} then {} with {} bytes of records",
+        st.bytes,
+        area.len()
+    );
+    // A kept id replays; a dropped one is applied again.
+    assert_eq!(
+        run_with_id(&s, &IdOp::Incr(b'n', 1), b"r39"),
+        IdOut::Value(40)
+    );
+    assert_eq!(
+        run_with_id(&s, &IdOp::Incr(b'n', 1), b"r0"),
+        IdOut::Value(41)
+    );
+    s.check_invariants();
+}
+
+#[test]
+fn request_ids_expire_with_the_window() {
+    let (s, clock) = store();
+    set(&s, b"n", b"5");
+    assert_eq!(run_with_id(&s, &IdOp::Incr(b'n', 1), b"x"), IdOut::Value(6));
+    clock.advance_ms(599_999);
+    assert_eq!(run_with_id(&s, &IdOp::Incr(b'n', 1), b"x"), IdOut::Value(6));
+    clock.advance_ms(1);
+    assert_eq!(run_with_id(&s, &IdOp::Incr(b'n', 1), b"x"), IdOut::Value(7));
+}
+
+#[test]
+fn a_delete_with_an_id_keeps_it_in_its_tombstone() {
+    let (s, _) = store();
+    set(&s, b"d", b"v");
+    assert_eq!(run_with_id(&s, &IdOp::Delete(b'd'), b"del"), IdOut::Deleted);
+    assert_eq!(get(&s, b"d"), None);
+    assert!(
+        matches!(s.replica_state(b"d"), Some(KeyState::Absent { ref dedup, .. }) if !dedup.is_empty())
+    );
+    // Recreated by a client without ids: the retry must not delete it.
+    set(&s, b"d", b"new");
+    assert_eq!(run_with_id(&s, &IdOp::Delete(b'd'), b"del"), IdOut::Deleted);
+    assert_eq!(get(&s, b"d").as_deref(), Some(&b"new"[..]));
     s.check_invariants();
 }

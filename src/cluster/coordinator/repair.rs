@@ -31,12 +31,7 @@ const ENTRY_WIRE_BYTES: u64 = 8 + 2;
 const KEYS_PER_MESSAGE_MAX: usize = ANTI_ENTROPY_ENTRIES_PER_MESSAGE_MAX;
 
 fn state_bytes(key: &[u8], state: &KeyState) -> usize {
-    key.len()
-        + 24
-        + match state {
-            KeyState::Item { value, .. } => value.len(),
-            KeyState::Absent { .. } => 0,
-        }
+    key.len() + 24 + state.payload_bytes()
 }
 
 /// Lists `leaves` from `store`, whole leaves up to `max_entries` (at least

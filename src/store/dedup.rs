@@ -1,0 +1,292 @@
+//! Request-id records: what makes a retried mutation safe.
+//!
+//! A client that lost a reply cannot tell whether its `incr` ran, so it
+//! retries with the same request id. The item remembers the ids of the
+//! mutations that produced it, with their results, in a small area after its
+//! value; a mutation whose id is already there is not applied again and
+//! answers with the recorded result. The area belongs to the item: it is
+//! charged to the memory limit with it, replicated with it (so a retry that
+//! lands on another replica, or on a new primary after a failover, finds
+//! it), and goes when the item is evicted, expires or is flushed. A delete
+//! that carries an id leaves a tombstone that keeps the area.
+//!
+//! Bounds: a record older than the dedup window is dropped at the next write
+//! of its key and ignored before that; a key keeps its newest
+//! `records_max` records (a retry that arrives after that many other
+//! id-carrying mutations of the same key is applied again, and the drop is
+//! counted).
+//!
+//! Encoding, little-endian, records oldest first:
+//!
+//! ```text
+//! | id_len u8 | id (1..=32) | at_ms u64 | kind u8 | number u64 | cas u64 |
+//! ```
+
+use crate::limits::{REQUEST_ID_BYTES_MAX, REQUEST_ID_RECORDS_PER_KEY_LIMIT};
+
+/// Bytes of a record besides its id.
+const FIXED_BYTES: usize = 1 + 8 + 1 + 8 + 8;
+
+/// The largest area an item can carry; it fits the header's `u16` length.
+pub const AREA_BYTES_MAX: usize =
+    REQUEST_ID_RECORDS_PER_KEY_LIMIT * (FIXED_BYTES + REQUEST_ID_BYTES_MAX);
+const _: () = assert!(AREA_BYTES_MAX <= u16::MAX as usize);
+
+/// What a recorded mutation answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A store (`ms` in any mode) that stored, at this CAS.
+    Stored { cas: u64 },
+    /// A delete that deleted.
+    Deleted,
+    /// An `ma` that produced this number at this CAS (or created the item
+    /// with it).
+    Value { number: u64, cas: u64 },
+}
+
+impl Outcome {
+    fn encode(self) -> (u8, u64, u64) {
+        match self {
+            Outcome::Stored { cas } => (1, 0, cas),
+            Outcome::Deleted => (2, 0, 0),
+            Outcome::Value { number, cas } => (3, number, cas),
+        }
+    }
+
+    fn decode(kind: u8, number: u64, cas: u64) -> Option<Self> {
+        match kind {
+            1 => Some(Outcome::Stored { cas }),
+            2 => Some(Outcome::Deleted),
+            3 => Some(Outcome::Value { number, cas }),
+            _ => None,
+        }
+    }
+}
+
+/// The dedup rules a store applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Records older than this are void.
+    pub window_ms: u64,
+    /// Records kept per key, newest first (at least 1).
+    pub records_max: usize,
+}
+
+/// One decoded record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub id: &'a [u8],
+    /// The primary's clock when it applied the mutation.
+    pub at_ms: u64,
+    pub outcome: Outcome,
+}
+
+/// Whether `id` is a valid request id: 1 to 32 printable ASCII bytes, no
+/// comma (the `P` token separates its items with commas).
+pub fn valid_id(id: &[u8]) -> bool {
+    (1..=REQUEST_ID_BYTES_MAX).contains(&id.len())
+        && id.iter().all(|&b| b.is_ascii_graphic() && b != b',')
+}
+
+/// The records of an area, oldest first. Stops at the first malformed
+/// record: an area comes from this node or from a peer's replicated state,
+/// and a bad one must not crash the node.
+pub fn records(area: &[u8]) -> impl Iterator<Item = Record<'_>> {
+    let mut rest = area;
+    std::iter::from_fn(move || {
+        let (&id_len, tail) = rest.split_first()?;
+        let id_len = usize::from(id_len);
+        if id_len == 0 || id_len > REQUEST_ID_BYTES_MAX || tail.len() < id_len + FIXED_BYTES - 1 {
+            rest = &[];
+            return None;
+        }
+        let (id, tail) = tail.split_at(id_len);
+        let u64_at = |at: usize| u64::from_le_bytes(tail[at..at + 8].try_into().expect("8 bytes"));
+        let (at_ms, kind, number, cas) = (u64_at(0), tail[8], u64_at(9), u64_at(17));
+        rest = &tail[FIXED_BYTES - 1..];
+        let Some(outcome) = Outcome::decode(kind, number, cas) else {
+            rest = &[];
+            return None;
+        };
+        Some(Record { id, at_ms, outcome })
+    })
+}
+
+fn live(r: &Record<'_>, now_ms: u64, policy: Policy) -> bool {
+    r.at_ms.saturating_add(policy.window_ms) > now_ms
+}
+
+/// The recorded outcome of the mutation `id`, if it is in the area and
+/// inside the window.
+pub fn find(area: &[u8], id: &[u8], now_ms: u64, policy: Policy) -> Option<Outcome> {
+    if area.is_empty() {
+        return None;
+    }
+    records(area)
+        .filter(|r| r.id == id && live(r, now_ms, policy))
+        .last()
+        .map(|r| r.outcome)
+}
+
+fn put(out: &mut Vec<u8>, r: &Record<'_>) {
+    debug_assert!(valid_id(r.id));
+    let (kind, number, cas) = r.outcome.encode();
+    out.push(r.id.len() as u8);
+    out.extend_from_slice(r.id);
+    out.extend_from_slice(&r.at_ms.to_le_bytes());
+    out.push(kind);
+    out.extend_from_slice(&number.to_le_bytes());
+    out.extend_from_slice(&cas.to_le_bytes());
+}
+
+/// What a new version of an item carries: the old area's records still in
+/// the window, plus `new` (if any) as the newest, keeping at most
+/// `records_max`. Returns the area and how many live records were dropped
+/// for the per-key bound.
+pub fn carry(old: &[u8], new: Option<Record<'_>>, now_ms: u64, policy: Policy) -> (Vec<u8>, usize) {
+    if old.is_empty() && new.is_none() {
+        return (Vec::new(), 0);
+    }
+    let kept: Vec<Record<'_>> = records(old)
+        .filter(|r| live(r, now_ms, policy) && new.is_none_or(|n| n.id != r.id))
+        .collect();
+    let room = policy.records_max.max(1) - usize::from(new.is_some());
+    let dropped = kept.len().saturating_sub(room);
+    let mut out = Vec::new();
+    for r in kept[dropped..].iter().chain(new.as_ref()) {
+        put(&mut out, r);
+    }
+    debug_assert!(out.len() <= AREA_BYTES_MAX);
+    (out, dropped)
+}
+
+/// Whether an area decodes whole (a peer's replicated state is checked
+/// before it is stored).
+pub fn well_formed(area: &[u8]) -> bool {
+    let mut len = 0;
+    let mut count = 0;
+    for r in records(area) {
+        len += 1 + r.id.len() + FIXED_BYTES - 1;
+        count += 1;
+    }
+    len == area.len() && count <= REQUEST_ID_RECORDS_PER_KEY_LIMIT
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const POLICY: Policy = Policy {
+        window_ms: 600_000,
+        records_max: 4,
+    };
+
+    fn rec(id: &[u8], at_ms: u64, n: u64) -> Record<'_> {
+        Record {
+            id,
+            at_ms,
+            outcome: Outcome::Value {
+                number: n,
+                cas: n + 1,
+            },
+        }
+    }
+
+    #[test]
+    fn ids_are_graphic_ascii_without_commas() {
+        assert!(valid_id(b"a"));
+        assert!(valid_id(&[b'z'; 32]));
+        for bad in [&b""[..], &[b'z'; 33], b"a,b", b"a b", b"\x7f", b"\xc3\xa9"] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_record_is_found_within_the_window_only() {
+        let (area, _) = carry(&[], Some(rec(b"x", 1000, 5)), 1000, POLICY);
+        assert_eq!(
+            find(&area, b"x", 1000 + 599_999, POLICY),
+            Some(Outcome::Value { number: 5, cas: 6 })
+        );
+        assert_eq!(find(&area, b"x", 1000 + 600_000, POLICY), None);
+        assert_eq!(find(&area, b"y", 1000, POLICY), None);
+    }
+
+    #[test]
+    fn expired_records_are_dropped_at_the_next_write() {
+        let (area, _) = carry(&[], Some(rec(b"old", 0, 1)), 0, POLICY);
+        let (area, dropped) = carry(&area, Some(rec(b"new", 700_000, 2)), 700_000, POLICY);
+        assert_eq!(dropped, 0, "expired records are not counted as dropped");
+        let ids: Vec<_> = records(&area).map(|r| r.id.to_vec()).collect();
+        assert_eq!(ids, vec![b"new".to_vec()]);
+    }
+
+    #[test]
+    fn malformed_areas_decode_to_a_prefix_and_never_panic() {
+        let (area, _) = carry(&[], Some(rec(b"abc", 1, 1)), 1, POLICY);
+        assert!(well_formed(&area));
+        for cut in 0..area.len() {
+            assert_eq!(records(&area[..cut]).count(), 0);
+            assert_eq!(well_formed(&area[..cut]), cut == 0);
+        }
+        let mut bad_kind = area.clone();
+        bad_kind[1 + 3 + 8] = 9;
+        assert!(!well_formed(&bad_kind));
+        assert_eq!(find(&bad_kind, b"abc", 1, POLICY), None);
+    }
+
+    proptest! {
+        /// Against a model: after any sequence of recorded mutations, the
+        /// area holds exactly the newest `records_max` distinct live ids,
+        /// each with its latest outcome, and fits its bound.
+        #[test]
+        fn carry_keeps_the_newest_live_records(
+            ops in proptest::collection::vec((0u8..8, 0u64..400_000), 1..60),
+            records_max in 1usize..6,
+        ) {
+            let policy = Policy { window_ms: 600_000, records_max };
+            let mut area = Vec::new();
+            let mut model: Vec<(Vec<u8>, u64, u64)> = Vec::new();
+            let mut now = 0u64;
+            for (i, (id, step)) in ops.into_iter().enumerate() {
+                now += step;
+                let id = vec![b'a' + id];
+                let n = i as u64;
+                let (next, dropped) = carry(&area, Some(rec(&id, now, n)), now, policy);
+                area = next;
+                model.retain(|(m, at, _)| *m != id && at + policy.window_ms > now);
+                model.push((id, now, n));
+                let over = model.len().saturating_sub(records_max);
+                prop_assert_eq!(dropped, over);
+                model.drain(..over);
+                prop_assert!(well_formed(&area));
+                prop_assert!(area.len() <= AREA_BYTES_MAX);
+                let got: Vec<_> = records(&area)
+                    .map(|r| (r.id.to_vec(), r.at_ms, match r.outcome {
+                        Outcome::Value { number, .. } => number,
+                        _ => unreachable!(),
+                    }))
+                    .collect();
+                prop_assert_eq!(&got, &model);
+                for (m, _, n) in &model {
+                    prop_assert_eq!(
+                        find(&area, m, now, policy),
+                        Some(Outcome::Value { number: *n, cas: n + 1 })
+                    );
+                }
+            }
+        }
+
+        /// Decoding arbitrary bytes never panics and never yields an
+        /// invalid id.
+        #[test]
+        fn arbitrary_areas_are_harmless(area in proptest::collection::vec(any::<u8>(), 0..200)) {
+            for r in records(&area) {
+                prop_assert!((1..=REQUEST_ID_BYTES_MAX).contains(&r.id.len()));
+            }
+            let _ = well_formed(&area);
+            let _ = find(&area, b"x", 0, POLICY);
+        }
+    }
+}
