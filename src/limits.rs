@@ -109,6 +109,17 @@ pub const HINTS_MEMORY_MB_DEFAULT: usize = 64;
 
 const _: () = assert!(HINT_WINDOW_SECS_DEFAULT < TOMBSTONE_GRACE_SECS as u64);
 
+/// Most keys one `lk` call returns (its `count` argument).
+pub const LIST_KEYS_PER_CALL_MAX: usize = 10_000;
+
+/// Most partitions one `lk` call walks before it answers (with fewer keys
+/// than asked and a token to go on), so a sparse cluster cannot make one
+/// call ask every partition.
+pub const LIST_PARTITIONS_PER_CALL_MAX: u32 = 64;
+
+/// Longest listing token a client may send (ours are 50 hex digits).
+pub const LIST_TOKEN_BYTES_MAX: usize = 64;
+
 /// Longest request id (`P` token item `i<id>`), like an opaque.
 pub const REQUEST_ID_BYTES_MAX: usize = 32;
 

@@ -38,6 +38,7 @@ use crate::protocol::stats::put_stat;
 use crate::protocol::{ParseLimits, Parsed, Request, parse, put_line};
 use crate::store::{Applied, KeyState, Mode, Store, hlc, valid_key};
 
+mod listing;
 mod repair;
 
 /// Bound on the waits for the clock to leave a flush's millisecond (each
@@ -88,6 +89,8 @@ enum ReplicaCopy {
 pub trait Local: Send + Sync + 'static {
     fn store(&self) -> &Store;
     fn limits(&self) -> &ParseLimits;
+    /// The key that authenticates listing tokens (the same on every node).
+    fn listing_key(&self) -> &crate::cluster::listing::TokenKey;
     /// Executes one complete command exactly as a single node would and
     /// appends its reply.
     fn execute(&self, command: &[u8], out: &mut Vec<u8>);
@@ -207,10 +210,19 @@ enum Plan<'r> {
     ClusterStats,
     /// `stats partitions`: a digest of what this node holds per partition.
     PartitionDigests,
+    /// `lk`: a page of the whole cluster's keys.
+    ListKeys {
+        token: &'r [u8],
+        count: usize,
+    },
 }
 
 fn plan<'r>(request: &'r Request<'r>) -> Plan<'r> {
     match request {
+        Request::ListKeys(l) => Plan::ListKeys {
+            token: l.token,
+            count: l.count,
+        },
         Request::Get(g) if g.fails_after_keys => Plan::Local,
         Request::Get(g) if g.touch.is_none() => Plan::Read { get: g },
         Request::Get(g) => Plan::TouchRead { get: g },
@@ -442,6 +454,7 @@ impl Cluster {
             }
             Plan::ClusterStats => self.compose_stats(local, out),
             Plan::PartitionDigests => self.compose_partition_digests(local.store(), out),
+            Plan::ListKeys { token, count } => self.list_keys(local, token, count, out).await,
         }
     }
 
@@ -1378,6 +1391,9 @@ impl Cluster {
             }
             PeerRequest::FetchStates { keys } => repair::serve_fetch_states(local.store(), &keys),
             PeerRequest::Repair { states } => self.serve_repair(local.store(), &states),
+            PeerRequest::ListKeys { from, to, max } => {
+                listing::serve_list_keys(local.store(), from, to, max)
+            }
         }
     }
 

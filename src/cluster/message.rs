@@ -10,7 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::store::merkle::TreeNode;
-use crate::store::{KeyState, KeyVersion};
+use crate::store::{KeyState, KeyVersion, ListedKey};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum PeerRequest {
@@ -59,6 +59,9 @@ pub enum PeerRequest {
     /// Anti-entropy: apply these states, highest version wins, into free
     /// memory only (repair never evicts).
     Repair { states: Vec<(Vec<u8>, KeyState)> },
+    /// `lk`: up to `max` live keys with hashes in `from..=to` (one
+    /// partition's range or part of it), in hash order.
+    ListKeys { from: u64, to: u64, max: u32 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,6 +97,12 @@ pub enum PeerResponse {
     /// Which of the states sent (by index) found no free memory.
     Repaired {
         no_room: Vec<u32>,
+    },
+    /// A page of [`PeerRequest::ListKeys`]: the keys, and the hash the
+    /// range goes on from (`None`: done).
+    Keys {
+        keys: Vec<ListedKey>,
+        next: Option<u64>,
     },
     /// The request was malformed; nothing was done.
     Refused(String),

@@ -12,6 +12,7 @@ pub mod arith;
 pub mod delete;
 pub mod flush_all;
 pub mod get;
+pub mod list_keys;
 pub mod meta;
 pub mod misc;
 pub mod number;
@@ -59,6 +60,8 @@ pub enum Request<'a> {
     Verbosity(misc::Verbosity),
     Quit,
     Meta(meta::MetaRequest<'a>),
+    /// webvac's key listing (`lk`).
+    ListKeys(list_keys::ListKeys<'a>),
     /// Answer with this line (unless `noreply`) and carry on. `swallow` bytes
     /// that follow belong to a rejected data block and must be discarded.
     Error {
@@ -226,6 +229,7 @@ pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
         b"version" => Request::Version,
         b"verbosity" => misc::parse_verbosity(&tokens),
         b"quit" => Request::Quit,
+        b"lk" => list_keys::parse(&tokens),
         b"shutdown" => Request::error(reply::SHUTDOWN_DISABLED),
         [b'm', _] => return meta::parse(&tokens, &buf[consumed..], consumed, limits),
         _ if tokens.len() >= 2 && tokens.get(tokens.len() - 1).starts_with(b"HTTP/") => {

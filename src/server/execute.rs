@@ -7,6 +7,7 @@ use super::Shared;
 use super::stats::{compose_general, compose_settings};
 use crate::limits::VERBOSITY_MAX;
 use crate::protocol::get::{Get, compose_end, compose_value};
+use crate::protocol::list_keys;
 use crate::protocol::stats::StatsCmd;
 use crate::protocol::{Refused, Request, put_line, put_u64, reply};
 use crate::store::{Arith, Delta, Mode, Stored, Write};
@@ -47,6 +48,7 @@ pub fn get_end(get: &Get<'_>, out: &mut Vec<u8>) {
 /// Executes every request but the get family and meta commands.
 pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Action {
     match request {
+        Request::ListKeys(l) => list_keys(shared, l.token, l.count, out),
         Request::Get(get) => {
             for key in get.keys() {
                 get_key(shared, &get, key, out);
@@ -187,4 +189,18 @@ fn stats(shared: &Shared, cmd: StatsCmd<'_>, out: &mut Vec<u8>) {
         }
         StatsCmd::Group(_) => put_line(out, reply::ERROR.as_bytes()),
     }
+}
+
+/// `lk` on a single node: one walk of its own store from the token's
+/// position (a cluster member lists through its coordinator instead).
+fn list_keys(shared: &Shared, token: &[u8], count: usize, out: &mut Vec<u8>) {
+    let Some(from) = shared.listing_key.decode(token) else {
+        return put_line(out, list_keys::BAD_TOKEN.as_bytes());
+    };
+    let page = shared.store.list_keys(from, u64::MAX, count);
+    for k in &page.keys {
+        list_keys::put_key(out, &k.key, k.binary);
+    }
+    let next = page.next.map(|n| shared.listing_key.encode(n));
+    list_keys::put_end(out, next.as_deref().map(str::as_bytes));
 }

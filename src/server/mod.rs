@@ -10,6 +10,7 @@ pub mod meta;
 pub mod rlimit;
 pub mod stats;
 
+use crate::cluster::listing::TokenKey;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,6 +49,9 @@ pub struct Shared {
     pub cluster: Option<Arc<Cluster>>,
     /// Fault injection for tests (`[faults]`); `None` when off.
     pub faults: Option<faults::Faults>,
+    /// Authenticates `lk` listing tokens: from `listing_secret`, else the
+    /// cluster layout (the same on every member), else this process alone.
+    pub listing_key: TokenKey,
 }
 
 impl Shared {
@@ -98,6 +102,11 @@ impl Shared {
             limits: ParseLimits::new(config.max_item_size),
             cluster,
             faults: faults::Faults::new(&config.faults),
+            listing_key: match (&config.listing_secret, &config.cluster) {
+                (Some(secret), _) => TokenKey::from_secret(secret.as_bytes()),
+                (None, Some(c)) => TokenKey::from_secret(c.layout_text().as_bytes()),
+                (None, None) => TokenKey::random(),
+            },
         }
     }
 }
@@ -109,6 +118,10 @@ impl Local for Shared {
 
     fn limits(&self) -> &ParseLimits {
         &self.limits
+    }
+
+    fn listing_key(&self) -> &TokenKey {
+        &self.listing_key
     }
 
     fn execute(&self, command: &[u8], out: &mut Vec<u8>) {

@@ -325,6 +325,24 @@ impl Default for StoreConfig {
 /// A key and the version of its entry there.
 pub type KeyVersion = (Vec<u8>, u64);
 
+/// A key found by [`Store::list_keys`].
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct ListedKey {
+    /// Its xxh3-64: the listing's order. Compared first.
+    pub hash: u64,
+    pub key: Vec<u8>,
+    /// Stored by a meta command with a base64 key: listed in base64.
+    pub binary: bool,
+}
+
+/// One page of [`Store::list_keys`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage {
+    pub keys: Vec<ListedKey>,
+    /// The hash to continue from; `None`: the range is done.
+    pub next: Option<u64>,
+}
+
 /// The unix second a version was stamped at.
 pub fn version_unix_secs(version: u64) -> u32 {
     let ms = (version >> (hlc::LOGICAL_BITS + hlc::NODE_BITS)) + hlc::EPOCH_UNIX_MS;
@@ -835,6 +853,82 @@ impl Store {
             }
         }
         (page, None)
+    }
+
+    /// One page of a key listing: the live keys whose hash lies in
+    /// `from..=to`, the `max` smallest in (hash, key) order. `next` is where
+    /// the range goes on (`None`: this page ends it). Keys that share the
+    /// page's last hash start the next page together, so a page boundary
+    /// never splits them. Tombstones, expired and flushed items are left
+    /// out. Walks only the shards of the range, each locked for at most
+    /// [`SCAN_BUCKETS_PER_LOCK`] buckets at a time, and holds at most `max`
+    /// keys while it walks.
+    ///
+    /// # Panics
+    /// If `max` is 0 or `from > to`.
+    pub fn list_keys(&self, from: u64, to: u64, max: usize) -> KeyPage {
+        assert!(max > 0 && from <= to, "list_keys({from}, {to}, {max})");
+        let now = self.clock.now_secs();
+        let flushed_before = self.flushed_before(now);
+        let mut best: std::collections::BinaryHeap<ListedKey> =
+            std::collections::BinaryHeap::with_capacity(max.min(1024) + 1);
+        let mut more = false;
+        for shard in self.shard_index(from)..=self.shard_index(to) {
+            let mut bucket = 0;
+            loop {
+                let s = self.shards[shard].0.lock();
+                let end = s.buckets().min(bucket + SCAN_BUCKETS_PER_LOCK);
+                while bucket < end {
+                    if let Some(e) = s.entry_at(bucket) {
+                        let live = !e.has(bits::TOMBSTONE)
+                            && !exptime::is_expired(e.exptime(), now)
+                            && e.last_access() >= flushed_before;
+                        let hash = if live { key_hash(e.key()) } else { 0 };
+                        if live && (from..=to).contains(&hash) {
+                            let smaller = best
+                                .peek()
+                                .is_none_or(|top| (hash, e.key()) < (top.hash, &top.key[..]));
+                            if best.len() < max || smaller {
+                                best.push(ListedKey {
+                                    hash,
+                                    key: e.key().to_vec(),
+                                    binary: e.has(bits::KEY_BINARY),
+                                });
+                                if best.len() > max {
+                                    best.pop();
+                                    more = true;
+                                }
+                            } else {
+                                more = true;
+                            }
+                        }
+                    }
+                    bucket += 1;
+                }
+                if bucket >= s.buckets() {
+                    break;
+                }
+            }
+        }
+        let mut keys = best.into_sorted_vec();
+        if !more {
+            return KeyPage { keys, next: None };
+        }
+        let last = keys.last().expect("a full page").hash;
+        let first_of_last = keys.partition_point(|k| k.hash < last);
+        if first_of_last > 0 {
+            keys.truncate(first_of_last);
+            return KeyPage {
+                keys,
+                next: Some(last),
+            };
+        }
+        // More than `max` keys share one 64-bit hash: never seen, but go
+        // on past it rather than loop.
+        KeyPage {
+            next: last.checked_add(1).filter(|&n| n <= to),
+            keys,
+        }
     }
 
     /// The shards holding partition `p` of `partitions`: its hashes form
