@@ -513,6 +513,35 @@ mod tests {
     }
 
     #[test]
+    fn retry_and_fault_settings_are_checked() {
+        let refused = |edit: &dyn Fn(&mut Config), words: &str| {
+            let mut c = Config::default();
+            edit(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(words), "{e}");
+        };
+        refused(&|c| c.dedup_window_secs = 0, "dedup_window_secs");
+        refused(
+            &|c| c.dedup_window_secs = TOMBSTONE_GRACE_SECS + 1,
+            "tombstone_grace_secs",
+        );
+        refused(
+            &|c| c.request_id_records_per_key = 0,
+            "request_id_records_per_key",
+        );
+        refused(
+            &|c| c.request_id_records_per_key = 65,
+            "request_id_records_per_key",
+        );
+        refused(&|c| c.faults.drop_reply = 1.5, "faults.drop_reply");
+        refused(&|c| c.faults.delay = -0.1, "faults.delay");
+        let mut c = Config::default();
+        c.faults.drop_request = 1.0;
+        c.validate().unwrap();
+        assert!(c.faults.any());
+    }
+
+    #[test]
     fn the_shipped_config_file_is_the_defaults() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/webvac.toml");
         let c = Config::from_file(path).unwrap();
