@@ -872,7 +872,10 @@ impl Store {
         let flushed_before = self.flushed_before(now);
         let mut best: std::collections::BinaryHeap<ListedKey> =
             std::collections::BinaryHeap::with_capacity(max.min(1024) + 1);
-        let mut more = false;
+        // The smallest hash of a key in range left out of the page: the
+        // page ends just before it.
+        let mut min_out: Option<u64> = None;
+        let mut left_out = |hash: u64| min_out = Some(min_out.map_or(hash, |m| m.min(hash)));
         for shard in self.shard_index(from)..=self.shard_index(to) {
             let mut bucket = 0;
             loop {
@@ -895,11 +898,11 @@ impl Store {
                                     binary: e.has(bits::KEY_BINARY),
                                 });
                                 if best.len() > max {
-                                    best.pop();
-                                    more = true;
+                                    let out = best.pop().expect("over max");
+                                    left_out(out.hash);
                                 }
                             } else {
-                                more = true;
+                                left_out(hash);
                             }
                         }
                     }
@@ -911,10 +914,19 @@ impl Store {
             }
         }
         let mut keys = best.into_sorted_vec();
-        if !more {
+        let Some(out) = min_out else {
             return KeyPage { keys, next: None };
-        }
+        };
         let last = keys.last().expect("a full page").hash;
+        if out > last {
+            // The usual case: the next page starts past this one's last key.
+            return KeyPage {
+                keys,
+                next: Some(out),
+            };
+        }
+        // A key left out shares the last hash (a 64-bit collision): the
+        // keys with that hash start the next page together.
         let first_of_last = keys.partition_point(|k| k.hash < last);
         if first_of_last > 0 {
             keys.truncate(first_of_last);
@@ -923,8 +935,8 @@ impl Store {
                 next: Some(last),
             };
         }
-        // More than `max` keys share one 64-bit hash: never seen, but go
-        // on past it rather than loop.
+        // More than `max` keys share one hash: never seen, but go on past
+        // it rather than loop.
         KeyPage {
             next: last.checked_add(1).filter(|&n| n <= to),
             keys,

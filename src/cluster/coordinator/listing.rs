@@ -80,8 +80,10 @@ impl Cluster {
         list_keys::put_end(out, next.as_deref().map(str::as_bytes));
     }
 
-    /// One range of partition `p` from the first replica that answers:
-    /// this node if it is one, else the others in preference order.
+    /// One range of partition `p`, from R of its replicas merged (this
+    /// node first if it is one, then the others in preference order): a
+    /// key acknowledged at W is on at least one of any R when R + W > N, so
+    /// a replica that is behind (restarted empty, refilling) hides nothing.
     async fn list_partition(
         &self,
         store: &Store,
@@ -91,18 +93,24 @@ impl Cluster {
         max: usize,
     ) -> Result<KeyPage, String> {
         let pref = self.ring.preference_list(p);
+        let wanted = self.read_quorum.min(pref.len());
+        let mut pages = Vec::with_capacity(wanted);
         if pref.contains(&self.me) {
-            return Ok(store.list_keys(from, to, max));
+            pages.push(store.list_keys(from, to, max));
         }
         let mut why = Vec::new();
-        for node in pref {
+        let others = pref.iter().filter(|&&n| n != self.me);
+        for node in others {
+            if pages.len() >= wanted {
+                break;
+            }
             let req = PeerRequest::ListKeys {
                 from,
                 to,
                 max: u32::try_from(max).expect("count is bounded"),
             };
             match self.peers[node].call_timeout(req, self.hop_timeout).await {
-                Ok(PeerResponse::Keys { keys, next }) => return Ok(KeyPage { keys, next }),
+                Ok(PeerResponse::Keys { keys, next }) => pages.push(KeyPage { keys, next }),
                 Ok(other) => why.push(format!("node {node}: answered {other:?}")),
                 Err(e) => {
                     if matches!(e, CallError::Timeout) {
@@ -112,7 +120,104 @@ impl Cluster {
                 }
             }
         }
-        debug!(partition = p, errors = ?why, "no replica answered a key listing");
-        Err(why.join("; "))
+        if pages.len() < wanted {
+            debug!(partition = p, errors = ?why, "too few replicas answered a key listing");
+            return Err(format!(
+                "{} of {wanted} replicas answered ({})",
+                pages.len(),
+                why.join("; ")
+            ));
+        }
+        Ok(merge(pages, max))
+    }
+}
+
+/// The union of replicas' pages of one range. Each page is complete up to
+/// its `next`, so the union is complete up to the smallest of them: keys
+/// at or past it wait for the next page. At most `max` keys (a page
+/// boundary never splits a hash).
+fn merge(pages: Vec<KeyPage>, max: usize) -> KeyPage {
+    let mut next = pages.iter().filter_map(|p| p.next).min();
+    let mut keys: Vec<_> = pages.into_iter().flat_map(|p| p.keys).collect();
+    keys.sort_unstable_by(|a, b| (a.hash, &a.key).cmp(&(b.hash, &b.key)));
+    keys.dedup_by(|a, b| a.hash == b.hash && a.key == b.key);
+    if let Some(n) = next {
+        keys.retain(|k| k.hash < n);
+    }
+    if keys.len() > max {
+        // Cut after the max-th key, or before its hash when the key past
+        // the cut shares it.
+        let mut cut = max;
+        if keys[cut].hash == keys[cut - 1].hash {
+            let h = keys[cut - 1].hash;
+            cut = keys.partition_point(|k| k.hash < h);
+        }
+        if cut == 0 {
+            cut = max;
+        }
+        next = Some(keys[cut].hash);
+        keys.truncate(cut);
+    }
+    KeyPage { keys, next }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ListedKey;
+
+    fn k(hash: u64) -> ListedKey {
+        ListedKey {
+            hash,
+            key: format!("k{hash}").into_bytes(),
+            binary: false,
+        }
+    }
+
+    fn hashes(p: &KeyPage) -> Vec<u64> {
+        p.keys.iter().map(|k| k.hash).collect()
+    }
+
+    #[test]
+    fn a_lagging_replica_hides_nothing() {
+        let full = KeyPage {
+            keys: vec![k(1), k(2), k(3)],
+            next: Some(9),
+        };
+        let empty = KeyPage {
+            keys: vec![],
+            next: None,
+        };
+        let m = merge(vec![empty, full], 3);
+        assert_eq!((hashes(&m), m.next), (vec![1, 2, 3], Some(9)));
+    }
+
+    #[test]
+    fn the_union_stops_where_the_first_page_stops() {
+        let a = KeyPage {
+            keys: vec![k(1), k(5)],
+            next: Some(6),
+        };
+        let b = KeyPage {
+            keys: vec![k(2), k(5), k(7)],
+            next: Some(8),
+        };
+        let m = merge(vec![a, b], 3);
+        // 7 is past a's page: a has not said whether it holds 6 or 7 yet.
+        assert_eq!((hashes(&m), m.next), (vec![1, 2, 5], Some(6)));
+        let m = merge(
+            vec![
+                KeyPage {
+                    keys: vec![k(1), k(2)],
+                    next: None,
+                },
+                KeyPage {
+                    keys: vec![k(3), k(4)],
+                    next: None,
+                },
+            ],
+            3,
+        );
+        assert_eq!((hashes(&m), m.next), (vec![1, 2, 3], Some(4)));
     }
 }
