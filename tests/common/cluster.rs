@@ -167,8 +167,14 @@ impl Layout {
     /// `--tombstone-grace-secs`: how long a delete's tombstone lives. The
     /// node refuses to start unless it exceeds the hint window plus one
     /// anti-entropy cycle.
+    /// A short tombstone grace, and a dedup window no longer than it (a
+    /// node refuses a window longer than the grace: a delete's request id
+    /// lives in its tombstone).
     pub fn tombstone_grace_secs(self, secs: u64) -> Layout {
-        self.arg("--tombstone-grace-secs").arg(secs.to_string())
+        self.arg("--tombstone-grace-secs")
+            .arg(secs.to_string())
+            .arg("--dedup-window-secs")
+            .arg(secs.to_string())
     }
 }
 
