@@ -6,6 +6,8 @@
 //! `webvac-bench respond` is the trivial responder, the ceiling to measure
 //! against. See the README's "Performance" section.
 
+#[path = "webvac-bench/reliability.rs"]
+mod reliability;
 #[path = "webvac-bench/reply.rs"]
 mod reply;
 #[path = "webvac-bench/report.rs"]
@@ -65,6 +67,41 @@ enum Command {
         rounds: u32,
         #[command(flatten)]
         load: Load,
+    },
+    /// What retries buy under message loss, measured against the model:
+    /// listing N keys through `lk` with K attempts per call, or (`--op
+    /// incr`) counting with and without request ids. Flushes the server:
+    /// give it one of its own.
+    Reliability {
+        #[arg(short, long, default_value = "127.0.0.1:11211")]
+        server: String,
+        /// `list` or `incr`.
+        #[arg(long, default_value = "list")]
+        op: String,
+        /// Fraction of replies lost (dropped by the client transport).
+        #[arg(long, default_value_t = 0.01)]
+        loss: f64,
+        /// Keys to list (N); comma-separated for several rows.
+        #[arg(long, default_value = "1000", value_delimiter = ',')]
+        keys: Vec<usize>,
+        /// Attempts per call (K); comma-separated for several rows.
+        #[arg(long, default_value = "2", value_delimiter = ',')]
+        retries: Vec<u32>,
+        /// Listings per row (T).
+        #[arg(long, default_value_t = 200)]
+        trials: usize,
+        /// Keys per `lk` call.
+        #[arg(long, default_value_t = 10)]
+        page: u32,
+        /// How long an attempt waits for its reply.
+        #[arg(long, default_value_t = 20)]
+        attempt_timeout_ms: u64,
+        /// Increments for `--op incr` (M).
+        #[arg(long, default_value_t = 1000)]
+        ops: u64,
+        /// Seed of the loss pattern.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
     /// Serve a fixed reply to every request: the trivial responder.
     Respond {
@@ -195,6 +232,44 @@ impl Load {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Reliability {
+            server,
+            op,
+            loss,
+            keys,
+            retries,
+            trials,
+            page,
+            attempt_timeout_ms,
+            ops,
+            seed,
+        } => {
+            if !(0.0..1.0).contains(&loss) {
+                bail!("--loss must be a fraction in [0, 1)");
+            }
+            if trials == 0 || page == 0 || retries.contains(&0) {
+                bail!("--trials, --page and every --retries must be at least 1");
+            }
+            let s = reliability::Settings {
+                server,
+                loss,
+                keys,
+                retries,
+                trials,
+                page,
+                attempt_timeout: Duration::from_millis(attempt_timeout_ms),
+                seed,
+                ops,
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            match op.as_str() {
+                "list" => rt.block_on(reliability::listing(&s))?,
+                "incr" => rt.block_on(reliability::counting(&s))?,
+                other => bail!("--op is list or incr, not {other:?}"),
+            }
+        }
         Command::Run { servers, load } => {
             let addrs = servers
                 .iter()

@@ -37,6 +37,7 @@
 //! assert_eq!(store.write(&w), Stored::Exists);
 //! ```
 
+pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod error;

@@ -221,3 +221,87 @@ fn responder_answers_what_the_bench_sends() {
     assert_eq!(u(&r, "ops"), 1000);
     assert_eq!(f(&r, "hit_ratio"), 1.0, "the responder always hits");
 }
+
+fn reliability(server: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new(BENCH_BIN);
+    cmd.args(["reliability", "-s", server]).args(args);
+    let out = run_bounded(cmd, RUN_TIMEOUT);
+    assert!(
+        out.status.is_some_and(|s| s.success()),
+        "webvac-bench reliability {args:?} failed: {}",
+        out.stderr
+    );
+    out.stdout
+}
+
+/// The listing experiment prints one row per (N, K) with the model, the
+/// measured rate and its interval; every listing that finished listed
+/// every key (the tool checks and fails otherwise).
+#[test]
+fn reliability_listing_prints_a_row_per_n_and_k() {
+    let webvac = Server::start(&[]);
+    let text = reliability(
+        &webvac.addr().to_string(),
+        &[
+            "--keys",
+            "1,30",
+            "--retries",
+            "1,3",
+            "--trials",
+            "5",
+            "--page",
+            "4",
+            "--loss",
+            "0.1",
+        ],
+    );
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|w| w.len() >= 9 && w[0].parse::<u64>().is_ok())
+        .collect();
+    assert_eq!(rows.len(), 4, "{text}");
+    for (row, (n, k)) in rows
+        .iter()
+        .zip([("1", "1"), ("1", "3"), ("30", "1"), ("30", "3")])
+    {
+        assert_eq!((row[0], row[1]), (n, k), "{text}");
+        // 30 keys in pages of 4: 8 calls; 1 key: 1 call.
+        assert_eq!(row[2], if n == "1" { "1" } else { "8" }, "{text}");
+        let measured: f64 = row[4].parse().unwrap();
+        assert!((0.0..=1.0).contains(&measured), "{text}");
+    }
+}
+
+/// Counting under reply loss: exact with request ids, over-counted without
+/// (the loss pattern is seeded, so this is the same every run).
+#[test]
+fn reliability_incr_is_exact_with_ids_and_over_without() {
+    let webvac = Server::start(&[]);
+    let text = reliability(
+        &webvac.addr().to_string(),
+        &[
+            "--op",
+            "incr",
+            "--ops",
+            "200",
+            "--loss",
+            "0.2",
+            "--retries",
+            "3",
+        ],
+    );
+    let row = |ids: &str| -> (u64, u64) {
+        let w: Vec<&str> = text
+            .lines()
+            .map(str::split_whitespace)
+            .map(Iterator::collect::<Vec<_>>)
+            .find(|w| w.first() == Some(&ids) && w.len() == 5)
+            .unwrap_or_else(|| panic!("no {ids} row in {text}"));
+        (w[1].parse().unwrap(), w[2].parse().unwrap())
+    };
+    assert_eq!(row("yes"), (200, 200), "{text}");
+    let (m, counter) = row("no");
+    assert_eq!(m, 200);
+    assert!(counter > 200, "blind retries should over-count: {text}");
+}

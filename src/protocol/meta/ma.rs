@@ -35,6 +35,18 @@ pub fn build<'a>(key: Cow<'a, [u8]>, flags: Flags<'a>) -> Request<'a> {
     }))
 }
 
+/// Composes `ma <key> <flag>*\r\n`. `key` goes as given (base64-encode a
+/// binary key and pass `b` among the flags).
+pub fn compose_request(out: &mut Vec<u8>, key: &[u8], flags: &[&str]) {
+    out.extend_from_slice(b"ma ");
+    out.extend_from_slice(key);
+    for f in flags {
+        out.push(b' ');
+        out.extend_from_slice(f.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::super::test_util::*;
@@ -52,5 +64,19 @@ mod tests {
         assert_eq!(error_of(b"ma k MX q\r\n"), errors::MA_BAD_MODE);
         assert_eq!(error_of(b"ma k x MX\r\n"), errors::INVALID_OR_DUPLICATE);
         assert_eq!(error_of(b"ma k M\r\n"), errors::INVALID_OR_DUPLICATE);
+    }
+
+    #[test]
+    fn composed_requests_parse_back() {
+        let mut req = Vec::new();
+        compose_request(&mut req, b"cnt", &["v", "MD", "D5", "O3", "Pi9f2c"]);
+        assert_eq!(req, b"ma cnt v MD D5 O3 Pi9f2c\r\n");
+        match one(&req).0 {
+            Request::Meta(MetaRequest::Arith(a)) => {
+                assert_eq!((&*a.key, a.incr, a.delta), (&b"cnt"[..], false, 5));
+                assert_eq!(a.flags.opaque, Some(&b"3"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -12,6 +12,18 @@ pub struct MetaDelete<'a> {
     pub flags: Flags<'a>,
 }
 
+/// Composes `md <key> <flag>*\r\n`. `key` goes as given (base64-encode a
+/// binary key and pass `b` among the flags).
+pub fn compose_request(out: &mut Vec<u8>, key: &[u8], flags: &[&str]) {
+    out.extend_from_slice(b"md ");
+    out.extend_from_slice(key);
+    for f in flags {
+        out.push(b' ');
+        out.extend_from_slice(f.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::super::Request;
@@ -24,6 +36,20 @@ mod tests {
             Request::Meta(MetaRequest::Delete(d)) => {
                 assert!(d.flags.has(b'I') && d.flags.has(b'q'));
                 assert_eq!(d.flags.ttl, Some(30));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn composed_requests_parse_back() {
+        let mut req = Vec::new();
+        super::compose_request(&mut req, b"Zm9v", &["b", "O12", "Pi7f,w2"]);
+        assert_eq!(req, b"md Zm9v b O12 Pi7f,w2\r\n");
+        match one(&req).0 {
+            Request::Meta(MetaRequest::Delete(d)) => {
+                assert_eq!(&*d.key, b"foo");
+                assert_eq!(d.flags.opaque, Some(&b"12"[..]));
             }
             other => panic!("{other:?}"),
         }
