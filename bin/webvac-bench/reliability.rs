@@ -66,7 +66,19 @@ pub fn wilson(successes: usize, n: usize) -> (f64, f64) {
     let denom = 1.0 + Z * Z / n;
     let centre = (p + Z * Z / (2.0 * n)) / denom;
     let half = Z * ((p * (1.0 - p) / n) + Z * Z / (4.0 * n * n)).sqrt() / denom;
-    ((centre - half).max(0.0), (centre + half).min(1.0))
+    // At 0 or n successes the bound is exactly 0 or 1; say so rather than
+    // leave it to rounding.
+    let lo = if successes == 0 {
+        0.0
+    } else {
+        (centre - half).max(0.0)
+    };
+    let hi = if successes as f64 == n {
+        1.0
+    } else {
+        (centre + half).min(1.0)
+    };
+    (lo, hi)
 }
 
 /// One listing: Ok(keys listed, calls) or the error that ended it.
