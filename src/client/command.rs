@@ -14,7 +14,6 @@ use super::error::{ClientError, Result};
 use super::reply::Expect;
 use crate::limits::KEY_BYTES_MAX;
 use crate::protocol::meta::{base64, ma, md, mg, ms};
-use crate::protocol::put_u64;
 
 /// A key as it travels: as is when every byte is printable ASCII, else
 /// base64 with the `b` flag. Placement uses the raw bytes either way.
@@ -267,14 +266,8 @@ impl Command {
                 tail(&mut flags);
                 md::compose_request(out, &token, &as_strs(&flags));
             }
-            // `lk` has no compose function in `protocol` yet (the server's
-            // parser is being written); when it lands, use it here.
             Command::List { token, count } => {
-                out.extend_from_slice(b"lk ");
-                out.extend_from_slice(token.as_bytes());
-                out.push(b' ');
-                put_u64(out, u64::from(*count));
-                out.extend_from_slice(b"\r\n");
+                crate::protocol::list_keys::compose(out, token.as_bytes(), *count as usize);
             }
             Command::Version => out.extend_from_slice(b"version\r\n"),
             Command::StatsCluster => out.extend_from_slice(b"stats cluster\r\n"),

@@ -60,9 +60,9 @@ pub const WRITE_BATCH_MAX: usize = 256;
 /// Most keys of one `get_many` in flight at once.
 pub const GET_MANY_CONCURRENCY_MAX: usize = 256;
 /// Most keys one `lk` call may ask for (the protocol's limit).
-pub const LIST_COUNT_MAX: u32 = 10_000;
+pub const LIST_COUNT_MAX: u32 = crate::limits::LIST_KEYS_PER_CALL_MAX as u32;
 /// Longest request id the protocol allows.
-pub const REQUEST_ID_BYTES_MAX: usize = 32;
+pub use crate::limits::REQUEST_ID_BYTES_MAX;
 /// Most members a cluster map may list (a larger `stats cluster` answer is
 /// refused as garbage).
 pub const MEMBERS_MAX: usize = 4096;
@@ -76,6 +76,7 @@ const _: () = assert!(BACKOFF_BASE_DEFAULT.as_millis() <= BACKOFF_CAP_DEFAULT.as
 const _: () = assert!(REPLY_LINE_BYTES_MAX < REPLY_BYTES_MAX_DEFAULT);
 // A 16-byte random id hex-encodes to exactly the longest id allowed.
 const _: () = assert!(REQUEST_ID_BYTES_MAX == 32);
+const _: () = assert!(crate::limits::LIST_KEYS_PER_CALL_MAX <= u32::MAX as usize);
 
 /// Fault injection for tests: makes a connection lose or delay requests on
 /// purpose, so retry, timeout and request-id behaviour can be tested
@@ -308,6 +309,10 @@ impl Options {
 /// # Errors
 /// [`ClientError::InvalidArgument`] saying which rule it breaks.
 pub fn validate_request_id(id: &str) -> Result<()> {
+    // The rule is the server's own; the rest only says which part broke.
+    if crate::store::dedup::valid_id(id.as_bytes()) {
+        return Ok(());
+    }
     if id.is_empty() || id.len() > REQUEST_ID_BYTES_MAX {
         return Err(ClientError::InvalidArgument(format!(
             "request id of {} bytes (1..={REQUEST_ID_BYTES_MAX})",

@@ -284,11 +284,6 @@ fn plan<'r>(request: &'r Request<'r>) -> Plan<'r> {
 /// primary that may have missed writes must catch up first). A plain set
 /// or delete does not.
 fn reads_before_writing(request: &Request<'_>) -> bool {
-    // A request id is looked up in the key's newest state, which a
-    // failed-over or lagging primary may not hold yet.
-    if carries_request_id(request) {
-        return true;
-    }
     match request {
         Request::Storage(s) => s.mode != Mode::Set || s.cas.is_some(),
         Request::Delete(_) => false,
@@ -571,7 +566,10 @@ impl Cluster {
         // written; a delete on a node with neither item nor tombstone
         // (restarted empty) must find the item to delete. A plain set on
         // the preferred primary needs none of it.
-        let rmw = reads_before_writing(&request);
+        // A request id is looked up in the key's newest state, which a
+        // failed-over or lagging primary may not hold yet.
+        let has_id = carries_request_id(&request);
+        let rmw = has_id || reads_before_writing(&request);
         let is_delete = matches!(
             request,
             Request::Delete(_) | Request::Meta(MetaRequest::Delete(_))
@@ -607,11 +605,10 @@ impl Cluster {
         // retry of one that ran here but did not reach W replicas: ship the
         // state again (it is idempotent), so the retry's answer means what
         // a first answer means.
-        let resend = carries_request_id(&request);
         let after = store.entry_version(key);
         let state = match (before, after) {
             (None, None) => return,
-            (Some(b), Some(a)) if b == a && !resend => return,
+            (Some(b), Some(a)) if b == a && !has_id => return,
             (_, Some(_)) => match store.replica_state(key) {
                 Some(state) => state,
                 None => return,

@@ -117,20 +117,10 @@ fn unhex(c: u8) -> Option<u8> {
     }
 }
 
-/// The first and last key hash of partition `p` (of `partitions`): the
-/// hashes [`crate::cluster::ring::partition_of_hash`] maps to it.
-pub fn partition_range(p: u32, partitions: u32) -> (u64, u64) {
-    assert!(p < partitions, "partition {p} of {partitions}");
-    let start = |p: u32| (u128::from(p) << 64).div_ceil(u128::from(partitions));
-    let lo = start(p) as u64;
-    let hi = (start(p + 1) - 1) as u64;
-    (lo, hi)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::ring::partition_of_hash;
+    use crate::cluster::ring::{partition_of_hash, partition_range};
     use proptest::prelude::*;
 
     #[test]

@@ -103,6 +103,16 @@ pub fn partition_of_hash(hash: u64, partitions: u32) -> u32 {
     ((u128::from(hash) * u128::from(partitions)) >> 64) as u32
 }
 
+/// The first and last key hash of partition `p` (of `partitions`): the
+/// hashes [`crate::cluster::ring::partition_of_hash`] maps to it.
+pub fn partition_range(p: u32, partitions: u32) -> (u64, u64) {
+    assert!(p < partitions, "partition {p} of {partitions}");
+    let start = |p: u32| (u128::from(p) << 64).div_ceil(u128::from(partitions));
+    let lo = start(p) as u64;
+    let hi = (start(p + 1) - 1) as u64;
+    (lo, hi)
+}
+
 /// A member's `vnode`-th token: xxh3-64 (seed 0) of the 4 bytes
 /// `node.to_le_bytes() ++ (vnode as u16).to_le_bytes()`.
 fn token(node: NodeId, vnode: u16) -> u64 {

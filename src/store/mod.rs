@@ -946,9 +946,7 @@ impl Store {
     /// The shards holding partition `p` of `partitions`: its hashes form
     /// one range of the top bits, and so do the shards'.
     pub fn shards_of_partition(&self, p: u32, partitions: u32) -> std::ops::RangeInclusive<usize> {
-        let start = |p: u32| (u128::from(p) << 64).div_ceil(u128::from(partitions));
-        let lo = start(p) as u64;
-        let hi = (start(p + 1) - 1) as u64;
+        let (lo, hi) = crate::cluster::ring::partition_range(p, partitions);
         self.shard_index(lo)..=self.shard_index(hi)
     }
 

@@ -10,9 +10,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use tracing::debug;
 
 use super::{Cluster, Local};
-use crate::cluster::listing::partition_range;
 use crate::cluster::message::{PeerRequest, PeerResponse};
-use crate::cluster::ring::partition_of_hash;
+use crate::cluster::ring::{partition_of_hash, partition_range};
 use crate::cluster::transport::CallError;
 use crate::limits::{LIST_KEYS_PER_CALL_MAX, LIST_PARTITIONS_PER_CALL_MAX};
 use crate::protocol::{list_keys, put_line};
