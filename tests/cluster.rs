@@ -18,40 +18,25 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::cluster::{
     Cluster, Layout, NodeId, cluster_stats, exclusive, member_fields, member_states, parse_stats,
-    partition_keys,
+    partition_keys, preference_of,
 };
 use common::compat::{
     assert_memccapable_passed, assert_pymemcache_passed, run_memccapable, run_pymemcache,
 };
 use common::{
-    Client, REPLY_TIMEOUT, ReplyErrorKind, RunOutput, escape, one_reply_len, run_bounded,
+    Client, REPLY_TIMEOUT, ReplyErrorKind, RunOutput, escape, one_reply_len, run_bounded, seed,
 };
 
 /// Bounded wait for replicas that a write did not wait for (N > W) to catch up.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
-
-/// The seed for a randomised test: `WEBVAC_TEST_SEED` or the clock. Printed.
-fn seed(test: &str) -> u64 {
-    let seed = std::env::var("WEBVAC_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-        });
-    println!("{test}: seed {seed} (replay with WEBVAC_TEST_SEED={seed})");
-    seed
-}
 
 fn set_request(verb: &str, key: &str, exptime: u32, value: &str) -> Vec<u8> {
     format!("{verb} {key} 0 {exptime} {}\r\n{value}\r\n", value.len()).into_bytes()
@@ -1124,9 +1109,7 @@ fn read_repair_refills_a_node_restarted_empty() {
 /// The preferred primary of `key` on members 1..=nodes (default 1024
 /// partitions), from the library's own ring.
 fn primary_of(key: &str, nodes: u16, replicas: usize) -> u16 {
-    let ids: Vec<u16> = (1..=nodes).collect();
-    let ring = webvac::cluster::ring::Ring::new(&ids, 1024, replicas);
-    ring.preference_list_for_key(key.as_bytes())[0]
+    preference_of(key, nodes, replicas)[0]
 }
 
 /// A primary that was paused while its key was rewritten elsewhere catches

@@ -25,7 +25,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
@@ -33,7 +33,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::cluster::{Cluster, Layout, NodeId, exclusive};
-use common::{Client, REPLY_TIMEOUT, Server, escape, one_reply_len};
+use common::{Client, REPLY_TIMEOUT, Server, escape, one_reply_len, seed};
 
 /// No walk takes more calls than this; a server that never says `EN`
 /// fails the test instead of hanging it.
@@ -50,21 +50,6 @@ const PIPELINE_BATCH: usize = 500;
 /// How long the replicas of a 3-node, N = 3 cluster may take to agree after
 /// W = 2 acknowledged writes (the third replica is written asynchronously).
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The seed for a randomised test: `WEBVAC_TEST_SEED` or the clock. Printed.
-fn seed(test: &str) -> u64 {
-    let seed = std::env::var("WEBVAC_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or(0)
-        });
-    println!("{test}: seed {seed} (replay with WEBVAC_TEST_SEED={seed})");
-    seed
-}
 
 // ---------------------------------------------------------------------------
 // Talking `lk`

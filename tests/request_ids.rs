@@ -31,9 +31,8 @@ use common::{Client, ReplyErrorKind, Server, escape};
 /// Nodes of the cluster tests; with the default N = 3 every node is a replica
 /// of every key, so a key's "other" and "third" node are replicas too.
 const NODES: u16 = 3;
-/// The server's default N and partition count, which `preference_of` mirrors.
+/// The server's default N, which `preference_of` mirrors.
 const REPLICAS: usize = 3;
-const PARTITIONS: u32 = 1024;
 /// How long a retry after a failover may keep meeting `SERVER_ERROR` (the
 /// surviving nodes settling who is primary) before the test fails.
 const FAILOVER_RETRY_DEADLINE: Duration = Duration::from_secs(10);
@@ -206,9 +205,7 @@ fn single_applications(
 /// The key's preference list (primary first), as every node computes it
 /// (the server's default partitions and N).
 fn preference_of(key: &str) -> Vec<NodeId> {
-    let ids: Vec<NodeId> = (1..=NODES).collect();
-    let ring = webvac::cluster::ring::Ring::new(&ids, PARTITIONS, REPLICAS);
-    ring.preference_list_for_key(key.as_bytes()).to_vec()
+    common::cluster::preference_of(key, NODES, REPLICAS)
 }
 
 /// The key's preferred primary.

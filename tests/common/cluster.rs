@@ -796,3 +796,12 @@ pub fn disagreeing_partitions(
     holders.retain(|_, h| h.windows(2).any(|w| w[0].1 != w[1].1));
     holders
 }
+
+/// The preference list of `key` (primary first) on members 1..=nodes with
+/// the default 1,024 partitions, from the library's own ring: what every
+/// node computes.
+pub fn preference_of(key: &str, nodes: NodeId, replicas: usize) -> Vec<NodeId> {
+    let ids: Vec<NodeId> = (1..=nodes).collect();
+    let ring = webvac::cluster::ring::Ring::new(&ids, 1024, replicas);
+    ring.preference_list_for_key(key.as_bytes()).to_vec()
+}

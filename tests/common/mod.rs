@@ -826,6 +826,22 @@ pub fn run_bounded(mut cmd: Command, timeout: Duration) -> RunOutput {
     }
 }
 
+/// The seed for a randomised test: `WEBVAC_TEST_SEED` or the clock. Printed,
+/// so a failure can be replayed.
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("WEBVAC_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+    println!("{test}: seed {seed} (replay with WEBVAC_TEST_SEED={seed})");
+    seed
+}
+
 #[cfg(test)]
 mod harness_tests {
     use super::*;
