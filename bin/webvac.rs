@@ -160,7 +160,7 @@ fn cluster_flags(
             let node_id = args
                 .node_id
                 .context("cluster flags need --node-id (or a [cluster] section in --config)")?;
-            toml::from_str::<ClusterConfig>(&format!("node_id = {node_id}\nmembers = []"))?
+            ClusterConfig::new(node_id, Vec::new())
         }
     };
     if let Some(id) = args.node_id {

@@ -205,6 +205,31 @@ fn hints_memory_mb_default() -> usize {
 }
 
 impl ClusterConfig {
+    /// A cluster of `members` seen from member `node_id`, every other
+    /// setting at its default (as an empty `[cluster]` section would give).
+    pub fn new(node_id: u16, members: Vec<MemberConfig>) -> Self {
+        Self {
+            node_id,
+            members,
+            replicas: replicas_default(),
+            read_quorum: None,
+            write_quorum: None,
+            partitions: partitions_default(),
+            request_timeout_ms: request_timeout_ms_default(),
+            sloppy_quorum: false,
+            hint_window_secs: hint_window_secs_default(),
+            hints_per_target_max: hints_per_target_max_default(),
+            hints_memory_mb: hints_memory_mb_default(),
+            refill_on_start: refill_on_start_default(),
+            anti_entropy: anti_entropy_default(),
+            anti_entropy_interval_ms: anti_entropy_interval_ms_default(),
+            anti_entropy_partitions_per_round: anti_entropy_partitions_per_round_default(),
+            anti_entropy_keys_per_round: anti_entropy_keys_per_round_default(),
+            anti_entropy_bytes_per_sec: anti_entropy_bytes_per_sec_default(),
+            tombstone_grace_secs: tombstone_grace_secs_default(),
+        }
+    }
+
     /// N after capping at the member count.
     pub fn replicas_effective(&self) -> usize {
         self.replicas.min(self.members.len()).max(1)
@@ -387,6 +412,19 @@ impl Config {
         })
     }
 
+    /// Parses TOML text, the same as a file's; missing keys take their
+    /// defaults.
+    ///
+    /// # Errors
+    /// If the text does not parse or has unknown keys.
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: "(text)".to_string(),
+            source,
+        })
+    }
+
+    /// Item memory in bytes.
     pub fn memory_limit_bytes(&self) -> usize {
         self.memory_limit_mb.saturating_mul(1024 * 1024)
     }
@@ -503,6 +541,21 @@ fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_config_new_is_an_empty_section() {
+        let member = MemberConfig {
+            id: 1,
+            client: "127.0.0.1:11211".into(),
+            peer: "127.0.0.1:12211".into(),
+        };
+        let parsed = Config::from_toml_str(
+            "[cluster]\nnode_id = 1\nmembers = [{ id = 1, client = \"127.0.0.1:11211\", peer = \"127.0.0.1:12211\" }]\n",
+        )
+        .expect("parses");
+        assert_eq!(parsed.cluster, Some(ClusterConfig::new(1, vec![member])));
+        assert!(Config::from_toml_str("no_such_key = 1").is_err());
+    }
 
     #[test]
     fn sizes() {

@@ -42,6 +42,9 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod limits;
+pub mod node;
 pub mod protocol;
 pub mod server;
 pub mod store;
+
+pub use node::{Node, NodeBuilder};

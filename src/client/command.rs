@@ -172,6 +172,14 @@ impl Command {
     }
 
     /// The reply shape it gets.
+    /// Bytes of the data block it carries (0 for commands without one).
+    pub fn data_len(&self) -> usize {
+        match self {
+            Command::Store { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+
     pub fn expect(&self) -> Expect {
         match self {
             Command::List { .. } => Expect::Listing,

@@ -82,6 +82,7 @@ pub use config::{
     validate_request_id,
 };
 pub use error::{ClientError, Result};
+pub(crate) use routing::Topology;
 pub use routing::{MemberInfo, ServerKind};
 pub use stats::ClientStats;
 
@@ -91,9 +92,10 @@ use faults::{FaultInjector, FaultPlan};
 use pool::{NodePool, PoolSettings};
 use reply::{ErrorReply, Reply, Status};
 use retry::{Decision, Failure, RetryBudget};
-use routing::Topology;
 use stats::{Counters, bump};
 
+/// Room for an in-process request's command line (its data comes on top).
+const IN_PROCESS_REQUEST_BYTES: usize = 512;
 /// Most addresses one map refresh asks before giving up until next time.
 const REFRESH_CANDIDATES_MAX: usize = 16;
 /// A listing that returns this many empty pages in a row is taken to be
@@ -192,8 +194,30 @@ impl RequestIds {
     }
 }
 
+/// An embedded member that runs protocol commands in this process
+/// ([`crate::node`]): the client side of a [`Client`] made by
+/// [`Client::in_process`].
+pub(crate) trait InProcess: Send + Sync + 'static {
+    /// Runs one complete command (as the client encodes it) and appends
+    /// the reply, or says why the node no longer takes requests.
+    fn call<'a>(
+        &'a self,
+        request: &'a [u8],
+        reply: &'a mut Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+}
+
+/// Where a call's attempts go.
+enum Transport {
+    /// Over TCP, to the node routing picks.
+    Network,
+    /// Into an embedded member, which routes further itself.
+    InProcess(Arc<dyn InProcess>),
+}
+
 struct Inner {
     config: ClientConfig,
+    transport: Transport,
     /// The seeds as given, resolved again at each use.
     seeds: Vec<String>,
     /// The current map; replaced whole on refresh.
@@ -245,16 +269,7 @@ impl Client {
         let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
         let topology = discover_any(&seeds, &[], &config).await?;
         debug!(kind = ?topology.kind, members = topology.members.len(), "client connected");
-        let pool_settings = PoolSettings {
-            size: config.pool_size,
-            connect_timeout: config.connect_timeout,
-            limits: ConnectionLimits {
-                in_flight_max: config.in_flight_max,
-                reply_bytes_max: config.reply_bytes_max,
-            },
-            reconnect_backoff_base: config.reconnect_backoff_base,
-            reconnect_backoff_cap: config.reconnect_backoff_cap,
-        };
+        let pool_settings = PoolSettings::of(&config);
         let now = Instant::now();
         let inner = Arc::new(Inner {
             budget: Mutex::new(RetryBudget::new(config.budget(), now.into_std())),
@@ -273,6 +288,7 @@ impl Client {
             pool_settings,
             seeds,
             config,
+            transport: Transport::Network,
         });
         let task = tokio::spawn(refresh_loop(
             Arc::downgrade(&inner),
@@ -280,6 +296,39 @@ impl Client {
             inner.config.refresh_interval,
         ));
         *inner.refresher.lock() = Some(task.abort_handle());
+        Ok(Client { inner })
+    }
+
+    /// A client whose attempts run in `node`, in this process: the handle
+    /// of an embedded member. `topology` is the member's own view (it does
+    /// not change, so there is no refresher); `config` supplies the retry
+    /// policy, deadlines and request ids.
+    pub(crate) fn in_process(
+        node: Arc<dyn InProcess>,
+        topology: Topology,
+        config: ClientConfig,
+    ) -> Result<Client> {
+        config.validate()?;
+        let now = Instant::now();
+        let inner = Arc::new(Inner {
+            budget: Mutex::new(RetryBudget::new(config.budget(), now.into_std())),
+            rng: Mutex::new(SmallRng::from_entropy()),
+            faults: FaultInjector::new(config.faults),
+            ids: RequestIds {
+                prefix: rand::thread_rng().r#gen(),
+                counter: AtomicU64::new(0),
+            },
+            counters: Arc::new(Counters::default()),
+            refresh_wanted: Arc::new(Notify::new()),
+            last_refresh: Mutex::new(now),
+            refresher: Mutex::new(None),
+            topology: RwLock::new(Arc::new(topology)),
+            pools: RwLock::new(HashMap::new()),
+            pool_settings: PoolSettings::of(&config),
+            seeds: Vec::new(),
+            config,
+            transport: Transport::InProcess(node),
+        });
         Ok(Client { inner })
     }
 
@@ -331,8 +380,20 @@ impl Client {
     /// # Errors
     /// The first key's error, if any key fails.
     pub async fn get_many<K: AsRef<[u8]>>(&self, keys: &[K]) -> Result<Vec<Option<Value>>> {
+        self.get_many_with(keys, &Options::default()).await
+    }
+
+    /// [`Client::get_many`] with options; only `read_quorum` applies.
+    ///
+    /// # Errors
+    /// As [`Client::get_many`].
+    pub async fn get_many_with<K: AsRef<[u8]>>(
+        &self,
+        keys: &[K],
+        options: &Options,
+    ) -> Result<Vec<Option<Value>>> {
         let concurrency = GET_MANY_CONCURRENCY_MAX.min(self.inner.config.in_flight_max);
-        stream::iter(keys.iter().map(|k| self.get(k.as_ref())))
+        stream::iter(keys.iter().map(|k| self.get_with(k.as_ref(), options)))
             .buffered(concurrency)
             .try_collect()
             .await
@@ -867,25 +928,41 @@ impl Inner {
         loop {
             attempts += 1;
             bump(&self.counters.attempts);
-            let topology = self.topology();
-            let addr = self.route(&topology, command.key(), &tried);
-            let pool = self.pool(addr);
             let now = Instant::now();
             let timeout = self
                 .config
                 .attempt_timeout
                 .min(deadline.saturating_duration_since(now));
-            let plan = self.faults.plan();
-            let (error, failure) = match pool.call(&command, hints.as_ref(), timeout, plan).await {
+            let (addr, outcome) = match &self.transport {
+                Transport::Network => {
+                    let topology = self.topology();
+                    let addr = self.route(&topology, command.key(), &tried);
+                    let plan = self.faults.plan();
+                    let pool = self.pool(addr);
+                    let outcome = pool.call(&command, hints.as_ref(), timeout, plan).await;
+                    (Some(addr), outcome)
+                }
+                Transport::InProcess(node) => {
+                    let outcome =
+                        call_in_process(&**node, &command, hints.as_ref(), timeout, &self.config)
+                            .await;
+                    (None, outcome)
+                }
+            };
+            let (error, failure) = match outcome {
                 Ok(Reply::Error(e)) => error_reply(e),
                 Ok(reply) => return Ok(reply),
                 Err(AttemptError::NotSent(e)) => {
                     let failure = if matches!(e, ClientError::Busy { .. }) {
                         Failure::Busy
-                    } else {
+                    } else if let Some(addr) = addr {
                         tried.push(addr);
                         self.want_refresh();
                         Failure::NotSent
+                    } else {
+                        // The embedded node has shut down: there is no
+                        // other node to fail over to.
+                        Failure::Permanent
                     };
                     (e, failure)
                 }
@@ -895,8 +972,10 @@ impl Inner {
                     }
                     // Whether the node died or hangs, its peers' view of it
                     // (`down` in `stats cluster`) helps routing.
-                    self.want_refresh();
-                    tried.push(addr);
+                    if let Some(addr) = addr {
+                        self.want_refresh();
+                        tried.push(addr);
+                    }
                     (e, Failure::Unknown)
                 }
             };
@@ -907,7 +986,7 @@ impl Inner {
                 attempts,
                 &mut *self.rng.lock(),
             );
-            debug!(op, %addr, attempts, error = %error, ?decision, "client attempt failed");
+            debug!(op, ?addr, attempts, error = %error, ?decision, "client attempt failed");
             let now = Instant::now();
             let past_deadline = |error: ClientError| ClientError::DeadlineExceeded {
                 deadline: self.config.deadline,
@@ -961,6 +1040,10 @@ impl Inner {
     /// Rediscovers the map from the current members (those not in backoff
     /// first), then the seeds, and installs it.
     async fn refresh(&self) -> Result<()> {
+        if matches!(self.transport, Transport::InProcess(_)) {
+            // An embedded member's map is its own configuration.
+            return Ok(());
+        }
         *self.last_refresh.lock() = Instant::now();
         let now = Instant::now();
         let topology = self.topology();
@@ -990,6 +1073,37 @@ impl Inner {
 
 /// Refreshes the map every `interval`, or sooner when asked, until the
 /// client is gone. Holds the client only weakly between refreshes.
+/// One attempt in an embedded member: the command as the network client
+/// would send it, run in-process, its reply decoded as from a socket. A
+/// reply that does not come within `timeout` is lost, as on a network (the
+/// command may have run).
+async fn call_in_process(
+    node: &dyn InProcess,
+    command: &Command,
+    hints: Option<&Hints>,
+    timeout: Duration,
+    config: &ClientConfig,
+) -> Result<Reply, AttemptError> {
+    let mut request = Vec::with_capacity(IN_PROCESS_REQUEST_BYTES + command.data_len());
+    command.encode(0, hints, &mut request);
+    let mut reply = Vec::new();
+    match tokio::time::timeout(timeout, node.call(&request, &mut reply)).await {
+        Err(_) => return Err(AttemptError::Unknown(ClientError::Timeout(timeout))),
+        Ok(Err(why)) => return Err(AttemptError::NotSent(ClientError::NoServer(why))),
+        Ok(Ok(())) => {}
+    }
+    let mut buf = bytes::BytesMut::from(&reply[..]);
+    let mut decoder = reply::Decoder::new(config.reply_bytes_max, config::REPLY_LINE_BYTES_MAX);
+    match decoder.decode(&mut buf, command.expect()) {
+        Ok(Some(reply)) if buf.is_empty() => Ok(reply),
+        Ok(_) => Err(AttemptError::Unknown(ClientError::Protocol(format!(
+            "the embedded node answered {} bytes that are not one reply",
+            reply.len()
+        )))),
+        Err(e) => Err(AttemptError::Unknown(ClientError::Protocol(e))),
+    }
+}
+
 async fn refresh_loop(inner: Weak<Inner>, wanted: Arc<Notify>, interval: Duration) {
     loop {
         tokio::select! {

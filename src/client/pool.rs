@@ -46,6 +46,22 @@ pub struct PoolSettings {
     pub reconnect_backoff_cap: Duration,
 }
 
+impl PoolSettings {
+    /// The pool settings a client configuration asks for.
+    pub fn of(config: &super::ClientConfig) -> PoolSettings {
+        PoolSettings {
+            size: config.pool_size,
+            connect_timeout: config.connect_timeout,
+            limits: ConnectionLimits {
+                in_flight_max: config.in_flight_max,
+                reply_bytes_max: config.reply_bytes_max,
+            },
+            reconnect_backoff_base: config.reconnect_backoff_base,
+            reconnect_backoff_cap: config.reconnect_backoff_cap,
+        }
+    }
+}
+
 /// One connection place: the live connection, if any, and a gate so that
 /// concurrent callers finding it empty wait for one dial instead of each
 /// dialling.

@@ -63,6 +63,17 @@ pub struct Topology {
 }
 
 impl Topology {
+    /// An embedded member's own map ([`crate::node`]): its cluster's
+    /// members and placement, or no placement for a lone node.
+    pub fn of_member(version: String, members: Vec<MemberInfo>, ring: Option<Ring>) -> Topology {
+        Topology {
+            kind: ServerKind::Webvac,
+            version,
+            members,
+            ring,
+        }
+    }
+
     /// A lone server at `addr`.
     pub fn single(addr: SocketAddr, kind: ServerKind, version: String) -> Topology {
         Topology {

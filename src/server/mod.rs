@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::error::ServerError;
 use crate::limits::TOMBSTONE_GRACE_SECS;
 use crate::limits::{SHUTDOWN_GRACE_MS, SWEEP_INTERVAL_MS, SWEEP_SLOTS_PER_PASS};
-use crate::protocol::{ParseLimits, put_line, reply};
+use crate::protocol::{ParseLimits, Parsed, put_line, reply};
 use crate::store::{Clock, Store, StoreConfig, SystemClock};
 use stats::{Facts, ServerStats};
 
@@ -111,6 +111,25 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Runs one complete command as a connection would, through the
+    /// cluster when it needs more than this node, and appends its reply.
+    /// This is the in-process path of an embedded node ([`crate::node`]).
+    pub async fn serve_one(&self, command: &[u8], out: &mut Vec<u8>) {
+        let Parsed::Complete { request, .. } = crate::protocol::parse(command, &self.limits) else {
+            return put_line(out, b"SERVER_ERROR incomplete command");
+        };
+        match &self.cluster {
+            Some(cluster) if !cluster.is_local(&request) => {
+                cluster.coordinate(self, &request, command, out).await;
+            }
+            _ => {
+                execute::execute(self, request, out);
+            }
+        }
+    }
+}
+
 impl Local for Shared {
     fn store(&self) -> &Store {
         &self.store
@@ -138,7 +157,9 @@ impl Local for Shared {
 
 /// A bound, not yet running, server.
 pub struct Server {
-    listener: TcpListener,
+    /// The memcached port; `None` for an embedded member that does not
+    /// serve it.
+    listener: Option<TcpListener>,
     /// The port other cluster members call; only in a cluster.
     peer_listener: Option<TcpListener>,
     identity: Option<Identity>,
@@ -165,6 +186,20 @@ impl Server {
         config: &Config,
         clock: Arc<dyn Clock>,
     ) -> Result<Self, ServerError> {
+        Self::bind_parts(config, clock, true).await
+    }
+
+    /// [`Server::bind`] for an embedded node ([`crate::node`]): the
+    /// memcached port is bound only when `serve_client` is set; a cluster
+    /// member always binds its peer port.
+    ///
+    /// # Errors
+    /// As [`Server::bind`].
+    pub async fn bind_parts(
+        config: &Config,
+        clock: Arc<dyn Clock>,
+        serve_client: bool,
+    ) -> Result<Self, ServerError> {
         config
             .validate()
             .map_err(|e| ServerError::Config(e.to_string()))?;
@@ -176,13 +211,22 @@ impl Server {
             || format!("{}:{}", config.listen, config.port),
             |m| m.client.clone(),
         );
-        let listener = TcpListener::bind(&addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: addr.clone(),
-                source,
-            })?;
-        let local = listener.local_addr()?;
+        let listener = if serve_client {
+            Some(
+                TcpListener::bind(&addr)
+                    .await
+                    .map_err(|source| ServerError::Bind {
+                        addr: addr.clone(),
+                        source,
+                    })?,
+            )
+        } else {
+            None
+        };
+        let port = match &listener {
+            Some(l) => l.local_addr()?.port(),
+            None => 0,
+        };
         let (cluster, peer_listener, identity) = match &config.cluster {
             Some(c) => {
                 let (cluster, listener, identity) = cluster::start(c).await?;
@@ -190,7 +234,7 @@ impl Server {
             }
             None => (None, None, None),
         };
-        let shared = Arc::new(Shared::new(config, clock, local.port(), cluster));
+        let shared = Arc::new(Shared::new(config, clock, port, cluster));
         Ok(Self {
             listener,
             peer_listener,
@@ -201,10 +245,31 @@ impl Server {
         })
     }
 
+    /// The memcached port's address.
+    ///
+    /// # Panics
+    /// On a server bound without it ([`Server::bind_parts`]); see
+    /// [`Server::client_addr`].
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("bound listener has an address")
+        self.client_addr()
+            .expect("the memcached port is bound (Server::bind)")
+    }
+
+    /// The memcached port's address, if it is served.
+    pub fn client_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The peer port's address (cluster members only).
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The state the node's requests run on, for in-process callers.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
     /// Serves until `shutdown` completes, then stops accepting, lets every
@@ -238,7 +303,16 @@ impl Server {
             (Some(l), Some(id)) => Some(tokio::spawn(cluster::serve_peers(l, id, shared.clone()))),
             _ => None,
         };
-        info!(addr = %listener.local_addr()?, memory_limit_bytes = shared.store.limit_bytes(), shards = shared.store.shard_count(), "listening");
+        let addr = match &listener {
+            Some(l) => l.local_addr()?.to_string(),
+            None => "-".to_string(),
+        };
+        info!(
+            addr,
+            memory_limit_bytes = shared.store.limit_bytes(),
+            shards = shared.store.shard_count(),
+            "listening"
+        );
         let (stop_tx, stop_rx) = watch::channel(false);
         // Each connection holds a sender; when all are dropped, recv() ends.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -250,7 +324,7 @@ impl Server {
         let mut last_accept_warning: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
-                accepted = listener.accept() => match accepted {
+                accepted = accept(listener.as_ref()) => match accepted {
                     Ok((stream, peer)) => {
                         let current = shared.stats.curr_connections.load(Relaxed);
                         if current >= max_connections as u64 {
@@ -312,6 +386,16 @@ impl Server {
         }
         info!("stopped");
         Ok(())
+    }
+}
+
+/// The next connection on the memcached port; never, when it is not served.
+async fn accept(
+    listener: Option<&TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
     }
 }
 
