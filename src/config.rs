@@ -22,6 +22,9 @@ use crate::limits::{
     REQUEST_TIMEOUT_MS_DEFAULT, THREADS_DEFAULT, TOMBSTONE_GRACE_SECS,
 };
 
+/// A node's whole configuration (`webvac.toml`): every key optional with a
+/// default, unknown keys refused. The server binary applies its command-line
+/// flags over it.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -284,6 +287,8 @@ impl ClusterConfig {
         (rounds * self.anti_entropy_interval_ms).div_ceil(1000)
     }
 
+    /// xxh3-64 of [`ClusterConfig::layout_text`]: two nodes may talk only
+    /// if theirs are equal.
     pub fn layout_hash(&self) -> u64 {
         xxhash_rust::xxh3::xxh3_64(self.layout_text().as_bytes())
     }

@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! webvac: a sharded, replicated, in-memory key-value cache that speaks the
 //! memcached text and meta protocols.
 //!

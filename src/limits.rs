@@ -13,13 +13,15 @@ pub const KEY_BYTES_MAX: usize = 250;
 /// smaller; see [`crate::store::item_fits`].
 pub const ITEM_BYTES_MAX_DEFAULT: usize = 1024 * 1024;
 
-/// Smallest and largest `-I` values memcached allows.
+/// Smallest `-I` value memcached allows: 1 KiB.
 pub const ITEM_BYTES_MAX_MIN: usize = 1024;
+/// Largest `-I` value memcached allows: 1 GiB.
 pub const ITEM_BYTES_MAX_MAX: usize = 1024 * 1024 * 1024;
 
 /// memcached's per-item header (`sizeof(item)` on 64-bit) that counts toward
-/// the `-I` item size limit, plus the 8-byte CAS suffix.
+/// the `-I` item size limit.
 pub const MEMCACHED_ITEM_HEADER_BYTES: usize = 48;
+/// memcached's CAS suffix, which also counts toward the `-I` limit.
 pub const MEMCACHED_CAS_BYTES: usize = 8;
 
 /// A command line without a newline after this many bytes is abuse unless it
@@ -165,6 +167,8 @@ pub const SHARDS_MAX: usize = 64;
 /// A multi-get looks up its keys in batches of this many, prefetching each
 /// batch's index buckets and items first so their cache misses overlap.
 pub const PREFETCH_KEYS: usize = 16;
+/// Maximum-size items every shard must be able to hold at once; with a small
+/// memory limit this keeps the shard count down.
 pub const SHARD_ITEMS_OF_MAX_SIZE: usize = 4;
 
 /// Index buckets the background expiry sweep examines per shard per pass.

@@ -39,8 +39,11 @@ pub enum ClientError {
     /// [`ClientConfig::deadline`]: super::ClientConfig::deadline
     #[error("deadline of {deadline:?} passed after {attempts} attempts; last error: {last}")]
     DeadlineExceeded {
+        /// The deadline that passed, measured from the start of the call.
         deadline: Duration,
+        /// Attempts made before giving up.
         attempts: u32,
+        /// The last attempt's error.
         last: Box<ClientError>,
     },
 
@@ -49,7 +52,10 @@ pub enum ClientError {
     /// cluster is probably in trouble and retrying would only add load.
     /// `last` is the error of the attempt that would have been retried.
     #[error("retry budget exhausted; last error: {last}")]
-    RetryBudgetExhausted { last: Box<ClientError> },
+    RetryBudgetExhausted {
+        /// The error of the attempt that would have been retried.
+        last: Box<ClientError>,
+    },
 
     /// The connection to `addr` already has its maximum number of requests
     /// in flight ([`ClientConfig::in_flight_max`]). The request was not
@@ -57,14 +63,22 @@ pub enum ClientError {
     ///
     /// [`ClientConfig::in_flight_max`]: super::ClientConfig::in_flight_max
     #[error("connection to {addr} is busy: {in_flight} requests in flight")]
-    Busy { addr: SocketAddr, in_flight: usize },
+    Busy {
+        /// The server whose connection is full.
+        addr: SocketAddr,
+        /// Requests in flight on it when this one was refused.
+        in_flight: usize,
+    },
 
     /// A socket operation failed (connect refused, reset, closed), or a node
     /// was skipped because recent connects to it failed.
     #[error("i/o error with {addr}: {message}")]
     Io {
+        /// The server the socket was for.
         addr: SocketAddr,
+        /// The I/O error's kind (what a retry policy looks at).
         kind: io::ErrorKind,
+        /// The I/O error's text.
         message: String,
     },
 
@@ -92,7 +106,9 @@ pub enum ClientError {
     /// retried because applying it twice would be wrong.
     #[error("{op} may or may not have been applied: {last}")]
     MaybeApplied {
+        /// The operation's command name, e.g. `incr`.
         op: &'static str,
+        /// The error that lost the reply.
         last: Box<ClientError>,
     },
 

@@ -25,9 +25,13 @@ use crate::store::merkle::{DEPTH, TreeNode};
 /// Anti-entropy's settings (`[cluster]` `anti_entropy_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
+    /// Milliseconds between rounds.
     pub interval_ms: u64,
+    /// Partitions a round compares with each peer.
     pub partitions_per_round: usize,
+    /// Keys a round lists, pulls or pushes with each peer.
     pub keys_per_round: usize,
+    /// Bytes per second sent to and asked of each peer.
     pub bytes_per_sec: u64,
 }
 
@@ -51,12 +55,16 @@ pub enum Step {
     /// List these leaves here, whole leaves up to `max_entries` entries
     /// (at least one leaf), then ask the peer for the same leaves.
     Leaves {
+        /// The leaves, as (partition, leaf index), in order.
         leaves: Vec<(u32, u16)>,
+        /// The most entries to list, summed over leaves.
         max_entries: usize,
     },
     /// Fetch `pull` from the peer and apply it here; send `push` to it.
     Transfer {
+        /// Keys the peer holds newer, or that only the peer holds.
         pull: Vec<Vec<u8>>,
+        /// Keys this node holds newer, or that only this node holds.
         push: Vec<Vec<u8>>,
     },
     /// The round is over for this peer.
@@ -66,11 +74,18 @@ pub enum Step {
 /// What one exchange found and did, for the stats.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
+    /// Partitions whose roots were compared.
     pub partitions_compared: u64,
+    /// Partitions whose roots differed.
     pub partitions_differing: u64,
+    /// Leaves that differed.
     pub leaves_differing: u64,
+    /// (key, version) entries listed, counting the longer of the two
+    /// sides' lists.
     pub keys_listed: u64,
+    /// Keys found newer on, or only on, the peer: to fetch and apply here.
     pub keys_pulled: u64,
+    /// Keys found newer on, or only on, this node: to send to the peer.
     pub keys_pushed: u64,
 }
 
@@ -84,6 +99,7 @@ pub struct Exchange {
     keys_left: usize,
     /// Partitions whose roots differed.
     pub differing: Vec<u32>,
+    /// What the exchange has found and moved so far.
     pub outcome: Outcome,
 }
 
@@ -242,6 +258,8 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// The schedule for node `me`: the partitions it holds that have a
+    /// replica with a higher id, starting at the first.
     pub fn new(ring: &Ring, me: NodeId) -> Self {
         let held = ring
             .partitions_of(me)
@@ -268,6 +286,8 @@ impl Schedule {
         self.held.len()
     }
 
+    /// Whether this node starts no exchanges (it shares no partition with
+    /// a higher-id node).
     pub fn is_empty(&self) -> bool {
         self.held.is_empty()
     }

@@ -87,7 +87,10 @@ enum ReplicaCopy {
 /// single-node executor. The server implements it; keeping it a trait keeps
 /// the layers one-way (the cluster never reaches up into the server).
 pub trait Local: Send + Sync + 'static {
+    /// The node's store.
     fn store(&self) -> &Store;
+    /// The limits the node parses client commands with, also used to parse
+    /// commands forwarded to it.
     fn limits(&self) -> &ParseLimits;
     /// The key that authenticates listing tokens (the same on every node).
     fn listing_key(&self) -> &crate::cluster::listing::TokenKey;
@@ -96,6 +99,7 @@ pub trait Local: Send + Sync + 'static {
     fn execute(&self, command: &[u8], out: &mut Vec<u8>);
 }
 
+/// A connection to one other member, carrying [`PeerRequest`]s.
 pub type PeerHandle = Peer<PeerRequest, PeerResponse>;
 
 /// One replica's answer for one key: its version and `VALUE` block, or a miss.
@@ -127,21 +131,25 @@ pub struct ClusterStats {
     pub catch_up_reads: AtomicU64,
     /// Stale replicas sent the newest state after a read saw them differ.
     pub read_repairs: AtomicU64,
-    /// States pulled from peers by the refill after a start, and their
-    /// key and value bytes.
+    /// States pulled from peers by the refill after a start.
     pub refill_keys: AtomicU64,
+    /// Key and value bytes of the states the refill pulled.
     pub refill_bytes: AtomicU64,
     /// Peers the refill has finished with.
     pub refill_peers_done: AtomicU64,
-    /// Anti-entropy rounds run, partitions compared and found differing.
+    /// Anti-entropy rounds run.
     pub ae_rounds: AtomicU64,
+    /// Partitions anti-entropy compared with a peer.
     pub ae_partitions_compared: AtomicU64,
+    /// Compared partitions whose trees differed.
     pub ae_partitions_differing: AtomicU64,
-    /// Entries listed (from differing leaves), keys pulled from and pushed
-    /// to peers, and the bytes of every anti-entropy message both ways.
+    /// (key, version) entries listed from differing leaves.
     pub ae_keys_listed: AtomicU64,
+    /// Keys anti-entropy found newer on (or only on) a peer, to pull.
     pub ae_keys_pulled: AtomicU64,
+    /// Keys anti-entropy found newer on (or only on) this node, to push.
     pub ae_keys_pushed: AtomicU64,
+    /// Bytes of every anti-entropy message, both ways.
     pub ae_bytes: AtomicU64,
     /// Repaired states not taken for lack of free memory (here or at the
     /// peer): repair does not evict.
@@ -169,7 +177,9 @@ pub struct Cluster {
     sloppy_quorum: bool,
     /// Anti-entropy's settings; `None`: off.
     anti_entropy: Option<anti_entropy::Settings>,
+    /// Request-path, refill and anti-entropy counters (`stats cluster`).
     pub stats: ClusterStats,
+    /// Counters of the connections to and from peers, shared with them.
     pub transport: Arc<TransportStats>,
 }
 
@@ -818,8 +828,8 @@ impl Cluster {
     /// this node replicates, a page at a time, and applies them (highest
     /// version wins, so what it already has or writes meanwhile is kept).
     /// A node that restarted empty so gets its partitions back while it
-    /// serves. Bounded: pages of [`REFILL_PAGE_ITEMS`] items, a bounded
-    /// wait for peers, a bounded number of retries per page.
+    /// serves. Bounded: pages of at most 1,024 items or about 1 MiB, a
+    /// bounded wait for peers, a bounded number of retries per page.
     pub async fn refill(self: Arc<Self>, local: Arc<dyn Local>) {
         for (&node, peer) in &self.peers {
             // Wait (bounded) for the peer to come up.

@@ -17,16 +17,24 @@ use crate::store::KeyState;
 /// Accounting overhead per hint, on top of its key and value.
 const HINT_OVERHEAD_BYTES: usize = 64;
 
+/// Bounds of a [`HintStore`] (`[cluster]` `hint_*` and `hints_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HintLimits {
+    /// Hints held per target node; 0 turns hints off.
     pub per_target_max: usize,
+    /// Bytes held over all targets, counting key, value, request-id
+    /// records and a fixed 64 bytes per hint.
     pub bytes_max: usize,
+    /// Milliseconds a hint is kept before it expires undelivered.
     pub window_ms: u64,
 }
 
+/// One write held for a replica: the key's state to apply there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hint {
+    /// The key written.
     pub key: Vec<u8>,
+    /// Its state after the write, applied on delivery (highest version wins).
     pub state: KeyState,
     /// Unix ms after which the hint is dropped undelivered.
     pub expires_at_ms: u64,
@@ -41,21 +49,28 @@ impl Hint {
 /// Counters for `stats cluster`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct HintCounts {
+    /// Hints accepted.
     pub stored: u64,
+    /// Hints handed to their target (as told by [`HintStore::delivered`]).
     pub delivered: u64,
+    /// Hints refused or pushed out by a bound before delivery.
     pub dropped: u64,
+    /// Hints that outlived the window undelivered.
     pub expired: u64,
 }
 
+/// Hints per target node, oldest first, within [`HintLimits`].
 #[derive(Debug)]
 pub struct HintStore {
     limits: HintLimits,
     by_target: BTreeMap<NodeId, VecDeque<Hint>>,
     bytes: usize,
+    /// Counters since the store was made.
     pub counts: HintCounts,
 }
 
 impl HintStore {
+    /// An empty store with these bounds.
     pub fn new(limits: HintLimits) -> Self {
         Self {
             limits,
@@ -174,14 +189,18 @@ impl HintStore {
         }
     }
 
+    /// Counts `n` hints as delivered (the caller took them with
+    /// [`HintStore::take`] and its target applied them).
     pub fn delivered(&mut self, n: usize) {
         self.counts.delivered += n as u64;
     }
 
+    /// Hints held, over all targets.
     pub fn pending(&self) -> usize {
         self.by_target.values().map(VecDeque::len).sum()
     }
 
+    /// Bytes held, as counted against [`HintLimits::bytes_max`].
     pub fn bytes(&self) -> usize {
         self.bytes
     }

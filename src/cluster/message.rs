@@ -12,77 +12,147 @@ use serde::{Deserialize, Serialize};
 use crate::store::merkle::TreeNode;
 use crate::store::{KeyState, KeyVersion, ListedKey};
 
+/// A request one node sends another; answered by one [`PeerResponse`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum PeerRequest {
     /// Execute one client command as the key's primary and replicate its
     /// result to `write_quorum` replicas (this one included) before
     /// answering.
-    Execute { command: Vec<u8>, write_quorum: u8 },
+    Execute {
+        /// The client command, raw protocol bytes with its data block.
+        command: Vec<u8>,
+        /// Replicas that must hold the result before the reply; clamped
+        /// to 1..=replication factor.
+        write_quorum: u8,
+    },
     /// Read these keys locally (get/gets): per key, its version and the
     /// `VALUE` block a client would get.
-    ReadKeys { keys: Vec<Vec<u8>>, with_cas: bool },
+    ReadKeys {
+        /// The keys to read.
+        keys: Vec<Vec<u8>>,
+        /// Include the CAS in each `VALUE` line (`gets`).
+        with_cas: bool,
+    },
     /// Run a meta get that changes nothing, locally: the reply and the
     /// version it saw.
-    ReadMeta { command: Vec<u8>, key: Vec<u8> },
+    ReadMeta {
+        /// The `mg` command, raw protocol bytes.
+        command: Vec<u8>,
+        /// The key it reads, whose version is reported.
+        key: Vec<u8>,
+    },
     /// The key's state, for a primary that must catch up before a
     /// read-modify-write.
-    Fetch { key: Vec<u8> },
+    Fetch {
+        /// The key whose state is wanted.
+        key: Vec<u8>,
+    },
     /// Apply replicated state, highest version wins.
-    Apply { key: Vec<u8>, state: KeyState },
+    Apply {
+        /// The key the state belongs to.
+        key: Vec<u8>,
+        /// The item or its absence, with its version.
+        state: KeyState,
+    },
     /// Hold `state` for `target`, a replica that could not be reached, and
     /// hand it over when it is back (hinted handoff).
     Hint {
+        /// Node id of the replica the state is meant for.
         target: u16,
+        /// The key the state belongs to.
         key: Vec<u8>,
+        /// The item or its absence, with its version.
         state: KeyState,
     },
     /// One page of the states this node holds for keys that `for_node`
     /// replicates, from `cursor` (0 to begin): how a node that restarted
     /// empty refills itself.
-    Scan { for_node: u16, cursor: u64 },
+    Scan {
+        /// Node id of the node refilling itself.
+        for_node: u16,
+        /// Where to continue: 0 to begin, then the previous page's `next`.
+        cursor: u64,
+    },
     /// `flush_all`, relayed to every member. `version` is the coordinator's
     /// stamp for it: replicated states older than an immediate flush are
     /// dropped afterwards.
-    FlushAll { delay_secs: i64, version: u64 },
+    FlushAll {
+        /// `flush_all`'s delay, read as a client exptime; 0 or less: now.
+        delay_secs: i64,
+        /// The coordinator's version stamp for the flush.
+        version: u64,
+    },
     /// Anti-entropy: the hashes of these tree nodes.
-    TreeHashes { nodes: Vec<TreeNode> },
+    TreeHashes {
+        /// The tree nodes whose hashes are wanted.
+        nodes: Vec<TreeNode>,
+    },
     /// Anti-entropy: the (key, version) entries of these leaves, one list
     /// per leaf, whole leaves only, as many as fit `max_entries` (at least
     /// one leaf).
     LeafEntries {
+        /// The leaves wanted, as (partition, leaf index).
         leaves: Vec<(u32, u16)>,
+        /// The most entries to answer, summed over leaves.
         max_entries: u32,
     },
     /// Anti-entropy: the states of these keys, tombstones included; the
     /// answer may stop early to stay within a frame.
-    FetchStates { keys: Vec<Vec<u8>> },
+    FetchStates {
+        /// The keys whose states are wanted.
+        keys: Vec<Vec<u8>>,
+    },
     /// Anti-entropy: apply these states, highest version wins, into free
     /// memory only (repair never evicts).
-    Repair { states: Vec<(Vec<u8>, KeyState)> },
+    Repair {
+        /// (key, state) pairs to apply.
+        states: Vec<(Vec<u8>, KeyState)>,
+    },
     /// `lk`: up to `max` live keys with hashes in `from..=to` (one
     /// partition's range or part of it), in hash order.
-    ListKeys { from: u64, to: u64, max: u32 },
+    ListKeys {
+        /// The lowest key hash wanted.
+        from: u64,
+        /// The highest key hash wanted (inclusive).
+        to: u64,
+        /// The most keys to answer.
+        max: u32,
+    },
 }
 
+/// The answer to one [`PeerRequest`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum PeerResponse {
+    /// Answer to [`PeerRequest::Execute`].
     Executed {
+        /// The reply a client would get, raw protocol bytes.
         reply: Vec<u8>,
     },
-    /// Per key asked: `(version, VALUE block)` or `None` for a miss.
+    /// Per key asked, in order: `(version, VALUE block)` or `None` for a
+    /// miss. May cover only a prefix of the keys, to fit a frame; the
+    /// caller asks again for the rest.
     Values(Vec<Option<(u64, Vec<u8>)>>),
-    /// Version 0: the key was absent.
+    /// Answer to [`PeerRequest::ReadMeta`].
     MetaRead {
+        /// The version the read saw; 0: the key was absent.
         version: u64,
+        /// The meta reply a client would get, raw protocol bytes.
         reply: Vec<u8>,
     },
+    /// Answer to [`PeerRequest::Fetch`]: the key's item or tombstone;
+    /// `None` when this node holds neither.
     State(Option<KeyState>),
     /// A page of a [`PeerRequest::Scan`] and where to continue (`None`: done).
     Page {
+        /// (key, state) pairs, tombstones included.
         states: Vec<(Vec<u8>, KeyState)>,
+        /// The cursor for the next page; `None`: the scan is done.
         next: Option<u64>,
     },
+    /// The [`PeerRequest::Apply`] state was applied or was older than the
+    /// local one, or the [`PeerRequest::Hint`] is held.
     Applied,
+    /// The [`PeerRequest::FlushAll`] was carried out (or scheduled).
     Flushed,
     /// Per tree node asked, its hash.
     Hashes(Vec<u64>),
@@ -91,17 +161,23 @@ pub enum PeerResponse {
     /// The states of the first `answered` keys asked (keys held by
     /// neither an item nor a tombstone are left out).
     States {
+        /// (key, state) pairs for the answered keys this node holds.
         states: Vec<(Vec<u8>, KeyState)>,
+        /// How many of the keys asked, from the first, were looked up.
         answered: u32,
     },
     /// Which of the states sent (by index) found no free memory.
     Repaired {
+        /// Indexes into the states sent of those not applied for lack of
+        /// free memory.
         no_room: Vec<u32>,
     },
     /// A page of [`PeerRequest::ListKeys`]: the keys, and the hash the
     /// range goes on from (`None`: done).
     Keys {
+        /// Live keys in hash order.
         keys: Vec<ListedKey>,
+        /// The hash to continue from; `None`: the range is done.
         next: Option<u64>,
     },
     /// The request was malformed; nothing was done.

@@ -25,6 +25,9 @@ pub struct Quorum {
 }
 
 impl Quorum {
+    /// A quorum of `needed` successes out of `asked` replicas, none counted
+    /// yet.
+    ///
     /// # Panics
     /// If `needed` is 0: a quorum of nobody is a programmer error.
     pub fn new(needed: usize, asked: usize) -> Self {
@@ -37,17 +40,23 @@ impl Quorum {
         }
     }
 
+    /// Counts `node`'s success (each node at most once) and says where the
+    /// quorum stands.
     pub fn succeeded(&mut self, node: NodeId) -> Decision {
         debug_assert!(!self.ok.contains(&node), "node {node} answered twice");
         self.ok.push(node);
         self.decision()
     }
 
+    /// Counts `node`'s failure, kept with `why` for [`Quorum::explain`], and
+    /// says where the quorum stands.
     pub fn failed(&mut self, node: NodeId, why: String) -> Decision {
         self.failed.push((node, why));
         self.decision()
     }
 
+    /// Where the quorum stands: met, failed (too few replicas left that
+    /// could still succeed), or pending.
     pub fn decision(&self) -> Decision {
         if self.ok.len() >= self.needed {
             Decision::Met
@@ -58,10 +67,12 @@ impl Quorum {
         }
     }
 
+    /// Successes counted so far.
     pub fn acks(&self) -> usize {
         self.ok.len()
     }
 
+    /// Successes needed to meet the quorum.
     pub fn needed(&self) -> usize {
         self.needed
     }

@@ -215,18 +215,18 @@ impl NodeBuilder {
         let shared = server.shared().clone();
         let memcached_addr = server.client_addr();
         let peer_addr = server.peer_addr();
-        let topology = member_topology(&self.config, memcached_addr).await;
+        let cluster = self.config.cluster.as_ref();
+        let ring = cluster.map(|c| {
+            let ids: Vec<NodeId> = c.members.iter().map(|m| m.id).collect();
+            Ring::new(&ids, c.partitions, c.replicas_effective())
+        });
+        let topology = member_topology(&self.config, memcached_addr, ring.clone()).await;
         let gate = Arc::new(Gate::new(shared.clone()));
         let client = Client::in_process(gate.clone(), topology, self.client)?;
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async {
             let _ = stopped.await;
         }));
-        let cluster = self.config.cluster.as_ref();
-        let ring = cluster.map(|c| {
-            let ids: Vec<NodeId> = c.members.iter().map(|m| m.id).collect();
-            Ring::new(&ids, c.partitions, c.replicas_effective())
-        });
         Ok(Node {
             client,
             member: Some(Arc::new(Member {
@@ -460,7 +460,11 @@ impl InProcess for Gate {
 /// The map a member's handle reports ([`Client::members`],
 /// [`Client::preference_list`]): the configured members at their memcached
 /// addresses (a name that does not resolve is left out, with a warning).
-async fn member_topology(config: &Config, memcached_addr: Option<SocketAddr>) -> client::Topology {
+async fn member_topology(
+    config: &Config,
+    memcached_addr: Option<SocketAddr>,
+    ring: Option<Ring>,
+) -> client::Topology {
     let Some(c) = &config.cluster else {
         let members = memcached_addr
             .map(|addr| MemberInfo {
@@ -491,7 +495,5 @@ async fn member_topology(config: &Config, memcached_addr: Option<SocketAddr>) ->
         }
     }
     members.sort_by_key(|m| m.id);
-    let ids: Vec<NodeId> = c.members.iter().map(|m| m.id).collect();
-    let ring = Ring::new(&ids, c.partitions, c.replicas_effective());
-    client::Topology::of_member(VERSION.to_string(), members, Some(ring))
+    client::Topology::of_member(VERSION.to_string(), members, ring)
 }

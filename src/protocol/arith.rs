@@ -8,14 +8,20 @@ use super::number::parse_u64;
 use super::tokens::Tokens;
 use super::{Request, key_and_noreply, put_request_end, put_u64, reply};
 
+/// A parsed `incr` or `decr`.
 #[derive(Debug)]
 pub struct ArithCmd<'a> {
+    /// `true` for `incr`, `false` for `decr`.
     pub incr: bool,
+    /// The key: at most 250 bytes.
     pub key: &'a [u8],
+    /// The amount to add or subtract.
     pub delta: u64,
+    /// Send no reply.
     pub noreply: bool,
 }
 
+/// Parses `incr`/`decr` (`cmd` says which) from its line's tokens.
 pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>) -> Request<'a> {
     let (key, noreply) = match key_and_noreply(tokens, &[4, 5]) {
         Ok(v) => v,
@@ -32,6 +38,7 @@ pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>) -> Request<'a> {
     })
 }
 
+/// The request a client sends: `incr <key> <delta>[ noreply]\r\n`.
 pub fn compose_request(out: &mut Vec<u8>, incr: bool, key: &[u8], delta: u64, noreply: bool) {
     out.extend_from_slice(if incr { b"incr " } else { b"decr " });
     out.extend_from_slice(key);

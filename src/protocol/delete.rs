@@ -5,12 +5,16 @@ use super::tokens::Tokens;
 use super::{Request, reply};
 use crate::limits::KEY_BYTES_MAX;
 
+/// A parsed `delete`.
 #[derive(Debug)]
 pub struct Delete<'a> {
+    /// The key: at most 250 bytes.
     pub key: &'a [u8],
+    /// Send no reply.
     pub noreply: bool,
 }
 
+/// Parses `delete` from its line's tokens.
 pub fn parse<'a>(tokens: &Tokens<'a>) -> Request<'a> {
     let n = tokens.ntokens();
     if !(3..=5).contains(&n) {
@@ -32,6 +36,7 @@ pub fn parse<'a>(tokens: &Tokens<'a>) -> Request<'a> {
     Request::Delete(Delete { key, noreply })
 }
 
+/// The request a client sends: `delete <key>[ noreply]\r\n`.
 pub fn compose_request(out: &mut Vec<u8>, key: &[u8], noreply: bool) {
     out.extend_from_slice(b"delete ");
     out.extend_from_slice(key);

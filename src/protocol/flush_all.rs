@@ -4,13 +4,16 @@ use super::number::parse_i32_truncating;
 use super::tokens::Tokens;
 use super::{Request, reply};
 
+/// A parsed `flush_all`.
 #[derive(Debug)]
 pub struct FlushAll {
     /// Seconds until the flush takes effect; 0 or less means now.
     pub delay: i64,
+    /// Send no reply.
     pub noreply: bool,
 }
 
+/// Parses `flush_all` from its line's tokens.
 pub fn parse<'a>(tokens: &Tokens<'a>) -> Request<'a> {
     let n = tokens.ntokens();
     if !(2..=4).contains(&n) {

@@ -9,6 +9,7 @@ use super::tokens::Tokens;
 use super::{Request, put_u64, reply};
 use crate::limits::KEY_BYTES_MAX;
 
+/// A parsed `get`, `gets`, `gat` or `gats`.
 #[derive(Debug)]
 pub struct Get<'a> {
     /// `gets` / `gats`: include the CAS.
@@ -36,6 +37,8 @@ fn end_of(token: &[u8], line: &[u8]) -> usize {
     token.as_ptr() as usize - line.as_ptr() as usize + token.len()
 }
 
+/// Parses a retrieval command (`cmd` says which) from its line and the
+/// line's tokens.
 pub fn parse<'a>(cmd: &[u8], tokens: &Tokens<'a>, line: &'a [u8]) -> Request<'a> {
     if tokens.ntokens() < 3 {
         return Request::error(reply::ERROR);
@@ -83,6 +86,7 @@ pub fn compose_value(out: &mut Vec<u8>, key: &[u8], flags: u32, data: &[u8], cas
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends `END\r\n`, which ends every retrieval reply.
 pub fn compose_end(out: &mut Vec<u8>) {
     out.extend_from_slice(b"END\r\n");
 }

@@ -15,19 +15,25 @@ use super::tokens::Tokens;
 use super::{Request, reply};
 use crate::limits::{LIST_KEYS_PER_CALL_MAX, LIST_TOKEN_BYTES_MAX};
 
+/// A token webvac did not issue, a corrupt one, or one over
+/// [`LIST_TOKEN_BYTES_MAX`] bytes.
 pub const BAD_TOKEN: &str = "CLIENT_ERROR bad listing token";
+/// A count that is not a decimal number in `1..=`[`LIST_KEYS_PER_CALL_MAX`].
 pub const BAD_COUNT: &str = "CLIENT_ERROR bad count";
 
 /// The token of a listing's first call.
 pub const START: &[u8] = b"-";
 
+/// A parsed `lk`.
 #[derive(Debug)]
 pub struct ListKeys<'a> {
     /// As sent; authenticated by whoever executes it.
     pub token: &'a [u8],
+    /// The most keys to answer: `1..=`[`LIST_KEYS_PER_CALL_MAX`].
     pub count: usize,
 }
 
+/// Parses `lk` from its line's tokens.
 pub fn parse<'a>(tokens: &Tokens<'a>) -> Request<'a> {
     if tokens.len() != 3 {
         return Request::error(reply::ERROR);

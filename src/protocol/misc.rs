@@ -5,12 +5,16 @@ use super::number::parse_u32_truncating;
 use super::tokens::Tokens;
 use super::{Request, reply};
 
+/// A parsed `verbosity`.
 #[derive(Debug)]
 pub struct Verbosity {
+    /// The level asked for; recorded and reported, it changes no logging.
     pub level: u32,
+    /// Send no reply.
     pub noreply: bool,
 }
 
+/// Parses `verbosity` from its line's tokens.
 pub fn parse_verbosity<'a>(tokens: &Tokens<'a>) -> Request<'a> {
     let n = tokens.ntokens();
     if n != 3 && n != 4 {

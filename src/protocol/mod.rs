@@ -26,18 +26,33 @@ use tokens::Tokens;
 
 /// memcached's error replies, verbatim.
 pub mod reply {
+    /// Unknown command, or a command with the wrong number of tokens.
     pub const ERROR: &str = "ERROR";
+    /// A malformed argument: a key over 250 bytes, a bad number.
     pub const BAD_FORMAT: &str = "CLIENT_ERROR bad command line format";
+    /// A data block that does not end in CRLF where its length says.
     pub const BAD_DATA_CHUNK: &str = "CLIENT_ERROR bad data chunk";
+    /// An incr/decr delta that is not a decimal number within 64 bits.
     pub const BAD_DELTA: &str = "CLIENT_ERROR invalid numeric delta argument";
+    /// An exptime that is not a decimal number (`touch`, `gat`).
     pub const BAD_EXPTIME: &str = "CLIENT_ERROR invalid exptime argument";
+    /// incr/decr of a value that is not a decimal number within 64 bits.
     pub const NON_NUMERIC: &str = "CLIENT_ERROR cannot increment or decrement non-numeric value";
+    /// `delete` with an argument other than `0` or `noreply`.
     pub const DELETE_USAGE: &str =
         "CLIENT_ERROR bad command line format.  Usage: delete <key> [noreply]";
+    /// An item over the item size limit (`-I`).
     pub const TOO_LARGE: &str = "SERVER_ERROR object too large for cache";
+    /// A write that could not be stored (or buffered) within the memory
+    /// limit.
     pub const NO_MEMORY_STORING: &str = "SERVER_ERROR out of memory storing object";
+    /// An incr/decr whose result could not be stored within the memory
+    /// limit.
     pub const NO_MEMORY: &str = "SERVER_ERROR out of memory";
+    /// `shutdown`, which webvac never accepts from a client.
     pub const SHUTDOWN_DISABLED: &str = "ERROR: shutdown not enabled";
+    /// Sent to a connection refused at the connection limit, before it is
+    /// closed.
     pub const TOO_MANY_CONNECTIONS: &str = "ERROR Too many open connections";
 }
 
@@ -49,24 +64,38 @@ pub mod reply {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
 pub enum Request<'a> {
+    /// `get`, `gets`, `gat`, `gats`.
     Get(get::Get<'a>),
+    /// `set`, `add`, `replace`, `append`, `prepend`, `cas`, with the data block.
     Storage(storage::Storage<'a>),
+    /// `incr`, `decr`.
     Arith(arith::ArithCmd<'a>),
+    /// `delete`.
     Delete(delete::Delete<'a>),
+    /// `touch`.
     Touch(touch::Touch<'a>),
+    /// `flush_all`.
     FlushAll(flush_all::FlushAll),
+    /// `stats` and its groups.
     Stats(stats::StatsCmd<'a>),
+    /// `version`.
     Version,
+    /// `verbosity`.
     Verbosity(misc::Verbosity),
+    /// `quit`: close the connection without a reply.
     Quit,
+    /// A meta command: `mg`, `ms`, `md`, `ma`, `mn`, `me`.
     Meta(meta::MetaRequest<'a>),
     /// webvac's key listing (`lk`).
     ListKeys(list_keys::ListKeys<'a>),
     /// Answer with this line (unless `noreply`) and carry on. `swallow` bytes
     /// that follow belong to a rejected data block and must be discarded.
     Error {
+        /// The error line, without CRLF (one of [`reply`] or a meta error).
         reply: &'static str,
+        /// The command asked for no reply: send nothing.
         noreply: bool,
+        /// Bytes after the command line to discard.
         swallow: usize,
     },
     /// memcached drops the connection without a reply.
@@ -95,10 +124,17 @@ impl Request<'_> {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)] // see `Request`
 pub enum Parsed<'a> {
+    /// One request, borrowing from the buffer.
     Complete {
+        /// The request.
         request: Request<'a>,
+        /// Bytes of the buffer it took: its line and its data block. A
+        /// refused data block is not included; the request says how many
+        /// bytes to discard after these ([`Refused::swallow`], and `swallow`
+        /// in [`Request::Error`]).
         consumed: usize,
     },
+    /// The buffer does not hold a whole request yet: read more.
     Incomplete,
 }
 
@@ -114,6 +150,8 @@ pub struct ParseLimits {
 }
 
 impl ParseLimits {
+    /// Limits for an item size limit of `item_bytes_max`, with no bound on
+    /// buffering.
     pub fn new(item_bytes_max: usize) -> Self {
         Self {
             item_bytes_max,
@@ -126,9 +164,15 @@ impl ParseLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
     /// Over the item size limit: `SERVER_ERROR object too large for cache`.
-    TooLarge { swallow: usize },
+    TooLarge {
+        /// Bytes to discard: the data block and its CRLF.
+        swallow: usize,
+    },
     /// No memory to buffer it: `SERVER_ERROR out of memory storing object`.
-    NoMemory { swallow: usize },
+    NoMemory {
+        /// Bytes to discard: the data block and its CRLF.
+        swallow: usize,
+    },
 }
 
 impl Refused {
@@ -139,6 +183,7 @@ impl Refused {
         }
     }
 
+    /// The error line to answer with, without CRLF.
     pub fn reply(self) -> &'static str {
         match self {
             Refused::TooLarge { .. } => reply::TOO_LARGE,
@@ -308,6 +353,7 @@ pub fn put_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(&buf[i..]);
 }
 
+/// Appends a signed decimal number.
 #[inline]
 pub fn put_i64(out: &mut Vec<u8>, n: i64) {
     if n < 0 {

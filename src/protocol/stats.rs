@@ -4,19 +4,28 @@
 use super::tokens::Tokens;
 use super::{Request, reply};
 
+/// Which `stats` group was asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatsCmd<'a> {
+    /// `stats`: the general counters.
     General,
+    /// `stats settings`.
     Settings,
+    /// `stats reset`: zero the counters.
     Reset,
+    /// `stats items`.
     Items,
+    /// `stats slabs`.
     Slabs,
+    /// `stats sizes`.
     Sizes,
+    /// `stats conns`.
     Conns,
     /// `stats cluster`, `stats <other>`: a group handled elsewhere or unknown.
     Group(&'a [u8]),
 }
 
+/// Parses `stats` from its line's tokens.
 pub fn parse<'a>(tokens: &Tokens<'a>) -> Request<'a> {
     if tokens.len() == 1 {
         return Request::Stats(StatsCmd::General);

@@ -13,16 +13,22 @@ use super::{ParseLimits, Parsed, Refused, Request, put_i64, put_u64, reply};
 use crate::limits::KEY_BYTES_MAX;
 use crate::store::Mode;
 
+/// A parsed storage command with its data block.
 #[derive(Debug)]
 pub struct Storage<'a> {
+    /// The command: `set` and `cas` are [`Mode::Set`].
     pub mode: Mode,
+    /// The key: at most 250 bytes.
     pub key: &'a [u8],
+    /// The client's opaque flags.
     pub flags: u32,
+    /// Client exptime, memcached rules ([`crate::store::exptime`]).
     pub exptime: i64,
     /// `cas` command only.
     pub cas: Option<u64>,
     /// The value; empty when `refused`.
     pub data: &'a [u8],
+    /// Send no reply.
     pub noreply: bool,
     /// The value was refused before it was read (too large, or no memory to
     /// buffer it): answer the refusal, discard its bytes, and (for `set`)

@@ -12,6 +12,7 @@ pub struct Tokens<'a> {
 }
 
 impl<'a> Tokens<'a> {
+    /// Splits `line` (without its CRLF).
     pub fn new(line: &'a [u8]) -> Self {
         let mut tokens: [&'a [u8]; TOKENS_MAX] = [&[]; TOKENS_MAX];
         let mut len = 0;
@@ -43,18 +44,22 @@ impl<'a> Tokens<'a> {
         self.len + 1
     }
 
+    /// Number of tokens (without the terminal one).
     pub fn len(&self) -> usize {
         self.len
     }
 
+    /// Whether the line held no token.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
 
+    /// Token `i`, or an empty slice past the last one.
     pub fn get(&self, i: usize) -> &'a [u8] {
         if i < self.len { self.tokens[i] } else { &[] }
     }
 
+    /// All tokens, in order.
     pub fn as_slice(&self) -> &[&'a [u8]] {
         &self.tokens[..self.len]
     }

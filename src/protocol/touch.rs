@@ -4,13 +4,18 @@ use super::number::parse_i32_truncating;
 use super::tokens::Tokens;
 use super::{Request, key_and_noreply, reply};
 
+/// A parsed `touch`.
 #[derive(Debug)]
 pub struct Touch<'a> {
+    /// The key: at most 250 bytes.
     pub key: &'a [u8],
+    /// The new exptime, memcached rules ([`crate::store::exptime`]).
     pub exptime: i64,
+    /// Send no reply.
     pub noreply: bool,
 }
 
+/// Parses `touch` from its line's tokens.
 pub fn parse<'a>(tokens: &Tokens<'a>) -> Request<'a> {
     let (key, noreply) = match key_and_noreply(tokens, &[4, 5]) {
         Ok(v) => v,

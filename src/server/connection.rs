@@ -40,6 +40,11 @@ impl Drop for Registered {
     }
 }
 
+/// Serves one client connection until the client leaves, the protocol says
+/// close, or `stop` turns true (then it finishes the requests it has read
+/// and returns). The caller has counted the connection in
+/// `curr_connections`; this uncounts it and drops `done` when it ends, so
+/// shutdown can wait for every connection.
 pub async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,

@@ -15,6 +15,7 @@ use crate::store::{Arith, Delta, Mode, Stored, Write};
 /// What the connection does after a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
+    /// Read the next request.
     Continue,
     /// Discard this many bytes of input (a rejected data block), then continue.
     Swallow(usize),
@@ -37,6 +38,8 @@ pub fn get_key(shared: &Shared, get: &Get<'_>, key: &[u8], out: &mut Vec<u8>) {
     });
 }
 
+/// Ends a get-family reply after its keys: `END`, or the error line when a
+/// key in the list was too long.
 pub fn get_end(get: &Get<'_>, out: &mut Vec<u8>) {
     if get.fails_after_keys {
         put_line(out, reply::BAD_FORMAT.as_bytes());

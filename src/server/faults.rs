@@ -14,6 +14,7 @@ use crate::config::FaultsConfig;
 /// What happens to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
+    /// Handled as usual.
     None,
     /// Read and ignored: not executed, no reply.
     DropRequest,
@@ -28,9 +29,11 @@ pub enum Fault {
 pub struct Faults {
     config: FaultsConfig,
     state: AtomicU64,
-    /// Counters for `stats`: requests dropped, replies dropped, delays.
+    /// Requests read and ignored (`stats`).
     pub dropped_requests: AtomicU64,
+    /// Requests executed whose replies were not sent (`stats`).
     pub dropped_replies: AtomicU64,
+    /// Requests held before they were executed (`stats`).
     pub delayed: AtomicU64,
 }
 

@@ -23,6 +23,7 @@ pub struct InflightBudget {
 }
 
 impl InflightBudget {
+    /// A budget of `limit` bytes, none reserved.
     pub fn new(limit: usize) -> Self {
         Self {
             used: AtomicUsize::new(0),
@@ -30,6 +31,7 @@ impl InflightBudget {
         }
     }
 
+    /// Bytes reserved now, over all connections (`stats` `inflight_bytes`).
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
@@ -59,10 +61,12 @@ pub struct Reservation<'a> {
 }
 
 impl<'a> Reservation<'a> {
+    /// A connection's empty reservation against `budget`.
     pub fn new(budget: &'a InflightBudget) -> Self {
         Self { budget, bytes: 0 }
     }
 
+    /// Bytes this connection holds reserved now (0 when none).
     pub fn bytes(&self) -> usize {
         self.bytes
     }

@@ -23,6 +23,7 @@ fn request_id<'a>(tokens: &[&'a [u8]]) -> Result<Option<&'a [u8]>, &'static str>
     hints::parse(tokens).map(|h| h.request_id)
 }
 
+/// Executes one meta command against the store and appends its reply.
 pub fn execute(shared: &Shared, req: MetaRequest<'_>, out: &mut Vec<u8>) -> Action {
     if !matches!(req, MetaRequest::Noop) {
         shared.stats.cmd_meta.fetch_add(1, Relaxed);

@@ -37,12 +37,16 @@ pub const VERSION: &str = concat!("1.6.18-webvac-", env!("CARGO_PKG_VERSION"));
 
 /// State every connection shares.
 pub struct Shared {
+    /// The node's items.
     pub store: Store,
     /// Memory for requests whose data is still arriving; as large as the
     /// item memory limit.
     pub inflight: inflight::InflightBudget,
+    /// Connection and command counters for `stats`.
     pub stats: ServerStats,
+    /// What `stats` reports about the process (pid, version, settings).
     pub facts: Facts,
+    /// Key, line and value bounds the parser enforces.
     pub limits: ParseLimits,
     /// Present when this node is a cluster member: every request that is
     /// not purely local goes through it.

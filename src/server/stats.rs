@@ -10,18 +10,27 @@ use crate::store::StoreStats;
 /// and only read for reporting.
 #[derive(Debug, Default)]
 pub struct ServerStats {
+    /// Client connections open now (not reset by `stats reset`).
     pub curr_connections: AtomicU64,
+    /// Client connections accepted since start.
     pub total_connections: AtomicU64,
+    /// Connections refused at the connection limit.
     pub rejected_connections: AtomicU64,
+    /// Bytes read from client connections.
     pub bytes_read: AtomicU64,
+    /// Bytes written to client connections.
     pub bytes_written: AtomicU64,
+    /// `flush_all` commands.
     pub cmd_flush: AtomicU64,
+    /// Meta commands other than `mn`.
     pub cmd_meta: AtomicU64,
     /// Level last set by `verbosity`.
     pub verbosity: AtomicU64,
 }
 
 impl ServerStats {
+    /// Zeroes the counters for `stats reset`; `curr_connections` and
+    /// `verbosity` are states, not counters, and stay.
     pub fn reset(&self) {
         for c in [
             &self.total_connections,
@@ -39,14 +48,24 @@ impl ServerStats {
 /// Fixed facts reported by `stats`.
 #[derive(Debug, Clone)]
 pub struct Facts {
+    /// The process id.
     pub pid: u32,
+    /// Unix second the server started (for `uptime`).
     pub started_unix_secs: u32,
+    /// webvac's version string.
     pub version: &'static str,
+    /// The client connection limit (`-c`).
     pub max_connections: usize,
+    /// Worker threads (`-t`).
     pub threads: usize,
+    /// The client port as bound (a configured 0 reports the port picked);
+    /// 0 when the server serves no client port.
     pub port: u16,
+    /// The interface listened on.
     pub listen: String,
+    /// The item size limit in bytes (`-I`).
     pub item_bytes_max: usize,
+    /// Lock shards of the store.
     pub shards: usize,
 }
 

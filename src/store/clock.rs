@@ -37,12 +37,14 @@ pub struct ManualClock {
 }
 
 impl ManualClock {
+    /// A clock that reads `now_ms` (unix milliseconds) until advanced.
     pub fn new(now_ms: u64) -> Self {
         Self {
             now_ms: AtomicU64::new(now_ms),
         }
     }
 
+    /// Moves the clock forward by `delta_ms` milliseconds.
     pub fn advance_ms(&self, delta_ms: u64) {
         self.now_ms.fetch_add(delta_ms, Ordering::SeqCst);
     }

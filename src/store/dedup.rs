@@ -36,12 +36,20 @@ const _: () = assert!(AREA_BYTES_MAX <= u16::MAX as usize);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// A store (`ms` in any mode) that stored, at this CAS.
-    Stored { cas: u64 },
+    Stored {
+        /// The CAS the store produced.
+        cas: u64,
+    },
     /// A delete that deleted.
     Deleted,
     /// An `ma` that produced this number at this CAS (or created the item
     /// with it).
-    Value { number: u64, cas: u64 },
+    Value {
+        /// The number the item held after the `ma`.
+        number: u64,
+        /// The CAS the `ma` produced.
+        cas: u64,
+    },
 }
 
 impl Outcome {
@@ -75,9 +83,11 @@ pub struct Policy {
 /// One decoded record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record<'a> {
+    /// The request id: 1 to 32 printable bytes, no comma ([`valid_id`]).
     pub id: &'a [u8],
     /// The primary's clock when it applied the mutation.
     pub at_ms: u64,
+    /// What the mutation answered, to answer a retry with.
     pub outcome: Outcome,
 }
 

@@ -28,8 +28,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// 2024-01-01T00:00:00Z in unix milliseconds.
 pub const EPOCH_UNIX_MS: u64 = 1_704_067_200_000;
+/// Low bits of a version that hold the node id.
 pub const NODE_BITS: u32 = 12;
+/// Bits of a version, above the node id, that count writes within one
+/// millisecond.
 pub const LOGICAL_BITS: u32 = 10;
+/// The largest node id a version can carry (4,095).
 pub const NODE_ID_MAX: u16 = (1 << NODE_BITS) - 1;
 
 /// Issues strictly increasing version stamps for one node.

@@ -58,12 +58,16 @@ pub fn leaf_of(key_hash: u64) -> u16 {
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
 )]
 pub struct TreeNode {
+    /// The partition whose tree this is.
     pub partition: u32,
+    /// 0 for the root, up to [`DEPTH`] for a leaf.
     pub level: u8,
+    /// Position within its level: `0..FANOUT^level`.
     pub index: u16,
 }
 
 impl TreeNode {
+    /// The root of `partition`'s tree.
     pub fn root(partition: u32) -> Self {
         Self {
             partition,
@@ -72,6 +76,7 @@ impl TreeNode {
         }
     }
 
+    /// Whether the node is a leaf (at [`DEPTH`]).
     pub fn is_leaf(&self) -> bool {
         self.level == DEPTH
     }
@@ -111,6 +116,8 @@ pub struct Trees {
 }
 
 impl Trees {
+    /// Empty trees for `partitions` partitions ([`LEAVES`] 8-byte leaves each),
+    /// allocated once.
     pub fn new(partitions: u32) -> Self {
         let leaves = (0..partitions as usize * LEAVES)
             .map(|_| AtomicU64::new(0))
@@ -118,6 +125,7 @@ impl Trees {
         Self { partitions, leaves }
     }
 
+    /// Number of partitions the trees cover.
     pub fn partitions(&self) -> u32 {
         self.partitions
     }

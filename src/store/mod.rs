@@ -79,9 +79,13 @@ pub enum Mode {
 /// A write request, after parsing.
 #[derive(Debug, Clone, Copy)]
 pub struct Write<'a> {
+    /// How to treat an existing item.
     pub mode: Mode,
+    /// The key: 1 to 250 bytes (see [`valid_key`]).
     pub key: &'a [u8],
+    /// The value, stored as given.
     pub value: &'a [u8],
+    /// The client's opaque flags, returned with the value.
     pub flags: u32,
     /// Client exptime, memcached rules (see [`exptime`]).
     pub exptime: i64,
@@ -93,6 +97,8 @@ pub struct Write<'a> {
 }
 
 impl<'a> Write<'a> {
+    /// A write with no CAS check and no invalidation; `exptime` follows
+    /// memcached's rules ([`exptime`]).
     pub fn new(mode: Mode, key: &'a [u8], value: &'a [u8], flags: u32, exptime: i64) -> Self {
         Self {
             mode,
@@ -111,6 +117,8 @@ impl<'a> Write<'a> {
 pub enum Stored {
     /// Stored; carries the new CAS.
     Stored(u64),
+    /// The mode's condition failed: `add` of a present key, or `replace`,
+    /// `append` or `prepend` of an absent one.
     NotStored,
     /// CAS mismatch.
     Exists,
@@ -128,18 +136,24 @@ pub enum Delta {
     /// The new value, the new CAS, and whether memcached would have
     /// rewritten the item in place (the new number is not longer).
     Value(u64, u64, bool),
+    /// No live item for the key.
     NotFound,
+    /// The value is empty or not a decimal number that fits in 64 bits.
     NonNumeric,
     /// CAS given and it did not match.
     Exists,
+    /// The new value could not be stored within the memory limit.
     NoMemory,
 }
 
 /// incr/decr request.
 #[derive(Debug, Clone, Copy)]
 pub struct Arith<'a> {
+    /// The key: 1 to 250 bytes.
     pub key: &'a [u8],
+    /// `true` for incr, `false` for decr.
     pub incr: bool,
+    /// Amount to add or subtract. incr wraps at 2^64; decr stops at 0.
     pub delta: u64,
     /// Meta `C`: apply only if the item's CAS equals this (0: no check).
     pub compare_cas: Option<u64>,
@@ -148,12 +162,19 @@ pub struct Arith<'a> {
 /// A copy of an item's metadata, handed to readers alongside its value.
 #[derive(Debug, Clone, Copy)]
 pub struct Meta {
+    /// The client's opaque flags.
     pub flags: u32,
+    /// The item's version stamp, which is also its CAS.
     pub cas: u64,
+    /// Absolute unix seconds; 0 = never.
     pub exptime: u32,
+    /// Unix second of the last store or read.
     pub last_access: u32,
+    /// Read at least once since it was stored.
     pub fetched: bool,
+    /// Marked stale by a meta `I` (invalidate).
     pub stale: bool,
+    /// A meta get already handed out the recache win token for it.
     pub win_sent: bool,
 }
 
@@ -176,15 +197,18 @@ impl Meta {
 /// replica expires the item at the same second.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum KeyState {
+    /// A live item.
     Item {
         /// The item's version stamp (also its CAS).
         version: u64,
+        /// The client's opaque flags.
         flags: u32,
         /// Absolute unix seconds; 0 = never.
         exptime: u32,
         /// The item bits that travel with it ([`REPLICATED_BITS`]: stale,
         /// base64 key); access bits stay local.
         bits: u8,
+        /// The value.
         value: Vec<u8>,
         /// Request-id records ([`dedup`]): replicated with the item so a
         /// retry finds them on any replica.
@@ -193,6 +217,7 @@ pub enum KeyState {
     /// The key was removed (deleted, or absent after a write that removed
     /// it) at this version. Applying it removes older items only.
     Absent {
+        /// The version of the removal.
         version: u64,
         /// The records of a delete that carried a request id.
         dedup: Vec<u8>,
@@ -227,6 +252,7 @@ impl KeyState {
         }
     }
 
+    /// The version stamp of the item or of its removal.
     pub fn version(&self) -> u64 {
         match self {
             KeyState::Item { version, .. } | KeyState::Absent { version, .. } => *version,
@@ -275,9 +301,13 @@ pub enum Applied {
 /// Summed store statistics.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct StoreStats {
+    /// The shards' counters, summed.
     pub counters: ShardStats,
+    /// Live items (tombstones excluded).
     pub curr_items: u64,
+    /// Bytes held: item charges plus spare index buckets (see [`charge`]).
     pub bytes: u64,
+    /// The memory limit in bytes, rounded down to a multiple of the shard count.
     pub limit_maxbytes: u64,
 }
 
@@ -295,8 +325,13 @@ pub enum Fill {
 /// Store construction options.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
+    /// Bytes the store may hold in all, index included; split evenly across
+    /// shards.
     pub memory_limit_bytes: usize,
+    /// The largest item accepted, counted as memcached counts it (`-I`; see
+    /// [`item_fits`]).
     pub item_bytes_max: usize,
+    /// This node's id in its version stamps: at most [`hlc::NODE_ID_MAX`].
     pub node_id: u16,
     /// Keep anti-entropy trees over this many partitions (`None`: none).
     pub tree_partitions: Option<u32>,
@@ -330,6 +365,7 @@ pub type KeyVersion = (Vec<u8>, u64);
 pub struct ListedKey {
     /// Its xxh3-64: the listing's order. Compared first.
     pub hash: u64,
+    /// The key.
     pub key: Vec<u8>,
     /// Stored by a meta command with a base64 key: listed in base64.
     pub binary: bool,
@@ -338,6 +374,7 @@ pub struct ListedKey {
 /// One page of [`Store::list_keys`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPage {
+    /// Keys in hash order.
     pub keys: Vec<ListedKey>,
     /// The hash to continue from; `None`: the range is done.
     pub next: Option<u64>,
@@ -387,6 +424,10 @@ pub fn shard_count(limit_bytes: usize, item_bytes_max: usize) -> usize {
 }
 
 impl Store {
+    /// A store with `config`'s limits, reading time from `clock`.
+    ///
+    /// # Panics
+    /// If `config.node_id` is above [`hlc::NODE_ID_MAX`].
     pub fn new(config: &StoreConfig, clock: Arc<dyn Clock>) -> Self {
         let n = shard_count(config.memory_limit_bytes, config.item_bytes_max);
         let per_shard = config.memory_limit_bytes / n;
@@ -419,18 +460,22 @@ impl Store {
         self.clock.clone()
     }
 
+    /// The store's clock.
     pub fn clock(&self) -> &dyn Clock {
         &*self.clock
     }
 
+    /// The largest item accepted (see [`item_fits`]).
     pub fn item_bytes_max(&self) -> usize {
         self.item_bytes_max
     }
 
+    /// The memory limit in bytes, rounded down to a multiple of the shard count.
     pub fn limit_bytes(&self) -> usize {
         self.limit_bytes
     }
 
+    /// Number of lock shards: a power of two, at most [`SHARDS_MAX`].
     pub fn shard_count(&self) -> usize {
         self.shards.len()
     }
@@ -1027,6 +1072,8 @@ impl Store {
             .sum()
     }
 
+    /// Counters and sizes summed over every shard. Shards are read one after
+    /// another, so the sum is not one instant's snapshot.
     pub fn stats(&self) -> StoreStats {
         let mut out = StoreStats {
             limit_maxbytes: self.limit_bytes as u64,
@@ -1098,6 +1145,7 @@ pub struct Ctx<'a> {
     found: Result<Slot, Gone>,
     /// The operation's one clock reading, in ms and whole seconds.
     now_ms: u64,
+    /// The operation's clock reading in whole unix seconds.
     pub now_secs: u32,
     /// The request id (and, for `ma`, the number) to record on this
     /// operation's write, if it succeeds ([`Ctx::record_as`]).
@@ -1133,6 +1181,7 @@ impl Ctx<'_> {
         self.found.ok().map(|s| self.shard.get(s))
     }
 
+    /// A copy of the live item's metadata, if any.
     pub fn meta(&self) -> Option<Meta> {
         self.item().map(Meta::of)
     }
@@ -1169,11 +1218,12 @@ impl Ctx<'_> {
         Some(v)
     }
 
+    /// The counters of the key's shard, for callers that count operations the
+    /// store does not see whole (meta commands).
     pub fn stats(&mut self) -> &mut ShardStats {
         &mut self.shard.stats
     }
 
-    /// Removes the live item, if any.
     /// Removes the key's entry, live item or tombstone, if any.
     pub fn remove_entry(&mut self) {
         if let Ok(slot) | Err(Gone::Deleted(slot)) = self.found {
@@ -1182,6 +1232,7 @@ impl Ctx<'_> {
         }
     }
 
+    /// Removes the live item, if any (a tombstone stays).
     pub fn remove(&mut self) {
         if let Ok(slot) = self.found {
             self.shard.remove(slot);

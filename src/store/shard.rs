@@ -49,6 +49,7 @@ pub const fn charge(key_and_value_bytes: usize) -> usize {
     INDEX_BYTES_PER_ENTRY + alloc_bytes(HEADER_BYTES + key_and_value_bytes)
 }
 
+/// Flag bits kept in each item's header byte ([`Entry::bits`]).
 pub mod bits {
     /// SIEVE: hit since the hand last passed.
     pub const VISITED: u8 = 1 << 0;
@@ -87,6 +88,7 @@ const ACCESS_AT: usize = 36;
 const KEY_LEN_AT: usize = 40;
 const BITS_AT: usize = 41;
 const DEDUP_LEN_AT: usize = 42;
+/// Bytes of the header at the front of every item allocation, before the key.
 pub const HEADER_BYTES: usize = 48;
 const ITEM_ALIGN: usize = 8;
 
@@ -105,7 +107,8 @@ pub struct Slot(NonNull<u8>);
 const NIL: Option<Slot> = None;
 
 macro_rules! header_field {
-    ($vis:vis $get:ident, $set:ident, $ty:ty, $at:expr) => {
+    ($(#[doc = $doc:expr])* $vis:vis $get:ident, $set:ident, $ty:ty, $at:expr) => {
+        $(#[doc = $doc])*
         #[inline]
         $vis fn $get(&self) -> $ty {
             <$ty>::from_ne_bytes(
@@ -114,6 +117,7 @@ macro_rules! header_field {
                     .expect("header field"),
             )
         }
+        #[doc = concat!("Sets [`Self::", stringify!($get), "`].")]
         #[inline]
         $vis fn $set(&mut self, v: $ty) {
             self.buf[$at..$at + std::mem::size_of::<$ty>()].copy_from_slice(&v.to_ne_bytes());
@@ -122,18 +126,39 @@ macro_rules! header_field {
 }
 
 impl Entry {
-    header_field!(pub cas, set_cas, u64, CAS_AT);
-    header_field!(pub exptime, set_exptime, u32, EXPTIME_AT);
-    header_field!(pub flags, set_flags, u32, FLAGS_AT);
-    header_field!(pub last_access, set_last_access, u32, ACCESS_AT);
-    header_field!(newer_raw, set_newer_raw, u64, NEWER_AT);
-    header_field!(older_raw, set_older_raw, u64, OLDER_AT);
+    header_field!(
+        /// The item's version stamp ([`super::hlc`]), which is also its CAS.
+        pub cas, set_cas, u64, CAS_AT
+    );
+    header_field!(
+        /// When the item expires: absolute unix seconds, 0 = never
+        /// ([`super::exptime`]). For a tombstone, when it may be dropped.
+        pub exptime, set_exptime, u32, EXPTIME_AT
+    );
+    header_field!(
+        /// The client's opaque 32-bit flags, returned with the value.
+        pub flags, set_flags, u32, FLAGS_AT
+    );
+    header_field!(
+        /// Unix second of the item's last store or read (for `flush_all`,
+        /// the meta `l` flag and `me`'s `la`).
+        pub last_access, set_last_access, u32, ACCESS_AT
+    );
+    header_field!(
+        /// Address of the next newer item in the SIEVE list, 0 for none.
+        newer_raw, set_newer_raw, u64, NEWER_AT
+    );
+    header_field!(
+        /// Address of the next older item in the SIEVE list, 0 for none.
+        older_raw, set_older_raw, u64, OLDER_AT
+    );
 
     #[inline]
     fn key_len(&self) -> usize {
         usize::from(self.buf[KEY_LEN_AT])
     }
 
+    /// The item's key: 1 to 250 bytes.
     #[inline]
     pub fn key(&self) -> &[u8] {
         &self.buf[HEADER_BYTES..HEADER_BYTES + self.key_len()]
@@ -148,6 +173,7 @@ impl Entry {
         ) as usize
     }
 
+    /// The item's value (empty for a tombstone).
     #[inline]
     pub fn value(&self) -> &[u8] {
         let at = HEADER_BYTES + self.key_len();
@@ -160,25 +186,30 @@ impl Entry {
         &self.buf[HEADER_BYTES + self.key_len() + self.value_len()..]
     }
 
+    /// Bytes this item counts against its shard's budget (see [`charge`]).
     pub fn charge(&self) -> usize {
         charge(self.buf.len() - HEADER_BYTES)
     }
 
+    /// The item's flag bits ([`bits`]).
     #[inline]
     pub fn bits(&self) -> u8 {
         self.buf[BITS_AT]
     }
 
+    /// Replaces all of the item's flag bits ([`bits`]).
     #[inline]
     pub fn set_bits(&mut self, bits: u8) {
         self.buf[BITS_AT] = bits;
     }
 
+    /// Whether `bit` (one of [`bits`]) is set.
     #[inline]
     pub fn has(&self, bit: u8) -> bool {
         self.bits() & bit != 0
     }
 
+    /// Sets (`on`) or clears one of the [`bits`].
     #[inline]
     pub fn set(&mut self, bit: u8, on: bool) {
         let b = self.bits();
@@ -230,6 +261,12 @@ pub struct NewItem {
 unsafe impl Send for NewItem {}
 
 impl NewItem {
+    /// A new item with no request-id records. `value_parts` are concatenated
+    /// into the value; `exptime` is absolute unix seconds (0 = never) and `cas`
+    /// its version stamp.
+    ///
+    /// # Panics
+    /// If the value is 4 GiB or longer.
     pub fn new(key: &[u8], value_parts: &[&[u8]], flags: u32, exptime: u32, cas: u64) -> Self {
         Self::with_dedup(key, value_parts, &[], flags, exptime, cas)
     }
@@ -282,11 +319,13 @@ impl NewItem {
         item
     }
 
+    /// The item, read-only.
     pub fn entry(&self) -> &Entry {
         // SAFETY: we own the allocation; it is initialised.
         unsafe { entry_at(self.ptr) }
     }
 
+    /// The item, for setting header fields before it is inserted.
     pub fn entry_mut(&mut self) -> &mut Entry {
         // SAFETY: we own the allocation exclusively; it is initialised.
         unsafe { entry_at_mut(self.ptr) }
@@ -345,30 +384,58 @@ unsafe fn entry_at_mut<'a>(p: NonNull<u8>) -> &'a mut Entry {
 /// Counters kept under the shard lock, so the hot path pays no atomics.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ShardStats {
+    /// Reads (`get`, `gets`, `mg`) that found the key.
     pub get_hits: u64,
+    /// Reads that did not find a live item.
     pub get_misses: u64,
+    /// Read misses because the item had expired (also counted in `get_misses`).
     pub get_expired: u64,
+    /// Read misses because a `flush_all` had removed the item (also counted in
+    /// `get_misses`).
     pub get_flushed: u64,
+    /// `touch`/`gat` requests that found the key.
     pub touch_hits: u64,
+    /// `touch`/`gat` requests that did not find a live item.
     pub touch_misses: u64,
+    /// Deletes that removed a live item.
     pub delete_hits: u64,
+    /// Deletes that found no live item.
     pub delete_misses: u64,
+    /// `incr` requests that found a number and applied the delta.
     pub incr_hits: u64,
+    /// `incr` requests that found no live item.
     pub incr_misses: u64,
+    /// `decr` requests that found a number and applied the delta.
     pub decr_hits: u64,
+    /// `decr` requests that found no live item.
     pub decr_misses: u64,
+    /// Compare-and-swap writes whose CAS matched (or that a meta `I` let store
+    /// as stale).
     pub cas_hits: u64,
+    /// Compare-and-swap writes that found no item.
     pub cas_misses: u64,
+    /// Compare-and-swap writes refused because the CAS did not match.
     pub cas_badval: u64,
+    /// Keys looked up by reads, hit or miss (memcached counts per key).
     pub cmd_get: u64,
+    /// Writes that reached the store, stored or not.
     pub cmd_set: u64,
+    /// `touch`/`gat` requests, hit or miss.
     pub cmd_touch: u64,
+    /// Items stored since start or the last `stats reset` (tombstones excluded).
     pub total_items: u64,
+    /// Live items removed to make room for a write.
     pub evictions: u64,
+    /// Evicted items that were never read after being stored.
     pub evicted_unfetched: u64,
+    /// Expired items removed (lazily, by the sweep or by eviction) that were
+    /// never read after being stored.
     pub expired_unfetched: u64,
+    /// Expired items removed by the background sweep or by the eviction hand.
     pub reclaimed: u64,
+    /// Writes refused because the item exceeded the item size limit.
     pub store_too_large: u64,
+    /// Writes refused because no room could be made within the memory limit.
     pub store_no_memory: u64,
     /// Mutations answered from a request-id record instead of applied.
     pub request_id_replays: u64,
@@ -377,6 +444,7 @@ pub struct ShardStats {
 }
 
 impl ShardStats {
+    /// Adds every counter of `o` to this one (to sum shards).
     pub fn add(&mut self, o: &ShardStats) {
         macro_rules! sum { ($($f:ident),*) => { $( self.$f += o.$f; )* } }
         sum!(
@@ -421,14 +489,20 @@ pub enum InsertError {
 /// Why a lookup found nothing usable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gone {
+    /// No entry for the key, or a tombstone past its grace.
     Missing,
+    /// The item had expired; the lookup removed it.
     Expired,
+    /// The item was last accessed before a `flush_all` took effect; the lookup
+    /// removed it.
     Flushed,
     /// A tombstone: absent for clients, but its version still outranks
     /// older copies (and an insert must replace this slot).
     Deleted(Slot),
 }
 
+/// One lock's worth of the store: items, their index and SIEVE list, and a
+/// byte budget (see the module header).
 pub struct Shard {
     /// key hash → item. Owns nothing; the shard owns the items.
     index: Index,
@@ -445,6 +519,7 @@ pub struct Shard {
     /// The node's anti-entropy trees, told of every entry that comes or
     /// goes (`None`: a single node, or anti-entropy off).
     trees: Option<Arc<Trees>>,
+    /// This shard's counters, summed across shards by [`super::Store::stats`].
     pub stats: ShardStats,
 }
 
@@ -473,6 +548,8 @@ fn rehash(p: NonNull<u8>) -> u64 {
 }
 
 impl Shard {
+    /// An empty shard that may hold `limit_bytes` (see [`charge`]), telling
+    /// `trees` of every entry that comes or goes (`None`: keep no trees).
     pub fn new(limit_bytes: usize, trees: Option<Arc<Trees>>) -> Self {
         Self {
             index: Index::new(),
@@ -509,6 +586,8 @@ impl Shard {
         self.footprint_bytes() + cost <= self.limit_bytes
     }
 
+    /// Bytes charged for the entries held, their index buckets included
+    /// (spare buckets excluded; see [`Shard::footprint_bytes`]).
     pub fn used_bytes(&self) -> usize {
         self.used_bytes
     }
@@ -527,10 +606,12 @@ impl Shard {
         self.used_bytes + self.spare_bytes()
     }
 
+    /// This shard's byte budget.
     pub fn limit_bytes(&self) -> usize {
         self.limit_bytes
     }
 
+    /// Entries held, tombstones and not-yet-reaped expired items included.
     pub fn len(&self) -> usize {
         self.index.len()
     }
@@ -574,6 +655,7 @@ impl Shard {
         self.index.len() - self.tombstones
     }
 
+    /// Whether the shard holds no entry at all (tombstones included).
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()
     }
@@ -585,6 +667,7 @@ impl Shard {
         unsafe { entry_at(slot.0) }
     }
 
+    /// The item `slot` names, for changing its header.
     pub fn get_mut(&mut self, slot: Slot) -> &mut Entry {
         // SAFETY: as `get`; `&mut self` makes the borrow exclusive.
         unsafe { entry_at_mut(slot.0) }

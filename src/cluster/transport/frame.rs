@@ -28,7 +28,12 @@ pub const FRAME_PAYLOAD_BYTES_LIMIT: usize = u32::MAX as usize;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded<T> {
     /// One message, taken from the first `consumed` bytes of the buffer.
-    Frame { msg: T, consumed: usize },
+    Frame {
+        /// The decoded message.
+        msg: T,
+        /// Bytes of the buffer the frame took, header included.
+        consumed: usize,
+    },
     /// The buffer holds less than one whole frame: read more.
     Incomplete,
 }
@@ -39,7 +44,12 @@ pub enum Decoded<T> {
 pub enum FrameError {
     /// The payload is longer than `max` bytes (the `frame_bytes_max` limit).
     #[error("frame payload of {len} bytes exceeds the limit of {max} bytes")]
-    Oversized { len: usize, max: usize },
+    Oversized {
+        /// The payload's length in bytes.
+        len: usize,
+        /// The limit it exceeds, in bytes.
+        max: usize,
+    },
     /// The payload does not match its crc32.
     #[error("frame checksum mismatch")]
     Checksum,

@@ -54,8 +54,9 @@ pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 500;
 pub const INFLIGHT_MAX_DEFAULT: usize = 1024;
 /// Default bound on one frame's payload.
 pub const FRAME_BYTES_MAX_DEFAULT: usize = 4 * 1024 * 1024;
-/// Default first and largest reconnect backoff.
+/// Default first reconnect backoff, in milliseconds.
 pub const BACKOFF_MIN_MS_DEFAULT: u64 = 20;
+/// Default largest reconnect backoff, in milliseconds.
 pub const BACKOFF_MAX_MS_DEFAULT: u64 = 2000;
 /// Default interval between heartbeat pings.
 pub const HEARTBEAT_INTERVAL_MS_DEFAULT: u64 = 250;
@@ -196,7 +197,9 @@ pub struct TransportStats {
 
 /// How a node opens connections: real TCP here; the simulation tests will supply a turmoil one.
 pub trait Connector: Send + Sync + 'static {
+    /// The byte stream a connection runs over.
     type Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
+    /// Opens a stream to `addr` (`host:port`); the caller bounds the wait.
     fn connect(
         &self,
         addr: &str,
@@ -262,7 +265,10 @@ pub enum PeerState {
     /// Connected and handshaken: calls are sent.
     Up,
     /// Not connected (redialling in the background); calls fail at once.
-    Down { reason: String },
+    Down {
+        /// Why the last dial or connection failed, e.g. "connection refused".
+        reason: String,
+    },
 }
 
 // ---------------------------------------------------------------------------

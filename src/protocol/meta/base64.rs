@@ -54,6 +54,7 @@ pub fn decode(input: &[u8]) -> Option<Vec<u8>> {
     if out.is_empty() { None } else { Some(out) }
 }
 
+/// Standard base64 with padding, as `b` keys are echoed.
 pub fn encode(key: &[u8]) -> String {
     STANDARD.encode(key)
 }

@@ -16,12 +16,17 @@
 /// Per-request consistency (R and W) and the request id, where given.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Hints<'a> {
+    /// `r<n>`: replicas a read must hear from (`None`: the cluster's R).
     pub read_quorum: Option<u8>,
+    /// `w<n>`: replicas a write must reach (`None`: the cluster's W).
     pub write_quorum: Option<u8>,
+    /// `i<id>`: the mutation's request id, 1 to 32 printable bytes.
     pub request_id: Option<&'a [u8]>,
 }
 
+/// An `r` or `w` item that is not a number from 1 to 255.
 pub const BAD_QUORUM: &str = "CLIENT_ERROR bad quorum in P token";
+/// An `i` item that is not a valid request id.
 pub const BAD_REQUEST_ID: &str = "CLIENT_ERROR bad request id in P token";
 
 /// The hints in a meta command's flag tokens.

@@ -8,12 +8,19 @@ use std::borrow::Cow;
 use super::super::Request;
 use super::{Flags, MetaRequest, errors};
 
+/// A parsed `ma`, with the defaults filled in.
 #[derive(Debug)]
 pub struct MetaArith<'a> {
+    /// The key, base64-decoded when the `b` flag is given.
     pub key: Cow<'a, [u8]>,
+    /// The flags, in request order.
     pub flags: Flags<'a>,
+    /// `true` to increment (mode `I`/`+`, the default), `false` to
+    /// decrement (`D`/`-`).
     pub incr: bool,
+    /// The amount to add or subtract (`D`; default 1).
     pub delta: u64,
+    /// The value an `N` creates a missing item with (`J`; default 0).
     pub initial: u64,
 }
 

@@ -6,9 +6,12 @@ use std::borrow::Cow;
 
 use super::Flags;
 
+/// A parsed `md`.
 #[derive(Debug)]
 pub struct MetaDelete<'a> {
+    /// The key, base64-decoded when the `b` flag is given.
     pub key: Cow<'a, [u8]>,
+    /// The flags, in request order.
     pub flags: Flags<'a>,
 }
 

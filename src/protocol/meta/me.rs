@@ -8,11 +8,14 @@ use super::super::{Request, reply};
 use super::{MetaRequest, base64};
 use crate::limits::KEY_BYTES_MAX;
 
+/// A parsed `me`.
 #[derive(Debug)]
 pub struct MetaDebug<'a> {
+    /// The key, base64-decoded when followed by `b`.
     pub key: Cow<'a, [u8]>,
 }
 
+/// Parses `me` from its line's tokens.
 pub fn parse<'a>(tokens: &Tokens<'a>) -> Request<'a> {
     if tokens.len() < 2 || tokens.get(1).len() > KEY_BYTES_MAX {
         return Request::error(reply::BAD_FORMAT);

@@ -8,12 +8,17 @@ use std::borrow::Cow;
 
 use super::Flags;
 
+/// A parsed `mg`.
 #[derive(Debug)]
 pub struct MetaGet<'a> {
+    /// The key, base64-decoded when the `b` flag is given.
     pub key: Cow<'a, [u8]>,
+    /// The flags, in request order.
     pub flags: Flags<'a>,
 }
 
+/// Composes `mg <key> <flag>*\r\n`. `key` goes as given (base64-encode a
+/// binary key and pass `b` among the flags).
 pub fn compose_request(out: &mut Vec<u8>, key: &[u8], flags: &[&str]) {
     out.extend_from_slice(b"mg ");
     out.extend_from_slice(key);

@@ -27,18 +27,38 @@ use crate::limits::{KEY_BYTES_MAX, OPAQUE_BYTES_MAX};
 
 /// Meta-protocol error replies, verbatim.
 pub mod errors {
+    /// A flag letter given twice, or a flag token starting with a byte >= 127.
     pub const DUPLICATE_FLAG: &str = "CLIENT_ERROR duplicate flag";
+    /// A flag letter the command does not know.
     pub const INVALID_FLAG: &str = "CLIENT_ERROR invalid flag";
+    /// A `T`, `N`, `R` or `C` argument that is not a number.
     pub const BAD_TOKEN: &str = "CLIENT_ERROR bad token in command line format";
+    /// An `M` (mode) argument that is not exactly one byte.
     pub const BAD_M_LENGTH: &str = "CLIENT_ERROR incorrect length for M token";
+    /// A `J` (initial value) argument that is not a 64-bit number.
     pub const BAD_INITIAL: &str = "CLIENT_ERROR invalid numeric initial value";
+    /// A `D` (delta) argument that is not a 64-bit number.
     pub const BAD_DELTA: &str = "CLIENT_ERROR invalid numeric delta value";
+    /// A `b` key that is not valid base64.
     pub const BAD_KEY_ENCODING: &str = "CLIENT_ERROR error decoding key";
+    /// Any flag error in `md` or `ma` (memcached reports them all alike).
     pub const INVALID_OR_DUPLICATE: &str = "CLIENT_ERROR invalid or duplicate flag";
+    /// `mg` with more than [`META_NTOKENS_MAX`] tokens.
+    ///
+    /// [`META_NTOKENS_MAX`]: super::META_NTOKENS_MAX
     pub const MG_TOO_MANY_FLAGS: &str = "CLIENT_ERROR options flags are too long";
+    /// `ms`, `md` or `ma` with more than [`META_NTOKENS_MAX`] tokens.
+    ///
+    /// [`META_NTOKENS_MAX`]: super::META_NTOKENS_MAX
     pub const TOO_MANY_FLAGS: &str = "CLIENT_ERROR options flags too long";
+    /// An `O` (opaque) value, after the letter, of [`OPAQUE_BYTES_MAX`] bytes
+    /// or more.
+    ///
+    /// [`OPAQUE_BYTES_MAX`]: crate::limits::OPAQUE_BYTES_MAX
     pub const OPAQUE_TOO_LONG: &str = "CLIENT_ERROR opaque token too long";
+    /// An `ms` mode letter other than `E`, `A`, `P`, `R`, `S`.
     pub const MS_BAD_MODE: &str = "CLIENT_ERROR invalid mode for ms M token";
+    /// An `ma` mode letter other than `I`, `+`, `D`, `-`.
     pub const MA_BAD_MODE: &str = "CLIENT_ERROR invalid mode for ma M token";
 }
 
@@ -46,13 +66,20 @@ pub mod errors {
 /// ntokens counts the terminal token).
 pub const META_NTOKENS_MAX: usize = 20;
 
+/// One parsed meta command.
 #[derive(Debug)]
 pub enum MetaRequest<'a> {
+    /// `mg`: get.
     Get(mg::MetaGet<'a>),
+    /// `ms`: set, with the data block.
     Set(ms::MetaSet<'a>),
+    /// `md`: delete.
     Delete(md::MetaDelete<'a>),
+    /// `ma`: arithmetic (incr/decr).
     Arith(ma::MetaArith<'a>),
+    /// `me`: debug dump of an item's metadata.
     Debug(me::MetaDebug<'a>),
+    /// `mn`: no-op, answered `MN` (marks the end of a pipelined batch).
     Noop,
 }
 
@@ -63,18 +90,28 @@ pub struct Flags<'a> {
     pub tokens: Vec<&'a [u8]>,
     /// Bit `c - b'A'` for each flag letter seen.
     seen: u64,
+    /// `T`: a new TTL, as a client exptime.
     pub ttl: Option<i32>,
+    /// `N`: on a miss, create the item with this TTL (vivify).
     pub vivify: Option<i32>,
+    /// `R`: win a recache if the TTL left is below this many seconds.
     pub recache: Option<i32>,
+    /// `C`: compare this CAS before changing the item.
     pub cas: Option<u64>,
+    /// `F`: the client flags to store.
     pub client_flags: Option<u32>,
+    /// `M`: the mode letter (`ms`, `ma`).
     pub mode: Option<u8>,
+    /// `J`: the initial value an `ma` creates on a miss.
     pub initial: Option<u64>,
+    /// `D`: the `ma` delta.
     pub delta: Option<u64>,
+    /// `O`: the opaque token to echo, without its letter.
     pub opaque: Option<&'a [u8]>,
 }
 
 impl Flags<'_> {
+    /// Whether the flag `letter` was given.
     pub fn has(&self, letter: u8) -> bool {
         letter.is_ascii_alphabetic() && self.seen & (1 << (letter - b'A')) != 0
     }
@@ -177,6 +214,8 @@ fn key_and_flags<'a>(tokens: &Tokens<'a>) -> Result<(&'a [u8], Vec<&'a [u8]>), &
     Ok((key, tokens.as_slice()[2..].to_vec()))
 }
 
+/// Parses a meta command whose line is `tokens` and ends at `line_end`
+/// bytes; `rest` is the buffer after the line (`ms`'s data block).
 pub fn parse<'a>(
     tokens: &Tokens<'a>,
     rest: &'a [u8],

@@ -18,17 +18,24 @@ use super::{Flags, META_NTOKENS_MAX, MetaRequest, errors, opaque_ok, parse_flags
 use crate::limits::KEY_BYTES_MAX;
 use crate::store::Mode;
 
+/// A parsed `ms` with its data block.
 #[derive(Debug)]
 pub struct MetaSet<'a> {
+    /// The key, base64-decoded when the `b` flag is given.
     pub key: Cow<'a, [u8]>,
+    /// The flags, in request order.
     pub flags: Flags<'a>,
+    /// The write mode, from `M` (default set).
     pub mode: Mode,
+    /// The value; empty when `refused`.
     pub data: &'a [u8],
     /// Refused before its data was read (too large, or no memory to buffer
     /// it): answer the refusal, drop the old item, discard its bytes.
     pub refused: Option<Refused>,
 }
 
+/// Parses `ms` from its line's tokens; the line ends at `line_end` and
+/// `rest` is the buffer after it.
 pub fn parse<'a>(
     tokens: &Tokens<'a>,
     rest: &'a [u8],
@@ -108,6 +115,8 @@ pub fn parse<'a>(
     }
 }
 
+/// Composes `ms <key> <datalen> <flag>*\r\n<data>\r\n`. `key` goes as
+/// given (base64-encode a binary key and pass `b` among the flags).
 pub fn compose_request(out: &mut Vec<u8>, key: &[u8], data: &[u8], flags: &[&str]) {
     out.extend_from_slice(b"ms ");
     out.extend_from_slice(key);
