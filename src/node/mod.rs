@@ -137,6 +137,31 @@ impl NodeBuilder {
     /// [`Config::default`], a lone node. `threads` does not apply (the node
     /// runs on the caller's runtime), nor do `listen` and `port` unless
     /// [`NodeBuilder::serve_memcached`] is set.
+    ///
+    /// A one-member cluster from TOML text (the same as a file's):
+    ///
+    /// ```
+    /// use webvac::config::Config;
+    /// use webvac::node::{Node, Options, Role};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = Config::from_toml_str(
+    ///     r#"
+    ///     memory_limit_mb = 32
+    ///     [cluster]
+    ///     node_id = 1
+    ///     members = [{ id = 1, client = "127.0.0.1:0", peer = "127.0.0.1:0" }]
+    ///     "#,
+    /// )?;
+    /// let member = Node::builder().config(config).start().await?;
+    /// assert_eq!((member.role(), member.node_id()), (Role::Member, Some(1)));
+    /// member.set("greeting", "hello", &Options::default()).await?;
+    /// assert!(member.holds("greeting"));
+    /// member.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn config(mut self, config: Config) -> Self {
         self.config = config;
@@ -173,6 +198,26 @@ impl NodeBuilder {
     /// memcached port) that answers, and sends each call to its key's
     /// primary. [`NodeBuilder::config`] and
     /// [`NodeBuilder::serve_memcached`] do not apply.
+    ///
+    /// ```
+    /// use webvac::config::Config;
+    /// use webvac::node::{Node, Options, Role};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// // A node serving the memcached port on a free port...
+    /// let config = Config { port: 0, ..Config::default() };
+    /// let member = Node::builder().config(config).serve_memcached(true).start().await?;
+    /// member.set("greeting", "hello", &Options::default()).await?;
+    /// // ...and a handle that holds nothing and asks it over TCP.
+    /// let addr = member.memcached_addr().expect("served");
+    /// let client = Node::builder().client_only(&[addr]).start().await?;
+    /// assert_eq!(client.role(), Role::ClientOnly);
+    /// assert_eq!(client.get("greeting").await?.expect("stored").data, "hello");
+    /// member.shutdown().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     #[must_use]
     pub fn client_only<S: std::fmt::Display>(mut self, seeds: &[S]) -> Self {
         self.seeds = Some(seeds.iter().map(ToString::to_string).collect());
