@@ -26,13 +26,13 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::cluster::{
     CLUSTER_POLL_INTERVAL, CLUSTER_READY_TIMEOUT, Cluster, Member, NodeId, PROBE_REPLY_TIMEOUT,
     START_ATTEMPTS, member_states, parse_stats,
 };
-use common::{Client, POLL_INTERVAL, SHUTDOWN_GRACE, STARTUP_TIMEOUT};
+use common::{Client, POLL_INTERVAL, SHUTDOWN_GRACE, STARTUP_TIMEOUT, fresh_temp_dir, stop_child};
 
 /// Deadline of one HTTP exchange. Above the example's cache deadline (6 s):
 /// a request that waits for a dead member still gets its answer.
@@ -221,7 +221,7 @@ impl Deployment {
         let example = example_bin();
         let mut last = String::new();
         for attempt in 1..=START_ATTEMPTS {
-            let dir = fresh_dir();
+            let dir = fresh_temp_dir("webvac-example");
             let mut d = Deployment {
                 dir,
                 members: Vec::new(),
@@ -540,16 +540,6 @@ fn free_ports(count: usize) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// A fresh directory for one deployment's configs and logs.
-fn fresh_dir() -> PathBuf {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let dir = std::env::temp_dir().join(format!("webvac-example-{}-{nanos}", std::process::id()));
-    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-    dir
-}
-
 /// Whether member `m` sees every other member `up`.
 fn member_sees_all_up(m: &Member, members: &[Member]) -> Result<(), String> {
     for other in members.iter().filter(|o| o.id != m.id) {
@@ -642,22 +632,10 @@ impl Process {
         if let Some(status) = self.exited() {
             return Some(status);
         }
-        // std cannot send SIGTERM and libc is not a test dependency.
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + SHUTDOWN_GRACE;
-        while Instant::now() < deadline {
-            if let Some(status) = self.exited() {
-                return Some(status);
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
-        self.kill();
-        None
+        // Killed after the grace if need be, and reaped either way.
+        let status = stop_child(&mut self.child, SHUTDOWN_GRACE);
+        self.status = status.or_else(|| self.child.wait().ok());
+        status
     }
 
     /// The end of the process's log.

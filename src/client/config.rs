@@ -285,6 +285,12 @@ pub struct Options {
     /// 32 printable ASCII bytes (`!` to `~`) without `,`. Use one when the
     /// *caller* retries an operation across client calls or processes and
     /// wants it applied once. Ignored against plain memcached.
+    ///
+    /// The server records an id with the outcome it produced in the key's
+    /// item: a store, a delete, or an `incr`/`decr` result. An attempt that
+    /// changed nothing (a miss, `NOT_STORED`, a CAS mismatch) records
+    /// nothing, so the same id may then be used again, e.g. for the `incr`
+    /// that follows creating a missing counter.
     pub request_id: Option<String>,
     /// Read quorum R for this request (webvac only).
     pub read_quorum: Option<u8>,

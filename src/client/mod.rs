@@ -269,27 +269,7 @@ impl Client {
         let seeds: Vec<String> = seeds.iter().map(ToString::to_string).collect();
         let topology = discover_any(&seeds, &[], &config).await?;
         debug!(kind = ?topology.kind, members = topology.members.len(), "client connected");
-        let pool_settings = PoolSettings::of(&config);
-        let now = Instant::now();
-        let inner = Arc::new(Inner {
-            budget: Mutex::new(RetryBudget::new(config.budget(), now.into_std())),
-            rng: Mutex::new(SmallRng::from_entropy()),
-            faults: FaultInjector::new(config.faults),
-            ids: RequestIds {
-                prefix: rand::thread_rng().r#gen(),
-                counter: AtomicU64::new(0),
-            },
-            counters: Arc::new(Counters::default()),
-            refresh_wanted: Arc::new(Notify::new()),
-            last_refresh: Mutex::new(now),
-            refresher: Mutex::new(None),
-            topology: RwLock::new(Arc::new(topology)),
-            pools: RwLock::new(HashMap::new()),
-            pool_settings,
-            seeds,
-            config,
-            transport: Transport::Network,
-        });
+        let inner = Arc::new(Inner::new(config, seeds, topology, Transport::Network));
         let task = tokio::spawn(refresh_loop(
             Arc::downgrade(&inner),
             inner.refresh_wanted.clone(),
@@ -309,26 +289,8 @@ impl Client {
         config: ClientConfig,
     ) -> Result<Client> {
         config.validate()?;
-        let now = Instant::now();
-        let inner = Arc::new(Inner {
-            budget: Mutex::new(RetryBudget::new(config.budget(), now.into_std())),
-            rng: Mutex::new(SmallRng::from_entropy()),
-            faults: FaultInjector::new(config.faults),
-            ids: RequestIds {
-                prefix: rand::thread_rng().r#gen(),
-                counter: AtomicU64::new(0),
-            },
-            counters: Arc::new(Counters::default()),
-            refresh_wanted: Arc::new(Notify::new()),
-            last_refresh: Mutex::new(now),
-            refresher: Mutex::new(None),
-            topology: RwLock::new(Arc::new(topology)),
-            pools: RwLock::new(HashMap::new()),
-            pool_settings: PoolSettings::of(&config),
-            seeds: Vec::new(),
-            config,
-            transport: Transport::InProcess(node),
-        });
+        let transport = Transport::InProcess(node);
+        let inner = Arc::new(Inner::new(config, Vec::new(), topology, transport));
         Ok(Client { inner })
     }
 
@@ -851,6 +813,34 @@ fn error_reply(e: ErrorReply) -> (ClientError, Failure) {
 }
 
 impl Inner {
+    fn new(
+        config: ClientConfig,
+        seeds: Vec<String>,
+        topology: Topology,
+        transport: Transport,
+    ) -> Inner {
+        let now = Instant::now();
+        Inner {
+            budget: Mutex::new(RetryBudget::new(config.budget(), now.into_std())),
+            rng: Mutex::new(SmallRng::from_entropy()),
+            faults: FaultInjector::new(config.faults),
+            ids: RequestIds {
+                prefix: rand::thread_rng().r#gen(),
+                counter: AtomicU64::new(0),
+            },
+            counters: Arc::new(Counters::default()),
+            refresh_wanted: Arc::new(Notify::new()),
+            last_refresh: Mutex::new(now),
+            refresher: Mutex::new(None),
+            topology: RwLock::new(Arc::new(topology)),
+            pools: RwLock::new(HashMap::new()),
+            pool_settings: PoolSettings::of(&config),
+            seeds,
+            config,
+            transport,
+        }
+    }
+
     fn topology(&self) -> Arc<Topology> {
         self.topology.read().clone()
     }

@@ -160,7 +160,7 @@ pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
 
 /// Sends SIGTERM, waits up to `grace` for the child to exit, then SIGKILLs it.
 /// Returns the exit status if the child exited by itself within the grace.
-fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
+pub fn stop_child(child: &mut Child, grace: Duration) -> Option<ExitStatus> {
     if let Ok(Some(status)) = child.try_wait() {
         return Some(status);
     }
@@ -296,7 +296,7 @@ impl Drop for Server {
 }
 
 /// A unique, fresh directory under the system temp dir.
-fn fresh_temp_dir(prefix: &str) -> PathBuf {
+pub fn fresh_temp_dir(prefix: &str) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
