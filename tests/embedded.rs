@@ -218,6 +218,35 @@ fn embedded_members_and_a_webvac_process_are_one_cluster() {
         }
     }
 
+    // At R = 1 (the call's own, the cluster's is 2) a member answers a key
+    // it holds from its own memory: no quorum read.
+    let quorum_reads = |raw: &mut Raw| -> u64 {
+        parse_stats(&raw.ask(b"stats cluster\r\n"))["quorum_reads"]
+            .parse()
+            .expect("a number")
+    };
+    let before = quorum_reads(&mut raw2);
+    let r1 = Options {
+        read_quorum: Some(1),
+        ..Options::default()
+    };
+    for i in 0..KEYS {
+        let v = rt
+            .run(node2.get_with(format!("m:{i}"), &r1))
+            .expect("get at R=1");
+        assert_eq!(v.map(|v| v.data), Some(format!("from-webvac-{i}").into()));
+    }
+    assert_eq!(
+        quorum_reads(&mut raw2),
+        before,
+        "R=1 reads of held keys stay local"
+    );
+    assert!(rt.run(node2.get("m:0")).expect("get").is_some());
+    assert!(
+        quorum_reads(&mut raw2) > before,
+        "the cluster's R=2 asks a peer"
+    );
+
     // A counter with a request id: the retry through the other member
     // answers the first result and does not count again.
     rt.run(node1.set("views", "10", &Options::default()))

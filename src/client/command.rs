@@ -7,6 +7,8 @@
 //! `P` token (`Pi<id>,r<n>,w<n>`), which plain memcached ignores; the client
 //! only sends it to webvac servers anyway.
 
+use std::fmt::Write as _;
+
 use bytes::Bytes;
 
 use super::config::validate_request_id;
@@ -139,23 +141,66 @@ pub struct Hints {
 }
 
 impl Hints {
-    /// The `P` token, or `None` when there is nothing to say.
+    /// Appends the `P` token to `flags`, when there is anything to say.
     ///
     /// # Panics
     /// On an invalid request id (checked when the request is built).
-    fn token(&self) -> Option<String> {
-        let mut items = Vec::new();
+    fn put_token(&self, flags: &mut Flags) {
+        let mut sep = 'P';
+        let mut item = |flags: &mut Flags, args: std::fmt::Arguments<'_>| {
+            if sep == 'P' {
+                flags.start();
+            }
+            flags.text.push(sep);
+            let _ = flags.text.write_fmt(args);
+            sep = ',';
+        };
         if let Some(id) = &self.request_id {
             assert!(validate_request_id(id).is_ok(), "request id {id:?}");
-            items.push(format!("i{id}"));
+            item(flags, format_args!("i{id}"));
         }
         if let Some(r) = self.read_quorum {
-            items.push(format!("r{r}"));
+            item(flags, format_args!("r{r}"));
         }
         if let Some(w) = self.write_quorum {
-            items.push(format!("w{w}"));
+            item(flags, format_args!("w{w}"));
         }
-        (!items.is_empty()).then(|| format!("P{}", items.join(",")))
+    }
+}
+
+/// A meta command's flags as one space-separated text, built without a
+/// string per flag (the in-process path encodes every call).
+struct Flags {
+    text: String,
+}
+
+impl Flags {
+    fn new() -> Flags {
+        Flags {
+            text: String::with_capacity(64),
+        }
+    }
+
+    /// Starts a new flag.
+    fn start(&mut self) {
+        if !self.text.is_empty() {
+            self.text.push(' ');
+        }
+    }
+
+    fn push(&mut self, flag: &str) {
+        self.start();
+        self.text.push_str(flag);
+    }
+
+    fn push_fmt(&mut self, args: std::fmt::Arguments<'_>) {
+        self.start();
+        let _ = self.text.write_fmt(args);
+    }
+
+    /// As the composers take them: one text (they join with spaces).
+    fn as_slice(&self) -> [&str; 1] {
+        [self.text.as_str()]
     }
 }
 
@@ -198,31 +243,32 @@ impl Command {
     /// Appends the request's bytes to `out`. Meta commands carry `O<opaque>`
     /// and, when given, the `P` token; the others ignore both.
     pub fn encode(&self, opaque: u64, hints: Option<&Hints>, out: &mut Vec<u8>) {
-        let mut flags: Vec<String> = Vec::with_capacity(8);
-        let key_token = |key: &WireKey, flags: &mut Vec<String>| {
+        let mut flags = Flags::new();
+        /// The key's token, flagging a base64 one.
+        fn key_token<'k>(key: &'k WireKey, flags: &mut Flags) -> &'k [u8] {
             let (token, binary) = key.token();
             if binary {
-                flags.push("b".into());
+                flags.push("b");
             }
-            token.to_vec()
-        };
-        let tail = |flags: &mut Vec<String>| {
-            flags.push(format!("O{opaque}"));
-            if let Some(p) = hints.and_then(Hints::token) {
-                flags.push(p);
+            token
+        }
+        let tail = |flags: &mut Flags| {
+            flags.push_fmt(format_args!("O{opaque}"));
+            if let Some(h) = hints {
+                h.put_token(flags);
             }
         };
         match self {
             Command::Get { key, value, touch } => {
                 let token = key_token(key, &mut flags);
                 if *value {
-                    flags.extend(["v", "f", "c"].map(String::from));
+                    flags.push("v f c");
                 }
                 if let Some(ttl) = touch {
-                    flags.push(format!("T{ttl}"));
+                    flags.push_fmt(format_args!("T{ttl}"));
                 }
                 tail(&mut flags);
-                mg::compose_request(out, &token, &as_strs(&flags));
+                mg::compose_request(out, token, &flags.as_slice());
             }
             Command::Store {
                 key,
@@ -233,21 +279,21 @@ impl Command {
                 compare_cas,
             } => {
                 let token = key_token(key, &mut flags);
-                flags.push("c".into());
+                flags.push("c");
                 if let Some(m) = mode.flag() {
-                    flags.push(m.into());
+                    flags.push(m);
                 }
                 if *client_flags != 0 {
-                    flags.push(format!("F{client_flags}"));
+                    flags.push_fmt(format_args!("F{client_flags}"));
                 }
                 if let Some(ttl) = ttl {
-                    flags.push(format!("T{ttl}"));
+                    flags.push_fmt(format_args!("T{ttl}"));
                 }
                 if let Some(cas) = compare_cas {
-                    flags.push(format!("C{cas}"));
+                    flags.push_fmt(format_args!("C{cas}"));
                 }
                 tail(&mut flags);
-                ms::compose_request(out, &token, data, &as_strs(&flags));
+                ms::compose_request(out, token, data, &flags.as_slice());
             }
             Command::Arith {
                 key,
@@ -256,23 +302,23 @@ impl Command {
                 ttl,
             } => {
                 let token = key_token(key, &mut flags);
-                flags.push("v".into());
+                flags.push("v");
                 if !incr {
-                    flags.push("MD".into());
+                    flags.push("MD");
                 }
                 if *delta != 1 {
-                    flags.push(format!("D{delta}"));
+                    flags.push_fmt(format_args!("D{delta}"));
                 }
                 if let Some(ttl) = ttl {
-                    flags.push(format!("T{ttl}"));
+                    flags.push_fmt(format_args!("T{ttl}"));
                 }
                 tail(&mut flags);
-                ma::compose_request(out, &token, &as_strs(&flags));
+                ma::compose_request(out, token, &flags.as_slice());
             }
             Command::Delete { key } => {
                 let token = key_token(key, &mut flags);
                 tail(&mut flags);
-                md::compose_request(out, &token, &as_strs(&flags));
+                md::compose_request(out, token, &flags.as_slice());
             }
             Command::List { token, count } => {
                 crate::protocol::list_keys::compose(out, token.as_bytes(), *count as usize);
@@ -281,10 +327,6 @@ impl Command {
             Command::StatsCluster => out.extend_from_slice(b"stats cluster\r\n"),
         }
     }
-}
-
-fn as_strs(flags: &[String]) -> Vec<&str> {
-    flags.iter().map(String::as_str).collect()
 }
 
 #[cfg(test)]

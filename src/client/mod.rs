@@ -96,6 +96,9 @@ use stats::{Counters, bump};
 
 /// Room for an in-process request's command line (its data comes on top).
 const IN_PROCESS_REQUEST_BYTES: usize = 512;
+/// Room an in-process reply starts with: a status line, or a value of a
+/// few hundred bytes without growing.
+const IN_PROCESS_REPLY_BYTES: usize = 1024;
 /// Most addresses one map refresh asks before giving up until next time.
 const REFRESH_CANDIDATES_MAX: usize = 16;
 /// A listing that returns this many empty pages in a row is taken to be
@@ -1076,7 +1079,7 @@ async fn call_in_process(
 ) -> Result<Reply, AttemptError> {
     let mut request = Vec::with_capacity(IN_PROCESS_REQUEST_BYTES + command.data_len());
     command.encode(0, hints, &mut request);
-    let mut reply = Vec::new();
+    let mut reply = Vec::with_capacity(IN_PROCESS_REPLY_BYTES);
     match tokio::time::timeout(timeout, node.call(&request, &mut reply)).await {
         Err(_) => return Err(AttemptError::Unknown(ClientError::Timeout(timeout))),
         Ok(Err(why)) => return Err(AttemptError::NotSent(ClientError::NoServer(why))),

@@ -418,6 +418,17 @@ impl Cluster {
                         .keys()
                         .all(|k| self.ring.preference_list_for_key(k).contains(&self.me))
             }
+            // A meta get at R = 1 (the cluster's, or its own `Pr1`) of a key
+            // this node holds: answered from memory, as `read_meta` would.
+            Plan::MetaRead { key } => {
+                let Ok(hints) = hints::parse(meta_tokens(request)) else {
+                    return false; // the coordinator answers the error
+                };
+                let n = self.ring.replicas();
+                let r = hints.read_quorum.map_or(self.read_quorum, usize::from);
+                let w = hints.write_quorum.map_or(self.write_quorum, usize::from);
+                r == 1 && w <= n && self.ring.preference_list_for_key(key).contains(&self.me)
+            }
             _ => false,
         }
     }
