@@ -26,8 +26,10 @@
 //! the node's coordinator (which serves keys it holds from its own store
 //! and sends the rest to their replicas), and its reply decoded, so every
 //! rule of the protocol (TTLs, CAS, request ids, quorums) holds the same
-//! in-process. Reads of keys the member holds, at `R = 1`, and writes of
-//! keys it is the primary for, at `W = 1`, touch no socket at all.
+//! in-process. A read at `R = 1` of a key the member holds touches no
+//! socket at all. A write at `W = 1` of a key the member is the primary for
+//! answers without waiting on one; its copies to the other replicas still
+//! leave in the background, as every replicated write's do.
 //!
 //! Like the network client, the handle retries what is safe to retry, and
 //! puts a request id on every non-idempotent call, so a retried `incr` or
