@@ -563,6 +563,23 @@ mod tests {
         (addr, task)
     }
 
+    /// Gets of `a`, `b` and `c` on one connection, sent 20 ms apart so
+    /// they are written in that order.
+    async fn gets_a_b_c(
+        conn: &Connection,
+    ) -> (
+        Result<Reply, AttemptError>,
+        Result<Reply, AttemptError>,
+        Result<Reply, AttemptError>,
+    ) {
+        let staggered = |key: &'static str, after_ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(after_ms)).await;
+            conn.call(&get(key), None, SECOND, FaultPlan::default())
+                .await
+        };
+        tokio::join!(staggered("a", 0), staggered("b", 20), staggered("c", 40))
+    }
+
     fn opaque_of(line: &str) -> &str {
         line.split(' ').find_map(|t| t.strip_prefix('O')).unwrap()
     }
@@ -572,28 +589,12 @@ mod tests {
         // Three gets; the server answers the third first (by opaque), then
         // an error for the first (no opaque: the oldest), then the second.
         let (addr, _server) = fake_server(3, |got| {
-            let (a, b, c) = (opaque_of(&got[0]), opaque_of(&got[1]), opaque_of(&got[2]));
-            let _ = a;
+            let (b, c) = (opaque_of(&got[1]), opaque_of(&got[2]));
             format!("VA 1 O{c} f0 c1\r\nc\r\nSERVER_ERROR busy\r\nEN O{b}\r\n").into_bytes()
         })
         .await;
         let conn = Connection::connect(addr, SECOND, LIMITS).await.unwrap();
-        let (ra, rb, rc) = tokio::join!(
-            async {
-                conn.call(&get("a"), None, SECOND, FaultPlan::default())
-                    .await
-            },
-            async {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                conn.call(&get("b"), None, SECOND, FaultPlan::default())
-                    .await
-            },
-            async {
-                tokio::time::sleep(Duration::from_millis(40)).await;
-                conn.call(&get("c"), None, SECOND, FaultPlan::default())
-                    .await
-            },
-        );
+        let (ra, rb, rc) = gets_a_b_c(&conn).await;
         // `c`'s reply skipped `a` and `b` in the FIFO: they can no longer be
         // answered in order, so they fail as protocol errors; `b`'s late EN
         // then matches nothing... which is itself a protocol error that
@@ -620,22 +621,7 @@ mod tests {
         })
         .await;
         let conn = Connection::connect(addr, SECOND, LIMITS).await.unwrap();
-        let (ra, rb, rc) = tokio::join!(
-            async {
-                conn.call(&get("a"), None, SECOND, FaultPlan::default())
-                    .await
-            },
-            async {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                conn.call(&get("b"), None, SECOND, FaultPlan::default())
-                    .await
-            },
-            async {
-                tokio::time::sleep(Duration::from_millis(40)).await;
-                conn.call(&get("c"), None, SECOND, FaultPlan::default())
-                    .await
-            },
-        );
+        let (ra, rb, rc) = gets_a_b_c(&conn).await;
         assert!(matches!(ra, Ok(Reply::Error(_))), "{ra:?}");
         assert!(
             matches!(rb, Ok(Reply::Status(crate::client::reply::Status::En, _))),

@@ -443,13 +443,12 @@ impl Client {
         value: impl AsRef<[u8]>,
         options: &Options,
     ) -> Result<bool> {
-        let kind = IDEMPOTENT_WITH_ID;
         self.store_bool(
             "replace",
             key.as_ref(),
             value.as_ref(),
             StoreMode::Replace,
-            kind,
+            IDEMPOTENT_WITH_ID,
             options,
         )
         .await
@@ -466,14 +465,13 @@ impl Client {
         value: impl AsRef<[u8]>,
         options: &Options,
     ) -> Result<bool> {
-        let kept = keep_item_meta(options);
         self.store_bool(
             "append",
             key.as_ref(),
             value.as_ref(),
             StoreMode::Append,
             MUTATION,
-            &kept,
+            options,
         )
         .await
     }
@@ -489,15 +487,13 @@ impl Client {
         value: impl AsRef<[u8]>,
         options: &Options,
     ) -> Result<bool> {
-        let kept = keep_item_meta(options);
-        let mode = StoreMode::Prepend;
         self.store_bool(
             "prepend",
             key.as_ref(),
             value.as_ref(),
-            mode,
+            StoreMode::Prepend,
             MUTATION,
-            &kept,
+            options,
         )
         .await
     }
@@ -778,23 +774,16 @@ fn store(
     options: &Options,
     compare_cas: Option<u64>,
 ) -> Result<Command> {
+    // Append and prepend keep the item's own TTL and flags.
+    let keeps_meta = matches!(mode, StoreMode::Append | StoreMode::Prepend);
     Ok(Command::Store {
         key: WireKey::new(key)?,
         data: Bytes::copy_from_slice(value),
         mode,
-        ttl: options.ttl,
-        flags: options.flags,
+        ttl: if keeps_meta { None } else { options.ttl },
+        flags: if keeps_meta { 0 } else { options.flags },
         compare_cas,
     })
-}
-
-/// `options` without TTL and flags: append and prepend keep the item's.
-fn keep_item_meta(options: &Options) -> Options {
-    Options {
-        ttl: None,
-        flags: 0,
-        ..options.clone()
-    }
 }
 
 fn unexpected(op: &str, reply: &Reply) -> ClientError {

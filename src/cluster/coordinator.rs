@@ -405,6 +405,11 @@ impl Cluster {
         }
     }
 
+    /// Whether this node is a replica of `key` (on its preference list).
+    pub fn holds(&self, key: &[u8]) -> bool {
+        self.ring.preference_list_for_key(key).contains(&self.me)
+    }
+
     /// Whether the request needs the cluster; if not, the connection runs it
     /// on the fast single-node path.
     pub fn is_local(&self, request: &Request<'_>) -> bool {
@@ -412,12 +417,7 @@ impl Cluster {
             Plan::Local => true,
             // get/gets at R=1 on a node that holds every key: the
             // single-node path, which also streams a long reply.
-            Plan::Read { get } => {
-                self.read_quorum == 1
-                    && get
-                        .keys()
-                        .all(|k| self.ring.preference_list_for_key(k).contains(&self.me))
-            }
+            Plan::Read { get } => self.read_quorum == 1 && get.keys().all(|k| self.holds(k)),
             // A meta get at R = 1 (the cluster's, or its own `Pr1`) of a key
             // this node holds: answered from memory, as `read_meta` would.
             Plan::MetaRead { key } => {
@@ -427,7 +427,7 @@ impl Cluster {
                 let n = self.ring.replicas();
                 let r = hints.read_quorum.map_or(self.read_quorum, usize::from);
                 let w = hints.write_quorum.map_or(self.write_quorum, usize::from);
-                r == 1 && w <= n && self.ring.preference_list_for_key(key).contains(&self.me)
+                r == 1 && w <= n && self.holds(key)
             }
             _ => false,
         }

@@ -262,12 +262,7 @@ impl NodeBuilder {
         let shared = server.shared().clone();
         let memcached_addr = server.client_addr();
         let peer_addr = server.peer_addr();
-        let cluster = self.config.cluster.as_ref();
-        let ring = cluster.map(|c| {
-            let ids: Vec<NodeId> = c.members.iter().map(|m| m.id).collect();
-            Ring::new(&ids, c.partitions, c.replicas_effective())
-        });
-        let topology = member_topology(&self.config, memcached_addr, ring.clone()).await;
+        let topology = member_topology(&self.config, memcached_addr).await;
         let gate = Arc::new(Gate::new(shared.clone()));
         let client = Client::in_process(gate.clone(), topology, self.client)?;
         let (stop, stopped) = oneshot::channel::<()>();
@@ -277,8 +272,7 @@ impl NodeBuilder {
         Ok(Node {
             client,
             member: Some(Arc::new(Member {
-                node_id: cluster.map(|c| c.node_id),
-                ring,
+                node_id: self.config.cluster.as_ref().map(|c| c.node_id),
                 memcached_addr,
                 peer_addr,
                 gate,
@@ -367,13 +361,13 @@ impl Node {
     /// process's memory. Always true for a lone node, never for a
     /// client-only handle.
     pub fn holds(&self, key: impl AsRef<[u8]>) -> bool {
-        match &self.member {
-            None => false,
-            Some(m) => match (&m.ring, m.node_id) {
-                (Some(ring), Some(me)) => ring.preference_list_for_key(key.as_ref()).contains(&me),
-                _ => true,
-            },
-        }
+        self.member.as_ref().is_some_and(|m| {
+            m.gate
+                .shared
+                .cluster
+                .as_ref()
+                .is_none_or(|c| c.holds(key.as_ref()))
+        })
     }
 
     /// Stops the node gracefully: new calls on any clone of this handle
@@ -407,7 +401,6 @@ impl Node {
 /// The full member behind a [`Node`].
 struct Member {
     node_id: Option<NodeId>,
-    ring: Option<Ring>,
     memcached_addr: Option<SocketAddr>,
     peer_addr: Option<SocketAddr>,
     gate: Arc<Gate>,
@@ -507,11 +500,7 @@ impl InProcess for Gate {
 /// The map a member's handle reports ([`Client::members`],
 /// [`Client::preference_list`]): the configured members at their memcached
 /// addresses (a name that does not resolve is left out, with a warning).
-async fn member_topology(
-    config: &Config,
-    memcached_addr: Option<SocketAddr>,
-    ring: Option<Ring>,
-) -> client::Topology {
+async fn member_topology(config: &Config, memcached_addr: Option<SocketAddr>) -> client::Topology {
     let Some(c) = &config.cluster else {
         let members = memcached_addr
             .map(|addr| MemberInfo {
@@ -542,5 +531,7 @@ async fn member_topology(
         }
     }
     members.sort_by_key(|m| m.id);
-    client::Topology::of_member(VERSION.to_string(), members, ring)
+    let ids: Vec<NodeId> = c.members.iter().map(|m| m.id).collect();
+    let ring = Ring::new(&ids, c.partitions, c.replicas_effective());
+    client::Topology::of_member(VERSION.to_string(), members, Some(ring))
 }
