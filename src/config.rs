@@ -411,10 +411,7 @@ impl Config {
             path: path.to_string(),
             source,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_string(),
-            source,
-        })
+        Self::parse(&text, path)
     }
 
     /// Parses TOML text, the same as a file's; missing keys take their
@@ -423,8 +420,13 @@ impl Config {
     /// # Errors
     /// If the text does not parse or has unknown keys.
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::parse(text, "(text)")
+    }
+
+    /// TOML text read from `origin` (named in errors).
+    fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
         toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: "(text)".to_string(),
+            path: origin.to_string(),
             source,
         })
     }

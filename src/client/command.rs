@@ -146,14 +146,15 @@ impl Hints {
     /// # Panics
     /// On an invalid request id (checked when the request is built).
     fn put_token(&self, flags: &mut Flags) {
-        let mut sep = 'P';
+        if self.request_id.is_none() && self.read_quorum.is_none() && self.write_quorum.is_none() {
+            return;
+        }
+        flags.push("P");
+        // Items follow the `P` with commas between them.
+        let mut sep = "";
         let mut item = |flags: &mut Flags, args: std::fmt::Arguments<'_>| {
-            if sep == 'P' {
-                flags.start();
-            }
-            flags.text.push(sep);
-            let _ = flags.text.write_fmt(args);
-            sep = ',';
+            let _ = write!(flags.text, "{sep}{args}");
+            sep = ",";
         };
         if let Some(id) = &self.request_id {
             assert!(validate_request_id(id).is_ok(), "request id {id:?}");

@@ -1053,8 +1053,6 @@ impl Inner {
     }
 }
 
-/// Refreshes the map every `interval`, or sooner when asked, until the
-/// client is gone. Holds the client only weakly between refreshes.
 /// One attempt in an embedded member: the command as the network client
 /// would send it, run in-process, its reply decoded as from a socket. A
 /// reply that does not come within `timeout` is lost, as on a network (the
@@ -1086,6 +1084,8 @@ async fn call_in_process(
     }
 }
 
+/// Refreshes the map every `interval`, or sooner when asked, until the
+/// client is gone. Holds the client only weakly between refreshes.
 async fn refresh_loop(inner: Weak<Inner>, wanted: Arc<Notify>, interval: Duration) {
     loop {
         tokio::select! {
