@@ -115,6 +115,32 @@ struct Args {
     /// Testing only: seed of the fault choices.
     #[arg(long = "fault-seed")]
     fault_seed: Option<u64>,
+    /// Testing only: the node's clock reads this many ms ahead (negative: behind).
+    #[arg(long = "fault-clock-offset-ms", allow_negative_numbers = true)]
+    fault_clock_offset_ms: Option<i64>,
+    /// Testing only: the node's clock runs at this rate from its start (0.5 to 2.0).
+    #[arg(long = "fault-clock-rate")]
+    fault_clock_rate: Option<f64>,
+    /// Testing only: drop every peer message to and from these members,
+    /// e.g. 2,3 (`-`: none).
+    #[arg(long = "fault-drop-peers", value_parser = parse_ids)]
+    fault_drop_peers: Option<PeerIds>,
+    /// Testing only: accept the `fault` command, which skews the clock or
+    /// cuts the node off at run time. Never in production.
+    #[arg(long = "fault-control")]
+    fault_control: bool,
+}
+
+/// A member list given as one flag value (clap would take a bare `Vec` as
+/// a repeated flag).
+#[derive(Clone, Debug)]
+struct PeerIds(Vec<u16>);
+
+/// `2,3` or `-` (none), as the `fault drop_peers` command takes them.
+fn parse_ids(s: &str) -> Result<PeerIds, String> {
+    webvac::protocol::fault::parse_ids(s)
+        .map(PeerIds)
+        .ok_or_else(|| format!("invalid member list {s:?}: expected ids like 2,3 or -"))
 }
 
 /// `ID=CLIENT_ADDR,PEER_ADDR`.
@@ -271,11 +297,28 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.fault_seed {
         f.seed = v;
     }
+    if let Some(v) = args.fault_clock_offset_ms {
+        f.clock_offset_ms = v;
+    }
+    if let Some(v) = args.fault_clock_rate {
+        f.clock_rate = v;
+    }
+    if let Some(PeerIds(ids)) = args.fault_drop_peers {
+        f.drop_peers = ids;
+    }
+    if args.fault_control {
+        f.control = true;
+    }
     config.validate()?;
     if config.faults.any() {
         eprintln!(
             "warning: fault injection is on ({:?}); for testing only",
             config.faults
+        );
+    }
+    if config.faults.control {
+        eprintln!(
+            "warning: the `fault` command is on: any client can skew this node's clock or cut it off from its peers"
         );
     }
 

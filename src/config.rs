@@ -60,10 +60,27 @@ pub struct Config {
     pub faults: FaultsConfig,
 }
 
-/// `[faults]`: drop or delay a fraction of client requests or replies, to
-/// test how clients cope with a lossy network. For testing only; all
-/// fractions default to 0 (off).
-#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+/// Largest clock offset `[faults]` accepts, either way: a year. Far past any
+/// skew worth testing, and small enough that no arithmetic on a skewed
+/// reading can overflow.
+pub const FAULT_CLOCK_OFFSET_MS_LIMIT: i64 = 365 * 24 * 3600 * 1000;
+/// Slowest clock rate `[faults]` accepts (half speed).
+pub const FAULT_CLOCK_RATE_MIN: f64 = 0.5;
+/// Fastest clock rate `[faults]` accepts (double speed).
+pub const FAULT_CLOCK_RATE_MAX: f64 = 2.0;
+
+/// `[faults]`: faults injected on purpose, for testing only; every one is
+/// off by default.
+///
+/// - On the client port: drop or delay a fraction of requests or replies,
+///   to test how clients cope with a lossy network.
+/// - On the node's clock: an offset and a rate (drift), as a badly synced
+///   machine would have.
+/// - Between nodes: a partition that drops every peer message to and from
+///   chosen members.
+/// - `control`: the `fault` command changes the clock and partition faults
+///   while the node runs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FaultsConfig {
     /// Fraction of requests read and then ignored: not executed, no reply.
@@ -76,12 +93,104 @@ pub struct FaultsConfig {
     pub delay_ms: u64,
     /// Seed of the fault choices, so a run can be repeated.
     pub seed: u64,
+    /// How far ahead of the real time the node's clock reads, in ms
+    /// (negative: behind).
+    pub clock_offset_ms: i64,
+    /// How fast the node's clock runs against real time, from the moment
+    /// the node starts (1.0: in step; 1.01 gains 10 ms a second).
+    pub clock_rate: f64,
+    /// Members cut off from this node: every peer message to or from them
+    /// is dropped silently, both ways, so each side sees timeouts as on a
+    /// real partition.
+    pub drop_peers: Vec<u16>,
+    /// Accept the `fault` command on the client port, which changes the
+    /// clock and partition faults at run time. Any client can then skew
+    /// the node's clock or cut it off: never in production.
+    pub control: bool,
+}
+
+impl Default for FaultsConfig {
+    fn default() -> Self {
+        Self {
+            drop_request: 0.0,
+            drop_reply: 0.0,
+            delay: 0.0,
+            delay_ms: 0,
+            seed: 0,
+            clock_offset_ms: 0,
+            clock_rate: 1.0,
+            drop_peers: Vec::new(),
+            control: false,
+        }
+    }
 }
 
 impl FaultsConfig {
-    /// Whether any fault is on.
+    /// Whether any fault is on, or can be turned on (`control`).
     pub fn any(&self) -> bool {
+        self.client_port_any() || self.clock_any() || !self.drop_peers.is_empty() || self.control
+    }
+
+    /// Whether a client-port fault (drop or delay) is on.
+    pub fn client_port_any(&self) -> bool {
         self.drop_request > 0.0 || self.drop_reply > 0.0 || self.delay > 0.0
+    }
+
+    /// Whether the node's clock must be wrapped: a clock fault is set, or
+    /// `control` may set one later.
+    #[allow(clippy::float_cmp)] // exactly 1.0 is the setting "in step"
+    pub fn clock_any(&self) -> bool {
+        self.clock_offset_ms != 0 || self.clock_rate != 1.0 || self.control
+    }
+
+    /// Checks a clock offset, from the file or the `fault` command.
+    ///
+    /// # Errors
+    /// Past [`FAULT_CLOCK_OFFSET_MS_LIMIT`] either way.
+    pub fn check_clock_offset_ms(ms: i64) -> Result<(), String> {
+        if ms.unsigned_abs() > FAULT_CLOCK_OFFSET_MS_LIMIT.unsigned_abs() {
+            return Err(format!(
+                "faults.clock_offset_ms must be within ±{FAULT_CLOCK_OFFSET_MS_LIMIT}, got {ms}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a clock rate, from the file or the `fault` command.
+    ///
+    /// # Errors
+    /// Outside [`FAULT_CLOCK_RATE_MIN`]..=[`FAULT_CLOCK_RATE_MAX`] (NaN
+    /// included).
+    pub fn check_clock_rate(rate: f64) -> Result<(), String> {
+        if !(FAULT_CLOCK_RATE_MIN..=FAULT_CLOCK_RATE_MAX).contains(&rate) {
+            return Err(format!(
+                "faults.clock_rate must be from {FAULT_CLOCK_RATE_MIN} to {FAULT_CLOCK_RATE_MAX}, got {rate}"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks a partition's member list against the cluster (`None`: a
+    /// single node, which has no peers to cut off).
+    ///
+    /// # Errors
+    /// For an id that is not another member.
+    pub fn check_drop_peers(ids: &[u16], cluster: Option<&ClusterConfig>) -> Result<(), String> {
+        let Some(c) = cluster else {
+            if ids.is_empty() {
+                return Ok(());
+            }
+            return Err("faults.drop_peers needs a [cluster]: a single node has no peers".into());
+        };
+        match ids
+            .iter()
+            .find(|&&id| id == c.node_id || !c.members.iter().any(|m| m.id == id))
+        {
+            Some(id) => Err(format!(
+                "faults.drop_peers: {id} is not another member of the cluster"
+            )),
+            None => Ok(()),
+        }
     }
 }
 
@@ -484,6 +593,10 @@ impl Config {
             ));
         }
         let f = &self.faults;
+        FaultsConfig::check_clock_offset_ms(f.clock_offset_ms).map_err(ConfigError::Invalid)?;
+        FaultsConfig::check_clock_rate(f.clock_rate).map_err(ConfigError::Invalid)?;
+        FaultsConfig::check_drop_peers(&f.drop_peers, self.cluster.as_ref())
+            .map_err(ConfigError::Invalid)?;
         for (name, v) in [
             ("drop_request", f.drop_request),
             ("drop_reply", f.drop_reply),
@@ -607,6 +720,55 @@ mod tests {
         let c = Config::from_file(path).unwrap();
         assert_eq!(c, Config::default());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn clock_and_partition_faults_are_checked() {
+        let refused = |edit: &dyn Fn(&mut Config), words: &str| {
+            let mut c = Config::from_file(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/config/cluster-3/node1.toml"
+            ))
+            .unwrap();
+            edit(&mut c);
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(words), "{e}");
+        };
+        refused(&|c| c.faults.clock_rate = 0.0, "faults.clock_rate");
+        refused(&|c| c.faults.clock_rate = 2.5, "faults.clock_rate");
+        refused(&|c| c.faults.clock_rate = f64::NAN, "faults.clock_rate");
+        refused(
+            &|c| c.faults.clock_offset_ms = FAULT_CLOCK_OFFSET_MS_LIMIT + 1,
+            "faults.clock_offset_ms",
+        );
+        refused(
+            &|c| c.faults.clock_offset_ms = i64::MIN,
+            "faults.clock_offset_ms",
+        );
+        // Node 1 cannot cut itself off, nor a member that does not exist.
+        refused(&|c| c.faults.drop_peers = vec![2, 1], "drop_peers: 1");
+        refused(&|c| c.faults.drop_peers = vec![4], "drop_peers: 4");
+        let mut single = Config::default();
+        single.faults.drop_peers = vec![2];
+        let e = single.validate().unwrap_err().to_string();
+        assert!(e.contains("[cluster]"), "{e}");
+
+        let c = Config::from_toml_str(
+            "[faults]\nclock_offset_ms = -1500\nclock_rate = 1.01\ncontrol = true\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.faults.clock_offset_ms, -1500);
+        assert!(c.faults.any() && c.faults.clock_any() && !c.faults.client_port_any());
+        let mut c = Config::from_file(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/cluster-3/node1.toml"
+        ))
+        .unwrap();
+        c.faults.drop_peers = vec![2, 3];
+        c.validate().unwrap();
+        assert!(c.faults.any() && !c.faults.clock_any());
+        assert!(!FaultsConfig::default().any());
     }
 
     #[test]

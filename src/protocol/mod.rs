@@ -10,6 +10,7 @@
 
 pub mod arith;
 pub mod delete;
+pub mod fault;
 pub mod flush_all;
 pub mod get;
 pub mod list_keys;
@@ -88,6 +89,9 @@ pub enum Request<'a> {
     Meta(meta::MetaRequest<'a>),
     /// webvac's key listing (`lk`).
     ListKeys(list_keys::ListKeys<'a>),
+    /// webvac's runtime fault injection (`fault`), for tests; `None` when
+    /// the line is malformed (see [`fault`] for why that is not an error).
+    Fault(Option<fault::FaultCmd>),
     /// Answer with this line (unless `noreply`) and carry on. `swallow` bytes
     /// that follow belong to a rejected data block and must be discarded.
     Error {
@@ -275,6 +279,7 @@ pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
         b"verbosity" => misc::parse_verbosity(&tokens),
         b"quit" => Request::Quit,
         b"lk" => list_keys::parse(&tokens),
+        b"fault" => fault::parse(&tokens),
         b"shutdown" => Request::error(reply::SHUTDOWN_DISABLED),
         [b'm', _] => return meta::parse(&tokens, &buf[consumed..], consumed, limits),
         _ if tokens.len() >= 2 && tokens.get(tokens.len() - 1).starts_with(b"HTTP/") => {

@@ -29,13 +29,15 @@ pub fn transport_config(c: &ClusterConfig) -> TransportConfig {
 }
 
 /// Binds the peer port, checks the layout against every member that is up,
-/// and starts a connection to each other member.
+/// and starts a connection to each other member. `drop_peers` are cut off
+/// from the start (`[faults]`): neither probed nor reached.
 ///
 /// # Errors
 /// If the peer port cannot be bound, or a member that answers has a
 /// different layout (the message names both).
 pub async fn start(
     c: &ClusterConfig,
+    drop_peers: &[NodeId],
 ) -> Result<(Arc<Cluster>, TcpListener, Identity), ServerError> {
     let me = c.me().expect("validated: node_id is a member");
     let listener = TcpListener::bind(&me.peer)
@@ -49,7 +51,11 @@ pub async fn start(
     let connector = Arc::new(TcpConnector);
     // Probe every member at once: an unreachable one costs one connect
     // timeout in all, not one each.
-    let others: Vec<_> = c.members.iter().filter(|m| m.id != c.node_id).collect();
+    let others: Vec<_> = c
+        .members
+        .iter()
+        .filter(|m| m.id != c.node_id && !drop_peers.contains(&m.id))
+        .collect();
     let probes = others
         .iter()
         .map(|m| transport::probe(&*connector, &identity, &m.peer, config.connect_timeout));
@@ -65,7 +71,15 @@ pub async fn start(
             Err(e) => info!(node = m.id, addr = %m.peer, error = %e, "peer not reachable yet"),
         }
     }
-    let cluster = Arc::new(connect_peers(c, &identity, connector, |_| config.clone()));
+    let stats = Arc::new(TransportStats::default());
+    stats.blocked.set(drop_peers);
+    let cluster = Arc::new(connect_peers_with(
+        c,
+        &identity,
+        connector,
+        |_| config.clone(),
+        stats,
+    ));
     info!(
         node = c.node_id,
         peer_addr = %me.peer,
@@ -92,7 +106,24 @@ pub fn connect_peers<C: Connector>(
     connector: Arc<C>,
     config_for: impl Fn(NodeId) -> TransportConfig,
 ) -> Cluster {
-    let stats = Arc::new(TransportStats::default());
+    connect_peers_with(
+        c,
+        identity,
+        connector,
+        config_for,
+        Arc::new(TransportStats::default()),
+    )
+}
+
+/// [`connect_peers`] with the node's transport counters and injected
+/// partition made beforehand, so a partition holds from the first dial.
+pub fn connect_peers_with<C: Connector>(
+    c: &ClusterConfig,
+    identity: &Identity,
+    connector: Arc<C>,
+    config_for: impl Fn(NodeId) -> TransportConfig,
+    stats: Arc<TransportStats>,
+) -> Cluster {
     let peers: BTreeMap<_, PeerHandle> = c
         .members
         .iter()

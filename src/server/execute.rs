@@ -116,6 +116,11 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
             }
         }
         Request::Stats(cmd) => stats(shared, cmd, out),
+        Request::Fault(cmd) => {
+            shared
+                .fault_control
+                .execute(cmd, shared.cluster.as_deref(), out);
+        }
         Request::Version => {
             out.extend_from_slice(b"VERSION ");
             put_line(out, shared.facts.version.as_bytes());
@@ -162,14 +167,20 @@ pub fn stored_reply(result: Stored) -> &'static str {
 fn stats(shared: &Shared, cmd: StatsCmd<'_>, out: &mut Vec<u8>) {
     let now = shared.store.clock().now_secs();
     match cmd {
-        StatsCmd::General => compose_general(
-            out,
-            &shared.facts,
-            &shared.stats,
-            &shared.store.stats(),
-            now,
-            shared.inflight.used(),
-        ),
+        StatsCmd::General => {
+            compose_general(
+                out,
+                &shared.facts,
+                &shared.stats,
+                &shared.store.stats(),
+                now,
+                shared.inflight.used(),
+            );
+            shared
+                .fault_control
+                .compose_stats(shared.cluster.as_deref(), out);
+            put_line(out, b"END");
+        }
         StatsCmd::Settings => compose_settings(
             out,
             &shared.facts,

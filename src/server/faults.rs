@@ -1,6 +1,8 @@
 //! Fault injection on the client port, for testing only: drop or delay a
 //! fraction of requests or replies, so clients' timeouts and retries can be
 //! tested against a real server. Off unless `[faults]` sets a fraction.
+//! (The clock and partition faults live in [`super::fault_clock`] and the
+//! transport.)
 //!
 //! Choices come from a seeded counter-based generator (SplitMix64), so one
 //! connection sending the same requests sees the same faults on every run;
@@ -49,8 +51,8 @@ fn mix(mut z: u64) -> u64 {
 impl Faults {
     /// `None` when every fraction is 0: no cost on the request path.
     pub fn new(config: &FaultsConfig) -> Option<Self> {
-        config.any().then(|| Self {
-            config: *config,
+        config.client_port_any().then(|| Self {
+            config: config.clone(),
             state: AtomicU64::new(config.seed),
             dropped_requests: AtomicU64::new(0),
             dropped_replies: AtomicU64::new(0),

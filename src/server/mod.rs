@@ -4,6 +4,8 @@
 pub mod cluster;
 pub mod connection;
 pub mod execute;
+pub mod fault_clock;
+pub mod fault_control;
 pub mod faults;
 pub mod inflight;
 pub mod meta;
@@ -53,6 +55,9 @@ pub struct Shared {
     pub cluster: Option<Arc<Cluster>>,
     /// Fault injection for tests (`[faults]`); `None` when off.
     pub faults: Option<faults::Faults>,
+    /// The clock and partition faults, and the `fault` command that
+    /// changes them (`[faults]`); inert unless configured.
+    pub fault_control: fault_control::FaultControl,
     /// Authenticates `lk` listing tokens: from `listing_secret`, else the
     /// cluster layout (the same on every member), else this process alone.
     pub listing_key: TokenKey,
@@ -67,6 +72,15 @@ impl Shared {
         port: u16,
         cluster: Option<Arc<Cluster>>,
     ) -> Self {
+        // A clock fault (or `control`) puts a skewed clock between the
+        // store and `clock`.
+        let (fault_control, clock) =
+            fault_control::FaultControl::new(&config.faults, config.cluster.as_ref(), clock);
+        if let Some(c) = &cluster {
+            // `cluster::start` set it before the first dial already; a
+            // cluster wired by hand (the simulation) gets it here.
+            c.transport.blocked.set(&config.faults.drop_peers);
+        }
         let store = Store::new(
             &StoreConfig {
                 memory_limit_bytes: config.memory_limit_bytes(),
@@ -106,6 +120,7 @@ impl Shared {
             limits: ParseLimits::new(config.max_item_size),
             cluster,
             faults: faults::Faults::new(&config.faults),
+            fault_control,
             listing_key: match (&config.listing_secret, &config.cluster) {
                 (Some(secret), _) => TokenKey::from_secret(secret.as_bytes()),
                 (None, Some(c)) => TokenKey::from_secret(c.layout_text().as_bytes()),
@@ -233,7 +248,8 @@ impl Server {
         };
         let (cluster, peer_listener, identity) = match &config.cluster {
             Some(c) => {
-                let (cluster, listener, identity) = cluster::start(c).await?;
+                let (cluster, listener, identity) =
+                    cluster::start(c, &config.faults.drop_peers).await?;
                 (Some(cluster), Some(listener), Some(identity))
             }
             None => (None, None, None),

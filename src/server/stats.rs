@@ -69,7 +69,8 @@ pub struct Facts {
     pub shards: usize,
 }
 
-/// `stats`: memcached's field names, in memcached's order.
+/// `stats`: memcached's field names, in memcached's order, then webvac's
+/// own; the caller appends any more and `END`.
 pub fn compose_general(
     out: &mut Vec<u8>,
     f: &Facts,
@@ -146,7 +147,6 @@ pub fn compose_general(
         "request_id_records_dropped",
         c.request_id_records_dropped,
     );
-    out.extend_from_slice(b"END\r\n");
 }
 
 /// `stats settings`.

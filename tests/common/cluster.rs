@@ -11,6 +11,13 @@
 //! Nodes can be killed with SIGKILL and restarted with exactly the flags they
 //! had; the `Cluster` kills whatever still runs when it is dropped.
 //!
+//! Faults: besides kill, pause and resume, a layout with
+//! [`Layout::fault_control`] lets a test skew a node's clock or cut it off
+//! from peers while it runs ([`Cluster::set_clock_offset`],
+//! [`Cluster::partition`], ...). Those runtime settings live in the process
+//! and die with it: a restarted node comes back with only its flags, the
+//! layout's and its own ([`Layout::node_arg`], [`Cluster::set_node_args`]).
+//!
 //! Every wait is bounded and polls (readiness, member states, partition
 //! digests); every reply has a deadline. A node that hangs fails the test
 //! instead of hanging CI.
@@ -24,8 +31,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use webvac::protocol::fault::{self, FaultCmd};
+
 use super::{
-    Client, STARTUP_TIMEOUT, StderrTail, WEBVAC_BIN, parse_listening_line, spawn_stderr_drain,
+    Client, STARTUP_TIMEOUT, StderrTail, WEBVAC_BIN, escape, parse_listening_line,
+    spawn_stderr_drain,
 };
 
 /// A member id, as on the command line (`--node-id`, `--member ID=...`).
@@ -44,6 +54,8 @@ pub const PROBE_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Interval of the `stats partitions` polls: each walks a node's whole
 /// store, so not as often as the member-state polls.
 pub const PARTITIONS_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// Deadline of a `fault` command's `OK`.
+pub const FAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serialises the cluster tests of one test binary.
 ///
@@ -79,6 +91,9 @@ pub struct Layout {
     /// hinted handoff, tombstone grace, ...). The typed builders below add
     /// the common ones; [`Layout::arg`] adds any.
     pub extra_args: Vec<String>,
+    /// Flags of one node only, after the shared ones (a clock offset from
+    /// its start, say); kept across restarts.
+    pub node_args: BTreeMap<NodeId, Vec<String>>,
 }
 
 impl Layout {
@@ -95,6 +110,7 @@ impl Layout {
             sloppy_quorum: false,
             no_refill: false,
             extra_args: Vec::new(),
+            node_args: BTreeMap::new(),
         }
     }
 
@@ -134,6 +150,18 @@ impl Layout {
     pub fn arg(mut self, arg: impl Into<String>) -> Layout {
         self.extra_args.push(arg.into());
         self
+    }
+
+    /// Appends one flag or value to node `id`'s command line only.
+    pub fn node_arg(mut self, id: NodeId, arg: impl Into<String>) -> Layout {
+        self.node_args.entry(id).or_default().push(arg.into());
+        self
+    }
+
+    /// `--fault-control`: every node accepts the `fault` command, so the
+    /// test can skew clocks and cut nodes off while they run.
+    pub fn fault_control(self) -> Layout {
+        self.arg("--fault-control")
     }
 
     /// `--no-anti-entropy`: replicas never compare hash trees, so a test
@@ -322,7 +350,76 @@ impl Cluster {
             args.push("--no-refill".to_string());
         }
         args.extend(l.extra_args.iter().cloned());
+        args.extend(l.node_args.get(&id).into_iter().flatten().cloned());
         args
+    }
+
+    /// Replaces node `id`'s own flags ([`Layout::node_arg`]); they take
+    /// effect when it next starts ([`Cluster::restart`]).
+    pub fn set_node_args(&mut self, id: NodeId, args: Vec<String>) {
+        self.layout.node_args.insert(id, args);
+    }
+
+    /// Sends `fault …` to node `id` and waits for its `OK`.
+    ///
+    /// # Errors
+    /// Any other answer, or none within [`FAULT_REPLY_TIMEOUT`] (a paused
+    /// node answers nothing), as text.
+    pub fn try_fault(&self, id: NodeId, cmd: &FaultCmd) -> Result<(), String> {
+        let mut line = Vec::new();
+        fault::compose(&mut line, cmd);
+        let mut client = Client::connect_tcp(self.member(id).client)
+            .map_err(|e| format!("connect to node {id}: {e}"))?;
+        match client.call(&line, FAULT_REPLY_TIMEOUT) {
+            Ok(reply) if reply == b"OK\r\n" => Ok(()),
+            Ok(reply) => Err(format!(
+                "node {id} answered \"{}\" to \"{}\"",
+                escape(&reply),
+                escape(&line)
+            )),
+            Err(e) => Err(format!("node {id}, \"{}\": {e}", escape(&line))),
+        }
+    }
+
+    /// [`Cluster::try_fault`] that panics on failure.
+    ///
+    /// # Panics
+    /// Unless the node answers `OK` (it needs [`Layout::fault_control`]).
+    pub fn fault(&self, id: NodeId, cmd: &FaultCmd) {
+        if let Err(e) = self.try_fault(id, cmd) {
+            panic!("{e}\n{}", self.describe_nodes());
+        }
+    }
+
+    /// Steps node `id`'s clock to read `ms` ahead of real time (negative:
+    /// behind), until it is changed again or the node restarts.
+    pub fn set_clock_offset(&self, id: NodeId, ms: i64) {
+        self.fault(id, &FaultCmd::ClockOffsetMs(ms));
+    }
+
+    /// Makes node `id`'s clock run at `rate` from now on, until it is
+    /// changed again or the node restarts.
+    pub fn set_clock_rate(&self, id: NodeId, rate: f64) {
+        self.fault(id, &FaultCmd::ClockRate(rate));
+    }
+
+    /// Cuts node `id` off from `peers` (replacing whom it was cut off from
+    /// before): every peer message between them is dropped, both ways. One
+    /// side's setting is enough for both directions. Lasts until
+    /// [`Cluster::heal`] or the node restarts.
+    pub fn partition(&self, id: NodeId, peers: &[NodeId]) {
+        self.fault(id, &FaultCmd::DropPeers(peers.to_vec()));
+    }
+
+    /// Cuts node `id` off from every other member.
+    pub fn isolate(&self, id: NodeId) {
+        let others: Vec<NodeId> = self.ids().into_iter().filter(|&o| o != id).collect();
+        self.partition(id, &others);
+    }
+
+    /// Clears node `id`'s partition.
+    pub fn heal(&self, id: NodeId) {
+        self.partition(id, &[]);
     }
 
     /// A `webvac ARGS` command set up as the harness runs nodes (plain-text
@@ -406,6 +503,17 @@ impl Cluster {
     /// # Panics
     /// If it is already running or does not come up in time.
     pub fn restart(&mut self, id: NodeId) {
+        self.restart_listening(id);
+        self.wait_ready();
+    }
+
+    /// Starts node `id` again with its flags and waits only until it
+    /// listens, not until its peers see it up (a node started cut off from
+    /// them never is).
+    ///
+    /// # Panics
+    /// If it is already running or does not listen in time.
+    pub fn restart_listening(&mut self, id: NodeId) {
         assert!(
             !self.running.contains_key(&id),
             "node {id} is already running"
@@ -416,7 +524,6 @@ impl Cluster {
                 panic!("node {id} did not restart: {why}")
             }
         }
-        self.wait_ready();
     }
 
     /// Whether node `id` exited by itself (a crash).

@@ -18,7 +18,13 @@
 //! with [`CallError::Down`], and a full queue is [`CallError::Busy`]. Sockets
 //! come from an injected [`Connector`], so simulation tests can swap TCP for
 //! turmoil.
+//!
+//! An injected partition ([`BlockedPeers`], in [`TransportStats::blocked`])
+//! drops every frame to and from the members it names, on both the dialling
+//! and the accepting side, so callers see what a real partition shows them:
+//! timeouts, then the peer down.
 
+pub mod blocked;
 pub mod frame;
 
 use std::collections::HashMap;
@@ -40,6 +46,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+pub use blocked::BlockedPeers;
 use frame::{Decoded, FrameError};
 
 /// A node's id in the cluster (fits the HLC's 12 node bits).
@@ -193,6 +200,26 @@ pub struct TransportStats {
     pub handshakes_refused: AtomicU64,
     /// Requests this node's handlers answered.
     pub requests_served: AtomicU64,
+    /// Frames dropped, sent or received, because the other end is in
+    /// [`TransportStats::blocked`] (an injected partition).
+    pub frames_dropped_fault: AtomicU64,
+    /// Members whose traffic is dropped (`[faults] drop_peers`). Not a
+    /// counter: it lives here because this is the one value every peer and
+    /// the acceptor of a node share, and it is empty unless a test asks.
+    pub blocked: BlockedPeers,
+}
+
+impl TransportStats {
+    /// Whether a frame to or from `peer` is dropped by an injected
+    /// partition; counts it if so.
+    #[inline]
+    fn drops(&self, peer: NodeId) -> bool {
+        let blocked = self.blocked.contains(peer);
+        if blocked {
+            self.frames_dropped_fault.fetch_add(1, Relaxed);
+        }
+        blocked
+    }
 }
 
 /// How a node opens connections: real TCP here; the simulation tests will supply a turmoil one.
@@ -686,6 +713,13 @@ where
             }
         };
 
+        if stats.drops(shared.remote) {
+            // Partitioned: the request is lost, so the call times out.
+            drop(outbox);
+            tokio::time::sleep_until(deadline).await;
+            stats.call_timeouts.fetch_add(1, Relaxed);
+            return Err(CallError::Timeout);
+        }
         let id = shared.next_id.fetch_add(1, Relaxed);
         let mut frame = Vec::new();
         let request = ToServer::Request { id, body: req };
@@ -800,10 +834,14 @@ where
         let dialled = tokio::select! {
             biased;
             _ = shutdown.wait_for(|stop| *stop) => break 'dial,
-            dialled = tokio::time::timeout(
-                config.connect_timeout,
-                dial(&*connector, &me, &shared.addr, Some(shared.remote), config.frame_bytes_max),
-            ) => dialled,
+            dialled = tokio::time::timeout(config.connect_timeout, async {
+                if shared.stats.drops(shared.remote) {
+                    // Partitioned: the Hello is lost, and the dial times
+                    // out as it would behind a real partition.
+                    std::future::pending::<()>().await;
+                }
+                dial(&*connector, &me, &shared.addr, Some(shared.remote), config.frame_bytes_max).await
+            }) => dialled,
         };
         match dialled {
             Ok(Ok((stream, buf))) => {
@@ -903,6 +941,9 @@ where
                 return e;
             }
         };
+        if shared.stats.drops(shared.remote) {
+            continue; // partitioned: the answer or pong is lost
+        }
         let (id, answer) = match msg {
             ToClient::Pong { id } => {
                 pong.store(id, Relaxed);
@@ -950,6 +991,11 @@ where
             }
         }
         let id = shared.next_id.fetch_add(1, Relaxed);
+        if shared.stats.drops(shared.remote) {
+            // Partitioned: the ping is lost and will go unanswered.
+            outstanding = Some((id, Instant::now()));
+            continue;
+        }
         let ping = encode_control(&ToServer::<Req>::Ping { id }, config.frame_bytes_max);
         match control.try_send(ping) {
             Ok(()) => outstanding = Some((id, Instant::now())),
@@ -1043,6 +1089,10 @@ where
     W: AsyncWrite + Unpin,
 {
     let hello: Hello = read_frame(rd, buf, config.frame_bytes_max).await?;
+    if stats.drops(hello.node_id) {
+        // Partitioned: no answer; the handshake times out on both sides.
+        std::future::pending::<()>().await;
+    }
     let (reply, outcome) = match refusal(me, &hello) {
         Some(reason) => {
             stats.handshakes_refused.fetch_add(1, Relaxed);
@@ -1185,6 +1235,12 @@ where
             Ok(Err(e)) => return e,
             Err(_) => return LinkError::Idle(idle),
         };
+        if stats.drops(caller) {
+            // Partitioned: the frame is lost. It does not count as a sign
+            // of life either, so a long partition ends the connection as
+            // silence would.
+            continue;
+        }
         match msg {
             ToServer::Ping { id } => {
                 let pong = encode_control(&ToClient::<Resp>::Pong { id }, max);
@@ -1205,6 +1261,9 @@ where
                 tokio::spawn(async move {
                     let body = answer.await;
                     stats.requests_served.fetch_add(1, Relaxed);
+                    if stats.drops(caller) {
+                        return; // partitioned since the request came: the answer is lost
+                    }
                     let mut frame = Vec::new();
                     if let Err(e) = frame::encode(&ToClient::Response { id, body }, &mut frame, max)
                     {

@@ -536,3 +536,84 @@ fn call_errors_say_whether_the_request_may_have_been_applied() {
     assert!(!CallError::Down("x".into()).maybe_applied());
     assert!(!CallError::Refused("x".into()).maybe_applied());
 }
+
+/// An injected partition on either side: calls time out (never fail fast
+/// while the link still looks up), heartbeats go unanswered so the peer goes
+/// down, redials time out, and clearing the set heals the link.
+async fn partition_and_heal(block_on_server: bool) {
+    let config = TransportConfig {
+        call_timeout: Duration::from_millis(300),
+        connect_timeout: Duration::from_millis(200),
+        ..test_config()
+    };
+    let server = Server::start(identity(2, 9), config.clone()).await;
+    let peer = spawn_peer(identity(1, 9), 2, server.addr, config);
+    wait_up(&peer).await;
+    let (blocked, dropped) = if block_on_server {
+        server.stats.blocked.set(&[1]);
+        (&server.stats.blocked, &server.stats.frames_dropped_fault)
+    } else {
+        peer_stats(&peer).blocked.set(&[2]);
+        (
+            &peer_stats(&peer).blocked,
+            &peer_stats(&peer).frames_dropped_fault,
+        )
+    };
+    let started = load(&server.started);
+    let answer = peer
+        .call_timeout(TestReq::Echo(1), Duration::from_millis(300))
+        .await;
+    assert!(
+        matches!(answer, Err(CallError::Timeout)) || is_down(&peer),
+        "a partitioned call answered {answer:?}"
+    );
+    assert_eq!(load(&server.started), started, "a dropped request ran");
+    wait_until("partitioned peer down", || is_down(&peer)).await;
+    assert!(load(dropped) > 0);
+    // Redials are dropped too: the peer stays down.
+    let connects = load(&peer_stats(&peer).connects);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(is_down(&peer), "{:?}", peer.state());
+    assert_eq!(load(&peer_stats(&peer).connects), connects);
+    blocked.set(&[]);
+    wait_up(&peer).await;
+    assert_eq!(
+        peer.call(TestReq::Echo(2)).await,
+        Ok(TestResp::Echo { n: 2, caller: 1 })
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_on_the_dialling_side_takes_the_peer_down_until_healed() {
+    partition_and_heal(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_on_the_accepting_side_takes_the_peer_down_until_healed() {
+    partition_and_heal(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_in_flight_when_the_partition_starts_is_lost() {
+    let server = Server::start(identity(2, 9), test_config()).await;
+    let peer = spawn_peer(identity(1, 9), 2, server.addr, test_config());
+    wait_up(&peer).await;
+    let call = {
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            peer.call_timeout(TestReq::SleepEcho { n: 3, ms: 300 }, Duration::from_secs(1))
+                .await
+        })
+    };
+    wait_until("the request reached the handler", || {
+        load(&server.started) == 1
+    })
+    .await;
+    server.stats.blocked.set(&[1]);
+    // Applied, but its answer never arrives: the caller cannot tell.
+    let answer = call.await.unwrap();
+    assert_eq!(answer, Err(CallError::Timeout));
+    assert!(answer.unwrap_err().maybe_applied());
+    assert_eq!(load(&server.stats.requests_served), 1);
+    assert!(load(&server.stats.frames_dropped_fault) >= 1);
+}
