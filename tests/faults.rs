@@ -123,7 +123,14 @@ fn the_clock_offset_and_rate_move_the_versions_a_node_stamps() {
         (1_500..=2_500 + STAMP_SLACK_MS).contains(&gained),
         "gained {gained} ms"
     );
-    assert_eq!(stats(&mut c)["fault_clock_rate"], "2");
+    let s = stats(&mut c);
+    assert_eq!(s["fault_clock_rate"], "2");
+    let skew: i64 = s["fault_clock_skew_ms"].parse().unwrap();
+    assert!((61_500..70_000).contains(&skew), "skew {skew}");
+    // A new offset drops the drift gained: back in sync, still fast.
+    assert_eq!(c.ask(b"fault clock_offset_ms 0\r\n"), "OK\r\n");
+    let skew: i64 = stats(&mut c)["fault_clock_skew_ms"].parse().unwrap();
+    assert!((0..500).contains(&skew), "skew {skew}");
 
     // Bad values are refused and change nothing.
     for line in [

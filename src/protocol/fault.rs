@@ -1,7 +1,7 @@
 //! `fault <setting> <value>`: webvac's runtime fault injection, for tests.
 //!
 //! ```text
-//! fault clock_offset_ms <i64>          the node's clock reads this far ahead (ms)
+//! fault clock_offset_ms <i64>          the node's clock reads exactly this far ahead (ms)
 //! fault clock_rate <f64>               and runs at this rate from now on
 //! fault drop_peers <id,id,...|->       cut the node off from these members (`-`: heal)
 //! ```

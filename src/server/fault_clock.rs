@@ -8,18 +8,21 @@
 //! configured or `control` is on: otherwise nothing here runs.
 //!
 //! ```text
-//!  now = real + offset + drift(real)
-//!  drift(real) = anchor_drift + (real - anchor_real) × (rate - 1)
+//!  now = real + skew(real)
+//!  skew(real) = anchor_skew + (real - anchor_real) × (rate - 1)
 //! ```
 //!
-//! The anchor is the node's start, and moves to "now" whenever the rate
-//! changes, so a new rate bends the clock without a jump. An offset change
-//! does jump it, as stepping a real clock would.
+//! The anchor is the node's start (where the skew is the configured
+//! offset), and moves to "now" on every change. A new rate bends the clock
+//! without a jump, keeping the skew gained so far. A new offset steps it, as
+//! setting a real clock would: from then on it reads exactly that far ahead,
+//! the drift gained so far dropped, so `offset 0` puts a drifting clock back
+//! in sync (it goes on drifting at its rate).
 //!
-//! The three drift fields change together, so readers take them through a
+//! The three anchor fields change together, so readers take them through a
 //! sequence lock: the writer makes the sequence odd, writes, makes it even
 //! again; a reader retries if the sequence was odd or moved under it. Reads
-//! take no lock, writes (a test's command) are serialised by a mutex.
+//! take no lock; writes (a test's command) are serialised by a mutex.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering, fence};
@@ -32,33 +35,34 @@ use crate::store::Clock;
 pub struct FaultClock {
     /// The real clock.
     inner: Arc<dyn Clock>,
-    /// Fixed skew in ms, added to every reading.
+    /// The offset last set, in ms: what `stats` reports as the setting (the
+    /// skew itself lives in the anchor).
     offset_ms: AtomicI64,
-    /// Even while the drift fields are consistent; odd while one is written.
+    /// Even while the anchor fields are consistent; odd while one is written.
     seq: AtomicU64,
-    /// Inner-clock ms at which the current rate took effect.
+    /// Inner-clock ms of the last change.
     anchor_real_ms: AtomicU64,
-    /// Drift accumulated up to `anchor_real_ms`, ms (f64 bits).
-    anchor_drift_bits: AtomicU64,
+    /// Skew at `anchor_real_ms`, in ms (f64 bits).
+    anchor_skew_bits: AtomicU64,
     /// Clock rate against the inner clock (f64 bits).
     rate_bits: AtomicU64,
-    /// Serialises writers of the drift fields.
+    /// Serialises writers of the anchor fields.
     writer: Mutex<()>,
 }
 
-/// One consistent reading of the drift fields.
+/// One consistent reading of the anchor fields.
 #[derive(Debug, Clone, Copy)]
-struct Drift {
-    anchor_real_ms: u64,
-    anchor_drift_ms: f64,
+struct Anchor {
+    real_ms: u64,
+    skew_ms: f64,
     rate: f64,
 }
 
-impl Drift {
-    /// Drift in ms at inner-clock time `real_ms`.
-    fn at(self, real_ms: u64) -> f64 {
-        let elapsed = real_ms as f64 - self.anchor_real_ms as f64;
-        self.anchor_drift_ms + elapsed * (self.rate - 1.0)
+impl Anchor {
+    /// Skew in ms at inner-clock time `real_ms`.
+    fn skew_at(self, real_ms: u64) -> f64 {
+        let elapsed = real_ms as f64 - self.real_ms as f64;
+        self.skew_ms + elapsed * (self.rate - 1.0)
     }
 }
 
@@ -67,6 +71,7 @@ impl std::fmt::Debug for FaultClock {
         f.debug_struct("FaultClock")
             .field("offset_ms", &self.offset_ms())
             .field("rate", &self.rate())
+            .field("skew_ms", &self.skew_ms())
             .finish()
     }
 }
@@ -85,25 +90,40 @@ impl FaultClock {
             offset_ms: AtomicI64::new(offset_ms),
             seq: AtomicU64::new(0),
             anchor_real_ms: AtomicU64::new(now),
-            anchor_drift_bits: AtomicU64::new(0f64.to_bits()),
+            anchor_skew_bits: AtomicU64::new((offset_ms as f64).to_bits()),
             rate_bits: AtomicU64::new(rate.to_bits()),
             writer: Mutex::new(()),
         }
     }
 
-    /// The fixed skew now, in ms.
+    /// The offset last set, in ms.
     pub fn offset_ms(&self) -> i64 {
         self.offset_ms.load(Ordering::Relaxed)
     }
 
     /// The rate now.
     pub fn rate(&self) -> f64 {
-        self.drift().rate
+        self.anchor().rate
     }
 
-    /// Steps the clock: from now on it reads `offset_ms` (plus the drift)
-    /// ahead of the real time.
+    /// How far ahead of the real time the clock reads now, in ms: the
+    /// offset plus the drift gained since it was set.
+    pub fn skew_ms(&self) -> i64 {
+        let anchor = self.anchor();
+        anchor.skew_at(self.inner.now_ms()).round() as i64
+    }
+
+    /// Steps the clock: from now on it reads exactly `offset_ms` ahead of
+    /// the real time (the drift gained so far is dropped), and goes on
+    /// drifting at its rate from there.
     pub fn set_offset_ms(&self, offset_ms: i64) {
+        let _writer = self.writer.lock();
+        let rate = self.anchor().rate;
+        self.publish(Anchor {
+            real_ms: self.inner.now_ms(),
+            skew_ms: offset_ms as f64,
+            rate,
+        });
         self.offset_ms.store(offset_ms, Ordering::Relaxed);
     }
 
@@ -116,39 +136,38 @@ impl FaultClock {
         assert!(rate.is_finite() && rate > 0.0, "clock rate {rate}");
         let _writer = self.writer.lock();
         let real = self.inner.now_ms();
-        self.publish(Drift {
-            anchor_real_ms: real,
-            anchor_drift_ms: self.drift().at(real),
+        self.publish(Anchor {
+            real_ms: real,
+            skew_ms: self.anchor().skew_at(real),
             rate,
         });
     }
 
-    /// Writes the drift fields as one; the caller holds `writer`.
-    fn publish(&self, d: Drift) {
+    /// Writes the anchor fields as one; the caller holds `writer`.
+    fn publish(&self, a: Anchor) {
         let seq = self.seq.load(Ordering::Relaxed);
         self.seq.store(seq.wrapping_add(1), Ordering::Relaxed);
         fence(Ordering::Release);
-        self.anchor_real_ms
-            .store(d.anchor_real_ms, Ordering::Relaxed);
-        self.anchor_drift_bits
-            .store(d.anchor_drift_ms.to_bits(), Ordering::Relaxed);
-        self.rate_bits.store(d.rate.to_bits(), Ordering::Relaxed);
+        self.anchor_real_ms.store(a.real_ms, Ordering::Relaxed);
+        self.anchor_skew_bits
+            .store(a.skew_ms.to_bits(), Ordering::Relaxed);
+        self.rate_bits.store(a.rate.to_bits(), Ordering::Relaxed);
         self.seq.store(seq.wrapping_add(2), Ordering::Release);
     }
 
-    /// The drift fields, consistent with each other.
-    fn drift(&self) -> Drift {
+    /// The anchor fields, consistent with each other.
+    fn anchor(&self) -> Anchor {
         loop {
             let before = self.seq.load(Ordering::Acquire);
             if before % 2 == 0 {
-                let drift = Drift {
-                    anchor_real_ms: self.anchor_real_ms.load(Ordering::Relaxed),
-                    anchor_drift_ms: f64::from_bits(self.anchor_drift_bits.load(Ordering::Relaxed)),
+                let anchor = Anchor {
+                    real_ms: self.anchor_real_ms.load(Ordering::Relaxed),
+                    skew_ms: f64::from_bits(self.anchor_skew_bits.load(Ordering::Relaxed)),
                     rate: f64::from_bits(self.rate_bits.load(Ordering::Relaxed)),
                 };
                 fence(Ordering::Acquire);
                 if self.seq.load(Ordering::Relaxed) == before {
-                    return drift;
+                    return anchor;
                 }
             }
             std::hint::spin_loop();
@@ -158,15 +177,14 @@ impl FaultClock {
 
 impl Clock for FaultClock {
     fn now_ms(&self) -> u64 {
-        // The drift before the real time: the real time is then never
-        // before the anchor read (a rate change anchors at its own now).
-        let drift = self.drift();
+        // The anchor before the real time: the real time is then never
+        // before the anchor read (a change anchors at its own now).
+        let anchor = self.anchor();
         let real = self.inner.now_ms();
         // Offsets are bounded (a year) and the drift by rate × uptime, so
         // the sum stays far inside f64's exact integers; a reading before
         // 1970 is 0.
-        let skew = self.offset_ms() as f64 + drift.at(real);
-        let now = i64::try_from(real).unwrap_or(i64::MAX) as f64 + skew;
+        let now = i64::try_from(real).unwrap_or(i64::MAX) as f64 + anchor.skew_at(real);
         if now <= 0.0 { 0 } else { now.round() as u64 }
     }
 }
@@ -193,7 +211,7 @@ mod tests {
         assert_eq!(clock.now_secs(), u32::try_from((T0 + 1750) / 1000).unwrap());
         clock.set_offset_ms(-2000);
         assert_eq!(clock.now_ms(), T0 + 250 - 2000);
-        assert_eq!(clock.offset_ms(), -2000);
+        assert_eq!((clock.offset_ms(), clock.skew_ms()), (-2000, -2000));
     }
 
     #[test]
@@ -208,15 +226,33 @@ mod tests {
         assert_eq!(clock.rate(), 0.5);
         real.advance_ms(1000);
         assert_eq!(clock.now_ms(), T0 + 2000);
-        // Back in step: the drift gained so far (0 now) stays.
+        // Back in step: the drift gained so far (none, now) stays.
         clock.set_rate(1.0);
         real.advance_ms(1000);
         assert_eq!(clock.now_ms(), T0 + 3000);
-        // Offset and drift add up.
-        clock.set_rate(2.0);
-        clock.set_offset_ms(100);
+    }
+
+    #[test]
+    fn an_offset_replaces_the_drift_gained_and_the_rate_goes_on() {
+        let (real, clock) = skewed(0, 2.0);
         real.advance_ms(10);
-        assert_eq!(clock.now_ms(), T0 + 3000 + 20 + 100);
+        clock.set_rate(1.0);
+        real.advance_ms(10);
+        // The 10 ms gained at double speed stay once in step again ...
+        assert_eq!(clock.now_ms(), T0 + 20 + 10);
+        assert_eq!((clock.offset_ms(), clock.skew_ms()), (0, 10));
+        // ... until an offset is set: then exactly that, drifting on.
+        clock.set_rate(1.5);
+        clock.set_offset_ms(100);
+        assert_eq!(clock.now_ms(), T0 + 20 + 100);
+        real.advance_ms(10);
+        assert_eq!(clock.now_ms(), T0 + 30 + 100 + 5);
+        assert_eq!(
+            (clock.offset_ms(), clock.skew_ms(), clock.rate()),
+            (100, 105, 1.5)
+        );
+        clock.set_offset_ms(0);
+        assert_eq!(clock.now_ms(), T0 + 30);
     }
 
     #[test]
@@ -227,32 +263,31 @@ mod tests {
     }
 
     #[test]
-    fn readers_never_see_a_half_written_drift() {
-        // Three drift states that all read the same at the (standing) real
-        // time R, while any mixture of their fields reads 500 to 1000 ms
-        // off: a torn read would show.
+    fn readers_never_see_a_half_written_anchor() {
+        // Three anchors that all read the same at the (standing) real time
+        // T0, while any mixture of their fields reads 500 to 1000 ms off: a
+        // torn read would show.
         let (_real, clock) = skewed(0, 1.0);
         let clock = Arc::new(clock);
-        let r = T0;
         let states = [
-            Drift {
-                anchor_real_ms: r,
-                anchor_drift_ms: 0.0,
+            Anchor {
+                real_ms: T0,
+                skew_ms: 0.0,
                 rate: 2.0,
             },
-            Drift {
-                anchor_real_ms: r - 1000,
-                anchor_drift_ms: -1000.0,
+            Anchor {
+                real_ms: T0 - 1000,
+                skew_ms: -1000.0,
                 rate: 2.0,
             },
-            Drift {
-                anchor_real_ms: r - 1000,
-                anchor_drift_ms: -500.0,
+            Anchor {
+                real_ms: T0 - 1000,
+                skew_ms: -500.0,
                 rate: 1.5,
             },
         ];
         for s in states {
-            assert_eq!(s.at(r), 0.0);
+            assert_eq!(s.skew_at(T0), 0.0);
         }
         let writer = {
             let clock = clock.clone();

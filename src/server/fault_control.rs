@@ -110,15 +110,16 @@ impl FaultControl {
         put_stat(out, "fault_control", u8::from(self.enabled));
         put_stat(out, "fault_clock_offset_ms", s.clock_offset_ms);
         put_stat(out, "fault_clock_rate", s.clock_rate);
+        put_stat(out, "fault_clock_skew_ms", s.clock_skew_ms);
         put_stat(out, "fault_drop_peers", &s.drop_peers);
         put_stat(out, "fault_peer_frames_dropped", s.frames_dropped);
     }
 
     fn settings(&self, cluster: Option<&Cluster>) -> Settings {
-        let (clock_offset_ms, clock_rate) = self
+        let (clock_offset_ms, clock_rate, clock_skew_ms) = self
             .clock
             .as_ref()
-            .map_or((0, 1.0), |c| (c.offset_ms(), c.rate()));
+            .map_or((0, 1.0, 0), |c| (c.offset_ms(), c.rate(), c.skew_ms()));
         let (drop_peers, frames_dropped) = cluster.map_or((Vec::new(), 0), |c| {
             let t = &c.transport;
             (t.blocked.ids(), t.frames_dropped_fault.load(Relaxed))
@@ -126,6 +127,7 @@ impl FaultControl {
         Settings {
             clock_offset_ms,
             clock_rate,
+            clock_skew_ms,
             drop_peers: crate::protocol::fault::ids_text(&drop_peers),
             frames_dropped,
         }
@@ -137,6 +139,8 @@ impl FaultControl {
 struct Settings {
     clock_offset_ms: i64,
     clock_rate: f64,
+    /// The offset plus the drift gained since it was set.
+    clock_skew_ms: i64,
     /// `2,3`, or `-` for none.
     drop_peers: String,
     frames_dropped: u64,
