@@ -91,6 +91,10 @@ struct Args {
     /// Cluster: how long a tombstone lives, in seconds (default 11400).
     #[arg(long = "tombstone-grace-secs")]
     tombstone_grace_secs: Option<u64>,
+    /// Cluster: how far ahead of this node's clock a peer's version may be,
+    /// in ms, before it is refused (default 10000).
+    #[arg(long = "clock-drift-max-ms")]
+    clock_drift_max_ms: Option<u64>,
     /// How long a request id makes a retry safe, in seconds (default 600).
     #[arg(long = "dedup-window-secs")]
     dedup_window_secs: Option<u32>,
@@ -176,7 +180,8 @@ fn cluster_flags(
         || args.anti_entropy_bytes_per_sec.is_some()
         || args.hint_window_secs.is_some()
         || args.hints_per_target_max.is_some()
-        || args.tombstone_grace_secs.is_some();
+        || args.tombstone_grace_secs.is_some()
+        || args.clock_drift_max_ms.is_some();
     if !any_flag {
         return Ok(file);
     }
@@ -239,6 +244,9 @@ fn cluster_flags(
     }
     if let Some(v) = args.tombstone_grace_secs {
         c.tombstone_grace_secs = v;
+    }
+    if let Some(v) = args.clock_drift_max_ms {
+        c.clock_drift_max_ms = v;
     }
     Ok(Some(c))
 }

@@ -15,6 +15,7 @@ use crate::error::ConfigError;
 use crate::limits::{
     ANTI_ENTROPY_BYTES_PER_SEC_DEFAULT, ANTI_ENTROPY_INTERVAL_MS_DEFAULT,
     ANTI_ENTROPY_KEYS_PER_ROUND_DEFAULT, ANTI_ENTROPY_PARTITIONS_PER_ROUND_DEFAULT,
+    CLOCK_DRIFT_MAX_MS_DEFAULT, CLOCK_DRIFT_MAX_MS_LIMIT,
     CONNECTIONS_MAX_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, HINT_WINDOW_SECS_DEFAULT,
     HINTS_MEMORY_MB_DEFAULT, HINTS_PER_TARGET_MAX_DEFAULT, ITEM_BYTES_MAX_DEFAULT,
     ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN, MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT,
@@ -261,6 +262,12 @@ pub struct ClusterConfig {
     /// deleted item can outlive it and come back.
     #[serde(default = "tombstone_grace_secs_default")]
     pub tombstone_grace_secs: u64,
+    /// How far ahead of this node's clock a version from a peer may be
+    /// before it is refused and counted; tombstones and request-id records
+    /// are kept this much longer. The clock requirement of the cluster: see
+    /// the README's consistency section.
+    #[serde(default = "clock_drift_max_ms_default")]
+    pub clock_drift_max_ms: u64,
 }
 
 fn refill_on_start_default() -> bool {
@@ -283,6 +290,9 @@ fn anti_entropy_bytes_per_sec_default() -> u64 {
 }
 fn tombstone_grace_secs_default() -> u64 {
     u64::from(TOMBSTONE_GRACE_SECS)
+}
+fn clock_drift_max_ms_default() -> u64 {
+    CLOCK_DRIFT_MAX_MS_DEFAULT
 }
 
 /// One member of the cluster.
@@ -339,6 +349,7 @@ impl ClusterConfig {
             anti_entropy_keys_per_round: anti_entropy_keys_per_round_default(),
             anti_entropy_bytes_per_sec: anti_entropy_bytes_per_sec_default(),
             tombstone_grace_secs: tombstone_grace_secs_default(),
+            clock_drift_max_ms: clock_drift_max_ms_default(),
         }
     }
 
@@ -482,6 +493,11 @@ impl ClusterConfig {
                 self.tombstone_grace_secs,
                 self.hint_window_secs,
                 self.anti_entropy_cycle_secs()
+            ));
+        }
+        if !(1..=CLOCK_DRIFT_MAX_MS_LIMIT).contains(&self.clock_drift_max_ms) {
+            return bad(format!(
+                "cluster.clock_drift_max_ms must be 1 to {CLOCK_DRIFT_MAX_MS_LIMIT}"
             ));
         }
         if self.tombstone_grace_secs > u64::from(u32::MAX / 2) {

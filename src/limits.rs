@@ -140,6 +140,22 @@ const _: () = assert!(REQUEST_ID_RECORDS_PER_KEY_DEFAULT <= REQUEST_ID_RECORDS_P
 // A delete's record lives in its tombstone, so tombstones outlive the window.
 const _: () = assert!(DEDUP_WINDOW_SECS_DEFAULT < TOMBSTONE_GRACE_SECS);
 
+/// How far ahead of a node's own clock a version from a peer may be: a
+/// version stamped further ahead (a clock that is wrong by more, or a
+/// forged message) is refused and counted, so no message can drag a node's
+/// version clock, its flush barrier or its expiry decisions far into the
+/// future. Lifetimes judged by the local clock (tombstones, request-id
+/// records) are kept this much longer, so a node whose clock runs up to
+/// this far ahead does not drop them early. Configurable
+/// (`clock_drift_max_ms`).
+pub const CLOCK_DRIFT_MAX_MS_DEFAULT: u64 = 10_000;
+/// The largest drift bound a cluster may set: one hour. Versions carry 42
+/// bits of milliseconds (until 2163), so no bound lets a stamp overflow.
+pub const CLOCK_DRIFT_MAX_MS_LIMIT: u64 = 3_600_000;
+const _: () = assert!(CLOCK_DRIFT_MAX_MS_DEFAULT <= CLOCK_DRIFT_MAX_MS_LIMIT);
+// The margin a skewed clock takes off the dedup window must leave most of it.
+const _: () = assert!(CLOCK_DRIFT_MAX_MS_DEFAULT < DEDUP_WINDOW_SECS_DEFAULT as u64 * 1000);
+
 /// How long one cluster hop may take before the peer is passed over.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 1000;
 

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use common::Client as Raw;
 use common::cluster::{Cluster, Layout, NodeId, exclusive, parse_stats};
 use webvac::client::{CasOutcome, ClientError, Options};
-use webvac::config::{ClusterConfig, Config, MemberConfig};
+use webvac::config::{ClusterConfig, Config};
 use webvac::node::{Node, Role};
 use webvac::store::ManualClock;
 
@@ -61,16 +61,7 @@ impl Embedded {
 /// (`Cluster::args`), for member `id`.
 fn member_config(cluster: &Cluster, id: NodeId) -> Config {
     let layout = cluster.layout();
-    let members = cluster
-        .members()
-        .iter()
-        .map(|m| MemberConfig {
-            id: m.id,
-            client: m.client.to_string(),
-            peer: m.peer.to_string(),
-        })
-        .collect();
-    let mut c = ClusterConfig::new(id, members);
+    let mut c = ClusterConfig::new(id, cluster.member_configs());
     if let Some(n) = layout.replicas {
         c.replicas = n;
     }

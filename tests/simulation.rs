@@ -186,6 +186,7 @@ fn cluster_config(node_id: u16, settings: Settings) -> ClusterConfig {
         anti_entropy_keys_per_round: 10_000,
         anti_entropy_bytes_per_sec: 8 << 20,
         tombstone_grace_secs: 3 * 3600 + 600,
+        clock_drift_max_ms: webvac::limits::CLOCK_DRIFT_MAX_MS_DEFAULT,
     }
 }
 

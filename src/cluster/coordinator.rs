@@ -71,9 +71,21 @@ const REFILL_RETRIES_MAX: usize = 5;
 /// gat/gats keys touched at once, each at its own primary.
 const TOUCH_KEYS_IN_FLIGHT: usize = 64;
 
+/// Times a primary executes one command when replicas keep answering that
+/// they hold a newer state (see [`Cluster::execute_as_primary`]). Each
+/// attempt observes the newer version first, so a second one normally
+/// succeeds; the bound stops two primaries racing on one key forever.
+const WRITE_ATTEMPTS_MAX: usize = 3;
+
+/// Times a replica re-reads a meta get whose key changed while it ran, so
+/// the reply and the version it reports belong together.
+const META_READ_ATTEMPTS_MAX: usize = 3;
+
 /// What became of one replica's copy of a write.
 enum ReplicaCopy {
     Applied,
+    /// The replica holds a newer state than the one sent: this one.
+    Newer(KeyState),
     /// Not confirmed by the replica; held as a hint for it.
     Hinted,
     /// Neither the replica nor a hint holder took it.
@@ -81,6 +93,14 @@ enum ReplicaCopy {
         why: String,
         timed_out: bool,
     },
+}
+
+/// Why a write did not reach its W replicas.
+enum NotReplicated {
+    /// Too few replicas (or hint holders) took it; why.
+    Quorum(String),
+    /// A replica holds this state, newer than the one sent.
+    Newer(KeyState),
 }
 
 /// What the coordinator needs from the node it runs in: its store and the
@@ -116,8 +136,16 @@ pub struct ClusterStats {
     pub replica_writes_sent: AtomicU64,
     /// Item states received and applied (newer than ours).
     pub replica_writes_applied: AtomicU64,
-    /// Item states received that were not newer than ours.
+    /// Item states received that were older than ours (answered with ours,
+    /// not counted as held).
     pub replica_writes_stale: AtomicU64,
+    /// Writes a primary executed again because a replica held a newer
+    /// state than the one it had just stamped (a clock behind, or a write
+    /// it missed while paused or cut off).
+    pub write_conflicts: AtomicU64,
+    /// Replicated states and flushes refused for a version too far ahead
+    /// of this node's clock (see the store's counter for all of them).
+    pub versions_refused: AtomicU64,
     /// Reads answered from more than this node's memory.
     pub quorum_reads: AtomicU64,
     /// Writes refused because fewer than W replicas acknowledged.
@@ -213,6 +241,13 @@ enum Plan<'r> {
         key: &'r [u8],
         silent: bool,
     },
+    /// A store refused before its value was read (too large, or no memory
+    /// to buffer it) that drops the key's old value, as memcached's does:
+    /// the removal is a delete through the key's primary, replicated, so
+    /// no replica keeps serving the value the client meant to replace.
+    RefusedStore {
+        key: &'r [u8],
+    },
     FlushAll {
         delay_secs: i64,
         silent: bool,
@@ -236,6 +271,11 @@ fn plan<'r>(request: &'r Request<'r>) -> Plan<'r> {
         Request::Get(g) if g.fails_after_keys => Plan::Local,
         Request::Get(g) if g.touch.is_none() => Plan::Read { get: g },
         Request::Get(g) => Plan::TouchRead { get: g },
+        // The single node's rule for which refused stores drop the old
+        // value (`reject_write`): a plain set, and every meta set.
+        Request::Storage(s) if s.refused.is_some() && s.mode == Mode::Set && s.cas.is_none() => {
+            Plan::RefusedStore { key: s.key }
+        }
         Request::Storage(s) if s.refused.is_some() => Plan::Local,
         Request::Storage(s) => Plan::Write {
             key: s.key,
@@ -271,7 +311,7 @@ fn plan<'r>(request: &'r Request<'r>) -> Plan<'r> {
                 key: &g.key,
                 silent: false,
             },
-            MetaRequest::Set(s) if s.refused.is_some() => Plan::Local,
+            MetaRequest::Set(s) if s.refused.is_some() => Plan::RefusedStore { key: &s.key },
             MetaRequest::Set(s) => Plan::Write {
                 key: &s.key,
                 silent: false,
@@ -328,13 +368,16 @@ fn count_forwarded(store: &Store, key: &[u8], request: &Request<'_>) {
 /// flush barrier to `version`, so replicated copies written before it and
 /// still in flight are dropped when they arrive. (A delayed flush has no
 /// barrier: it removes what is there when its time comes.)
-fn flush_local(store: &Store, delay_secs: i64, version: u64) {
+/// Returns `false`, having done nothing, when `version` is further ahead of
+/// this node's clock than the drift bound allows.
+fn flush_local(store: &Store, delay_secs: i64, version: u64) -> bool {
     // Barrier first: a copy applied while the shards are being cleared is
     // then either cleared or refused, never kept.
-    if delay_secs <= 0 {
-        store.set_flush_barrier(version);
+    if delay_secs <= 0 && !store.set_flush_barrier(version) {
+        return false;
     }
     store.flush_all(delay_secs);
+    true
 }
 
 fn meta_tokens<'r>(request: &'r Request<'r>) -> &'r [&'r [u8]] {
@@ -350,19 +393,53 @@ fn meta_tokens<'r>(request: &'r Request<'r>) -> &'r [&'r [u8]] {
 /// Reads keys from the local store: per key its version and `VALUE` block;
 /// a tombstone answers its version with an empty block (a delete that
 /// outranks older copies elsewhere).
+/// The value and the version come from one look under the key's lock, so
+/// a write landing in between cannot pair a miss with a newer version.
 fn read_local(store: &Store, keys: &[&[u8]], with_cas: bool) -> Vec<KeyAnswer> {
     keys.iter()
         .map(|&key| {
             store
-                .get(key, None, |e| {
+                .read_versioned(key, |e| {
                     let mut block = Vec::with_capacity(key.len() + e.value().len() + 48);
                     let cas = with_cas.then_some(e.cas());
                     compose_value(&mut block, key, e.flags(), e.value(), cas);
-                    (e.cas(), block)
+                    block
                 })
-                .or_else(|| store.version_or_tombstone(key).map(|v| (v, Vec::new())))
+                .map(|(version, block)| (version, block.unwrap_or_default()))
         })
         .collect()
+}
+
+/// The newest of several replicas' answers: the highest version, and at
+/// one version a value over a miss (a replica whose clock runs ahead may
+/// already count the item as expired), then the earliest answer (this
+/// node's, then preference order).
+fn newest<T>(answers: impl IntoIterator<Item = T>, rank: impl Fn(&T) -> (u64, bool)) -> Option<T> {
+    let mut best: Option<(T, (u64, bool))> = None;
+    for a in answers {
+        let r = rank(&a);
+        if best.as_ref().is_none_or(|(_, b)| r > *b) {
+            best = Some((a, r));
+        }
+    }
+    best.map(|(a, _)| a)
+}
+
+/// A meta get run on this node, with the version of the state it read: the
+/// version is read before and after, and the get runs again if they differ,
+/// so a write landing in between cannot pair an old reply with a newer
+/// version. Returns `None` if the key kept changing.
+fn read_meta_local(local: &dyn Local, key: &[u8], command: &[u8]) -> Option<(u64, Vec<u8>)> {
+    let store = local.store();
+    for _ in 0..META_READ_ATTEMPTS_MAX {
+        let before = store.version_or_tombstone(key).unwrap_or(0);
+        let mut reply = Vec::new();
+        local.execute(command, &mut reply);
+        if store.version_or_tombstone(key).unwrap_or(0) == before {
+            return Some((before, reply));
+        }
+    }
+    None
 }
 
 impl Cluster {
@@ -464,6 +541,20 @@ impl Cluster {
                 if self.write(local, key, raw, w, silent, out).await {
                     count_forwarded(local.store(), key, request);
                 }
+            }
+            Plan::RefusedStore { key } => {
+                // Quiet meta delete, key in base64 (any bytes travel):
+                // nothing to answer on success; a failure is logged, and
+                // the client gets the refusal either way.
+                let mut delete = b"md ".to_vec();
+                delete.extend_from_slice(crate::protocol::meta::base64::encode(key).as_bytes());
+                delete.extend_from_slice(b" b q\r\n");
+                let mut reply = Vec::new();
+                self.write(local, key, &delete, w, true, &mut reply).await;
+                if !reply.is_empty() {
+                    warn!(reply = %String::from_utf8_lossy(&reply).trim_end(), "dropping the old value of a refused store failed");
+                }
+                local.execute(raw, out);
             }
             Plan::FlushAll { delay_secs, silent } => {
                 self.flush_all(local, delay_secs, silent, out).await
@@ -599,13 +690,13 @@ impl Cluster {
         let unknown_here = store.version_or_tombstone(key).is_none();
         if !others.is_empty() && (failover || rmw || (is_delete && unknown_here)) {
             // Any W replicas hold every acknowledged write, so N - W others
-            // plus this node meet all of them.
+            // plus this node meet all of them. Even the preferred primary
+            // with its own copy must hear from them: it may have been paused
+            // or cut off while a failover primary took writes, and a
+            // read-modify-write on a stale base would lose them for good.
             let needed = (pref.len() - w).max(1).min(others.len());
             let answered = self.catch_up(store, key, &others).await;
-            // The preferred primary with its own copy may go on without
-            // them (it saw every write while it was stable); anyone else
-            // must not guess.
-            if answered < needed && (failover || unknown_here) {
+            if answered < needed {
                 self.stats.write_quorum_failures.fetch_add(1, Relaxed);
                 return server_error(
                     out,
@@ -616,40 +707,76 @@ impl Cluster {
                 );
             }
         }
-        let before = store.entry_version(key);
-        let start = out.len();
-        local.execute(raw, out);
-        if others.is_empty() {
-            return;
-        }
-        // A mutation with a request id that changed nothing may be the
-        // retry of one that ran here but did not reach W replicas: ship the
-        // state again (it is idempotent), so the retry's answer means what
-        // a first answer means.
-        let after = store.entry_version(key);
-        let state = match (before, after) {
-            (None, None) => return,
-            (Some(b), Some(a)) if b == a && !has_id => return,
-            (_, Some(_)) => match store.replica_state(key) {
-                Some(state) => state,
-                None => return,
-            },
-            (Some(_), None) => {
-                // Removed: leave a tombstone here too, so a late copy of
-                // the old item cannot bring it back on this node either.
-                let gone = KeyState::absent(store.next_version());
-                store.apply(key, &gone);
-                gone
-            }
-        };
         let needed = w.saturating_sub(1);
-        let now_ms = store.clock().now_ms();
-        let quorum = self.replicate(key, state, &others, needed, now_ms).await;
-        if let Err(why) = quorum {
-            self.stats.write_quorum_failures.fetch_add(1, Relaxed);
-            out.truncate(start);
-            server_error(out, silent, &format!("write quorum not met: {why}"));
+        let start = out.len();
+        for _attempt in 0..WRITE_ATTEMPTS_MAX {
+            let before = store.entry_version(key);
+            local.execute(raw, out);
+            if others.is_empty() {
+                return;
+            }
+            // A mutation with a request id that changed nothing may be the
+            // retry of one that ran here but did not reach W replicas: ship
+            // the state again (it is idempotent), so the retry's answer
+            // means what a first answer means.
+            let after = store.entry_version(key);
+            let state = match (before, after) {
+                (None, None) => return,
+                (Some(b), Some(a)) if b == a && !has_id => return,
+                (_, Some(_)) => match store.replica_state(key) {
+                    Some(state) => state,
+                    None => return,
+                },
+                (Some(_), None) => {
+                    // Removed without a tombstone (evicted meanwhile): leave
+                    // one here too, so a late copy of the old item cannot
+                    // bring it back on this node either.
+                    let gone = KeyState::absent(store.next_version());
+                    store.apply(key, &gone);
+                    gone
+                }
+            };
+            let now_ms = store.clock().now_ms();
+            match self.replicate(key, state, &others, needed, now_ms).await {
+                Ok(()) => return,
+                Err(NotReplicated::Quorum(why)) => {
+                    self.stats.write_quorum_failures.fetch_add(1, Relaxed);
+                    out.truncate(start);
+                    return server_error(out, silent, &format!("write quorum not met: {why}"));
+                }
+                Err(NotReplicated::Newer(newer)) => {
+                    // A replica holds a state this node never saw, newer
+                    // than the one it just stamped: a write taken by
+                    // another primary while this one was paused or cut off,
+                    // or stamped by a clock ahead of this one. Counting the
+                    // replica toward W would acknowledge a write that loses
+                    // to it everywhere. Take that state (this node's clock
+                    // moves past it) and run the command again on it: its
+                    // reply has not been sent, so it has not happened yet.
+                    self.stats.write_conflicts.fetch_add(1, Relaxed);
+                    out.truncate(start);
+                    match store.apply(key, &newer) {
+                        Applied::TooFarAhead => {
+                            self.stats.versions_refused.fetch_add(1, Relaxed);
+                            return server_error(
+                                out,
+                                silent,
+                                "a replica holds a version too far ahead of this node's clock",
+                            );
+                        }
+                        other => debug!(applied = ?other, "write conflict: re-executing"),
+                    }
+                }
+            }
         }
+        self.stats.write_quorum_failures.fetch_add(1, Relaxed);
+        server_error(
+            out,
+            silent,
+            &format!(
+                "write conflict: replicas held newer versions {WRITE_ATTEMPTS_MAX} times; the write may or may not have been applied"
+            ),
+        );
     }
 
     /// Before a read-modify-write on a primary that may be stale: take the
@@ -676,7 +803,9 @@ impl Cluster {
     }
 
     /// Ships `state` to every other replica; returns once `needed` of them
-    /// hold it (the rest keep going in the background), or why they don't.
+    /// hold it (the rest keep going in the background), or why they don't:
+    /// too few answered, or one holds a newer state (returned at once; a
+    /// replica never counts toward W for a state older than its own).
     async fn replicate(
         &self,
         key: &[u8],
@@ -684,7 +813,8 @@ impl Cluster {
         others: &[NodeId],
         needed: usize,
         now_ms: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), NotReplicated> {
+        let sent_version = state.version();
         let (tx, mut rx) = mpsc::channel(others.len());
         let holder = self.hint_holder(key);
         for &node in others {
@@ -703,6 +833,10 @@ impl Cluster {
                 };
                 let failed = match peer.call_timeout(req, timeout).await {
                     Ok(PeerResponse::Applied) => None,
+                    Ok(PeerResponse::Newer(newer)) => {
+                        let _ = tx.send((node, ReplicaCopy::Newer(newer))).await;
+                        return;
+                    }
                     Ok(other) => Some((format!("unexpected answer {other:?}"), false)),
                     Err(e) => Some((e.to_string(), matches!(e, CallError::Timeout))),
                 };
@@ -745,6 +879,10 @@ impl Cluster {
         while let Some((node, outcome)) = rx.recv().await {
             let decision = match outcome {
                 ReplicaCopy::Applied => quorum.succeeded(node),
+                ReplicaCopy::Newer(newer) if newer.version() > sent_version => {
+                    return Err(NotReplicated::Newer(newer));
+                }
+                ReplicaCopy::Newer(_) => quorum.succeeded(node),
                 ReplicaCopy::Hinted if self.sloppy_quorum => quorum.succeeded(node),
                 ReplicaCopy::Hinted => {
                     quorum.failed(node, format!("unreachable; hinted to node {holder}"))
@@ -758,11 +896,11 @@ impl Cluster {
             };
             match decision {
                 Decision::Met => return Ok(()),
-                Decision::Failed => return Err(explain_with_self(&quorum)),
+                Decision::Failed => return Err(NotReplicated::Quorum(explain_with_self(&quorum))),
                 Decision::Pending => {}
             }
         }
-        Err(explain_with_self(&quorum))
+        Err(NotReplicated::Quorum(explain_with_self(&quorum)))
     }
 
     /// Who holds hints for `key`'s replicas: the first member past its
@@ -820,14 +958,24 @@ impl Cluster {
         let results = join_all(calls).await;
         let mut undelivered = Vec::new();
         let mut delivered = 0;
+        let mut refused = 0;
         for (h, r) in batch.into_iter().zip(results) {
             match r {
-                Ok(PeerResponse::Applied) => delivered += 1,
+                // Held already, or something newer is: done either way.
+                Ok(PeerResponse::Applied | PeerResponse::Newer(_)) => delivered += 1,
+                // Refused for good (flushed since, no memory, a version too
+                // far ahead): putting it back would block the queue behind
+                // it until the hint window ends.
+                Ok(PeerResponse::Refused(why)) => {
+                    debug!(target, why, "hint refused by its replica; dropped");
+                    refused += 1;
+                }
                 _ => undelivered.push(h),
             }
         }
         let mut hints = self.hints.lock();
         hints.delivered(delivered);
+        hints.refused(refused);
         let all_landed = undelivered.is_empty();
         if !all_landed {
             hints.put_back(target, undelivered);
@@ -1028,9 +1176,12 @@ impl Cluster {
         let mut repairs: Vec<(&[u8], NodeId, Vec<NodeId>)> = Vec::new();
         for (i, a) in answers.into_iter().enumerate() {
             let version_of = |answer: &KeyAnswer| answer.as_ref().map_or(0, |(v, _)| *v);
-            let newest_at = a
-                .iter()
-                .max_by_key(|(_, answer)| version_of(answer))
+            let rank = |answer: &KeyAnswer| {
+                answer
+                    .as_ref()
+                    .map_or((0, false), |(v, block)| (*v, !block.is_empty()))
+            };
+            let newest_at = newest(a.iter(), |(_, answer)| rank(answer))
                 .map(|(n, answer)| (*n, version_of(answer)));
             if let Some((source, newest_version)) = newest_at {
                 let stale: Vec<NodeId> = a
@@ -1043,10 +1194,8 @@ impl Cluster {
                 }
             }
             // The newest answer wins; a tombstone (empty block) is a miss.
-            let newest = a
-                .into_iter()
-                .filter_map(|(_, answer)| answer)
-                .max_by_key(|(v, _)| *v)
+            let newest = newest(a.into_iter().map(|(_, answer)| answer), rank)
+                .flatten()
                 .filter(|(_, block)| !block.is_empty());
             if !read_here[i] {
                 // Counted where the client asked, as the local path counts.
@@ -1180,10 +1329,9 @@ impl Cluster {
             let mut remote = Vec::new();
             for node in nodes {
                 if node == self.me {
-                    let mut reply = Vec::new();
-                    local.execute(raw, &mut reply);
-                    let version = local.store().version_or_tombstone(key).unwrap_or(0);
-                    replies.push((self.me, version, reply));
+                    if let Some((version, reply)) = read_meta_local(local, key, raw) {
+                        replies.push((self.me, version, reply));
+                    }
                 } else {
                     remote.push(node);
                 }
@@ -1218,17 +1366,18 @@ impl Cluster {
                 ),
             );
         }
-        if let Some(&(source, newest, _)) = replies.iter().max_by_key(|(_, v, _)| *v) {
+        let rank = |(_, v, reply): &(NodeId, u64, Vec<u8>)| (*v, !reply.starts_with(b"EN"));
+        if let Some(&(source, newest_version, _)) = newest(replies.iter(), |r| rank(r)) {
             let stale: Vec<NodeId> = replies
                 .iter()
-                .filter(|(_, v, _)| *v < newest)
+                .filter(|(_, v, _)| *v < newest_version)
                 .map(|(n, _, _)| *n)
                 .collect();
             if !stale.is_empty() {
                 self.read_repair(local.store(), key, source, &stale).await;
             }
         }
-        if let Some((_, _, reply)) = replies.into_iter().max_by_key(|(_, v, _)| *v) {
+        if let Some((_, _, reply)) = newest(replies, rank) {
             out.extend_from_slice(&reply);
         }
     }
@@ -1240,7 +1389,8 @@ impl Cluster {
         // the clock to leave that millisecond keeps writes made after the
         // OK above it.
         let version = hlc::end_of_millisecond(local.store().next_version());
-        flush_local(local.store(), delay_secs, version);
+        let flushed = flush_local(local.store(), delay_secs, version);
+        debug_assert!(flushed, "this node's own stamp is never too far ahead");
         let barrier_ms = hlc::version_unix_ms(version);
         for _ in 0..FLUSH_CLOCK_WAITS_MAX {
             if local.store().clock().now_ms() > barrier_ms {
@@ -1336,10 +1486,10 @@ impl Cluster {
                 if bad_key(&key) {
                     return PeerResponse::Refused("invalid key".into());
                 }
-                let mut reply = Vec::new();
-                local.execute(&command, &mut reply);
-                let version = local.store().version_or_tombstone(&key).unwrap_or(0);
-                PeerResponse::MetaRead { version, reply }
+                match read_meta_local(local, &key, &command) {
+                    Some((version, reply)) => PeerResponse::MetaRead { version, reply },
+                    None => PeerResponse::Refused("the key kept changing during the read".into()),
+                }
             }
             PeerRequest::Fetch { key } => {
                 if bad_key(&key) {
@@ -1357,11 +1507,29 @@ impl Cluster {
                         PeerResponse::Applied
                     }
                     Applied::Older => {
+                        // Never a success for a state older than ours: say
+                        // what we hold (its records now merged with the
+                        // ones sent), so the sender can observe it.
                         self.stats.replica_writes_stale.fetch_add(1, Relaxed);
-                        PeerResponse::Applied
+                        match local.store().replica_state(&key) {
+                            Some(held) if held.version() > state.version() => {
+                                PeerResponse::Newer(held)
+                            }
+                            // Gone since (evicted): nothing newer to report.
+                            _ => PeerResponse::Refused("changed while applied; send again".into()),
+                        }
                     }
                     Applied::Flushed => {
                         PeerResponse::Refused("older than the last flush_all".into())
+                    }
+                    Applied::TooFarAhead => {
+                        self.stats.versions_refused.fetch_add(1, Relaxed);
+                        warn!(
+                            caller,
+                            version = state.version(),
+                            "refused a version too far ahead of this node's clock"
+                        );
+                        PeerResponse::Refused("version too far ahead of this node's clock".into())
                     }
                     Applied::NoMemory | Applied::NoRoom => {
                         warn!(caller, "no memory for a replicated item");
@@ -1396,8 +1564,16 @@ impl Cluster {
                 delay_secs,
                 version,
             } => {
-                flush_local(local.store(), delay_secs, version);
-                PeerResponse::Flushed
+                if flush_local(local.store(), delay_secs, version) {
+                    PeerResponse::Flushed
+                } else {
+                    self.stats.versions_refused.fetch_add(1, Relaxed);
+                    warn!(
+                        caller,
+                        version, "refused a flush_all stamped too far ahead of this node's clock"
+                    );
+                    PeerResponse::Refused("flush version too far ahead of this node's clock".into())
+                }
             }
             PeerRequest::TreeHashes { nodes } => self.serve_tree_hashes(local.store(), &nodes),
             PeerRequest::LeafEntries {
@@ -1490,6 +1666,8 @@ impl Cluster {
             ("replica_writes_sent", &s.replica_writes_sent),
             ("replica_writes_applied", &s.replica_writes_applied),
             ("replica_writes_stale", &s.replica_writes_stale),
+            ("write_conflicts", &s.write_conflicts),
+            ("versions_refused", &s.versions_refused),
             ("quorum_reads", &s.quorum_reads),
             ("write_quorum_failures", &s.write_quorum_failures),
             ("read_quorum_failures", &s.read_quorum_failures),
@@ -1560,4 +1738,97 @@ fn explain_with_self(q: &Quorum) -> String {
         q.needed() + 1,
         q.failures()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::cluster::listing::TokenKey;
+    use crate::store::{ManualClock, StoreConfig};
+
+    /// A node whose first meta get has a replicated write land on the key
+    /// while it runs: the reply it composes is of the old value, the key's
+    /// version afterwards the new one's.
+    struct RacingLocal {
+        store: Store,
+        limits: ParseLimits,
+        key: TokenKey,
+        raced: AtomicBool,
+        newer: KeyState,
+    }
+
+    impl Local for RacingLocal {
+        fn store(&self) -> &Store {
+            &self.store
+        }
+        fn limits(&self) -> &ParseLimits {
+            &self.limits
+        }
+        fn listing_key(&self) -> &TokenKey {
+            &self.key
+        }
+        fn execute(&self, _command: &[u8], out: &mut Vec<u8>) {
+            let value = self.store.get(b"k", None, |e| e.value().to_vec());
+            if !self.raced.swap(true, Relaxed) {
+                assert_eq!(self.store.apply(b"k", &self.newer), Applied::Newer);
+            }
+            match value {
+                Some(v) => {
+                    out.extend_from_slice(format!("VA {}\r\n", v.len()).as_bytes());
+                    out.extend_from_slice(&v);
+                    out.extend_from_slice(b"\r\n");
+                }
+                None => out.extend_from_slice(b"EN\r\n"),
+            }
+        }
+    }
+
+    /// Issue 15, defect 6: a replica's meta read took its reply and its
+    /// version under different locks, so a write in between paired the old
+    /// reply with the new version, and that old reply then won the read.
+    #[test]
+    fn a_meta_read_never_pairs_an_old_reply_with_a_newer_version() {
+        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+        let store = Store::new(&StoreConfig::default(), clock);
+        let state = |version: u64, value: &[u8]| KeyState::Item {
+            version,
+            flags: 0,
+            exptime: 0,
+            bits: 0,
+            value: value.to_vec(),
+            dedup: Vec::new(),
+        };
+        let old = store.next_version();
+        assert_eq!(store.apply(b"k", &state(old, b"old")), Applied::Newer);
+        let newer = store.next_version();
+        let local = RacingLocal {
+            store,
+            limits: ParseLimits::new(1 << 20),
+            key: TokenKey::random(),
+            raced: AtomicBool::new(false),
+            newer: state(newer, b"new"),
+        };
+        let (version, reply) = read_meta_local(&local, b"k", b"mg k v\r\n").expect("settles");
+        assert_eq!(
+            (version, reply.as_slice()),
+            (newer, &b"VA 3\r\nnew\r\n"[..]),
+            "the version and the reply belong to one state"
+        );
+    }
+
+    #[test]
+    fn the_newest_answer_prefers_a_value_at_one_version_then_the_first() {
+        let answers = [
+            (1, 5, false),
+            (2, 7, false),
+            (3, 7, true),
+            (4, 7, true),
+            (5, 6, true),
+        ];
+        let best = newest(answers, |&(_, v, hit)| (v, hit)).unwrap();
+        assert_eq!(best.0, 3, "highest version, a hit over a miss, earliest");
+        assert!(newest(Vec::<(u64, bool)>::new(), |&a| a).is_none());
+    }
 }

@@ -195,6 +195,14 @@ impl HintStore {
         self.counts.delivered += n as u64;
     }
 
+    /// Counts `n` hints as dropped: taken with [`HintStore::take`], and
+    /// refused by their target for good (older than its last `flush_all`,
+    /// no memory for them, a version too far ahead of its clock). They are
+    /// not put back, so they cannot block the rest of the queue.
+    pub fn refused(&mut self, n: usize) {
+        self.counts.dropped += n as u64;
+    }
+
     /// Hints held, over all targets.
     pub fn pending(&self) -> usize {
         self.by_target.values().map(VecDeque::len).sum()

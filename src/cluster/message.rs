@@ -149,9 +149,14 @@ pub enum PeerResponse {
         /// The cursor for the next page; `None`: the scan is done.
         next: Option<u64>,
     },
-    /// The [`PeerRequest::Apply`] state was applied or was older than the
-    /// local one, or the [`PeerRequest::Hint`] is held.
+    /// The [`PeerRequest::Apply`] state was applied (or this node already
+    /// held that very version), or the [`PeerRequest::Hint`] is held.
     Applied,
+    /// The [`PeerRequest::Apply`] state was older than what this node holds,
+    /// which is this (its records merged with the sent ones). Not a success
+    /// for the state sent: a primary re-executes its command above this
+    /// version before the write counts toward W.
+    Newer(KeyState),
     /// The [`PeerRequest::FlushAll`] was carried out (or scheduled).
     Flushed,
     /// Per tree node asked, its hash.

@@ -107,6 +107,16 @@ pub enum Request<'a> {
 }
 
 impl Request<'_> {
+    /// A store refused before its data block was read (too large, or no
+    /// memory to buffer it): the bytes after the line must be discarded.
+    pub fn refused(&self) -> Option<Refused> {
+        match self {
+            Request::Storage(s) => s.refused,
+            Request::Meta(meta::MetaRequest::Set(s)) => s.refused,
+            _ => None,
+        }
+    }
+
     pub(crate) fn error(reply: &'static str) -> Self {
         Request::Error {
             reply,

@@ -216,7 +216,12 @@ async fn process(
                             .coordinate(shared, &request, &inbuf[..consumed], out)
                             .await;
                         drop_reply(out);
+                        // A refused store's data block follows its line.
+                        let refused = request.refused();
                         inbuf.advance(consumed);
+                        if let Some(refused) = refused {
+                            *swallow = refused.swallow();
+                        }
                         if out.len() >= WRITE_FLUSH_BYTES {
                             flush(shared, wr, out).await?;
                         }

@@ -332,12 +332,12 @@ fn md(shared: &Shared, d: &MetaDelete<'_>, out: &mut Vec<u8>) {
             if let Some(t) = f.ttl {
                 ctx.set_exptime(i64::from(t));
             }
-        } else if let Some(id) = id {
-            // The tombstone keeps the id, so a retry finds the delete done.
-            ctx.record_as(id, None);
-            ctx.delete_recorded();
         } else {
-            ctx.remove();
+            // The tombstone keeps the id, so a retry finds the delete done.
+            if let Some(id) = id {
+                ctx.record_as(id, None);
+            }
+            ctx.delete();
         }
         "HD"
     });

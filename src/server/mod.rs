@@ -27,7 +27,7 @@ use crate::cluster::coordinator::{Cluster, Local};
 use crate::cluster::transport::Identity;
 use crate::config::Config;
 use crate::error::ServerError;
-use crate::limits::TOMBSTONE_GRACE_SECS;
+use crate::limits::{CLOCK_DRIFT_MAX_MS_DEFAULT, TOMBSTONE_GRACE_SECS};
 use crate::limits::{SHUTDOWN_GRACE_MS, SWEEP_INTERVAL_MS, SWEEP_SLOTS_PER_PASS};
 use crate::protocol::{ParseLimits, Parsed, put_line, reply};
 use crate::store::{Clock, Store, StoreConfig, SystemClock};
@@ -95,9 +95,17 @@ impl Shared {
                     u32::try_from(c.tombstone_grace_secs).unwrap_or(u32::MAX)
                 }),
                 dedup: crate::store::dedup::Policy {
-                    window_ms: u64::from(config.dedup_window_secs) * 1000,
+                    // A node whose clock runs ahead by up to the drift bound
+                    // still keeps a record for the whole window.
+                    window_ms: u64::from(config.dedup_window_secs) * 1000
+                        + config.cluster.as_ref().map_or(0, |c| c.clock_drift_max_ms),
                     records_max: config.request_id_records_per_key,
                 },
+                clock_drift_max_ms: config
+                    .cluster
+                    .as_ref()
+                    .map_or(CLOCK_DRIFT_MAX_MS_DEFAULT, |c| c.clock_drift_max_ms),
+                keep_versions: config.cluster.is_some(),
             },
             clock.clone(),
         );

@@ -170,6 +170,35 @@ pub fn carry(old: &[u8], new: Option<Record<'_>>, now_ms: u64, policy: Policy) -
     (out, dropped)
 }
 
+/// The records of two states of one key, merged: every record of either
+/// still in the window, one per id (`newer`'s where both have it), the
+/// newest `records_max` by time. What replicas keep when states meet, so
+/// that an id recorded on one copy is never lost to a newer copy that did
+/// not carry it (a write through a primary that had not seen the record).
+/// Returns the area and how many live records the per-key bound dropped.
+pub fn merge(newer: &[u8], older: &[u8], now_ms: u64, policy: Policy) -> (Vec<u8>, usize) {
+    if older.is_empty() || newer == older {
+        return (newer.to_vec(), 0);
+    }
+    let mut all: Vec<Record<'_>> = records(newer).filter(|r| live(r, now_ms, policy)).collect();
+    let from_newer = all.len();
+    for r in records(older).filter(|r| live(r, now_ms, policy)) {
+        if !all[..from_newer].iter().any(|n| n.id == r.id) {
+            all.push(r);
+        }
+    }
+    // Stable: records of equal time keep newer-first order.
+    all.sort_by_key(|r| r.at_ms);
+    let room = policy.records_max.max(1);
+    let dropped = all.len().saturating_sub(room);
+    let mut out = Vec::new();
+    for r in &all[dropped..] {
+        put(&mut out, r);
+    }
+    debug_assert!(out.len() <= AREA_BYTES_MAX);
+    (out, dropped)
+}
+
 /// Whether an area decodes whole (a peer's replicated state is checked
 /// before it is stored).
 pub fn well_formed(area: &[u8]) -> bool {
@@ -244,6 +273,58 @@ mod tests {
         bad_kind[1 + 3 + 8] = 9;
         assert!(!well_formed(&bad_kind));
         assert_eq!(find(&bad_kind, b"abc", 1, POLICY), None);
+    }
+
+    #[test]
+    fn merge_keeps_every_live_id_once_preferring_the_newer_state() {
+        let (older, _) = carry(&[], Some(rec(b"a", 10, 1)), 10, POLICY);
+        let (older, _) = carry(&older, Some(rec(b"b", 20, 2)), 20, POLICY);
+        let (newer, _) = carry(&[], Some(rec(b"b", 30, 9)), 30, POLICY);
+        let (newer, _) = carry(&newer, Some(rec(b"c", 40, 3)), 40, POLICY);
+        let (merged, dropped) = merge(&newer, &older, 40, POLICY);
+        assert_eq!(dropped, 0);
+        assert!(well_formed(&merged));
+        let got: Vec<_> = records(&merged).map(|r| (r.id.to_vec(), r.at_ms)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (b"a".to_vec(), 10),
+                (b"b".to_vec(), 30),
+                (b"c".to_vec(), 40)
+            ],
+            "one record per id, the newer state's, oldest first"
+        );
+        assert_eq!(
+            find(&merged, b"b", 40, POLICY),
+            Some(Outcome::Value { number: 9, cas: 10 })
+        );
+        // Either side empty: the other as it is.
+        assert_eq!(merge(&newer, &[], 40, POLICY).0, newer);
+        assert_eq!(merge(&[], &older, 40, POLICY).0.len(), older.len());
+    }
+
+    #[test]
+    fn merge_honours_the_window_and_the_per_key_bound() {
+        let mut older = Vec::new();
+        for (i, id) in [b"a", b"b", b"c"].into_iter().enumerate() {
+            older = carry(&older, Some(rec(id, 100 * i as u64, i as u64)), 0, POLICY).0;
+        }
+        let mut newer = Vec::new();
+        for (i, id) in [b"d", b"e", b"f"].into_iter().enumerate() {
+            newer = carry(&newer, Some(rec(id, 1000 + i as u64, i as u64)), 0, POLICY).0;
+        }
+        // Six live ids, four kept: the newest by time.
+        let (merged, dropped) = merge(&newer, &older, 2000, POLICY);
+        assert_eq!(dropped, 2);
+        let ids: Vec<_> = records(&merged).map(|r| r.id.to_vec()).collect();
+        assert_eq!(
+            ids,
+            vec![b"c".to_vec(), b"d".to_vec(), b"e".to_vec(), b"f".to_vec()]
+        );
+        // Past the window of the older ones: only the newer survive.
+        let (merged, _) = merge(&newer, &older, 600_250, POLICY);
+        let ids: Vec<_> = records(&merged).map(|r| r.id.to_vec()).collect();
+        assert_eq!(ids, vec![b"d".to_vec(), b"e".to_vec(), b"f".to_vec()]);
     }
 
     proptest! {

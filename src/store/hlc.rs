@@ -35,6 +35,11 @@ pub const NODE_BITS: u32 = 12;
 pub const LOGICAL_BITS: u32 = 10;
 /// The largest node id a version can carry (4,095).
 pub const NODE_ID_MAX: u16 = (1 << NODE_BITS) - 1;
+/// The largest stamp without its node bits. The clock never issues past it
+/// (it would wrap to 0 once shifted): it stops there instead. Only a clock
+/// 140 years off, or a forged version that the drift bound lets through,
+/// could reach it; the store refuses versions far ahead of its clock.
+const STAMP_MAX: u64 = (1 << (64 - NODE_BITS)) - 1;
 
 /// Issues strictly increasing version stamps for one node.
 #[derive(Debug)]
@@ -63,7 +68,9 @@ impl Hlc {
         let physical = now_unix_ms.saturating_sub(EPOCH_UNIX_MS) << LOGICAL_BITS;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
-            let candidate = physical.max(last + 1);
+            // Checked: `last` is at most STAMP_MAX, and a candidate past it
+            // would wrap when shifted (every later write "older").
+            let candidate = physical.max(last.saturating_add(1)).min(STAMP_MAX);
             match self.last.compare_exchange_weak(
                 last,
                 candidate,
@@ -116,6 +123,17 @@ mod tests {
         let far = remote.next(EPOCH_UNIX_MS + 9_000);
         local.observe(far);
         assert!(local.next(EPOCH_UNIX_MS + 1_000) > far);
+    }
+
+    #[test]
+    fn the_clock_saturates_instead_of_wrapping() {
+        let hlc = Hlc::new(1);
+        hlc.observe(u64::MAX);
+        let a = hlc.next(EPOCH_UNIX_MS);
+        let b = hlc.next(EPOCH_UNIX_MS);
+        assert_eq!(a >> NODE_BITS, STAMP_MAX, "stops at the top");
+        assert!(b >= a, "never wraps below an earlier stamp");
+        assert_eq!(a & u64::from(NODE_ID_MAX), 1);
     }
 
     #[test]

@@ -296,6 +296,10 @@ pub enum Applied {
     NoRoom,
     /// Older than the last cluster-wide `flush_all`: dropped.
     Flushed,
+    /// Stamped further ahead of this node's clock than the drift bound
+    /// allows ([`StoreConfig::clock_drift_max_ms`]): refused, so a clock
+    /// that is far off, or a forged message, cannot move this node's clock.
+    TooFarAhead,
 }
 
 /// Summed store statistics.
@@ -339,6 +343,19 @@ pub struct StoreConfig {
     pub tombstone_grace_secs: u32,
     /// Request ids: how long a record lasts and how many a key keeps.
     pub dedup: dedup::Policy,
+    /// How far ahead of this node's clock a replicated version may be
+    /// ([`crate::limits::CLOCK_DRIFT_MAX_MS_DEFAULT`]): later ones are
+    /// refused ([`Applied::TooFarAhead`]). Tombstones are kept this much
+    /// longer than their grace, so a node whose clock runs ahead by up to
+    /// this much does not drop them before the others do.
+    pub clock_drift_max_ms: u64,
+    /// A cluster member: every removal leaves a tombstone at a version, an
+    /// expired item at its own, a client's delete at a fresh one, taken
+    /// under the shard lock with the delete. So a replica that missed the
+    /// write cannot bring back the value it replaced, and a primary always
+    /// has a new version to replicate for its delete. A single node lets
+    /// expired and deleted items go, as memcached does.
+    pub keep_versions: bool,
 }
 
 impl Default for StoreConfig {
@@ -353,6 +370,8 @@ impl Default for StoreConfig {
                 window_ms: u64::from(crate::limits::DEDUP_WINDOW_SECS_DEFAULT) * 1000,
                 records_max: crate::limits::REQUEST_ID_RECORDS_PER_KEY_DEFAULT,
             },
+            clock_drift_max_ms: crate::limits::CLOCK_DRIFT_MAX_MS_DEFAULT,
+            keep_versions: false,
         }
     }
 }
@@ -407,7 +426,15 @@ pub struct Store {
     flush_barrier: AtomicU64,
     /// Anti-entropy trees, updated by every shard (`None`: not kept).
     trees: Option<Arc<Trees>>,
+    /// How long a tombstone lives after its version: the configured grace
+    /// plus the drift bound (see [`StoreConfig::clock_drift_max_ms`]).
     tombstone_grace_secs: u32,
+    /// The drift bound, in ms.
+    clock_drift_max_ms: u64,
+    /// See [`StoreConfig::keep_versions`].
+    keep_versions: bool,
+    /// Versions refused for being too far ahead of this node's clock.
+    versions_too_far_ahead: AtomicU64,
     dedup: dedup::Policy,
 }
 
@@ -432,8 +459,18 @@ impl Store {
         let n = shard_count(config.memory_limit_bytes, config.item_bytes_max);
         let per_shard = config.memory_limit_bytes / n;
         let trees = config.tree_partitions.map(|p| Arc::new(Trees::new(p)));
+        let drift_secs =
+            u32::try_from(config.clock_drift_max_ms.div_ceil(1000)).unwrap_or(u32::MAX);
+        let tombstone_grace_secs = config.tombstone_grace_secs.saturating_add(drift_secs);
+        let expiry_grace = config.keep_versions.then_some(tombstone_grace_secs);
         let shards = (0..n)
-            .map(|_| Padded(Mutex::new(Shard::new(per_shard, trees.clone()))))
+            .map(|_| {
+                Padded(Mutex::new(Shard::new(
+                    per_shard,
+                    trees.clone(),
+                    expiry_grace,
+                )))
+            })
             .collect();
         Self {
             shards,
@@ -445,9 +482,29 @@ impl Store {
             flush_at: AtomicU32::new(0),
             flush_barrier: AtomicU64::new(0),
             trees,
-            tombstone_grace_secs: config.tombstone_grace_secs,
+            tombstone_grace_secs,
+            clock_drift_max_ms: config.clock_drift_max_ms,
+            keep_versions: config.keep_versions,
+            versions_too_far_ahead: AtomicU64::new(0),
             dedup: config.dedup,
         }
+    }
+
+    /// Versions refused for being further ahead of this node's clock than
+    /// the drift bound (replicated states and flushes).
+    pub fn versions_too_far_ahead(&self) -> u64 {
+        self.versions_too_far_ahead.load(Ordering::Relaxed)
+    }
+
+    /// Whether `version` was stamped further ahead of this node's clock
+    /// than the drift bound allows; counts it if so.
+    fn too_far_ahead(&self, version: u64) -> bool {
+        let ahead = hlc::version_unix_ms(version)
+            > self.clock.now_ms().saturating_add(self.clock_drift_max_ms);
+        if ahead {
+            self.versions_too_far_ahead.fetch_add(1, Ordering::Relaxed);
+        }
+        ahead
     }
 
     /// The anti-entropy trees, if this store keeps them.
@@ -552,40 +609,25 @@ impl Store {
     /// Looks up `key` for a read, marking it used. `touch` (gat) sets a new
     /// exptime. `f` sees the item under the shard lock (copy what you need).
     pub fn get<R>(&self, key: &[u8], touch: Option<i64>, f: impl FnOnce(&Entry) -> R) -> Option<R> {
+        self.locked(key, |ctx| ctx.read(touch, f))
+    }
+
+    /// A read as [`Store::get`] makes it, with the version of what it found
+    /// taken under the same lock: the live item's version and `f`'s result,
+    /// or a tombstone's version and `None` (a delete or an expiry that
+    /// outranks older copies elsewhere); `None` when the key has neither.
+    pub fn read_versioned<R>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(&Entry) -> R,
+    ) -> Option<(u64, Option<R>)> {
         self.locked(key, |ctx| {
-            let now = ctx.now_secs;
-            let st = &mut ctx.shard.stats;
-            st.cmd_get += 1;
-            if touch.is_some() {
-                st.cmd_touch += 1;
-            }
-            match ctx.found {
-                Ok(slot) => {
-                    if touch.is_some() {
-                        st.touch_hits += 1
-                    } else {
-                        st.get_hits += 1
-                    }
-                    ctx.shard.touch_access(slot, now);
-                    let e = ctx.shard.get_mut(slot);
-                    if let Some(t) = touch {
-                        e.set_exptime(exptime::absolute(t, now));
-                    }
-                    Some(f(e))
-                }
-                Err(gone) => {
-                    if touch.is_some() {
-                        st.touch_misses += 1
-                    } else {
-                        st.get_misses += 1
-                    }
-                    match gone {
-                        Gone::Expired => st.get_expired += 1,
-                        Gone::Flushed => st.get_flushed += 1,
-                        Gone::Missing | Gone::Deleted(_) => {}
-                    }
-                    None
-                }
+            let read = ctx.read(None, |e| (e.cas(), f(e)));
+            match read {
+                Some((version, r)) => Some((version, Some(r))),
+                None => ctx
+                    .entry_slot()
+                    .map(|slot| (ctx.shard.get(slot).cas(), None)),
             }
         })
     }
@@ -634,7 +676,7 @@ impl Store {
                 }
             }
             ctx.shard.stats.delete_hits += 1;
-            ctx.remove();
+            ctx.delete();
             Ok(())
         })
     }
@@ -677,7 +719,9 @@ impl Store {
     /// compares, so a delete outranks older copies on other replicas.
     pub fn version_or_tombstone(&self, key: &[u8]) -> Option<u64> {
         self.locked(key, |ctx| match ctx.found {
-            Ok(slot) | Err(Gone::Deleted(slot)) => Some(ctx.shard.get(slot).cas()),
+            Ok(slot) | Err(Gone::Deleted(slot) | Gone::Expired(Some(slot))) => {
+                Some(ctx.shard.get(slot).cas())
+            }
             Err(_) => None,
         })
     }
@@ -686,7 +730,7 @@ impl Store {
     /// cheap change detection around a write that may leave either.
     pub fn entry_version(&self, key: &[u8]) -> Option<(u64, u32)> {
         self.locked(key, |ctx| match ctx.found {
-            Ok(slot) | Err(Gone::Deleted(slot)) => {
+            Ok(slot) | Err(Gone::Deleted(slot) | Gone::Expired(Some(slot))) => {
                 let e = ctx.shard.get(slot);
                 Some((e.cas(), e.exptime()))
             }
@@ -698,7 +742,9 @@ impl Store {
     /// primary catching up needs.
     pub fn replica_state(&self, key: &[u8]) -> Option<KeyState> {
         self.locked(key, |ctx| match ctx.found {
-            Ok(slot) | Err(Gone::Deleted(slot)) => Some(KeyState::of(ctx.shard.get(slot))),
+            Ok(slot) | Err(Gone::Deleted(slot) | Gone::Expired(Some(slot))) => {
+                Some(KeyState::of(ctx.shard.get(slot)))
+            }
             Err(_) => None,
         })
     }
@@ -711,12 +757,21 @@ impl Store {
 
     /// Applies replicated state, highest version wins. An absence leaves a
     /// tombstone until [`Store::tombstone_expiry`], so an older copy
-    /// arriving late loses to it; a state that is already dead (a tombstone
-    /// past its grace, an item past its expiry) only removes what it
+    /// arriving late loses to it; so does an item that is already past its
+    /// expiry, in a cluster ([`StoreConfig::keep_versions`]). A state
+    /// whose tombstone would be past its grace only removes what it
     /// outranks, on every replica alike. A state older than the last
-    /// cluster-wide `flush_all` is dropped. The node's clock moves past the
-    /// version, so its own next write orders after it.
+    /// cluster-wide `flush_all` is dropped, and one stamped further ahead of
+    /// this node's clock than the drift bound is refused. The node's clock
+    /// moves past the version, so its own next write orders after it.
+    ///
+    /// Request-id records merge whichever state wins ([`dedup::merge`]): a
+    /// record on either copy survives on the result, so a retry finds it
+    /// even after a newer write from a primary that never saw it.
     pub fn apply_with(&self, key: &[u8], state: &KeyState, fill: Fill) -> Applied {
+        if self.too_far_ahead(state.version()) {
+            return Applied::TooFarAhead;
+        }
         self.hlc.observe(state.version());
         self.locked(key, |ctx| {
             // Checked under the shard lock: a flush that clears this shard
@@ -724,45 +779,52 @@ impl Store {
             if state.version() < self.flush_barrier.load(Ordering::Relaxed) {
                 return Applied::Flushed;
             }
-            let local = match ctx.found {
-                Ok(slot) => Some((ctx.shard.get(slot).cas(), false)),
-                Err(Gone::Deleted(slot)) => Some((ctx.shard.get(slot).cas(), true)),
-                Err(_) => None,
-            };
-            if let (
-                KeyState::Item {
-                    version, exptime, ..
-                },
-                Some((v, false)),
-            ) = (state, local)
-            {
-                if *version == v {
-                    // A replicated touch keeps the version (memcached's
-                    // touch keeps the CAS): take the primary's expiry.
-                    if let Ok(slot) = ctx.found {
-                        ctx.shard.get_mut(slot).set_exptime(*exptime);
-                    }
-                    return Applied::Same;
-                }
-            }
-            if local.is_some_and(|(v, _)| state.version() <= v) {
-                return Applied::Older;
-            }
             // Records from a peer are checked, not trusted to decode.
-            let area = if dedup::well_formed(state.dedup()) {
+            let incoming = if dedup::well_formed(state.dedup()) {
                 state.dedup()
             } else {
                 &[]
             };
-            let (item, bits_to_copy) = match state {
-                KeyState::Absent { version, .. } => {
-                    let until = self.tombstone_expiry(*version);
-                    let mut item = NewItem::with_dedup(ctx.key, &[], area, 0, until, *version);
-                    item.entry_mut().set(bits::TOMBSTONE | bits::FETCHED, true);
-                    (item, None)
+            let local = ctx.entry_slot().map(|slot| {
+                let e = ctx.shard.get(slot);
+                (e.cas(), e.has(bits::TOMBSTONE))
+            });
+            // At one version a tombstone outranks the item: it is that
+            // item's own expiry (an expired item keeps its version), as a
+            // `touch` to a past time replicates it.
+            let expiry_of_local = matches!(state, KeyState::Absent { .. })
+                && local.is_some_and(|(v, tombstone)| v == state.version() && !tombstone);
+            if let Some((v, tombstone)) = local.filter(|_| !expiry_of_local) {
+                if state.version() <= v {
+                    let same = state.version() == v;
+                    if let (true, false, KeyState::Item { exptime, .. }) = (same, tombstone, state)
+                    {
+                        // A replicated touch keeps the version (memcached's
+                        // touch keeps the CAS): take the primary's expiry.
+                        if let Ok(slot) = ctx.found {
+                            ctx.shard.get_mut(slot).set_exptime(*exptime);
+                        }
+                    }
+                    ctx.absorb_records(incoming);
+                    return if same { Applied::Same } else { Applied::Older };
                 }
+            }
+            let local_area = ctx
+                .entry_slot()
+                .map(|slot| ctx.shard.get(slot).dedup().to_vec())
+                .unwrap_or_default();
+            let (area, dropped) = dedup::merge(incoming, &local_area, ctx.now_ms, self.dedup);
+            ctx.shard.stats.request_id_records_dropped += dropped as u64;
+            let version = state.version();
+            let tombstone = |ctx: &Ctx<'_>| {
+                let until = self.tombstone_expiry(version);
+                let mut item = NewItem::with_dedup(ctx.key, &[], &area, 0, until, version);
+                item.entry_mut().set(bits::TOMBSTONE | bits::FETCHED, true);
+                item
+            };
+            let (mut item, mut bits_to_copy) = match state {
+                KeyState::Absent { .. } => (tombstone(ctx), None),
                 KeyState::Item {
-                    version,
                     flags,
                     exptime,
                     bits: replicated,
@@ -770,12 +832,22 @@ impl Store {
                     ..
                 } => {
                     let item =
-                        NewItem::with_dedup(ctx.key, &[value], area, *flags, *exptime, *version);
+                        NewItem::with_dedup(ctx.key, &[value], &area, *flags, *exptime, version);
                     (item, Some(*replicated))
                 }
             };
+            if bits_to_copy.is_some()
+                && self.keep_versions
+                && exptime::is_expired(item.entry().exptime(), ctx.now_secs)
+            {
+                // Expired on arrival: in a cluster its version stays, as a
+                // tombstone, like the item's would have on expiring here.
+                item = tombstone(ctx);
+                bits_to_copy = None;
+            }
             if exptime::is_expired(item.entry().exptime(), ctx.now_secs) {
-                // Dead on arrival: it still outranks what is here.
+                // Dead on arrival, past any grace: it still outranks what
+                // is here.
                 ctx.remove_entry();
                 return Applied::Newer;
             }
@@ -785,7 +857,6 @@ impl Store {
             {
                 return Applied::NoRoom;
             }
-            let version = state.version();
             match ctx.insert_item(item, version) {
                 Ok(_) => match bits_to_copy {
                     Some(replicated) => {
@@ -811,17 +882,24 @@ impl Store {
     /// fixed by the delete's own version, so every replica drops it at the
     /// same time however late its copy arrived.
     pub fn tombstone_expiry(&self, version: u64) -> u32 {
-        version_unix_secs(version)
-            .saturating_add(self.tombstone_grace_secs)
-            .max(1)
+        shard::tombstone_until(version, self.tombstone_grace_secs)
     }
 
     /// A cluster-wide `flush_all` at `version`: replicated states older than
     /// it are dropped from now on, so a copy in flight when the flush ran
     /// cannot refill the cache.
-    pub fn set_flush_barrier(&self, version: u64) {
+    ///
+    /// Returns `false`, and changes nothing, if `version` is further ahead
+    /// of this node's clock than the drift bound: a barrier that far ahead
+    /// would drop every write for as long.
+    #[must_use]
+    pub fn set_flush_barrier(&self, version: u64) -> bool {
+        if self.too_far_ahead(version) {
+            return false;
+        }
         self.hlc.observe(version);
         self.flush_barrier.fetch_max(version, Ordering::Relaxed);
+        true
     }
 
     /// A fresh version stamp (for a removal that must replicate).
@@ -883,7 +961,9 @@ impl Store {
                         !exptime::is_expired(e.exptime(), now) && e.last_access() >= flushed_before;
                     if live && want(e.key()) {
                         let state = KeyState::of(e);
-                        bytes += e.key().len() + e.value().len();
+                        // Records count too: a page of keys with many of
+                        // them must still fit one peer frame.
+                        bytes += e.key().len() + state.payload_bytes();
                         page.push((e.key().to_vec(), state));
                     }
                 }
@@ -1181,6 +1261,89 @@ impl Ctx<'_> {
         self.found.ok().map(|s| self.shard.get(s))
     }
 
+    /// The key's entry, live item or tombstone (left by a delete or an
+    /// expiry), if any.
+    fn entry_slot(&self) -> Option<Slot> {
+        match self.found {
+            Ok(slot) => Some(slot),
+            Err(gone) => gone.entry(),
+        }
+    }
+
+    /// Merges `incoming` request-id records into the key's entry (live
+    /// item or tombstone), which keeps its version, value and bits: what a
+    /// replica does with the records of a state that lost to its own.
+    fn absorb_records(&mut self, incoming: &[u8]) {
+        let Some(slot) = self.entry_slot() else {
+            return;
+        };
+        if incoming.is_empty() {
+            return;
+        }
+        let e = self.shard.get(slot);
+        let (area, dropped) = dedup::merge(e.dedup(), incoming, self.now_ms, self.store.dedup);
+        if area == e.dedup() {
+            return;
+        }
+        let (cas, entry_bits, last_access) = (e.cas(), e.bits(), e.last_access());
+        let tombstone = e.has(bits::TOMBSTONE);
+        let mut item =
+            NewItem::with_dedup(self.key, &[e.value()], &area, e.flags(), e.exptime(), cas);
+        // Bits first: the shard counts tombstones by them as it inserts.
+        item.entry_mut().set_bits(entry_bits);
+        self.shard.stats.request_id_records_dropped += dropped as u64;
+        if self.insert_item(item, cas).is_err() {
+            return;
+        }
+        let slot = self.found.expect("just inserted");
+        self.shard.get_mut(slot).set_last_access(last_access);
+        if tombstone {
+            self.found = Err(Gone::Deleted(slot));
+        } else {
+            // The same item with more records, not a new one.
+            self.shard.stats.total_items -= 1;
+        }
+    }
+
+    /// A client read of the key ([`Store::get`]): counts it, marks the
+    /// live item used, applies a `gat` exptime, and runs `f` on it.
+    fn read<R>(&mut self, touch: Option<i64>, f: impl FnOnce(&Entry) -> R) -> Option<R> {
+        let now = self.now_secs;
+        let st = &mut self.shard.stats;
+        st.cmd_get += 1;
+        if touch.is_some() {
+            st.cmd_touch += 1;
+        }
+        match self.found {
+            Ok(slot) => {
+                if touch.is_some() {
+                    st.touch_hits += 1
+                } else {
+                    st.get_hits += 1
+                }
+                self.shard.touch_access(slot, now);
+                let e = self.shard.get_mut(slot);
+                if let Some(t) = touch {
+                    e.set_exptime(exptime::absolute(t, now));
+                }
+                Some(f(e))
+            }
+            Err(gone) => {
+                if touch.is_some() {
+                    st.touch_misses += 1
+                } else {
+                    st.get_misses += 1
+                }
+                match gone {
+                    Gone::Expired(_) => st.get_expired += 1,
+                    Gone::Flushed => st.get_flushed += 1,
+                    Gone::Missing | Gone::Deleted(_) => {}
+                }
+                None
+            }
+        }
+    }
+
     /// A copy of the live item's metadata, if any.
     pub fn meta(&self) -> Option<Meta> {
         self.item().map(Meta::of)
@@ -1226,9 +1389,23 @@ impl Ctx<'_> {
 
     /// Removes the key's entry, live item or tombstone, if any.
     pub fn remove_entry(&mut self) {
-        if let Ok(slot) | Err(Gone::Deleted(slot)) = self.found {
+        if let Ok(slot) | Err(Gone::Deleted(slot) | Gone::Expired(Some(slot))) = self.found {
             self.shard.remove(slot);
             self.found = Err(Gone::Missing);
+        }
+    }
+
+    /// A client's delete of the live item: in a cluster
+    /// ([`StoreConfig::keep_versions`]) or with a pending request id, a
+    /// tombstone at a fresh version replaces it ([`Ctx::delete_recorded`]);
+    /// otherwise it just goes. Returns `false` if there was no memory for
+    /// the tombstone (the item is gone all the same).
+    pub fn delete(&mut self) -> bool {
+        if self.store.keep_versions || self.record_as.is_some() {
+            self.delete_recorded()
+        } else {
+            self.remove();
+            true
         }
     }
 
@@ -1257,7 +1434,7 @@ impl Ctx<'_> {
     /// tombstone), if any within the dedup window: the mutation already
     /// ran, and a retry answers with this instead of running it again.
     pub fn recorded(&mut self, id: &[u8]) -> Option<dedup::Outcome> {
-        let (Ok(slot) | Err(Gone::Deleted(slot))) = self.found else {
+        let (Ok(slot) | Err(Gone::Deleted(slot) | Gone::Expired(Some(slot)))) = self.found else {
             return None;
         };
         let outcome = dedup::find(
@@ -1283,7 +1460,9 @@ impl Ctx<'_> {
     /// live records plus the pending one, if any (taken).
     fn next_dedup(&mut self, cas: u64, deleted: bool) -> Vec<u8> {
         let old: &[u8] = match self.found {
-            Ok(slot) | Err(Gone::Deleted(slot)) => self.shard.get(slot).dedup(),
+            Ok(slot) | Err(Gone::Deleted(slot) | Gone::Expired(Some(slot))) => {
+                self.shard.get(slot).dedup()
+            }
             Err(_) => &[],
         };
         let pending = self.record_as.take();
@@ -1332,7 +1511,7 @@ impl Ctx<'_> {
         // The lookup that made this context already found the key's slot
         // (live or a tombstone), or established that it has none.
         let known = Some(match self.found {
-            Ok(slot) | Err(Gone::Deleted(slot)) => Some(slot),
+            Ok(slot) | Err(Gone::Deleted(slot) | Gone::Expired(Some(slot))) => Some(slot),
             Err(_) => None,
         });
         match self.shard.insert(self.hash, item, known, self.now_secs) {

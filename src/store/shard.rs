@@ -491,14 +491,35 @@ pub enum InsertError {
 pub enum Gone {
     /// No entry for the key, or a tombstone past its grace.
     Missing,
-    /// The item had expired; the lookup removed it.
-    Expired,
+    /// The item had expired. The lookup removed it, or (in a cluster, see
+    /// [`Shard::new`]) left a tombstone at its version in this slot.
+    Expired(Option<Slot>),
     /// The item was last accessed before a `flush_all` took effect; the lookup
     /// removed it.
     Flushed,
     /// A tombstone: absent for clients, but its version still outranks
     /// older copies (and an insert must replace this slot).
     Deleted(Slot),
+}
+
+impl Gone {
+    /// The entry that still holds the key's version: a tombstone, left by a
+    /// delete or by an expiry. An insert must replace it.
+    pub fn entry(self) -> Option<Slot> {
+        match self {
+            Gone::Deleted(slot) | Gone::Expired(Some(slot)) => Some(slot),
+            Gone::Missing | Gone::Expired(None) | Gone::Flushed => None,
+        }
+    }
+}
+
+/// The unix second at which a tombstone for `version` goes, `grace_secs`
+/// after the version was stamped: fixed by the version alone, so every
+/// replica drops it at the same time however late its copy arrived.
+pub fn tombstone_until(version: u64, grace_secs: u32) -> u32 {
+    super::version_unix_secs(version)
+        .saturating_add(grace_secs)
+        .max(1)
 }
 
 /// One lock's worth of the store: items, their index and SIEVE list, and a
@@ -519,6 +540,12 @@ pub struct Shard {
     /// The node's anti-entropy trees, told of every entry that comes or
     /// goes (`None`: a single node, or anti-entropy off).
     trees: Option<Arc<Trees>>,
+    /// In a cluster: an expired item leaves a tombstone at its version for
+    /// this long after the version (see [`tombstone_until`]), so a stale
+    /// copy of the value it replaced cannot come back from a replica that
+    /// missed it. `None` (a single node): expired items just go, as in
+    /// memcached.
+    expiry_grace_secs: Option<u32>,
     /// This shard's counters, summed across shards by [`super::Store::stats`].
     pub stats: ShardStats,
 }
@@ -550,7 +577,13 @@ fn rehash(p: NonNull<u8>) -> u64 {
 impl Shard {
     /// An empty shard that may hold `limit_bytes` (see [`charge`]), telling
     /// `trees` of every entry that comes or goes (`None`: keep no trees).
-    pub fn new(limit_bytes: usize, trees: Option<Arc<Trees>>) -> Self {
+    /// `expiry_grace_secs`: keep an expired item's version as a tombstone
+    /// this long after the version (a cluster); `None`: don't.
+    pub fn new(
+        limit_bytes: usize,
+        trees: Option<Arc<Trees>>,
+        expiry_grace_secs: Option<u32>,
+    ) -> Self {
         Self {
             index: Index::new(),
             head: NIL,
@@ -561,6 +594,7 @@ impl Shard {
             limit_bytes,
             sweep_cursor: 0,
             trees,
+            expiry_grace_secs,
             stats: ShardStats::default(),
         }
     }
@@ -637,7 +671,8 @@ impl Shard {
         let e = self.get(slot);
         let expired = exptime::is_expired(e.exptime(), now_secs);
         let (tombstone, fetched) = (e.has(bits::TOMBSTONE), e.has(bits::FETCHED));
-        if !expired && e.last_access() >= flushed_before {
+        let flushed = e.last_access() < flushed_before;
+        if !expired && !flushed {
             return false;
         }
         if expired && !tombstone {
@@ -645,9 +680,32 @@ impl Shard {
             if !fetched {
                 self.stats.expired_unfetched += 1;
             }
+            if !flushed && self.expire_to_tombstone(slot, now_secs).is_some() {
+                return false;
+            }
         }
         self.remove(slot);
         true
+    }
+
+    /// In a cluster, replaces the expired item in `slot` with a tombstone at
+    /// its version (keeping its request-id records) until
+    /// [`tombstone_until`], in place; returns the tombstone's slot. `None`:
+    /// not kept (a single node, or its grace is over too); the caller
+    /// removes the item.
+    fn expire_to_tombstone(&mut self, slot: Slot, now_secs: u32) -> Option<Slot> {
+        let grace = self.expiry_grace_secs?;
+        let e = self.get(slot);
+        debug_assert!(!e.has(bits::TOMBSTONE));
+        let until = tombstone_until(e.cas(), grace);
+        if exptime::is_expired(until, now_secs) {
+            return None;
+        }
+        let hash = key_hash(e.key());
+        let mut item = NewItem::with_dedup(e.key(), &[], e.dedup(), 0, until, e.cas());
+        item.entry_mut().set(bits::TOMBSTONE | bits::FETCHED, true);
+        // Smaller than the item it replaces: it cannot need an eviction.
+        self.insert(hash, item, Some(Some(slot)), now_secs).ok()
     }
 
     /// Entries clients can see: every entry but tombstones.
@@ -716,7 +774,7 @@ impl Shard {
             // A tombstone past its grace: the key was deleted, not expired.
             Gone::Missing
         } else if exptime::is_expired(e.exptime(), now_secs) {
-            Gone::Expired
+            Gone::Expired(None)
         } else if e.last_access() < flushed_before {
             Gone::Flushed
         } else if e.has(bits::TOMBSTONE) {
@@ -724,8 +782,17 @@ impl Shard {
         } else {
             return Ok(slot);
         };
-        if why == Gone::Expired && !e.has(bits::FETCHED) {
-            self.stats.expired_unfetched += 1;
+        if why == Gone::Expired(None) {
+            let flushed = e.last_access() < flushed_before;
+            if !e.has(bits::FETCHED) {
+                self.stats.expired_unfetched += 1;
+            }
+            if let Some(tombstone) = (!flushed)
+                .then(|| self.expire_to_tombstone(slot, now_secs))
+                .flatten()
+            {
+                return Err(Gone::Expired(Some(tombstone)));
+            }
         }
         self.remove(slot);
         Err(why)

@@ -32,6 +32,11 @@ fn at(ms: u64) -> u64 {
     (NOW_MS - hlc::EPOCH_UNIX_MS + ms) << (hlc::LOGICAL_BITS + hlc::NODE_BITS)
 }
 
+/// How long a tombstone lives after its version: the grace plus the drift
+/// margin ([`StoreConfig::clock_drift_max_ms`]).
+const TOMBSTONE_LIFE_SECS: u32 =
+    TOMBSTONE_GRACE_SECS + (crate::limits::CLOCK_DRIFT_MAX_MS_DEFAULT / 1000) as u32;
+
 fn store() -> (Store, Arc<ManualClock>) {
     store_with(64 << 20)
 }
@@ -459,7 +464,7 @@ fn a_tombstone_hides_the_key_and_outranks_older_copies() {
     s.check_invariants();
     // A tombstone expires after its grace period.
     assert_eq!(s.apply(b"t", &KeyState::absent(at(300))), Applied::Newer);
-    clock.advance_ms((u64::from(TOMBSTONE_GRACE_SECS) + 1) * 1000);
+    clock.advance_ms((u64::from(TOMBSTONE_LIFE_SECS) + 1) * 1000);
     assert_eq!(s.replica_state(b"t"), None);
     assert_eq!(s.apply(b"t", &item_state(at(120), b"late")), Applied::Newer);
     s.check_invariants();
@@ -470,7 +475,7 @@ fn copies_older_than_a_cluster_flush_are_dropped() {
     let (s, _) = store();
     s.apply(b"a", &item_state(100 << 22, b"a"));
     s.flush_all(0);
-    s.set_flush_barrier(150 << 22);
+    assert!(s.set_flush_barrier(150 << 22));
     assert_eq!(
         s.apply(b"b", &item_state(120 << 22, b"late")),
         Applied::Flushed
@@ -586,7 +591,7 @@ fn a_dead_state_removes_what_it_outranks_and_leaves_nothing() {
     let (s, clock) = store();
     // A delete older than the grace period: nothing of it stays.
     s.apply(b"k", &item_state(at(1), b"old"));
-    let long_ago = at(0) - ((u64::from(TOMBSTONE_GRACE_SECS) * 1000) << 22) + (5 << 22);
+    let long_ago = at(0) - ((u64::from(TOMBSTONE_LIFE_SECS) * 1000) << 22) + (5 << 22);
     assert!(long_ago < at(1));
     assert_eq!(s.apply(b"k", &KeyState::absent(at(2))), Applied::Newer);
     assert!(s.replica_state(b"k").is_some(), "a fresh tombstone stays");
@@ -600,9 +605,9 @@ fn a_dead_state_removes_what_it_outranks_and_leaves_nothing() {
     // Every replica drops a tombstone at the same second, set by its version.
     assert_eq!(
         s.tombstone_expiry(at(2)),
-        version_unix_secs(at(2)) + TOMBSTONE_GRACE_SECS
+        version_unix_secs(at(2)) + TOMBSTONE_LIFE_SECS
     );
-    clock.advance_ms(u64::from(TOMBSTONE_GRACE_SECS) * 1000 + 1000);
+    clock.advance_ms(u64::from(TOMBSTONE_LIFE_SECS) * 1000 + 1000);
     assert_eq!(s.replica_state(b"k"), None);
     // An item past its expiry removes an older one and is not kept.
     s.apply(b"e", &item_state(at(3), b"v"));
@@ -871,5 +876,264 @@ fn a_delete_with_an_id_keeps_it_in_its_tombstone() {
     set(&s, b"d", b"new");
     assert_eq!(run_with_id(&s, &IdOp::Delete(b'd'), b"del"), IdOut::Deleted);
     assert_eq!(get(&s, b"d").as_deref(), Some(&b"new"[..]));
+    s.check_invariants();
+}
+
+/// A cluster member's store: removals and expiries keep their versions.
+fn member_store() -> (Store, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(NOW_MS));
+    let store = Store::new(
+        &StoreConfig {
+            memory_limit_bytes: 64 << 20,
+            item_bytes_max: 1024 * 1024,
+            node_id: 1,
+            tree_partitions: Some(64),
+            keep_versions: true,
+            ..StoreConfig::default()
+        },
+        clock.clone(),
+    );
+    (store, clock)
+}
+
+fn expiring_state(version: u64, value: &[u8], exptime: u32) -> KeyState {
+    KeyState::Item {
+        version,
+        flags: 0,
+        exptime,
+        bits: 0,
+        value: value.to_vec(),
+        dedup: Vec::new(),
+    }
+}
+
+/// Issue 15, defect 4: a forged `Apply` near 2^64 made the clock wrap, and
+/// every later local write was "older" and lost.
+#[test]
+fn a_version_far_ahead_of_the_clock_is_refused_and_moves_nothing() {
+    let (s, _) = member_store();
+    let drift = crate::limits::CLOCK_DRIFT_MAX_MS_DEFAULT;
+    for forged in [u64::MAX, u64::MAX - 1, at(drift + 1_000)] {
+        assert_eq!(
+            s.apply(b"k", &item_state(forged, b"forged")),
+            Applied::TooFarAhead
+        );
+        assert!(!s.set_flush_barrier(forged), "a far-ahead flush barrier");
+    }
+    assert_eq!(s.versions_too_far_ahead(), 6);
+    assert_eq!(get(&s, b"k"), None);
+    // The node's own writes still order by its clock and replace older ones.
+    set(&s, b"k", b"mine");
+    let cas = cas_of(&s, b"k");
+    assert!(cas < at(1_000), "the clock did not move: {cas:#x}");
+    assert!(matches!(set(&s, b"k", b"again"), Stored::Stored(c) if c > cas));
+    assert_eq!(get(&s, b"k").as_deref(), Some(&b"again"[..]));
+    // Within the bound: taken, and the clock moves past it.
+    let ahead = at(drift - 1_000);
+    assert_eq!(s.apply(b"j", &item_state(ahead, b"ahead")), Applied::Newer);
+    set(&s, b"j", b"later");
+    assert!(cas_of(&s, b"j") > ahead);
+    s.check_invariants();
+}
+
+/// Issue 15, defect 2: expiry left no version behind, so the value a TTL
+/// write replaced came back from a replica that had missed the write.
+#[test]
+fn an_expired_item_keeps_its_version_in_a_cluster() {
+    let (s, clock) = member_store();
+    let now_secs = (NOW_MS / 1000) as u32;
+    assert_eq!(s.apply(b"k", &item_state(at(1), b"OLD")), Applied::Newer);
+    assert_eq!(
+        s.apply(b"k", &expiring_state(at(2), b"NEW", now_secs + 2)),
+        Applied::Newer
+    );
+    clock.advance_ms(3_000);
+    assert_eq!(get(&s, b"k"), None, "expired");
+    assert_eq!(s.stats().counters.get_expired, 1);
+    assert_eq!(s.replica_state(b"k"), Some(KeyState::absent(at(2))));
+    assert_eq!(s.apply(b"k", &item_state(at(1), b"OLD")), Applied::Older);
+    assert_eq!(get(&s, b"k"), None, "the replaced value never comes back");
+    // Expired before anything read it: the sweep keeps the version too.
+    s.apply(b"s", &item_state(at(1), b"OLD"));
+    s.apply(b"s", &expiring_state(at(2), b"NEW", now_secs + 2));
+    clock.advance_ms(1_000);
+    s.sweep(1 << 20);
+    assert_eq!(s.apply(b"s", &item_state(at(1), b"OLD")), Applied::Older);
+    // Already expired when it arrives: its version still stays.
+    s.apply(b"a", &item_state(at(1), b"OLD"));
+    assert_eq!(
+        s.apply(b"a", &expiring_state(at(2), b"NEW", now_secs)),
+        Applied::Newer
+    );
+    assert_eq!(s.apply(b"a", &item_state(at(1), b"OLD")), Applied::Older);
+    assert_eq!(s.stats().curr_items, 0);
+    // The tombstone goes with its grace, like a delete's.
+    clock.advance_ms(u64::from(TOMBSTONE_LIFE_SECS) * 1000);
+    assert_eq!(s.replica_state(b"k"), None);
+    s.check_invariants();
+}
+
+#[test]
+fn a_single_node_lets_expired_items_go_as_memcached_does() {
+    let (s, clock) = store();
+    let now_secs = (NOW_MS / 1000) as u32;
+    s.apply(b"k", &expiring_state(at(2), b"NEW", now_secs + 1));
+    clock.advance_ms(2_000);
+    assert_eq!(get(&s, b"k"), None);
+    assert_eq!(s.replica_state(b"k"), None);
+    assert_eq!(s.stats().counters.reclaimed, 0);
+}
+
+/// Issue 15, defect 5: a delete's version was read under another lock than
+/// the delete, so an `Apply` in between could leave nothing to replicate.
+/// A member's delete now leaves its tombstone under the delete's own lock.
+#[test]
+fn a_members_delete_leaves_a_fresh_tombstone_under_its_lock() {
+    let (s, _) = member_store();
+    set(&s, b"k", b"v");
+    let old = s.replica_state(b"k").expect("held");
+    assert_eq!(s.delete(b"k", None), Ok(()));
+    let gone = s.replica_state(b"k").expect("a tombstone");
+    assert!(matches!(gone, KeyState::Absent { .. }));
+    assert!(gone.version() > old.version());
+    // The deleted item arriving again (a late copy, a hint) loses.
+    assert_eq!(s.apply(b"k", &old), Applied::Older);
+    assert_eq!(get(&s, b"k"), None);
+    assert_eq!(s.stats().curr_items, 0);
+    s.check_invariants();
+}
+
+fn recorded_state(version: u64, value: &[u8], id: &[u8], s: &Store) -> KeyState {
+    let record = dedup::Record {
+        id,
+        at_ms: s.clock().now_ms(),
+        outcome: dedup::Outcome::Value {
+            number: 1,
+            cas: version,
+        },
+    };
+    let (area, _) = dedup::carry(
+        &[],
+        Some(record),
+        s.clock().now_ms(),
+        StoreConfig::default().dedup,
+    );
+    KeyState::Item {
+        version,
+        flags: 0,
+        exptime: 0,
+        bits: 0,
+        value: value.to_vec(),
+        dedup: area,
+    }
+}
+
+/// Issue 15, defect 3: a newer state from a primary that never saw a
+/// request id replaced the records wholesale, and the id's retry applied
+/// again. Records now merge whichever state wins.
+#[test]
+fn request_id_records_merge_whichever_state_wins() {
+    let (s, _) = member_store();
+    let recorded = |s: &Store, k: &[u8], id: &[u8]| s.with_key(k, |ctx| ctx.recorded(id));
+    // Newer state without the record arrives second.
+    assert_eq!(
+        s.apply(b"a", &recorded_state(at(1), b"1", b"id-a", &s)),
+        Applied::Newer
+    );
+    assert_eq!(s.apply(b"a", &item_state(at(2), b"set")), Applied::Newer);
+    assert!(
+        recorded(&s, b"a", b"id-a").is_some(),
+        "kept across a newer state"
+    );
+    assert_eq!(get(&s, b"a").as_deref(), Some(&b"set"[..]));
+    // Older state with the record arrives second.
+    assert_eq!(s.apply(b"b", &item_state(at(2), b"set")), Applied::Newer);
+    assert_eq!(
+        s.apply(b"b", &recorded_state(at(1), b"1", b"id-b", &s)),
+        Applied::Older
+    );
+    assert!(
+        recorded(&s, b"b", b"id-b").is_some(),
+        "taken from an older state"
+    );
+    assert_eq!(get(&s, b"b").as_deref(), Some(&b"set"[..]));
+    assert_eq!(s.replica_state(b"b").unwrap().version(), at(2));
+    // Into a tombstone, too.
+    s.apply(b"c", &KeyState::absent(at(2)));
+    assert_eq!(
+        s.apply(b"c", &recorded_state(at(1), b"1", b"id-c", &s)),
+        Applied::Older
+    );
+    assert!(recorded(&s, b"c", b"id-c").is_some());
+    assert_eq!(get(&s, b"c"), None);
+    assert_eq!(s.stats().curr_items, 2);
+    s.check_invariants();
+}
+
+/// Issue 15, defect 8: refill pages counted values but not request-id
+/// records, so keys with many records made a page outgrow a peer frame.
+#[test]
+fn a_scan_page_counts_request_id_records_against_its_bytes() {
+    let clock = Arc::new(ManualClock::new(NOW_MS));
+    let policy = dedup::Policy {
+        window_ms: 600_000,
+        records_max: crate::limits::REQUEST_ID_RECORDS_PER_KEY_LIMIT,
+    };
+    let s = Store::new(
+        &StoreConfig {
+            memory_limit_bytes: 256 << 20,
+            dedup: policy,
+            keep_versions: true,
+            ..StoreConfig::default()
+        },
+        clock.clone(),
+    );
+    for k in 0..2_000u32 {
+        let key = format!("key-{k}");
+        for r in 0..crate::limits::REQUEST_ID_RECORDS_PER_KEY_LIMIT {
+            let id = format!("{:0>32}", r);
+            let w = Write::new(Mode::Set, key.as_bytes(), b"v", 0, 0);
+            s.with_key(key.as_bytes(), |ctx| {
+                ctx.record_as(id.as_bytes(), None);
+                ctx.write(&w)
+            });
+        }
+    }
+    let max_bytes = 1 << 20;
+    let (page, _) = s.scan_page(0, 1024, max_bytes, |_| true);
+    assert!(!page.is_empty());
+    let bytes: usize = page
+        .iter()
+        .map(|(k, st)| k.len() + st.payload_bytes())
+        .sum();
+    let largest = page
+        .iter()
+        .map(|(k, st)| k.len() + st.payload_bytes())
+        .max()
+        .unwrap();
+    assert!(
+        bytes <= max_bytes + largest,
+        "a page of {} keys carries {bytes} bytes, past its {max_bytes}",
+        page.len()
+    );
+}
+
+/// Found by pymemcache's suite against a cluster: `touch` to a past time on
+/// the primary turns the item into a tombstone at the item's own version,
+/// and the replicas must take that tombstone over the item they hold at
+/// the same version.
+#[test]
+fn an_items_own_expiry_at_its_version_replaces_it() {
+    let (s, _) = member_store();
+    assert_eq!(s.apply(b"k", &item_state(at(1), b"v")), Applied::Newer);
+    assert_eq!(s.apply(b"k", &KeyState::absent(at(1))), Applied::Newer);
+    assert_eq!(get(&s, b"k"), None);
+    assert_eq!(s.apply(b"k", &item_state(at(1), b"v")), Applied::Same);
+    assert_eq!(
+        get(&s, b"k"),
+        None,
+        "the item does not come back at its version"
+    );
+    assert_eq!(s.stats().curr_items, 0);
     s.check_invariants();
 }

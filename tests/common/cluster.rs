@@ -293,6 +293,19 @@ impl Cluster {
         &self.members
     }
 
+    /// Every member as the library's configuration names it: what a
+    /// process needs to join this cluster, or to speak as one of its members.
+    pub fn member_configs(&self) -> Vec<webvac::config::MemberConfig> {
+        self.members
+            .iter()
+            .map(|m| webvac::config::MemberConfig {
+                id: m.id,
+                client: m.client.to_string(),
+                peer: m.peer.to_string(),
+            })
+            .collect()
+    }
+
     pub fn member(&self, id: NodeId) -> Member {
         *self
             .members
