@@ -32,6 +32,31 @@
 //!    alone must bring every node to the last acknowledged write of every key,
 //!    within a bound.
 //!
+//! Scenario three, with N = 3, R = W = 2, no hints, no anti-entropy, no
+//! refill ([`a_preferred_primary_whose_clock_is_behind_loses_no_acknowledged_write`];
+//! issue 15's defect 1, the real-process test is in `tests/replication_faults.rs`).
+//! The seed picks the keys' preferred primary P, the failover primary F whose
+//! store clock reads 5 s ahead, the coordinator C, and each key's writes:
+//! 1. all connected: every key is set through P;
+//! 2. P is cut off; sets and deletes through C run on F, stamped 5 s ahead,
+//!    and reach C but not P;
+//! 3. healed: P, primary again, sets and deletes the same keys, stamping
+//!    versions below F's (its clock is behind them). Every acknowledged write
+//!    of P's is what a quorum read through every node returns afterwards, and
+//!    P counts `write_conflicts` (it met the newer versions and wrote again
+//!    above them).
+//!
+//! Scenario four, with N = 3, R = W = 2, hints and anti-entropy
+//! ([`an_expired_write_does_not_bring_back_the_value_it_replaced`]; defect 2).
+//! The seed picks the keys' primary A, a replica X to cut off, the third
+//! replica B, and each key's TTL and coordinator:
+//! 1. all connected: `OLD`, without a TTL, reaches every replica;
+//! 2. X is cut off; `NEW` with a TTL of a few seconds reaches A and B (A
+//!    keeps a hint for X); simulated time passes its expiry;
+//! 3. A crashes with its hints, X comes back: once anti-entropy has compared
+//!    every partition between B and X a few times, B alone, and a quorum read
+//!    through B or X, never return `OLD`, and X alone drops it.
+//!
 //! Seeded: every run prints its seed; `WEBVAC_SIM_SEED=<n>` reruns one seed,
 //! and one seed replays one history (see [`one_seed_replays_the_same_history`]).
 //! `RUST_LOG=debug` shows the nodes' logs.
@@ -46,9 +71,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turmoil::net::{TcpListener, TcpStream};
 use webvac::cluster::coordinator::{Cluster, Local};
+use webvac::cluster::ring::Ring;
 use webvac::cluster::transport::{Connector, Identity, TransportConfig};
 use webvac::config::{ClusterConfig, Config, MemberConfig};
 use webvac::protocol::{Parsed, parse};
@@ -66,6 +95,33 @@ const PEER_PORT: u16 = 12211;
 const KEYS: usize = 20;
 /// Keys written in scenario two.
 const SPLIT_KEYS: usize = 200;
+/// Keys written in scenario three, all with one preference list.
+const SKEW_KEYS: usize = 8;
+/// Writes per key on each side of scenario three's partition: 1 to this.
+const SKEW_WRITES_MAX: usize = 3;
+/// How far the failover primary's clock reads ahead in scenario three: well
+/// inside the drift bound (`clock_drift_max_ms`, 10 s), so its versions are
+/// accepted everywhere, and longer than the scenario's cut-off, heal and
+/// writes take, so the preferred primary's clock is still behind them.
+const SKEW_AHEAD_MS: u64 = 5_000;
+/// Keys written in scenario four, all with one primary.
+const TTL_KEYS: usize = 6;
+/// The TTLs scenario four's `NEW` values take, in seconds. Expiry counts
+/// whole seconds, so an item may live up to a second less than its TTL: at
+/// two or more, the reads right after the writes still find it.
+const TTL_SECS: std::ops::RangeInclusive<u32> = 2..=3;
+/// Full anti-entropy rounds (every partition compared) scenario four waits
+/// for between the returning replica and the survivor before it reads.
+const TTL_AE_ROUNDS: u64 = 3;
+/// Keys tried when looking for ones with a given preference list.
+const KEY_CANDIDATES_MAX: usize = 10_000;
+/// Replicas per key: every member holds every key.
+const REPLICAS: usize = 3;
+/// The cluster's partitions (`partitions`): few, so every preference list
+/// has keys.
+const PARTITIONS: u32 = 64;
+/// Anti-entropy's interval (`anti_entropy_interval_ms`) where it is on.
+const AE_INTERVAL_MS: u64 = 200;
 /// The cluster's hop timeout (`request_timeout_ms`), also the peers' call timeout.
 const HOP_TIMEOUT_MS: u64 = 200;
 /// Link latency is drawn from [0, this] (turmoil's exponential curve).
@@ -107,14 +163,18 @@ macro_rules! ensure {
 }
 
 /// The store clock: simulated wall time, so version stamps (HLC) follow the
-/// simulation instead of the host's real clock.
-struct SimClock;
+/// simulation instead of the host's real clock, plus a fixed offset per
+/// node (a clock that is wrong by a few seconds, as real ones are).
+struct SimClock {
+    /// How far this node's clock reads ahead of simulated time.
+    ahead_ms: u64,
+}
 
 impl Clock for SimClock {
     fn now_ms(&self) -> u64 {
         let since =
             turmoil::since_epoch().expect("the store clock is read inside a simulated host");
-        u64::try_from(since.as_millis()).expect("simulated time fits u64 ms")
+        u64::try_from(since.as_millis()).expect("simulated time fits u64 ms") + self.ahead_ms
     }
 }
 
@@ -142,6 +202,11 @@ struct Settings {
     /// 0: no hints, so a replica that missed writes gets them from
     /// anti-entropy (or read repair) only.
     hints_per_target_max: usize,
+    /// Off: no background exchange repairs a replica that missed writes.
+    anti_entropy: bool,
+    /// One node whose store clock reads ahead of simulated time: its id
+    /// and by how many ms. Every other node's reads simulated time.
+    clock_ahead: Option<(u16, u64)>,
 }
 
 /// Scenario one: a minority cannot reach W.
@@ -149,6 +214,8 @@ const MAJORITY_QUORUMS: Settings = Settings {
     read_quorum: 2,
     write_quorum: 2,
     hints_per_target_max: 10_000,
+    anti_entropy: true,
+    clock_ahead: None,
 };
 
 /// Scenario two: one replica takes a write or answers a read, and nothing
@@ -157,6 +224,8 @@ const ONE_REPLICA_NO_HINTS: Settings = Settings {
     read_quorum: 1,
     write_quorum: 1,
     hints_per_target_max: 0,
+    anti_entropy: true,
+    clock_ahead: None,
 };
 
 fn cluster_config(node_id: u16, settings: Settings) -> ClusterConfig {
@@ -170,18 +239,18 @@ fn cluster_config(node_id: u16, settings: Settings) -> ClusterConfig {
                 peer: format!("{host}:{PEER_PORT}"),
             })
             .collect(),
-        replicas: 3,
+        replicas: REPLICAS,
         read_quorum: Some(settings.read_quorum),
         write_quorum: Some(settings.write_quorum),
-        partitions: 64,
+        partitions: PARTITIONS,
         request_timeout_ms: HOP_TIMEOUT_MS,
         sloppy_quorum: false,
         hint_window_secs: 3 * 3600,
         hints_per_target_max: settings.hints_per_target_max,
         hints_memory_mb: 16,
         refill_on_start: false,
-        anti_entropy: true,
-        anti_entropy_interval_ms: 200,
+        anti_entropy: settings.anti_entropy,
+        anti_entropy_interval_ms: AE_INTERVAL_MS,
         anti_entropy_partitions_per_round: 64,
         anti_entropy_keys_per_round: 10_000,
         anti_entropy_bytes_per_sec: 8 << 20,
@@ -212,9 +281,13 @@ async fn node(node_id: u16, seed: u64, settings: Settings) -> turmoil::Result {
             ..cluster::transport_config(&cfg)
         },
     ));
+    let ahead_ms = match settings.clock_ahead {
+        Some((id, ms)) if id == node_id => ms,
+        _ => 0,
+    };
     let shared = Arc::new(Shared::new(
         &config,
-        Arc::new(SimClock),
+        Arc::new(SimClock { ahead_ms }),
         CLIENT_PORT,
         Some(cluster),
     ));
@@ -357,7 +430,17 @@ impl Client {
 
     /// `set <key> 0 0 <len>`: the one-line reply.
     async fn set(&mut self, key: &str, value: &str) -> turmoil::Result<String> {
-        let request = format!("set {key} 0 0 {}\r\n{value}\r\n", value.len());
+        self.set_expiring(key, value, 0).await
+    }
+
+    /// `set <key> 0 <exptime> <len>`: the one-line reply.
+    async fn set_expiring(
+        &mut self,
+        key: &str,
+        value: &str,
+        exptime: u32,
+    ) -> turmoil::Result<String> {
+        let request = format!("set {key} 0 {exptime} {}\r\n{value}\r\n", value.len());
         let mut lines = self.call(&request, |_| true).await?;
         Ok(lines.remove(0))
     }
@@ -480,19 +563,34 @@ impl Client {
         what: &str,
         want: impl Fn(&BTreeMap<u16, String>) -> bool,
     ) -> turmoil::Result {
-        let started = tokio::time::Instant::now();
-        loop {
-            let states = self.peer_states().await?;
-            if want(&states) {
-                return Ok(());
-            }
-            ensure!(
-                started.elapsed() < CONVERGE_TIMEOUT,
-                "{}: peers not {what} within {CONVERGE_TIMEOUT:?}: {states:?}",
-                self.node
-            );
-            tokio::time::sleep(POLL).await;
+        let what = format!("{}: peers {what}", self.node);
+        let probe = async || self.peer_states().await;
+        await_until(&what, CONVERGE_TIMEOUT, POLL, probe, want).await?;
+        Ok(())
+    }
+}
+
+/// Calls `probe` every `every` (simulated time) until `done` holds for its
+/// answer, and returns that answer; fails with the last one if that takes
+/// longer than `bound`.
+async fn await_until<T: Debug>(
+    what: &str,
+    bound: Duration,
+    every: Duration,
+    mut probe: impl AsyncFnMut() -> turmoil::Result<T>,
+    done: impl Fn(&T) -> bool,
+) -> turmoil::Result<T> {
+    let started = tokio::time::Instant::now();
+    loop {
+        let answer = probe().await?;
+        if done(&answer) {
+            return Ok(answer);
         }
+        ensure!(
+            started.elapsed() < bound,
+            "{what}: not within {bound:?}, last {answer:?}"
+        );
+        tokio::time::sleep(every).await;
     }
 }
 
@@ -580,8 +678,7 @@ async fn client_1(phase: Rc<Cell<Phase>>, history: History) -> turmoil::Result {
     }
 
     // Phase 3: heal.
-    turmoil::repair("n3", "n1");
-    turmoil::repair("n3", "n2");
+    rejoin(3);
     phase.set(Phase::Healed);
     Ok(())
 }
@@ -879,6 +976,12 @@ async fn counters<const K: usize>(
     Ok(sums)
 }
 
+/// One `stats cluster` counter of one node.
+async fn counter(node: &mut Client, name: &str) -> turmoil::Result<u64> {
+    let [value] = counters(std::slice::from_mut(node), [name]).await?;
+    Ok(value)
+}
+
 const AE_MOVED: [&str; 2] = ["anti_entropy_keys_pulled", "anti_entropy_keys_pushed"];
 
 /// Scenario two's majority-side client. It also cuts, heals and checks, so
@@ -888,12 +991,7 @@ async fn split_client_1(
     ledger: Ledger,
     history: History,
 ) -> turmoil::Result {
-    let mut nodes = Vec::new();
-    for (host, _) in NODES {
-        let mut c = Client::connect(host, &history).await?;
-        c.await_peers("up at start", all_up).await?;
-        nodes.push(c);
-    }
+    let mut nodes = connect_all(&history).await?;
 
     // Phase 1: all connected; W = 1, so the copies land after the replies.
     for i in 0..SPLIT_KEYS {
@@ -912,12 +1010,7 @@ async fn split_client_1(
 
     // Phase 2: isolate n3. Until its peers see it down, a write forwarded
     // to it times out with an unknown outcome; after, none is sent there.
-    turmoil::partition("n3", "n1");
-    turmoil::partition("n3", "n2");
-    for node in &mut nodes[..2] {
-        node.await_peers("showing n3 down", |s| s[&3].starts_with("down"))
-            .await?;
-    }
+    isolate(&mut nodes, 3).await?;
     let first = split_step(&mut nodes[0], 0, &ledger).await?;
     phase.set(Split::MajorityWrote);
     await_phase(&phase, Split::MinorityWrote).await?;
@@ -977,8 +1070,7 @@ async fn split_client_1(
     // Phase 3: heal. No writes from here on, no hints, reads at R = 1:
     // only anti-entropy can move a key.
     let [pulled_before, pushed_before] = counters(&mut nodes, AE_MOVED).await?;
-    turmoil::repair("n3", "n1");
-    turmoil::repair("n3", "n2");
+    rejoin(3);
     phase.set(Split::Healed);
     let took = await_contents(&mut nodes, &want, "phase 3", AE_CONVERGE_TIMEOUT).await?;
     eprintln!("  phase 3: every node held the last acknowledged writes {took:?} after the repair");
@@ -1035,16 +1127,504 @@ async fn split_client_3(
     Ok(())
 }
 
+/// The turmoil host name of member `id`.
+fn host(id: u16) -> &'static str {
+    NODES
+        .iter()
+        .find(|&&(_, n)| n == id)
+        .map(|&(h, _)| h)
+        .expect("a member id")
+}
+
+/// Where member `id` is in [`NODES`], and in a client list in that order.
+fn index(id: u16) -> usize {
+    NODES
+        .iter()
+        .position(|&(_, n)| n == id)
+        .expect("a member id")
+}
+
+/// The members' ids, shuffled by `rng`.
+fn shuffled_ids(rng: &mut StdRng) -> [u16; 3] {
+    let mut ids = NODES.map(|(_, id)| id);
+    ids.shuffle(rng);
+    ids
+}
+
+/// The first `count` keys `<prefix>-<i>` whose preference list (the
+/// cluster's own ring) satisfies `want`.
+fn keys_placed(prefix: &str, count: usize, want: impl Fn(&[u16]) -> bool) -> Vec<String> {
+    let ring = Ring::new(&NODES.map(|(_, id)| id), PARTITIONS, REPLICAS);
+    let keys: Vec<String> = (0..KEY_CANDIDATES_MAX)
+        .map(|i| format!("{prefix}-{i}"))
+        .filter(|k| want(ring.preference_list_for_key(k.as_bytes())))
+        .take(count)
+        .collect();
+    assert_eq!(
+        keys.len(),
+        count,
+        "too few keys {prefix}-* placed as wanted"
+    );
+    keys
+}
+
+/// A client connection to every node, in [`NODES`] order, once each node
+/// sees all its peers up.
+async fn connect_all(history: &History) -> turmoil::Result<Vec<Client>> {
+    let mut nodes = Vec::with_capacity(NODES.len());
+    for (host, _) in NODES {
+        let mut c = Client::connect(host, history).await?;
+        c.await_peers("up at start", all_up).await?;
+        nodes.push(c);
+    }
+    Ok(nodes)
+}
+
+/// Cuts member `id` off from every other member (clients still reach it)
+/// and waits until each of those, through its client in `nodes`, sees it
+/// down.
+async fn isolate(nodes: &mut [Client], id: u16) -> turmoil::Result {
+    for (other, _) in NODES.iter().filter(|&&(_, n)| n != id) {
+        turmoil::partition(host(id), *other);
+    }
+    let what = format!("showing {} down", host(id));
+    for node in nodes.iter_mut().filter(|n| n.node != host(id)) {
+        node.await_peers(&what, |s| s[&id].starts_with("down"))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Undoes [`isolate`]: member `id`'s links to every other member work again.
+fn rejoin(id: u16) {
+    for (other, _) in NODES.iter().filter(|&&(_, n)| n != id) {
+        turmoil::repair(host(id), *other);
+    }
+}
+
+/// Makes one write through `client` that must be acknowledged, and returns
+/// the key's state after it: `Some(value)` after a set answered `STORED`,
+/// `None` after a delete answered `DELETED` (or `NOT_FOUND`: gone already,
+/// which is what the delete asked for).
+async fn acknowledged(
+    client: &mut Client,
+    key: &str,
+    op: Op,
+    value: &str,
+    what: &str,
+) -> turmoil::Result<Option<String>> {
+    let (reply, ok, state) = match op {
+        Op::Set => (
+            client.set(key, value).await?,
+            &["STORED"][..],
+            Some(value.to_string()),
+        ),
+        Op::Delete => (
+            client.delete(key).await?,
+            &["DELETED", "NOT_FOUND"][..],
+            None,
+        ),
+    };
+    ensure!(
+        ok.contains(&reply.as_str()),
+        "{what}: {op:?} {key} through {}: {reply:?}",
+        client.node
+    );
+    Ok(state)
+}
+
+/// Scenario three's cast and writes, drawn from the seed.
+#[derive(Debug)]
+struct SkewPlan {
+    /// First in the keys' preference lists: cut off, then back to take the
+    /// last writes.
+    preferred: u16,
+    /// Second: the failover primary while the preferred one is cut off.
+    /// Its store clock reads [`SKEW_AHEAD_MS`] ahead.
+    failover: u16,
+    /// Third: coordinates the writes made while the preferred primary is
+    /// cut off.
+    coordinator: u16,
+    keys: Vec<String>,
+    /// Per key, its writes through the coordinator while the preferred
+    /// primary is cut off.
+    cut_off: Vec<Vec<Op>>,
+    /// Per key, its writes through the preferred primary once it is back.
+    back: Vec<Vec<Op>>,
+}
+
+impl SkewPlan {
+    fn draw(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let [preferred, failover, coordinator] = shuffled_ids(&mut rng);
+        let keys = keys_placed("skew", SKEW_KEYS, |pref| {
+            pref == [preferred, failover, coordinator]
+        });
+        let mut writes = || -> Vec<Vec<Op>> {
+            (0..SKEW_KEYS)
+                .map(|_| {
+                    let n = rng.gen_range(1..=SKEW_WRITES_MAX);
+                    (0..n)
+                        .map(|_| {
+                            if rng.gen_ratio(1, 4) {
+                                Op::Delete
+                            } else {
+                                Op::Set
+                            }
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        let cut_off = writes();
+        let back = writes();
+        Self {
+            preferred,
+            failover,
+            coordinator,
+            keys,
+            cut_off,
+            back,
+        }
+    }
+}
+
+/// Where scenario three is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Skew {
+    Start,
+    /// Every key stored through the preferred primary.
+    Stored,
+    /// The preferred primary is cut off, and its peers see it down.
+    CutOff,
+    /// Healed, every node sees every peer up.
+    Back,
+    /// The preferred primary's writes are all acknowledged.
+    WrittenBack,
+    /// Every quorum read returned the last acknowledged write.
+    Checked,
+}
+
+/// Scenario three's client: talks to every node (its own links are never
+/// cut), and cuts and heals.
+async fn skew_client(plan: SkewPlan, phase: Rc<Cell<Skew>>, history: History) -> turmoil::Result {
+    let (p, f, c) = (plan.preferred, plan.failover, plan.coordinator);
+    let mut nodes = connect_all(&history).await?;
+
+    // Phase 1: the preferred primary holds every key, so its own later set
+    // or delete of one runs without reading the other replicas first (a
+    // plain write on the key's first choice needs no catch-up): only the
+    // write path can tell it about the failover primary's versions.
+    for key in &plan.keys {
+        acknowledged(&mut nodes[index(p)], key, Op::Set, "v0", "phase 1").await?;
+    }
+    phase.set(Skew::Stored);
+
+    // Phase 2: cut the preferred primary off; the coordinator's writes run
+    // on the failover primary, stamped by its clock that runs ahead, and
+    // reach the coordinator (W = 2) but not the preferred primary: no hints,
+    // no anti-entropy, no refill.
+    isolate(&mut nodes, p).await?;
+    phase.set(Skew::CutOff);
+    let cut_off_writes = tokio::time::Instant::now();
+    for (key, ops) in plan.keys.iter().zip(&plan.cut_off) {
+        for (j, &op) in ops.iter().enumerate() {
+            let value = format!("cut-off-{j}");
+            acknowledged(&mut nodes[index(c)], key, op, &value, "phase 2").await?;
+        }
+    }
+
+    // Phase 3: heal; the preferred primary is every key's primary again
+    // and takes the last writes, stamped by a clock behind the versions the
+    // other replicas hold.
+    rejoin(p);
+    for node in &mut nodes {
+        node.await_peers("up after healing", all_up).await?;
+    }
+    phase.set(Skew::Back);
+    let mut want = BTreeMap::new();
+    for (key, ops) in plan.keys.iter().zip(&plan.back) {
+        for (j, &op) in ops.iter().enumerate() {
+            let value = format!("back-{j}");
+            let state = acknowledged(&mut nodes[index(p)], key, op, &value, "phase 3").await?;
+            want.insert(key.clone(), state);
+        }
+    }
+    let took = cut_off_writes.elapsed();
+    ensure!(
+        took < Duration::from_millis(SKEW_AHEAD_MS),
+        "phase 3: the last write came {took:?} after the first of phase 2, more than the \
+         skew: the preferred primary's clock may have caught up, and the test proves nothing"
+    );
+    phase.set(Skew::WrittenBack);
+
+    // Every acknowledged write of phase 3 stays: each node's quorum read
+    // returns the last one, whatever the failover primary stamped.
+    for node in &mut nodes {
+        for (key, want) in &want {
+            let got = node.get(key).await?;
+            ensure!(
+                got.as_ref() == Ok(want),
+                "check: get {key} through {} (R = 2): want the preferred primary's last \
+                 acknowledged write {want:?}, got {got:?}",
+                node.node
+            );
+        }
+    }
+    // The path under test ran: the preferred primary met newer versions
+    // and ran its writes again above them.
+    let conflicts = counter(&mut nodes[index(p)], "write_conflicts").await?;
+    ensure!(
+        conflicts > 0,
+        "check: {} never met a newer version (write_conflicts 0)",
+        host(p)
+    );
+    let [stale] = counters(&mut nodes, ["replica_writes_stale"]).await?;
+    eprintln!(
+        "  {} (clock +{SKEW_AHEAD_MS} ms) took the writes while {} was cut off; \
+         {conflicts} write conflicts on {}, {stale} stale replica writes answered newer",
+        host(f),
+        host(p),
+        host(p),
+    );
+    phase.set(Skew::Checked);
+    Ok(())
+}
+
+/// Scenario four's cast and writes, drawn from the seed.
+#[derive(Debug)]
+struct TtlPlan {
+    /// First in the keys' preference lists: executes every write, holds the
+    /// cut-off replica's hints, and crashes once `NEW` has expired.
+    primary: u16,
+    /// Cut off while `NEW` is written; back once the primary has crashed.
+    cut_off: u16,
+    /// The third replica: up throughout.
+    other: u16,
+    keys: Vec<String>,
+    /// Per key, `NEW`'s TTL in seconds.
+    ttl_secs: Vec<u32>,
+    /// Per key, the node its writes go through (the primary or the other
+    /// replica).
+    via: Vec<u16>,
+}
+
+impl TtlPlan {
+    fn draw(seed: u64) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let [primary, cut_off, other] = shuffled_ids(&mut rng);
+        let keys = keys_placed("ttl", TTL_KEYS, |pref| pref[0] == primary);
+        let ttl_secs = keys.iter().map(|_| rng.gen_range(TTL_SECS)).collect();
+        let via = keys
+            .iter()
+            .map(|_| if rng.gen_bool(0.5) { primary } else { other })
+            .collect();
+        Self {
+            primary,
+            cut_off,
+            other,
+            keys,
+            ttl_secs,
+            via,
+        }
+    }
+}
+
+/// Where scenario four is; the client asks the simulation to crash the
+/// primary through it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Ttl {
+    Start,
+    /// Every replica holds `OLD`.
+    OldEverywhere,
+    /// The cut-off replica's peers see it down.
+    CutOff,
+    /// `NEW` was stored and has expired: the client asks the simulation to
+    /// crash the primary.
+    CrashPrimary,
+    /// The primary (and the hints it held) is gone.
+    Crashed,
+    /// The cut-off replica and the other one see each other up again.
+    Back,
+    /// Anti-entropy ran between them, and `OLD` never came back.
+    Checked,
+}
+
+/// What `client`'s node alone holds for each of `keys` (`mg <key> v Pr1`:
+/// every node is a replica of every key, so this reads its own memory).
+async fn held_alone(
+    client: &mut Client,
+    keys: &[String],
+) -> turmoil::Result<BTreeMap<String, Option<String>>> {
+    let mut held = BTreeMap::new();
+    for key in keys {
+        let got = client.mg(key, "Pr1").await?;
+        match got {
+            Ok(value) => held.insert(key.clone(), value),
+            Err(reply) => return Err(format!("{}: mg {key}: {reply}", client.node).into()),
+        };
+    }
+    Ok(held)
+}
+
+/// Waits (bounded) until `client`'s node alone holds `want` for every key.
+async fn await_held_alone(
+    client: &mut Client,
+    keys: &[String],
+    want: Option<&str>,
+    what: &str,
+) -> turmoil::Result {
+    let what = format!("{what}: {} alone holding {want:?}", client.node);
+    let probe = async || held_alone(client, keys).await;
+    let done = |held: &BTreeMap<_, Option<String>>| held.values().all(|v| v.as_deref() == want);
+    await_until(&what, CONVERGE_TIMEOUT, CONTENTS_POLL, probe, done).await?;
+    Ok(())
+}
+
+const AE_COMPARED: [&str; 1] = ["anti_entropy_partitions_compared"];
+
+/// Scenario four's client: talks to every node, and cuts and heals (the
+/// simulation crashes the primary when asked through the phase).
+async fn ttl_client(plan: TtlPlan, phase: Rc<Cell<Ttl>>, history: History) -> turmoil::Result {
+    let (a, x, b) = (plan.primary, plan.cut_off, plan.other);
+    let mut nodes = connect_all(&history).await?;
+
+    // Phase 1: OLD, without a TTL, on every replica.
+    for (key, &via) in plan.keys.iter().zip(&plan.via) {
+        acknowledged(&mut nodes[index(via)], key, Op::Set, "OLD", "phase 1").await?;
+    }
+    await_held_alone(&mut nodes[index(x)], &plan.keys, Some("OLD"), "phase 1").await?;
+    phase.set(Ttl::OldEverywhere);
+
+    // Phase 2: cut one replica off; NEW, with a short TTL, reaches the
+    // primary and the other replica, and the primary keeps a hint for the
+    // cut-off one. Then NEW expires.
+    isolate(&mut nodes, x).await?;
+    phase.set(Ttl::CutOff);
+    for ((key, &via), &ttl) in plan.keys.iter().zip(&plan.via).zip(&plan.ttl_secs) {
+        let reply = nodes[index(via)].set_expiring(key, "NEW", ttl).await?;
+        ensure!(
+            reply == "STORED",
+            "phase 2: set {key} NEW with TTL {ttl} s through {}: {reply}",
+            host(via)
+        );
+    }
+    let written = tokio::time::Instant::now();
+    for key in &plan.keys {
+        let got = nodes[index(b)].get(key).await?;
+        ensure!(
+            got == Ok(Some("NEW".into())),
+            "phase 2: get {key} through {} (R = 2) right after the write: {got:?}",
+            host(b)
+        );
+    }
+    let hints = counter(&mut nodes[index(a)], "hints_pending").await?;
+    ensure!(
+        hints > 0,
+        "phase 2: {} holds no hint for {}",
+        host(a),
+        host(x)
+    );
+    // Expiry counts whole seconds: an item lives at most its TTL plus one
+    // (and the hosts' clocks may differ by a tick, hence `LATER`).
+    let longest = u64::from(*TTL_SECS.end()) + 1;
+    tokio::time::sleep_until(written + Duration::from_secs(longest) + LATER).await;
+    for key in &plan.keys {
+        let got = nodes[index(b)].get(key).await?;
+        ensure!(
+            got == Ok(None),
+            "phase 2: get {key} through {} after NEW expired: {got:?}",
+            host(b)
+        );
+    }
+
+    // Phase 3: the primary crashes with its hints; the cut-off replica,
+    // which still holds OLD, comes back to the other one.
+    phase.set(Ttl::CrashPrimary);
+    await_phase(&phase, Ttl::Crashed).await?;
+    let mut pair: Vec<Client> = nodes.into_iter().filter(|n| n.node != host(a)).collect();
+    // Once both see the primary down, no exchange with it is in flight or
+    // starts, so the comparisons counted from here on are the pair's own
+    // (counted once, by the one that starts each exchange).
+    for node in &mut pair {
+        node.await_peers("showing the primary down", |s| s[&a].starts_with("down"))
+            .await?;
+    }
+    let before = counters(&mut pair, AE_COMPARED).await?[0];
+    rejoin(x);
+    let healed = tokio::time::Instant::now();
+    for node in &mut pair {
+        node.await_peers("showing each other up and the primary down", |s| {
+            s.iter().all(|(&id, state)| {
+                if id == a {
+                    state.starts_with("down")
+                } else {
+                    state == "up"
+                }
+            })
+        })
+        .await?;
+    }
+    phase.set(Ttl::Back);
+
+    // No reads until anti-entropy has compared every partition between the
+    // two a few times: a read would repair what anti-entropy must not undo.
+    let compared = await_until(
+        "phase 3: anti-entropy comparing every partition between the two",
+        AE_CONVERGE_TIMEOUT,
+        CONTENTS_POLL,
+        async || Ok(counters(&mut pair, AE_COMPARED).await?[0] - before),
+        |&compared| compared >= TTL_AE_ROUNDS * u64::from(PARTITIONS),
+    )
+    .await?;
+    eprintln!(
+        "  anti-entropy compared {compared} partitions in the {:?} after the heal",
+        healed.elapsed()
+    );
+    let other = pair
+        .iter_mut()
+        .find(|n| n.node == host(b))
+        .expect("the other replica");
+    let held = held_alone(other, &plan.keys).await?;
+    ensure!(
+        held.values().all(Option::is_none),
+        "phase 3: anti-entropy brought OLD back to {}: {held:?}",
+        host(b)
+    );
+    for node in &mut pair {
+        for key in &plan.keys {
+            let got = node.get(key).await?;
+            ensure!(
+                got == Ok(None),
+                "phase 3: get {key} through {} (R = 2): an expired write's old value came \
+                 back: {got:?}",
+                node.node
+            );
+        }
+    }
+    let cut_off = pair
+        .iter_mut()
+        .find(|n| n.node == host(x))
+        .expect("the cut-off replica");
+    await_held_alone(cut_off, &plan.keys, None, "phase 3").await?;
+    phase.set(Ttl::Checked);
+    Ok(())
+}
+
 /// A scenario: one seeded run, its client history or why it failed.
 type Scenario = fn(u64) -> Result<Vec<String>, String>;
 
 /// One seeded run of a scenario: its client history, or why it failed.
 /// `clients` adds the scenario's clients; they share the phase cell.
+/// `between_steps` runs after every step of the simulation, for what only
+/// the simulation itself can do (crash a host) when a client asks for it
+/// through the phase.
 fn run<P: Copy + Debug + 'static>(
     seed: u64,
     settings: Settings,
     start: P,
     clients: impl FnOnce(&mut turmoil::Sim<'_>, &Rc<Cell<P>>, &History),
+    mut between_steps: impl FnMut(&mut turmoil::Sim<'_>, &Cell<P>),
 ) -> Result<Vec<String>, String> {
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
@@ -1058,7 +1638,14 @@ fn run<P: Copy + Debug + 'static>(
     let phase = Rc::new(Cell::new(start));
     let history = History::default();
     clients(&mut sim, &phase, &history);
-    let result = sim.run();
+    // `Sim::run`'s loop, with the hook between steps.
+    let result = loop {
+        match sim.step() {
+            Ok(true) => break Ok(()),
+            Ok(false) => between_steps(&mut sim, &phase),
+            Err(e) => break Err(e),
+        }
+    };
     eprintln!(
         "  ended at simulated {:?} in phase {:?}",
         sim.elapsed(),
@@ -1093,6 +1680,7 @@ fn minority_partition(seed: u64) -> Result<Vec<String>, String> {
             sim.client("c1", client_1(phase.clone(), history.clone()));
             sim.client("c3", client_3(phase.clone(), history.clone()));
         },
+        |_, _| {},
     )
 }
 
@@ -1109,6 +1697,68 @@ fn split_writes(seed: u64) -> Result<Vec<String>, String> {
                 split_client_1(phase.clone(), ledger.clone(), history.clone()),
             );
             sim.client("c3", split_client_3(phase.clone(), ledger, history.clone()));
+        },
+        |_, _| {},
+    )
+}
+
+/// Scenario three (see the module docs).
+fn skewed_failover(seed: u64) -> Result<Vec<String>, String> {
+    let plan = SkewPlan::draw(seed);
+    let count = |writes: &[Vec<Op>]| writes.iter().map(Vec::len).sum::<usize>();
+    eprintln!(
+        "  {} cut off, {} (clock +{SKEW_AHEAD_MS} ms) fails over, writes through {}: \
+         {} keys, {} writes while cut off, {} after",
+        host(plan.preferred),
+        host(plan.failover),
+        host(plan.coordinator),
+        plan.keys.len(),
+        count(&plan.cut_off),
+        count(&plan.back)
+    );
+    // Only the write path may tell the preferred primary what it missed.
+    let settings = Settings {
+        read_quorum: 2,
+        write_quorum: 2,
+        hints_per_target_max: 0,
+        anti_entropy: false,
+        clock_ahead: Some((plan.failover, SKEW_AHEAD_MS)),
+    };
+    run(
+        seed,
+        settings,
+        Skew::Start,
+        |sim, phase, history| {
+            sim.client("c", skew_client(plan, phase.clone(), history.clone()));
+        },
+        |_, _| {},
+    )
+}
+
+/// Scenario four (see the module docs).
+fn expiry_while_cut_off(seed: u64) -> Result<Vec<String>, String> {
+    let plan = TtlPlan::draw(seed);
+    eprintln!(
+        "  primary {} (crashes), {} cut off, {} stays: {} keys, TTLs {:?}",
+        host(plan.primary),
+        host(plan.cut_off),
+        host(plan.other),
+        plan.keys.len(),
+        plan.ttl_secs
+    );
+    let primary = host(plan.primary);
+    run(
+        seed,
+        MAJORITY_QUORUMS,
+        Ttl::Start,
+        |sim, phase, history| {
+            sim.client("c", ttl_client(plan, phase.clone(), history.clone()));
+        },
+        move |sim, phase| {
+            if phase.get() == Ttl::CrashPrimary {
+                sim.crash(primary);
+                phase.set(Ttl::Crashed);
+            }
         },
     )
 }
@@ -1160,6 +1810,16 @@ fn a_partition_with_writes_on_both_sides_heals_to_the_newest_version() {
     run_seeds(split_writes);
 }
 
+#[test]
+fn a_preferred_primary_whose_clock_is_behind_loses_no_acknowledged_write() {
+    run_seeds(skewed_failover);
+}
+
+#[test]
+fn an_expired_write_does_not_bring_back_the_value_it_replaced() {
+    run_seeds(expiry_while_cut_off);
+}
+
 /// Turmoil's promise: one seed, one history, for each scenario. Holds
 /// because the transport's reconnect jitter takes the seed and its
 /// `select!`s are biased (tokio's own select randomness is outside the
@@ -1170,6 +1830,8 @@ fn one_seed_replays_the_same_history() {
     for (name, scenario) in [
         ("minority partition", minority_partition as Scenario),
         ("writes on both sides", split_writes),
+        ("skewed failover primary", skewed_failover),
+        ("expiry while cut off", expiry_while_cut_off),
     ] {
         for seed in seeds() {
             let first = scenario(seed).unwrap_or_else(|e| panic!("{name}, seed {seed}: {e}"));
