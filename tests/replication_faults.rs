@@ -426,3 +426,89 @@ fn an_oversized_set_drops_the_old_value_on_every_replica() {
         assert_eq!(get(&mut c3, &k), None);
     }
 }
+
+/// Two primaries at once: node 1 and node 2 cannot see each other, so each
+/// takes `ma` increments of one key as its primary (node 1 as the key's
+/// preferred primary, node 2 as failover primary for clients of node 2),
+/// both replicating through node 3. Every increment acknowledged must be in
+/// the final value, and each id answered once must replay its number.
+#[test]
+fn two_primaries_at_once_never_lose_an_acknowledged_increment() {
+    let _serial = exclusive();
+    // Every id's record kept: the retries below check them all.
+    let cluster = Cluster::start(
+        layout()
+            .no_hints()
+            .no_anti_entropy()
+            .no_refill()
+            .arg("--request-id-records-per-key")
+            .arg("64"),
+    );
+    let k = key_with_preference("split", &[1, 2, 3]);
+    let mut c1 = cluster.connect(1);
+    assert_eq!(set(&mut c1, &k, "0", 0), "STORED\r\n");
+    cluster.partition(1, &[2]);
+    wait_down(&cluster, 1, 2);
+    wait_down(&cluster, 2, 1);
+    const PER_SIDE: usize = 30;
+    let results: Vec<Vec<(String, String)>> = std::thread::scope(|s| {
+        let runs: Vec<_> = [1, 2]
+            .into_iter()
+            .map(|id| {
+                let mut c = cluster.connect(id);
+                let k = &k;
+                s.spawn(move || {
+                    (0..PER_SIDE)
+                        .map(|i| {
+                            let rid = format!("n{id}-{i}");
+                            let reply = ask(&mut c, &format!("ma {k} v Pi{rid}\r\n"));
+                            (rid, reply)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|r| r.join().expect("client thread"))
+            .collect()
+    });
+    cluster.heal(1);
+    wait_up(&cluster, 1, 2);
+    let all: Vec<&(String, String)> = results.iter().flatten().collect();
+    let acked: Vec<&(String, String)> = all
+        .iter()
+        .copied()
+        .filter(|(_, r)| r.starts_with("VA "))
+        .collect();
+    let value: u64 = get(&mut c1, &k)
+        .expect("the counter")
+        .parse()
+        .expect("a number");
+    assert!(
+        value >= acked.len() as u64 && value <= all.len() as u64,
+        "{} increments acknowledged, {} attempted, counter reads {value}",
+        acked.len(),
+        all.len()
+    );
+    // Acknowledged numbers are distinct (no two increments saw one base).
+    let mut numbers: Vec<&str> = acked
+        .iter()
+        .map(|(_, r)| r.lines().nth(1).unwrap())
+        .collect();
+    numbers.sort_unstable();
+    let n = numbers.len();
+    numbers.dedup();
+    assert_eq!(
+        numbers.len(),
+        n,
+        "two acknowledged increments returned the same number"
+    );
+    // A retry of each acknowledged id replays its answer.
+    for (rid, reply) in &acked {
+        assert_eq!(
+            &ask(&mut c1, &format!("ma {k} v Pi{rid}\r\n")),
+            reply,
+            "retry of {rid}"
+        );
+    }
+}

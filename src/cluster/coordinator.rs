@@ -36,7 +36,7 @@ use crate::protocol::get::{Get, compose_end, compose_value};
 use crate::protocol::meta::{MetaRequest, hints};
 use crate::protocol::stats::put_stat;
 use crate::protocol::{ParseLimits, Parsed, Request, parse, put_line};
-use crate::store::{Applied, KeyState, Mode, Store, hlc, valid_key};
+use crate::store::{Applied, Condition, Fill, KeyState, Mode, Store, hlc, valid_key};
 
 mod listing;
 mod repair;
@@ -73,9 +73,11 @@ const TOUCH_KEYS_IN_FLIGHT: usize = 64;
 
 /// Times a primary executes one command when replicas keep answering that
 /// they hold a newer state (see [`Cluster::execute_as_primary`]). Each
-/// attempt observes the newer version first, so a second one normally
-/// succeeds; the bound stops two primaries racing on one key forever.
-const WRITE_ATTEMPTS_MAX: usize = 3;
+/// attempt takes the newer state first, so a second one normally succeeds;
+/// two primaries writing one key at once (a split view) can each make the
+/// other's attempt lose several times, and the bound stops them racing on
+/// one key forever.
+const WRITE_ATTEMPTS_MAX: usize = 8;
 
 /// Times a replica re-reads a meta get whose key changed while it ran, so
 /// the reply and the version it reports belong together.
@@ -146,6 +148,9 @@ pub struct ClusterStats {
     /// Replicated states and flushes refused for a version too far ahead
     /// of this node's clock (see the store's counter for all of them).
     pub versions_refused: AtomicU64,
+    /// Read-modify-writes that gave up after a conflict and re-sent the
+    /// state they had taken, to replace their abandoned attempts.
+    pub write_restores: AtomicU64,
     /// Reads answered from more than this node's memory.
     pub quorum_reads: AtomicU64,
     /// Writes refused because fewer than W replicas acknowledged.
@@ -709,8 +714,18 @@ impl Cluster {
         }
         let needed = w.saturating_sub(1);
         let start = out.len();
+        let request_id = hints::parse(meta_tokens(&request))
+            .ok()
+            .and_then(|h| h.request_id);
+        // A read-modify-write ships its result with the version it was
+        // computed on, and replicas that hold something newer refuse it;
+        // `abandoned` are this command's earlier attempts, which replicas
+        // that took them may give up for the next one.
+        let mut abandoned: Vec<u64> = Vec::new();
         for _attempt in 0..WRITE_ATTEMPTS_MAX {
             let before = store.entry_version(key);
+            let recorded_before =
+                request_id.is_some_and(|id| store.with_key(key, |ctx| ctx.has_record(id)));
             local.execute(raw, out);
             if others.is_empty() {
                 return;
@@ -736,40 +751,58 @@ impl Cluster {
                     gone
                 }
             };
+            let attempt = state.version();
+            let changed = before.map(|(v, _)| v) != Some(attempt);
+            let base = before.map_or(0, |(v, _)| v);
+            let condition = rmw.then_some((base, abandoned.as_slice()));
             let now_ms = store.clock().now_ms();
-            match self.replicate(key, state, &others, needed, now_ms).await {
+            let quorum = self
+                .replicate(key, state, &others, needed, now_ms, condition)
+                .await;
+            let newer = match quorum {
                 Ok(()) => return,
                 Err(NotReplicated::Quorum(why)) => {
                     self.stats.write_quorum_failures.fetch_add(1, Relaxed);
                     out.truncate(start);
+                    self.restore(store, key, &others, &abandoned).await;
                     return server_error(out, silent, &format!("write quorum not met: {why}"));
                 }
-                Err(NotReplicated::Newer(newer)) => {
-                    // A replica holds a state this node never saw, newer
-                    // than the one it just stamped: a write taken by
-                    // another primary while this one was paused or cut off,
-                    // or stamped by a clock ahead of this one. Counting the
-                    // replica toward W would acknowledge a write that loses
-                    // to it everywhere. Take that state (this node's clock
-                    // moves past it) and run the command again on it: its
-                    // reply has not been sent, so it has not happened yet.
-                    self.stats.write_conflicts.fetch_add(1, Relaxed);
-                    out.truncate(start);
-                    match store.apply(key, &newer) {
-                        Applied::TooFarAhead => {
-                            self.stats.versions_refused.fetch_add(1, Relaxed);
-                            return server_error(
-                                out,
-                                silent,
-                                "a replica holds a version too far ahead of this node's clock",
-                            );
-                        }
-                        other => debug!(applied = ?other, "write conflict: re-executing"),
-                    }
-                }
+                Err(NotReplicated::Newer(newer)) => newer,
+            };
+            // A replica holds a state this node never saw: a write taken by
+            // another primary while this one was paused or cut off, one
+            // stamped by a clock ahead of this one, or (for a
+            // read-modify-write) any write its result did not see. Counting
+            // the replica toward W would acknowledge a write that loses to
+            // it, or drops it. Take that state in place of this attempt
+            // (this node's clock moves past it) and run the command again on
+            // it: its reply has not been sent, so it has not happened yet.
+            self.stats.write_conflicts.fetch_add(1, Relaxed);
+            out.truncate(start);
+            if changed {
+                abandoned.push(attempt);
             }
+            // The attempt's own record of the id goes with it; one it found
+            // (a replay) stays.
+            let forget = request_id.filter(|_| changed && !recorded_before);
+            let adopt = Condition::Adopt { attempt, forget };
+            if store.apply_if(key, &newer, Fill::Evict, adopt) == Applied::TooFarAhead {
+                self.stats.versions_refused.fetch_add(1, Relaxed);
+                self.restore(store, key, &others, &abandoned).await;
+                return server_error(
+                    out,
+                    silent,
+                    "a replica holds a version too far ahead of this node's clock",
+                );
+            }
+            debug!(
+                attempt,
+                newer = newer.version(),
+                "write conflict: running the command again"
+            );
         }
         self.stats.write_quorum_failures.fetch_add(1, Relaxed);
+        self.restore(store, key, &others, &abandoned).await;
         server_error(
             out,
             silent,
@@ -777,6 +810,52 @@ impl Cluster {
                 "write conflict: replicas held newer versions {WRITE_ATTEMPTS_MAX} times; the write may or may not have been applied"
             ),
         );
+    }
+
+    /// After a read-modify-write gave up: replicas may still hold its
+    /// abandoned attempts, whose versions can outrank the state they were
+    /// abandoned for (and would then win it everywhere, dropping the
+    /// writes it holds). Sends what this node holds now, under a fresh
+    /// version, to the replicas that hold an abandoned attempt or that
+    /// state; replicas holding anything else keep it. Best effort, in the
+    /// background.
+    async fn restore(&self, store: &Store, key: &[u8], others: &[NodeId], abandoned: &[u64]) {
+        if abandoned.is_empty() {
+            return;
+        }
+        let Some(held) = store.replica_state(key) else {
+            return;
+        };
+        let base = held.version();
+        let restamped = match held {
+            KeyState::Item {
+                flags,
+                exptime,
+                bits,
+                value,
+                dedup,
+                ..
+            } => KeyState::Item {
+                version: store.next_version(),
+                flags,
+                exptime,
+                bits,
+                value,
+                dedup,
+            },
+            KeyState::Absent { dedup, .. } => KeyState::Absent {
+                version: store.next_version(),
+                dedup,
+            },
+        };
+        // Not applied here: this node keeps the state it took, at its own
+        // version, so a later catch-up still sees a newer write elsewhere
+        // as newer.
+        self.stats.write_restores.fetch_add(1, Relaxed);
+        let now_ms = store.clock().now_ms();
+        let _ = self
+            .replicate(key, restamped, others, 0, now_ms, Some((base, abandoned)))
+            .await;
     }
 
     /// Before a read-modify-write on a primary that may be stale: take the
@@ -806,6 +885,10 @@ impl Cluster {
     /// hold it (the rest keep going in the background), or why they don't:
     /// too few answered, or one holds a newer state (returned at once; a
     /// replica never counts toward W for a state older than its own).
+    ///
+    /// `condition`: the state is a read-modify-write's result, computed on
+    /// the key at this version, and replaces these abandoned attempts
+    /// ([`PeerRequest::ApplyIf`]); `None`: highest version wins.
     async fn replicate(
         &self,
         key: &[u8],
@@ -813,8 +896,11 @@ impl Cluster {
         others: &[NodeId],
         needed: usize,
         now_ms: u64,
+        condition: Option<(u64, &[u64])>,
     ) -> Result<(), NotReplicated> {
         let sent_version = state.version();
+        let conditional = condition.is_some();
+        let (base, replaces) = condition.map_or((0, Vec::new()), |(b, r)| (b, r.to_vec()));
         let (tx, mut rx) = mpsc::channel(others.len());
         let holder = self.hint_holder(key);
         for &node in others {
@@ -825,11 +911,21 @@ impl Cluster {
             let state = state.clone();
             let timeout = self.hop_timeout;
             let tx = tx.clone();
+            let replaces = replaces.clone();
             self.stats.replica_writes_sent.fetch_add(1, Relaxed);
             tokio::spawn(async move {
-                let req = PeerRequest::Apply {
-                    key: key.clone(),
-                    state: state.clone(),
+                let req = if conditional {
+                    PeerRequest::ApplyIf {
+                        key: key.clone(),
+                        state: state.clone(),
+                        base,
+                        replaces,
+                    }
+                } else {
+                    PeerRequest::Apply {
+                        key: key.clone(),
+                        state: state.clone(),
+                    }
                 };
                 let failed = match peer.call_timeout(req, timeout).await {
                     Ok(PeerResponse::Applied) => None,
@@ -879,7 +975,10 @@ impl Cluster {
         while let Some((node, outcome)) = rx.recv().await {
             let decision = match outcome {
                 ReplicaCopy::Applied => quorum.succeeded(node),
-                ReplicaCopy::Newer(newer) if newer.version() > sent_version => {
+                // Conditional: refused whatever the versions (the replica
+                // holds a write the result did not see). Otherwise: only
+                // a newer state counts against the write.
+                ReplicaCopy::Newer(newer) if conditional || newer.version() > sent_version => {
                     return Err(NotReplicated::Newer(newer));
                 }
                 ReplicaCopy::Newer(_) => quorum.succeeded(node),
@@ -1501,41 +1600,24 @@ impl Cluster {
                 if bad_key(&key) {
                     return PeerResponse::Refused("invalid key".into());
                 }
-                match local.store().apply(&key, &state) {
-                    Applied::Newer | Applied::Same => {
-                        self.stats.replica_writes_applied.fetch_add(1, Relaxed);
-                        PeerResponse::Applied
-                    }
-                    Applied::Older => {
-                        // Never a success for a state older than ours: say
-                        // what we hold (its records now merged with the
-                        // ones sent), so the sender can observe it.
-                        self.stats.replica_writes_stale.fetch_add(1, Relaxed);
-                        match local.store().replica_state(&key) {
-                            Some(held) if held.version() > state.version() => {
-                                PeerResponse::Newer(held)
-                            }
-                            // Gone since (evicted): nothing newer to report.
-                            _ => PeerResponse::Refused("changed while applied; send again".into()),
-                        }
-                    }
-                    Applied::Flushed => {
-                        PeerResponse::Refused("older than the last flush_all".into())
-                    }
-                    Applied::TooFarAhead => {
-                        self.stats.versions_refused.fetch_add(1, Relaxed);
-                        warn!(
-                            caller,
-                            version = state.version(),
-                            "refused a version too far ahead of this node's clock"
-                        );
-                        PeerResponse::Refused("version too far ahead of this node's clock".into())
-                    }
-                    Applied::NoMemory | Applied::NoRoom => {
-                        warn!(caller, "no memory for a replicated item");
-                        PeerResponse::Refused("out of memory".into())
-                    }
+                let applied = local.store().apply(&key, &state);
+                self.answer_apply(local.store(), caller, &key, &state, applied)
+            }
+            PeerRequest::ApplyIf {
+                key,
+                state,
+                base,
+                replaces,
+            } => {
+                if bad_key(&key) || replaces.len() > WRITE_ATTEMPTS_MAX {
+                    return PeerResponse::Refused("invalid conditional state".into());
                 }
+                let condition = Condition::Based {
+                    base,
+                    replaces: &replaces,
+                };
+                let applied = local.store().apply_if(&key, &state, Fill::Evict, condition);
+                self.answer_apply(local.store(), caller, &key, &state, applied)
             }
             PeerRequest::Scan { for_node, cursor } => {
                 if !self.peers.contains_key(&for_node) {
@@ -1587,6 +1669,49 @@ impl Cluster {
             PeerRequest::Repair { states } => self.serve_repair(local.store(), &states),
             PeerRequest::ListKeys { from, to, max } => {
                 listing::serve_list_keys(local.store(), from, to, max)
+            }
+        }
+    }
+
+    /// The answer to an [`PeerRequest::Apply`] or [`PeerRequest::ApplyIf`]:
+    /// a state not taken is never a success; the replica says what it
+    /// holds instead.
+    fn answer_apply(
+        &self,
+        store: &Store,
+        caller: NodeId,
+        key: &[u8],
+        state: &KeyState,
+        applied: Applied,
+    ) -> PeerResponse {
+        match applied {
+            Applied::Newer | Applied::Same => {
+                self.stats.replica_writes_applied.fetch_add(1, Relaxed);
+                PeerResponse::Applied
+            }
+            Applied::Older => {
+                // Say what we hold (for a plain state, its records now
+                // merged with the ones sent), so the sender can take it.
+                self.stats.replica_writes_stale.fetch_add(1, Relaxed);
+                match store.replica_state(key) {
+                    Some(held) if held.version() != state.version() => PeerResponse::Newer(held),
+                    // Gone since (evicted), or the sent one after all.
+                    _ => PeerResponse::Refused("changed while applied; send again".into()),
+                }
+            }
+            Applied::Flushed => PeerResponse::Refused("older than the last flush_all".into()),
+            Applied::TooFarAhead => {
+                self.stats.versions_refused.fetch_add(1, Relaxed);
+                warn!(
+                    caller,
+                    version = state.version(),
+                    "refused a version too far ahead of this node's clock"
+                );
+                PeerResponse::Refused("version too far ahead of this node's clock".into())
+            }
+            Applied::NoMemory | Applied::NoRoom => {
+                warn!(caller, "no memory for a replicated item");
+                PeerResponse::Refused("out of memory".into())
             }
         }
     }
@@ -1668,6 +1793,7 @@ impl Cluster {
             ("replica_writes_stale", &s.replica_writes_stale),
             ("write_conflicts", &s.write_conflicts),
             ("versions_refused", &s.versions_refused),
+            ("write_restores", &s.write_restores),
             ("quorum_reads", &s.quorum_reads),
             ("write_quorum_failures", &s.write_quorum_failures),
             ("read_quorum_failures", &s.read_quorum_failures),

@@ -108,6 +108,21 @@ pub enum PeerRequest {
         /// (key, state) pairs to apply.
         states: Vec<(Vec<u8>, KeyState)>,
     },
+    /// Apply the result of a read-modify-write, computed on the key's state
+    /// at version `base`: only if this node holds nothing past `base` (or
+    /// holds one of `replaces`, the same command's abandoned attempts);
+    /// otherwise it answers [`PeerResponse::Newer`] with what it holds.
+    ApplyIf {
+        /// The key the state belongs to.
+        key: Vec<u8>,
+        /// The item or its absence, with its version.
+        state: KeyState,
+        /// The version the primary computed the state on (0: absent).
+        base: u64,
+        /// Versions of the command's earlier attempts, which the primary
+        /// abandoned (at most a few).
+        replaces: Vec<u64>,
+    },
     /// `lk`: up to `max` live keys with hashes in `from..=to` (one
     /// partition's range or part of it), in hash order.
     ListKeys {
@@ -153,9 +168,10 @@ pub enum PeerResponse {
     /// held that very version), or the [`PeerRequest::Hint`] is held.
     Applied,
     /// The [`PeerRequest::Apply`] state was older than what this node holds,
-    /// which is this (its records merged with the sent ones). Not a success
-    /// for the state sent: a primary re-executes its command above this
-    /// version before the write counts toward W.
+    /// or the [`PeerRequest::ApplyIf`] state was computed without it: this
+    /// node holds this state. Not a success for the state sent: a primary
+    /// takes this state and runs its command again before the write counts
+    /// toward W.
     Newer(KeyState),
     /// The [`PeerRequest::FlushAll`] was carried out (or scheduled).
     Flushed,

@@ -199,6 +199,15 @@ pub fn merge(newer: &[u8], older: &[u8], now_ms: u64, policy: Policy) -> (Vec<u8
     (out, dropped)
 }
 
+/// The area without request `id`'s record.
+pub fn without(area: &[u8], id: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(area.len());
+    for r in records(area).filter(|r| r.id != id) {
+        put(&mut out, &r);
+    }
+    out
+}
+
 /// Whether an area decodes whole (a peer's replicated state is checked
 /// before it is stored).
 pub fn well_formed(area: &[u8]) -> bool {

@@ -277,6 +277,38 @@ impl KeyState {
     }
 }
 
+/// When a replicated state replaces what a replica holds
+/// ([`Store::apply_if`]).
+#[derive(Debug, Clone, Copy)]
+pub enum Condition<'a> {
+    /// Highest version wins: blind writes, hints, read repair, refill,
+    /// anti-entropy.
+    Newest,
+    /// The result of a read-modify-write computed on the key's state at
+    /// version `base` (0: absent). Taken only if this replica holds nothing
+    /// past `base`, or holds one of `replaces` (the same command's earlier,
+    /// abandoned attempts); otherwise refused ([`Applied::Older`]) whatever
+    /// the versions, because this replica holds a write the result did not
+    /// see, and taking it (or letting it lose) would drop one of the two.
+    Based {
+        /// The version the result was computed on.
+        base: u64,
+        /// Versions of the command's abandoned attempts.
+        replaces: &'a [u64],
+    },
+    /// A primary abandons its attempt (its state at version `attempt`) for
+    /// a state a replica held: taken if this node still holds the attempt,
+    /// even if the state is older; otherwise highest version wins. The
+    /// attempt's record of request id `forget` goes, so the command runs
+    /// again instead of replaying a result that was never kept.
+    Adopt {
+        /// The version of the abandoned attempt.
+        attempt: u64,
+        /// The request id the attempt recorded, if it created the record.
+        forget: Option<&'a [u8]>,
+    },
+}
+
 /// Item bits that are part of its replicated state.
 pub const REPLICATED_BITS: u8 = bits::STALE | bits::KEY_BINARY;
 
@@ -769,6 +801,19 @@ impl Store {
     /// record on either copy survives on the result, so a retry finds it
     /// even after a newer write from a primary that never saw it.
     pub fn apply_with(&self, key: &[u8], state: &KeyState, fill: Fill) -> Applied {
+        self.apply_if(key, state, fill, Condition::Newest)
+    }
+
+    /// Applies replicated state when `condition` allows it (see
+    /// [`Condition`]); [`Store::apply_with`] is `Condition::Newest`.
+    /// Otherwise as [`Store::apply_with`].
+    pub fn apply_if(
+        &self,
+        key: &[u8],
+        state: &KeyState,
+        fill: Fill,
+        condition: Condition<'_>,
+    ) -> Applied {
         if self.too_far_ahead(state.version()) {
             return Applied::TooFarAhead;
         }
@@ -794,11 +839,10 @@ impl Store {
             // `touch` to a past time replicates it.
             let expiry_of_local = matches!(state, KeyState::Absent { .. })
                 && local.is_some_and(|(v, tombstone)| v == state.version() && !tombstone);
+            let held = local.map_or(0, |(v, _)| v);
             if let Some((v, tombstone)) = local.filter(|_| !expiry_of_local) {
-                if state.version() <= v {
-                    let same = state.version() == v;
-                    if let (true, false, KeyState::Item { exptime, .. }) = (same, tombstone, state)
-                    {
+                if state.version() == v {
+                    if let (false, KeyState::Item { exptime, .. }) = (tombstone, state) {
                         // A replicated touch keeps the version (memcached's
                         // touch keeps the CAS): take the primary's expiry.
                         if let Ok(slot) = ctx.found {
@@ -806,14 +850,41 @@ impl Store {
                         }
                     }
                     ctx.absorb_records(incoming);
-                    return if same { Applied::Same } else { Applied::Older };
+                    return Applied::Same;
                 }
+            }
+            let take = expiry_of_local
+                || match condition {
+                    Condition::Newest => state.version() > held,
+                    Condition::Based { base, replaces } => held <= base || replaces.contains(&held),
+                    Condition::Adopt { attempt, .. } => held == attempt || state.version() > held,
+                };
+            if !take {
+                match condition {
+                    // A late or resent copy: its records still count.
+                    Condition::Newest => ctx.absorb_records(incoming),
+                    // A result computed without what this replica holds:
+                    // refused whole, records too (its primary runs again).
+                    Condition::Based { .. } => {}
+                    Condition::Adopt { forget, .. } => {
+                        if let Some(id) = forget {
+                            ctx.forget_record(id);
+                        }
+                    }
+                }
+                return Applied::Older;
             }
             let local_area = ctx
                 .entry_slot()
                 .map(|slot| ctx.shard.get(slot).dedup().to_vec())
                 .unwrap_or_default();
-            let (area, dropped) = dedup::merge(incoming, &local_area, ctx.now_ms, self.dedup);
+            let (mut area, dropped) = dedup::merge(incoming, &local_area, ctx.now_ms, self.dedup);
+            if let Condition::Adopt {
+                forget: Some(id), ..
+            } = condition
+            {
+                area = dedup::without(&area, id);
+            }
             ctx.shard.stats.request_id_records_dropped += dropped as u64;
             let version = state.version();
             let tombstone = |ctx: &Ctx<'_>| {
@@ -1270,6 +1341,33 @@ impl Ctx<'_> {
         }
     }
 
+    /// Whether the key's entry (live item or tombstone) records request
+    /// `id` within the window. Not counted as a replay.
+    pub fn has_record(&self, id: &[u8]) -> bool {
+        self.entry_slot().is_some_and(|slot| {
+            dedup::find(
+                self.shard.get(slot).dedup(),
+                id,
+                self.now_ms,
+                self.store.dedup,
+            )
+            .is_some()
+        })
+    }
+
+    /// Removes request `id`'s record from the key's entry, if any.
+    fn forget_record(&mut self, id: &[u8]) {
+        let Some(slot) = self.entry_slot() else {
+            return;
+        };
+        let area = self.shard.get(slot).dedup();
+        if !dedup::records(area).any(|r| r.id == id) {
+            return;
+        }
+        let area = dedup::without(area, id);
+        self.rewrite_records(&area);
+    }
+
     /// Merges `incoming` request-id records into the key's entry (live
     /// item or tombstone), which keeps its version, value and bits: what a
     /// replica does with the records of a state that lost to its own.
@@ -1285,13 +1383,23 @@ impl Ctx<'_> {
         if area == e.dedup() {
             return;
         }
+        self.shard.stats.request_id_records_dropped += dropped as u64;
+        self.rewrite_records(&area);
+    }
+
+    /// Replaces the records of the key's entry (live item or tombstone),
+    /// which keeps its version, value and bits.
+    fn rewrite_records(&mut self, area: &[u8]) {
+        let Some(slot) = self.entry_slot() else {
+            return;
+        };
+        let e = self.shard.get(slot);
         let (cas, entry_bits, last_access) = (e.cas(), e.bits(), e.last_access());
         let tombstone = e.has(bits::TOMBSTONE);
         let mut item =
-            NewItem::with_dedup(self.key, &[e.value()], &area, e.flags(), e.exptime(), cas);
+            NewItem::with_dedup(self.key, &[e.value()], area, e.flags(), e.exptime(), cas);
         // Bits first: the shard counts tombstones by them as it inserts.
         item.entry_mut().set_bits(entry_bits);
-        self.shard.stats.request_id_records_dropped += dropped as u64;
         if self.insert_item(item, cas).is_err() {
             return;
         }

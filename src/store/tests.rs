@@ -1137,3 +1137,74 @@ fn an_items_own_expiry_at_its_version_replaces_it() {
     assert_eq!(s.stats().curr_items, 0);
     s.check_invariants();
 }
+
+/// A read-modify-write's result is taken only by a replica that holds
+/// nothing it was not computed on.
+#[test]
+fn a_based_state_is_refused_by_a_replica_holding_a_write_it_did_not_see() {
+    let (s, _) = member_store();
+    fn based(base: u64, replaces: &[u64]) -> Condition<'_> {
+        Condition::Based { base, replaces }
+    }
+    s.apply(b"k", &item_state(at(1), b"1"));
+    // Computed on what the replica holds, or on something newer: taken.
+    assert_eq!(
+        s.apply_if(
+            b"k",
+            &item_state(at(3), b"2"),
+            Fill::Evict,
+            based(at(1), &[])
+        ),
+        Applied::Newer
+    );
+    assert_eq!(
+        s.apply_if(
+            b"k",
+            &item_state(at(5), b"3"),
+            Fill::Evict,
+            based(at(4), &[])
+        ),
+        Applied::Newer
+    );
+    // Computed on an older state: refused even though its version is
+    // higher, and its records are not taken.
+    assert_eq!(
+        s.apply_if(
+            b"k",
+            &recorded_state(at(9), b"x", b"id-x", &s),
+            Fill::Evict,
+            based(at(3), &[])
+        ),
+        Applied::Older
+    );
+    assert_eq!(get(&s, b"k").as_deref(), Some(&b"3"[..]));
+    assert!(!s.with_key(b"k", |ctx| ctx.has_record(b"id-x")));
+    // Unless what it holds is one of the command's abandoned attempts.
+    let abandoned = [at(5)];
+    assert_eq!(
+        s.apply_if(
+            b"k",
+            &item_state(at(9), b"4"),
+            Fill::Evict,
+            based(at(3), &abandoned)
+        ),
+        Applied::Newer
+    );
+    // A primary adopts a replica's state over its own attempt, even an
+    // older one, and forgets the attempt's record.
+    s.apply(b"j", &recorded_state(at(8), b"attempt", b"id-j", &s));
+    let adopt = Condition::Adopt {
+        attempt: at(8),
+        forget: Some(b"id-j"),
+    };
+    assert_eq!(
+        s.apply_if(b"j", &item_state(at(6), b"theirs"), Fill::Evict, adopt),
+        Applied::Newer
+    );
+    assert_eq!(get(&s, b"j").as_deref(), Some(&b"theirs"[..]));
+    assert!(!s.with_key(b"j", |ctx| ctx.has_record(b"id-j")));
+    // The next local write still orders after the abandoned attempt.
+    set(&s, b"j", b"next");
+    assert!(cas_of(&s, b"j") > at(8));
+    s.check_invariants();
+}

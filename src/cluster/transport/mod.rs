@@ -86,7 +86,7 @@ pub const IDLE_PERIODS_MAX: u32 = 2;
 pub const BACKOFF_DOUBLINGS_MAX: u32 = 16;
 /// Version of the envelope below; nodes that speak different ones refuse
 /// each other in the handshake.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 
 const _: () = assert!(BACKOFF_MIN_MS_DEFAULT <= BACKOFF_MAX_MS_DEFAULT);
 const _: () = assert!(HEARTBEAT_INTERVAL_MS_DEFAULT < CALL_TIMEOUT_MS_DEFAULT);
