@@ -512,3 +512,193 @@ fn two_primaries_at_once_never_lose_an_acknowledged_increment() {
         );
     }
 }
+
+/// Found in review: a replica whose clock runs 5 s ahead (inside the drift
+/// bound) counts a 3 s-TTL item as expired and keeps a tombstone at the
+/// item's version. The primary's catch-up before a read-modify-write used
+/// to apply that tombstone over its own live item: a `touch` of a live key
+/// answered NOT_FOUND. Expiry is judged by each node's clock; a tombstone
+/// never outranks the live item at its version.
+#[test]
+fn a_replica_whose_clock_runs_ahead_does_not_expire_the_item_elsewhere() {
+    let _serial = exclusive();
+    let cluster = Cluster::start(layout());
+    let k = key_with_preference("ahead-ttl", &[1, 2, 3]);
+    cluster.set_clock_offset(3, 5_000);
+    let mut c1 = cluster.connect(1);
+    assert_eq!(set(&mut c1, &k, "x", 3), "STORED\r\n");
+    assert_eq!(get(&mut c1, &k).as_deref(), Some("x"), "live for 3 s");
+    assert_eq!(ask(&mut c1, &format!("touch {k} 100\r\n")), "TOUCHED\r\n");
+    assert_eq!(get(&mut c1, &k).as_deref(), Some("x"));
+}
+
+/// Found in review: a `touch` that extends a TTL is acknowledged while node
+/// 3 is cut off; node 3's copy expires at the old TTL. Its tombstone (at the
+/// item's version) used to win against the touch's hint and then, through
+/// the next read-modify-write's catch-up, kill the live item on the primary.
+#[test]
+fn an_acknowledged_touch_survives_a_replica_that_expired_the_old_ttl() {
+    let _serial = exclusive();
+    let cluster = Cluster::start(layout().no_anti_entropy());
+    let k = key_with_preference("touched", &[1, 2, 3]);
+    let mut c1 = cluster.connect(1);
+    assert_eq!(set(&mut c1, &k, "x", 2), "STORED\r\n");
+    let written = Instant::now();
+    cluster.isolate(3);
+    wait_down(&cluster, 1, 3);
+    wait_down(&cluster, 2, 3);
+    assert_eq!(ask(&mut c1, &format!("touch {k} 100\r\n")), "TOUCHED\r\n");
+    std::thread::sleep(Duration::from_millis(3_500).saturating_sub(written.elapsed()));
+    cluster.heal(3);
+    wait_up(&cluster, 1, 3);
+    wait_up(&cluster, 3, 1);
+    let deadline = Instant::now() + SETTLE_TIMEOUT;
+    while stat(&cluster, 1, "cluster", "hints_pending") > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the touch's hint never left node 1"
+        );
+        std::thread::sleep(POLL);
+    }
+    assert_eq!(
+        ask(&mut c1, &format!("append {k} 0 0 1\r\ny\r\n")),
+        "STORED\r\n"
+    );
+    for id in cluster.ids() {
+        assert_eq!(
+            get(&mut cluster.connect(id), &k).as_deref(),
+            Some("xy"),
+            "via node {id}"
+        );
+    }
+}
+
+/// Found in review: the preferred primary holds a tombstone from before it
+/// was cut off, and a failover primary stored the key again meanwhile. Its
+/// `delete` (no catch-up: it knew the key) used to answer NOT_FOUND and
+/// leave the value. A delete that finds no live item now catches up first.
+#[test]
+fn a_delete_on_a_primary_holding_a_stale_tombstone_deletes() {
+    let _serial = exclusive();
+    let cluster = Cluster::start(layout().no_hints().no_anti_entropy().no_refill());
+    let k = key_with_preference("stale-tomb", &[1, 2, 3]);
+    let mut c1 = cluster.connect(1);
+    assert_eq!(set(&mut c1, &k, "a", 0), "STORED\r\n");
+    assert_eq!(ask(&mut c1, &format!("delete {k}\r\n")), "DELETED\r\n");
+    cluster.isolate(1);
+    wait_down(&cluster, 2, 1);
+    wait_down(&cluster, 3, 1);
+    let mut c3 = cluster.connect(3);
+    assert_eq!(set(&mut c3, &k, "b", 0), "STORED\r\n");
+    cluster.heal(1);
+    wait_up(&cluster, 1, 2);
+    wait_up(&cluster, 1, 3);
+    let mut c1 = cluster.connect(1);
+    assert_eq!(ask(&mut c1, &format!("delete {k}\r\n")), "DELETED\r\n");
+    for id in cluster.ids() {
+        assert_eq!(get(&mut cluster.connect(id), &k), None, "via node {id}");
+    }
+}
+
+/// Found in review: node 2 (clock 5 s ahead) took writes while node 1 was
+/// cut off, then restarted empty; node 1's later `set` was acknowledged by
+/// node 1 and the empty node 2, while node 3 alone still held node 2's
+/// older-stamped but higher version, which read repair then spread. The
+/// primary now waits (up to one hop) for every replica not known down, so
+/// a newer state held anywhere makes it run again.
+#[test]
+fn a_later_set_wins_over_a_higher_version_held_by_one_replica() {
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(layout().no_hints().no_anti_entropy().no_refill());
+    let keys: Vec<String> = (0..12)
+        .map(|i| key_with_preference(&format!("lone-{i}"), &[1, 2, 3]))
+        .collect();
+    let mut c1 = cluster.connect(1);
+    for k in &keys {
+        assert_eq!(set(&mut c1, k, "old", 0), "STORED\r\n");
+    }
+    cluster.set_clock_offset(2, 5_000);
+    cluster.isolate(1);
+    wait_down(&cluster, 2, 1);
+    wait_down(&cluster, 3, 1);
+    let mut c3 = cluster.connect(3);
+    for k in &keys {
+        assert_eq!(set(&mut c3, k, "B", 0), "STORED\r\n");
+    }
+    cluster.kill(2);
+    cluster.heal(1);
+    cluster.restart(2);
+    wait_up(&cluster, 1, 2);
+    wait_up(&cluster, 1, 3);
+    let mut c1 = cluster.connect(1);
+    for k in &keys {
+        assert_eq!(set(&mut c1, k, "A", 0), "STORED\r\n");
+        for id in cluster.ids() {
+            assert_eq!(
+                get(&mut cluster.connect(id), k).as_deref(),
+                Some("A"),
+                "{k} via node {id}"
+            );
+        }
+    }
+}
+
+/// Found in review: `touch k -1` is acknowledged while node 3 is cut off,
+/// then the node holding its hint dies. The expiry used to stay at the
+/// item's own version, so node 3's live copy tied with it and won quorum
+/// reads. A touch into the past now writes a new version, as a delete does.
+#[test]
+fn a_value_expired_by_touch_stays_expired_after_its_hint_is_lost() {
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(layout());
+    let k = key_with_preference("touch-past", &[1, 2, 3]);
+    let mut c1 = cluster.connect(1);
+    assert_eq!(set(&mut c1, &k, "x", 0), "STORED\r\n");
+    cluster.isolate(3);
+    wait_down(&cluster, 1, 3);
+    wait_down(&cluster, 2, 3);
+    assert_eq!(ask(&mut c1, &format!("touch {k} -1\r\n")), "TOUCHED\r\n");
+    assert_eq!(get(&mut c1, &k), None, "expired");
+    cluster.kill(1);
+    cluster.heal(3);
+    wait_up(&cluster, 2, 3);
+    wait_up(&cluster, 3, 2);
+    wait_down(&cluster, 2, 1);
+    wait_down(&cluster, 3, 1);
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        for id in [2, 3] {
+            assert_eq!(
+                get(&mut cluster.connect(id), &k),
+                None,
+                "via node {id}: it came back"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Found in review: with W = 1 every read-modify-write was refused while
+/// one replica was down (the catch-up demanded N - W = 2 answers), though
+/// W = 1 promises no read-your-writes intersection and is the available
+/// setting. There the preferred primary with its own copy goes on.
+#[test]
+fn at_w1_read_modify_writes_go_on_with_a_replica_down() {
+    let _serial = exclusive();
+    let mut cluster = Cluster::start(
+        Layout::new(NODES as usize)
+            .quorums(1, 1)
+            .request_timeout_ms(HOP_TIMEOUT_MS),
+    );
+    let k = key_with_preference("w1", &[1, 2, 3]);
+    let mut c1 = cluster.connect(1);
+    assert_eq!(set(&mut c1, &k, "1", 0), "STORED\r\n");
+    cluster.kill(3);
+    wait_down(&cluster, 1, 3);
+    assert_eq!(ask(&mut c1, &format!("incr {k} 1\r\n")), "2\r\n");
+    assert_eq!(ask(&mut c1, &format!("touch {k} 100\r\n")), "TOUCHED\r\n");
+    assert_eq!(
+        ask(&mut c1, &format!("append {k} 0 0 1\r\n0\r\n")),
+        "STORED\r\n"
+    );
+}

@@ -556,7 +556,8 @@ impl Cluster {
                 delete.extend_from_slice(b" b q\r\n");
                 let mut reply = Vec::new();
                 self.write(local, key, &delete, w, true, &mut reply).await;
-                if !reply.is_empty() {
+                // `NF`: there was nothing to drop.
+                if !reply.is_empty() && reply != b"NF\r\n" {
                     warn!(reply = %String::from_utf8_lossy(&reply).trim_end(), "dropping the old value of a refused store failed");
                 }
                 local.execute(raw, out);
@@ -680,9 +681,9 @@ impl Cluster {
         // primary may have missed writes and its clock may be behind their
         // versions; any read-modify-write must see the latest acknowledged
         // value even if this node was paused or cut off while it was
-        // written; a delete on a node with neither item nor tombstone
-        // (restarted empty) must find the item to delete. A plain set on
-        // the preferred primary needs none of it.
+        // written; a delete on a node without a live item must find the
+        // item to delete. A plain set on the preferred primary needs none
+        // of it.
         // A request id is looked up in the key's newest state, which a
         // failed-over or lagging primary may not hold yet.
         let has_id = carries_request_id(&request);
@@ -692,8 +693,11 @@ impl Cluster {
             Request::Delete(_) | Request::Meta(MetaRequest::Delete(_))
         );
         let failover = pref[0] != self.me;
-        let unknown_here = store.version_or_tombstone(key).is_none();
-        if !others.is_empty() && (failover || rmw || (is_delete && unknown_here)) {
+        // A delete's answer depends on what it finds: one that finds no live
+        // item here (restarted empty, or a tombstone while another primary
+        // stored the key again) must look at the other replicas first.
+        let absent_here = store.version_of(key).is_none();
+        if !others.is_empty() && (failover || rmw || (is_delete && absent_here)) {
             // Any W replicas hold every acknowledged write, so N - W others
             // plus this node meet all of them. Even the preferred primary
             // with its own copy must hear from them: it may have been paused
@@ -701,7 +705,12 @@ impl Cluster {
             // read-modify-write on a stale base would lose them for good.
             let needed = (pref.len() - w).max(1).min(others.len());
             let answered = self.catch_up(store, key, &others).await;
-            if answered < needed {
+            // W = 1 and a sloppy quorum promise no such intersection (an
+            // acknowledged write may sit on one node, or on a hint holder):
+            // there the preferred primary with its own copy goes on with
+            // what answered, and stays available with a replica down.
+            let strict = w > 1 && !self.sloppy_quorum;
+            if answered < needed && (strict || failover || absent_here) {
                 self.stats.write_quorum_failures.fetch_add(1, Relaxed);
                 return server_error(
                     out,
@@ -724,6 +733,7 @@ impl Cluster {
         let mut abandoned: Vec<u64> = Vec::new();
         for _attempt in 0..WRITE_ATTEMPTS_MAX {
             let before = store.entry_version(key);
+            let live_before = store.version_of(key).map(|(v, _)| v);
             let recorded_before =
                 request_id.is_some_and(|id| store.with_key(key, |ctx| ctx.has_record(id)));
             local.execute(raw, out);
@@ -739,6 +749,19 @@ impl Cluster {
                 (None, None) => return,
                 (Some(b), Some(a)) if b == a && !has_id => return,
                 (_, Some(_)) => match store.replica_state(key) {
+                    // The command expired the item at its own version (a
+                    // touch into the past): replicas judge expiry by their
+                    // own clocks and never let that tombstone outrank the
+                    // live item at its version, so the removal gets a new
+                    // version, as a delete would.
+                    Some(KeyState::Absent { version, dedup }) if live_before == Some(version) => {
+                        let gone = KeyState::Absent {
+                            version: store.next_version(),
+                            dedup,
+                        };
+                        store.apply(key, &gone);
+                        gone
+                    }
                     Some(state) => state,
                     None => return,
                 },
@@ -972,7 +995,9 @@ impl Cluster {
             return Ok(());
         }
         let mut quorum = Quorum::new(needed, others.len());
+        let mut answered: Vec<NodeId> = Vec::with_capacity(others.len());
         while let Some((node, outcome)) = rx.recv().await {
+            answered.push(node);
             let decision = match outcome {
                 ReplicaCopy::Applied => quorum.succeeded(node),
                 // Conditional: refused whatever the versions (the replica
@@ -994,12 +1019,40 @@ impl Cluster {
                 }
             };
             match decision {
-                Decision::Met => return Ok(()),
+                Decision::Met => break,
                 Decision::Failed => return Err(NotReplicated::Quorum(explain_with_self(&quorum))),
                 Decision::Pending => {}
             }
         }
-        Err(NotReplicated::Quorum(explain_with_self(&quorum)))
+        if quorum.decision() != Decision::Met {
+            return Err(NotReplicated::Quorum(explain_with_self(&quorum)));
+        }
+        // W replicas hold it; the others' answers are on their way. One of
+        // them may be the only replica holding a newer state (the others
+        // that held it restarted empty, say): acknowledging now would let
+        // that state win later. So wait for every replica not known to be
+        // down, up to one hop; a slow or failing one does not fail the
+        // write, but a newer state held anywhere does.
+        let deadline = tokio::time::Instant::now() + self.hop_timeout;
+        let waiting = |answered: &[NodeId]| {
+            others.iter().any(|n| {
+                !answered.contains(n) && !matches!(self.peers[n].state(), PeerState::Down { .. })
+            })
+        };
+        while waiting(&answered) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some((node, outcome))) => {
+                    answered.push(node);
+                    if let ReplicaCopy::Newer(newer) = outcome {
+                        if conditional || newer.version() > sent_version {
+                            return Err(NotReplicated::Newer(newer));
+                        }
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        Ok(())
     }
 
     /// Who holds hints for `key`'s replicas: the first member past its
@@ -1465,7 +1518,9 @@ impl Cluster {
                 ),
             );
         }
-        let rank = |(_, v, reply): &(NodeId, u64, Vec<u8>)| (*v, !reply.starts_with(b"EN"));
+        // A hit answers `VA` or `HD`; a miss `EN`, or nothing under `q`.
+        let hit = |reply: &[u8]| reply.starts_with(b"VA") || reply.starts_with(b"HD");
+        let rank = |(_, v, reply): &(NodeId, u64, Vec<u8>)| (*v, hit(reply));
         if let Some(&(source, newest_version, _)) = newest(replies.iter(), |r| rank(r)) {
             let stale: Vec<NodeId> = replies
                 .iter()
@@ -1695,8 +1750,9 @@ impl Cluster {
                 self.stats.replica_writes_stale.fetch_add(1, Relaxed);
                 match store.replica_state(key) {
                     Some(held) if held.version() != state.version() => PeerResponse::Newer(held),
-                    // Gone since (evicted), or the sent one after all.
-                    _ => PeerResponse::Refused("changed while applied; send again".into()),
+                    // Gone since (evicted: a cache may drop anything), or
+                    // the sent one after all: nothing newer to report.
+                    _ => PeerResponse::Applied,
                 }
             }
             Applied::Flushed => PeerResponse::Refused("older than the last flush_all".into()),
@@ -1749,7 +1805,6 @@ impl Cluster {
     }
 
     fn compose_stats(&self, local: &dyn Local, out: &mut Vec<u8>) {
-        let _ = local;
         put_stat(out, "node_id", self.me);
         put_stat(out, "partitions", self.ring.partitions());
         put_stat(out, "replicas", self.ring.replicas());
@@ -1792,7 +1847,6 @@ impl Cluster {
             ("replica_writes_applied", &s.replica_writes_applied),
             ("replica_writes_stale", &s.replica_writes_stale),
             ("write_conflicts", &s.write_conflicts),
-            ("versions_refused", &s.versions_refused),
             ("write_restores", &s.write_restores),
             ("quorum_reads", &s.quorum_reads),
             ("write_quorum_failures", &s.write_quorum_failures),
@@ -1806,6 +1860,14 @@ impl Cluster {
         ] {
             put_stat(out, name, v.load(Relaxed));
         }
+        // Every refusal (replication, hints, refill, repair, catch-up,
+        // flushes), as the store counts them.
+        put_stat(
+            out,
+            "versions_refused",
+            local.store().versions_too_far_ahead(),
+        );
+        put_stat(out, "tombstones", local.store().stats().tombstones);
         put_stat(out, "anti_entropy", u8::from(self.anti_entropy.is_some()));
         for (name, v) in [
             ("anti_entropy_rounds", &s.ae_rounds),

@@ -199,6 +199,15 @@ pub fn merge(newer: &[u8], older: &[u8], now_ms: u64, policy: Policy) -> (Vec<u8
     (out, dropped)
 }
 
+/// The area without the records stamped after `latest_ms`.
+pub fn not_after(area: &[u8], latest_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(area.len());
+    for r in records(area).filter(|r| r.at_ms <= latest_ms) {
+        put(&mut out, &r);
+    }
+    out
+}
+
 /// The area without request `id`'s record.
 pub fn without(area: &[u8], id: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(area.len());
@@ -214,6 +223,9 @@ pub fn well_formed(area: &[u8]) -> bool {
     let mut len = 0;
     let mut count = 0;
     for r in records(area) {
+        if !valid_id(r.id) {
+            return false;
+        }
         len += 1 + r.id.len() + FIXED_BYTES - 1;
         count += 1;
     }
@@ -334,6 +346,27 @@ mod tests {
         let (merged, _) = merge(&newer, &older, 600_250, POLICY);
         let ids: Vec<_> = records(&merged).map(|r| r.id.to_vec()).collect();
         assert_eq!(ids, vec![b"d".to_vec(), b"e".to_vec(), b"f".to_vec()]);
+    }
+
+    #[test]
+    fn areas_with_ids_a_request_could_not_carry_are_not_well_formed() {
+        let (good, _) = carry(&[], Some(rec(b"ok", 1, 1)), 1, POLICY);
+        assert!(well_formed(&good));
+        // Same length, a comma in the id: decodes, but no parser made it.
+        let mut bad = good.clone();
+        bad[2] = b',';
+        assert_eq!(records(&bad).count(), 1);
+        assert!(!well_formed(&bad));
+    }
+
+    #[test]
+    fn not_after_drops_records_stamped_past_a_time() {
+        let (area, _) = carry(&[], Some(rec(b"now", 1_000, 1)), 1_000, POLICY);
+        let (area, _) = carry(&area, Some(rec(b"future", u64::MAX, 2)), 1_000, POLICY);
+        let kept: Vec<_> = records(&not_after(&area, 10_000))
+            .map(|r| r.id.to_vec())
+            .collect();
+        assert_eq!(kept, vec![b"now".to_vec()]);
     }
 
     proptest! {

@@ -341,6 +341,9 @@ pub struct StoreStats {
     pub counters: ShardStats,
     /// Live items (tombstones excluded).
     pub curr_items: u64,
+    /// Tombstones held: versions of deletes and, in a cluster, of expiries
+    /// (see [`StoreConfig::keep_versions`]); charged to the limit.
+    pub tombstones: u64,
     /// Bytes held: item charges plus spare index buckets (see [`charge`]).
     pub bytes: u64,
     /// The memory limit in bytes, rounded down to a multiple of the shard count.
@@ -824,28 +827,43 @@ impl Store {
             if state.version() < self.flush_barrier.load(Ordering::Relaxed) {
                 return Applied::Flushed;
             }
-            // Records from a peer are checked, not trusted to decode.
-            let incoming = if dedup::well_formed(state.dedup()) {
-                state.dedup()
+            // Records from a peer are checked, not trusted to decode, and
+            // none may claim a time past the drift bound (it would never
+            // leave the window, and crowd out real ones).
+            let latest_ms = ctx.now_ms.saturating_add(self.clock_drift_max_ms);
+            let checked;
+            let incoming = if !dedup::well_formed(state.dedup()) {
+                &[][..]
+            } else if dedup::records(state.dedup()).any(|r| r.at_ms > latest_ms) {
+                checked = dedup::not_after(state.dedup(), latest_ms);
+                &checked[..]
             } else {
-                &[]
+                state.dedup()
             };
             let local = ctx.entry_slot().map(|slot| {
                 let e = ctx.shard.get(slot);
                 (e.cas(), e.has(bits::TOMBSTONE))
             });
-            // At one version a tombstone outranks the item: it is that
-            // item's own expiry (an expired item keeps its version), as a
-            // `touch` to a past time replicates it.
-            let expiry_of_local = matches!(state, KeyState::Absent { .. })
-                && local.is_some_and(|(v, tombstone)| v == state.version() && !tombstone);
+            // At one version an item still alive here outranks the
+            // tombstone its own expiry left: that copy was touched to a
+            // later expiry (a touch keeps the version, as memcached keeps
+            // the CAS) after the one that expired. A tombstone never
+            // outranks the live item at its version: expiry is judged by
+            // each node's own clock, and a primary that shortens an item's
+            // life writes a new version instead.
+            let revived = local.is_some_and(|(v, tombstone)| v == state.version() && tombstone)
+                && matches!(state, KeyState::Item { exptime, .. } if !exptime::is_expired(*exptime, ctx.now_secs));
             let held = local.map_or(0, |(v, _)| v);
-            if let Some((v, tombstone)) = local.filter(|_| !expiry_of_local) {
+            if let Some((v, tombstone)) = local.filter(|_| !revived) {
                 if state.version() == v {
                     if let (false, KeyState::Item { exptime, .. }) = (tombstone, state) {
                         // A replicated touch keeps the version (memcached's
-                        // touch keeps the CAS): take the primary's expiry.
-                        if let Ok(slot) = ctx.found {
+                        // touch keeps the CAS): take the primary's expiry,
+                        // unless it is past here (a touch into the past
+                        // comes as a new version; this is a stale copy).
+                        if let (Ok(slot), false) =
+                            (ctx.found, exptime::is_expired(*exptime, ctx.now_secs))
+                        {
                             ctx.shard.get_mut(slot).set_exptime(*exptime);
                         }
                     }
@@ -853,7 +871,7 @@ impl Store {
                     return Applied::Same;
                 }
             }
-            let take = expiry_of_local
+            let take = revived
                 || match condition {
                     Condition::Newest => state.version() > held,
                     Condition::Based { base, replaces } => held <= base || replaces.contains(&held),
@@ -1234,6 +1252,7 @@ impl Store {
             let s = s.0.lock();
             out.counters.add(&s.stats);
             out.curr_items += s.live_len() as u64;
+            out.tombstones += (s.len() - s.live_len()) as u64;
             out.bytes += s.footprint_bytes() as u64;
         }
         out

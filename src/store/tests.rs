@@ -1118,23 +1118,42 @@ fn a_scan_page_counts_request_id_records_against_its_bytes() {
     );
 }
 
-/// Found by pymemcache's suite against a cluster: `touch` to a past time on
-/// the primary turns the item into a tombstone at the item's own version,
-/// and the replicas must take that tombstone over the item they hold at
-/// the same version.
+/// Found in review: expiry is judged by each node's clock, and a touch keeps
+/// the version. A replica whose clock runs ahead, or that missed a touch,
+/// holds the item's expiry tombstone at the item's own version; that
+/// tombstone must not kill the live item elsewhere (a primary's catch-up
+/// used to apply it, and a touched key answered NOT_FOUND), and the live,
+/// touched copy must bring the key back where it had expired.
 #[test]
-fn an_items_own_expiry_at_its_version_replaces_it() {
-    let (s, _) = member_store();
+fn an_expiry_tombstone_never_outranks_the_live_item_at_its_version() {
+    let (s, clock) = member_store();
+    let now_secs = (NOW_MS / 1000) as u32;
     assert_eq!(s.apply(b"k", &item_state(at(1), b"v")), Applied::Newer);
-    assert_eq!(s.apply(b"k", &KeyState::absent(at(1))), Applied::Newer);
-    assert_eq!(get(&s, b"k"), None);
-    assert_eq!(s.apply(b"k", &item_state(at(1), b"v")), Applied::Same);
+    assert_eq!(s.apply(b"k", &KeyState::absent(at(1))), Applied::Same);
     assert_eq!(
-        get(&s, b"k"),
-        None,
-        "the item does not come back at its version"
+        get(&s, b"k").as_deref(),
+        Some(&b"v"[..]),
+        "still alive here"
     );
-    assert_eq!(s.stats().curr_items, 0);
+    // Expired here (the old TTL); the touched copy arrives: alive again.
+    assert_eq!(
+        s.apply(b"t", &expiring_state(at(1), b"v", now_secs + 1)),
+        Applied::Newer
+    );
+    clock.advance_ms(2_000);
+    assert_eq!(get(&s, b"t"), None);
+    assert_eq!(
+        s.apply(b"t", &expiring_state(at(1), b"v", now_secs + 100)),
+        Applied::Newer
+    );
+    assert_eq!(get(&s, b"t").as_deref(), Some(&b"v"[..]));
+    // A stale copy with the old, past expiry changes nothing.
+    assert_eq!(
+        s.apply(b"t", &expiring_state(at(1), b"v", now_secs + 1)),
+        Applied::Same
+    );
+    assert_eq!(get(&s, b"t").as_deref(), Some(&b"v"[..]));
+    assert_eq!(s.stats().curr_items, 2);
     s.check_invariants();
 }
 
@@ -1207,4 +1226,31 @@ fn a_based_state_is_refused_by_a_replica_holding_a_write_it_did_not_see() {
     set(&s, b"j", b"next");
     assert!(cas_of(&s, b"j") > at(8));
     s.check_invariants();
+}
+
+/// Found in review: a peer's record stamped far in the future never left
+/// the window and crowded real records out of the merge.
+#[test]
+fn a_peers_records_stamped_past_the_drift_bound_are_dropped() {
+    let (s, _) = member_store();
+    let record = |id: &'static [u8], at_ms| dedup::Record {
+        id,
+        at_ms,
+        outcome: dedup::Outcome::Stored { cas: 1 },
+    };
+    let now = s.clock().now_ms();
+    let policy = StoreConfig::default().dedup;
+    let (area, _) = dedup::carry(&[], Some(record(b"real", now)), now, policy);
+    let (area, _) = dedup::carry(&area, Some(record(b"forged", u64::MAX / 2)), now, policy);
+    let state = KeyState::Item {
+        version: at(1),
+        flags: 0,
+        exptime: 0,
+        bits: 0,
+        value: b"v".to_vec(),
+        dedup: area,
+    };
+    assert_eq!(s.apply(b"k", &state), Applied::Newer);
+    assert!(s.with_key(b"k", |ctx| ctx.has_record(b"real")));
+    assert!(!s.with_key(b"k", |ctx| ctx.has_record(b"forged")));
 }
