@@ -19,6 +19,7 @@
 
 pub mod cluster;
 pub mod compat;
+pub mod history;
 
 use std::collections::VecDeque;
 use std::fmt;
