@@ -35,7 +35,7 @@ use crate::config::{ClusterConfig, MemberConfig};
 use crate::protocol::get::{Get, compose_end, compose_value};
 use crate::protocol::meta::{MetaRequest, hints};
 use crate::protocol::stats::put_stat;
-use crate::protocol::{ParseLimits, Parsed, Request, parse, put_line};
+use crate::protocol::{ParseLimits, Parsed, Refused, Request, parse, put_line};
 use crate::store::{Applied, Condition, Fill, KeyState, Mode, Store, hlc, valid_key};
 
 mod listing;
@@ -246,10 +246,11 @@ enum Plan<'r> {
         key: &'r [u8],
         silent: bool,
     },
-    /// A store refused before its value was read (too large, or no memory
-    /// to buffer it) that drops the key's old value, as memcached's does:
-    /// the removal is a delete through the key's primary, replicated, so
-    /// no replica keeps serving the value the client meant to replace.
+    /// A store refused before its value was read (too large, or no
+    /// in-flight memory to buffer it) that drops the key's old value, as
+    /// memcached's does: the removal is a delete through the key's primary,
+    /// replicated, so no replica keeps serving the value the client meant
+    /// to replace.
     RefusedStore {
         key: &'r [u8],
     },
@@ -560,7 +561,15 @@ impl Cluster {
                 if !reply.is_empty() && reply != b"NF\r\n" {
                     warn!(reply = %String::from_utf8_lossy(&reply).trim_end(), "dropping the old value of a refused store failed");
                 }
-                local.execute(raw, out);
+                // The refusal's own reply, as a single node gives it; the
+                // data block never arrived, so nothing runs again here (the
+                // delete already removed this node's copy, if it has one).
+                let refused = request.refused().expect("planned from a refused store");
+                let too_large = matches!(refused, Refused::TooLarge { .. });
+                local.store().reject_write(key, false, too_large);
+                if !matches!(request, Request::Storage(s) if s.noreply) {
+                    put_line(out, refused.reply().as_bytes());
+                }
             }
             Plan::FlushAll { delay_secs, silent } => {
                 self.flush_all(local, delay_secs, silent, out).await
@@ -806,8 +815,13 @@ impl Cluster {
                 abandoned.push(attempt);
             }
             // The attempt's own record of the id goes with it; one it found
-            // (a replay) stays.
-            let forget = request_id.filter(|_| changed && !recorded_before);
+            // (a replay) stays, and so does one the newer state carries: that
+            // state was computed on this attempt (another primary read it
+            // from a replica that took it), so the command has taken effect
+            // and runs again only to replay its answer.
+            let in_newer = request_id
+                .is_some_and(|id| crate::store::dedup::records(newer.dedup()).any(|r| r.id == id));
+            let forget = request_id.filter(|_| changed && !recorded_before && !in_newer);
             let adopt = Condition::Adopt { attempt, forget };
             if store.apply_if(key, &newer, Fill::Evict, adopt) == Applied::TooFarAhead {
                 self.stats.versions_refused.fetch_add(1, Relaxed);
@@ -1909,6 +1923,7 @@ impl Cluster {
             ("peer_disconnects", &t.disconnects),
             ("peer_frames_corrupt", &t.frames_corrupt),
             ("peer_frames_oversized", &t.frames_oversized),
+            ("peer_frames_dropped_fault", &t.frames_dropped_fault),
             ("peer_handshakes_refused", &t.handshakes_refused),
             ("peer_requests_served", &t.requests_served),
         ] {

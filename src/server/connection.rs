@@ -185,7 +185,18 @@ async fn process(
                     inflight = shared.inflight.used(),
                     "no in-flight memory for a request; refusing it"
                 );
-                (execute::execute(shared, request, out), consumed)
+                match &shared.cluster {
+                    // A refused set drops the key's old value on every
+                    // replica, through its primary.
+                    Some(cluster) if !cluster.is_local(&request) => {
+                        cluster
+                            .coordinate(shared, &request, &inbuf[..consumed], out)
+                            .await;
+                        let swallow = request.refused().map_or(0, |r| r.swallow());
+                        (Action::Swallow(swallow), consumed)
+                    }
+                    _ => (execute::execute(shared, request, out), consumed),
+                }
             }
             Parsed::Complete { request, consumed } => {
                 reservation.clear();
