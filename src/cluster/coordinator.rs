@@ -742,7 +742,6 @@ impl Cluster {
         let mut abandoned: Vec<u64> = Vec::new();
         for _attempt in 0..WRITE_ATTEMPTS_MAX {
             let before = store.entry_version(key);
-            let live_before = store.version_of(key).map(|(v, _)| v);
             let recorded_before =
                 request_id.is_some_and(|id| store.with_key(key, |ctx| ctx.has_record(id)));
             local.execute(raw, out);
@@ -763,7 +762,11 @@ impl Cluster {
                     // own clocks and never let that tombstone outrank the
                     // live item at its version, so the removal gets a new
                     // version, as a delete would.
-                    Some(KeyState::Absent { version, dedup }) if live_before == Some(version) => {
+                    // (Same version, other expiry: the item before it, not
+                    // an unchanged tombstone.)
+                    Some(KeyState::Absent { version, dedup })
+                        if before.is_some_and(|(v, _)| v == version) && before != after =>
+                    {
                         let gone = KeyState::Absent {
                             version: store.next_version(),
                             dedup,
@@ -864,27 +867,7 @@ impl Cluster {
             return;
         };
         let base = held.version();
-        let restamped = match held {
-            KeyState::Item {
-                flags,
-                exptime,
-                bits,
-                value,
-                dedup,
-                ..
-            } => KeyState::Item {
-                version: store.next_version(),
-                flags,
-                exptime,
-                bits,
-                value,
-                dedup,
-            },
-            KeyState::Absent { dedup, .. } => KeyState::Absent {
-                version: store.next_version(),
-                dedup,
-            },
-        };
+        let restamped = held.with_version(store.next_version());
         // Not applied here: this node keeps the state it took, at its own
         // version, so a later catch-up still sees a newer write elsewhere
         // as newer.

@@ -252,6 +252,14 @@ impl KeyState {
         }
     }
 
+    /// The same state under another version.
+    pub fn with_version(mut self, new: u64) -> Self {
+        match &mut self {
+            KeyState::Item { version, .. } | KeyState::Absent { version, .. } => *version = new,
+        }
+        self
+    }
+
     /// The version stamp of the item or of its removal.
     pub fn version(&self) -> u64 {
         match self {
