@@ -825,7 +825,14 @@ impl Cluster {
             let in_newer = request_id
                 .is_some_and(|id| crate::store::dedup::records(newer.dedup()).any(|r| r.id == id));
             let forget = request_id.filter(|_| changed && !recorded_before && !in_newer);
-            let adopt = Condition::Adopt { attempt, forget };
+            // A command that changed nothing (a replay, or a state shipped
+            // again) made no attempt to abandon: the state it held was
+            // there before it, so only a newer one replaces it.
+            let adopt = if changed {
+                Condition::Adopt { attempt, forget }
+            } else {
+                Condition::Newest
+            };
             if store.apply_if(key, &newer, Fill::Evict, adopt) == Applied::TooFarAhead {
                 self.stats.versions_refused.fetch_add(1, Relaxed);
                 self.restore(store, key, &others, &abandoned).await;

@@ -306,9 +306,11 @@ pub enum Condition<'a> {
     },
     /// A primary abandons its attempt (its state at version `attempt`) for
     /// a state a replica held: taken if this node still holds the attempt,
-    /// even if the state is older; otherwise highest version wins. The
-    /// attempt's record of request id `forget` goes, so the command runs
-    /// again instead of replaying a result that was never kept.
+    /// even if the state is older, and then the attempt's record of request
+    /// id `forget` goes, so the command runs again instead of replaying a
+    /// result that was never kept. If this node holds another state by now
+    /// (a result computed on the attempt, whose effect and record it
+    /// carries), highest version wins and every record stays.
     Adopt {
         /// The version of the abandoned attempt.
         attempt: u64,
@@ -892,11 +894,11 @@ impl Store {
                     // A result computed without what this replica holds:
                     // refused whole, records too (its primary runs again).
                     Condition::Based { .. } => {}
-                    Condition::Adopt { forget, .. } => {
-                        if let Some(id) = forget {
-                            ctx.forget_record(id);
-                        }
-                    }
+                    // Not the attempt any more: this node took a state
+                    // since (another command's result on the attempt, say),
+                    // so the attempt's record, if there, marks an effect
+                    // that state holds: it stays, as under `Newest`.
+                    Condition::Adopt { .. } => ctx.absorb_records(incoming),
                 }
                 return Applied::Older;
             }
@@ -905,11 +907,16 @@ impl Store {
                 .map(|slot| ctx.shard.get(slot).dedup().to_vec())
                 .unwrap_or_default();
             let (mut area, dropped) = dedup::merge(incoming, &local_area, ctx.now_ms, self.dedup);
+            // Only the attempt's own state loses the record: a state taken
+            // since may be built on the attempt, its effect included.
             if let Condition::Adopt {
-                forget: Some(id), ..
+                attempt,
+                forget: Some(id),
             } = condition
             {
-                area = dedup::without(&area, id);
+                if held == attempt {
+                    area = dedup::without(&area, id);
+                }
             }
             ctx.shard.stats.request_id_records_dropped += dropped as u64;
             let version = state.version();
@@ -1380,19 +1387,6 @@ impl Ctx<'_> {
             )
             .is_some()
         })
-    }
-
-    /// Removes request `id`'s record from the key's entry, if any.
-    fn forget_record(&mut self, id: &[u8]) {
-        let Some(slot) = self.entry_slot() else {
-            return;
-        };
-        let area = self.shard.get(slot).dedup();
-        if !dedup::records(area).any(|r| r.id == id) {
-            return;
-        }
-        let area = dedup::without(area, id);
-        self.rewrite_records(&area);
     }
 
     /// Merges `incoming` request-id records into the key's entry (live

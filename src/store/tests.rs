@@ -1254,3 +1254,69 @@ fn a_peers_records_stamped_past_the_drift_bound_are_dropped() {
     assert!(s.with_key(b"k", |ctx| ctx.has_record(b"real")));
     assert!(!s.with_key(b"k", |ctx| ctx.has_record(b"forged")));
 }
+
+/// Nemesis finding (seed 1001, 30 minutes, 5 nodes: one `ma` counted
+/// twice, answered 586 and 587 after 584): two primaries of one key at once.
+/// Node 5's attempt for id Y reached node 5 only; node 1 took it from a
+/// replica, ran its own command X on it and shipped the result, which node 5
+/// took (it was based on node 5's attempt). Then node 5 saw a replica holding
+/// node 1's earlier attempt, abandoned its own and forgot Y's record, from
+/// the state it held by then: X's result, which carries Y's effect. Y ran
+/// again on it.
+#[test]
+fn an_abandoned_attempt_keeps_its_record_in_a_state_built_on_it() {
+    let (s, _) = member_store();
+    // Node 5's attempt: 585 with Y's record.
+    s.apply(b"c", &recorded_state(at(8), b"585", b"id-y", &s));
+    // Node 1's result computed on it: 586, carrying Y's record and its own.
+    let mut on_attempt = recorded_state(at(9), b"586", b"id-x", &s);
+    let (carried, _) = dedup::merge(
+        recorded_state(at(8), b"585", b"id-y", &s).dedup(),
+        on_attempt.dedup(),
+        s.clock().now_ms(),
+        StoreConfig::default().dedup,
+    );
+    if let KeyState::Item { dedup, .. } = &mut on_attempt {
+        *dedup = carried;
+    }
+    let based_on_attempt = Condition::Based {
+        base: at(8),
+        replaces: &[],
+    };
+    assert_eq!(
+        s.apply_if(b"c", &on_attempt, Fill::Evict, based_on_attempt),
+        Applied::Newer
+    );
+    // Node 5 abandons its attempt for the older one a replica holds (node
+    // 1's first attempt, 585 with X's record).
+    let adopt = Condition::Adopt {
+        attempt: at(8),
+        forget: Some(b"id-y"),
+    };
+    assert_eq!(
+        s.apply_if(
+            b"c",
+            &recorded_state(at(7), b"585", b"id-x", &s),
+            Fill::Evict,
+            adopt
+        ),
+        Applied::Older
+    );
+    // It holds 586, which counts Y: Y must replay, not run again.
+    assert_eq!(get(&s, b"c").as_deref(), Some(&b"586"[..]));
+    assert!(s.with_key(b"c", |ctx| ctx.has_record(b"id-y")));
+    // Same when the replica's state is newer than the one built on the
+    // attempt: the records of what it replaces are kept, as for any newer
+    // state, and Y's with them.
+    assert_eq!(
+        s.apply_if(
+            b"c",
+            &recorded_state(at(10), b"586", b"id-z", &s),
+            Fill::Evict,
+            adopt
+        ),
+        Applied::Newer
+    );
+    assert!(s.with_key(b"c", |ctx| ctx.has_record(b"id-y")));
+    s.check_invariants();
+}
