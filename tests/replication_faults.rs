@@ -434,6 +434,24 @@ fn an_oversized_set_drops_the_old_value_on_every_replica() {
 /// the final value, and each id answered once must replay its number.
 #[test]
 fn two_primaries_at_once_never_lose_an_acknowledged_increment() {
+    two_primaries_race(1, 30);
+}
+
+/// The same with two clients on each side, so each primary has two
+/// increments of the key in flight at once. Found in review: the second
+/// one ran on the first's attempt before replicas took it, and its result,
+/// based on that newer version, replaced the other primary's acknowledged
+/// increment on the third replica. A primary now runs one
+/// read-modify-write of a key at a time.
+#[test]
+fn two_primaries_with_concurrent_clients_never_lose_an_acknowledged_increment() {
+    two_primaries_race(2, 15);
+}
+
+/// `2 × clients_per_side × per_client` increments in all: at most 64, the
+/// records each key keeps, so every id's retry can be checked.
+fn two_primaries_race(clients_per_side: usize, per_client: usize) {
+    assert!(2 * clients_per_side * per_client <= 64);
     let _serial = exclusive();
     // Every id's record kept: the retries below check them all.
     let cluster = Cluster::start(
@@ -450,17 +468,17 @@ fn two_primaries_at_once_never_lose_an_acknowledged_increment() {
     cluster.partition(1, &[2]);
     wait_down(&cluster, 1, 2);
     wait_down(&cluster, 2, 1);
-    const PER_SIDE: usize = 30;
     let results: Vec<Vec<(String, String)>> = std::thread::scope(|s| {
         let runs: Vec<_> = [1, 2]
             .into_iter()
-            .map(|id| {
+            .flat_map(|id| (0..clients_per_side).map(move |client| (id, client)))
+            .map(|(id, client)| {
                 let mut c = cluster.connect(id);
                 let k = &k;
                 s.spawn(move || {
-                    (0..PER_SIDE)
+                    (0..per_client)
                         .map(|i| {
-                            let rid = format!("n{id}-{i}");
+                            let rid = format!("n{id}-c{client}-{i}");
                             let reply = ask(&mut c, &format!("ma {k} v Pi{rid}\r\n"));
                             (rid, reply)
                         })

@@ -24,6 +24,7 @@ use futures_util::future::join_all;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
+use xxhash_rust::xxh3::xxh3_64;
 
 use super::anti_entropy;
 use super::hints::{HintLimits, HintStore};
@@ -78,6 +79,10 @@ const TOUCH_KEYS_IN_FLIGHT: usize = 64;
 /// other's attempt lose several times, and the bound stops them racing on
 /// one key forever.
 const WRITE_ATTEMPTS_MAX: usize = 8;
+
+/// Locks that serialise a primary's read-modify-writes per key (a key takes
+/// the lock its hash picks). A power of two.
+const RMW_LOCKS: usize = 4096;
 
 /// Times a replica re-reads a meta get whose key changed while it ran, so
 /// the reply and the version it reports belong together.
@@ -214,6 +219,9 @@ pub struct Cluster {
     pub stats: ClusterStats,
     /// Counters of the connections to and from peers, shared with them.
     pub transport: Arc<TransportStats>,
+    /// A read-modify-write holds its key's lock from its catch-up to its
+    /// reply ([`RMW_LOCKS`]).
+    rmw_locks: Box<[tokio::sync::Mutex<()>]>,
 }
 
 /// The error line for a classic command, or nothing when the client asked
@@ -478,6 +486,9 @@ impl Cluster {
             hop_timeout: Duration::from_millis(config.request_timeout_ms),
             stats: ClusterStats::default(),
             transport,
+            rmw_locks: (0..RMW_LOCKS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
     }
 
@@ -702,6 +713,19 @@ impl Cluster {
             Request::Delete(_) | Request::Meta(MetaRequest::Delete(_))
         );
         let failover = pref[0] != self.me;
+        // One read-modify-write of a key at a time on this node, from its
+        // catch-up to its reply: a second one computed on the first's
+        // attempt before replicas took it would ship a result based on a
+        // state that may yet be abandoned, and a replica comparing
+        // versions would take it over a write the attempt lost to,
+        // dropping that write (found in review). A plain set needs no
+        // lock: it reads nothing.
+        let _serial = if rmw && !others.is_empty() {
+            let slot = xxh3_64(key) as usize & (RMW_LOCKS - 1);
+            Some(self.rmw_locks[slot].lock().await)
+        } else {
+            None
+        };
         // A delete's answer depends on what it finds: one that finds no live
         // item here (restarted empty, or a tombstone while another primary
         // stored the key again) must look at the other replicas first.
