@@ -170,29 +170,38 @@ pub fn carry(old: &[u8], new: Option<Record<'_>>, now_ms: u64, policy: Policy) -
     (out, dropped)
 }
 
-/// The records of two states of one key, merged: every record of either
-/// still in the window, one per id (`newer`'s where both have it), the
-/// newest `records_max` by time. What replicas keep when states meet, so
-/// that an id recorded on one copy is never lost to a newer copy that did
-/// not carry it (a write through a primary that had not seen the record).
+/// The records of two states of one key, merged: every record of `newer`
+/// still in the window (the winning state's history, already bounded when
+/// it was written), then as many of `older`'s other live ids as there is
+/// room for, newest by time, one per id. What replicas keep when states
+/// meet, so that an id recorded on one copy is never lost to a newer copy
+/// that did not carry it (a write through a primary that had not seen the
+/// record). The winner's records go last, so the next write's [`carry`]
+/// drops the loser's first.
+///
+/// Never by time alone: `at_ms` is each primary's own clock, and a record
+/// written by a primary whose clock is behind the one that wrote the
+/// loser's records would be the first to go (found in review: the id of
+/// the command just applied was dropped, and its retry ran again).
 /// Returns the area and how many live records the per-key bound dropped.
 pub fn merge(newer: &[u8], older: &[u8], now_ms: u64, policy: Policy) -> (Vec<u8>, usize) {
     if older.is_empty() || newer == older {
         return (newer.to_vec(), 0);
     }
-    let mut all: Vec<Record<'_>> = records(newer).filter(|r| live(r, now_ms, policy)).collect();
-    let from_newer = all.len();
-    for r in records(older).filter(|r| live(r, now_ms, policy)) {
-        if !all[..from_newer].iter().any(|n| n.id == r.id) {
-            all.push(r);
-        }
-    }
-    // Stable: records of equal time keep newer-first order.
-    all.sort_by_key(|r| r.at_ms);
     let room = policy.records_max.max(1);
-    let dropped = all.len().saturating_sub(room);
+    let mut won: Vec<Record<'_>> = records(newer).filter(|r| live(r, now_ms, policy)).collect();
+    // A peer with a larger bound may send more than this node keeps.
+    let mut dropped = won.len().saturating_sub(room);
+    won.drain(..dropped);
+    let mut lost: Vec<Record<'_>> = records(older)
+        .filter(|r| live(r, now_ms, policy) && !won.iter().any(|n| n.id == r.id))
+        .collect();
+    // Stable: records of equal time keep their order.
+    lost.sort_by_key(|r| r.at_ms);
+    let over = lost.len().saturating_sub(room - won.len());
+    dropped += over;
     let mut out = Vec::new();
-    for r in &all[dropped..] {
+    for r in lost[over..].iter().chain(&won) {
         put(&mut out, r);
     }
     debug_assert!(out.len() <= AREA_BYTES_MAX);
@@ -212,6 +221,20 @@ pub fn not_after(area: &[u8], latest_ms: u64) -> Vec<u8> {
 pub fn without(area: &[u8], id: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(area.len());
     for r in records(area).filter(|r| r.id != id) {
+        put(&mut out, &r);
+    }
+    out
+}
+
+/// The area without the records of mutations that produced the state at
+/// `version` (their outcome's CAS is that version): what is left of a
+/// state's records once the state itself is abandoned. A delete's record
+/// names no CAS and stays.
+pub fn without_made_at(area: &[u8], version: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(area.len());
+    for r in records(area).filter(|r| {
+        !matches!(r.outcome, Outcome::Stored { cas } | Outcome::Value { cas, .. } if cas == version)
+    }) {
         put(&mut out, &r);
     }
     out
@@ -346,6 +369,38 @@ mod tests {
         let (merged, _) = merge(&newer, &older, 600_250, POLICY);
         let ids: Vec<_> = records(&merged).map(|r| r.id.to_vec()).collect();
         assert_eq!(ids, vec![b"d".to_vec(), b"e".to_vec(), b"f".to_vec()]);
+    }
+
+    /// Found in review: `at_ms` is each primary's clock. A winning state
+    /// written by a primary whose clock is behind the one that wrote the
+    /// loser's records lost its newest record (the command it had just
+    /// applied) to the bound, and that command's retry ran again.
+    #[test]
+    fn merge_keeps_the_winning_states_records_whatever_their_times() {
+        let mut older = Vec::new();
+        for (i, id) in [b"a", b"b", b"c", b"d"].into_iter().enumerate() {
+            older = carry(&older, Some(rec(id, 5_000 + i as u64, i as u64)), 0, POLICY).0;
+        }
+        // The winner: `carry` on its primary already dropped "a" for "x",
+        // stamped by a clock 3 s behind.
+        let (newer, _) = carry(&older, Some(rec(b"x", 2_000, 9)), 2_000, POLICY);
+        let (merged, dropped) = merge(&newer, &older, 5_100, POLICY);
+        let ids: Vec<_> = records(&merged).map(|r| r.id.to_vec()).collect();
+        assert_eq!(
+            ids,
+            vec![b"b".to_vec(), b"c".to_vec(), b"d".to_vec(), b"x".to_vec()]
+        );
+        assert_eq!(dropped, 1);
+        assert!(find(&merged, b"x", 5_100, POLICY).is_some());
+        // Room left over goes to the loser's newest.
+        let (small, _) = carry(&[], Some(rec(b"x", 2_000, 9)), 2_000, POLICY);
+        let (merged, dropped) = merge(&small, &older, 5_100, POLICY);
+        let ids: Vec<_> = records(&merged).map(|r| r.id.to_vec()).collect();
+        assert_eq!(
+            ids,
+            vec![b"b".to_vec(), b"c".to_vec(), b"d".to_vec(), b"x".to_vec()]
+        );
+        assert_eq!(dropped, 1);
     }
 
     #[test]

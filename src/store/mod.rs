@@ -902,10 +902,18 @@ impl Store {
                 }
                 return Applied::Older;
             }
-            let local_area = ctx
+            let mut local_area = ctx
                 .entry_slot()
                 .map(|slot| ctx.shard.get(slot).dedup().to_vec())
                 .unwrap_or_default();
+            // An abandoned attempt that the command's next result replaces
+            // never happened: its own records go with it (found in review:
+            // a restore after the last conflict kept the id, and the
+            // client's retry replayed an increment the key never held).
+            if matches!(condition, Condition::Based { replaces, .. } if held != 0 && replaces.contains(&held))
+            {
+                local_area = dedup::without_made_at(&local_area, held);
+            }
             let (mut area, dropped) = dedup::merge(incoming, &local_area, ctx.now_ms, self.dedup);
             // Only the attempt's own state loses the record: a state taken
             // since may be built on the attempt, its effect included.

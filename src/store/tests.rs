@@ -1255,6 +1255,21 @@ fn a_peers_records_stamped_past_the_drift_bound_are_dropped() {
     assert!(!s.with_key(b"k", |ctx| ctx.has_record(b"forged")));
 }
 
+/// `state` carrying `base`'s records too, as a result computed on `base`
+/// does.
+fn with_records_of(mut state: KeyState, base: &KeyState, s: &Store) -> KeyState {
+    let (area, _) = dedup::merge(
+        state.dedup(),
+        base.dedup(),
+        s.clock().now_ms(),
+        StoreConfig::default().dedup,
+    );
+    if let KeyState::Item { dedup, .. } = &mut state {
+        *dedup = area;
+    }
+    state
+}
+
 /// Nemesis finding (seed 1001, 30 minutes, 5 nodes: one `ma` counted
 /// twice, answered 586 and 587 after 584): two primaries of one key at once.
 /// Node 5's attempt for id Y reached node 5 only; node 1 took it from a
@@ -1269,16 +1284,11 @@ fn an_abandoned_attempt_keeps_its_record_in_a_state_built_on_it() {
     // Node 5's attempt: 585 with Y's record.
     s.apply(b"c", &recorded_state(at(8), b"585", b"id-y", &s));
     // Node 1's result computed on it: 586, carrying Y's record and its own.
-    let mut on_attempt = recorded_state(at(9), b"586", b"id-x", &s);
-    let (carried, _) = dedup::merge(
-        recorded_state(at(8), b"585", b"id-y", &s).dedup(),
-        on_attempt.dedup(),
-        s.clock().now_ms(),
-        StoreConfig::default().dedup,
+    let on_attempt = with_records_of(
+        recorded_state(at(9), b"586", b"id-x", &s),
+        &recorded_state(at(8), b"585", b"id-y", &s),
+        &s,
     );
-    if let KeyState::Item { dedup, .. } = &mut on_attempt {
-        *dedup = carried;
-    }
     let based_on_attempt = Condition::Based {
         base: at(8),
         replaces: &[],
@@ -1318,5 +1328,34 @@ fn an_abandoned_attempt_keeps_its_record_in_a_state_built_on_it() {
         Applied::Newer
     );
     assert!(s.with_key(b"c", |ctx| ctx.has_record(b"id-y")));
+    s.check_invariants();
+}
+
+/// Found in review: a primary that gives up after its last conflict sends
+/// the state it took, re-stamped, to replace its abandoned attempts. A
+/// replica holding one took it but kept the attempt's record with it, so
+/// the client's retry replayed an increment the key never held.
+#[test]
+fn a_replaced_attempt_takes_its_own_record_along() {
+    let (s, _) = member_store();
+    // An earlier command's record (its CAS is another version) and the
+    // attempt's own.
+    let attempt = with_records_of(
+        recorded_state(at(5), b"11", b"id-x", &s),
+        &recorded_state(at(4), b"10", b"id-earlier", &s),
+        &s,
+    );
+    s.apply(b"c", &attempt);
+    let replaces = [at(5)];
+    let restore = Condition::Based {
+        base: at(3),
+        replaces: &replaces,
+    };
+    assert_eq!(
+        s.apply_if(b"c", &item_state(at(9), b"10"), Fill::Evict, restore),
+        Applied::Newer
+    );
+    assert!(!s.with_key(b"c", |ctx| ctx.has_record(b"id-x")));
+    assert!(s.with_key(b"c", |ctx| ctx.has_record(b"id-earlier")));
     s.check_invariants();
 }
