@@ -814,12 +814,24 @@ impl Cluster {
             let changed = before.map(|(v, _)| v) != Some(attempt);
             let base = before.map_or(0, |(v, _)| v);
             let condition = rmw.then_some((base, abandoned.as_slice()));
+            // While replicas take the attempt, a state not computed on it
+            // can still replace it here (read repair of another primary's
+            // write, a hint, anti-entropy): then this node no longer holds
+            // the effect, and acknowledging it would be acknowledging a
+            // write that has already lost.
+            let in_flight = (rmw && changed).then(|| store.attempt(key, attempt));
             let now_ms = store.clock().now_ms();
             let quorum = self
                 .replicate(key, state, &others, needed, now_ms, condition)
                 .await;
+            let overrun = in_flight.as_ref().is_some_and(|a| a.overrun());
+            drop(in_flight);
             let newer = match quorum {
-                Ok(()) => return,
+                Ok(()) if !overrun => return,
+                Ok(()) => match store.replica_state(key) {
+                    Some(held) => held,
+                    None => return,
+                },
                 Err(NotReplicated::Quorum(why)) => {
                     self.stats.write_quorum_failures.fetch_add(1, Relaxed);
                     out.truncate(start);

@@ -319,6 +319,38 @@ pub enum Condition<'a> {
     },
 }
 
+/// A read-modify-write attempt being replicated ([`Store::attempt`]).
+pub struct Attempt<'s> {
+    store: &'s Store,
+    key: Vec<u8>,
+    version: u64,
+}
+
+impl Attempt<'_> {
+    /// Whether a state not computed on the attempt has replaced it on this
+    /// node: its effect is not in what this node holds any more, so the
+    /// command must run again before it is acknowledged.
+    pub fn overrun(&self) -> bool {
+        self.store.locked(&self.key, |ctx| {
+            ctx.shard
+                .attempts
+                .iter()
+                .any(|&(v, overrun)| v == self.version && overrun)
+        })
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        let version = self.version;
+        self.store.locked(&self.key, |ctx| {
+            if let Some(i) = ctx.shard.attempts.iter().position(|&(v, _)| v == version) {
+                ctx.shard.attempts.swap_remove(i);
+            }
+        });
+    }
+}
+
 /// Item bits that are part of its replicated state.
 pub const REPLICATED_BITS: u8 = bits::STALE | bits::KEY_BINARY;
 
@@ -910,8 +942,23 @@ impl Store {
             // never happened: its own records go with it (found in review:
             // a restore after the last conflict kept the id, and the
             // client's retry replayed an increment the key never held).
-            if matches!(condition, Condition::Based { replaces, .. } if held != 0 && replaces.contains(&held))
-            {
+            // So do those of an attempt this node is replicating, when a
+            // state not computed on it replaces it here (a newer write's
+            // read repair, a hint, anti-entropy): that state lacks the
+            // attempt's effect, and its primary must run the command
+            // again rather than find the record and replay.
+            let replaces_attempt =
+                matches!(condition, Condition::Based { replaces, .. } if replaces.contains(&held));
+            let built_on_held = matches!(condition, Condition::Based { base, .. } if base == held);
+            let in_flight = ctx.shard.attempts.iter_mut().find(|(v, _)| *v == held);
+            let overrun = match in_flight {
+                Some((_, overrun)) if !built_on_held => {
+                    *overrun = true;
+                    true
+                }
+                _ => false,
+            };
+            if held != 0 && (replaces_attempt || overrun) {
                 local_area = dedup::without_made_at(&local_area, held);
             }
             let (mut area, dropped) = dedup::merge(incoming, &local_area, ctx.now_ms, self.dedup);
@@ -1017,6 +1064,20 @@ impl Store {
     /// A fresh version stamp (for a removal that must replicate).
     pub fn next_version(&self) -> u64 {
         self.hlc.next(self.clock.now_ms())
+    }
+
+    /// Marks the key's state at `version` as a read-modify-write attempt
+    /// that this node, as the key's primary, is replicating, until the
+    /// returned guard drops. A state not computed on the attempt that
+    /// replaces it here meanwhile takes none of the attempt's own records
+    /// along, and the guard tells ([`Attempt::overrun`]).
+    pub fn attempt(&self, key: &[u8], version: u64) -> Attempt<'_> {
+        self.locked(key, |ctx| ctx.shard.attempts.push((version, false)));
+        Attempt {
+            store: self,
+            key: key.to_vec(),
+            version,
+        }
     }
 
     /// General single-key access for protocol features that need more than

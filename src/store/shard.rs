@@ -548,6 +548,10 @@ pub struct Shard {
     expiry_grace_secs: Option<u32>,
     /// This shard's counters, summed across shards by [`super::Store::stats`].
     pub stats: ShardStats,
+    /// Read-modify-write attempts this node is replicating as a primary, by
+    /// version (versions are unique per node), each with whether a state
+    /// not computed on it has replaced it here since ([`super::Attempt`]).
+    pub(super) attempts: Vec<(u64, bool)>,
 }
 
 // SAFETY: the shard exclusively owns its items (raw allocations reached only
@@ -593,6 +597,7 @@ impl Shard {
             tombstones: 0,
             limit_bytes,
             sweep_cursor: 0,
+            attempts: Vec::new(),
             trees,
             expiry_grace_secs,
             stats: ShardStats::default(),

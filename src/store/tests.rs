@@ -1359,3 +1359,43 @@ fn a_replaced_attempt_takes_its_own_record_along() {
     assert!(s.with_key(b"c", |ctx| ctx.has_record(b"id-earlier")));
     s.check_invariants();
 }
+
+/// Found in review: while a primary replicated its attempt, a newer state
+/// from another primary (read repair, a hint, anti-entropy) replaced the
+/// attempt on the primary and took the attempt's record along; the primary
+/// then found the record and replayed an increment the key did not hold.
+/// The attempt's own records stay behind, and the primary learns of it.
+#[test]
+fn an_attempt_in_flight_replaced_by_another_state_leaves_its_record_behind() {
+    let (s, _) = member_store();
+    s.apply(b"c", &recorded_state(at(5), b"11", b"id-x", &s));
+    {
+        let attempt = s.attempt(b"c", at(5));
+        // A result computed on the attempt carries its effect and record.
+        let on_it = with_records_of(
+            recorded_state(at(6), b"12", b"id-z", &s),
+            &recorded_state(at(5), b"11", b"id-x", &s),
+            &s,
+        );
+        let based = Condition::Based {
+            base: at(5),
+            replaces: &[],
+        };
+        assert_eq!(s.apply_if(b"c", &on_it, Fill::Evict, based), Applied::Newer);
+        assert!(s.with_key(b"c", |ctx| ctx.has_record(b"id-x")));
+        assert!(!attempt.overrun());
+    }
+    s.apply(b"c", &recorded_state(at(7), b"13", b"id-x2", &s));
+    let attempt = s.attempt(b"c", at(7));
+    // Another primary's write, newer, not computed on the attempt.
+    assert_eq!(s.apply(b"c", &item_state(at(9), b"12")), Applied::Newer);
+    assert!(!s.with_key(b"c", |ctx| ctx.has_record(b"id-x2")));
+    assert!(s.with_key(b"c", |ctx| ctx.has_record(b"id-x")));
+    assert!(attempt.overrun());
+    drop(attempt);
+    // Nothing in flight: a newer state keeps the records it replaces.
+    s.apply(b"c", &recorded_state(at(10), b"13", b"id-y", &s));
+    assert_eq!(s.apply(b"c", &item_state(at(11), b"20")), Applied::Newer);
+    assert!(s.with_key(b"c", |ctx| ctx.has_record(b"id-y")));
+    s.check_invariants();
+}
