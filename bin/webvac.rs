@@ -31,6 +31,14 @@ struct Args {
     /// Maximum item size, e.g. 1m, 512k (default 1m).
     #[arg(short = 'I', long = "max-item-size", value_parser = parse_size)]
     max_item_size: Option<usize>,
+    /// Close connections idle this many seconds, waiting for a command
+    /// (memcached's -o idle_timeout; default 0: never).
+    #[arg(long = "idle-timeout")]
+    idle_timeout: Option<u32>,
+    /// Close a connection that stalls this many seconds mid-way through a
+    /// data block holding in-flight memory (default 30; 0: never).
+    #[arg(long = "data-timeout")]
+    data_timeout: Option<u32>,
     /// Verbose logging; repeat for more (-vv).
     #[arg(short = 'v', action = clap::ArgAction::Count)]
     verbose: u8,
@@ -279,6 +287,12 @@ fn main() -> anyhow::Result<()> {
     }
     if args.verbose > 0 {
         config.verbosity = args.verbose;
+    }
+    if let Some(v) = args.idle_timeout {
+        config.idle_timeout_secs = v;
+    }
+    if let Some(v) = args.data_timeout {
+        config.data_timeout_secs = v;
     }
     if let Some(v) = args.dedup_window_secs {
         config.dedup_window_secs = v;

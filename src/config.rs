@@ -16,11 +16,11 @@ use crate::limits::{
     ANTI_ENTROPY_BYTES_PER_SEC_DEFAULT, ANTI_ENTROPY_INTERVAL_MS_DEFAULT,
     ANTI_ENTROPY_KEYS_PER_ROUND_DEFAULT, ANTI_ENTROPY_PARTITIONS_PER_ROUND_DEFAULT,
     CLOCK_DRIFT_MAX_MS_DEFAULT, CLOCK_DRIFT_MAX_MS_LIMIT, CONNECTIONS_MAX_DEFAULT,
-    DEDUP_WINDOW_SECS_DEFAULT, HINT_WINDOW_SECS_DEFAULT, HINTS_MEMORY_MB_DEFAULT,
-    HINTS_PER_TARGET_MAX_DEFAULT, ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN,
-    MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT, REPLICAS_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_DEFAULT,
-    REQUEST_ID_RECORDS_PER_KEY_LIMIT, REQUEST_TIMEOUT_MS_DEFAULT, THREADS_DEFAULT,
-    TOMBSTONE_GRACE_SECS,
+    DATA_TIMEOUT_SECS_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, HINT_WINDOW_SECS_DEFAULT,
+    HINTS_MEMORY_MB_DEFAULT, HINTS_PER_TARGET_MAX_DEFAULT, ITEM_BYTES_MAX_DEFAULT,
+    ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN, MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT,
+    REPLICAS_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_LIMIT,
+    REQUEST_TIMEOUT_MS_DEFAULT, THREADS_DEFAULT, TOMBSTONE_GRACE_SECS,
 };
 
 /// A node's whole configuration (`webvac.toml`): every key optional with a
@@ -50,6 +50,14 @@ pub struct Config {
     pub dedup_window_secs: u32,
     /// Request-id records one key keeps (1..=64); older ones go first.
     pub request_id_records_per_key: usize,
+    /// Close a client connection that has not sent a complete command for
+    /// this many seconds while waiting for one (memcached's
+    /// `-o idle_timeout`); 0, the default: never.
+    pub idle_timeout_secs: u32,
+    /// Close a client connection that sends nothing for this many seconds
+    /// in the middle of a data block that holds in-flight memory (one over
+    /// 16 KiB), so a sender that stops cannot keep the budget; 0: never.
+    pub data_timeout_secs: u32,
     /// Key for the keyed hash that authenticates `lk` listing tokens; every
     /// node of a cluster must have the same. Absent: derived from the
     /// cluster layout (tokens then resist corruption and other clusters'
@@ -519,6 +527,8 @@ impl Default for Config {
             verbosity: 0,
             dedup_window_secs: DEDUP_WINDOW_SECS_DEFAULT,
             request_id_records_per_key: REQUEST_ID_RECORDS_PER_KEY_DEFAULT,
+            idle_timeout_secs: 0,
+            data_timeout_secs: DATA_TIMEOUT_SECS_DEFAULT,
             listing_secret: None,
             cluster: None,
             faults: FaultsConfig::default(),

@@ -166,6 +166,11 @@ pub const READ_CHUNK_BYTES: usize = 16 * 1024;
 /// reserving from the shared in-flight budget (see `server::inflight`).
 pub const INFLIGHT_FREE_BYTES: usize = 16 * 1024;
 
+/// Default `data_timeout_secs`: a connection that holds in-flight memory for
+/// a data block and sends nothing for this long is closed. Generous for a
+/// slow link, short next to "forever".
+pub const DATA_TIMEOUT_SECS_DEFAULT: u32 = 30;
+
 /// Replies are flushed to the socket once this many bytes are pending, even in
 /// the middle of a pipelined batch, so a flood of requests cannot grow the
 /// write buffer without bound.

@@ -5,24 +5,33 @@
 //! the input buffer never holds more than one maximum-size request plus one
 //! read; replies are flushed whenever [`WRITE_FLUSH_BYTES`] are pending (also
 //! inside a long multi-get), so a client that sends without reading stalls
-//! only itself, through TCP backpressure.
+//! only itself, through TCP backpressure. Two optional timeouts close a
+//! connection: `idle_timeout_secs` while it waits for a command (memcached's
+//! `-o idle_timeout`), and `data_timeout_secs` while it holds in-flight
+//! memory for a data block and sends nothing, so a sender that stops cannot
+//! keep the shared budget.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::WriteHalf;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, trace, warn};
 
 use super::Shared;
 use super::execute::{self, Action};
 use super::faults::{Fault, Faults};
 use super::inflight::{INFLIGHT_FREE_BYTES, Reservation};
-use crate::limits::{PREFETCH_KEYS, READ_CHUNK_BYTES, REQUESTS_PER_BATCH_MAX, WRITE_FLUSH_BYTES};
+use crate::limits::{
+    MULTIGET_LINE_BYTES_MAX, PREFETCH_KEYS, READ_CHUNK_BYTES, REQUESTS_PER_BATCH_MAX,
+    WRITE_FLUSH_BYTES,
+};
 use crate::protocol::{ParseLimits, Parsed, Request, incomplete_bytes_max, parse};
 
 /// Buffers larger than this are given back once empty.
@@ -80,6 +89,11 @@ async fn run(
     // lock twice per request.
     let mut watcher = stop.clone();
     let mut stopped = std::pin::pin!(watcher.changed());
+    let secs = |s: u32| (s > 0).then(|| Duration::from_secs(u64::from(s)));
+    let idle = secs(shared.facts.idle_timeout_secs);
+    let data = secs(shared.facts.data_timeout_secs);
+    // When the last complete command arrived; kept only with an idle timeout.
+    let mut last_command = idle.map(|_| Instant::now());
     loop {
         let close = process(
             shared,
@@ -88,6 +102,7 @@ async fn run(
             &mut swallow,
             &mut reservation,
             &mut wr,
+            last_command.as_mut(),
         )
         .await?;
         flush(shared, &mut wr, &mut out).await?;
@@ -112,11 +127,27 @@ async fn run(
             out = Vec::with_capacity(READ_CHUNK_BYTES);
         }
         inbuf.reserve(READ_CHUNK_BYTES);
+        // Mid-way through a data block holding in-flight memory: the data
+        // timeout, from now (any byte resets it). Otherwise the idle
+        // timeout, from the last command.
+        let (deadline, kicks) = match (reservation.bytes() > 0, data, last_command) {
+            (true, Some(d), _) => (Some(Instant::now() + d), &shared.stats.data_timeouts),
+            (true, None, _) => (None, &shared.stats.data_timeouts),
+            (false, _, Some(last)) => (idle.map(|i| last + i), &shared.stats.idle_kicks),
+            (false, _, None) => (None, &shared.stats.idle_kicks),
+        };
         let n = tokio::select! {
             // Reading first means a ready socket never touches the signal.
             biased;
             read = rd.read_buf(&mut inbuf) => read?,
             _ = &mut stopped => return Ok(()),
+            () = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await },
+                if deadline.is_some() =>
+            {
+                kicks.fetch_add(1, Relaxed);
+                debug!(buffered = inbuf.len(), "connection timed out; closing it");
+                return Ok(());
+            }
         };
         if n == 0 {
             // EOF, possibly a half-close: everything complete was answered.
@@ -146,6 +177,7 @@ async fn process(
     swallow: &mut usize,
     reservation: &mut Reservation<'_>,
     wr: &mut WriteHalf<'_>,
+    mut last_command: Option<&mut Instant>,
 ) -> std::io::Result<bool> {
     let mut executed = 0;
     loop {
@@ -172,7 +204,21 @@ async fn process(
                     ..shared.limits
                 };
                 let Parsed::Complete { request, consumed } = parse(&inbuf[..], &no_room) else {
-                    return Ok(false); // a long multi-get line, bounded by the parser
+                    // A long line still arriving (a multi-get): bounded by
+                    // the parser, and held to the budget like a data block,
+                    // so connections that never finish one cannot hold
+                    // memory the budget does not see (and the data timeout
+                    // closes them).
+                    if reservation.reserve(MULTIGET_LINE_BYTES_MAX + 1) {
+                        return Ok(false);
+                    }
+                    debug!(
+                        buffered = inbuf.len(),
+                        inflight = shared.inflight.used(),
+                        "no in-flight memory for a long request line; closing"
+                    );
+                    out.extend_from_slice(b"SERVER_ERROR out of memory reading request\r\n");
+                    return Ok(true);
                 };
                 let Some(frame_bytes) = request.refused_frame_bytes(consumed) else {
                     return Ok(false);
@@ -200,6 +246,9 @@ async fn process(
             }
             Parsed::Complete { request, consumed } => {
                 reservation.clear();
+                if let Some(last) = last_command.as_deref_mut() {
+                    *last = Instant::now();
+                }
                 trace!(?request, "request");
                 let fault = shared.faults.as_ref().map_or(Fault::None, Faults::next);
                 match fault {

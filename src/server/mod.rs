@@ -119,6 +119,8 @@ impl Shared {
             listen: config.listen.clone(),
             item_bytes_max: config.max_item_size,
             shards: store.shard_count(),
+            idle_timeout_secs: config.idle_timeout_secs,
+            data_timeout_secs: config.data_timeout_secs,
         };
         Self {
             inflight: inflight::InflightBudget::new(config.memory_limit_bytes()),

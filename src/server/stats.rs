@@ -26,6 +26,11 @@ pub struct ServerStats {
     pub cmd_meta: AtomicU64,
     /// Level last set by `verbosity`.
     pub verbosity: AtomicU64,
+    /// Connections closed for idling past `idle_timeout_secs`.
+    pub idle_kicks: AtomicU64,
+    /// Connections closed for stalling mid-way through a data block that
+    /// held in-flight memory (`data_timeout_secs`).
+    pub data_timeouts: AtomicU64,
 }
 
 impl ServerStats {
@@ -39,6 +44,8 @@ impl ServerStats {
             &self.bytes_written,
             &self.cmd_flush,
             &self.cmd_meta,
+            &self.idle_kicks,
+            &self.data_timeouts,
         ] {
             c.store(0, Relaxed);
         }
@@ -67,6 +74,10 @@ pub struct Facts {
     pub item_bytes_max: usize,
     /// Lock shards of the store.
     pub shards: usize,
+    /// `idle_timeout_secs`: 0 never.
+    pub idle_timeout_secs: u32,
+    /// `data_timeout_secs`: 0 never.
+    pub data_timeout_secs: u32,
 }
 
 /// `stats`: memcached's field names, in memcached's order, then webvac's
@@ -126,6 +137,10 @@ pub fn compose_general(
     put_stat(out, "touch_misses", c.touch_misses);
     put_stat(out, "store_too_large", c.store_too_large);
     put_stat(out, "store_no_memory", c.store_no_memory);
+    if f.idle_timeout_secs > 0 {
+        // memcached lists it only with an idle timeout set.
+        put_stat(out, "idle_kicks", s.idle_kicks.load(Relaxed));
+    }
     put_stat(out, "bytes_read", s.bytes_read.load(Relaxed));
     put_stat(out, "bytes_written", s.bytes_written.load(Relaxed));
     put_stat(out, "limit_maxbytes", st.limit_maxbytes);
@@ -137,8 +152,10 @@ pub fn compose_general(
     put_stat(out, "evicted_unfetched", c.evicted_unfetched);
     put_stat(out, "evictions", c.evictions);
     put_stat(out, "reclaimed", c.reclaimed);
-    // webvac's own: bytes reserved by requests whose data is still arriving.
+    // webvac's own: bytes reserved by requests whose data is still arriving,
+    // and connections closed for stalling in the middle of such a request.
     put_stat(out, "inflight_bytes", inflight_bytes);
+    put_stat(out, "data_timeouts", s.data_timeouts.load(Relaxed));
     // Mutations answered from a request-id record, and live records
     // dropped for the per-key bound.
     put_stat(out, "request_id_replays", c.request_id_replays);
@@ -164,6 +181,8 @@ pub fn compose_settings(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, limit_byt
     put_stat(out, "flush_enabled", "yes");
     put_stat(out, "eviction_policy", "sieve");
     put_stat(out, "store_shards", f.shards);
+    put_stat(out, "idle_timeout", f.idle_timeout_secs);
+    put_stat(out, "data_timeout", f.data_timeout_secs);
     out.extend_from_slice(b"END\r\n");
 }
 

@@ -1,0 +1,260 @@
+//! Hostile clients against a real node: connections that idle, that stop
+//! in the middle of a data block, and that never finish a long request
+//! line. Each holds resources the node must take back; each test checks
+//! the bound through `stats` and `/proc`, and that a well-behaved client
+//! is served throughout.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::{Client, Server};
+
+const MIB: u64 = 1024 * 1024;
+
+/// The longest any wait below may take before the test fails.
+const WAIT_MAX: Duration = Duration::from_secs(20);
+
+fn stat(text: &str, name: &str) -> u64 {
+    let prefix = format!("STAT {name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {name} in:\n{text}"))
+}
+
+fn stats(c: &mut Client, group: &str) -> String {
+    let request = if group.is_empty() {
+        "stats\r\n".to_string()
+    } else {
+        format!("stats {group}\r\n")
+    };
+    String::from_utf8(c.request(request.as_bytes(), &[b"END\r\n"])).expect("utf-8 stats")
+}
+
+/// A field of /proc/PID/status in bytes (the file gives kB).
+fn proc_status_bytes(pid: u64, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        * 1024
+}
+
+/// Waits (bounded) until `f` holds; panics with `what` if it never does.
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT_MAX;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A raw connection whose reads give up after `timeout`.
+fn raw(server: &Server, timeout: Duration) -> TcpStream {
+    let s = TcpStream::connect(server.addr()).expect("connect");
+    s.set_read_timeout(Some(timeout)).expect("read timeout");
+    s.set_write_timeout(Some(WAIT_MAX)).expect("write timeout");
+    s
+}
+
+/// Reads until the server closes the connection (bounded by the socket's
+/// read timeout); returns what it sent before closing, or `None` if it
+/// kept the connection open.
+fn read_to_close(s: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(got),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// memcached's `-o idle_timeout`: a connection that sends no command for
+/// the timeout is closed and counted in `idle_kicks`; one that keeps
+/// talking stays. Before: no idle timeout at all.
+#[test]
+fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let server = Server::start(&["--idle-timeout", "1"]);
+    let mut busy = server.connect();
+    let mut idle = raw(&server, WAIT_MAX);
+    idle.write_all(b"version\r\n").expect("send");
+    let opened = Instant::now();
+    let mut idle_done = None;
+    std::thread::scope(|s| {
+        s.spawn(|| idle_done = Some((read_to_close(&mut idle), opened.elapsed())));
+        // Busy: a command every 300 ms for 2.5 s, past the timeout.
+        for _ in 0..8 {
+            assert!(busy.ask(b"version\r\n").starts_with("VERSION "));
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let (closed, after) = idle_done.expect("the idle reader ran");
+    let closed = closed.expect("the idle connection was closed");
+    assert!(closed.starts_with(b"VERSION "), "{closed:?}");
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(5),
+        "closed after {after:?}"
+    );
+    assert!(busy.ask(b"version\r\n").starts_with("VERSION "));
+    let general = stats(&mut busy, "");
+    assert_eq!(stat(&general, "idle_kicks"), 1, "{general}");
+    assert_eq!(stat(&stats(&mut busy, "settings"), "idle_timeout"), 1);
+}
+
+/// Issue 16: 50 idle sockets locked everyone out of a `-c 50` node. With an
+/// idle timeout the node takes new clients again once they are kicked.
+#[test]
+fn idle_sockets_do_not_lock_out_a_full_node_with_an_idle_timeout() {
+    let server = Server::start(&["-c", "50", "--idle-timeout", "1"]);
+    let hogs: Vec<TcpStream> = (0..50).map(|_| raw(&server, WAIT_MAX)).collect();
+    // Every slot is taken: a newcomer is refused (memcached's answer).
+    wait_for("the node to refuse a 51st connection", || {
+        let mut c = raw(&server, Duration::from_secs(2));
+        let _ = c.write_all(b"version\r\n");
+        matches!(read_to_close(&mut c), Some(r) if r.starts_with(b"ERROR Too many open connections"))
+    });
+    // Kicked within the timeout: a newcomer is served.
+    wait_for("a new client to be served", || {
+        let Ok(mut c) = Client::connect_tcp(server.addr()) else {
+            return false;
+        };
+        c.call(b"version\r\n", Duration::from_secs(2))
+            .is_ok_and(|r| r.starts_with(b"VERSION "))
+    });
+    drop(hogs);
+    let mut c = server.connect();
+    assert!(stat(&stats(&mut c, ""), "idle_kicks") >= 50);
+}
+
+/// Issue 16: 70 connections each start a 1 MB `set`, send 20 KB and stall,
+/// and hold the whole in-flight budget (64 MiB) forever; another client's
+/// large set is then refused. The data timeout closes them and gives the
+/// budget back, and the other client's set goes through.
+#[test]
+fn stalled_data_blocks_give_the_inflight_budget_back() {
+    let server = Server::start(&["-m", "64", "--data-timeout", "2"]);
+    let mut good = server.connect();
+    let pid = stat(&stats(&mut good, ""), "pid");
+    let mut stalled: Vec<TcpStream> = (0..70)
+        .map(|i| {
+            let mut s = raw(&server, WAIT_MAX);
+            s.write_all(format!("set stall{i} 0 0 1000000\r\n").as_bytes())
+                .expect("send header");
+            s.write_all(&vec![b's'; 20 * 1024]).expect("send part");
+            s
+        })
+        .collect();
+    wait_for("the stalled sets to hold the budget", || {
+        stat(&stats(&mut good, ""), "inflight_bytes") >= 60 * MIB
+    });
+    // Those that got a reservation are closed within the timeout; those the
+    // full budget refused were told so (memcached's answer) and discard
+    // their data, holding nothing.
+    let (mut closed, mut refused) = (0, 0);
+    for s in &mut stalled {
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        match read_to_close(s) {
+            Some(reply) => {
+                assert!(reply.is_empty(), "{:?}", String::from_utf8_lossy(&reply));
+                closed += 1;
+            }
+            None => refused += 1,
+        }
+    }
+    assert_eq!(closed + refused, 70);
+    assert!(closed >= 60, "{closed} closed, {refused} refused");
+    wait_for("the budget to come back", || {
+        stat(&stats(&mut good, ""), "inflight_bytes") == 0
+    });
+    assert_eq!(stat(&stats(&mut good, ""), "data_timeouts"), closed);
+    // A well-behaved large set, sent in pieces, is stored.
+    let value = vec![b'v'; 1_000_000];
+    good.send(b"set big 0 0 1000000\r\n").expect("send");
+    for part in value.chunks(64 * 1024) {
+        good.send(part).expect("send");
+    }
+    assert_eq!(
+        good.request(b"\r\n", &[b"\r\n"]),
+        b"STORED\r\n",
+        "the large set after the attack"
+    );
+    let peak = proc_status_bytes(pid, "VmHWM:");
+    assert!(
+        peak <= 64 * MIB + 64 * MIB + 32 * MIB,
+        "peak RSS {} MiB",
+        peak / MIB
+    );
+}
+
+/// Issue 16, row 4: connections that send most of a 1 MiB multi-get line
+/// and no newline held memory that no budget saw (`inflight_bytes` 0). A
+/// long unfinished line now reserves from the in-flight budget; past it, a
+/// connection gets memcached's answer and is closed, and the data timeout
+/// closes the rest.
+#[test]
+fn unfinished_long_lines_are_held_to_the_inflight_budget() {
+    // A budget of 8 MiB: 7 unfinished 1 MiB lines fit, the rest do not.
+    let server = Server::start(&["-m", "8", "--data-timeout", "2"]);
+    let mut good = server.connect();
+    let pid = stat(&stats(&mut good, ""), "pid");
+    let before = proc_status_bytes(pid, "VmRSS:");
+    let mut line = b"get".to_vec();
+    while line.len() < 900 * 1024 {
+        line.extend_from_slice(b" some-key-that-is-not-there");
+    }
+    let mut hogs: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = raw(&server, WAIT_MAX);
+            // Refused mid-way, the node closes the connection: the rest of
+            // the line may not go out.
+            let _ = s.write_all(&line);
+            s
+        })
+        .collect();
+    wait_for("the lines to be read", || {
+        stat(&stats(&mut good, ""), "inflight_bytes") >= 7 * MIB
+    });
+    let held = stat(&stats(&mut good, ""), "inflight_bytes");
+    assert!(held <= 8 * MIB, "{held} bytes reserved past the budget");
+    // The well-behaved client is served meanwhile.
+    assert_eq!(good.ask(b"set k 0 0 1\r\nv\r\n"), "STORED\r\n");
+    assert_eq!(good.ask(b"get k\r\n"), "VALUE k 0 1\r\nv\r\nEND\r\n");
+    // Refused at once (the reply may be lost to a reset while the line was
+    // still going out) or closed by the data timeout: every hog is closed.
+    let mut refused = 0;
+    for s in &mut hogs {
+        let reply = read_to_close(s).expect("every hog is closed, at once or by the timeout");
+        if reply == b"SERVER_ERROR out of memory reading request\r\n" {
+            refused += 1;
+        } else {
+            assert!(reply.is_empty(), "{:?}", String::from_utf8_lossy(&reply));
+        }
+    }
+    assert!(refused >= 1, "no hog was told the budget was spent");
+    let timeouts = stat(&stats(&mut good, ""), "data_timeouts");
+    assert!(
+        (1..=8).contains(&timeouts),
+        "{timeouts} closed by the data timeout"
+    );
+    wait_for("the budget to come back", || {
+        stat(&stats(&mut good, ""), "inflight_bytes") == 0
+    });
+    let peak = proc_status_bytes(pid, "VmHWM:");
+    assert!(
+        peak <= before + 8 * MIB + 20 * 64 * 1024 + 16 * MIB,
+        "peak RSS {} MiB from {} MiB",
+        peak / MIB,
+        before / MIB
+    );
+}
