@@ -10,20 +10,12 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Client, Server};
+use common::{Client, Server, proc_status_bytes, stat_value};
 
 const MIB: u64 = 1024 * 1024;
 
 /// The longest any wait below may take before the test fails.
 const WAIT_MAX: Duration = Duration::from_secs(20);
-
-fn stat(text: &str, name: &str) -> u64 {
-    let prefix = format!("STAT {name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no numeric {name} in:\n{text}"))
-}
 
 fn stats(c: &mut Client, group: &str) -> String {
     let request = if group.is_empty() {
@@ -32,18 +24,6 @@ fn stats(c: &mut Client, group: &str) -> String {
         format!("stats {group}\r\n")
     };
     String::from_utf8(c.request(request.as_bytes(), &[b"END\r\n"])).expect("utf-8 stats")
-}
-
-/// A field of /proc/PID/status in bytes (the file gives kB).
-fn proc_status_bytes(pid: u64, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-        * 1024
 }
 
 /// Waits (bounded) until `f` holds; panics with `what` if it never does.
@@ -107,8 +87,8 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
     );
     assert!(busy.ask(b"version\r\n").starts_with("VERSION "));
     let general = stats(&mut busy, "");
-    assert_eq!(stat(&general, "idle_kicks"), 1, "{general}");
-    assert_eq!(stat(&stats(&mut busy, "settings"), "idle_timeout"), 1);
+    assert_eq!(stat_value(&general, "idle_kicks"), 1, "{general}");
+    assert_eq!(stat_value(&stats(&mut busy, "settings"), "idle_timeout"), 1);
 }
 
 /// Issue 16: 50 idle sockets locked everyone out of a `-c 50` node. With an
@@ -133,7 +113,7 @@ fn idle_sockets_do_not_lock_out_a_full_node_with_an_idle_timeout() {
     });
     drop(hogs);
     let mut c = server.connect();
-    assert!(stat(&stats(&mut c, ""), "idle_kicks") >= 50);
+    assert!(stat_value(&stats(&mut c, ""), "idle_kicks") >= 50);
 }
 
 /// Issue 16: 70 connections each start a 1 MB `set`, send 20 KB and stall,
@@ -144,7 +124,7 @@ fn idle_sockets_do_not_lock_out_a_full_node_with_an_idle_timeout() {
 fn stalled_data_blocks_give_the_inflight_budget_back() {
     let server = Server::start(&["-m", "64", "--data-timeout", "2"]);
     let mut good = server.connect();
-    let pid = stat(&stats(&mut good, ""), "pid");
+    let pid = stat_value(&stats(&mut good, ""), "pid");
     let mut stalled: Vec<TcpStream> = (0..70)
         .map(|i| {
             let mut s = raw(&server, WAIT_MAX);
@@ -155,7 +135,7 @@ fn stalled_data_blocks_give_the_inflight_budget_back() {
         })
         .collect();
     wait_for("the stalled sets to hold the budget", || {
-        stat(&stats(&mut good, ""), "inflight_bytes") >= 60 * MIB
+        stat_value(&stats(&mut good, ""), "inflight_bytes") >= 60 * MIB
     });
     // Those that got a reservation are closed within the timeout; those the
     // full budget refused were told so (memcached's answer) and discard
@@ -175,9 +155,9 @@ fn stalled_data_blocks_give_the_inflight_budget_back() {
     assert_eq!(closed + refused, 70);
     assert!(closed >= 60, "{closed} closed, {refused} refused");
     wait_for("the budget to come back", || {
-        stat(&stats(&mut good, ""), "inflight_bytes") == 0
+        stat_value(&stats(&mut good, ""), "inflight_bytes") == 0
     });
-    assert_eq!(stat(&stats(&mut good, ""), "data_timeouts"), closed);
+    assert_eq!(stat_value(&stats(&mut good, ""), "data_timeouts"), closed);
     // A well-behaved large set, sent in pieces, is stored.
     let value = vec![b'v'; 1_000_000];
     good.send(b"set big 0 0 1000000\r\n").expect("send");
@@ -207,7 +187,7 @@ fn unfinished_long_lines_are_held_to_the_inflight_budget() {
     // A budget of 8 MiB: 7 unfinished 1 MiB lines fit, the rest do not.
     let server = Server::start(&["-m", "8", "--data-timeout", "2"]);
     let mut good = server.connect();
-    let pid = stat(&stats(&mut good, ""), "pid");
+    let pid = stat_value(&stats(&mut good, ""), "pid");
     let before = proc_status_bytes(pid, "VmRSS:");
     let mut line = b"get".to_vec();
     while line.len() < 900 * 1024 {
@@ -223,9 +203,9 @@ fn unfinished_long_lines_are_held_to_the_inflight_budget() {
         })
         .collect();
     wait_for("the lines to be read", || {
-        stat(&stats(&mut good, ""), "inflight_bytes") >= 7 * MIB
+        stat_value(&stats(&mut good, ""), "inflight_bytes") >= 7 * MIB
     });
-    let held = stat(&stats(&mut good, ""), "inflight_bytes");
+    let held = stat_value(&stats(&mut good, ""), "inflight_bytes");
     assert!(held <= 8 * MIB, "{held} bytes reserved past the budget");
     // The well-behaved client is served meanwhile.
     assert_eq!(good.ask(b"set k 0 0 1\r\nv\r\n"), "STORED\r\n");
@@ -242,13 +222,13 @@ fn unfinished_long_lines_are_held_to_the_inflight_budget() {
         }
     }
     assert!(refused >= 1, "no hog was told the budget was spent");
-    let timeouts = stat(&stats(&mut good, ""), "data_timeouts");
+    let timeouts = stat_value(&stats(&mut good, ""), "data_timeouts");
     assert!(
         (1..=8).contains(&timeouts),
         "{timeouts} closed by the data timeout"
     );
     wait_for("the budget to come back", || {
-        stat(&stats(&mut good, ""), "inflight_bytes") == 0
+        stat_value(&stats(&mut good, ""), "inflight_bytes") == 0
     });
     let peak = proc_status_bytes(pid, "VmHWM:");
     assert!(

@@ -6,33 +6,10 @@
 
 mod common;
 
-use common::Server;
+use common::{Server, proc_status_bytes, stat_value};
 
 const LIMIT_MB: u64 = 64;
 const MIB: u64 = 1024 * 1024;
-
-fn stat(text: &str, name: &str) -> u64 {
-    let prefix = format!("STAT {name} ");
-    text.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no numeric {name} in stats:\n{text}"))
-}
-
-/// A field of /proc/PID/status in bytes (the file gives kB).
-fn proc_status_bytes(pid: u64, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .unwrap_or_else(|| panic!("no {field}"));
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
-}
 
 /// The `stats` reply, as text.
 fn stats_text(c: &mut common::Client) -> String {
@@ -62,7 +39,7 @@ fn tiny_items_then_large_ones_stay_within_budget() {
     let server = Server::start(&["-m", &LIMIT_MB.to_string()]);
     let mut c = server.connect();
     let stats = stats_text(&mut c);
-    let pid = stat(&stats, "pid");
+    let pid = stat_value(&stats, "pid");
     fill(&mut c, "tiny:", 900_000, 1);
     fill(&mut c, "large:", 2_000, 100_000);
     let stats = stats_text(&mut c);
@@ -70,13 +47,13 @@ fn tiny_items_then_large_ones_stay_within_budget() {
     let bound = LIMIT_MB * MIB * 13 / 10 + 32 * MIB;
     println!(
         "tiny then large: bytes {} MiB; items {}; evictions {}; peak {} MiB; bound {} MiB",
-        stat(&stats, "bytes") / MIB,
-        stat(&stats, "curr_items"),
-        stat(&stats, "evictions"),
+        stat_value(&stats, "bytes") / MIB,
+        stat_value(&stats, "curr_items"),
+        stat_value(&stats, "evictions"),
         peak / MIB,
         bound / MIB
     );
-    assert!(stat(&stats, "bytes") <= LIMIT_MB * MIB);
+    assert!(stat_value(&stats, "bytes") <= LIMIT_MB * MIB);
     assert!(
         peak <= bound,
         "peak RSS {} MiB exceeds {} MiB",
@@ -90,7 +67,7 @@ fn writing_four_times_the_limit_stays_within_budget_and_evicts() {
     let server = Server::start(&["-m", &LIMIT_MB.to_string()]);
     let mut c = server.connect();
     let stats = stats_text(&mut c);
-    let pid = stat(&stats, "pid");
+    let pid = stat_value(&stats, "pid");
 
     // Log-uniform sizes from 10 B to 100 KiB, from a fixed seed.
     let mut x = 0x2545_f491_4f6c_dd1du64;
@@ -129,15 +106,15 @@ fn writing_four_times_the_limit_stays_within_budget_and_evicts() {
     println!(
         "wrote {} MiB in {i} items; bytes {} MiB; items {}; evictions {}; rss {} MiB; peak {} MiB; bound {} MiB",
         written / MIB,
-        stat(&stats, "bytes") / MIB,
-        stat(&stats, "curr_items"),
-        stat(&stats, "evictions"),
+        stat_value(&stats, "bytes") / MIB,
+        stat_value(&stats, "curr_items"),
+        stat_value(&stats, "evictions"),
         rss / MIB,
         peak / MIB,
         bound / MIB
     );
-    assert!(stat(&stats, "evictions") > 0);
-    assert!(stat(&stats, "bytes") <= LIMIT_MB * MIB);
+    assert!(stat_value(&stats, "evictions") > 0);
+    assert!(stat_value(&stats, "bytes") <= LIMIT_MB * MIB);
     assert!(
         peak <= bound,
         "peak RSS {} MiB exceeds {} MiB",

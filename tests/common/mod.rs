@@ -843,6 +843,28 @@ pub fn seed(test: &str) -> u64 {
     seed
 }
 
+/// The numeric value of `STAT name` in a `stats` reply.
+pub fn stat_value(text: &str, name: &str) -> u64 {
+    let prefix = format!("STAT {name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {name} in:\n{text}"))
+}
+
+/// A field of /proc/PID/status in bytes (the file gives kB): `VmRSS:`,
+/// `VmHWM:`.
+pub fn proc_status_bytes(pid: u64, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        * 1024
+}
+
 #[cfg(test)]
 mod harness_tests {
     use super::*;
