@@ -768,7 +768,19 @@ impl Cluster {
             let before = store.entry_version(key);
             let recorded_before =
                 request_id.is_some_and(|id| store.with_key(key, |ctx| ctx.has_record(id)));
-            local.execute(raw, out);
+            // While replicas take a read-modify-write's attempt, a state not
+            // computed on it can still replace it here (another primary's
+            // write by read repair, a hint, anti-entropy): then this node no
+            // longer holds the effect, and acknowledging it could be
+            // acknowledging a write that has already lost. The attempt is
+            // marked under the lock of its own write, so no such state
+            // lands unseen.
+            let in_flight = if rmw && !others.is_empty() {
+                store.claim_attempt(key, || local.execute(raw, out)).1
+            } else {
+                local.execute(raw, out);
+                None
+            };
             if others.is_empty() {
                 return;
             }
@@ -814,23 +826,32 @@ impl Cluster {
             let changed = before.map(|(v, _)| v) != Some(attempt);
             let base = before.map_or(0, |(v, _)| v);
             let condition = rmw.then_some((base, abandoned.as_slice()));
-            // While replicas take the attempt, a state not computed on it
-            // can still replace it here (read repair of another primary's
-            // write, a hint, anti-entropy): then this node no longer holds
-            // the effect, and acknowledging it would be acknowledging a
-            // write that has already lost.
-            let in_flight = (rmw && changed).then(|| store.attempt(key, attempt));
             let now_ms = store.clock().now_ms();
             let quorum = self
                 .replicate(key, state, &others, needed, now_ms, condition)
                 .await;
             let overrun = in_flight.as_ref().is_some_and(|a| a.overrun());
             drop(in_flight);
+            let held_now = || store.replica_state(key).filter(|_| request_id.is_some());
             let newer = match quorum {
                 Ok(()) if !overrun => return,
-                Ok(()) => match store.replica_state(key) {
+                // Overrun: with a request id, run the command again on what
+                // this node holds now; it replays if that state was built
+                // on the attempt (the record came with it), and applies
+                // otherwise. Without one the two cannot be told apart, and
+                // running it again could count it twice.
+                Ok(()) => match held_now() {
                     Some(held) => held,
-                    None => return,
+                    None => {
+                        self.stats.write_quorum_failures.fetch_add(1, Relaxed);
+                        out.truncate(start);
+                        return server_error(
+                            out,
+                            silent,
+                            "another write replaced this one on its primary while it replicated; \
+                             it may or may not have been applied",
+                        );
+                    }
                 },
                 Err(NotReplicated::Quorum(why)) => {
                     self.stats.write_quorum_failures.fetch_add(1, Relaxed);
@@ -840,7 +861,8 @@ impl Cluster {
                 }
                 Err(NotReplicated::Newer(newer)) => newer,
             };
-            // A replica holds a state this node never saw: a write taken by
+            // A replica holds a state this node never saw (or, overrun, this
+            // node took one): a write taken by
             // another primary while this one was paused or cut off, one
             // stamped by a clock ahead of this one, or (for a
             // read-modify-write) any write its result did not see. Counting

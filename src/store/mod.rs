@@ -327,15 +327,20 @@ pub struct Attempt<'s> {
 }
 
 impl Attempt<'_> {
+    /// The attempt's version.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
     /// Whether a state not computed on the attempt has replaced it on this
-    /// node: its effect is not in what this node holds any more, so the
-    /// command must run again before it is acknowledged.
+    /// node: its effect may not be in what this node holds any more.
     pub fn overrun(&self) -> bool {
         self.store.locked(&self.key, |ctx| {
+            let hash = ctx.hash;
             ctx.shard
                 .attempts
                 .iter()
-                .any(|&(v, overrun)| v == self.version && overrun)
+                .any(|a| a.hash == hash && a.version == self.version && a.overrun)
         })
     }
 }
@@ -344,11 +349,18 @@ impl Drop for Attempt<'_> {
     fn drop(&mut self) {
         let version = self.version;
         self.store.locked(&self.key, |ctx| {
-            if let Some(i) = ctx.shard.attempts.iter().position(|&(v, _)| v == version) {
-                ctx.shard.attempts.swap_remove(i);
-            }
+            let hash = ctx.hash;
+            ctx.shard
+                .attempts
+                .retain(|a| !(a.hash == hash && a.version == version));
         });
     }
+}
+
+thread_local! {
+    /// The key (hash) this thread's primary is claiming an attempt for, and
+    /// the version claimed so far (0: none yet) ([`Store::claim_attempt`]).
+    static CLAIM: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
 }
 
 /// Item bits that are part of its replicated state.
@@ -950,10 +962,15 @@ impl Store {
             let replaces_attempt =
                 matches!(condition, Condition::Based { replaces, .. } if replaces.contains(&held));
             let built_on_held = matches!(condition, Condition::Based { base, .. } if base == held);
-            let in_flight = ctx.shard.attempts.iter_mut().find(|(v, _)| *v == held);
+            let hash = ctx.hash;
+            let in_flight = ctx
+                .shard
+                .attempts
+                .iter_mut()
+                .find(|a| a.hash == hash && a.version == held);
             let overrun = match in_flight {
-                Some((_, overrun)) if !built_on_held => {
-                    *overrun = true;
+                Some(a) if !built_on_held && state.version() != held => {
+                    a.overrun = true;
                     true
                 }
                 _ => false,
@@ -1066,18 +1083,31 @@ impl Store {
         self.hlc.next(self.clock.now_ms())
     }
 
-    /// Marks the key's state at `version` as a read-modify-write attempt
-    /// that this node, as the key's primary, is replicating, until the
-    /// returned guard drops. A state not computed on the attempt that
-    /// replaces it here meanwhile takes none of the attempt's own records
-    /// along, and the guard tells ([`Attempt::overrun`]).
-    pub fn attempt(&self, key: &[u8], version: u64) -> Attempt<'_> {
-        self.locked(key, |ctx| ctx.shard.attempts.push((version, false)));
-        Attempt {
-            store: self,
-            key: key.to_vec(),
-            version,
-        }
+    /// Runs `command` (a read-modify-write of `key` this node executes as
+    /// its primary, on this thread) and marks the version it writes for
+    /// the key as an attempt this node is replicating, until the returned
+    /// guard drops. The mark is taken under the same lock as the write, so
+    /// no state can replace the attempt unseen. A state not computed on the
+    /// attempt that replaces it here meanwhile takes none of the attempt's
+    /// own records along, and the guard tells ([`Attempt::overrun`]).
+    /// `None`: the command wrote no new version of the key.
+    pub fn claim_attempt<R>(
+        &self,
+        key: &[u8],
+        command: impl FnOnce() -> R,
+    ) -> (R, Option<Attempt<'_>>) {
+        let hash = key_hash(key);
+        CLAIM.with(|c| c.set(Some((hash, 0))));
+        let result = command();
+        let claimed = CLAIM.with(|c| c.take());
+        let attempt = claimed
+            .filter(|&(_, version)| version != 0)
+            .map(|(_, version)| Attempt {
+                store: self,
+                key: key.to_vec(),
+                version,
+            });
+        (result, attempt)
     }
 
     /// General single-key access for protocol features that need more than
@@ -1725,9 +1755,29 @@ impl Ctx<'_> {
         }
     }
 
-    /// A fresh version stamp from the node's clock.
-    fn next_version(&self) -> u64 {
-        self.store.hlc.next(self.now_ms)
+    /// A fresh version stamp from the node's clock; marked as an attempt if
+    /// this thread's primary is claiming one for this key
+    /// ([`Store::claim_attempt`]).
+    fn next_version(&mut self) -> u64 {
+        let version = self.store.hlc.next(self.now_ms);
+        let hash = self.hash;
+        let claimed = CLAIM.with(|c| match c.get() {
+            Some((h, earlier)) if h == hash => {
+                c.set(Some((h, version)));
+                Some(earlier)
+            }
+            _ => None,
+        });
+        if let Some(earlier) = claimed {
+            let attempts = &mut self.shard.attempts;
+            attempts.retain(|a| !(a.hash == hash && a.version == earlier));
+            attempts.push(shard::Claimed {
+                hash,
+                version,
+                overrun: false,
+            });
+        }
+        version
     }
 
     /// The write semantics of memcached's `do_store_item`.

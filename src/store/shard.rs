@@ -548,10 +548,18 @@ pub struct Shard {
     expiry_grace_secs: Option<u32>,
     /// This shard's counters, summed across shards by [`super::Store::stats`].
     pub stats: ShardStats,
-    /// Read-modify-write attempts this node is replicating as a primary, by
-    /// version (versions are unique per node), each with whether a state
-    /// not computed on it has replaced it here since ([`super::Attempt`]).
-    pub(super) attempts: Vec<(u64, bool)>,
+    /// Read-modify-write attempts this node is replicating as a primary:
+    /// key hash, version, and whether a state not computed on it has
+    /// replaced it here since ([`super::Attempt`]).
+    pub(super) attempts: Vec<Claimed>,
+}
+
+/// One entry of [`Shard::attempts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Claimed {
+    pub hash: u64,
+    pub version: u64,
+    pub overrun: bool,
 }
 
 // SAFETY: the shard exclusively owns its items (raw allocations reached only

@@ -1368,34 +1368,56 @@ fn a_replaced_attempt_takes_its_own_record_along() {
 #[test]
 fn an_attempt_in_flight_replaced_by_another_state_leaves_its_record_behind() {
     let (s, _) = member_store();
-    s.apply(b"c", &recorded_state(at(5), b"11", b"id-x", &s));
+    // A recorded write, claimed as an attempt in the lock of its own write.
+    let claim = |id: &[u8], value: &[u8]| {
+        let (stored, attempt) = s.claim_attempt(b"c", || {
+            s.with_key(b"c", |ctx| {
+                ctx.record_as(id, None);
+                ctx.write(&Write::new(Mode::Set, b"c", value, 0, 0))
+            })
+        });
+        let Stored::Stored(version) = stored else {
+            panic!("{stored:?}")
+        };
+        let attempt = attempt.expect("the write was claimed");
+        assert_eq!(attempt.version(), version);
+        attempt
+    };
     {
-        let attempt = s.attempt(b"c", at(5));
-        // A result computed on the attempt carries its effect and record.
+        let attempt = claim(b"id-x", b"11");
+        // A result computed on the attempt carries its effect and record,
+        // and is no overrun.
         let on_it = with_records_of(
-            recorded_state(at(6), b"12", b"id-z", &s),
-            &recorded_state(at(5), b"11", b"id-x", &s),
+            recorded_state(s.next_version(), b"12", b"id-z", &s),
+            &s.replica_state(b"c").expect("the attempt"),
             &s,
         );
         let based = Condition::Based {
-            base: at(5),
+            base: attempt.version(),
             replaces: &[],
         };
         assert_eq!(s.apply_if(b"c", &on_it, Fill::Evict, based), Applied::Newer);
         assert!(s.with_key(b"c", |ctx| ctx.has_record(b"id-x")));
         assert!(!attempt.overrun());
     }
-    s.apply(b"c", &recorded_state(at(7), b"13", b"id-x2", &s));
-    let attempt = s.attempt(b"c", at(7));
+    let attempt = claim(b"id-x2", b"13");
     // Another primary's write, newer, not computed on the attempt.
-    assert_eq!(s.apply(b"c", &item_state(at(9), b"12")), Applied::Newer);
+    let theirs = item_state(s.next_version(), b"12");
+    assert_eq!(s.apply(b"c", &theirs), Applied::Newer);
     assert!(!s.with_key(b"c", |ctx| ctx.has_record(b"id-x2")));
     assert!(s.with_key(b"c", |ctx| ctx.has_record(b"id-x")));
     assert!(attempt.overrun());
     drop(attempt);
     // Nothing in flight: a newer state keeps the records it replaces.
-    s.apply(b"c", &recorded_state(at(10), b"13", b"id-y", &s));
-    assert_eq!(s.apply(b"c", &item_state(at(11), b"20")), Applied::Newer);
+    s.with_key(b"c", |ctx| {
+        ctx.record_as(b"id-y", None);
+        ctx.write(&Write::new(Mode::Set, b"c", b"14", 0, 0))
+    });
+    let later = item_state(s.next_version(), b"20");
+    assert_eq!(s.apply(b"c", &later), Applied::Newer);
     assert!(s.with_key(b"c", |ctx| ctx.has_record(b"id-y")));
+    // A write outside a claim marks nothing.
+    let (_, none) = s.claim_attempt(b"other", || set(&s, b"c", b"21"));
+    assert!(none.is_none());
     s.check_invariants();
 }
