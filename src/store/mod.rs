@@ -1096,10 +1096,19 @@ impl Store {
         key: &[u8],
         command: impl FnOnce() -> R,
     ) -> (R, Option<Attempt<'_>>) {
+        /// Ends the claim however `command` ends (a panic too).
+        struct Unclaim;
+        impl Drop for Unclaim {
+            fn drop(&mut self) {
+                CLAIM.with(|c| c.set(None));
+            }
+        }
         let hash = key_hash(key);
         CLAIM.with(|c| c.set(Some((hash, 0))));
+        let unclaim = Unclaim;
         let result = command();
-        let claimed = CLAIM.with(|c| c.take());
+        let claimed = CLAIM.with(std::cell::Cell::get);
+        drop(unclaim);
         let attempt = claimed
             .filter(|&(_, version)| version != 0)
             .map(|(_, version)| Attempt {
