@@ -238,3 +238,100 @@ fn unfinished_long_lines_are_held_to_the_inflight_budget() {
         before / MIB
     );
 }
+
+/// Issue 16, row 5: clients that pipeline `get` of a 1 MB value and never
+/// read took a `-m 64` node from 135 to 971 MiB, each connection holding
+/// its own copy of the reply. Unsent replies past 16 KiB a connection now
+/// hold the in-flight budget: past it a client gets memcached's
+/// `SERVER_ERROR out of memory writing get response`, and one that does
+/// not read a reply holding budget for the data timeout is closed. A
+/// well-behaved client is served throughout.
+#[test]
+fn clients_that_never_read_are_held_to_the_inflight_budget() {
+    let server = Server::start(&["-m", "64", "--data-timeout", "2"]);
+    let mut good = server.connect();
+    let pid = stat_value(&stats(&mut good, ""), "pid");
+    let value = vec![b'v'; 1_000_000];
+    good.send(b"set big 0 0 1000000\r\n").expect("send");
+    good.send(&value).expect("send");
+    assert_eq!(good.request(b"\r\n", &[b"\r\n"]), b"STORED\r\n");
+    assert_eq!(good.ask(b"set small 0 0 1\r\nv\r\n"), "STORED\r\n");
+    let before = proc_status_bytes(pid, "VmRSS:");
+    const READERS_NEVER: usize = 150;
+    let mut hogs: Vec<TcpStream> = (0..READERS_NEVER)
+        .map(|_| {
+            let mut s = raw(&server, Duration::from_secs(10));
+            s.write_all(&b"get big\r\n".repeat(10)).expect("send gets");
+            s
+        })
+        .collect();
+    // The good client's small gets, timed, while the budget is spent.
+    let mut latencies = Vec::new();
+    wait_for("the unsent replies to hold the budget", || {
+        let started = Instant::now();
+        assert_eq!(
+            good.ask(b"get small\r\n"),
+            "VALUE small 0 1\r\nv\r\nEND\r\n"
+        );
+        latencies.push(started.elapsed());
+        stat_value(&stats(&mut good, ""), "inflight_bytes") >= 48 * MIB
+    });
+    let held = stat_value(&stats(&mut good, ""), "inflight_bytes");
+    assert!(held <= 64 * MIB, "{held} bytes held past the budget");
+    // Closed by the data timeout, their replies given back.
+    wait_for("the budget to come back", || {
+        let started = Instant::now();
+        assert_eq!(
+            good.ask(b"get small\r\n"),
+            "VALUE small 0 1\r\nv\r\nEND\r\n"
+        );
+        latencies.push(started.elapsed());
+        stat_value(&stats(&mut good, ""), "inflight_bytes") == 0
+    });
+    let timeouts = stat_value(&stats(&mut good, ""), "data_timeouts");
+    assert!(timeouts >= 30, "{timeouts} closed by the data timeout");
+    // Those refused were told so, in memcached's words.
+    let told = std::thread::scope(|scope| {
+        let readers: Vec<_> = hogs
+            .iter_mut()
+            .map(|s| {
+                scope.spawn(move || {
+                    s.set_read_timeout(Some(Duration::from_secs(2)))
+                        .expect("read timeout");
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut got = Vec::new();
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    let told = b"SERVER_ERROR out of memory writing get response\r\n";
+                    got.windows(told.len()).any(|w| w == told)
+                })
+            })
+            .collect();
+        readers
+            .into_iter()
+            .map(|r| r.join().expect("reader"))
+            .filter(|&told| told)
+            .count()
+    });
+    assert!(told >= 1, "no client was told the budget was spent");
+    let peak = proc_status_bytes(pid, "VmHWM:");
+    latencies.sort();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    eprintln!(
+        "RSS {} MiB before, peak {} MiB; good client p99 {p99:?} over {} gets",
+        before / MIB,
+        peak / MIB,
+        latencies.len()
+    );
+    assert!(
+        peak <= before + 64 * MIB + READERS_NEVER as u64 * 64 * 1024 + 32 * MIB,
+        "peak RSS {} MiB from {} MiB",
+        peak / MIB,
+        before / MIB
+    );
+    assert!(p99 < Duration::from_millis(200), "good client p99 {p99:?}");
+}

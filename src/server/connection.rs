@@ -37,6 +37,13 @@ use crate::protocol::{ParseLimits, Parsed, Request, incomplete_bytes_max, parse}
 /// Buffers larger than this are given back once empty.
 const IDLE_BUFFER_BYTES: usize = 64 * 1024;
 
+/// What a connection holds of the in-flight budget: for the request whose
+/// data is arriving, and for the replies not yet written.
+struct Held<'s> {
+    request: Reservation<'s>,
+    reply: Reservation<'s>,
+}
+
 /// Decrements the connection count however the task ends.
 struct Registered {
     shared: Arc<Shared>,
@@ -82,7 +89,10 @@ async fn run(
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
     let mut swallow = 0usize;
-    let mut reservation = Reservation::new(&shared.inflight);
+    let mut budget = Held {
+        request: Reservation::new(&shared.inflight),
+        reply: Reservation::new(&shared.inflight),
+    };
     let input_max = incomplete_bytes_max(&shared.limits);
     // One registration with the stop signal for the connection's life:
     // building a fresh `changed()` future on every read took the signal's
@@ -100,12 +110,12 @@ async fn run(
             &mut inbuf,
             &mut out,
             &mut swallow,
-            &mut reservation,
+            &mut budget,
             &mut wr,
             last_command.as_mut(),
         )
         .await?;
-        flush(shared, &mut wr, &mut out).await?;
+        flush(shared, &mut wr, &mut out, &mut budget.reply).await?;
         if close || *stop.borrow() {
             return Ok(());
         }
@@ -130,7 +140,7 @@ async fn run(
         // Mid-way through a data block holding in-flight memory: the data
         // timeout, from now (any byte resets it). Otherwise the idle
         // timeout, from the last command.
-        let (deadline, kicks) = match (reservation.bytes() > 0, data, last_command) {
+        let (deadline, kicks) = match (budget.request.bytes() > 0, data, last_command) {
             (true, Some(d), _) => (Some(Instant::now() + d), &shared.stats.data_timeouts),
             (true, None, _) => (None, &shared.stats.data_timeouts),
             (false, _, Some(last)) => (idle.map(|i| last + i), &shared.stats.idle_kicks),
@@ -157,16 +167,67 @@ async fn run(
     }
 }
 
-async fn flush(shared: &Shared, wr: &mut WriteHalf<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {
-    if !out.is_empty() {
-        wr.write_all(out).await?;
-        shared
-            .stats
-            .bytes_written
-            .fetch_add(out.len() as u64, Relaxed);
-        out.clear();
+/// Writes the pending replies and gives back what they held of the budget.
+/// A reply that holds budget and that the client does not read for
+/// `data_timeout_secs` ends the connection (an error), so a client that
+/// never reads cannot keep the budget.
+async fn flush(
+    shared: &Shared,
+    wr: &mut WriteHalf<'_>,
+    out: &mut Vec<u8>,
+    held: &mut Reservation<'_>,
+) -> std::io::Result<()> {
+    if out.is_empty() {
+        return Ok(());
     }
+    // The common case, without a timer: the socket takes it all now.
+    let sent = match wr.try_write(out) {
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if sent < out.len() {
+        let rest = &out[sent..];
+        let timeout = shared.facts.data_timeout_secs;
+        if held.bytes() > 0 && timeout > 0 {
+            let limit = Duration::from_secs(u64::from(timeout));
+            if tokio::time::timeout(limit, wr.write_all(rest))
+                .await
+                .is_err()
+            {
+                shared.stats.data_timeouts.fetch_add(1, Relaxed);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client did not read a reply holding in-flight memory",
+                ));
+            }
+        } else {
+            wr.write_all(rest).await?;
+        }
+    }
+    shared
+        .stats
+        .bytes_written
+        .fetch_add(out.len() as u64, Relaxed);
+    out.clear();
+    held.clear();
     Ok(())
+}
+
+/// Holds the pending replies' bytes past [`INFLIGHT_FREE_BYTES`] in the
+/// budget. If there is no room, the reply from `reply_at` on is replaced by
+/// memcached's out-of-memory answer and false returned.
+fn hold_reply(out: &mut Vec<u8>, reply_at: usize, held: &mut Reservation<'_>, get: bool) -> bool {
+    if out.len() <= INFLIGHT_FREE_BYTES || held.hold(out.len() - INFLIGHT_FREE_BYTES) {
+        return true;
+    }
+    out.truncate(reply_at);
+    out.extend_from_slice(if get {
+        b"SERVER_ERROR out of memory writing get response\r\n"
+    } else {
+        b"SERVER_ERROR out of memory writing response\r\n"
+    });
+    false
 }
 
 /// Executes every complete request in `inbuf`. Returns true to close.
@@ -175,10 +236,14 @@ async fn process(
     inbuf: &mut BytesMut,
     out: &mut Vec<u8>,
     swallow: &mut usize,
-    reservation: &mut Reservation<'_>,
+    budget: &mut Held<'_>,
     wr: &mut WriteHalf<'_>,
     mut last_command: Option<&mut Instant>,
 ) -> std::io::Result<bool> {
+    let Held {
+        request: reservation,
+        reply: held,
+    } = budget;
     let mut executed = 0;
     loop {
         if *swallow > 0 {
@@ -257,7 +322,7 @@ async fn process(
                         continue;
                     }
                     Fault::Delay(d) => {
-                        flush(shared, wr, out).await?;
+                        flush(shared, wr, out, held).await?;
                         tokio::time::sleep(d).await;
                     }
                     Fault::None | Fault::DropReply => {}
@@ -276,6 +341,8 @@ async fn process(
                             .coordinate(shared, &request, &inbuf[..consumed], out)
                             .await;
                         drop_reply(out);
+                        let get = matches!(request, Request::Get(_));
+                        hold_reply(out, reply_at, held, get);
                         // A refused store's data block follows its line.
                         let refused = request.refused();
                         inbuf.advance(consumed);
@@ -283,7 +350,7 @@ async fn process(
                             *swallow = refused.swallow();
                         }
                         if out.len() >= WRITE_FLUSH_BYTES {
-                            flush(shared, wr, out).await?;
+                            flush(shared, wr, out, held).await?;
                         }
                         continue;
                     }
@@ -292,6 +359,7 @@ async fn process(
                     Request::Get(get) => {
                         let mut ahead = get.keys();
                         let multi = get.keys().nth(1).is_some();
+                        let mut refused = false;
                         for (i, key) in get.keys().enumerate() {
                             if multi && i % PREFETCH_KEYS == 0 {
                                 let mut batch: [&[u8]; PREFETCH_KEYS] = [&[]; PREFETCH_KEYS];
@@ -302,15 +370,27 @@ async fn process(
                                     .count();
                                 shared.store.prefetch(&batch[..n]);
                             }
+                            let key_at = out.len();
                             execute::get_key(shared, &get, key, out);
+                            if !hold_reply(out, key_at, held, true) {
+                                // memcached ends the reply with the error.
+                                refused = true;
+                                break;
+                            }
                             if out.len() >= WRITE_FLUSH_BYTES {
-                                flush(shared, wr, out).await?;
+                                flush(shared, wr, out, held).await?;
                             }
                         }
-                        execute::get_end(&get, out);
+                        if !refused {
+                            execute::get_end(&get, out);
+                        }
                         Action::Continue
                     }
-                    other => execute::execute(shared, other, out),
+                    other => {
+                        let action = execute::execute(shared, other, out);
+                        hold_reply(out, reply_at, held, false);
+                        action
+                    }
                 };
                 drop_reply(out);
                 (action, consumed)
@@ -324,12 +404,12 @@ async fn process(
             Action::Close => return Ok(true),
         }
         if out.len() >= WRITE_FLUSH_BYTES {
-            flush(shared, wr, out).await?;
+            flush(shared, wr, out, held).await?;
         }
         executed += 1;
         if executed >= REQUESTS_PER_BATCH_MAX {
             // Let other connections on this worker run.
-            flush(shared, wr, out).await?;
+            flush(shared, wr, out, held).await?;
             tokio::task::yield_now().await;
             executed = 0;
         }

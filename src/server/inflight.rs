@@ -8,13 +8,20 @@
 //! budget is spent the request is refused exactly as memcached refuses one it
 //! cannot allocate: `SERVER_ERROR out of memory storing object`, the data
 //! discarded, and the old value of a `set` dropped.
+//!
+//! Replies draw on the same budget: memcached writes a reply from the items
+//! themselves, webvac copies it into the connection, so a reply waiting for
+//! a client that does not read holds memory too. Past
+//! [`INFLIGHT_FREE_BYTES`], a connection holds its pending reply bytes here;
+//! when the budget is spent the reply is memcached's
+//! `SERVER_ERROR out of memory writing get response`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use crate::limits::INFLIGHT_FREE_BYTES;
 
-/// Bytes of incomplete requests all connections may hold beyond
-/// [`INFLIGHT_FREE_BYTES`] each.
+/// Bytes of incomplete requests and unsent replies all connections may hold
+/// beyond [`INFLIGHT_FREE_BYTES`] each.
 #[derive(Debug)]
 pub struct InflightBudget {
     /// Bytes reserved now.
@@ -83,6 +90,21 @@ impl<'a> Reservation<'a> {
         }
     }
 
+    /// Holds `bytes` in all, reserving only what is not held yet (a reply
+    /// that grows). False if the budget has no room for the difference
+    /// (what was held stays held).
+    pub fn hold(&mut self, bytes: usize) -> bool {
+        if bytes <= self.bytes {
+            return true;
+        }
+        if self.budget.try_reserve(bytes - self.bytes) {
+            self.bytes = bytes;
+            true
+        } else {
+            false
+        }
+    }
+
     /// Gives the reservation back (the frame completed).
     pub fn clear(&mut self) {
         if self.bytes > 0 {
@@ -113,6 +135,20 @@ mod tests {
         a.clear();
         assert!(b.reserve(60));
         drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn a_held_reply_grows_by_its_difference() {
+        let budget = InflightBudget::new(100);
+        let mut reply = Reservation::new(&budget);
+        assert!(reply.hold(40));
+        assert!(reply.hold(30), "already held");
+        assert!(reply.hold(90));
+        assert_eq!(budget.used(), 90);
+        assert!(!reply.hold(120), "past the limit");
+        assert_eq!(reply.bytes(), 90, "what was held stays held");
+        reply.clear();
         assert_eq!(budget.used(), 0);
     }
 }
