@@ -10,6 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::cluster::{Cluster, Layout, exclusive};
 use common::{Client, Server, proc_status_bytes, stat_value};
 
 const MIB: u64 = 1024 * 1024;
@@ -330,4 +331,53 @@ fn clients_that_never_read_are_held_to_the_inflight_budget() {
         before / MIB
     );
     assert!(p99 < Duration::from_millis(200), "good client p99 {p99:?}");
+}
+
+/// Issue 16, rows 1 and 3: one `get big big …` line with 1,000 repeats of a
+/// 1 MB key took a cluster node from 125 to 1,929 MiB (each occurrence read
+/// from R replicas) before it answered `SERVER_ERROR`, and `gat` had no cap
+/// at all. A cluster node now reads (or touches) each distinct key once,
+/// answers every occurrence from that read as memcached does, and refuses a
+/// reply past its cap before building it.
+#[test]
+fn a_cluster_get_reads_each_key_once_and_refuses_past_its_cap() {
+    let _serial = exclusive();
+    let cluster = Cluster::start(Layout::new(3).quorums(2, 2));
+    let mut c = cluster.connect(1);
+    let pid = stat_value(&stats(&mut c, ""), "pid");
+    let value = vec![b'v'; 1_000_000];
+    c.send(b"set big 0 0 1000000\r\n").expect("send");
+    c.send(&value).expect("send");
+    assert_eq!(c.request(b"\r\n", &[b"\r\n"]), b"STORED\r\n");
+    let before = proc_status_bytes(pid, "VmRSS:");
+    for verb in ["get", "gat 0"] {
+        let mut line = verb.as_bytes().to_vec();
+        line.extend_from_slice(&b" big".repeat(1000));
+        line.extend_from_slice(b"\r\n");
+        let reply = c.request(&line, &[b"\r\n"]);
+        let what = if verb == "get" { "multi-get" } else { "gat" };
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            format!("SERVER_ERROR {what} reply over 64 MiB in a cluster; split the request\r\n")
+        );
+        // Under the cap: every occurrence answered.
+        let mut line = verb.as_bytes().to_vec();
+        line.extend_from_slice(&b" big".repeat(40));
+        line.extend_from_slice(b"\r\n");
+        let reply = c.request(&line, &[b"END\r\n"]);
+        let header = b"VALUE big 0 1000000\r\n";
+        let answered = reply.windows(header.len()).filter(|w| w == header).count();
+        assert_eq!(answered, 40, "{verb}");
+    }
+    let peak = proc_status_bytes(pid, "VmHWM:");
+    eprintln!("RSS {} MiB before, peak {} MiB", before / MIB, peak / MIB);
+    assert!(
+        peak <= before + 2 * 40 * MIB + 32 * MIB,
+        "peak RSS {} MiB from {} MiB",
+        peak / MIB,
+        before / MIB
+    );
+    // Counted once per occurrence, as memcached counts.
+    let general = stats(&mut c, "");
+    assert!(stat_value(&general, "cmd_get") >= 1040, "{general}");
 }

@@ -359,6 +359,46 @@ fn reads_before_writing(request: &Request<'_>) -> bool {
     }
 }
 
+/// How many times each of `distinct` keys occurs, from [`distinct_keys`]'s
+/// occurrences.
+fn times_asked(occurrences: &[usize], distinct: usize) -> Vec<u64> {
+    let mut times = vec![0u64; distinct];
+    for &d in occurrences {
+        times[d] += 1;
+    }
+    times
+}
+
+/// The answer to a get-family request whose reply would pass
+/// [`MULTI_GET_REPLY_BYTES_MAX`].
+fn over_reply_cap(out: &mut Vec<u8>, what: &str) {
+    server_error(
+        out,
+        false,
+        &format!(
+            "{what} reply over {} MiB in a cluster; split the request",
+            MULTI_GET_REPLY_BYTES_MAX >> 20
+        ),
+    );
+}
+
+/// A get's distinct keys in first-seen order, and for each key as given
+/// (repeats too) the index of its distinct key.
+fn distinct_keys<'g>(get: &'g Get<'_>) -> (Vec<&'g [u8]>, Vec<usize>) {
+    let mut distinct: Vec<&[u8]> = Vec::new();
+    let mut seen: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
+    let occurrences = get
+        .keys()
+        .map(|key| {
+            *seen.entry(key).or_insert_with(|| {
+                distinct.push(key);
+                distinct.len() - 1
+            })
+        })
+        .collect();
+    (distinct, occurrences)
+}
+
 /// Whether a meta mutation carries a request id (`P` token item `i`).
 fn carries_request_id(request: &Request<'_>) -> bool {
     hints::parse(meta_tokens(request)).is_ok_and(|h| h.request_id.is_some())
@@ -1285,11 +1325,15 @@ impl Cluster {
 
     /// get / gets: every key from R replicas, newest version wins.
     async fn read_keys(&self, local: &dyn Local, get: &Get<'_>, r: usize, out: &mut Vec<u8>) {
-        let keys: Vec<&[u8]> = get.keys().collect();
+        // Each distinct key is read once; memcached answers every
+        // occurrence, and so does the reply below, from that one read.
+        let (keys, occurrences) = distinct_keys(get);
+        // What the replicas' answers hold so far, over all calls: past the
+        // cap, nothing more is fetched.
+        let gathered = std::sync::atomic::AtomicUsize::new(0);
         let mut answers: Vec<Vec<(NodeId, KeyAnswer)>> = vec![Vec::new(); keys.len()];
         let mut asked: Vec<Vec<NodeId>> = vec![Vec::new(); keys.len()];
         let mut read_here = vec![false; keys.len()];
-        let mut reply_bytes = 0usize;
         // Ask exactly as many replicas as are still missing, this node
         // first, then peers not known to be down in preference order; a
         // replica that fails or times out is replaced in the next round.
@@ -1310,7 +1354,8 @@ impl Cluster {
                 let local_answers = read_local(local.store(), &ks, get.with_cas);
                 for (&i, answer) in mine.iter().zip(local_answers) {
                     read_here[i] = true;
-                    reply_bytes += answer.as_ref().map_or(0, |(_, block)| block.len());
+                    let bytes = answer.as_ref().map_or(0, |(_, block)| block.len());
+                    gathered.fetch_add(bytes, Relaxed);
                     answers[i].push((self.me, answer));
                 }
             }
@@ -1323,12 +1368,16 @@ impl Cluster {
                 let timeout = self.hop_timeout;
                 let with_cas = get.with_cas;
                 let keys = &keys;
+                let gathered = &gathered;
                 async move {
                     // A replica answers a byte-bounded prefix; ask on for
-                    // the rest until every key is answered or a call fails.
+                    // the rest until every key is answered, a call fails or
+                    // the answers pass the cap.
                     let mut got: Vec<KeyAnswer> = Vec::new();
                     let mut error = None;
-                    while got.len() < idx.len() {
+                    while got.len() < idx.len()
+                        && gathered.load(Relaxed) <= MULTI_GET_REPLY_BYTES_MAX
+                    {
                         let req = PeerRequest::ReadKeys {
                             keys: idx[got.len()..].iter().map(|&i| keys[i].to_vec()).collect(),
                             with_cas,
@@ -1337,6 +1386,11 @@ impl Cluster {
                             Ok(PeerResponse::Values(v))
                                 if !v.is_empty() && v.len() <= idx.len() - got.len() =>
                             {
+                                let bytes: usize = v
+                                    .iter()
+                                    .map(|a| a.as_ref().map_or(0, |(_, block)| block.len()))
+                                    .sum();
+                                gathered.fetch_add(bytes, Relaxed);
                                 got.extend(v);
                             }
                             Ok(other) => {
@@ -1360,19 +1414,11 @@ impl Cluster {
                     debug!(node, error = %e, "replica read failed");
                 }
                 for (i, v) in idx.into_iter().zip(got) {
-                    reply_bytes += v.as_ref().map_or(0, |(_, block)| block.len());
                     answers[i].push((node, v));
                 }
             }
-            if reply_bytes > MULTI_GET_REPLY_BYTES_MAX {
-                return server_error(
-                    out,
-                    false,
-                    &format!(
-                        "multi-get reply over {} MiB in a cluster; split the request",
-                        MULTI_GET_REPLY_BYTES_MAX >> 20
-                    ),
-                );
+            if gathered.load(Relaxed) > MULTI_GET_REPLY_BYTES_MAX {
+                return over_reply_cap(out, "multi-get");
             }
         }
         if let Some(i) = answers.iter().position(|a| a.len() < r) {
@@ -1388,6 +1434,8 @@ impl Cluster {
             );
         }
         let mut repairs: Vec<(&[u8], NodeId, Vec<NodeId>)> = Vec::new();
+        let mut blocks: Vec<Option<Vec<u8>>> = Vec::with_capacity(keys.len());
+        let times_asked = times_asked(&occurrences, keys.len());
         for (i, a) in answers.into_iter().enumerate() {
             let version_of = |answer: &KeyAnswer| answer.as_ref().map_or(0, |(v, _)| *v);
             let rank = |answer: &KeyAnswer| {
@@ -1411,20 +1459,33 @@ impl Cluster {
             let newest = newest(a.into_iter().map(|(_, answer)| answer), rank)
                 .flatten()
                 .filter(|(_, block)| !block.is_empty());
-            if !read_here[i] {
-                // Counted where the client asked, as the local path counts.
+            // Counted where the client asked, as the local path counts, once
+            // per occurrence as memcached counts (a local read counted one).
+            let times = times_asked[i] - u64::from(read_here[i]);
+            if times > 0 {
                 local.store().with_key(keys[i], |ctx| {
                     let st = ctx.stats();
-                    st.cmd_get += 1;
+                    st.cmd_get += times;
                     if newest.is_some() {
-                        st.get_hits += 1;
+                        st.get_hits += times;
                     } else {
-                        st.get_misses += 1;
+                        st.get_misses += times;
                     }
                 });
             }
-            if let Some((_, block)) = newest {
-                out.extend_from_slice(&block);
+            blocks.push(newest.map(|(_, block)| block));
+        }
+        let reply_bytes: usize = occurrences
+            .iter()
+            .map(|&d| blocks[d].as_ref().map_or(0, Vec::len))
+            .sum();
+        if reply_bytes > MULTI_GET_REPLY_BYTES_MAX {
+            return over_reply_cap(out, "multi-get");
+        }
+        out.reserve(reply_bytes + 5);
+        for &d in &occurrences {
+            if let Some(block) = &blocks[d] {
+                out.extend_from_slice(block);
             }
         }
         compose_end(out);
@@ -1484,7 +1545,13 @@ impl Cluster {
         let verb: &[u8] = if get.with_cas { b"gats" } else { b"gat" };
         let exptime = get.touch.unwrap_or(0);
         let start = out.len();
-        let keys: Vec<&[u8]> = get.keys().collect();
+        // Each distinct key is touched once, and every occurrence answered
+        // from it, as memcached answers them; the reply is capped as a
+        // multi-get's is.
+        let (keys, occurrences) = distinct_keys(get);
+        let times_asked = times_asked(&occurrences, keys.len());
+        let mut replies: Vec<Vec<u8>> = Vec::with_capacity(keys.len());
+        let mut reply_bytes = 0usize;
         for chunk in keys.chunks(TOUCH_KEYS_IN_FLIGHT) {
             let calls = chunk.iter().map(|&key| async move {
                 let mut command = Vec::with_capacity(key.len() + 32);
@@ -1498,9 +1565,12 @@ impl Cluster {
             });
             for (key, forwarded, reply) in join_all(calls).await {
                 if forwarded {
+                    // Once per occurrence, as memcached counts (the replies
+                    // so far number this key's index).
+                    let times = times_asked[replies.len()];
                     local
                         .store()
-                        .with_key(key, |ctx| ctx.stats().cmd_touch += 1);
+                        .with_key(key, |ctx| ctx.stats().cmd_touch += times);
                 }
                 if reply.starts_with(b"SERVER_ERROR") {
                     // This request's reply becomes the error alone; earlier
@@ -1508,8 +1578,23 @@ impl Cluster {
                     out.truncate(start);
                     return out.extend_from_slice(&reply);
                 }
-                out.extend_from_slice(reply.strip_suffix(b"END\r\n").unwrap_or(&reply));
+                let mut reply = reply;
+                if reply.ends_with(b"END\r\n") {
+                    reply.truncate(reply.len() - b"END\r\n".len());
+                }
+                reply_bytes += reply.len();
+                replies.push(reply);
             }
+            if reply_bytes > MULTI_GET_REPLY_BYTES_MAX {
+                return over_reply_cap(out, "gat");
+            }
+        }
+        let total: usize = occurrences.iter().map(|&d| replies[d].len()).sum();
+        if total > MULTI_GET_REPLY_BYTES_MAX {
+            return over_reply_cap(out, "gat");
+        }
+        for &d in &occurrences {
+            out.extend_from_slice(&replies[d]);
         }
         compose_end(out);
     }
