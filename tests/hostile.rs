@@ -381,3 +381,52 @@ fn a_cluster_get_reads_each_key_once_and_refuses_past_its_cap() {
     let general = stats(&mut c, "");
     assert!(stat_value(&general, "cmd_get") >= 1040, "{general}");
 }
+
+/// Issue 16, row 2: a short multi-get of many distinct large keys gathered
+/// every replica's answer before checking its cap (RSS 6 → 1,180 MiB). The
+/// answers are now counted as they arrive, local reads too, and nothing
+/// more is read past the cap.
+#[test]
+fn a_cluster_multi_get_of_many_large_keys_stops_reading_at_its_cap() {
+    let _serial = exclusive();
+    let cluster = Cluster::start(Layout::new(3).quorums(2, 2).memory_limit_mb(160));
+    let mut c = cluster.connect(1);
+    let pid = stat_value(&stats(&mut c, ""), "pid");
+    const KEYS: usize = 1000;
+    let value = vec![b'v'; 100_000];
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(50) {
+        let mut batch = Vec::new();
+        for i in chunk {
+            batch.extend_from_slice(format!("set large{i} 0 0 100000 noreply\r\n").as_bytes());
+            batch.extend_from_slice(&value);
+            batch.extend_from_slice(b"\r\n");
+        }
+        batch.extend_from_slice(b"mn\r\n");
+        c.request(&batch, &[b"MN\r\n"]);
+    }
+    assert_eq!(
+        c.ask(&format!("get large{}\r\n", KEYS - 1).into_bytes())
+            .lines()
+            .next(),
+        Some(format!("VALUE large{} 0 100000", KEYS - 1).as_str())
+    );
+    let before = proc_status_bytes(pid, "VmRSS:");
+    let mut line = b"get".to_vec();
+    for i in 0..KEYS {
+        line.extend_from_slice(format!(" large{i}").as_bytes());
+    }
+    line.extend_from_slice(b"\r\n");
+    let reply = c.request(&line, &[b"\r\n"]);
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        "SERVER_ERROR multi-get reply over 64 MiB in a cluster; split the request\r\n"
+    );
+    let peak = proc_status_bytes(pid, "VmHWM:");
+    eprintln!("RSS {} MiB before, peak {} MiB", before / MIB, peak / MIB);
+    assert!(
+        peak <= before + 64 * MIB + 32 * MIB,
+        "peak RSS {} MiB from {} MiB",
+        peak / MIB,
+        before / MIB
+    );
+}

@@ -55,6 +55,10 @@ const READ_ANSWER_BYTES_MAX: usize = 1024 * 1024;
 /// gets a `SERVER_ERROR` asking it to split the request.
 const MULTI_GET_REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;
 
+/// Keys a cluster multi-get reads from this node's store between checks of
+/// its reply cap.
+const LOCAL_READ_PIECE_KEYS: usize = 64;
+
 /// How often held hints are offered to their replicas, and how many per
 /// replica per pass.
 const HINT_DELIVERY_INTERVAL_MS: u64 = 200;
@@ -1350,13 +1354,19 @@ impl Cluster {
                 break;
             }
             if let Some(mine) = asks.remove(&self.me) {
-                let ks: Vec<&[u8]> = mine.iter().map(|&i| keys[i]).collect();
-                let local_answers = read_local(local.store(), &ks, get.with_cas);
-                for (&i, answer) in mine.iter().zip(local_answers) {
-                    read_here[i] = true;
-                    let bytes = answer.as_ref().map_or(0, |(_, block)| block.len());
-                    gathered.fetch_add(bytes, Relaxed);
-                    answers[i].push((self.me, answer));
+                // In pieces, so the cap stops local reads too.
+                for piece in mine.chunks(LOCAL_READ_PIECE_KEYS) {
+                    let ks: Vec<&[u8]> = piece.iter().map(|&i| keys[i]).collect();
+                    let local_answers = read_local(local.store(), &ks, get.with_cas);
+                    for (&i, answer) in piece.iter().zip(local_answers) {
+                        read_here[i] = true;
+                        let bytes = answer.as_ref().map_or(0, |(_, block)| block.len());
+                        gathered.fetch_add(bytes, Relaxed);
+                        answers[i].push((self.me, answer));
+                    }
+                    if gathered.load(Relaxed) > MULTI_GET_REPLY_BYTES_MAX {
+                        return over_reply_cap(out, "multi-get");
+                    }
                 }
             }
             if asks.is_empty() {
