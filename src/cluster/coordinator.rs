@@ -389,11 +389,24 @@ fn over_reply_cap(out: &mut Vec<u8>, what: &str) {
 /// A get's distinct keys in first-seen order, and for each key as given
 /// (repeats too) the index of its distinct key.
 fn distinct_keys<'g>(get: &'g Get<'_>) -> (Vec<&'g [u8]>, Vec<usize>) {
+    /// Up to this many keys, a scan of those seen beats hashing them.
+    const SCAN_KEYS_MAX: usize = 16;
     let mut distinct: Vec<&[u8]> = Vec::new();
     let mut seen: std::collections::HashMap<&[u8], usize> = std::collections::HashMap::new();
     let occurrences = get
         .keys()
-        .map(|key| {
+        .enumerate()
+        .map(|(n, key)| {
+            if n < SCAN_KEYS_MAX {
+                if let Some(d) = distinct.iter().position(|&k| k == key) {
+                    return d;
+                }
+                distinct.push(key);
+                return distinct.len() - 1;
+            }
+            if seen.is_empty() {
+                seen.extend(distinct.iter().enumerate().map(|(d, &k)| (k, d)));
+            }
             *seen.entry(key).or_insert_with(|| {
                 distinct.push(key);
                 distinct.len() - 1
@@ -2089,6 +2102,34 @@ fn explain_with_self(q: &Quorum) -> String {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicBool;
+
+    #[test]
+    fn a_gets_repeated_keys_map_to_one_read_each() {
+        for n in [1usize, 3, 16, 17, 40] {
+            let names: Vec<String> = (0..n).map(|i| format!("k{}", i % 5)).collect();
+            let line = format!("get {}\r\n", names.join(" "));
+            let limits = ParseLimits::new(1024 * 1024);
+            let Parsed::Complete {
+                request: Request::Get(get),
+                ..
+            } = parse(line.as_bytes(), &limits)
+            else {
+                panic!("a get")
+            };
+            let (distinct, occurrences) = distinct_keys(&get);
+            assert_eq!(distinct.len(), n.min(5), "{n} keys");
+            assert_eq!(occurrences.len(), n);
+            for (name, &d) in names.iter().zip(&occurrences) {
+                assert_eq!(distinct[d], name.as_bytes());
+            }
+            assert_eq!(
+                times_asked(&occurrences, distinct.len())
+                    .iter()
+                    .sum::<u64>(),
+                n as u64
+            );
+        }
+    }
 
     use super::*;
     use crate::cluster::listing::TokenKey;
