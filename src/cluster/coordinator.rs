@@ -1567,7 +1567,6 @@ impl Cluster {
     async fn touch_keys(&self, local: &dyn Local, get: &Get<'_>, w: usize, out: &mut Vec<u8>) {
         let verb: &[u8] = if get.with_cas { b"gats" } else { b"gat" };
         let exptime = get.touch.unwrap_or(0);
-        let start = out.len();
         // Each distinct key is touched once, and every occurrence answered
         // from it, as memcached answers them; the reply is capped as a
         // multi-get's is.
@@ -1596,9 +1595,8 @@ impl Cluster {
                         .with_key(key, |ctx| ctx.stats().cmd_touch += times);
                 }
                 if reply.starts_with(b"SERVER_ERROR") {
-                    // This request's reply becomes the error alone; earlier
-                    // pipelined replies in `out` stay.
-                    out.truncate(start);
+                    // This request's reply becomes the error alone (nothing
+                    // of it is in `out` yet).
                     return out.extend_from_slice(&reply);
                 }
                 let mut reply = reply;

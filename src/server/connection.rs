@@ -140,11 +140,16 @@ async fn run(
         // Mid-way through a data block holding in-flight memory: the data
         // timeout, from now (any byte resets it). Otherwise the idle
         // timeout, from the last command.
-        let (deadline, kicks) = match (budget.request.bytes() > 0, data, last_command) {
-            (true, Some(d), _) => (Some(Instant::now() + d), &shared.stats.data_timeouts),
-            (true, None, _) => (None, &shared.stats.data_timeouts),
-            (false, _, Some(last)) => (idle.map(|i| last + i), &shared.stats.idle_kicks),
-            (false, _, None) => (None, &shared.stats.idle_kicks),
+        let (deadline, kicks) = if budget.request.bytes() > 0 {
+            (
+                data.map(|d| Instant::now() + d),
+                &shared.stats.data_timeouts,
+            )
+        } else {
+            (
+                idle.zip(last_command).map(|(i, last)| last + i),
+                &shared.stats.idle_kicks,
+            )
         };
         let n = tokio::select! {
             // Reading first means a ready socket never touches the signal.

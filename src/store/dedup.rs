@@ -210,20 +210,12 @@ pub fn merge(newer: &[u8], older: &[u8], now_ms: u64, policy: Policy) -> (Vec<u8
 
 /// The area without the records stamped after `latest_ms`.
 pub fn not_after(area: &[u8], latest_ms: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(area.len());
-    for r in records(area).filter(|r| r.at_ms <= latest_ms) {
-        put(&mut out, &r);
-    }
-    out
+    retain(area, |r| r.at_ms <= latest_ms)
 }
 
 /// The area without request `id`'s record.
 pub fn without(area: &[u8], id: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(area.len());
-    for r in records(area).filter(|r| r.id != id) {
-        put(&mut out, &r);
-    }
-    out
+    retain(area, |r| r.id != id)
 }
 
 /// The area without the records of mutations that produced the state at
@@ -231,10 +223,16 @@ pub fn without(area: &[u8], id: &[u8]) -> Vec<u8> {
 /// state's records once the state itself is abandoned. A delete's record
 /// names no CAS and stays.
 pub fn without_made_at(area: &[u8], version: u64) -> Vec<u8> {
+    retain(
+        area,
+        |r| !matches!(r.outcome, Outcome::Stored { cas } | Outcome::Value { cas, .. } if cas == version),
+    )
+}
+
+/// The area with only the records `keep` accepts, in their order.
+fn retain(area: &[u8], keep: impl Fn(&Record<'_>) -> bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(area.len());
-    for r in records(area).filter(|r| {
-        !matches!(r.outcome, Outcome::Stored { cas } | Outcome::Value { cas, .. } if cas == version)
-    }) {
+    for r in records(area).filter(|r| keep(r)) {
         put(&mut out, &r);
     }
     out
