@@ -38,6 +38,7 @@
 //! assert_eq!(store.write(&w), Stored::Exists);
 //! ```
 
+pub mod budget;
 pub mod client;
 pub mod cluster;
 pub mod config;

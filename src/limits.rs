@@ -163,8 +163,15 @@ pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 1000;
 pub const READ_CHUNK_BYTES: usize = 16 * 1024;
 
 /// A connection may buffer this much of an incomplete request without
-/// reserving from the shared in-flight budget (see `server::inflight`).
+/// reserving from the shared in-flight budget (see `budget`).
 pub const INFLIGHT_FREE_BYTES: usize = 16 * 1024;
+
+/// The in-flight budget is this fraction (1/n) of the item memory limit...
+pub const INFLIGHT_BUDGET_SHARE_OF_ITEMS: usize = 8;
+
+/// ...and at least this many bytes, so a small node still takes a few
+/// large values at once.
+pub const INFLIGHT_BUDGET_BYTES_MIN: usize = 16 * 1024 * 1024;
 
 /// Default `data_timeout_secs`: a connection that holds in-flight memory for
 /// a data block and sends nothing for this long is closed. Generous for a

@@ -465,13 +465,13 @@ fn stat_when(c: &mut Client, name: &str, want: u64) -> u64 {
 
 #[test]
 fn half_sent_large_values_are_held_to_a_budget_like_memcached_memory() {
-    // -m 8: the in-flight budget is 8 MiB. Eight clients park a 1 MB `set`
-    // half-way; a ninth is refused as memcached refuses an item it cannot
+    // -m 8: the in-flight budget is its floor, 16 MiB. Sixteen clients park
+    // a 1 MB `set` half-way; a seventeenth is refused as memcached refuses an item it cannot
     // allocate, its data discarded; once a parked set completes there is room.
     let server = Server::start(&["-m", "8"]);
     let line = b"set parked 0 0 1000000\r\n";
     let frame = (line.len() + 1_000_002) as u64;
-    let mut parked: Vec<Client> = (0..8).map(|_| server.connect()).collect();
+    let mut parked: Vec<Client> = (0..16).map(|_| server.connect()).collect();
     for c in &mut parked {
         let mut start = line.to_vec();
         start.extend_from_slice(&vec![b'p'; 20_000]);
@@ -479,10 +479,10 @@ fn half_sent_large_values_are_held_to_a_budget_like_memcached_memory() {
     }
     let mut admin = server.connect();
     // The server reads the parked lines asynchronously.
-    let held = stat_when(&mut admin, "inflight_bytes", 8 * frame);
+    let held = stat_when(&mut admin, "inflight_bytes", 16 * frame);
     assert_eq!(
         held,
-        8 * frame,
+        16 * frame,
         "parked requests did not reserve their frames"
     );
 
@@ -506,7 +506,7 @@ fn half_sent_large_values_are_held_to_a_budget_like_memcached_memory() {
             .unwrap(),
         b"STORED\r\n"
     );
-    assert_eq!(stat_of(&mut admin, "inflight_bytes"), 7 * frame);
+    assert_eq!(stat_of(&mut admin, "inflight_bytes"), 15 * frame);
     assert_eq!(
         late.request(&full, END).len(),
         "STORED\r\nVALUE late 0 1000000\r\n".len() + 1_000_000 + "\r\nEND\r\n".len()

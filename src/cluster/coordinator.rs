@@ -32,6 +32,7 @@ use super::message::{PeerRequest, PeerResponse};
 use super::quorum::{Decision, Quorum};
 use super::ring::{NodeId, Ring, partition_of};
 use super::transport::{CallError, Peer, PeerState, TransportStats};
+use crate::budget::{InflightBudget, Reservation};
 use crate::config::{ClusterConfig, MemberConfig};
 use crate::protocol::get::{Get, compose_end, compose_value};
 use crate::protocol::meta::{MetaRequest, hints};
@@ -128,6 +129,8 @@ pub trait Local: Send + Sync + 'static {
     /// Executes one complete command exactly as a single node would and
     /// appends its reply.
     fn execute(&self, command: &[u8], out: &mut Vec<u8>);
+    /// The node's in-flight budget, which gathered answers hold.
+    fn budget(&self) -> &Arc<InflightBudget>;
 }
 
 /// A connection to one other member, carrying [`PeerRequest`]s.
@@ -373,17 +376,77 @@ fn times_asked(occurrences: &[usize], distinct: usize) -> Vec<u64> {
     times
 }
 
-/// The answer to a get-family request whose reply would pass
-/// [`MULTI_GET_REPLY_BYTES_MAX`].
-fn over_reply_cap(out: &mut Vec<u8>, what: &str) {
-    server_error(
-        out,
-        false,
-        &format!(
-            "{what} reply over {} MiB in a cluster; split the request",
-            MULTI_GET_REPLY_BYTES_MAX >> 20
-        ),
-    );
+/// What a get-family request's answers hold so far, reserved from the
+/// node's in-flight budget as they arrive: past [`MULTI_GET_REPLY_BYTES_MAX`]
+/// or past the budget, nothing more is gathered.
+struct Gathered {
+    held: Mutex<Reservation>,
+    /// Set once an answer did not fit: why.
+    refused: std::sync::OnceLock<Refusal>,
+}
+
+/// Why a get-family reply was refused before it was built.
+#[derive(Clone, Copy, Debug)]
+enum Refusal {
+    OverCap,
+    NoMemory,
+}
+
+impl Gathered {
+    fn new(budget: &Arc<InflightBudget>) -> Self {
+        Self {
+            held: Mutex::new(Reservation::new(budget)),
+            refused: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Counts `bytes` more; false (and nothing held for them) if they do
+    /// not fit, from then on.
+    fn add(&self, bytes: usize) -> bool {
+        if self.refused.get().is_some() {
+            return false;
+        }
+        let mut held = self.held.lock();
+        let total = held.bytes() + bytes;
+        let refusal = if total > MULTI_GET_REPLY_BYTES_MAX {
+            Refusal::OverCap
+        } else if !held.hold(total) {
+            Refusal::NoMemory
+        } else {
+            return true;
+        };
+        let _ = self.refused.set(refusal);
+        false
+    }
+
+    /// Whether more may be gathered.
+    fn open(&self) -> bool {
+        self.refused.get().is_none()
+    }
+
+    /// The reply to a refused request, `what` naming it ("multi-get",
+    /// "gat"); false if nothing was refused.
+    fn answer_refusal(&self, out: &mut Vec<u8>, what: &str) -> bool {
+        match self.refused.get() {
+            None => false,
+            Some(Refusal::OverCap) => {
+                server_error(
+                    out,
+                    false,
+                    &format!(
+                        "{what} reply over {} MiB in a cluster; split the request",
+                        MULTI_GET_REPLY_BYTES_MAX >> 20
+                    ),
+                );
+                true
+            }
+            // memcached's words when it cannot hold a get's reply.
+            Some(Refusal::NoMemory) => {
+                server_error(out, false, "out of memory writing get response");
+                true
+            }
+        }
+    }
 }
 
 /// A get's distinct keys in first-seen order, and for each key as given
@@ -1346,8 +1409,8 @@ impl Cluster {
         // occurrence, and so does the reply below, from that one read.
         let (keys, occurrences) = distinct_keys(get);
         // What the replicas' answers hold so far, over all calls: past the
-        // cap, nothing more is fetched.
-        let gathered = std::sync::atomic::AtomicUsize::new(0);
+        // cap or the budget, nothing more is fetched.
+        let gathered = Gathered::new(local.budget());
         let mut answers: Vec<Vec<(NodeId, KeyAnswer)>> = vec![Vec::new(); keys.len()];
         let mut asked: Vec<Vec<NodeId>> = vec![Vec::new(); keys.len()];
         let mut read_here = vec![false; keys.len()];
@@ -1371,14 +1434,17 @@ impl Cluster {
                 for piece in mine.chunks(LOCAL_READ_PIECE_KEYS) {
                     let ks: Vec<&[u8]> = piece.iter().map(|&i| keys[i]).collect();
                     let local_answers = read_local(local.store(), &ks, get.with_cas);
+                    let bytes: usize = local_answers
+                        .iter()
+                        .map(|a| a.as_ref().map_or(0, |(_, block)| block.len()))
+                        .sum();
+                    if !gathered.add(bytes) {
+                        gathered.answer_refusal(out, "multi-get");
+                        return;
+                    }
                     for (&i, answer) in piece.iter().zip(local_answers) {
                         read_here[i] = true;
-                        let bytes = answer.as_ref().map_or(0, |(_, block)| block.len());
-                        gathered.fetch_add(bytes, Relaxed);
                         answers[i].push((self.me, answer));
-                    }
-                    if gathered.load(Relaxed) > MULTI_GET_REPLY_BYTES_MAX {
-                        return over_reply_cap(out, "multi-get");
                     }
                 }
             }
@@ -1398,9 +1464,7 @@ impl Cluster {
                     // the answers pass the cap.
                     let mut got: Vec<KeyAnswer> = Vec::new();
                     let mut error = None;
-                    while got.len() < idx.len()
-                        && gathered.load(Relaxed) <= MULTI_GET_REPLY_BYTES_MAX
-                    {
+                    while got.len() < idx.len() && gathered.open() {
                         let req = PeerRequest::ReadKeys {
                             keys: idx[got.len()..].iter().map(|&i| keys[i].to_vec()).collect(),
                             with_cas,
@@ -1413,7 +1477,9 @@ impl Cluster {
                                     .iter()
                                     .map(|a| a.as_ref().map_or(0, |(_, block)| block.len()))
                                     .sum();
-                                gathered.fetch_add(bytes, Relaxed);
+                                if !gathered.add(bytes) {
+                                    break;
+                                }
                                 got.extend(v);
                             }
                             Ok(other) => {
@@ -1440,8 +1506,8 @@ impl Cluster {
                     answers[i].push((node, v));
                 }
             }
-            if gathered.load(Relaxed) > MULTI_GET_REPLY_BYTES_MAX {
-                return over_reply_cap(out, "multi-get");
+            if gathered.answer_refusal(out, "multi-get") {
+                return;
             }
         }
         if let Some(i) = answers.iter().position(|a| a.len() < r) {
@@ -1502,8 +1568,11 @@ impl Cluster {
             .iter()
             .map(|&d| blocks[d].as_ref().map_or(0, Vec::len))
             .sum();
-        if reply_bytes > MULTI_GET_REPLY_BYTES_MAX {
-            return over_reply_cap(out, "multi-get");
+        // Repeats are counted too: the reply holds every occurrence.
+        let distinct_bytes: usize = blocks.iter().map(|b| b.as_ref().map_or(0, Vec::len)).sum();
+        if !gathered.add(reply_bytes.saturating_sub(distinct_bytes)) {
+            gathered.answer_refusal(out, "multi-get");
+            return;
         }
         out.reserve(reply_bytes + 5);
         for &d in &occurrences {
@@ -1573,7 +1642,7 @@ impl Cluster {
         let (keys, occurrences) = distinct_keys(get);
         let times_asked = times_asked(&occurrences, keys.len());
         let mut replies: Vec<Vec<u8>> = Vec::with_capacity(keys.len());
-        let mut reply_bytes = 0usize;
+        let gathered = Gathered::new(local.budget());
         for chunk in keys.chunks(TOUCH_KEYS_IN_FLIGHT) {
             let calls = chunk.iter().map(|&key| async move {
                 let mut command = Vec::with_capacity(key.len() + 32);
@@ -1603,16 +1672,18 @@ impl Cluster {
                 if reply.ends_with(b"END\r\n") {
                     reply.truncate(reply.len() - b"END\r\n".len());
                 }
-                reply_bytes += reply.len();
+                if !gathered.add(reply.len()) {
+                    gathered.answer_refusal(out, "gat");
+                    return;
+                }
                 replies.push(reply);
-            }
-            if reply_bytes > MULTI_GET_REPLY_BYTES_MAX {
-                return over_reply_cap(out, "gat");
             }
         }
         let total: usize = occurrences.iter().map(|&d| replies[d].len()).sum();
-        if total > MULTI_GET_REPLY_BYTES_MAX {
-            return over_reply_cap(out, "gat");
+        let distinct: usize = replies.iter().map(Vec::len).sum();
+        if !gathered.add(total - distinct) {
+            gathered.answer_refusal(out, "gat");
+            return;
         }
         for &d in &occurrences {
             out.extend_from_slice(&replies[d]);
@@ -2142,6 +2213,7 @@ mod tests {
         key: TokenKey,
         raced: AtomicBool,
         newer: KeyState,
+        budget: Arc<InflightBudget>,
     }
 
     impl Local for RacingLocal {
@@ -2153,6 +2225,9 @@ mod tests {
         }
         fn listing_key(&self) -> &TokenKey {
             &self.key
+        }
+        fn budget(&self) -> &Arc<InflightBudget> {
+            &self.budget
         }
         fn execute(&self, _command: &[u8], out: &mut Vec<u8>) {
             let value = self.store.get(b"k", None, |e| e.value().to_vec());
@@ -2194,6 +2269,7 @@ mod tests {
             key: TokenKey::random(),
             raced: AtomicBool::new(false),
             newer: state(newer, b"new"),
+            budget: Arc::new(InflightBudget::new(1 << 20)),
         };
         let (version, reply) = read_meta_local(&local, b"k", b"mg k v\r\n").expect("settles");
         assert_eq!(

@@ -27,7 +27,7 @@ use tracing::{debug, trace, warn};
 use super::Shared;
 use super::execute::{self, Action};
 use super::faults::{Fault, Faults};
-use super::inflight::{INFLIGHT_FREE_BYTES, Reservation};
+use crate::budget::{INFLIGHT_FREE_BYTES, Reservation};
 use crate::limits::{
     MULTIGET_LINE_BYTES_MAX, PREFETCH_KEYS, READ_CHUNK_BYTES, REQUESTS_PER_BATCH_MAX,
     WRITE_FLUSH_BYTES,
@@ -39,9 +39,9 @@ const IDLE_BUFFER_BYTES: usize = 64 * 1024;
 
 /// What a connection holds of the in-flight budget: for the request whose
 /// data is arriving, and for the replies not yet written.
-struct Held<'s> {
-    request: Reservation<'s>,
-    reply: Reservation<'s>,
+struct Held {
+    request: Reservation,
+    reply: Reservation,
 }
 
 /// Decrements the connection count however the task ends.
@@ -180,7 +180,7 @@ async fn flush(
     shared: &Shared,
     wr: &mut WriteHalf<'_>,
     out: &mut Vec<u8>,
-    held: &mut Reservation<'_>,
+    held: &mut Reservation,
 ) -> std::io::Result<()> {
     if out.is_empty() {
         return Ok(());
@@ -222,7 +222,7 @@ async fn flush(
 /// Holds the pending replies' bytes past [`INFLIGHT_FREE_BYTES`] in the
 /// budget. If there is no room, the reply from `reply_at` on is replaced by
 /// memcached's out-of-memory answer and false returned.
-fn hold_reply(out: &mut Vec<u8>, reply_at: usize, held: &mut Reservation<'_>, get: bool) -> bool {
+fn hold_reply(out: &mut Vec<u8>, reply_at: usize, held: &mut Reservation, get: bool) -> bool {
     if out.len() <= INFLIGHT_FREE_BYTES || held.hold(out.len() - INFLIGHT_FREE_BYTES) {
         return true;
     }
@@ -241,7 +241,7 @@ async fn process(
     inbuf: &mut BytesMut,
     out: &mut Vec<u8>,
     swallow: &mut usize,
-    budget: &mut Held<'_>,
+    budget: &mut Held,
     wr: &mut WriteHalf<'_>,
     mut last_command: Option<&mut Instant>,
 ) -> std::io::Result<bool> {

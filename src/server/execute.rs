@@ -174,7 +174,7 @@ fn stats(shared: &Shared, cmd: StatsCmd<'_>, out: &mut Vec<u8>) {
                 &shared.stats,
                 &shared.store.stats(),
                 now,
-                shared.inflight.used(),
+                &shared.inflight,
             );
             shared
                 .fault_control

@@ -7,7 +7,6 @@ pub mod execute;
 pub mod fault_clock;
 pub mod fault_control;
 pub mod faults;
-pub mod inflight;
 pub mod meta;
 pub mod rlimit;
 pub mod stats;
@@ -27,6 +26,7 @@ use crate::cluster::coordinator::{Cluster, Local};
 use crate::cluster::transport::Identity;
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::budget::{self, InflightBudget};
 use crate::limits::{CLOCK_DRIFT_MAX_MS_DEFAULT, TOMBSTONE_GRACE_SECS};
 use crate::limits::{SHUTDOWN_GRACE_MS, SWEEP_INTERVAL_MS, SWEEP_SLOTS_PER_PASS};
 use crate::protocol::{ParseLimits, Parsed, put_line, reply};
@@ -41,9 +41,9 @@ pub const VERSION: &str = concat!("1.6.18-webvac-", env!("CARGO_PKG_VERSION"));
 pub struct Shared {
     /// The node's items.
     pub store: Store,
-    /// Memory for requests whose data is still arriving; as large as the
-    /// item memory limit.
-    pub inflight: inflight::InflightBudget,
+    /// Memory beside the items: requests whose data is still arriving,
+    /// unsent replies, gathered replica answers, peer frames.
+    pub inflight: Arc<InflightBudget>,
     /// Connection and command counters for `stats`.
     pub stats: ServerStats,
     /// What `stats` reports about the process (pid, version, settings).
@@ -123,7 +123,7 @@ impl Shared {
             data_timeout_secs: config.data_timeout_secs,
         };
         Self {
-            inflight: inflight::InflightBudget::new(config.memory_limit_bytes()),
+            inflight: Arc::new(InflightBudget::new(budget::limit_for(config.memory_limit_bytes()))),
             store,
             stats: ServerStats::default(),
             facts,
@@ -170,6 +170,10 @@ impl Local for Shared {
 
     fn listing_key(&self) -> &TokenKey {
         &self.listing_key
+    }
+
+    fn budget(&self) -> &Arc<InflightBudget> {
+        &self.inflight
     }
 
     fn execute(&self, command: &[u8], out: &mut Vec<u8>) {

@@ -88,7 +88,7 @@ pub fn compose_general(
     s: &ServerStats,
     st: &StoreStats,
     now: u32,
-    inflight_bytes: usize,
+    inflight: &crate::budget::InflightBudget,
 ) {
     let c = &st.counters;
     let (user, system) = rusage();
@@ -152,9 +152,10 @@ pub fn compose_general(
     put_stat(out, "evicted_unfetched", c.evicted_unfetched);
     put_stat(out, "evictions", c.evictions);
     put_stat(out, "reclaimed", c.reclaimed);
-    // webvac's own: bytes reserved by requests whose data is still arriving,
-    // and connections closed for stalling in the middle of such a request.
-    put_stat(out, "inflight_bytes", inflight_bytes);
+    // webvac's own: bytes reserved in the in-flight budget and its size,
+    // and connections closed for stalling while holding some.
+    put_stat(out, "inflight_bytes", inflight.used());
+    put_stat(out, "inflight_limit", inflight.limit());
     put_stat(out, "data_timeouts", s.data_timeouts.load(Relaxed));
     // Mutations answered from a request-id record, and live records
     // dropped for the per-key bound.

@@ -1,4 +1,6 @@
-//! The in-flight budget: memory for requests whose data is still arriving.
+//! The in-flight budget: the one bound on the memory a node holds beside
+//! its items, for requests whose data is still arriving, replies not yet
+//! written, replica answers being gathered and peer frames.
 //!
 //! memcached reads a value straight into item memory, so a client half-way
 //! through a large `set` is held to the memory limit. webvac buffers the value
@@ -16,12 +18,21 @@
 //! when the budget is spent the reply is memcached's
 //! `SERVER_ERROR out of memory writing get response`.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use crate::limits::INFLIGHT_FREE_BYTES;
+use crate::limits::{INFLIGHT_BUDGET_BYTES_MIN, INFLIGHT_BUDGET_SHARE_OF_ITEMS};
+
+/// The budget for a node whose item memory limit is `memory_limit_bytes`:
+/// an eighth of it, at least [`INFLIGHT_BUDGET_BYTES_MIN`].
+pub fn limit_for(memory_limit_bytes: usize) -> usize {
+    (memory_limit_bytes / INFLIGHT_BUDGET_SHARE_OF_ITEMS).max(INFLIGHT_BUDGET_BYTES_MIN)
+}
 
 /// Bytes of incomplete requests and unsent replies all connections may hold
-/// beyond [`INFLIGHT_FREE_BYTES`] each.
+/// beyond [`INFLIGHT_FREE_BYTES`] each, of gathered replica answers, and of
+/// peer frames.
 #[derive(Debug)]
 pub struct InflightBudget {
     /// Bytes reserved now.
@@ -43,6 +54,11 @@ impl InflightBudget {
         self.used.load(Ordering::Relaxed)
     }
 
+    /// The most that may be reserved at once.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     fn try_reserve(&self, bytes: usize) -> bool {
         self.used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
@@ -60,17 +76,26 @@ impl InflightBudget {
     }
 }
 
-/// One connection's share of the budget; given back when dropped.
+/// One holder's share of the budget; given back when dropped.
 #[derive(Debug)]
-pub struct Reservation<'a> {
-    budget: &'a InflightBudget,
+pub struct Reservation {
+    budget: Arc<InflightBudget>,
     bytes: usize,
 }
 
-impl<'a> Reservation<'a> {
-    /// A connection's empty reservation against `budget`.
-    pub fn new(budget: &'a InflightBudget) -> Self {
-        Self { budget, bytes: 0 }
+impl Reservation {
+    /// An empty reservation against `budget`.
+    pub fn new(budget: &Arc<InflightBudget>) -> Self {
+        Self {
+            budget: budget.clone(),
+            bytes: 0,
+        }
+    }
+
+    /// A reservation of `bytes`, or `None` if the budget has no room.
+    pub fn of(budget: &Arc<InflightBudget>, bytes: usize) -> Option<Self> {
+        let mut r = Self::new(budget);
+        r.hold(bytes).then_some(r)
     }
 
     /// Bytes this connection holds reserved now (0 when none).
@@ -114,7 +139,7 @@ impl<'a> Reservation<'a> {
     }
 }
 
-impl Drop for Reservation<'_> {
+impl Drop for Reservation {
     fn drop(&mut self) {
         self.clear();
     }
@@ -126,7 +151,7 @@ mod tests {
 
     #[test]
     fn reservations_are_bounded_and_returned() {
-        let budget = InflightBudget::new(100);
+        let budget = Arc::new(InflightBudget::new(100));
         let mut a = Reservation::new(&budget);
         let mut b = Reservation::new(&budget);
         assert!(a.reserve(60));
@@ -140,7 +165,7 @@ mod tests {
 
     #[test]
     fn a_held_reply_grows_by_its_difference() {
-        let budget = InflightBudget::new(100);
+        let budget = Arc::new(InflightBudget::new(100));
         let mut reply = Reservation::new(&budget);
         assert!(reply.hold(40));
         assert!(reply.hold(30), "already held");
