@@ -111,6 +111,15 @@ pub const HINTS_MEMORY_MB_DEFAULT: usize = 64;
 
 const _: () = assert!(HINT_WINDOW_SECS_DEFAULT < TOMBSTONE_GRACE_SECS as u64);
 
+/// Most index buckets one `lk` call walks (on a node, or on each replica a
+/// cluster `lk` asks) before it answers with what it found: about a
+/// millisecond, however sparse the table.
+pub const LIST_BUCKETS_PER_CALL_MAX: usize = 256 * 1024;
+
+/// An `lk` page is listed in pieces of at most this many keys, and its
+/// connection lets others run between them.
+pub const LIST_KEYS_PER_PIECE: usize = 500;
+
 /// Most keys one `lk` call returns (its `count` argument).
 pub const LIST_KEYS_PER_CALL_MAX: usize = 10_000;
 

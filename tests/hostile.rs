@@ -466,6 +466,98 @@ fn a_cluster_multi_get_of_many_large_keys_stops_reading_at_its_cap() {
     );
     let peak = proc_status_bytes(pid, "VmHWM:");
     eprintln!("RSS {} MiB before, peak {} MiB", before / MIB, peak / MIB);
-    assert!(peak <= before + 20 * MIB + 32 * MIB, "peak RSS {} MiB", peak / MIB);
+    assert!(
+        peak <= before + 20 * MIB + 32 * MIB,
+        "peak RSS {} MiB",
+        peak / MIB
+    );
     assert!(peak <= bound(160, 8), "peak RSS {} MiB", peak / MIB);
+}
+
+/// Stores `n` small keys `key:0…` through `c`, pipelined.
+fn load_small_keys(c: &mut Client, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(2000) {
+        let mut batch = Vec::new();
+        for i in chunk {
+            batch.extend_from_slice(format!("set key:{i} 0 0 1 noreply\r\nv\r\n").as_bytes());
+        }
+        batch.extend_from_slice(b"mn\r\n");
+        c.request(&batch, &[b"MN\r\n"]);
+    }
+}
+
+/// The 99th percentile of `latencies` (sorted in place).
+fn p99(latencies: &mut [Duration]) -> Duration {
+    latencies.sort();
+    latencies[latencies.len() * 99 / 100]
+}
+
+/// Issue 16, row 6 and its `lk` paragraph: `lk` scanned the whole store
+/// whatever its count. At 200k keys, four clients making 25 `lk - 1` calls
+/// each pushed another client's latency to 2.26 s; four non-reading
+/// connections with `lk - 10000` held 685 MiB, and new connections timed
+/// out. A page now walks about the buckets of the keys it returns, and its
+/// reply holds the in-flight budget like any other.
+#[test]
+fn key_listings_cost_what_they_return() {
+    let server = Server::start(&["-m", "64", "--data-timeout", "2"]);
+    let mut good = server.connect();
+    let pid = stat_value(&stats(&mut good, ""), "pid");
+    const KEYS: usize = 200_000;
+    load_small_keys(&mut good, KEYS);
+    assert_eq!(stat_value(&stats(&mut good, ""), "curr_items"), KEYS as u64);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let mut latencies = Vec::new();
+    std::thread::scope(|scope| {
+        let attackers: Vec<_> = (0..4)
+            .map(|_| {
+                let mut c = server.connect();
+                scope.spawn(move || {
+                    for _ in 0..25 {
+                        // `mn` marks the end of the page (its last line is
+                        // a token).
+                        let page = c.request(b"lk - 1\r\nmn\r\n", &[b"MN\r\n"]);
+                        assert!(page.starts_with(b"KY "), "{page:?}");
+                    }
+                })
+            })
+            .collect();
+        let hogs: Vec<TcpStream> = (0..4)
+            .map(|_| {
+                let mut s = raw(&server, WAIT_MAX);
+                s.write_all(&b"lk - 10000\r\n".repeat(25)).expect("send");
+                s
+            })
+            .collect();
+        let deadline = Instant::now() + WAIT_MAX;
+        while latencies.len() < 200 || !done.load(std::sync::atomic::Ordering::Relaxed) {
+            assert!(Instant::now() < deadline, "the attack never ended");
+            let started = Instant::now();
+            assert_eq!(
+                good.ask(b"get key:7\r\n"),
+                "VALUE key:7 0 1\r\nv\r\nEND\r\n"
+            );
+            latencies.push(started.elapsed());
+            if attackers.iter().all(|a| a.is_finished()) {
+                done.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        for a in attackers {
+            a.join().expect("attacker");
+        }
+        // New connections are served while the hogs hold their replies.
+        let mut fresh = server.connect();
+        assert!(fresh.ask(b"version\r\n").starts_with("VERSION "));
+        drop(hogs);
+    });
+    let peak = proc_status_bytes(pid, "VmHWM:");
+    let p99 = p99(&mut latencies);
+    eprintln!(
+        "peak RSS {} MiB; good client p99 {p99:?} over {} gets",
+        peak / MIB,
+        latencies.len()
+    );
+    assert!(peak <= bound(64, 10), "peak RSS {} MiB", peak / MIB);
+    assert!(p99 < Duration::from_millis(50), "good client p99 {p99:?}");
 }

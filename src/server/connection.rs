@@ -391,6 +391,28 @@ async fn process(
                         }
                         Action::Continue
                     }
+                    Request::ListKeys(l) => {
+                        // In pieces, letting other connections run between
+                        // them; each piece holds its reply bytes, and one
+                        // refused ends the reply with the error.
+                        let mut at = execute::list_keys_start(shared, l.token, l.count, out);
+                        while let Some(piece) = at {
+                            let piece_at = out.len();
+                            at = execute::list_keys_piece(shared, piece, out);
+                            if !hold_reply(out, piece_at, held, false) {
+                                break;
+                            }
+                            if at.is_some() {
+                                if out.len() >= WRITE_FLUSH_BYTES {
+                                    flush(shared, wr, out, held).await?;
+                                }
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                        // A page costs as much as a batch of small requests.
+                        executed = REQUESTS_PER_BATCH_MAX;
+                        Action::Continue
+                    }
                     other => {
                         let action = execute::execute(shared, other, out);
                         hold_reply(out, reply_at, held, false);
@@ -411,7 +433,7 @@ async fn process(
         if out.len() >= WRITE_FLUSH_BYTES {
             flush(shared, wr, out, held).await?;
         }
-        executed += 1;
+        executed = executed.saturating_add(1);
         if executed >= REQUESTS_PER_BATCH_MAX {
             // Let other connections on this worker run.
             flush(shared, wr, out, held).await?;

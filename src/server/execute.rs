@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::Shared;
 use super::stats::{compose_general, compose_settings};
-use crate::limits::VERBOSITY_MAX;
+use crate::limits::{LIST_KEYS_PER_PIECE, VERBOSITY_MAX};
 use crate::protocol::get::{Get, compose_end, compose_value};
 use crate::protocol::list_keys;
 use crate::protocol::stats::StatsCmd;
@@ -205,16 +205,56 @@ fn stats(shared: &Shared, cmd: StatsCmd<'_>, out: &mut Vec<u8>) {
     }
 }
 
-/// `lk` on a single node: one walk of its own store from the token's
-/// position (a cluster member lists through its coordinator instead).
+/// `lk` on a single node: walks of its own store from the token's
+/// position, in pieces (a cluster member lists through its coordinator
+/// instead).
 fn list_keys(shared: &Shared, token: &[u8], count: usize, out: &mut Vec<u8>) {
+    let mut at = list_keys_start(shared, token, count, out);
+    while let Some(piece) = at {
+        at = list_keys_piece(shared, piece, out);
+    }
+}
+
+/// Where an `lk` page goes on: from a key hash, with keys still to list.
+#[derive(Clone, Copy, Debug)]
+pub struct Listing {
+    from: u64,
+    left: usize,
+}
+
+/// Starts an `lk` page of `count` keys from `token`'s position; `None`
+/// once the reply is complete (a bad token).
+pub fn list_keys_start(
+    shared: &Shared,
+    token: &[u8],
+    count: usize,
+    out: &mut Vec<u8>,
+) -> Option<Listing> {
     let Some(from) = shared.listing_key.decode(token) else {
-        return put_line(out, list_keys::BAD_TOKEN.as_bytes());
+        put_line(out, list_keys::BAD_TOKEN.as_bytes());
+        return None;
     };
-    let page = shared.store.list_keys(from, u64::MAX, count);
+    Some(Listing { from, left: count })
+}
+
+/// Lists the next piece of a page, at most [`LIST_KEYS_PER_PIECE`] keys,
+/// so a connection can let others run between pieces; `None` once the
+/// reply is complete. A piece the store ends early (a sparse table) ends
+/// the page too, so one call walks at most one bucket budget past the
+/// keys it returns.
+pub fn list_keys_piece(shared: &Shared, at: Listing, out: &mut Vec<u8>) -> Option<Listing> {
+    let asked = at.left.min(LIST_KEYS_PER_PIECE);
+    let page = shared.store.list_keys(at.from, u64::MAX, asked);
     for k in &page.keys {
         list_keys::put_key(out, &k.key, k.binary);
     }
-    let next = page.next.map(|n| shared.listing_key.encode(n));
-    list_keys::put_end(out, next.as_deref().map(str::as_bytes));
+    let left = at.left - page.keys.len();
+    match page.next {
+        Some(from) if left > 0 && page.keys.len() == asked => Some(Listing { from, left }),
+        next => {
+            let next = next.map(|n| shared.listing_key.encode(n));
+            list_keys::put_end(out, next.as_deref().map(str::as_bytes));
+            None
+        }
+    }
 }

@@ -22,11 +22,11 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::budget::{self, InflightBudget};
 use crate::cluster::coordinator::{Cluster, Local};
 use crate::cluster::transport::Identity;
 use crate::config::Config;
 use crate::error::ServerError;
-use crate::budget::{self, InflightBudget};
 use crate::limits::{CLOCK_DRIFT_MAX_MS_DEFAULT, TOMBSTONE_GRACE_SECS};
 use crate::limits::{SHUTDOWN_GRACE_MS, SWEEP_INTERVAL_MS, SWEEP_SLOTS_PER_PASS};
 use crate::protocol::{ParseLimits, Parsed, put_line, reply};
@@ -123,7 +123,9 @@ impl Shared {
             data_timeout_secs: config.data_timeout_secs,
         };
         Self {
-            inflight: Arc::new(InflightBudget::new(budget::limit_for(config.memory_limit_bytes()))),
+            inflight: Arc::new(InflightBudget::new(budget::limit_for(
+                config.memory_limit_bytes(),
+            ))),
             store,
             stats: ServerStats::default(),
             facts,

@@ -35,8 +35,8 @@ pub use shard::{Entry, ShardStats, charge};
 use shard::{Gone, NewItem, Shard, Slot};
 
 use crate::limits::{
-    MEMCACHED_CAS_BYTES, MEMCACHED_ITEM_HEADER_BYTES, PREFETCH_KEYS, SCAN_BUCKETS_PER_LOCK,
-    SHARD_ITEMS_OF_MAX_SIZE, SHARDS_MAX, TOMBSTONE_GRACE_SECS,
+    LIST_BUCKETS_PER_CALL_MAX, MEMCACHED_CAS_BYTES, MEMCACHED_ITEM_HEADER_BYTES, PREFETCH_KEYS,
+    SCAN_BUCKETS_PER_LOCK, SHARD_ITEMS_OF_MAX_SIZE, SHARDS_MAX, TOMBSTONE_GRACE_SECS,
 };
 
 /// Whether `key` is a key memcached accepts: 1 to 250 bytes. (The text
@@ -479,6 +479,49 @@ pub struct ListedKey {
     pub binary: bool,
 }
 
+/// A page of [`Store::list_keys`] being gathered: the `max` smallest keys
+/// seen so far, and the smallest hash left out of them.
+struct PageBuilder {
+    best: std::collections::BinaryHeap<ListedKey>,
+    min_out: Option<u64>,
+    max: usize,
+}
+
+impl PageBuilder {
+    /// Takes a key seen into the page if it is among the smallest so far.
+    fn offer(&mut self, hash: u64, key: &[u8], binary: bool) {
+        let smaller = self
+            .best
+            .peek()
+            .is_none_or(|top| (hash, key) < (top.hash, &top.key[..]));
+        if self.best.len() < self.max || smaller {
+            self.best.push(ListedKey {
+                hash,
+                key: key.to_vec(),
+                binary,
+            });
+            if self.best.len() > self.max {
+                let out = self.best.pop().expect("over max").hash;
+                self.left_out(out);
+            }
+        } else {
+            self.left_out(hash);
+        }
+    }
+
+    /// Notes a key (or a place, where the walk stopped) the page ends
+    /// before.
+    fn left_out(&mut self, hash: u64) {
+        self.min_out = Some(self.min_out.map_or(hash, |m| m.min(hash)));
+    }
+
+    /// Whether the page is full of keys hashed below `hash`, so that no
+    /// key at or past it can enter.
+    fn settled_below(&self, hash: u64) -> bool {
+        self.best.len() == self.max && self.best.peek().is_some_and(|top| top.hash < hash)
+    }
+}
+
 /// One page of [`Store::list_keys`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyPage {
@@ -552,18 +595,20 @@ impl Store {
             u32::try_from(config.clock_drift_max_ms.div_ceil(1000)).unwrap_or(u32::MAX);
         let tombstone_grace_secs = config.tombstone_grace_secs.saturating_add(drift_secs);
         let expiry_grace = config.keep_versions.then_some(tombstone_grace_secs);
+        let shard_bits = n.trailing_zeros();
         let shards = (0..n)
             .map(|_| {
                 Padded(Mutex::new(Shard::new(
                     per_shard,
                     trees.clone(),
                     expiry_grace,
+                    shard_bits,
                 )))
             })
             .collect();
         Self {
             shards,
-            shard_bits: n.trailing_zeros(),
+            shard_bits,
             clock,
             hlc: hlc::Hlc::new(config.node_id),
             item_bytes_max: config.item_bytes_max,
@@ -1197,87 +1242,150 @@ impl Store {
     /// the range goes on (`None`: this page ends it). Keys that share the
     /// page's last hash start the next page together, so a page boundary
     /// never splits them. Tombstones, expired and flushed items are left
-    /// out. Walks only the shards of the range, each locked for at most
-    /// [`SCAN_BUCKETS_PER_LOCK`] buckets at a time, and holds at most `max`
-    /// keys while it walks.
+    /// out.
+    ///
+    /// Walks only what it returns: index buckets are in hash order (see
+    /// `index`), so the walk starts at the home bucket of `from` and stops
+    /// once no key it has not seen can be among the `max` smallest, or
+    /// after [`LIST_BUCKETS_PER_CALL_MAX`] buckets (the page then ends
+    /// early, with a `next` past every key seen). Each shard is locked for
+    /// at most [`SCAN_BUCKETS_PER_LOCK`] buckets at a time (plus the probe
+    /// run it stops in), and the walk holds at most `max` keys.
     ///
     /// # Panics
     /// If `max` is 0 or `from > to`.
     pub fn list_keys(&self, from: u64, to: u64, max: usize) -> KeyPage {
+        self.list_keys_walking(from, to, max).0
+    }
+
+    /// [`Store::list_keys`], and how many index buckets it walked.
+    pub(crate) fn list_keys_walking(&self, from: u64, to: u64, max: usize) -> (KeyPage, usize) {
         assert!(max > 0 && from <= to, "list_keys({from}, {to}, {max})");
         let now = self.clock.now_secs();
         let flushed_before = self.flushed_before(now);
-        let mut best: std::collections::BinaryHeap<ListedKey> =
-            std::collections::BinaryHeap::with_capacity(max.min(1024) + 1);
-        // The smallest hash of a key in range left out of the page: the
-        // page ends just before it.
-        let mut min_out: Option<u64> = None;
-        let mut left_out = |hash: u64| min_out = Some(min_out.map_or(hash, |m| m.min(hash)));
-        for shard in self.shard_index(from)..=self.shard_index(to) {
-            let mut bucket = 0;
-            loop {
+        let mut page = PageBuilder {
+            best: std::collections::BinaryHeap::with_capacity(max.min(1024) + 1),
+            min_out: None,
+            max,
+        };
+        // Where the walk stopped short of `to`: every key below it was seen.
+        let mut frontier: Option<u64> = None;
+        let mut walked = 0usize;
+        'shards: for shard in self.shard_index(from)..=self.shard_index(to) {
+            // The shard's hashes, as a range; a shift by 64 would overflow.
+            let floor = ((shard as u64) << 32) << (32 - self.shard_bits);
+            let (mut lo, hi) = (
+                from.max(floor),
+                to.min(floor | (u64::MAX >> self.shard_bits)),
+            );
+            // One lock at a time; `lo` moves on past the keys seen.
+            'locks: loop {
                 let s = self.shards[shard].0.lock();
-                let end = s.buckets().min(bucket + SCAN_BUCKETS_PER_LOCK);
-                while bucket < end {
-                    if let Some(e) = s.entry_at(bucket) {
-                        let live = !e.has(bits::TOMBSTONE)
-                            && !exptime::is_expired(e.exptime(), now)
-                            && e.last_access() >= flushed_before;
-                        let hash = if live { key_hash(e.key()) } else { 0 };
-                        if live && (from..=to).contains(&hash) {
-                            let smaller = best
-                                .peek()
-                                .is_none_or(|top| (hash, e.key()) < (top.hash, &top.key[..]));
-                            if best.len() < max || smaller {
-                                best.push(ListedKey {
-                                    hash,
-                                    key: e.key().to_vec(),
-                                    binary: e.has(bits::KEY_BINARY),
-                                });
-                                if best.len() > max {
-                                    let out = best.pop().expect("over max");
-                                    left_out(out.hash);
-                                }
-                            } else {
-                                left_out(hash);
-                            }
-                        }
-                    }
-                    bucket += 1;
-                }
-                if bucket >= s.buckets() {
+                let index = s.index();
+                let buckets = s.buckets();
+                if buckets == 0 {
                     break;
                 }
+                let at = |b: usize| index.floor(b).map_or(u64::MAX, |f| floor | f);
+                let last_home = index.home(hi);
+                let consider = |page: &mut PageBuilder, hash: u64, e: &shard::Entry| {
+                    let live = !e.has(bits::TOMBSTONE)
+                        && !exptime::is_expired(e.exptime(), now)
+                        && e.last_access() >= flushed_before;
+                    if live && (lo..=hi).contains(&hash) {
+                        page.offer(hash, e.key(), e.has(bits::KEY_BINARY));
+                    }
+                };
+                let mut b = index.home(lo);
+                let mut this_lock = 0;
+                while b < buckets {
+                    if index.vacant(b) {
+                        // No probe crosses an empty bucket: every key whose
+                        // home is before it has been seen, and every key not
+                        // seen hashes at or past `at(b)`.
+                        if b > last_home {
+                            continue 'shards;
+                        }
+                        if page.settled_below(at(b)) {
+                            frontier = Some(at(b));
+                            break 'shards;
+                        }
+                        if walked >= LIST_BUCKETS_PER_CALL_MAX {
+                            frontier = Some(at(b));
+                            break 'shards;
+                        }
+                        if this_lock >= SCAN_BUCKETS_PER_LOCK {
+                            lo = lo.max(at(b));
+                            continue 'locks;
+                        }
+                    } else if let Some(e) = s.entry_at(b) {
+                        let hash = key_hash(e.key());
+                        // An entry whose home is past it wrapped around the
+                        // end: the pass below sees it.
+                        if index.home(hash) <= b {
+                            consider(&mut page, hash, e);
+                        }
+                    }
+                    b += 1;
+                    walked += 1;
+                    this_lock += 1;
+                }
+                // The end of the table: the run that wraps around it.
+                for b in (0..buckets).take_while(|&b| !index.vacant(b)) {
+                    if let Some(e) = s.entry_at(b) {
+                        let hash = key_hash(e.key());
+                        if index.home(hash) > b {
+                            consider(&mut page, hash, e);
+                        }
+                    }
+                    walked += 1;
+                }
+                break;
             }
         }
-        let mut keys = best.into_sorted_vec();
-        let Some(out) = min_out else {
-            return KeyPage { keys, next: None };
+        if let Some(f) = frontier {
+            page.left_out(f);
+        }
+        let mut keys = page.best.into_sorted_vec();
+        let Some(out) = page.min_out else {
+            return (KeyPage { keys, next: None }, walked);
         };
-        let last = keys.last().expect("a full page").hash;
+        let Some(last) = keys.last().map(|k| k.hash) else {
+            return (
+                KeyPage {
+                    keys,
+                    next: Some(out),
+                },
+                walked,
+            );
+        };
         if out > last {
             // The usual case: the next page starts past this one's last key.
-            return KeyPage {
-                keys,
-                next: Some(out),
-            };
+            return (
+                KeyPage {
+                    keys,
+                    next: Some(out),
+                },
+                walked,
+            );
         }
         // A key left out shares the last hash (a 64-bit collision): the
         // keys with that hash start the next page together.
         let first_of_last = keys.partition_point(|k| k.hash < last);
         if first_of_last > 0 {
             keys.truncate(first_of_last);
-            return KeyPage {
-                keys,
-                next: Some(last),
-            };
+            return (
+                KeyPage {
+                    keys,
+                    next: Some(last),
+                },
+                walked,
+            );
         }
         // More than `max` keys share one hash: never seen, but go on past
         // it rather than loop.
-        KeyPage {
-            next: last.checked_add(1).filter(|&n| n <= to),
-            keys,
-        }
+        let next = last.checked_add(1).filter(|&n| n <= to);
+        (KeyPage { keys, next }, walked)
     }
 
     /// The shards holding partition `p` of `partitions`: its hashes form

@@ -590,14 +590,16 @@ impl Shard {
     /// An empty shard that may hold `limit_bytes` (see [`charge`]), telling
     /// `trees` of every entry that comes or goes (`None`: keep no trees).
     /// `expiry_grace_secs`: keep an expired item's version as a tombstone
-    /// this long after the version (a cluster); `None`: don't.
+    /// this long after the version (a cluster); `None`: don't. The store
+    /// picks the shard by the top `shard_bits` bits of a key's hash.
     pub fn new(
         limit_bytes: usize,
         trees: Option<Arc<Trees>>,
         expiry_grace_secs: Option<u32>,
+        shard_bits: u32,
     ) -> Self {
         Self {
-            index: Index::new(),
+            index: Index::new(shard_bits),
             head: NIL,
             tail: NIL,
             hand: NIL,
@@ -666,6 +668,11 @@ impl Shard {
     /// Index buckets: the positions a scan walks.
     pub fn buckets(&self) -> usize {
         self.index.capacity()
+    }
+
+    /// The shard's index: where a key's home bucket is (for listings).
+    pub fn index(&self) -> &Index {
+        &self.index
     }
 
     /// The entry in bucket `i`, if any (live, expired or tombstone).
@@ -912,7 +919,7 @@ impl Shard {
     /// Drops every entry. Keeps the counters.
     pub fn clear(&mut self) {
         let items: Vec<NonNull<u8>> = self.index.items().collect();
-        self.index = Index::new();
+        self.index = self.index.emptied();
         for p in items {
             if let Some(t) = &self.trees {
                 // SAFETY: the index held each live item exactly once.
