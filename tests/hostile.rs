@@ -561,3 +561,71 @@ fn key_listings_cost_what_they_return() {
     assert!(peak <= bound(64, 10), "peak RSS {} MiB", peak / MIB);
     assert!(p99 < Duration::from_millis(50), "good client p99 {p99:?}");
 }
+
+/// Issue 16, row 7: 20 connections × 5 `stats partitions` took a cluster
+/// node from 72 to 293 MiB: each call copied the whole store, values too,
+/// to digest it. The digest now walks the store copying nothing.
+#[test]
+fn partition_digests_copy_nothing() {
+    let _serial = exclusive();
+    let cluster = Cluster::start(Layout::new(3).quorums(2, 2));
+    let mut c = cluster.connect(1);
+    let pid = stat_value(&stats(&mut c, ""), "pid");
+    // About 48 MiB of 100 KB values on each node (N = 3).
+    const KEYS: usize = 480;
+    let value = vec![b'v'; 100_000];
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(40) {
+        let mut batch = Vec::new();
+        for i in chunk {
+            batch.extend_from_slice(format!("set large{i} 0 0 100000 noreply\r\n").as_bytes());
+            batch.extend_from_slice(&value);
+            batch.extend_from_slice(b"\r\n");
+        }
+        batch.extend_from_slice(b"mn\r\n");
+        c.request(&batch, &[b"MN\r\n"]);
+    }
+    assert_eq!(c.ask(b"set small 0 0 1\r\nv\r\n"), "STORED\r\n");
+    let digest = stats(&mut c, "partitions");
+    let keys: u64 = digest
+        .lines()
+        .filter_map(|l| l.split("keys=").nth(1))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    assert!(keys >= KEYS as u64 * 9 / 10, "{keys} keys in:\n{digest}");
+    let before = proc_status_bytes(pid, "VmRSS:");
+    let mut latencies = Vec::new();
+    std::thread::scope(|scope| {
+        let callers: Vec<_> = (0..20)
+            .map(|_| {
+                let mut c = cluster.connect(1);
+                let expected = digest.clone();
+                scope.spawn(move || {
+                    for _ in 0..5 {
+                        assert_eq!(stats(&mut c, "partitions"), expected);
+                    }
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + WAIT_MAX;
+        while !callers.iter().all(|c| c.is_finished()) || latencies.len() < 100 {
+            assert!(Instant::now() < deadline, "the calls never ended");
+            let started = Instant::now();
+            assert_eq!(c.ask(b"get small\r\n"), "VALUE small 0 1\r\nv\r\nEND\r\n");
+            latencies.push(started.elapsed());
+        }
+        for caller in callers {
+            caller.join().expect("caller");
+        }
+    });
+    let peak = proc_status_bytes(pid, "VmHWM:");
+    let p99 = p99(&mut latencies);
+    eprintln!(
+        "RSS {} MiB before, peak {} MiB; good client p99 {p99:?} over {} gets",
+        before / MIB,
+        peak / MIB,
+        latencies.len()
+    );
+    assert!(peak <= before + 16 * MIB, "peak RSS {} MiB", peak / MIB);
+    assert!(peak <= bound(64, 24), "peak RSS {} MiB", peak / MIB);
+    assert!(p99 < Duration::from_millis(50), "good client p99 {p99:?}");
+}

@@ -30,7 +30,7 @@ use super::anti_entropy;
 use super::hints::{HintLimits, HintStore};
 use super::message::{PeerRequest, PeerResponse};
 use super::quorum::{Decision, Quorum};
-use super::ring::{NodeId, Ring, partition_of};
+use super::ring::{NodeId, Ring};
 use super::transport::{CallError, Peer, PeerState, TransportStats};
 use crate::budget::{InflightBudget, Reservation};
 use crate::config::{ClusterConfig, MemberConfig};
@@ -706,7 +706,7 @@ impl Cluster {
                 self.flush_all(local, delay_secs, silent, out).await
             }
             Plan::ClusterStats => self.compose_stats(local, out),
-            Plan::PartitionDigests => self.compose_partition_digests(local.store(), out),
+            Plan::PartitionDigests => self.compose_partition_digests(local.store(), out).await,
             Plan::ListKeys { token, count } => self.list_keys(local, token, count, out).await,
         }
     }
@@ -2015,29 +2015,22 @@ impl Cluster {
     /// `stats partitions`: for every partition this node replicates, its
     /// entry count and an order-free digest (XOR of xxh3 over each key and
     /// version, tombstones included), so an operator or a test can check
-    /// that replicas agree. Walks the whole store: a debugging command.
-    fn compose_partition_digests(&self, store: &Store, out: &mut Vec<u8>) {
-        let partitions = self.ring.partitions() as usize;
-        let mut keys = vec![0u64; partitions];
-        let mut digest = vec![0u64; partitions];
+    /// that replicas agree. Walks the whole store a lock's worth at a time,
+    /// copying nothing, and lets other tasks run between steps.
+    async fn compose_partition_digests(&self, store: &Store, out: &mut Vec<u8>) {
+        let partitions = self.ring.partitions();
+        let mut digests = vec![(0u64, 0u64); partitions as usize];
         let mut cursor = Some(0);
         while let Some(c) = cursor {
-            let (page, next) = store.scan_page(c, usize::MAX, usize::MAX, |_| true);
-            for (key, state) in page {
-                let p = partition_of(&key, self.ring.partitions()) as usize;
-                let mut bytes = key;
-                bytes.extend_from_slice(&state.version().to_le_bytes());
-                keys[p] += 1;
-                digest[p] ^= xxhash_rust::xxh3::xxh3_64(&bytes);
-            }
-            cursor = next;
+            cursor = store.digest_step(c, partitions, &mut digests);
+            tokio::task::yield_now().await;
         }
         for (p, _) in self.ring.partitions_of(self.me) {
-            let p = p as usize;
+            let (keys, digest) = digests[p as usize];
             put_stat(
                 out,
                 &format!("partition:{p}"),
-                format!("keys={} digest={:016x}", keys[p], digest[p]),
+                format!("keys={keys} digest={digest:016x}"),
             );
         }
         put_line(out, b"END");

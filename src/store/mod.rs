@@ -1237,6 +1237,47 @@ impl Store {
         (page, None)
     }
 
+    /// One step of a digest of every entry (live items and tombstones, not
+    /// those expired or flushed): for each, `digests[partition]` counts it
+    /// and XORs in the xxh3 of its key followed by its version (little
+    /// endian). Starts at `cursor` (0 to begin) and visits at most
+    /// [`SCAN_BUCKETS_PER_LOCK`] buckets under one shard lock; returns the
+    /// cursor to go on from, `None` at the end. Copies nothing: the cost of
+    /// a whole walk is the store's size in CPU and `digests` in memory.
+    pub fn digest_step(
+        &self,
+        cursor: u64,
+        partitions: u32,
+        digests: &mut [(u64, u64)],
+    ) -> Option<u64> {
+        let now = self.clock.now_secs();
+        let flushed_before = self.flushed_before(now);
+        let shard = (cursor >> 40) as usize;
+        let mut bucket = (cursor & ((1 << 40) - 1)) as usize;
+        let s = self.shards.get(shard)?.0.lock();
+        let end = s.buckets().min(bucket + SCAN_BUCKETS_PER_LOCK);
+        while bucket < end {
+            if let Some(e) = s.entry_at(bucket) {
+                if !exptime::is_expired(e.exptime(), now) && e.last_access() >= flushed_before {
+                    let key = e.key();
+                    let mut h = xxhash_rust::xxh3::Xxh3::new();
+                    h.update(key);
+                    h.update(&e.cas().to_le_bytes());
+                    let p = crate::cluster::ring::partition_of_hash(key_hash(key), partitions);
+                    let d = &mut digests[p as usize];
+                    d.0 += 1;
+                    d.1 ^= h.digest();
+                }
+            }
+            bucket += 1;
+        }
+        if bucket < s.buckets() {
+            Some(((shard as u64) << 40) | bucket as u64)
+        } else {
+            (shard + 1 < self.shards.len()).then(|| (shard as u64 + 1) << 40)
+        }
+    }
+
     /// One page of a key listing: the live keys whose hash lies in
     /// `from..=to`, the `max` smallest in (hash, key) order. `next` is where
     /// the range goes on (`None`: this page ends it). Keys that share the
