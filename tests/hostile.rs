@@ -2,7 +2,8 @@
 //! in the middle of a data block, and that never finish a long request
 //! line. Each holds resources the node must take back; each test checks
 //! the bound through `stats` and `/proc`, and that a well-behaved client
-//! is served throughout.
+//! is served throughout. The tests run one at a time (`exclusive`): their
+//! latency bounds are for a node that has the machine to itself.
 
 mod common;
 
@@ -102,6 +103,7 @@ fn bound(memory_limit_mb: u64, connections: usize) -> u64 {
 /// talking stays. Before: no idle timeout at all.
 #[test]
 fn an_idle_connection_is_closed_after_the_idle_timeout() {
+    let _serial = exclusive();
     let server = Server::start(&["--idle-timeout", "1"]);
     let mut busy = server.connect();
     let mut idle = raw(&server, WAIT_MAX);
@@ -133,6 +135,7 @@ fn an_idle_connection_is_closed_after_the_idle_timeout() {
 /// idle timeout the node takes new clients again once they are kicked.
 #[test]
 fn idle_sockets_do_not_lock_out_a_full_node_with_an_idle_timeout() {
+    let _serial = exclusive();
     let server = Server::start(&["-c", "50", "--idle-timeout", "1"]);
     let hogs: Vec<TcpStream> = (0..50).map(|_| raw(&server, WAIT_MAX)).collect();
     // Every slot is taken: a newcomer is refused (memcached's answer).
@@ -160,6 +163,7 @@ fn idle_sockets_do_not_lock_out_a_full_node_with_an_idle_timeout() {
 /// back, and the other client's set goes through.
 #[test]
 fn stalled_data_blocks_give_the_inflight_budget_back() {
+    let _serial = exclusive();
     let server = Server::start(&["-m", "64", "--data-timeout", "2"]);
     let mut good = server.connect();
     let general = stats(&mut good, "");
@@ -224,6 +228,7 @@ fn stalled_data_blocks_give_the_inflight_budget_back() {
 /// closes the rest.
 #[test]
 fn unfinished_long_lines_are_held_to_the_inflight_budget() {
+    let _serial = exclusive();
     // A budget of 16 MiB: 15 unfinished 1 MiB lines fit, the rest do not.
     let server = Server::start(&["-m", "8", "--data-timeout", "2"]);
     let mut good = server.connect();
@@ -288,6 +293,7 @@ fn unfinished_long_lines_are_held_to_the_inflight_budget() {
 /// well-behaved client is served throughout.
 #[test]
 fn clients_that_never_read_are_held_to_the_inflight_budget() {
+    let _serial = exclusive();
     let server = Server::start(&["-m", "64", "--data-timeout", "2"]);
     let mut good = server.connect();
     let general = stats(&mut good, "");
@@ -500,6 +506,7 @@ fn p99(latencies: &mut [Duration]) -> Duration {
 /// reply holds the in-flight budget like any other.
 #[test]
 fn key_listings_cost_what_they_return() {
+    let _serial = exclusive();
     let server = Server::start(&["-m", "64", "--data-timeout", "2"]);
     let mut good = server.connect();
     let pid = stat_value(&stats(&mut good, ""), "pid");
