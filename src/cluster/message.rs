@@ -20,6 +20,7 @@ pub enum PeerRequest {
     /// answering.
     Execute {
         /// The client command, raw protocol bytes with its data block.
+        #[serde(with = "serde_bytes")]
         command: Vec<u8>,
         /// Replicas that must hold the result before the reply; clamped
         /// to 1..=replication factor.
@@ -37,19 +38,23 @@ pub enum PeerRequest {
     /// version it saw.
     ReadMeta {
         /// The `mg` command, raw protocol bytes.
+        #[serde(with = "serde_bytes")]
         command: Vec<u8>,
         /// The key it reads, whose version is reported.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// The key's state, for a primary that must catch up before a
     /// read-modify-write.
     Fetch {
         /// The key whose state is wanted.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Apply replicated state, highest version wins.
     Apply {
         /// The key the state belongs to.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// The item or its absence, with its version.
         state: KeyState,
@@ -60,6 +65,7 @@ pub enum PeerRequest {
         /// Node id of the replica the state is meant for.
         target: u16,
         /// The key the state belongs to.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// The item or its absence, with its version.
         state: KeyState,
@@ -114,6 +120,7 @@ pub enum PeerRequest {
     /// otherwise it answers [`PeerResponse::Newer`] with what it holds.
     ApplyIf {
         /// The key the state belongs to.
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         /// The item or its absence, with its version.
         state: KeyState,
@@ -141,17 +148,19 @@ pub enum PeerResponse {
     /// Answer to [`PeerRequest::Execute`].
     Executed {
         /// The reply a client would get, raw protocol bytes.
+        #[serde(with = "serde_bytes")]
         reply: Vec<u8>,
     },
     /// Per key asked, in order: `(version, VALUE block)` or `None` for a
     /// miss. May cover only a prefix of the keys, to fit a frame; the
     /// caller asks again for the rest.
-    Values(Vec<Option<(u64, Vec<u8>)>>),
+    Values(#[serde(with = "answers")] Vec<Option<(u64, Vec<u8>)>>),
     /// Answer to [`PeerRequest::ReadMeta`].
     MetaRead {
         /// The version the read saw; 0: the key was absent.
         version: u64,
         /// The meta reply a client would get, raw protocol bytes.
+        #[serde(with = "serde_bytes")]
         reply: Vec<u8>,
     },
     /// Answer to [`PeerRequest::Fetch`]: the key's item or tombstone;
@@ -203,4 +212,92 @@ pub enum PeerResponse {
     },
     /// The request was malformed; nothing was done.
     Refused(String),
+}
+
+/// [`PeerResponse::Values`] with each `VALUE` block as one byte block.
+mod answers {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use serde_bytes::{ByteBuf, Bytes};
+
+    type Answers = Vec<Option<(u64, Vec<u8>)>>;
+
+    pub fn serialize<S: Serializer>(answers: &Answers, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            answers
+                .iter()
+                .map(|a| a.as_ref().map(|(version, block)| (version, Bytes::new(block)))),
+        )
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Answers, D::Error> {
+        let answers: Vec<Option<(u64, ByteBuf)>> = Deserialize::deserialize(d)?;
+        Ok(answers
+            .into_iter()
+            .map(|a| a.map(|(version, block)| (version, block.into_vec())))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Serialize;
+
+    /// The messages as they were before their byte vectors were sent as
+    /// blocks: sequences of u8.
+    #[derive(Serialize)]
+    enum PlainState {
+        Item {
+            version: u64,
+            flags: u32,
+            exptime: u32,
+            bits: u8,
+            value: Vec<u8>,
+            dedup: Vec<u8>,
+        },
+    }
+
+    #[derive(Serialize)]
+    enum PlainResponse {
+        _Executed { reply: Vec<u8> },
+        Values(Vec<Option<(u64, Vec<u8>)>>),
+    }
+
+    /// Byte blocks travel exactly as the sequences they replace did
+    /// (postcard writes both as a length and the bytes), so nodes of either
+    /// build understand each other and the wire version stays.
+    #[test]
+    fn byte_blocks_keep_the_wire_format() {
+        let value: Vec<u8> = (0..=255).cycle().take(1000).collect();
+        let state = KeyState::Item {
+            version: 7,
+            flags: 9,
+            exptime: 11,
+            bits: 1,
+            value: value.clone(),
+            dedup: b"records".to_vec(),
+        };
+        let plain = PlainState::Item {
+            version: 7,
+            flags: 9,
+            exptime: 11,
+            bits: 1,
+            value: value.clone(),
+            dedup: b"records".to_vec(),
+        };
+        let bytes = postcard::to_allocvec(&state).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+        assert_eq!(postcard::from_bytes::<KeyState>(&bytes).unwrap(), state);
+        let answers = vec![Some((3, value)), None];
+        let values = PeerResponse::Values(answers.clone());
+        let bytes = postcard::to_allocvec(&values).unwrap();
+        assert_eq!(
+            bytes,
+            postcard::to_allocvec(&PlainResponse::Values(answers.clone())).unwrap()
+        );
+        match postcard::from_bytes::<PeerResponse>(&bytes).unwrap() {
+            PeerResponse::Values(back) => assert_eq!(back, answers),
+            other => panic!("{other:?}"),
+        }
+    }
 }

@@ -209,9 +209,11 @@ pub enum KeyState {
         /// base64 key); access bits stay local.
         bits: u8,
         /// The value.
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         /// Request-id records ([`dedup`]): replicated with the item so a
         /// retry finds them on any replica.
+        #[serde(with = "serde_bytes")]
         dedup: Vec<u8>,
     },
     /// The key was removed (deleted, or absent after a write that removed
@@ -220,6 +222,7 @@ pub enum KeyState {
         /// The version of the removal.
         version: u64,
         /// The records of a delete that carried a request id.
+        #[serde(with = "serde_bytes")]
         dedup: Vec<u8>,
     },
 }
