@@ -92,6 +92,31 @@ fn read_each(streams: &mut [TcpStream], quiet: Duration) -> Vec<(Vec<u8>, bool)>
     })
 }
 
+/// Runs `attack` while a well-behaved client on `good` sets and then gets
+/// a small key of its own every few milliseconds; returns what the attack
+/// returned and the client's latency p99 (over at least 20 requests).
+fn with_good_client<T>(mut good: Client, attack: impl FnOnce() -> T) -> (T, Duration) {
+    assert_eq!(good.ask(b"set good 0 0 2\r\nok\r\n"), "STORED\r\n");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let prober = scope.spawn(|| {
+            let mut latencies = Vec::new();
+            let deadline = Instant::now() + 10 * WAIT_MAX;
+            while latencies.len() < 20 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(Instant::now() < deadline, "the attack never ended");
+                let started = Instant::now();
+                assert_eq!(good.ask(b"get good\r\n"), "VALUE good 0 2\r\nok\r\nEND\r\n");
+                latencies.push(started.elapsed());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            p99(&mut latencies)
+        });
+        let result = attack();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (result, prober.join().expect("the good client"))
+    })
+}
+
 /// The documented bound on a node's resident memory (README, Limits):
 /// 1.25 × `-m` + 16 KiB per connection + 32 MiB.
 fn bound(memory_limit_mb: u64, connections: usize) -> u64 {
@@ -171,22 +196,26 @@ fn stalled_data_blocks_give_the_inflight_budget_back() {
     let limit = stat_value(&general, "inflight_limit");
     assert_eq!(limit, 16 * MIB, "an eighth of -m, at least 16 MiB");
     const STALLED: usize = 24;
-    let mut stalled: Vec<TcpStream> = (0..STALLED)
-        .map(|i| {
-            let mut s = raw(&server, WAIT_MAX);
-            s.write_all(format!("set stall{i} 0 0 1000000\r\n").as_bytes())
-                .expect("send header");
-            s.write_all(&vec![b's'; 20 * 1024]).expect("send part");
-            s
-        })
-        .collect();
-    wait_for("the stalled sets to hold the budget", || {
-        stat_value(&stats(&mut good, ""), "inflight_bytes") > limit - 1_100_000
+    let (ends, p99) = with_good_client(server.connect(), || {
+        let mut stalled: Vec<TcpStream> = (0..STALLED)
+            .map(|i| {
+                let mut s = raw(&server, WAIT_MAX);
+                s.write_all(format!("set stall{i} 0 0 1000000\r\n").as_bytes())
+                    .expect("send header");
+                s.write_all(&vec![b's'; 20 * 1024]).expect("send part");
+                s
+            })
+            .collect();
+        wait_for("the stalled sets to hold the budget", || {
+            stat_value(&stats(&mut good, ""), "inflight_bytes") > limit - 1_100_000
+        });
+        // Those that got a reservation are closed within the timeout; those
+        // the full budget refused were told so at once (memcached's answer)
+        // and discard their data, holding nothing.
+        read_each(&mut stalled, Duration::from_secs(5))
     });
-    // Those that got a reservation are closed within the timeout; those the
-    // full budget refused were told so at once (memcached's answer) and
-    // discard their data, holding nothing.
-    let ends = read_each(&mut stalled, Duration::from_secs(5));
+    eprintln!("good client p99 {p99:?}");
+    assert!(p99 < Duration::from_millis(50), "good client p99 {p99:?}");
     let closed = ends.iter().filter(|(_, closed)| *closed).count() as u64;
     for (reply, closed) in &ends {
         let expected: &[u8] = if *closed {
@@ -242,34 +271,37 @@ fn unfinished_long_lines_are_held_to_the_inflight_budget() {
     while line.len() < 900 * 1024 {
         line.extend_from_slice(b" some-key-that-is-not-there");
     }
-    let mut hogs: Vec<TcpStream> = (0..HOGS)
-        .map(|_| {
-            let mut s = raw(&server, WAIT_MAX);
-            // Refused mid-way, the node closes the connection: the rest of
-            // the line may not go out.
-            let _ = s.write_all(&line);
-            s
-        })
-        .collect();
-    wait_for("the lines to be read", || {
-        stat_value(&stats(&mut good, ""), "inflight_bytes") >= 15 * MIB
-    });
-    let held = stat_value(&stats(&mut good, ""), "inflight_bytes");
-    assert!(held <= limit, "{held} bytes reserved past the budget");
-    // The well-behaved client is served meanwhile.
-    assert_eq!(good.ask(b"set k 0 0 1\r\nv\r\n"), "STORED\r\n");
-    assert_eq!(good.ask(b"get k\r\n"), "VALUE k 0 1\r\nv\r\nEND\r\n");
-    // Refused at once (the reply may be lost to a reset while the line was
-    // still going out) or closed by the data timeout: every hog is closed.
-    let mut refused = 0;
-    for (reply, closed) in read_each(&mut hogs, WAIT_MAX) {
-        assert!(closed, "every hog is closed, at once or by the timeout");
-        if reply == b"SERVER_ERROR out of memory reading request\r\n" {
-            refused += 1;
-        } else {
-            assert!(reply.is_empty(), "{:?}", String::from_utf8_lossy(&reply));
+    let (refused, p99) = with_good_client(server.connect(), || {
+        let mut hogs: Vec<TcpStream> = (0..HOGS)
+            .map(|_| {
+                let mut s = raw(&server, WAIT_MAX);
+                // Refused mid-way, the node closes the connection: the rest
+                // of the line may not go out.
+                let _ = s.write_all(&line);
+                s
+            })
+            .collect();
+        wait_for("the lines to be read", || {
+            stat_value(&stats(&mut good, ""), "inflight_bytes") >= 15 * MIB
+        });
+        let held = stat_value(&stats(&mut good, ""), "inflight_bytes");
+        assert!(held <= limit, "{held} bytes reserved past the budget");
+        // Refused at once (the reply may be lost to a reset while the line
+        // was still going out) or closed by the data timeout: every hog is
+        // closed.
+        let mut refused = 0;
+        for (reply, closed) in read_each(&mut hogs, WAIT_MAX) {
+            assert!(closed, "every hog is closed, at once or by the timeout");
+            if reply == b"SERVER_ERROR out of memory reading request\r\n" {
+                refused += 1;
+            } else {
+                assert!(reply.is_empty(), "{:?}", String::from_utf8_lossy(&reply));
+            }
         }
-    }
+        refused
+    });
+    eprintln!("good client p99 {p99:?}");
+    assert!(p99 < Duration::from_millis(50), "good client p99 {p99:?}");
     assert!(refused >= 1, "no hog was told the budget was spent");
     let timeouts = stat_value(&stats(&mut good, ""), "data_timeouts");
     assert!(
@@ -402,27 +434,33 @@ fn a_cluster_get_reads_each_key_once_and_refuses_past_its_cap() {
         line.extend_from_slice(b"\r\n");
         line
     };
-    for verb in ["get", "gat 0"] {
-        let what = if verb == "get" { "multi-get" } else { "gat" };
-        // Past the cap: refused before anything is read twice.
-        let reply = c.request(&line(verb, 1000), &[b"\r\n"]);
-        assert_eq!(
-            String::from_utf8_lossy(&reply),
-            format!("SERVER_ERROR {what} reply over 64 MiB in a cluster; split the request\r\n")
-        );
-        // Under the cap, past the in-flight budget (16 MiB at -m 64):
-        // memcached's answer when it cannot hold a reply.
-        let reply = c.request(&line(verb, 30), &[b"\r\n"]);
-        assert_eq!(
-            String::from_utf8_lossy(&reply),
-            "SERVER_ERROR out of memory writing get response\r\n"
-        );
-        // Within both: every occurrence answered.
-        let reply = c.request(&line(verb, 12), &[b"END\r\n"]);
-        let header = b"VALUE big 0 1000000\r\n";
-        let answered = reply.windows(header.len()).filter(|w| w == header).count();
-        assert_eq!(answered, 12, "{verb}");
-    }
+    let ((), p99) = with_good_client(cluster.connect(1), || {
+        for verb in ["get", "gat 0"] {
+            let what = if verb == "get" { "multi-get" } else { "gat" };
+            // Past the cap: refused before anything is read twice.
+            let reply = c.request(&line(verb, 1000), &[b"\r\n"]);
+            assert_eq!(
+                String::from_utf8_lossy(&reply),
+                format!(
+                    "SERVER_ERROR {what} reply over 64 MiB in a cluster; split the request\r\n"
+                )
+            );
+            // Under the cap, past the in-flight budget (16 MiB at -m 64):
+            // memcached's answer when it cannot hold a reply.
+            let reply = c.request(&line(verb, 30), &[b"\r\n"]);
+            assert_eq!(
+                String::from_utf8_lossy(&reply),
+                "SERVER_ERROR out of memory writing get response\r\n"
+            );
+            // Within both: every occurrence answered.
+            let reply = c.request(&line(verb, 12), &[b"END\r\n"]);
+            let header = b"VALUE big 0 1000000\r\n";
+            let answered = reply.windows(header.len()).filter(|w| w == header).count();
+            assert_eq!(answered, 12, "{verb}");
+        }
+    });
+    eprintln!("good client p99 {p99:?}");
+    assert!(p99 < Duration::from_millis(50), "good client p99 {p99:?}");
     let peak = proc_status_bytes(pid, "VmHWM:");
     eprintln!("RSS {} MiB before, peak {} MiB", before / MIB, peak / MIB);
     assert!(peak <= bound(64, 8), "peak RSS {} MiB", peak / MIB);
@@ -465,11 +503,13 @@ fn a_cluster_multi_get_of_many_large_keys_stops_reading_at_its_cap() {
         line.extend_from_slice(format!(" large{i}").as_bytes());
     }
     line.extend_from_slice(b"\r\n");
-    let reply = c.request(&line, &[b"\r\n"]);
+    let (reply, p99) = with_good_client(cluster.connect(1), || c.request(&line, &[b"\r\n"]));
     assert_eq!(
         String::from_utf8_lossy(&reply),
         "SERVER_ERROR out of memory writing get response\r\n"
     );
+    eprintln!("good client p99 {p99:?}");
+    assert!(p99 < Duration::from_millis(50), "good client p99 {p99:?}");
     let peak = proc_status_bytes(pid, "VmHWM:");
     eprintln!("RSS {} MiB before, peak {} MiB", before / MIB, peak / MIB);
     assert!(
