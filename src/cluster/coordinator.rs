@@ -56,10 +56,6 @@ const READ_ANSWER_BYTES_MAX: usize = 1024 * 1024;
 /// gets a `SERVER_ERROR` asking it to split the request.
 const MULTI_GET_REPLY_BYTES_MAX: usize = 64 * 1024 * 1024;
 
-/// Keys a cluster multi-get reads from this node's store between checks of
-/// its reply cap.
-const LOCAL_READ_PIECE_KEYS: usize = 64;
-
 /// How often held hints are offered to their replicas, and how many per
 /// replica per pass.
 const HINT_DELIVERY_INTERVAL_MS: u64 = 200;
@@ -1430,22 +1426,18 @@ impl Cluster {
                 break;
             }
             if let Some(mine) = asks.remove(&self.me) {
-                // In pieces, so the cap stops local reads too.
-                for piece in mine.chunks(LOCAL_READ_PIECE_KEYS) {
-                    let ks: Vec<&[u8]> = piece.iter().map(|&i| keys[i]).collect();
-                    let local_answers = read_local(local.store(), &ks, get.with_cas);
-                    let bytes: usize = local_answers
-                        .iter()
-                        .map(|a| a.as_ref().map_or(0, |(_, block)| block.len()))
-                        .sum();
-                    if !gathered.add(bytes) {
+                // Key by key, each answer held as it is read, so the cap
+                // and the budget stop local reads within one item.
+                for i in mine {
+                    let answer = read_local(local.store(), &[keys[i]], get.with_cas)
+                        .pop()
+                        .expect("one answer per key");
+                    if !gathered.add(answer.as_ref().map_or(0, |(_, block)| block.len())) {
                         gathered.answer_refusal(out, "multi-get");
                         return;
                     }
-                    for (&i, answer) in piece.iter().zip(local_answers) {
-                        read_here[i] = true;
-                        answers[i].push((self.me, answer));
-                    }
+                    read_here[i] = true;
+                    answers[i].push((self.me, answer));
                 }
             }
             if asks.is_empty() {

@@ -222,11 +222,10 @@ mod answers {
     type Answers = Vec<Option<(u64, Vec<u8>)>>;
 
     pub fn serialize<S: Serializer>(answers: &Answers, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(
-            answers
-                .iter()
-                .map(|a| a.as_ref().map(|(version, block)| (version, Bytes::new(block)))),
-        )
+        s.collect_seq(answers.iter().map(|a| {
+            a.as_ref()
+                .map(|(version, block)| (version, Bytes::new(block)))
+        }))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Answers, D::Error> {
