@@ -173,7 +173,7 @@ pub const READ_CHUNK_BYTES: usize = 16 * 1024;
 
 /// A connection may buffer this much of an incomplete request without
 /// reserving from the shared in-flight budget (see `budget`).
-pub const INFLIGHT_FREE_BYTES: usize = 16 * 1024;
+pub const INFLIGHT_FREE_BYTES: usize = 6 * 1024;
 
 /// The in-flight budget is this fraction (1/n) of the item memory limit...
 pub const INFLIGHT_BUDGET_SHARE_OF_ITEMS: usize = 8;

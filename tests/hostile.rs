@@ -720,3 +720,61 @@ fn a_cluster_multi_get_holds_its_local_reads_as_it_goes() {
     );
     assert!(p99 < Duration::from_millis(50), "good client p99 {p99:?}");
 }
+
+/// The bound's per-connection term: a connection holds at most 16 KiB that
+/// the in-flight budget does not count. Before: a connection part-way
+/// through a 14 KB request (under the old 16 KiB free threshold) grew its
+/// read buffer and held 44 KiB. Now requests past 6 KiB reserve, the read
+/// buffer grows only when nearly full, and the reply buffer is made when a
+/// reply needs it.
+#[test]
+fn a_connection_holds_at_most_16_kib_beside_the_budget() {
+    let _serial = exclusive();
+    let server = Server::start(&["-m", "64"]);
+    let mut good = server.connect();
+    let pid = stat_value(&stats(&mut good, ""), "pid");
+    const CONNECTIONS: usize = 600;
+    // Read what the first connections cost the runtime before measuring.
+    let warm: Vec<Client> = (0..50).map(|_| server.connect()).collect();
+    drop(warm);
+    for partial in [5_900usize, 14_000] {
+        let before = proc_status_bytes(pid, "VmRSS:");
+        let mut held: Vec<TcpStream> = (0..CONNECTIONS)
+            .map(|_| {
+                let mut s = raw(&server, WAIT_MAX);
+                s.write_all(b"get nothing\r\n").expect("send");
+                let mut end = [0u8; 5];
+                s.read_exact(&mut end).expect("END");
+                s
+            })
+            .collect();
+        for s in &mut held {
+            s.write_all(b"set part 0 0 15000\r\n").expect("send");
+            s.write_all(&vec![b'p'; partial]).expect("send");
+        }
+        // Wait until every part is read (the budget shows the large ones).
+        let reserved = if partial > 6 * 1024 {
+            CONNECTIONS as u64 * 15_022
+        } else {
+            0
+        };
+        wait_for("the parts to be read", || {
+            stat_value(&stats(&mut good, ""), "inflight_bytes") == reserved
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        let grown = proc_status_bytes(pid, "VmRSS:").saturating_sub(before);
+        let per = (grown.saturating_sub(reserved)) / CONNECTIONS as u64;
+        eprintln!(
+            "{partial} B part-way: {} B per connection beside the budget",
+            per
+        );
+        assert!(
+            per <= 16 * 1024,
+            "{per} B per connection with {partial} B part-way"
+        );
+        drop(held);
+        wait_for("the connections to close", || {
+            stat_value(&stats(&mut good, ""), "curr_connections") == 1
+        });
+    }
+}

@@ -87,7 +87,7 @@ async fn run(
 ) -> std::io::Result<()> {
     let (mut rd, mut wr) = stream.split();
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+    let mut out: Vec<u8> = Vec::new();
     let mut swallow = 0usize;
     let mut budget = Held {
         request: Reservation::new(&shared.inflight),
@@ -134,9 +134,13 @@ async fn run(
             inbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
         }
         if out.capacity() > IDLE_BUFFER_BYTES {
-            out = Vec::with_capacity(READ_CHUNK_BYTES);
+            out = Vec::new();
         }
-        inbuf.reserve(READ_CHUNK_BYTES);
+        // Grow only when little room is left: a request part-way in keeps
+        // the buffer it arrived in.
+        if inbuf.capacity() - inbuf.len() < READ_CHUNK_BYTES / 4 {
+            inbuf.reserve(READ_CHUNK_BYTES);
+        }
         // Mid-way through a data block holding in-flight memory: the data
         // timeout, from now (any byte resets it). Otherwise the idle
         // timeout, from the last command.
