@@ -17,10 +17,11 @@ use crate::limits::{
     ANTI_ENTROPY_KEYS_PER_ROUND_DEFAULT, ANTI_ENTROPY_PARTITIONS_PER_ROUND_DEFAULT,
     CLOCK_DRIFT_MAX_MS_DEFAULT, CLOCK_DRIFT_MAX_MS_LIMIT, CONNECTIONS_MAX_DEFAULT,
     DATA_TIMEOUT_SECS_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, HINT_WINDOW_SECS_DEFAULT,
-    HINTS_MEMORY_MB_DEFAULT, HINTS_PER_TARGET_MAX_DEFAULT, ITEM_BYTES_MAX_DEFAULT,
-    ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN, MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT,
-    REPLICAS_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_LIMIT,
-    REQUEST_TIMEOUT_MS_DEFAULT, THREADS_DEFAULT, TOMBSTONE_GRACE_SECS,
+    HINTS_MEMORY_MB_MIN, HINTS_MEMORY_SHARE_OF_ITEMS, HINTS_PER_TARGET_MAX_DEFAULT,
+    ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN, MEMORY_LIMIT_MB_DEFAULT,
+    PORT_DEFAULT, REPLICAS_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_DEFAULT,
+    REQUEST_ID_RECORDS_PER_KEY_LIMIT, REQUEST_TIMEOUT_MS_DEFAULT, THREADS_DEFAULT,
+    TOMBSTONE_GRACE_SECS,
 };
 
 /// A node's whole configuration (`webvac.toml`): every key optional with a
@@ -242,9 +243,11 @@ pub struct ClusterConfig {
     /// Hints held per unreachable replica; past it the oldest go.
     #[serde(default = "hints_per_target_max_default")]
     pub hints_per_target_max: usize,
-    /// Memory for hints on this node, in MiB, on top of the item memory.
-    #[serde(default = "hints_memory_mb_default")]
-    pub hints_memory_mb: usize,
+    /// Memory for hints on this node, in MiB, on top of the item memory;
+    /// unset: a sixteenth of the item memory, at least 8 MiB (see
+    /// [`ClusterConfig::with_hints_memory_for`]).
+    #[serde(default)]
+    pub hints_memory_mb: Option<usize>,
     /// Whether a starting node pulls the keys it replicates from its peers
     /// (how a node restarted empty gets its data back).
     #[serde(default = "refill_on_start_default")]
@@ -330,11 +333,18 @@ fn hint_window_secs_default() -> u64 {
 fn hints_per_target_max_default() -> usize {
     HINTS_PER_TARGET_MAX_DEFAULT
 }
-fn hints_memory_mb_default() -> usize {
-    HINTS_MEMORY_MB_DEFAULT
-}
 
 impl ClusterConfig {
+    /// This configuration with `hints_memory_mb` set, if it was not, for a
+    /// node whose item memory limit is `memory_limit_mb`.
+    pub fn with_hints_memory_for(&self, memory_limit_mb: usize) -> Self {
+        let auto = (memory_limit_mb / HINTS_MEMORY_SHARE_OF_ITEMS).max(HINTS_MEMORY_MB_MIN);
+        Self {
+            hints_memory_mb: Some(self.hints_memory_mb.unwrap_or(auto)),
+            ..self.clone()
+        }
+    }
+
     /// A cluster of `members` seen from member `node_id`, every other
     /// setting at its default (as an empty `[cluster]` section would give).
     pub fn new(node_id: u16, members: Vec<MemberConfig>) -> Self {
@@ -349,7 +359,7 @@ impl ClusterConfig {
             sloppy_quorum: false,
             hint_window_secs: hint_window_secs_default(),
             hints_per_target_max: hints_per_target_max_default(),
-            hints_memory_mb: hints_memory_mb_default(),
+            hints_memory_mb: None,
             refill_on_start: refill_on_start_default(),
             anti_entropy: anti_entropy_default(),
             anti_entropy_interval_ms: anti_entropy_interval_ms_default(),

@@ -106,8 +106,12 @@ pub const HINT_WINDOW_SECS_DEFAULT: u64 = 3 * 3600;
 /// Hints held per unreachable replica.
 pub const HINTS_PER_TARGET_MAX_DEFAULT: usize = 100_000;
 
-/// Memory for hints per node, in MiB, beside the item memory.
-pub const HINTS_MEMORY_MB_DEFAULT: usize = 64;
+/// Default memory for hints per node, beside the item memory: this
+/// fraction (1/n) of the item memory limit...
+pub const HINTS_MEMORY_SHARE_OF_ITEMS: usize = 16;
+
+/// ...and at least this many MiB.
+pub const HINTS_MEMORY_MB_MIN: usize = 8;
 
 const _: () = assert!(HINT_WINDOW_SECS_DEFAULT < TOMBSTONE_GRACE_SECS as u64);
 

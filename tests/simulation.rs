@@ -247,7 +247,7 @@ fn cluster_config(node_id: u16, settings: Settings) -> ClusterConfig {
         sloppy_quorum: false,
         hint_window_secs: 3 * 3600,
         hints_per_target_max: settings.hints_per_target_max,
-        hints_memory_mb: 16,
+        hints_memory_mb: Some(16),
         refill_on_start: false,
         anti_entropy: settings.anti_entropy,
         anti_entropy_interval_ms: AE_INTERVAL_MS,

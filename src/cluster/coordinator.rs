@@ -585,7 +585,10 @@ impl Cluster {
         let full_ring = Ring::new(&ids, config.partitions, ids.len());
         let hints = HintStore::new(HintLimits {
             per_target_max: config.hints_per_target_max,
-            bytes_max: config.hints_memory_mb.saturating_mul(1024 * 1024),
+            bytes_max: config
+                .hints_memory_mb
+                .unwrap_or(crate::limits::HINTS_MEMORY_MB_MIN)
+                .saturating_mul(1024 * 1024),
             window_ms: config.hint_window_secs.saturating_mul(1000),
         });
         Self {

@@ -264,8 +264,9 @@ impl Server {
         };
         let (cluster, peer_listener, identity) = match &config.cluster {
             Some(c) => {
+                let c = c.with_hints_memory_for(config.memory_limit_mb);
                 let (cluster, listener, identity) =
-                    cluster::start(c, &config.faults.drop_peers).await?;
+                    cluster::start(&c, &config.faults.drop_peers).await?;
                 (Some(cluster), Some(listener), Some(identity))
             }
             None => (None, None, None),
