@@ -56,7 +56,6 @@ enum HelloReply {
 
 /// Frames after the handshake (the transport's `ToServer`).
 #[derive(Serialize)]
-#[allow(dead_code)] // Ping is there for its variant index
 enum ToServer {
     Ping { id: u64 },
     Request { id: u64, body: PeerRequest },
@@ -171,7 +170,11 @@ fn probe(good: &mut Client, pid: u64, latencies: &mut Vec<Duration>) {
         if !matches!(&reply, Ok(r) if r == expected) {
             let peak = std::fs::read_to_string(format!("/proc/{pid}/status"))
                 .ok()
-                .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(String::from));
+                .and_then(|s| {
+                    s.lines()
+                        .find(|l| l.starts_with("VmHWM:"))
+                        .map(String::from)
+                });
             panic!("good client: {reply:?}; node peak RSS {peak:?}");
         }
     }
@@ -220,7 +223,9 @@ fn peers_that_never_read_their_answers_are_held_to_the_budget() {
             with_cas: false,
         },
     };
-    let requests: Vec<u8> = (0..REQUESTS).flat_map(|id| framed(&read_keys(id))).collect();
+    let requests: Vec<u8> = (0..REQUESTS)
+        .flat_map(|id| framed(&read_keys(id)))
+        .collect();
     // Distinct members, so no cap on one member's connections closes them
     // before their answers pile up.
     let mut hostile: Vec<TcpStream> = (0..HOSTILE)
@@ -229,6 +234,22 @@ fn peers_that_never_read_their_answers_are_held_to_the_budget() {
     for s in &mut hostile {
         s.write_all(&requests).expect("send the requests");
     }
+    // They ping like live members, so only the write timeout can tell
+    // them from one.
+    let pingers: Vec<_> = hostile
+        .iter()
+        .map(|s| {
+            let mut s = s.try_clone().expect("a second handle");
+            std::thread::spawn(move || {
+                for id in REQUESTS.. {
+                    if s.write_all(&framed(&ToServer::Ping { id })).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            })
+        })
+        .collect();
     let attack = Instant::now();
     let mut latencies = Vec::new();
     let mut held_max = 0;
@@ -268,6 +289,14 @@ fn peers_that_never_read_their_answers_are_held_to_the_budget() {
             "a peer that never reads is closed"
         );
     }
+    for pinger in pingers {
+        pinger.join().expect("pinger");
+    }
+    let log = cluster.stderr_text(1);
+    assert!(
+        log.contains("no write progress"),
+        "closed by the write timeout:\n{log}"
+    );
     wait_for("the budget to come back", || {
         stat_value(&stats(&mut good, ""), "inflight_bytes") == 0
     });
@@ -281,7 +310,10 @@ fn peers_that_never_read_their_answers_are_held_to_the_budget() {
     let mut after = cluster.connect(1);
     set_big(&mut after, "big3", b'c');
     let got = after.request(b"get big3\r\n", &[b"END\r\n"]);
-    assert_eq!(got.len(), BIG_VALUE_BYTES + "VALUE big3 0 1000000\r\n\r\nEND\r\n".len());
+    assert_eq!(
+        got.len(),
+        BIG_VALUE_BYTES + "VALUE big3 0 1000000\r\n\r\nEND\r\n".len()
+    );
 }
 
 /// What became of one connection that started a large frame.
@@ -420,9 +452,15 @@ fn a_members_newest_connections_close_its_oldest() {
         "oldest closed {closed:?}, newest open {open:?}, after {:?}",
         started.elapsed()
     );
-    assert!(closed.iter().all(|&c| c), "the oldest connections are closed");
+    assert!(
+        closed.iter().all(|&c| c),
+        "the oldest connections are closed"
+    );
     assert!(open.iter().all(|&o| o), "the newest connections stay");
-    assert!(started.elapsed() < Duration::from_secs(2), "too slow to tell");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "too slow to tell"
+    );
 }
 
 /// A legitimate cluster still moves 1 MB values between its members: one
