@@ -6,8 +6,10 @@
 //!                           └─ outbox (bounded mpsc) ──▶ writer ──▶ socket
 //!                  reader ◀── socket: Response{id} ─▶ pending[id]   Pong ─▶ heartbeat
 //!
-//!  socket ──▶ serve_connection: Hello → Welcome | Refused
-//!             Request{id} ──▶ spawn handler (≤ inflight_max at once) ──▶ Response{id}
+//!  accept ──▶ Slot (PeerConnections: ≤ total, ≤ per member) ──▶ serve_connection:
+//!             Hello (small) → Welcome | Refused
+//!             Request{id} (> 16 KiB: budget first) ──▶ spawn handler (≤ inflight_max
+//!             at once) ──▶ Response{id} (counted: allowance | budget | Failed) ──▶ writer
 //! ```
 //!
 //! The message types are the caller's (`Req`, `Resp`); this module adds only
@@ -455,6 +457,8 @@ fn encode_control<T: Serialize>(msg: &T, frame_bytes_max: usize) -> Vec<u8> {
 }
 
 /// Reads until one whole frame is in `buf`, takes it out and returns it.
+/// Only for a dial's handshake reply, from a configured member's address;
+/// connections read through a [`FrameReader`].
 async fn read_frame<R, T>(rd: &mut R, buf: &mut BytesMut, max: usize) -> Result<T, LinkError>
 where
     R: AsyncRead + Unpin,
@@ -550,14 +554,14 @@ where
                 *slice = IoSlice::new(&frame.as_ref()[skip..]);
             }
             let slices = &slices[..batch.len()];
-            match tokio::time::timeout(stall, wr.write_vectored(slices)).await {
-                Err(_) => {
+            match within(stall, wr.write_vectored(slices)).await {
+                None => {
                     stats.write_timeouts.fetch_add(1, Relaxed);
                     return LinkError::WriteStalled(stall);
                 }
-                Ok(Err(e)) => return LinkError::Io(e),
-                Ok(Ok(0)) => return LinkError::Io(io::ErrorKind::WriteZero.into()),
-                Ok(Ok(n)) => n,
+                Some(Err(e)) => return LinkError::Io(e),
+                Some(Ok(0)) => return LinkError::Io(io::ErrorKind::WriteZero.into()),
+                Some(Ok(n)) => n,
             }
         };
         let mut left = wrote;
@@ -575,15 +579,27 @@ where
             batch.pop_front();
         }
         if batch.is_empty() {
-            match tokio::time::timeout(stall, wr.flush()).await {
-                Err(_) => {
+            match within(stall, wr.flush()).await {
+                None => {
                     stats.write_timeouts.fetch_add(1, Relaxed);
                     return LinkError::WriteStalled(stall);
                 }
-                Ok(Err(e)) => return LinkError::Io(e),
-                Ok(Ok(())) => {}
+                Some(Err(e)) => return LinkError::Io(e),
+                Some(Ok(())) => {}
             }
         }
+    }
+}
+
+/// Runs `io` to its end, or gives up (`None`) once it has waited `stall`.
+/// Polls it once before making the timer: most writes finish at once, and
+/// then the write path makes no timer at all.
+async fn within<F: Future>(stall: Duration, io: F) -> Option<F::Output> {
+    let mut io = std::pin::pin!(io);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(io.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => tokio::time::timeout(stall, io).await.ok(),
     }
 }
 

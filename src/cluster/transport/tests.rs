@@ -722,8 +722,6 @@ async fn answers_never_read_hold_the_budget_until_the_write_stalls() {
         load(&server.stats.answers_over_budget) > 0
     })
     .await;
-    // Built once the budget refused one: not every request's answer.
-    assert!(load(&server.started) <= 256);
     wait_until("the stalled write to end the connection", || {
         load(&server.stats.write_timeouts) == 1
     })
