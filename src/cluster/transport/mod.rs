@@ -1231,10 +1231,13 @@ fn handshake_bytes_max(me: &Identity, config: &TransportConfig) -> usize {
 }
 
 /// Reads the Hello (within [`handshake_bytes_max`]) and answers it; the
-/// caller's id if we welcomed it.
+/// caller's id if we welcomed it. `slot` counts the connection as the
+/// caller's before the Welcome goes out, so a member's connections are
+/// ordered as the member saw them accepted.
 async fn accept_handshake<R, W>(
     reader: &mut FrameReader<R>,
     wr: &mut W,
+    slot: &mut Slot,
     me: &Identity,
     config: &TransportConfig,
     stats: &TransportStats,
@@ -1260,12 +1263,15 @@ where
                 Err(LinkError::Refused(reason)),
             )
         }
-        None => (
-            HelloReply::Welcome {
-                node_id: me.node_id,
-            },
-            Ok(hello.node_id),
-        ),
+        None => {
+            slot.admit(hello.node_id, stats);
+            (
+                HelloReply::Welcome {
+                    node_id: me.node_id,
+                },
+                Ok(hello.node_id),
+            )
+        }
     };
     wr.write_all(&encode_reply(&reply, handshake_bytes_max(me, config)))
         .await?;
@@ -1337,7 +1343,7 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
     );
     let handshake = tokio::time::timeout(
         config.connect_timeout,
-        accept_handshake(&mut reader, &mut wr, &me, &config, &stats),
+        accept_handshake(&mut reader, &mut wr, &mut slot, &me, &config, &stats),
     )
     .await;
     let caller = match handshake {
@@ -1357,7 +1363,6 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
             return;
         }
     };
-    slot.admit(caller, &stats);
     debug!(peer = caller, "peer connection accepted");
 
     let (data_tx, data_rx) = mpsc::channel::<Outgoing>(config.inflight_max);
