@@ -172,6 +172,30 @@ const _: () = assert!(CLOCK_DRIFT_MAX_MS_DEFAULT < DEDUP_WINDOW_SECS_DEFAULT as 
 /// How long one cluster hop may take before the peer is passed over.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 1000;
 
+/// Peer connections a node accepts at once, in the handshake or past it:
+/// room for 32 members at [`PEER_CONNECTIONS_PER_MEMBER_MAX`] each. Past
+/// it a new connection is closed at once, so connections that never finish
+/// a handshake or hold half a frame cost at most this many times a read
+/// buffer (their large frames wait for the in-flight budget).
+pub const PEER_CONNECTIONS_MAX: usize = 64;
+
+/// Peer connections one member may hold at once once its handshake names
+/// it: it dials one per peer, and a redial may overlap the connection it
+/// replaces until that one is noticed dead. A newer connection past this
+/// closes the member's oldest, so an impostor cannot lock the member out.
+pub const PEER_CONNECTIONS_PER_MEMBER_MAX: usize = 2;
+
+/// How often a peer frame waiting for room in the in-flight budget tries
+/// again. Rare (the budget is spent), so plain polling: no wake-up list to
+/// keep on the budget's hot path.
+pub const PEER_BUDGET_RETRY_MS: u64 = 5;
+
+/// A peer's handshake frame (`Hello`) may be this many times the node's own
+/// layout text, plus [`INFLIGHT_FREE_BYTES`]: a matching one carries the same
+/// text once, a refusal quotes two, and a mismatched layout of up to a few
+/// times ours still gets its refusal quoted instead of a size error.
+pub const HANDSHAKE_LAYOUT_TEXTS_MAX: usize = 4;
+
 /// Bytes read from a socket per read call.
 pub const READ_CHUNK_BYTES: usize = 16 * 1024;
 
@@ -231,3 +255,7 @@ const _: () = assert!(ITEM_BYTES_MAX_DEFAULT <= ITEM_BYTES_MAX_MAX);
 const _: () = assert!(SHARDS_MAX.is_power_of_two());
 const _: () = assert!(READ_CHUNK_BYTES <= WRITE_FLUSH_BYTES);
 const _: () = assert!(OPAQUE_BYTES_MAX < LINE_BYTES_MAX);
+const _: () = assert!(
+    PEER_CONNECTIONS_PER_MEMBER_MAX >= 1 && PEER_CONNECTIONS_PER_MEMBER_MAX <= PEER_CONNECTIONS_MAX
+);
+const _: () = assert!(PEER_BUDGET_RETRY_MS < REQUEST_TIMEOUT_MS_DEFAULT);

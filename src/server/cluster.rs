@@ -15,10 +15,12 @@ use super::Shared;
 use crate::cluster::coordinator::{Cluster, PeerHandle};
 use crate::cluster::ring::NodeId;
 use crate::cluster::transport::{
-    self, CallError, Connector, Identity, Peer, TcpConnector, TransportConfig, TransportStats,
+    self, CallError, Connector, Identity, Peer, PeerConnections, Slot, TcpConnector,
+    TransportConfig, TransportStats,
 };
 use crate::config::ClusterConfig;
 use crate::error::ServerError;
+use crate::limits::{PEER_CONNECTIONS_MAX, PEER_CONNECTIONS_PER_MEMBER_MAX};
 
 /// The transport settings a node derives from its cluster configuration.
 pub fn transport_config(c: &ClusterConfig) -> TransportConfig {
@@ -143,11 +145,30 @@ pub fn connect_peers_with<C: Connector>(
     Cluster::new(c, peers, stats)
 }
 
-/// Serves one accepted peer connection with this node's cluster.
+/// Serves one accepted peer connection with this node's cluster, under no
+/// connection cap (a harness that accepts its own connections); peer frames
+/// and answers are held to the node's in-flight budget all the same.
 pub fn serve_peer_connection<S>(
     stream: S,
     identity: Identity,
     shared: Arc<Shared>,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let slot = PeerConnections::unbounded()
+        .try_open(&TransportStats::default())
+        .expect("no cap");
+    serve_admitted_peer_connection(stream, identity, shared, slot)
+}
+
+/// Serves one accepted peer connection that holds `slot` under the
+/// node's peer connection caps.
+fn serve_admitted_peer_connection<S>(
+    stream: S,
+    identity: Identity,
+    shared: Arc<Shared>,
+    slot: Slot,
 ) -> impl Future<Output = ()> + Send + 'static
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
@@ -157,15 +178,34 @@ where
         .clone()
         .expect("a cluster member has a cluster");
     let stats = cluster.transport.clone();
+    let budget = shared.inflight.clone();
     let handler = move |caller, req| {
         let (shared, cluster) = (shared.clone(), cluster.clone());
         async move { cluster.serve(&*shared, caller, req).await }
     };
-    transport::serve_connection(stream, identity, handler, TransportConfig::default(), stats)
+    transport::serve_connection(
+        stream,
+        identity,
+        handler,
+        TransportConfig::default(),
+        stats,
+        budget,
+        slot,
+    )
 }
 
-/// Accepts peer connections and serves their requests until aborted.
+/// Accepts peer connections and serves their requests until aborted, at
+/// most [`PEER_CONNECTIONS_MAX`] at once and [`PEER_CONNECTIONS_PER_MEMBER_MAX`]
+/// per member (see [`PeerConnections`]): past the total a new connection is
+/// closed at once.
 pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<Shared>) {
+    let stats = shared
+        .cluster
+        .as_ref()
+        .expect("a cluster member has a cluster")
+        .transport
+        .clone();
+    let caps = PeerConnections::new(PEER_CONNECTIONS_MAX, PEER_CONNECTIONS_PER_MEMBER_MAX);
     // Owns every peer connection: aborting this task (shutdown) drops the
     // set, which stops them all, so a stopped node answers no peer.
     let mut connections = tokio::task::JoinSet::new();
@@ -173,12 +213,17 @@ pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<
         while connections.try_join_next().is_some() {}
         match listener.accept().await {
             Ok((stream, addr)) => {
+                let Some(slot) = caps.try_open(&stats) else {
+                    warn!(peer = %addr, cap = PEER_CONNECTIONS_MAX, "too many peer connections, closing a new one");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 tracing::debug!(peer = %addr, "peer connected");
-                connections.spawn(serve_peer_connection(
+                connections.spawn(serve_admitted_peer_connection(
                     stream,
                     identity.clone(),
                     shared.clone(),
+                    slot,
                 ));
             }
             Err(e) => {

@@ -6,8 +6,10 @@
 //!                           └─ outbox (bounded mpsc) ──▶ writer ──▶ socket
 //!                  reader ◀── socket: Response{id} ─▶ pending[id]   Pong ─▶ heartbeat
 //!
-//!  socket ──▶ serve_connection: Hello → Welcome | Refused
-//!             Request{id} ──▶ spawn handler (≤ inflight_max at once) ──▶ Response{id}
+//!  accept ──▶ Slot (PeerConnections: ≤ total, ≤ per member) ──▶ serve_connection:
+//!             Hello (small) → Welcome | Refused
+//!             Request{id} (> 16 KiB: budget first) ──▶ spawn handler (≤ inflight_max
+//!             at once) ──▶ Response{id} (counted: allowance | budget | Failed) ──▶ writer
 //! ```
 //!
 //! The message types are the caller's (`Req`, `Resp`); this module adds only
@@ -19,17 +21,29 @@
 //! come from an injected [`Connector`], so simulation tests can swap TCP for
 //! turmoil.
 //!
+//! Bounds hold for a peer that passed the handshake too (issue 16): the
+//! acceptor caps its connections ([`admission`]); a large frame is read
+//! only once the node's in-flight budget holds its length ([`reader`]); an
+//! answer is counted in the budget from before it is queued until it is
+//! written ([`answers`]); and a write that makes no progress for
+//! [`WRITE_STALL_PERIODS_MAX`] periods ends the connection, on both sides,
+//! freeing everything queued on it.
+//!
 //! An injected partition ([`BlockedPeers`], in [`TransportStats::blocked`])
 //! drops every frame to and from the members it names, on both the dialling
 //! and the accepting side, so callers see what a real partition shows them:
 //! timeouts, then the peer down.
 
+pub mod admission;
+mod answers;
 pub mod blocked;
 pub mod frame;
+mod reader;
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSlice};
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -46,8 +60,14 @@ use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+pub use admission::{PeerConnections, Slot};
+use answers::{Answers, Held, OUT_OF_MEMORY};
 pub use blocked::BlockedPeers;
 use frame::{Decoded, FrameError};
+use reader::{FrameBudget, FrameReader};
+
+use crate::budget::{INFLIGHT_FREE_BYTES, InflightBudget};
+use crate::limits::HANDSHAKE_LAYOUT_TEXTS_MAX;
 
 /// A node's id in the cluster (fits the HLC's 12 node bits).
 pub type NodeId = u16;
@@ -81,6 +101,18 @@ pub const CONTROL_QUEUE_FRAMES: usize = 2;
 /// `call_timeout + heartbeat_interval` periods is dropped: a live peer pings
 /// at least once per such period, so it is a peer that died silently.
 pub const IDLE_PERIODS_MAX: u32 = 2;
+/// A write that makes no progress for this many
+/// `call_timeout + heartbeat_interval` periods ends its connection, on
+/// either side. A live peer reads all the time: the dialling side's reader
+/// only hands answers to calls, and the accepting side's is held up only
+/// while a handler slot or budget room frees, for at most a call timeout.
+/// Past one period the peer has given up on the connection anyway (our
+/// answer to its ping is behind the stuck write, so its heartbeat fails);
+/// the second is margin, as for [`IDLE_PERIODS_MAX`].
+pub const WRITE_STALL_PERIODS_MAX: u32 = 2;
+/// Frames one write takes at most: small frames share a syscall, each
+/// written from its own buffer (no copy to hold beside it).
+pub const WRITE_BATCH_FRAMES_MAX: usize = 128;
 /// Doublings of the backoff before it stays at its cap (2^16 × backoff_min is
 /// far past any sane backoff_max).
 pub const BACKOFF_DOUBLINGS_MAX: u32 = 16;
@@ -93,9 +125,10 @@ const _: () = assert!(HEARTBEAT_INTERVAL_MS_DEFAULT < CALL_TIMEOUT_MS_DEFAULT);
 const _: () = assert!(FRAME_BYTES_MAX_DEFAULT <= frame::FRAME_PAYLOAD_BYTES_LIMIT);
 const _: () = assert!(INFLIGHT_MAX_DEFAULT > 0 && CONTROL_QUEUE_FRAMES > 0);
 const _: () = assert!(
-    IDLE_PERIODS_MAX >= 2,
+    IDLE_PERIODS_MAX >= 2 && WRITE_STALL_PERIODS_MAX >= 2,
     "one period is too tight for a live peer"
 );
+const _: () = assert!(WRITE_BATCH_FRAMES_MAX > 1);
 
 /// Timeouts and bounds of the transport; the same for every peer of a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -162,6 +195,17 @@ impl TransportConfig {
     fn idle_timeout(&self) -> Duration {
         (self.call_timeout + self.heartbeat_interval) * IDLE_PERIODS_MAX
     }
+
+    /// How long a write may make no progress before its connection ends.
+    fn write_stall_timeout(&self) -> Duration {
+        (self.call_timeout + self.heartbeat_interval) * WRITE_STALL_PERIODS_MAX
+    }
+
+    /// How long a large incoming frame waits for room in the in-flight
+    /// budget: the caller's own patience, past which it has given up.
+    fn budget_wait(&self) -> Duration {
+        self.call_timeout
+    }
 }
 
 /// Identity checked in the handshake: both ends must have equal `layout` hashes.
@@ -200,6 +244,22 @@ pub struct TransportStats {
     pub handshakes_refused: AtomicU64,
     /// Requests this node's handlers answered.
     pub requests_served: AtomicU64,
+    /// Connections, either side, ended by a write that made no progress
+    /// for [`WRITE_STALL_PERIODS_MAX`] periods (a peer that does not read).
+    pub write_timeouts: AtomicU64,
+    /// Accepted connections closed at once: [`PeerConnections`]' total cap
+    /// was reached.
+    pub accepts_refused: AtomicU64,
+    /// Accepted connections closed because a newer one named the same
+    /// member past its cap.
+    pub accepts_evicted: AtomicU64,
+    /// Answers replaced by a small `Failed` (out of memory) because the
+    /// in-flight budget had no room for them, or the connection's last
+    /// answer did not fit and one its size still would not.
+    pub answers_over_budget: AtomicU64,
+    /// Connections dropped because a large incoming frame found no room in
+    /// the in-flight budget within its wait.
+    pub frames_over_budget: AtomicU64,
     /// Frames dropped, sent or received, because the other end is in
     /// [`TransportStats::blocked`] (an injected partition).
     pub frames_dropped_fault: AtomicU64,
@@ -362,6 +422,12 @@ enum LinkError {
     Idle(Duration),
     #[error("connect and handshake took over {0:?}")]
     ConnectTimeout(Duration),
+    #[error("no write progress for {0:?}")]
+    WriteStalled(Duration),
+    #[error("no room in the in-flight budget for a {bytes}-byte frame within {waited:?}")]
+    OverBudget { bytes: usize, waited: Duration },
+    #[error("a newer connection of the same member replaced this one")]
+    Evicted,
 }
 
 /// Counts a received bad frame; returns whether it was one.
@@ -391,6 +457,8 @@ fn encode_control<T: Serialize>(msg: &T, frame_bytes_max: usize) -> Vec<u8> {
 }
 
 /// Reads until one whole frame is in `buf`, takes it out and returns it.
+/// Only for a dial's handshake reply, from a configured member's address;
+/// connections read through a [`FrameReader`].
 async fn read_frame<R, T>(rd: &mut R, buf: &mut BytesMut, max: usize) -> Result<T, LinkError>
 where
     R: AsyncRead + Unpin,
@@ -419,43 +487,119 @@ fn reserve_for_frame(buf: &mut BytesMut) {
     buf.reserve(want);
 }
 
-/// Sends queued frames, control frames first, batching what is queued.
-/// Returns when the queues close (the connection is being dropped) or a write fails.
+/// A frame taken from a connection's queues.
+enum Queued<T> {
+    /// A ping or pong.
+    Control(Vec<u8>),
+    /// A request or answer, with whatever it holds until it is written.
+    Data(T),
+}
+
+impl<T: AsRef<[u8]>> AsRef<[u8]> for Queued<T> {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Queued::Control(frame) => frame,
+            Queued::Data(frame) => frame.as_ref(),
+        }
+    }
+}
+
+/// Sends queued frames, control frames first, up to
+/// [`WRITE_BATCH_FRAMES_MAX`] (and about [`WRITE_BATCH_BYTES_MAX`]) in one
+/// vectored write, each from its own buffer: a frame is dropped, giving back
+/// what it holds, once it is written whole, and no copy of it is kept
+/// beside it. Returns when the queues close (the connection is being
+/// dropped), a write fails, or a write makes no progress for `stall`
+/// (counted in [`TransportStats::write_timeouts`]).
 async fn write_loop<W, T>(
     mut wr: W,
     mut data: mpsc::Receiver<T>,
     mut control: mpsc::Receiver<Vec<u8>>,
+    stall: Duration,
+    stats: &TransportStats,
 ) -> LinkError
 where
     W: AsyncWrite + Unpin,
     T: AsRef<[u8]>,
 {
-    let mut batch = Vec::with_capacity(READ_CHUNK_BYTES);
+    // Frames taken and not yet written whole, oldest first; `written`
+    // bytes of the first one are out already.
+    let mut batch: VecDeque<Queued<T>> = VecDeque::with_capacity(WRITE_BATCH_FRAMES_MAX);
+    let mut written = 0;
     loop {
-        tokio::select! {
-            biased;
-            Some(frame) = control.recv() => batch.extend_from_slice(&frame),
-            Some(frame) = data.recv() => batch.extend_from_slice(frame.as_ref()),
-            else => return LinkError::Closed,
-        }
-        while batch.len() < WRITE_BATCH_BYTES_MAX {
-            if let Ok(frame) = control.try_recv() {
-                batch.extend_from_slice(&frame);
-            } else if let Ok(frame) = data.try_recv() {
-                batch.extend_from_slice(frame.as_ref());
-            } else {
-                break;
+        if batch.is_empty() {
+            tokio::select! {
+                biased;
+                Some(frame) = control.recv() => batch.push_back(Queued::Control(frame)),
+                Some(frame) = data.recv() => batch.push_back(Queued::Data(frame)),
+                else => return LinkError::Closed,
             }
         }
-        if let Err(e) = wr.write_all(&batch).await {
-            return LinkError::Io(e);
+        let mut queued = batch.iter().map(|f| f.as_ref().len()).sum::<usize>() - written;
+        while queued < WRITE_BATCH_BYTES_MAX && batch.len() < WRITE_BATCH_FRAMES_MAX {
+            let frame = if let Ok(frame) = control.try_recv() {
+                Queued::Control(frame)
+            } else if let Ok(frame) = data.try_recv() {
+                Queued::Data(frame)
+            } else {
+                break;
+            };
+            queued += frame.as_ref().len();
+            batch.push_back(frame);
         }
-        if let Err(e) = wr.flush().await {
-            return LinkError::Io(e);
+        let wrote = {
+            let mut slices = [IoSlice::new(&[]); WRITE_BATCH_FRAMES_MAX];
+            for (slice, (i, frame)) in slices.iter_mut().zip(batch.iter().enumerate()) {
+                let skip = if i == 0 { written } else { 0 };
+                *slice = IoSlice::new(&frame.as_ref()[skip..]);
+            }
+            let slices = &slices[..batch.len()];
+            match within(stall, wr.write_vectored(slices)).await {
+                None => {
+                    stats.write_timeouts.fetch_add(1, Relaxed);
+                    return LinkError::WriteStalled(stall);
+                }
+                Some(Err(e)) => return LinkError::Io(e),
+                Some(Ok(0)) => return LinkError::Io(io::ErrorKind::WriteZero.into()),
+                Some(Ok(n)) => n,
+            }
+        };
+        let mut left = wrote;
+        while left > 0 {
+            let front = batch
+                .front()
+                .expect("a write takes no more than it is given");
+            let rest = front.as_ref().len() - written;
+            if left < rest {
+                written += left;
+                break;
+            }
+            left -= rest;
+            written = 0;
+            batch.pop_front();
         }
-        batch.clear();
-        // One huge frame should not pin its buffer for the connection's life.
-        batch.shrink_to(WRITE_BATCH_BYTES_MAX);
+        if batch.is_empty() {
+            match within(stall, wr.flush()).await {
+                None => {
+                    stats.write_timeouts.fetch_add(1, Relaxed);
+                    return LinkError::WriteStalled(stall);
+                }
+                Some(Err(e)) => return LinkError::Io(e),
+                Some(Ok(())) => {}
+            }
+        }
+    }
+}
+
+/// Runs `io` to its end, or gives up (`None`) once it has waited `stall`.
+/// Polls it once before making the timer: most writes finish at once, and
+/// then the write path makes no timer at all.
+async fn within<F: Future>(stall: Duration, io: F) -> Option<F::Output> {
+    let mut io = std::pin::pin!(io);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(io.as_mut().poll(cx))).await;
+    match first {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => tokio::time::timeout(stall, io).await.ok(),
     }
 }
 
@@ -906,10 +1050,14 @@ where
         link.refused = false;
     });
     // Biased: a fixed polling order keeps simulations replayable.
+    // No budget on this side: it reads only answers to its own calls, one
+    // frame at a time per configured member.
+    let reader = FrameReader::new(rd, buf, config.frame_bytes_max, None);
+    let stall = config.write_stall_timeout();
     tokio::select! {
         biased;
-        e = client_read_loop(shared, rd, buf, &pong) => e,
-        e = write_loop(wr, data_rx, control_rx) => e,
+        e = client_read_loop(shared, reader, &pong) => e,
+        e = write_loop(wr, data_rx, control_rx, stall, &shared.stats) => e,
         e = heartbeat::<Req, Resp>(shared, control_tx, &pong) => e,
     }
 }
@@ -917,8 +1065,7 @@ where
 /// Hands each answer to its call; records pongs.
 async fn client_read_loop<R, Resp>(
     shared: &Shared<Resp>,
-    mut rd: R,
-    mut buf: BytesMut,
+    mut reader: FrameReader<R>,
     pong: &AtomicU64,
 ) -> LinkError
 where
@@ -926,14 +1073,8 @@ where
     Resp: DeserializeOwned,
 {
     loop {
-        let msg = match read_frame::<_, ToClient<Resp>>(
-            &mut rd,
-            &mut buf,
-            shared.config.frame_bytes_max,
-        )
-        .await
-        {
-            Ok(msg) => msg,
+        let msg = match reader.next::<ToClient<Resp>>(&shared.stats).await {
+            Ok((msg, _)) => msg,
             Err(e) => {
                 if count_frame_error(&shared.stats, &e) {
                     warn!(peer = shared.remote, addr = %shared.addr, error = %e, "bad frame from peer, reconnecting");
@@ -1044,12 +1185,14 @@ impl Jitter {
 // Server side.
 
 /// A response on its way to the writer, holding its request's in-flight
-/// permit until it leaves the queue.
+/// permit and its bytes' count until it is written.
 struct Outgoing {
     /// The encoded Response (or Failed) frame.
     frame: Vec<u8>,
     /// Returned to the connection's semaphore when the frame is dropped.
     _permit: tokio::sync::OwnedSemaphorePermit,
+    /// The frame's bytes in the connection's allowance or the budget.
+    _held: Held,
 }
 
 impl AsRef<[u8]> for Outgoing {
@@ -1075,11 +1218,26 @@ fn refusal(me: &Identity, hello: &Hello) -> Option<String> {
     None
 }
 
-/// Reads the Hello and answers it; the caller's id if we welcomed it.
+/// The largest handshake frame a node reads or sends back: a few of its
+/// own layout texts ([`HANDSHAKE_LAYOUT_TEXTS_MAX`]), not a whole frame.
+fn handshake_bytes_max(me: &Identity, config: &TransportConfig) -> usize {
+    let texts = me
+        .layout_text
+        .len()
+        .saturating_mul(HANDSHAKE_LAYOUT_TEXTS_MAX);
+    INFLIGHT_FREE_BYTES
+        .saturating_add(texts)
+        .min(config.frame_bytes_max)
+}
+
+/// Reads the Hello (within [`handshake_bytes_max`]) and answers it; the
+/// caller's id if we welcomed it. `slot` counts the connection as the
+/// caller's before the Welcome goes out, so a member's connections are
+/// ordered as the member saw them accepted.
 async fn accept_handshake<R, W>(
-    rd: &mut R,
+    reader: &mut FrameReader<R>,
     wr: &mut W,
-    buf: &mut BytesMut,
+    slot: &mut Slot,
     me: &Identity,
     config: &TransportConfig,
     stats: &TransportStats,
@@ -1088,7 +1246,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let hello: Hello = read_frame(rd, buf, config.frame_bytes_max).await?;
+    reader.max = handshake_bytes_max(me, config);
+    let (hello, _): (Hello, _) = reader.next(stats).await?;
+    reader.max = config.frame_bytes_max;
     if stats.drops(hello.node_id) {
         // Partitioned: no answer; the handshake times out on both sides.
         std::future::pending::<()>().await;
@@ -1103,14 +1263,17 @@ where
                 Err(LinkError::Refused(reason)),
             )
         }
-        None => (
-            HelloReply::Welcome {
-                node_id: me.node_id,
-            },
-            Ok(hello.node_id),
-        ),
+        None => {
+            slot.admit(hello.node_id, stats);
+            (
+                HelloReply::Welcome {
+                    node_id: me.node_id,
+                },
+                Ok(hello.node_id),
+            )
+        }
     };
-    wr.write_all(&encode_reply(&reply, config.frame_bytes_max))
+    wr.write_all(&encode_reply(&reply, handshake_bytes_max(me, config)))
         .await?;
     wr.flush().await?;
     outcome
@@ -1136,19 +1299,29 @@ fn encode_reply(reply: &HelloReply, frame_bytes_max: usize) -> Vec<u8> {
 /// responses (any order; matched by id). Pings get Pongs. A corrupt (bad crc / undecodable)
 /// or oversized frame: count it in stats, log `warn!`, drop the connection.
 ///
-/// The handshake must finish within `config.connect_timeout`, and a
-/// connection silent for [`IDLE_PERIODS_MAX`] heartbeat periods is dropped.
+/// The handshake must finish within `config.connect_timeout` and fit
+/// [`handshake_bytes_max`]; once it names the caller, `slot` counts the
+/// connection as that member's, and a newer connection of the same member
+/// past its cap ends this one. A connection silent for
+/// [`IDLE_PERIODS_MAX`] heartbeat periods is dropped, and so is one whose
+/// writes make no progress for [`WRITE_STALL_PERIODS_MAX`] periods.
+/// Memory: a request frame past [`INFLIGHT_FREE_BYTES`] is read only once
+/// `budget` holds it, and stays held until its handler is done; each answer
+/// is counted before it is queued until it is written (see [`answers`]).
 /// Handlers already running when the connection drops run to completion
 /// (their answers are discarded), so a request is never cut off half-applied.
 ///
 /// # Panics
 /// If `config` is invalid (see [`Peer::spawn`]).
+#[allow(clippy::too_many_arguments)] // each is one of the node's own; a struct would only rename them
 pub async fn serve_connection<S, Req, Resp, H, F>(
     stream: S,
     me: Identity,
     handler: H,
     config: TransportConfig,
     stats: Arc<TransportStats>,
+    budget: Arc<InflightBudget>,
+    mut slot: Slot,
 ) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     Req: DeserializeOwned + Send + 'static,
@@ -1157,11 +1330,20 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
     F: Future<Output = Resp> + Send + 'static,
 {
     config.assert_valid();
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+    let (rd, mut wr) = tokio::io::split(stream);
+    let frame_budget = FrameBudget {
+        budget: budget.clone(),
+        wait: config.budget_wait(),
+    };
+    let mut reader = FrameReader::new(
+        rd,
+        BytesMut::with_capacity(READ_CHUNK_BYTES),
+        config.frame_bytes_max,
+        Some(frame_budget),
+    );
     let handshake = tokio::time::timeout(
         config.connect_timeout,
-        accept_handshake(&mut rd, &mut wr, &mut buf, &me, &config, &stats),
+        accept_handshake(&mut reader, &mut wr, &mut slot, &me, &config, &stats),
     )
     .await;
     let caller = match handshake {
@@ -1185,16 +1367,24 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
 
     let (data_tx, data_rx) = mpsc::channel::<Outgoing>(config.inflight_max);
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_FRAMES);
+    let answers = Answers::new(budget);
     let reads = server_read_loop(
-        caller, rd, buf, &handler, &config, &stats, data_tx, control_tx,
+        caller, reader, &handler, &config, &stats, &answers, data_tx, control_tx,
     );
+    let stall = config.write_stall_timeout();
     let ended = tokio::select! {
         biased;
+        () = slot.evicted() => LinkError::Evicted,
         e = reads => e,
-        e = write_loop(wr, data_rx, control_rx) => e,
+        e = write_loop(wr, data_rx, control_rx, stall, &stats) => e,
     };
     if count_frame_error(&stats, &ended) {
         warn!(peer = caller, error = %ended, "bad frame from peer, dropping connection");
+    } else if matches!(
+        ended,
+        LinkError::WriteStalled(_) | LinkError::OverBudget { .. } | LinkError::Evicted
+    ) {
+        warn!(peer = caller, reason = %ended, "dropping peer connection");
     } else {
         debug!(peer = caller, reason = %ended, "peer connection closed");
     }
@@ -1205,11 +1395,11 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn server_read_loop<R, Req, Resp, H, F>(
     caller: NodeId,
-    mut rd: R,
-    mut buf: BytesMut,
+    mut reader: FrameReader<R>,
     handler: &H,
     config: &TransportConfig,
     stats: &Arc<TransportStats>,
+    answers: &Arc<Answers>,
     data: mpsc::Sender<Outgoing>,
     control: mpsc::Sender<Vec<u8>>,
 ) -> LinkError
@@ -1225,13 +1415,13 @@ where
     let max = config.frame_bytes_max;
     let mut last_frame_at = Instant::now();
     loop {
-        let msg = match tokio::time::timeout_at(
+        let (msg, request_held) = match tokio::time::timeout_at(
             last_frame_at + idle,
-            read_frame::<_, ToServer<Req>>(&mut rd, &mut buf, max),
+            reader.next::<ToServer<Req>>(stats),
         )
         .await
         {
-            Ok(Ok(msg)) => msg,
+            Ok(Ok(read)) => read,
             Ok(Err(e)) => return e,
             Err(_) => return LinkError::Idle(idle),
         };
@@ -1258,33 +1448,77 @@ where
                 let answer = handler(caller, body);
                 let data = data.clone();
                 let stats = stats.clone();
+                let answers = answers.clone();
                 tokio::spawn(async move {
-                    let body = answer.await;
-                    stats.requests_served.fetch_add(1, Relaxed);
-                    if stats.drops(caller) {
-                        return; // partitioned since the request came: the answer is lost
-                    }
-                    let mut frame = Vec::new();
-                    if let Err(e) = frame::encode(&ToClient::Response { id, body }, &mut frame, max)
-                    {
-                        warn!(peer = caller, id, error = %e, "answer not sent");
-                        let failed = ToClient::<Resp>::Failed {
-                            id,
-                            reason: e.to_string(),
-                        };
-                        frame = encode_control(&failed, max);
-                    }
+                    let (frame, held) = if answers.refusing() {
+                        // Its last answer did not fit and one its size
+                        // still would not: do not build another.
+                        drop((answer, request_held));
+                        stats.answers_over_budget.fetch_add(1, Relaxed);
+                        (failed_frame::<Resp>(id, OUT_OF_MEMORY, max), Held::Nothing)
+                    } else {
+                        let body = answer.await;
+                        // The request's bytes lived in the handler.
+                        drop(request_held);
+                        stats.requests_served.fetch_add(1, Relaxed);
+                        if stats.drops(caller) {
+                            return; // partitioned since the request came: the answer is lost
+                        }
+                        answer_frame(caller, id, body, max, &answers, &stats)
+                    };
                     // Fails only once the connection is gone: nobody to tell.
                     let _ = data
                         .send(Outgoing {
                             frame,
                             _permit: permit,
+                            _held: held,
                         })
                         .await;
                 });
             }
         }
         last_frame_at = Instant::now();
+    }
+}
+
+/// A `Failed` frame for call `id`.
+fn failed_frame<Resp: Serialize>(id: u64, reason: &str, max: usize) -> Vec<u8> {
+    let failed = ToClient::<Resp>::Failed {
+        id,
+        reason: reason.to_owned(),
+    };
+    encode_control(&failed, max)
+}
+
+/// Encodes the answer to call `id` and counts its bytes (see [`answers`]);
+/// a small `Failed` instead when it cannot be encoded or counted.
+fn answer_frame<Resp: Serialize>(
+    caller: NodeId,
+    id: u64,
+    body: Resp,
+    max: usize,
+    answers: &Arc<Answers>,
+    stats: &TransportStats,
+) -> (Vec<u8>, Held) {
+    let mut frame = Vec::new();
+    if let Err(e) = frame::encode(&ToClient::Response { id, body }, &mut frame, max) {
+        warn!(peer = caller, id, error = %e, "answer not sent");
+        return (failed_frame::<Resp>(id, &e.to_string(), max), Held::Nothing);
+    }
+    // Encoded before it is counted: nothing awaits in between, so at most
+    // one uncounted answer per worker thread exists at a time.
+    match answers.hold(frame.len()) {
+        Some(held) => (frame, held),
+        None => {
+            stats.answers_over_budget.fetch_add(1, Relaxed);
+            debug!(
+                peer = caller,
+                id,
+                bytes = frame.len(),
+                "answer past the in-flight budget"
+            );
+            (failed_frame::<Resp>(id, OUT_OF_MEMORY, max), Held::Nothing)
+        }
     }
 }
 

@@ -11,6 +11,8 @@ use tokio::task::{JoinHandle, JoinSet};
 const WAIT_MAX: Duration = Duration::from_secs(10);
 /// Polling interval of [`wait_until`].
 const POLL_INTERVAL: Duration = Duration::from_millis(2);
+/// The in-flight budget of a test server unless a test sets its own.
+const TEST_BUDGET_BYTES: usize = 64 * 1024 * 1024;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 enum TestReq {
@@ -75,16 +77,31 @@ impl Server {
     }
 
     fn on(listener: TcpListener, me: Identity, config: TransportConfig) -> Self {
+        let budget = Arc::new(InflightBudget::new(TEST_BUDGET_BYTES));
+        Self::with_bounds(listener, me, config, budget, PeerConnections::unbounded())
+    }
+
+    /// A server whose connections use `budget` and are held to `caps`.
+    fn with_bounds(
+        listener: TcpListener,
+        me: Identity,
+        config: TransportConfig,
+        budget: Arc<InflightBudget>,
+        caps: Arc<PeerConnections>,
+    ) -> Self {
         let addr = listener.local_addr().unwrap();
         let stats = Arc::new(TransportStats::default());
         let started = Arc::new(AtomicU64::new(0));
         let task = {
-            let (stats, started) = (stats.clone(), started.clone());
+            let (stats, started, budget) = (stats.clone(), started.clone(), budget.clone());
             tokio::spawn(async move {
                 let mut connections = JoinSet::new();
                 loop {
                     let (stream, _) = listener.accept().await.unwrap();
                     stream.set_nodelay(true).unwrap();
+                    let Some(slot) = caps.try_open(&stats) else {
+                        continue;
+                    };
                     while connections.try_join_next().is_some() {}
                     let started = started.clone();
                     let handler = move |caller: NodeId, req: TestReq| {
@@ -107,6 +124,8 @@ impl Server {
                         handler,
                         config.clone(),
                         stats.clone(),
+                        budget.clone(),
+                        slot,
                     ));
                 }
             })
@@ -616,4 +635,190 @@ async fn an_answer_in_flight_when_the_partition_starts_is_lost() {
     assert!(answer.unwrap_err().maybe_applied());
     assert_eq!(load(&server.stats.requests_served), 1);
     assert!(load(&server.stats.frames_dropped_fault) >= 1);
+}
+
+// ---------------------------------------------------------------------------
+// Bounds under a hostile peer (issue 16).
+
+/// Connects raw and handshakes as `node_id` (layout 9); `None` if the
+/// server closed the connection instead of welcoming it.
+async fn raw_handshaken(addr: SocketAddr, node_id: NodeId) -> Option<TcpStream> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let hello = Hello {
+        wire_version: WIRE_VERSION,
+        node_id,
+        layout: 9,
+        layout_text: "raw".into(),
+    };
+    stream
+        .write_all(&encode_control(&hello, FRAME_BYTES_MAX_DEFAULT))
+        .await
+        .ok()?;
+    let mut buf = BytesMut::new();
+    match read_frame(&mut stream, &mut buf, FRAME_BYTES_MAX_DEFAULT).await {
+        Ok(HelloReply::Welcome { .. }) => Some(stream),
+        _ => None,
+    }
+}
+
+/// Whether the server closes `stream` within `within` (reading and
+/// discarding what it sends).
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut sink = vec![0u8; 1 << 16];
+    let deadline = Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut sink)).await {
+            Ok(Ok(0) | Err(_)) => return true,
+            Ok(Ok(_)) => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Short call and heartbeat periods, so the write stall timeout and the
+/// budget wait are a fraction of a second.
+fn hasty_config() -> TransportConfig {
+    TransportConfig {
+        call_timeout: Duration::from_millis(150),
+        heartbeat_interval: Duration::from_millis(50),
+        ..test_config()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_never_read_hold_the_budget_until_the_write_stalls() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let budget = Arc::new(InflightBudget::new(8 << 20));
+    let server = Server::with_bounds(
+        listener,
+        identity(2, 9),
+        hasty_config(),
+        budget.clone(),
+        PeerConnections::unbounded(),
+    );
+    let mut stream = raw_handshaken(server.addr, 9).await.expect("welcome");
+    let mut requests = Vec::new();
+    for id in 0..256 {
+        let request = ToServer::Request {
+            id,
+            body: TestReq::Big(1 << 20),
+        };
+        frame::encode(&request, &mut requests, FRAME_BYTES_MAX_DEFAULT).unwrap();
+    }
+    stream.write_all(&requests).await.unwrap();
+    // It pings like a live peer, so silence does not end it first.
+    let (mut rd, mut wr) = stream.into_split();
+    let pinger = tokio::spawn(async move {
+        for id in 0.. {
+            let ping = encode_control(&ToServer::<TestReq>::Ping { id }, FRAME_BYTES_MAX_DEFAULT);
+            if wr.write_all(&ping).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    wait_until("answers to hold the budget", || budget.used() > 4 << 20).await;
+    wait_until("the budget to refuse answers", || {
+        load(&server.stats.answers_over_budget) > 0
+    })
+    .await;
+    wait_until("the stalled write to end the connection", || {
+        load(&server.stats.write_timeouts) == 1
+    })
+    .await;
+    wait_until("the budget to come back", || budget.used() == 0).await;
+    let mut sink = vec![0u8; 1 << 16];
+    while tokio::time::timeout(WAIT_MAX, rd.read(&mut sink))
+        .await
+        .expect("closed")
+        .is_ok_and(|n| n > 0)
+    {}
+    pinger.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_frame_is_read_only_once_the_budget_holds_it() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let budget = Arc::new(InflightBudget::new(1 << 20));
+    let config = hasty_config();
+    let server = Server::with_bounds(
+        listener,
+        identity(2, 9),
+        config.clone(),
+        budget.clone(),
+        PeerConnections::unbounded(),
+    );
+    // A 2 MiB frame cannot fit a 1 MiB budget: its header is read, its body
+    // is not, and after the wait the connection is dropped.
+    let mut stream = raw_handshaken(server.addr, 9).await.expect("welcome");
+    let request = ToServer::Request {
+        id: 1,
+        body: TestReq::Big(0),
+    };
+    let mut payload = postcard::to_stdvec(&request).unwrap();
+    payload.resize(2 << 20, 0);
+    let frame = frame_with_crc(&payload, 0);
+    // The server does not read the body: the write may not finish.
+    let _ = tokio::time::timeout(Duration::from_millis(500), stream.write_all(&frame)).await;
+    assert!(closed_within(&mut stream, WAIT_MAX).await);
+    assert_eq!(load(&server.stats.frames_over_budget), 1);
+    assert_eq!(budget.used(), 0);
+
+    // A 512 KiB one fits: held while it is read and handled, then given back.
+    let peer = spawn_peer(identity(1, 9), 2, server.addr, config);
+    wait_up(&peer).await;
+    let answer = peer.call(TestReq::Big(512 << 10)).await;
+    assert_eq!(answer, Ok(TestResp::Big(vec![7; 512 << 10])));
+    wait_until("the budget to come back", || budget.used() == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_connections_are_capped_in_all_and_per_member() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = Server::with_bounds(
+        listener,
+        identity(2, 9),
+        test_config(),
+        Arc::new(InflightBudget::new(TEST_BUDGET_BYTES)),
+        PeerConnections::new(3, 2),
+    );
+    let mut first = raw_handshaken(server.addr, 5).await.expect("welcome");
+    let mut second = raw_handshaken(server.addr, 5).await.expect("welcome");
+    // A third of member 5 closes its oldest, not itself.
+    let mut third = raw_handshaken(server.addr, 5).await.expect("welcome");
+    assert!(
+        closed_within(&mut first, WAIT_MAX).await,
+        "the oldest closed"
+    );
+    wait_until("the eviction counted", || {
+        load(&server.stats.accepts_evicted) == 1
+    })
+    .await;
+    let _other = raw_handshaken(server.addr, 6).await.expect("welcome");
+    // Three open: a fourth, of any member, is closed at once.
+    assert!(
+        raw_handshaken(server.addr, 7).await.is_none(),
+        "past the cap"
+    );
+    assert_eq!(load(&server.stats.accepts_refused), 1);
+    assert!(!closed_within(&mut second, Duration::from_millis(50)).await);
+    assert!(!closed_within(&mut third, Duration::from_millis(50)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_past_the_handshake_limit_is_oversized() {
+    let server = Server::start(identity(2, 9), test_config()).await;
+    let hello = Hello {
+        wire_version: WIRE_VERSION,
+        node_id: 9,
+        layout: 9,
+        layout_text: "x".repeat(INFLIGHT_FREE_BYTES + 1000),
+    };
+    send_raw_and_expect_drop(
+        server.addr,
+        false,
+        &encode_control(&hello, FRAME_BYTES_MAX_DEFAULT),
+    )
+    .await;
+    assert_eq!(load(&server.stats.frames_oversized), 1);
 }
