@@ -278,8 +278,9 @@ fn peers_that_never_read_their_answers_are_held_to_the_budget() {
     while attack.elapsed() < Duration::from_secs(2) {
         sample(&mut good, &mut latencies);
     }
-    let write_timeout_logged = || cluster.stderr_text(1).contains("no write progress");
-    while sample(&mut good, &mut latencies) > 0 || !write_timeout_logged() {
+    let write_timeouts =
+        |good: &mut Client| stat_value(&stats(good, "cluster"), "peer_write_timeouts");
+    while sample(&mut good, &mut latencies) > 0 || write_timeouts(&mut good) == 0 {
         assert!(
             attack.elapsed() < WAIT_MAX,
             "the budget never came back, or no write timed out"

@@ -2139,6 +2139,11 @@ impl Cluster {
             ("peer_frames_dropped_fault", &t.frames_dropped_fault),
             ("peer_handshakes_refused", &t.handshakes_refused),
             ("peer_requests_served", &t.requests_served),
+            ("peer_write_timeouts", &t.write_timeouts),
+            ("peer_accepts_refused", &t.accepts_refused),
+            ("peer_accepts_evicted", &t.accepts_evicted),
+            ("peer_answers_over_budget", &t.answers_over_budget),
+            ("peer_frames_over_budget", &t.frames_over_budget),
         ] {
             put_stat(out, name, v.load(Relaxed));
         }
