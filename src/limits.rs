@@ -172,12 +172,12 @@ const _: () = assert!(CLOCK_DRIFT_MAX_MS_DEFAULT < DEDUP_WINDOW_SECS_DEFAULT as 
 /// How long one cluster hop may take before the peer is passed over.
 pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 1000;
 
-/// Peer connections a node accepts at once, in the handshake or past it:
-/// room for 32 members at [`PEER_CONNECTIONS_PER_MEMBER_MAX`] each. Past
-/// it a new connection is closed at once, so connections that never finish
-/// a handshake or hold half a frame cost at most this many times a read
-/// buffer (their large frames wait for the in-flight budget).
-pub const PEER_CONNECTIONS_MAX: usize = 64;
+/// Peer connections a node accepts at once that are still in the
+/// handshake. Past it a new connection is closed at once. Members'
+/// connections have places of their own ([`PEER_CONNECTIONS_PER_MEMBER_MAX`]
+/// each), so connections that never finish a handshake cannot take them;
+/// in all a node accepts at most members × that + this many.
+pub const PEER_HANDSHAKES_MAX: usize = 16;
 
 /// Peer connections one member may hold at once once its handshake names
 /// it: it dials one per peer, and a redial may overlap the connection it
@@ -255,7 +255,5 @@ const _: () = assert!(ITEM_BYTES_MAX_DEFAULT <= ITEM_BYTES_MAX_MAX);
 const _: () = assert!(SHARDS_MAX.is_power_of_two());
 const _: () = assert!(READ_CHUNK_BYTES <= WRITE_FLUSH_BYTES);
 const _: () = assert!(OPAQUE_BYTES_MAX < LINE_BYTES_MAX);
-const _: () = assert!(
-    PEER_CONNECTIONS_PER_MEMBER_MAX >= 1 && PEER_CONNECTIONS_PER_MEMBER_MAX <= PEER_CONNECTIONS_MAX
-);
+const _: () = assert!(PEER_CONNECTIONS_PER_MEMBER_MAX >= 1 && PEER_HANDSHAKES_MAX >= 1);
 const _: () = assert!(PEER_BUDGET_RETRY_MS < REQUEST_TIMEOUT_MS_DEFAULT);

@@ -2031,6 +2031,16 @@ impl Cluster {
         put_line(out, b"END");
     }
 
+    /// Every member's id, this node's too.
+    pub fn member_ids(&self) -> Vec<NodeId> {
+        self.members.iter().map(|m| m.id).collect()
+    }
+
+    /// How long one hop to a peer may take (`request_timeout_ms`).
+    pub fn call_timeout(&self) -> Duration {
+        self.hop_timeout
+    }
+
     fn compose_stats(&self, local: &dyn Local, out: &mut Vec<u8>) {
         put_stat(out, "node_id", self.me);
         put_stat(out, "partitions", self.ring.partitions());

@@ -20,7 +20,7 @@ use crate::cluster::transport::{
 };
 use crate::config::ClusterConfig;
 use crate::error::ServerError;
-use crate::limits::{PEER_CONNECTIONS_MAX, PEER_CONNECTIONS_PER_MEMBER_MAX};
+use crate::limits::{PEER_CONNECTIONS_PER_MEMBER_MAX, PEER_HANDSHAKES_MAX};
 
 /// The transport settings a node derives from its cluster configuration.
 pub fn transport_config(c: &ClusterConfig) -> TransportConfig {
@@ -179,33 +179,35 @@ where
         .expect("a cluster member has a cluster");
     let stats = cluster.transport.clone();
     let budget = shared.inflight.clone();
+    // The node's own call timeout: how long a large frame may wait for
+    // room, and the periods of the idle and write timeouts.
+    let config = TransportConfig {
+        call_timeout: cluster.call_timeout(),
+        ..TransportConfig::default()
+    };
     let handler = move |caller, req| {
         let (shared, cluster) = (shared.clone(), cluster.clone());
         async move { cluster.serve(&*shared, caller, req).await }
     };
-    transport::serve_connection(
-        stream,
-        identity,
-        handler,
-        TransportConfig::default(),
-        stats,
-        budget,
-        slot,
-    )
+    transport::serve_connection(stream, identity, handler, config, stats, budget, slot)
 }
 
 /// Accepts peer connections and serves their requests until aborted, at
-/// most [`PEER_CONNECTIONS_MAX`] at once and [`PEER_CONNECTIONS_PER_MEMBER_MAX`]
-/// per member (see [`PeerConnections`]): past the total a new connection is
-/// closed at once.
+/// most [`PEER_HANDSHAKES_MAX`] at once in the handshake and
+/// [`PEER_CONNECTIONS_PER_MEMBER_MAX`] per member, members only (see
+/// [`PeerConnections`]): past the handshake cap a new connection is closed
+/// at once.
 pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<Shared>) {
-    let stats = shared
+    let cluster = shared
         .cluster
         .as_ref()
-        .expect("a cluster member has a cluster")
-        .transport
-        .clone();
-    let caps = PeerConnections::new(PEER_CONNECTIONS_MAX, PEER_CONNECTIONS_PER_MEMBER_MAX);
+        .expect("a cluster member has a cluster");
+    let stats = cluster.transport.clone();
+    let caps = PeerConnections::for_members(
+        cluster.member_ids(),
+        PEER_CONNECTIONS_PER_MEMBER_MAX,
+        PEER_HANDSHAKES_MAX,
+    );
     // Owns every peer connection: aborting this task (shutdown) drops the
     // set, which stops them all, so a stopped node answers no peer.
     let mut connections = tokio::task::JoinSet::new();
@@ -214,7 +216,7 @@ pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<
         match listener.accept().await {
             Ok((stream, addr)) => {
                 let Some(slot) = caps.try_open(&stats) else {
-                    warn!(peer = %addr, cap = PEER_CONNECTIONS_MAX, "too many peer connections, closing a new one");
+                    tracing::debug!(peer = %addr, cap = PEER_HANDSHAKES_MAX, "too many peer handshakes, closing a new connection");
                     continue;
                 };
                 let _ = stream.set_nodelay(true);

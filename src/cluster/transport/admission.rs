@@ -7,12 +7,17 @@
 //! - in all: a connection takes a [`Slot`] before its handshake is read, so
 //!   connections still in the handshake count; past the cap a new
 //!   connection is closed at once ([`TransportStats::accepts_refused`]);
-//! - per member, once the handshake names one: a member dials one
-//!   connection to each peer (two for a moment while it redials), so past
-//!   the cap the member's OLDEST connection is closed
-//!   ([`TransportStats::accepts_evicted`]), never the new one. An impostor
-//!   naming a real member can then at worst take turns with it; it cannot
-//!   lock it out.
+//! - in the handshake: at most a few at once, so connections that never
+//!   finish one cannot take the places of members' connections;
+//! - per member, once the handshake names one: only configured members are
+//!   admitted (the handshake of any other id is refused), and a member dials
+//!   one connection to each peer (two for a moment while it redials), so
+//!   past the cap the member's OLDEST connection is closed
+//!   ([`TransportStats::accepts_evicted`]), never the new one. The total is
+//!   sized so that every member's connections fit beside the handshakes.
+//!   An impostor naming a real member can still take turns with it, closing
+//!   its connections as fast as it dials: only peer authentication (#18)
+//!   ends that.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -28,6 +33,8 @@ use super::{NodeId, TransportStats};
 struct Held {
     /// Connections holding a slot, handshaken or not.
     open: usize,
+    /// Of those, connections still in the handshake.
+    handshaking: usize,
     /// Source of slot numbers: a member's older connections have lower ones.
     next_slot: u64,
     /// Per named member, its connections oldest first: slot number and the
@@ -42,6 +49,10 @@ pub struct PeerConnections {
     total_max: usize,
     /// Most connections at once that name one member.
     per_member_max: usize,
+    /// Most connections at once still in the handshake.
+    handshakes_max: usize,
+    /// The ids a handshake may name; `None`: any.
+    members: Option<std::collections::HashSet<NodeId>>,
     /// Locked only to count and to pick whom to close, never across `.await`.
     held: Mutex<Held>,
 }
@@ -56,6 +67,30 @@ impl PeerConnections {
         Arc::new(Self {
             total_max,
             per_member_max,
+            handshakes_max: total_max,
+            members: None,
+            held: Mutex::new(Held::default()),
+        })
+    }
+
+    /// Caps for a node whose cluster's members are `members`: only they are
+    /// admitted, `per_member_max` each, beside at most `handshakes_max`
+    /// connections in the handshake.
+    ///
+    /// # Panics
+    /// If a cap is zero.
+    pub fn for_members(
+        members: impl IntoIterator<Item = NodeId>,
+        per_member_max: usize,
+        handshakes_max: usize,
+    ) -> Arc<Self> {
+        assert!(per_member_max > 0 && handshakes_max > 0, "a cap of zero");
+        let members: std::collections::HashSet<NodeId> = members.into_iter().collect();
+        Arc::new(Self {
+            total_max: members.len() * per_member_max + handshakes_max,
+            per_member_max,
+            handshakes_max,
+            members: Some(members),
             held: Mutex::new(Held::default()),
         })
     }
@@ -70,12 +105,13 @@ impl PeerConnections {
     /// the total cap is reached: close the connection then.
     pub fn try_open(self: &Arc<Self>, stats: &TransportStats) -> Option<Slot> {
         let mut held = self.held.lock();
-        if held.open >= self.total_max {
+        if held.open >= self.total_max || held.handshaking >= self.handshakes_max {
             drop(held);
             stats.accepts_refused.fetch_add(1, Relaxed);
             return None;
         }
         held.open += 1;
+        held.handshaking += 1;
         let number = held.next_slot;
         held.next_slot += 1;
         Some(Slot {
@@ -106,12 +142,20 @@ pub struct Slot {
 
 impl Slot {
     /// Counts this connection as `member`'s; closes that member's oldest
-    /// connections past the per-member cap (counted).
-    pub fn admit(&mut self, member: NodeId, stats: &TransportStats) {
+    /// connections past the per-member cap (counted). False, and nothing
+    /// counted, if `member` is not one of the cluster's: refuse it then.
+    #[must_use]
+    pub fn admit(&mut self, member: NodeId, stats: &TransportStats) -> bool {
         assert!(self.member.is_none(), "a connection names one member");
+        if let Some(members) = &self.connections.members {
+            if !members.contains(&member) {
+                return false;
+            }
+        }
         self.member = Some(member);
         let cap = self.connections.per_member_max;
         let mut held = self.connections.held.lock();
+        held.handshaking -= 1;
         let mine = held.by_member.entry(member).or_default();
         mine.push_back((self.number, self.evict.clone()));
         while mine.len() > cap {
@@ -121,6 +165,7 @@ impl Slot {
             oldest.notify_one();
             stats.accepts_evicted.fetch_add(1, Relaxed);
         }
+        true
     }
 
     /// Resolves when a newer connection of the same member closes this one.
@@ -133,6 +178,9 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut held = self.connections.held.lock();
         held.open -= 1;
+        if self.member.is_none() {
+            held.handshaking -= 1;
+        }
         if let Some(member) = self.member {
             if let Some(mine) = held.by_member.get_mut(&member) {
                 mine.retain(|(number, _)| *number != self.number);
@@ -147,6 +195,36 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_members_are_admitted_and_handshakes_have_their_own_cap() {
+        let stats = TransportStats::default();
+        let caps = PeerConnections::for_members([1, 2, 3], 2, 2);
+        let mut a = caps.try_open(&stats).expect("room");
+        let mut b = caps.try_open(&stats).expect("room");
+        assert!(
+            caps.try_open(&stats).is_none(),
+            "two in the handshake at most"
+        );
+        assert!(!a.admit(9, &stats), "not a member");
+        assert!(b.admit(2, &stats));
+        // b left the handshake: room for another.
+        let mut c = caps.try_open(&stats).expect("room");
+        assert!(c.admit(3, &stats));
+        drop(a);
+        // Members' connections never take handshake places: six of them
+        // and two handshakes fit.
+        let mut members: Vec<Slot> = Vec::new();
+        for id in [1, 1, 2, 3] {
+            let mut s = caps.try_open(&stats).expect("room");
+            assert!(s.admit(id, &stats));
+            members.push(s);
+        }
+        let _h1 = caps.try_open(&stats).expect("a handshake place");
+        let _h2 = caps.try_open(&stats).expect("a handshake place");
+        assert_eq!(caps.open(), 2 + 6);
+        drop((b, c));
+    }
 
     #[test]
     fn the_total_cap_refuses_and_a_closed_slot_makes_room() {
@@ -167,7 +245,7 @@ mod tests {
         let caps = PeerConnections::new(10, 2);
         let mut slots: Vec<Slot> = (0..3).map(|_| caps.try_open(&stats).unwrap()).collect();
         for slot in &mut slots {
-            slot.admit(7, &stats);
+            assert!(slot.admit(7, &stats));
         }
         assert_eq!(stats.accepts_evicted.load(Relaxed), 1);
         // The oldest is told; the others are not.
@@ -178,7 +256,7 @@ mod tests {
         assert!(newer.await.is_err(), "a newer one is not");
         // Another member's connection evicts nobody.
         let mut other = caps.try_open(&stats).unwrap();
-        other.admit(8, &stats);
+        assert!(other.admit(8, &stats));
         assert_eq!(stats.accepts_evicted.load(Relaxed), 1);
         drop(slots);
         assert_eq!(caps.open(), 1);

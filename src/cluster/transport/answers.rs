@@ -31,6 +31,8 @@ pub(super) struct Answers {
     budget: Arc<InflightBudget>,
     /// Bytes of queued answers counted against the allowance.
     free_bytes: AtomicUsize,
+    /// Bytes of queued answers held in the budget.
+    budget_bytes: AtomicUsize,
     /// Size of the last answer the budget could not hold; 0 once one fits.
     refused_bytes: AtomicUsize,
 }
@@ -50,6 +52,10 @@ pub(super) enum Held {
     },
     /// In the node's budget.
     Budget {
+        /// The connection's count.
+        answers: Arc<Answers>,
+        /// The answer's bytes.
+        bytes: usize,
         /// Given back when the answer is dropped.
         _reservation: Reservation,
     },
@@ -57,8 +63,14 @@ pub(super) enum Held {
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if let Held::Free { answers, bytes } = self {
-            answers.free_bytes.fetch_sub(*bytes, Relaxed);
+        match self {
+            Held::Free { answers, bytes } => {
+                answers.free_bytes.fetch_sub(*bytes, Relaxed);
+            }
+            Held::Budget { answers, bytes, .. } => {
+                answers.budget_bytes.fetch_sub(*bytes, Relaxed);
+            }
+            Held::Nothing => {}
         }
     }
 }
@@ -69,6 +81,7 @@ impl Answers {
         Arc::new(Self {
             budget,
             free_bytes: AtomicUsize::new(0),
+            budget_bytes: AtomicUsize::new(0),
             refused_bytes: AtomicUsize::new(0),
         })
     }
@@ -90,7 +103,10 @@ impl Answers {
                 bytes,
             }
         } else if let Some(reservation) = Reservation::of(&self.budget, bytes) {
+            self.budget_bytes.fetch_add(bytes, Relaxed);
             Held::Budget {
+                answers: self.clone(),
+                bytes,
                 _reservation: reservation,
             }
         } else {
@@ -105,10 +121,15 @@ impl Answers {
     }
 
     /// Whether the next request should be answered `Failed` unrun: the
-    /// last answer did not fit, and one of its size still would not.
+    /// last answer did not fit, one of its size still would not, and this
+    /// connection's own answers are not draining (some are still queued,
+    /// unwritten). Pressure from elsewhere alone never stops a connection
+    /// whose peer reads what it is sent.
     pub(super) fn refusing(&self) -> bool {
         let refused = self.refused_bytes.load(Relaxed);
-        refused != 0 && self.budget.used().saturating_add(refused) > self.budget.limit()
+        refused != 0
+            && self.free_bytes.load(Relaxed) + self.budget_bytes.load(Relaxed) > 0
+            && self.budget.used().saturating_add(refused) > self.budget.limit()
     }
 }
 
@@ -129,6 +150,7 @@ mod tests {
         drop((small, large));
         assert_eq!(budget.used(), 0);
         assert_eq!(answers.free_bytes.load(Relaxed), 0);
+        assert_eq!(answers.budget_bytes.load(Relaxed), 0);
     }
 
     #[test]
@@ -138,7 +160,13 @@ mod tests {
         let big = answers.hold(80_000).expect("room");
         assert!(!answers.refusing());
         assert!(answers.hold(30_000).is_none(), "past the budget");
-        assert!(answers.refusing(), "one of that size would not fit");
+        assert!(answers.refusing(), "its own answers are queued");
+        let other = Answers::new(budget.clone());
+        assert!(other.hold(30_000).is_none(), "past the budget");
+        assert!(
+            !other.refusing(),
+            "nothing of its own is queued: the pressure is not its doing"
+        );
         drop(big);
         assert!(!answers.refusing(), "now it would");
         let _again = answers.hold(30_000).expect("room");

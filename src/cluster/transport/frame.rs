@@ -104,17 +104,21 @@ pub fn decode<T: DeserializeOwned>(
     buf: &[u8],
     frame_bytes_max: usize,
 ) -> Result<Decoded<T>, FrameError> {
-    let Some(header) = buf.get(..FRAME_HEADER_BYTES) else {
+    // The length is checked as soon as it is there, before the rest of
+    // the header: nothing may act on an announced length past the bound.
+    let Some(len) = announced_payload_bytes(buf) else {
         return Ok(Decoded::Incomplete);
     };
-    let len = u32::from_be_bytes(header[..4].try_into().expect("4 bytes")) as usize;
-    let crc = u32::from_be_bytes(header[4..].try_into().expect("4 bytes"));
     if len > frame_bytes_max {
         return Err(FrameError::Oversized {
             len,
             max: frame_bytes_max,
         });
     }
+    let Some(header) = buf.get(..FRAME_HEADER_BYTES) else {
+        return Ok(Decoded::Incomplete);
+    };
+    let crc = u32::from_be_bytes(header[4..].try_into().expect("4 bytes"));
     let consumed = FRAME_HEADER_BYTES + len;
     let Some(payload) = buf.get(FRAME_HEADER_BYTES..consumed) else {
         return Ok(Decoded::Incomplete);

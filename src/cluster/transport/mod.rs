@@ -1074,7 +1074,7 @@ where
 {
     loop {
         let msg = match reader.next::<ToClient<Resp>>(&shared.stats).await {
-            Ok((msg, _)) => msg,
+            Ok((msg, _, _)) => msg,
             Err(e) => {
                 if count_frame_error(&shared.stats, &e) {
                     warn!(peer = shared.remote, addr = %shared.addr, error = %e, "bad frame from peer, reconnecting");
@@ -1247,7 +1247,7 @@ where
     W: AsyncWrite + Unpin,
 {
     reader.max = handshake_bytes_max(me, config);
-    let (hello, _): (Hello, _) = reader.next(stats).await?;
+    let (hello, _, _): (Hello, _, _) = reader.next(stats).await?;
     reader.max = config.frame_bytes_max;
     if stats.drops(hello.node_id) {
         // Partitioned: no answer; the handshake times out on both sides.
@@ -1263,15 +1263,22 @@ where
                 Err(LinkError::Refused(reason)),
             )
         }
-        None => {
-            slot.admit(hello.node_id, stats);
+        None if !slot.admit(hello.node_id, stats) => {
+            stats.handshakes_refused.fetch_add(1, Relaxed);
+            let reason = format!("node {} is not a member of this cluster", hello.node_id);
             (
-                HelloReply::Welcome {
-                    node_id: me.node_id,
+                HelloReply::Refused {
+                    reason: reason.clone(),
                 },
-                Ok(hello.node_id),
+                Err(LinkError::Refused(reason)),
             )
         }
+        None => (
+            HelloReply::Welcome {
+                node_id: me.node_id,
+            },
+            Ok(hello.node_id),
+        ),
     };
     wr.write_all(&encode_reply(&reply, handshake_bytes_max(me, config)))
         .await?;
@@ -1367,9 +1374,10 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
 
     let (data_tx, data_rx) = mpsc::channel::<Outgoing>(config.inflight_max);
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_FRAMES);
+    let requests = Answers::new(budget.clone());
     let answers = Answers::new(budget);
     let reads = server_read_loop(
-        caller, reader, &handler, &config, &stats, &answers, data_tx, control_tx,
+        caller, reader, &handler, &config, &stats, &answers, &requests, data_tx, control_tx,
     );
     let stall = config.write_stall_timeout();
     let ended = tokio::select! {
@@ -1400,6 +1408,7 @@ async fn server_read_loop<R, Req, Resp, H, F>(
     config: &TransportConfig,
     stats: &Arc<TransportStats>,
     answers: &Arc<Answers>,
+    requests: &Arc<Answers>,
     data: mpsc::Sender<Outgoing>,
     control: mpsc::Sender<Vec<u8>>,
 ) -> LinkError
@@ -1415,7 +1424,7 @@ where
     let max = config.frame_bytes_max;
     let mut last_frame_at = Instant::now();
     loop {
-        let (msg, request_held) = match tokio::time::timeout_at(
+        let (msg, large, frame_bytes) = match tokio::time::timeout_at(
             last_frame_at + idle,
             reader.next::<ToServer<Req>>(stats),
         )
@@ -1439,6 +1448,24 @@ where
                 }
             }
             ToServer::Request { id, body } => {
+                // A small request's bytes are counted too, in the
+                // connection's allowance or the budget, until its handler
+                // is done: a thousand of them in flight are not free.
+                let request_held = match large {
+                    Some(reservation) => RequestHeld::Large {
+                        _reservation: reservation,
+                    },
+                    None => match hold_request(requests, frame_bytes, config.call_timeout).await {
+                        Some(held) => RequestHeld::Small { _held: held },
+                        None => {
+                            stats.frames_over_budget.fetch_add(1, Relaxed);
+                            return LinkError::OverBudget {
+                                bytes: frame_bytes,
+                                waited: config.call_timeout,
+                            };
+                        }
+                    },
+                };
                 // Backpressure: no more reading until a handler finishes.
                 let permit = permits
                     .clone()
@@ -1481,6 +1508,36 @@ where
     }
 }
 
+/// Where a request's bytes are counted while its handler runs.
+enum RequestHeld {
+    /// A large frame, reserved from its header on.
+    Large {
+        /// Given back when the handler is done.
+        _reservation: crate::budget::Reservation,
+    },
+    /// A small frame, in the connection's allowance or the budget.
+    Small {
+        /// Given back when the handler is done.
+        _held: Held,
+    },
+}
+
+/// Counts a small request of `bytes` in `requests` (the connection's
+/// allowance, else the budget), waiting up to `wait` for room; `None` if
+/// there was none.
+async fn hold_request(requests: &Arc<Answers>, bytes: usize, wait: Duration) -> Option<Held> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(held) = requests.hold(bytes) {
+            return Some(held);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(crate::limits::PEER_BUDGET_RETRY_MS)).await;
+    }
+}
+
 /// A `Failed` frame for call `id`.
 fn failed_frame<Resp: Serialize>(id: u64, reason: &str, max: usize) -> Vec<u8> {
     let failed = ToClient::<Resp>::Failed {
@@ -1506,8 +1563,9 @@ fn answer_frame<Resp: Serialize>(
         return (failed_frame::<Resp>(id, &e.to_string(), max), Held::Nothing);
     }
     // Encoded before it is counted: nothing awaits in between, so at most
-    // one uncounted answer per worker thread exists at a time.
-    match answers.hold(frame.len()) {
+    // one uncounted answer per worker thread exists at a time. Counted at
+    // its allocation, which the encoder grew by doubling.
+    match answers.hold(frame.capacity()) {
         Some(held) => (frame, held),
         None => {
             stats.answers_over_budget.fetch_add(1, Relaxed);

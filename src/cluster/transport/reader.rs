@@ -70,15 +70,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// Reads until one whole frame is in, takes it out and returns it with
-    /// the reservation that held its bytes (`None` for a small frame). The
-    /// caller keeps the reservation while the message's bytes live on
-    /// (a request, until its handler is done).
+    /// the reservation that held its bytes (`None` for a small frame) and
+    /// its size. The caller keeps the reservation while the message's bytes
+    /// live on (a request, until its handler is done).
     ///
     /// Cancel-safe: dropped half-way, the next call goes on where it stopped.
     pub(super) async fn next<T: DeserializeOwned>(
         &mut self,
         stats: &TransportStats,
-    ) -> Result<(T, Option<Reservation>), LinkError> {
+    ) -> Result<(T, Option<Reservation>, usize), LinkError> {
         loop {
             if let Decoded::Frame { msg, consumed } = frame::decode::<T>(&self.buf, self.max)? {
                 self.buf.advance(consumed);
@@ -89,7 +89,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     small.extend_from_slice(&self.buf);
                     self.buf = small;
                 }
-                return Ok((msg, held));
+                return Ok((msg, held, consumed));
             }
             let announced = frame::announced_payload_bytes(&self.buf);
             match (announced, &self.budget) {

@@ -17,9 +17,14 @@ const TEST_BUDGET_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 enum TestReq {
     Echo(u64),
-    SleepEcho { n: u64, ms: u64 },
+    SleepEcho {
+        n: u64,
+        ms: u64,
+    },
     Hang,
     Big(usize),
+    /// Bytes to make a request large; never answered.
+    Padded(Vec<u8>),
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -115,6 +120,7 @@ impl Server {
                                 }
                                 TestReq::Hang => std::future::pending().await,
                                 TestReq::Big(len) => TestResp::Big(vec![7; len]),
+                                TestReq::Padded(_) => std::future::pending().await,
                             }
                         }
                     };
@@ -821,4 +827,78 @@ async fn a_hello_past_the_handshake_limit_is_oversized() {
     )
     .await;
     assert_eq!(load(&server.stats.frames_oversized), 1);
+}
+
+/// Review finding: the reader reserved a frame's announced length from the
+/// budget as soon as 4 bytes of its header were in, before the length was
+/// checked against the frame limit: 4 bytes announcing 15 MiB held nearly
+/// all of a 16 MiB budget, with no handshake. Now the length is checked
+/// first and the connection dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_announcing_a_frame_past_the_limit_reserves_nothing() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let budget = Arc::new(InflightBudget::new(16 << 20));
+    let server = Server::with_bounds(
+        listener,
+        identity(2, 9),
+        hasty_config(),
+        budget.clone(),
+        PeerConnections::unbounded(),
+    );
+    for handshaken in [false, true] {
+        let mut stream = if handshaken {
+            raw_handshaken(server.addr, 9).await.expect("welcome")
+        } else {
+            TcpStream::connect(server.addr).await.unwrap()
+        };
+        stream
+            .write_all(&(15u32 << 20).to_be_bytes())
+            .await
+            .unwrap();
+        // Before, the reservation came within a millisecond and stayed
+        // until the connection timed out.
+        for _ in 0..60 {
+            assert_eq!(budget.used(), 0, "handshaken: {handshaken}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(closed_within(&mut stream, WAIT_MAX).await, "dropped");
+    }
+}
+
+/// Review finding: requests of 16 KiB or less were never counted, so a
+/// peer with a thousand in flight on a connection held 16 MiB the budget
+/// did not see. Each request's bytes are now held (in the connection's
+/// allowance, past it in the budget) until its handler is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_requests_in_flight_hold_the_budget() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let budget = Arc::new(InflightBudget::new(64 << 20));
+    let server = Server::with_bounds(
+        listener,
+        identity(2, 9),
+        test_config(),
+        budget.clone(),
+        PeerConnections::unbounded(),
+    );
+    let mut stream = raw_handshaken(server.addr, 9).await.expect("welcome");
+    let mut requests = Vec::new();
+    for id in 0..512 {
+        // A request of about 4 KiB whose handler never ends.
+        let request = ToServer::Request {
+            id,
+            body: TestReq::Padded(vec![1; 4000]),
+        };
+        frame::encode(&request, &mut requests, FRAME_BYTES_MAX_DEFAULT).unwrap();
+    }
+    stream.write_all(&requests).await.unwrap();
+    wait_until("the handlers to start", || {
+        server.started.load(Relaxed) == 512
+    })
+    .await;
+    let held = budget.used();
+    assert!(
+        held >= 512 * 4000 - 2 * INFLIGHT_FREE_BYTES,
+        "{held} bytes held for 2 MB of requests in flight"
+    );
+    drop(stream);
 }
