@@ -185,6 +185,11 @@ pub const PEER_HANDSHAKES_MAX: usize = 16;
 /// closes the member's oldest, so an impostor cannot lock the member out.
 pub const PEER_CONNECTIONS_PER_MEMBER_MAX: usize = 2;
 
+/// Handlers of one peer connection that run at once; its other in-flight
+/// requests wait, read and counted, so a burst from one peer cannot queue
+/// a thousand tasks ahead of every other connection.
+pub const PEER_HANDLERS_RUNNING_MAX: usize = 64;
+
 /// How often a peer frame waiting for room in the in-flight budget tries
 /// again. Rare (the budget is spent), so plain polling: no wake-up list to
 /// keep on the budget's hot path.

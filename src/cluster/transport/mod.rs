@@ -1420,6 +1420,11 @@ where
     F: Future<Output = Resp> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(config.inflight_max));
+    let running = Arc::new(Semaphore::new(
+        config
+            .inflight_max
+            .min(crate::limits::PEER_HANDLERS_RUNNING_MAX),
+    ));
     let idle = config.idle_timeout();
     let max = config.frame_bytes_max;
     let mut last_frame_at = Instant::now();
@@ -1472,6 +1477,15 @@ where
                     .acquire_owned()
                     .await
                     .expect("the semaphore is never closed");
+                // At most a few handlers of one connection run at once (the
+                // rest of its in-flight calls wait here, read and counted):
+                // a burst of a thousand requests must not put a thousand
+                // tasks ahead of every other connection on the node.
+                let running = running
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed");
                 let answer = handler(caller, body);
                 let data = data.clone();
                 let stats = stats.clone();
@@ -1493,6 +1507,8 @@ where
                         }
                         answer_frame(caller, id, body, max, &answers, &stats)
                     };
+                    // Built: another handler of this connection may run.
+                    drop(running);
                     // Fails only once the connection is gone: nobody to tell.
                     let _ = data
                         .send(Outgoing {

@@ -891,14 +891,19 @@ async fn small_requests_in_flight_hold_the_budget() {
         frame::encode(&request, &mut requests, FRAME_BYTES_MAX_DEFAULT).unwrap();
     }
     stream.write_all(&requests).await.unwrap();
+    // At most PEER_HANDLERS_RUNNING_MAX handlers run at once; the reader
+    // waits with the next request read and held.
+    let running = crate::limits::PEER_HANDLERS_RUNNING_MAX;
     wait_until("the handlers to start", || {
-        server.started.load(Relaxed) == 512
+        server.started.load(Relaxed) == running as u64
     })
     .await;
     let held = budget.used();
     assert!(
-        held >= 512 * 4000 - 2 * INFLIGHT_FREE_BYTES,
-        "{held} bytes held for 2 MB of requests in flight"
+        held >= running * 4000 - 2 * INFLIGHT_FREE_BYTES,
+        "{held} bytes held for {running} requests of 4 KB in flight"
     );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(server.started.load(Relaxed), running as u64, "no more run");
     drop(stream);
 }
