@@ -12,30 +12,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::cluster::{Cluster, Layout, exclusive};
+use common::hostile::{MIB, WAIT_MAX, bound, p99, stats, wait_for};
 use common::{Client, Server, proc_status_bytes, stat_value};
-
-const MIB: u64 = 1024 * 1024;
-
-/// The longest any wait below may take before the test fails.
-const WAIT_MAX: Duration = Duration::from_secs(20);
-
-fn stats(c: &mut Client, group: &str) -> String {
-    let request = if group.is_empty() {
-        "stats\r\n".to_string()
-    } else {
-        format!("stats {group}\r\n")
-    };
-    String::from_utf8(c.request(request.as_bytes(), &[b"END\r\n"])).expect("utf-8 stats")
-}
-
-/// Waits (bounded) until `f` holds; panics with `what` if it never does.
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT_MAX;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// A raw connection whose reads give up after `timeout`.
 fn raw(server: &Server, timeout: Duration) -> TcpStream {
@@ -115,12 +93,6 @@ fn with_good_client<T>(mut good: Client, attack: impl FnOnce() -> T) -> (T, Dura
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         (result, prober.join().expect("the good client"))
     })
-}
-
-/// The documented bound on a node's resident memory (README, Limits):
-/// 1.25 × `-m` + 16 KiB per connection + 32 MiB.
-fn bound(memory_limit_mb: u64, connections: usize) -> u64 {
-    memory_limit_mb * MIB * 5 / 4 + connections as u64 * 16 * 1024 + 32 * MIB
 }
 
 /// memcached's `-o idle_timeout`: a connection that sends no command for
@@ -519,12 +491,6 @@ fn load_small_keys(c: &mut Client, n: usize) {
         batch.extend_from_slice(b"mn\r\n");
         c.request(&batch, &[b"MN\r\n"]);
     }
-}
-
-/// The 99th percentile of `latencies` (sorted in place).
-fn p99(latencies: &mut [Duration]) -> Duration {
-    latencies.sort();
-    latencies[latencies.len() * 99 / 100]
 }
 
 /// Issue 16, row 6 and its `lk` paragraph: `lk` scanned the whole store

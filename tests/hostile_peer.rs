@@ -26,12 +26,8 @@ use webvac::cluster::transport::{FRAME_BYTES_MAX_DEFAULT, WIRE_VERSION};
 use webvac::config::ClusterConfig;
 
 use common::cluster::{Cluster, Layout, exclusive, preference_of};
+use common::hostile::{MIB, WAIT_MAX, bound, p99, stats, wait_for};
 use common::{Client, proc_status_bytes, stat_value};
-
-const MIB: u64 = 1024 * 1024;
-
-/// The longest any wait below may take before the test fails.
-const WAIT_MAX: Duration = Duration::from_secs(20);
 
 /// The good client's p99 bound while a node is under attack.
 const P99_MAX: Duration = Duration::from_millis(50);
@@ -70,30 +66,6 @@ fn framed<T: Serialize>(msg: &T) -> Vec<u8> {
     let mut out = Vec::new();
     frame::encode(msg, &mut out, FRAME_BYTES_MAX_DEFAULT).expect("a frame");
     out
-}
-
-fn stats(c: &mut Client, group: &str) -> String {
-    let request = if group.is_empty() {
-        "stats\r\n".to_string()
-    } else {
-        format!("stats {group}\r\n")
-    };
-    String::from_utf8(c.request(request.as_bytes(), &[b"END\r\n"])).expect("utf-8 stats")
-}
-
-/// Waits (bounded) until `f` holds; panics with `what` if it never does.
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + WAIT_MAX;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting: {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// The documented bound on a node's resident memory (README, Limits):
-/// 1.25 × `-m` + 16 KiB per connection + 32 MiB.
-fn bound(memory_limit_mb: u64, connections: usize) -> u64 {
-    memory_limit_mb * MIB * 5 / 4 + connections as u64 * 16 * 1024 + 32 * MIB
 }
 
 /// The Hello member `node_id` of `cluster`'s layout would send.
@@ -207,12 +179,6 @@ fn key_of_node_1(prefix: &str, nodes: u16, n: usize) -> String {
         .filter(|k| preference_of(k, nodes, 1)[0] == 1)
         .nth(n)
         .expect("some key")
-}
-
-fn p99(latencies: &mut [Duration]) -> Duration {
-    assert!(!latencies.is_empty(), "no latency measured");
-    latencies.sort();
-    latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
 }
 
 /// Stores a 1 MB value under `key` through `c`.

@@ -20,6 +20,7 @@
 pub mod cluster;
 pub mod compat;
 pub mod history;
+pub mod hostile;
 
 use std::collections::VecDeque;
 use std::fmt;

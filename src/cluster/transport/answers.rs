@@ -1,5 +1,7 @@
 //! Where a served connection's queued answers are counted until they are
-//! written: its own small allowance, else the node's in-flight budget.
+//! written: its own small allowance, else the node's in-flight budget. A
+//! second count of the same kind holds the connection's requests while
+//! their handlers run.
 //!
 //! Each answer frame is counted before it is queued and given back once the
 //! writer has written it whole. The first [`INFLIGHT_FREE_BYTES`] a

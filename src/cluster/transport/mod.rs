@@ -1460,7 +1460,11 @@ where
                     Some(reservation) => RequestHeld::Large {
                         _reservation: reservation,
                     },
-                    None => match hold_request(requests, frame_bytes, config.call_timeout).await {
+                    None => match reader::wait_for_room(config.call_timeout, || {
+                        requests.hold(frame_bytes)
+                    })
+                    .await
+                    {
                         Some(held) => RequestHeld::Small { _held: held },
                         None => {
                             stats.frames_over_budget.fetch_add(1, Relaxed);
@@ -1536,22 +1540,6 @@ enum RequestHeld {
         /// Given back when the handler is done.
         _held: Held,
     },
-}
-
-/// Counts a small request of `bytes` in `requests` (the connection's
-/// allowance, else the budget), waiting up to `wait` for room; `None` if
-/// there was none.
-async fn hold_request(requests: &Arc<Answers>, bytes: usize, wait: Duration) -> Option<Held> {
-    let deadline = Instant::now() + wait;
-    loop {
-        if let Some(held) = requests.hold(bytes) {
-            return Some(held);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(crate::limits::PEER_BUDGET_RETRY_MS)).await;
-    }
 }
 
 /// A `Failed` frame for call `id`.

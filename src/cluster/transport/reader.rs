@@ -119,17 +119,31 @@ async fn reserve(
     bytes: usize,
     stats: &TransportStats,
 ) -> Result<Reservation, LinkError> {
-    let deadline = Instant::now() + budget.wait;
-    loop {
-        if let Some(held) = Reservation::of(&budget.budget, bytes) {
-            return Ok(held);
-        }
-        if Instant::now() >= deadline {
+    match wait_for_room(budget.wait, || Reservation::of(&budget.budget, bytes)).await {
+        Some(held) => Ok(held),
+        None => {
             stats.frames_over_budget.fetch_add(1, Relaxed);
-            return Err(LinkError::OverBudget {
+            Err(LinkError::OverBudget {
                 bytes,
                 waited: budget.wait,
-            });
+            })
+        }
+    }
+}
+
+/// Tries `take` every [`PEER_BUDGET_RETRY_MS`] until it gives room or
+/// `wait` has passed (`None` then).
+pub(super) async fn wait_for_room<T>(
+    wait: Duration,
+    mut take: impl FnMut() -> Option<T>,
+) -> Option<T> {
+    let deadline = Instant::now() + wait;
+    loop {
+        if let Some(room) = take() {
+            return Some(room);
+        }
+        if Instant::now() >= deadline {
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(PEER_BUDGET_RETRY_MS)).await;
     }

@@ -681,6 +681,21 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
+/// A server on a fresh port whose connections use a budget of
+/// `budget_bytes` of their own, with no caps on connections.
+async fn budgeted(config: TransportConfig, budget_bytes: usize) -> (Server, Arc<InflightBudget>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let budget = Arc::new(InflightBudget::new(budget_bytes));
+    let server = Server::with_bounds(
+        listener,
+        identity(2, 9),
+        config,
+        budget.clone(),
+        PeerConnections::unbounded(),
+    );
+    (server, budget)
+}
+
 /// Short call and heartbeat periods, so the write stall timeout and the
 /// budget wait are a fraction of a second.
 fn hasty_config() -> TransportConfig {
@@ -693,15 +708,7 @@ fn hasty_config() -> TransportConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_never_read_hold_the_budget_until_the_write_stalls() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let budget = Arc::new(InflightBudget::new(8 << 20));
-    let server = Server::with_bounds(
-        listener,
-        identity(2, 9),
-        hasty_config(),
-        budget.clone(),
-        PeerConnections::unbounded(),
-    );
+    let (server, budget) = budgeted(hasty_config(), 8 << 20).await;
     let mut stream = raw_handshaken(server.addr, 9).await.expect("welcome");
     let mut requests = Vec::new();
     for id in 0..256 {
@@ -744,16 +751,8 @@ async fn answers_never_read_hold_the_budget_until_the_write_stalls() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_frame_is_read_only_once_the_budget_holds_it() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let budget = Arc::new(InflightBudget::new(1 << 20));
     let config = hasty_config();
-    let server = Server::with_bounds(
-        listener,
-        identity(2, 9),
-        config.clone(),
-        budget.clone(),
-        PeerConnections::unbounded(),
-    );
+    let (server, budget) = budgeted(config.clone(), 1 << 20).await;
     // A 2 MiB frame cannot fit a 1 MiB budget: its header is read, its body
     // is not, and after the wait the connection is dropped.
     let mut stream = raw_handshaken(server.addr, 9).await.expect("welcome");
@@ -836,15 +835,7 @@ async fn a_hello_past_the_handshake_limit_is_oversized() {
 /// first and the connection dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_header_announcing_a_frame_past_the_limit_reserves_nothing() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let budget = Arc::new(InflightBudget::new(16 << 20));
-    let server = Server::with_bounds(
-        listener,
-        identity(2, 9),
-        hasty_config(),
-        budget.clone(),
-        PeerConnections::unbounded(),
-    );
+    let (server, budget) = budgeted(hasty_config(), 16 << 20).await;
     for handshaken in [false, true] {
         let mut stream = if handshaken {
             raw_handshaken(server.addr, 9).await.expect("welcome")
@@ -871,15 +862,7 @@ async fn a_header_announcing_a_frame_past_the_limit_reserves_nothing() {
 /// allowance, past it in the budget) until its handler is done.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_requests_in_flight_hold_the_budget() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let budget = Arc::new(InflightBudget::new(64 << 20));
-    let server = Server::with_bounds(
-        listener,
-        identity(2, 9),
-        test_config(),
-        budget.clone(),
-        PeerConnections::unbounded(),
-    );
+    let (server, budget) = budgeted(test_config(), 64 << 20).await;
     let mut stream = raw_handshaken(server.addr, 9).await.expect("welcome");
     let mut requests = Vec::new();
     for id in 0..512 {

@@ -1,0 +1,45 @@
+//! What the hostile-load tests (`tests/hostile.rs`, `tests/hostile_peer.rs`)
+//! share: the documented memory bound, bounded waits, `stats` and latency
+//! percentiles.
+
+use std::time::{Duration, Instant};
+
+use super::Client;
+
+pub const MIB: u64 = 1024 * 1024;
+
+/// The longest any wait in a hostile test may take before the test fails.
+pub const WAIT_MAX: Duration = Duration::from_secs(20);
+
+/// The documented bound on a node's resident memory (README, Limits):
+/// 1.25 × `-m` + 16 KiB per connection + 32 MiB.
+pub fn bound(memory_limit_mb: u64, connections: usize) -> u64 {
+    memory_limit_mb * MIB * 5 / 4 + connections as u64 * 16 * 1024 + 32 * MIB
+}
+
+/// `stats` (or `stats <group>`) through `c`, up to and including `END`.
+pub fn stats(c: &mut Client, group: &str) -> String {
+    let request = if group.is_empty() {
+        "stats\r\n".to_string()
+    } else {
+        format!("stats {group}\r\n")
+    };
+    String::from_utf8(c.request(request.as_bytes(), &[b"END\r\n"])).expect("utf-8 stats")
+}
+
+/// Waits (bounded by [`WAIT_MAX`]) until `f` holds; panics with `what` if
+/// it never does.
+pub fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT_MAX;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The 99th percentile of `latencies` (sorted in place).
+pub fn p99(latencies: &mut [Duration]) -> Duration {
+    assert!(!latencies.is_empty(), "no latency measured");
+    latencies.sort();
+    latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
+}
