@@ -520,24 +520,70 @@ fn meta_tokens<'r>(request: &'r Request<'r>) -> &'r [&'r [u8]] {
     }
 }
 
-/// Reads keys from the local store: per key its version and `VALUE` block;
-/// a tombstone answers its version with an empty block (a delete that
-/// outranks older copies elsewhere).
+/// Reads one key from the local store: its version and `VALUE` block; a
+/// tombstone answers its version with an empty block (a delete that
+/// outranks older copies elsewhere). `room` is asked for the block's size
+/// before it is copied; `None` if it said no (nothing was copied then).
 /// The value and the version come from one look under the key's lock, so
 /// a write landing in between cannot pair a miss with a newer version.
-fn read_local(store: &Store, keys: &[&[u8]], with_cas: bool) -> Vec<KeyAnswer> {
-    keys.iter()
-        .map(|&key| {
-            store
-                .read_versioned(key, |e| {
-                    let mut block = Vec::with_capacity(key.len() + e.value().len() + 48);
-                    let cas = with_cas.then_some(e.cas());
-                    compose_value(&mut block, key, e.flags(), e.value(), cas);
-                    block
-                })
-                .map(|(version, block)| (version, block.unwrap_or_default()))
+fn read_local(
+    store: &Store,
+    key: &[u8],
+    with_cas: bool,
+    room: impl FnOnce(usize) -> bool,
+) -> Option<KeyAnswer> {
+    let mut fits = true;
+    let answer = store
+        .read_versioned(key, |e| {
+            let bytes = key.len() + e.value().len() + 48;
+            if !room(bytes) {
+                fits = false;
+                return Vec::new();
+            }
+            let mut block = Vec::with_capacity(bytes);
+            let cas = with_cas.then_some(e.cas());
+            compose_value(&mut block, key, e.flags(), e.value(), cas);
+            block
         })
-        .collect()
+        .map(|(version, block)| (version, block.unwrap_or_default()));
+    fits.then_some(answer)
+}
+
+/// A replica's answer to [`PeerRequest::ReadKeys`]: a prefix of `keys` of
+/// at most [`READ_ANSWER_BYTES_MAX`] (at least one key), so an answer
+/// always fits a frame; the caller asks again for the rest.
+///
+/// Each value is held in the in-flight budget before it is copied, until
+/// the answer is built: under pressure the prefix is shorter, and with no
+/// room at all the call is refused before anything is copied. A peer that
+/// asks for large answers and never reads them so costs a lookup per
+/// request, not two copies of each value thrown away (issue 16, row 8: that
+/// work, two 1 MB copies per request on every connection whose own answers
+/// were not yet queued, stalled other clients for up to 0.5 s).
+fn serve_read_keys(
+    store: &Store,
+    budget: &Arc<InflightBudget>,
+    keys: &[Vec<u8>],
+    with_cas: bool,
+) -> PeerResponse {
+    let mut held = Reservation::new(budget);
+    let mut values = Vec::new();
+    let mut bytes = 0usize;
+    for key in keys {
+        if bytes >= READ_ANSWER_BYTES_MAX {
+            break;
+        }
+        let room = |b: usize| held.hold(held.bytes() + b);
+        let Some(answer) = read_local(store, key, with_cas, room) else {
+            break;
+        };
+        bytes += answer.as_ref().map_or(0, |(_, block)| block.len()) + key.len();
+        values.push(answer);
+    }
+    if values.is_empty() && !keys.is_empty() {
+        return PeerResponse::Refused("out of memory".into());
+    }
+    PeerResponse::Values(values)
 }
 
 /// The newest of several replicas' answers: the highest version, and at
@@ -1432,13 +1478,12 @@ impl Cluster {
                 // Key by key, each answer held as it is read, so the cap
                 // and the budget stop local reads within one item.
                 for i in mine {
-                    let answer = read_local(local.store(), &[keys[i]], get.with_cas)
-                        .pop()
-                        .expect("one answer per key");
-                    if !gathered.add(answer.as_ref().map_or(0, |(_, block)| block.len())) {
+                    let Some(answer) =
+                        read_local(local.store(), keys[i], get.with_cas, |b| gathered.add(b))
+                    else {
                         gathered.answer_refusal(out, "multi-get");
                         return;
-                    }
+                    };
                     read_here[i] = true;
                     answers[i].push((self.me, answer));
                 }
@@ -1853,22 +1898,7 @@ impl Cluster {
                 if keys.iter().any(|k| bad_key(k)) {
                     return PeerResponse::Refused("invalid key".into());
                 }
-                // Answer a prefix of at most READ_ANSWER_BYTES_MAX (at least
-                // one key), so an answer always fits a frame; the caller
-                // asks again for the rest.
-                let mut values = Vec::new();
-                let mut bytes = 0usize;
-                for key in &keys {
-                    if bytes >= READ_ANSWER_BYTES_MAX {
-                        break;
-                    }
-                    let answer = read_local(local.store(), &[key.as_slice()], with_cas)
-                        .pop()
-                        .flatten();
-                    bytes += answer.as_ref().map_or(0, |(_, block)| block.len()) + key.len();
-                    values.push(answer);
-                }
-                PeerResponse::Values(values)
+                serve_read_keys(local.store(), local.budget(), &keys, with_cas)
             }
             PeerRequest::ReadMeta { command, key } => {
                 if bad_key(&key) {
@@ -2280,6 +2310,48 @@ mod tests {
             (newer, &b"VA 3\r\nnew\r\n"[..]),
             "the version and the reply belong to one state"
         );
+    }
+
+    /// Issue 16, row 8: a replica built every `ReadKeys` answer (two
+    /// copies of each value) before it asked the budget for room, and
+    /// threw it away when there was none.
+    #[test]
+    fn a_replica_asks_the_budget_before_it_copies_a_value() {
+        let clock = Arc::new(ManualClock::new(1_800_000_000_000));
+        let store = Store::new(&StoreConfig::default(), clock);
+        let big = |version: u64, fill: u8| KeyState::Item {
+            version,
+            flags: 0,
+            exptime: 0,
+            bits: 0,
+            value: vec![fill; 300_000],
+            dedup: Vec::new(),
+        };
+        for (key, fill) in [(b"a", b'a'), (b"b", b'b')] {
+            assert_eq!(
+                store.apply(key, &big(store.next_version(), fill)),
+                Applied::Newer
+            );
+        }
+        let keys = [b"a".to_vec(), b"b".to_vec()];
+        let values = |answer: PeerResponse| match answer {
+            PeerResponse::Values(v) => v.len(),
+            other => panic!("{other:?}"),
+        };
+        let roomy = Arc::new(InflightBudget::new(1 << 20));
+        assert_eq!(values(serve_read_keys(&store, &roomy, &keys, false)), 2);
+        assert_eq!(roomy.used(), 0, "held only while the answer is built");
+        // Room for one value: the answer is the prefix that fits.
+        let one = Arc::new(InflightBudget::new(400_000));
+        assert_eq!(values(serve_read_keys(&store, &one, &keys, false)), 1);
+        // No room: refused, and the budget's other holder keeps its bytes.
+        let full = Arc::new(InflightBudget::new(400_000));
+        let other = Reservation::of(&full, 200_000).expect("room");
+        assert!(matches!(
+            serve_read_keys(&store, &full, &keys, false),
+            PeerResponse::Refused(why) if why == "out of memory"
+        ));
+        assert_eq!(full.used(), other.bytes());
     }
 
     #[test]
