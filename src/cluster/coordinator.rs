@@ -51,6 +51,11 @@ const FLUSH_CLOCK_WAITS_MAX: usize = 10;
 /// always goes in); well inside the transport's 4 MiB frame.
 const READ_ANSWER_BYTES_MAX: usize = 1024 * 1024;
 
+/// A multi-get's local reads let other connections run after this many
+/// bytes copied (a 64 MiB reply would otherwise hold a worker thread for
+/// the whole copy).
+const LOCAL_READ_TURN_BYTES: usize = 1024 * 1024;
+
 /// A cluster multi-get gathers its replicas' answers before replying
 /// (newest wins per key), so its reply is bounded: past this, the client
 /// gets a `SERVER_ERROR` asking it to split the request.
@@ -1476,14 +1481,21 @@ impl Cluster {
             }
             if let Some(mine) = asks.remove(&self.me) {
                 // Key by key, each answer held as it is read, so the cap
-                // and the budget stop local reads within one item.
+                // and the budget stop local reads within one item; other
+                // connections get a turn every LOCAL_READ_TURN_BYTES.
+                let mut copied = 0;
                 for i in mine {
+                    if copied >= LOCAL_READ_TURN_BYTES {
+                        copied = 0;
+                        tokio::task::yield_now().await;
+                    }
                     let Some(answer) =
                         read_local(local.store(), keys[i], get.with_cas, |b| gathered.add(b))
                     else {
                         gathered.answer_refusal(out, "multi-get");
                         return;
                     };
+                    copied += answer.as_ref().map_or(0, |(_, block)| block.len());
                     read_here[i] = true;
                     answers[i].push((self.me, answer));
                 }
