@@ -28,9 +28,16 @@ pub const MEMCACHED_CAS_BYTES: usize = 8;
 /// is a multi-get (`get `/`gets ` prefix); memcached closes such connections.
 pub const LINE_BYTES_MAX: usize = 2048;
 
-/// Ceiling for a multi-get line (memcached lets these grow without bound; we
-/// do not). About 4,000 maximum-length keys.
-pub const MULTIGET_LINE_BYTES_MAX: usize = 1024 * 1024;
+/// A get-family line is parsed whole up to this length; past it, one whose
+/// newline has not arrived is served in pieces as it arrives, so a line of
+/// any length costs its reply, not its line (memcached buffers such a line
+/// whole). Also the longest line of any other command (longer ones close
+/// the connection).
+pub const GET_LINE_WHOLE_BYTES_MAX: usize = 64 * 1024;
+
+/// A piece of a long get line is served once this many bytes of it are
+/// buffered (or its newline arrives).
+pub const GET_PIECE_BYTES_MIN: usize = 16 * 1024;
 
 /// memcached tokenizes a command into at most this many tokens (`MAX_TOKENS`),
 /// including the empty terminal token.
@@ -229,6 +236,10 @@ pub const WRITE_FLUSH_BYTES: usize = 256 * 1024;
 /// connections get a turn.
 pub const REQUESTS_PER_BATCH_MAX: usize = 1024;
 
+/// A multi-get lets other connections run after this many keys (one of
+/// 100,000 misses would otherwise hold its worker thread for all of them).
+pub const GET_KEYS_PER_TURN: usize = 256;
+
 /// Store shard count bounds. The count is a power of two chosen from the
 /// memory limit so each shard can hold at least [`SHARD_ITEMS_OF_MAX_SIZE`]
 /// maximum-size items.
@@ -254,11 +265,14 @@ pub const SHUTDOWN_GRACE_MS: u64 = 5000;
 pub const VERBOSITY_MAX: u32 = 2;
 
 const _: () = assert!(KEY_BYTES_MAX < 256, "key length is stored in a u8");
-const _: () = assert!(LINE_BYTES_MAX < MULTIGET_LINE_BYTES_MAX);
+const _: () = assert!(LINE_BYTES_MAX < GET_PIECE_BYTES_MIN);
+const _: () = assert!(GET_PIECE_BYTES_MIN < GET_LINE_WHOLE_BYTES_MAX);
+const _: () = assert!(KEY_BYTES_MAX < GET_PIECE_BYTES_MIN);
 const _: () = assert!(ITEM_BYTES_MAX_MIN <= ITEM_BYTES_MAX_DEFAULT);
 const _: () = assert!(ITEM_BYTES_MAX_DEFAULT <= ITEM_BYTES_MAX_MAX);
 const _: () = assert!(SHARDS_MAX.is_power_of_two());
 const _: () = assert!(READ_CHUNK_BYTES <= WRITE_FLUSH_BYTES);
+const _: () = assert!(GET_KEYS_PER_TURN % PREFETCH_KEYS == 0);
 const _: () = assert!(OPAQUE_BYTES_MAX < LINE_BYTES_MAX);
 const _: () = assert!(PEER_CONNECTIONS_PER_MEMBER_MAX >= 1 && PEER_HANDSHAKES_MAX >= 1);
 const _: () = assert!(PEER_BUDGET_RETRY_MS < REQUEST_TIMEOUT_MS_DEFAULT);

@@ -26,7 +26,7 @@ use webvac::cluster::transport::{FRAME_BYTES_MAX_DEFAULT, WIRE_VERSION};
 use webvac::config::ClusterConfig;
 
 use common::cluster::{Cluster, Layout, exclusive, preference_of};
-use common::hostile::{MIB, WAIT_MAX, bound, p99, stats, wait_for};
+use common::hostile::{MIB, WAIT_MAX, bound, p99, pid_and_budget, set_value, stats, wait_for};
 use common::{Client, proc_status_bytes, stat_value};
 
 /// The good client's p99 bound while a node is under attack.
@@ -180,10 +180,7 @@ fn key_of_node_1(prefix: &str, nodes: u16, n: usize) -> String {
 
 /// Stores a 1 MB value under `key` through `c`.
 fn set_big(c: &mut Client, key: &str, fill: u8) {
-    c.send(format!("set {key} 0 0 {BIG_VALUE_BYTES}\r\n").as_bytes())
-        .expect("send");
-    c.send(&vec![fill; BIG_VALUE_BYTES]).expect("send");
-    assert_eq!(c.request(b"\r\n", &[b"\r\n"]), b"STORED\r\n", "set {key}");
+    set_value(c, key, &vec![fill; BIG_VALUE_BYTES]);
 }
 
 /// Issue 16, row 8: 1,024 `ReadKeys` frames for two 1 MB keys (22 KB sent
@@ -210,9 +207,7 @@ fn peers_that_never_read_their_answers_are_held_to_the_budget() {
     );
     let node = cluster.member(1);
     let mut good = cluster.connect(1);
-    let general = stats(&mut good, "");
-    let pid = stat_value(&general, "pid");
-    let limit = stat_value(&general, "inflight_limit");
+    let (pid, limit) = pid_and_budget(&mut good);
     set_big(&mut good, &big1, b'a');
     set_big(&mut good, &big2, b'b');
     let before = proc_status_bytes(pid, "VmRSS:");

@@ -127,3 +127,72 @@ fn writing_four_times_the_limit_stays_within_budget_and_evicts() {
             .starts_with(b"VERSION")
     );
 }
+
+/// Issue 17: a multi-get line of 100 MB (500,000 keys of 200 bytes, every
+/// 1,000th stored) to one node and to a node of a three-node cluster at
+/// R = 2. memcached buffers such a line whole; webvac serves it in pieces
+/// as it arrives, so the node's peak RSS stays within the documented bound
+/// (README, Limits: 1.25 × `-m` + 16 KiB per connection + 32 MiB) and the
+/// reply is every stored key's value, once, in order.
+#[test]
+fn a_100_mb_multi_get_line_stays_within_the_bound() {
+    const KEYS: usize = 500_000;
+    let key = |i: usize| format!("{i:0>200}");
+    let value = |i: usize| vec![b'a' + (i % 26) as u8; 1000];
+    let mut line = b"get".to_vec();
+    let mut want = Vec::new();
+    for i in 0..KEYS {
+        line.push(b' ');
+        line.extend_from_slice(key(i).as_bytes());
+        if i % 1000 == 0 {
+            want.extend_from_slice(format!("VALUE {} 0 1000\r\n", key(i)).as_bytes());
+            want.extend_from_slice(&value(i));
+            want.extend_from_slice(b"\r\n");
+        }
+    }
+    line.extend_from_slice(b"\r\n");
+    want.extend_from_slice(b"END\r\n");
+    assert!(line.len() > 100_000_000);
+    let _serial = common::cluster::exclusive();
+    let server = Server::start(&["-m", &LIMIT_MB.to_string()]);
+    let cluster = common::cluster::Cluster::start(
+        common::cluster::Layout::new(3)
+            .quorums(2, 2)
+            .memory_limit_mb(LIMIT_MB as usize),
+    );
+    for (name, mut c) in [
+        ("one node", server.connect()),
+        ("a cluster node", cluster.connect(1)),
+    ] {
+        let pid = stat_value(&stats_text(&mut c), "pid");
+        let mut batch = Vec::new();
+        for i in (0..KEYS).step_by(1000) {
+            batch.extend_from_slice(format!("set {} 0 0 1000 noreply\r\n", key(i)).as_bytes());
+            batch.extend_from_slice(&value(i));
+            batch.extend_from_slice(b"\r\n");
+        }
+        batch.extend_from_slice(b"mn\r\n");
+        c.request(&batch, &[b"MN\r\n"]);
+        let before = proc_status_bytes(pid, "VmHWM:");
+        c.send(&line).expect("the whole line is read");
+        let got = c
+            .read_until_suffix(&[b"END\r\n"], std::time::Duration::from_secs(120))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(
+            got == want,
+            "{name}: {} bytes, want {}",
+            got.len(),
+            want.len()
+        );
+        let peak = proc_status_bytes(pid, "VmHWM:");
+        let bound = LIMIT_MB * MIB * 5 / 4 + 2 * 16 * 1024 + 32 * MIB;
+        println!(
+            "{name}: a {} MB multi-get line; peak RSS {} MiB before it, {} MiB after (bound {} MiB)",
+            line.len() / 1_000_000,
+            before / MIB,
+            peak / MIB,
+            bound / MIB
+        );
+        assert!(peak <= bound, "{name}: peak RSS {} MiB", peak / MIB);
+    }
+}

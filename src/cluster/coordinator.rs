@@ -1632,7 +1632,9 @@ impl Cluster {
                 out.extend_from_slice(block);
             }
         }
-        compose_end(out);
+        if !get.continues {
+            compose_end(out);
+        }
         // Repairs of different keys run side by side: one hop at most.
         let store = local.store();
         join_all(
@@ -1740,7 +1742,9 @@ impl Cluster {
         for &d in &occurrences {
             out.extend_from_slice(&replies[d]);
         }
-        compose_end(out);
+        if !get.continues {
+            compose_end(out);
+        }
     }
 
     /// A meta get that changes nothing: run on R replicas, newest wins.

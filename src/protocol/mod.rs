@@ -22,7 +22,7 @@ pub mod storage;
 pub mod tokens;
 pub mod touch;
 
-use crate::limits::{LINE_BYTES_MAX, MULTIGET_LINE_BYTES_MAX};
+use crate::limits::{GET_LINE_WHOLE_BYTES_MAX, LINE_BYTES_MAX};
 use tokens::Tokens;
 
 /// memcached's error replies, verbatim.
@@ -235,13 +235,14 @@ impl Request<'_> {
     }
 }
 
-/// The most bytes a buffer can hold while [`parse`] still answers
-/// `Incomplete`: a line is at most [`MULTIGET_LINE_BYTES_MAX`] (longer ones
-/// close the connection) and a storage command then waits for at most its
-/// data block, which fits the item size limit. Connections size their input
-/// bound from this.
+/// The most bytes a buffer can hold while [`parse`] (or a
+/// [`get::LongGet`]) still answers `Incomplete`: a line is at most
+/// [`GET_LINE_WHOLE_BYTES_MAX`] (past it a get-family line is served in
+/// pieces, and any other closes the connection) and a storage command then
+/// waits for at most its data block, which fits the item size limit.
+/// Connections size their input bound from this.
 pub fn incomplete_bytes_max(limits: &ParseLimits) -> usize {
-    MULTIGET_LINE_BYTES_MAX + 1 + limits.item_bytes_max + 2
+    GET_LINE_WHOLE_BYTES_MAX + 1 + limits.item_bytes_max + 2
 }
 
 /// Parses one request from the front of `buf`.
@@ -250,10 +251,11 @@ pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
         return incomplete_line(buf);
     };
     let consumed = nl + 1;
-    if nl > MULTIGET_LINE_BYTES_MAX {
+    if nl > GET_LINE_WHOLE_BYTES_MAX && !is_get_family(buf) {
         // Only reachable when a long line and its newline arrive in one read
         // (otherwise `incomplete_line` closed the connection already). No
-        // command needs a line this long; bounding it bounds the buffer.
+        // command but a multi-get needs a line this long; a multi-get this
+        // long that arrived whole is parsed whole (the buffer bounds it).
         return Parsed::Complete {
             request: Request::Close,
             consumed,
@@ -301,21 +303,35 @@ pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
 }
 
 /// No newline yet. memcached drops a connection whose first 2 KiB hold no
-/// newline unless it is a multi-get; we also cap multi-get lines.
+/// newline unless it is a multi-get (`get`/`gets`; we take `gat`/`gats`
+/// too). Past [`GET_LINE_WHOLE_BYTES_MAX`] a multi-get is served in pieces
+/// as it arrives ([`get::LongGet`]), starting with this one.
 fn incomplete_line(buf: &[u8]) -> Parsed<'_> {
     if buf.len() <= LINE_BYTES_MAX {
         return Parsed::Incomplete;
     }
-    let spaces = buf.iter().take_while(|&&b| b == b' ').count();
-    let rest = &buf[spaces..];
-    let multiget = rest.starts_with(b"get ") || rest.starts_with(b"gets ");
-    if spaces > 100 || !multiget || buf.len() > MULTIGET_LINE_BYTES_MAX {
-        return Parsed::Complete {
-            request: Request::Close,
-            consumed: buf.len(),
-        };
+    let close = Parsed::Complete {
+        request: Request::Close,
+        consumed: buf.len(),
+    };
+    if !is_get_family(buf) {
+        return close;
     }
-    Parsed::Incomplete
+    if buf.len() <= GET_LINE_WHOLE_BYTES_MAX {
+        return Parsed::Incomplete;
+    }
+    get::parse_long_start(buf).unwrap_or(close)
+}
+
+/// Whether `buf` starts with a get-family command (after at most 100
+/// spaces, as memcached allows before a long multi-get).
+fn is_get_family(buf: &[u8]) -> bool {
+    let spaces = buf.iter().take(101).take_while(|&&b| b == b' ').count();
+    let rest = &buf[spaces..];
+    spaces <= 100
+        && [&b"get "[..], b"gets ", b"gat ", b"gats "]
+            .iter()
+            .any(|cmd| rest.starts_with(cmd))
 }
 
 /// The preamble of `<cmd> <key> <arg> [noreply]` commands: memcached's
@@ -447,11 +463,20 @@ mod tests {
     }
 
     #[test]
-    fn a_complete_line_over_a_megabyte_closes() {
+    fn a_complete_line_past_the_whole_line_bound_closes_unless_multiget() {
         let mut line = b"set k 0 0 1".to_vec();
-        line.resize(MULTIGET_LINE_BYTES_MAX + 10, b' ');
+        line.resize(GET_LINE_WHOLE_BYTES_MAX + 10, b' ');
         line.extend_from_slice(b"\r\n");
         assert!(matches!(one(&line).0, Request::Close));
+        let mut get = b"get".to_vec();
+        while get.len() <= GET_LINE_WHOLE_BYTES_MAX {
+            get.extend_from_slice(b" key");
+        }
+        get.extend_from_slice(b"\r\n");
+        match one(&get).0 {
+            Request::Get(g) => assert!(!g.continues && g.keys().all(|k| k == b"key")),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

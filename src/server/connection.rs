@@ -29,9 +29,10 @@ use super::execute::{self, Action};
 use super::faults::{Fault, Faults};
 use crate::budget::{INFLIGHT_FREE_BYTES, Reservation};
 use crate::limits::{
-    MULTIGET_LINE_BYTES_MAX, PREFETCH_KEYS, READ_CHUNK_BYTES, REQUESTS_PER_BATCH_MAX,
-    WRITE_FLUSH_BYTES,
+    GET_KEYS_PER_TURN, GET_LINE_WHOLE_BYTES_MAX, PREFETCH_KEYS, READ_CHUNK_BYTES,
+    REQUESTS_PER_BATCH_MAX, WRITE_FLUSH_BYTES,
 };
+use crate::protocol::get::{LongGet, Step};
 use crate::protocol::{ParseLimits, Parsed, Request, incomplete_bytes_max, parse};
 
 /// Buffers larger than this are given back once empty.
@@ -87,8 +88,10 @@ async fn run(
 ) -> std::io::Result<()> {
     let (mut rd, mut wr) = stream.split();
     let mut inbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    let mut out: Vec<u8> = Vec::new();
+    let mut out = Output::default();
     let mut swallow = 0usize;
+    // A get line too long to parse whole, being served as it arrives.
+    let mut long: Option<LongGet> = None;
     let mut budget = Held {
         request: Reservation::new(&shared.inflight),
         reply: Reservation::new(&shared.inflight),
@@ -110,12 +113,17 @@ async fn run(
             &mut inbuf,
             &mut out,
             &mut swallow,
+            &mut long,
             &mut budget,
             &mut wr,
             last_command.as_mut(),
         )
         .await?;
-        flush(shared, &mut wr, &mut out, &mut budget.reply).await?;
+        if long.is_some() {
+            flush_now(shared, &mut wr, &mut out, &mut budget.reply)?;
+        } else {
+            flush(shared, &mut wr, &mut out, &mut budget.reply).await?;
+        }
         if close || *stop.borrow() {
             return Ok(());
         }
@@ -133,8 +141,8 @@ async fn run(
         if inbuf.is_empty() && inbuf.capacity() > IDLE_BUFFER_BYTES {
             inbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
         }
-        if out.capacity() > IDLE_BUFFER_BYTES {
-            out = Vec::new();
+        if out.buf.is_empty() && out.buf.capacity() > IDLE_BUFFER_BYTES {
+            out.buf = Vec::new();
         }
         // Grow only when little room is left: a request part-way in keeps
         // the buffer it arrived in.
@@ -155,10 +163,18 @@ async fn run(
                 &shared.stats.idle_kicks,
             )
         };
+        // While a long get line arrives, replies the client has not read
+        // yet wait in the budget and the line goes on being read; they are
+        // written as the socket takes them.
+        let unsent = long.is_some() && out.unsent() > 0;
         let n = tokio::select! {
             // Reading first means a ready socket never touches the signal.
             biased;
             read = rd.read_buf(&mut inbuf) => read?,
+            writable = wr.as_ref().writable(), if unsent => {
+                writable?;
+                continue;
+            }
             _ = &mut stopped => return Ok(()),
             () = async { tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)).await },
                 if deadline.is_some() =>
@@ -176,6 +192,29 @@ async fn run(
     }
 }
 
+/// Replies composed and not yet written: `buf[sent..]`.
+#[derive(Default)]
+struct Output {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already written (only while a long get line arrives;
+    /// otherwise a flush writes everything).
+    sent: usize,
+}
+
+impl Output {
+    fn unsent(&self) -> usize {
+        self.buf.len() - self.sent
+    }
+
+    /// Everything written: empty the buffer, give back what it held.
+    fn written(&mut self, shared: &Shared, bytes: usize, held: &mut Reservation) {
+        shared.stats.bytes_written.fetch_add(bytes as u64, Relaxed);
+        self.buf.clear();
+        self.sent = 0;
+        held.clear();
+    }
+}
+
 /// Writes the pending replies and gives back what they held of the budget.
 /// A reply that holds budget and that the client does not read for
 /// `data_timeout_secs` ends the connection (an error), so a client that
@@ -183,20 +222,25 @@ async fn run(
 async fn flush(
     shared: &Shared,
     wr: &mut WriteHalf<'_>,
-    out: &mut Vec<u8>,
+    out: &mut Output,
     held: &mut Reservation,
 ) -> std::io::Result<()> {
-    if out.is_empty() {
+    let pending = out.unsent();
+    if pending == 0 {
+        if !out.buf.is_empty() {
+            out.written(shared, 0, held);
+        }
         return Ok(());
     }
     // The common case, without a timer: the socket takes it all now.
-    let sent = match wr.try_write(out) {
+    let rest = &out.buf[out.sent..];
+    let sent = match wr.try_write(rest) {
         Ok(n) => n,
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
     };
-    if sent < out.len() {
-        let rest = &out[sent..];
+    if sent < rest.len() {
+        let rest = &rest[sent..];
         let timeout = shared.facts.data_timeout_secs;
         if held.bytes() > 0 && timeout > 0 {
             let limit = Duration::from_secs(u64::from(timeout));
@@ -214,13 +258,61 @@ async fn flush(
             wr.write_all(rest).await?;
         }
     }
+    out.written(shared, pending, held);
+    Ok(())
+}
+
+/// Writes what the socket takes now of the pending replies, without
+/// waiting: used while a long get line arrives, whose client may read only
+/// once it has sent the whole line, so the connection must go on reading
+/// it. What is not written stays held in the budget (past it the get is
+/// refused), so the wait costs no memory the budget does not see.
+fn flush_now(
+    shared: &Shared,
+    wr: &mut WriteHalf<'_>,
+    out: &mut Output,
+    held: &mut Reservation,
+) -> std::io::Result<()> {
+    let start = out.sent;
+    while out.sent < out.buf.len() {
+        match wr.try_write(&out.buf[out.sent..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => out.sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        }
+    }
+    if out.sent == out.buf.len() {
+        let bytes = out.sent - start;
+        out.written(shared, bytes, held);
+        return Ok(());
+    }
     shared
         .stats
         .bytes_written
-        .fetch_add(out.len() as u64, Relaxed);
-    out.clear();
-    held.clear();
+        .fetch_add((out.sent - start) as u64, Relaxed);
+    // Move the rest to the front only once it is at most half the buffer,
+    // so each byte is moved a bounded number of times.
+    if out.sent >= out.buf.len() / 2 {
+        out.buf.drain(..out.sent);
+        out.sent = 0;
+    }
     Ok(())
+}
+
+/// [`flush`], or [`flush_now`] while a long get line arrives.
+async fn flush_for(
+    shared: &Shared,
+    wr: &mut WriteHalf<'_>,
+    out: &mut Output,
+    held: &mut Reservation,
+    long: &Option<LongGet>,
+) -> std::io::Result<()> {
+    if long.is_some() {
+        flush_now(shared, wr, out, held)
+    } else {
+        flush(shared, wr, out, held).await
+    }
 }
 
 /// Holds the pending replies' bytes past [`INFLIGHT_FREE_BYTES`] in the
@@ -239,12 +331,35 @@ fn hold_reply(out: &mut Vec<u8>, reply_at: usize, held: &mut Reservation, get: b
     false
 }
 
+/// After a piece of a long get line: an error ends its reply, so the rest
+/// of the line is only discarded; once its newline is read the line is
+/// over.
+fn after_piece(long: &mut Option<LongGet>, failed: bool, reservation: &mut Reservation) {
+    if let Some(l) = long {
+        if failed {
+            l.skip_rest();
+        }
+        if l.done() {
+            *long = None;
+            reservation.clear();
+        }
+    }
+}
+
+/// Whether a get's reply, from `reply_at` on, is an error line.
+fn is_error_reply(out: &[u8], reply_at: usize) -> bool {
+    out.get(reply_at..)
+        .is_some_and(|r| r.starts_with(b"SERVER_ERROR") || r.starts_with(b"CLIENT_ERROR"))
+}
+
 /// Executes every complete request in `inbuf`. Returns true to close.
+#[allow(clippy::too_many_arguments)] // the connection's state, one call site
 async fn process(
     shared: &Shared,
     inbuf: &mut BytesMut,
-    out: &mut Vec<u8>,
+    output: &mut Output,
     swallow: &mut usize,
+    long: &mut Option<LongGet>,
     budget: &mut Held,
     wr: &mut WriteHalf<'_>,
     mut last_command: Option<&mut Instant>,
@@ -266,7 +381,34 @@ async fn process(
         if inbuf.is_empty() {
             return Ok(false);
         }
-        let (action, consumed) = match parse(&inbuf[..], &shared.limits) {
+        let parsed = match long.as_mut() {
+            None => parse(&inbuf[..], &shared.limits),
+            Some(l) => match l.next(&inbuf[..]) {
+                Step::Skip(n) => {
+                    inbuf.advance(n);
+                    after_piece(long, false, reservation);
+                    continue;
+                }
+                Step::Incomplete => {
+                    // The buffer holds less than a piece (and a read);
+                    // past the free allowance it is held to the budget (and
+                    // to the data timeout) like any long line.
+                    if inbuf.len() <= INFLIGHT_FREE_BYTES || reservation.hold(inbuf.len()) {
+                        return Ok(false);
+                    }
+                    output
+                        .buf
+                        .extend_from_slice(b"SERVER_ERROR out of memory reading request\r\n");
+                    return Ok(true);
+                }
+                Step::Piece { get, consumed } => Parsed::Complete {
+                    request: Request::Get(get),
+                    consumed,
+                },
+            },
+        };
+        let out = &mut output.buf;
+        let (action, consumed) = match parsed {
             Parsed::Incomplete => {
                 if inbuf.len() <= INFLIGHT_FREE_BYTES || reservation.bytes() > 0 {
                     return Ok(false);
@@ -283,7 +425,7 @@ async fn process(
                     // so connections that never finish one cannot hold
                     // memory the budget does not see (and the data timeout
                     // closes them).
-                    if reservation.reserve(MULTIGET_LINE_BYTES_MAX + 1) {
+                    if reservation.reserve(GET_LINE_WHOLE_BYTES_MAX + 1) {
                         return Ok(false);
                     }
                     debug!(
@@ -324,18 +466,31 @@ async fn process(
                     *last = Instant::now();
                 }
                 trace!(?request, "request");
+                // The first piece of a long get line: the rest of the line
+                // is served as it arrives. A piece is a batch's worth of
+                // work: other connections get a turn after it.
+                if let Request::Get(g) = &request {
+                    if g.continues && long.is_none() {
+                        *long = Some(LongGet::after(g));
+                    }
+                    if long.is_some() {
+                        executed = REQUESTS_PER_BATCH_MAX;
+                    }
+                }
                 let fault = shared.faults.as_ref().map_or(Fault::None, Faults::next);
                 match fault {
                     Fault::DropRequest => {
                         inbuf.advance(consumed);
+                        after_piece(long, false, reservation);
                         continue;
                     }
                     Fault::Delay(d) => {
-                        flush(shared, wr, out, held).await?;
+                        flush_for(shared, wr, output, held, long).await?;
                         tokio::time::sleep(d).await;
                     }
                     Fault::None | Fault::DropReply => {}
                 }
+                let out = &mut output.buf;
                 // A dropped reply is cut from the output after it is
                 // composed (one that outgrew a flush is cut short instead).
                 let reply_at = out.len();
@@ -349,27 +504,32 @@ async fn process(
                         cluster
                             .coordinate(shared, &request, &inbuf[..consumed], out)
                             .await;
-                        drop_reply(out);
                         let get = matches!(request, Request::Get(_));
-                        hold_reply(out, reply_at, held, get);
+                        let failed = get && is_error_reply(out, reply_at);
+                        drop_reply(out);
+                        let held_all = hold_reply(out, reply_at, held, get);
                         // A refused store's data block follows its line.
                         let refused = request.refused();
                         inbuf.advance(consumed);
+                        after_piece(long, failed || !held_all, reservation);
                         if let Some(refused) = refused {
                             *swallow = refused.swallow();
                         }
-                        if out.len() >= WRITE_FLUSH_BYTES {
-                            flush(shared, wr, out, held).await?;
+                        if output.unsent() >= WRITE_FLUSH_BYTES {
+                            flush_for(shared, wr, output, held, long).await?;
                         }
                         continue;
                     }
                 }
+                let mut failed = false;
                 let action = match request {
                     Request::Get(get) => {
                         let mut ahead = get.keys();
                         let multi = get.keys().nth(1).is_some();
-                        let mut refused = false;
                         for (i, key) in get.keys().enumerate() {
+                            if i > 0 && i % GET_KEYS_PER_TURN == 0 {
+                                tokio::task::yield_now().await;
+                            }
                             if multi && i % PREFETCH_KEYS == 0 {
                                 let mut batch: [&[u8]; PREFETCH_KEYS] = [&[]; PREFETCH_KEYS];
                                 let n = batch
@@ -379,19 +539,22 @@ async fn process(
                                     .count();
                                 shared.store.prefetch(&batch[..n]);
                             }
+                            let out = &mut output.buf;
                             let key_at = out.len();
                             execute::get_key(shared, &get, key, out);
                             if !hold_reply(out, key_at, held, true) {
                                 // memcached ends the reply with the error.
-                                refused = true;
+                                failed = true;
                                 break;
                             }
-                            if out.len() >= WRITE_FLUSH_BYTES {
-                                flush(shared, wr, out, held).await?;
+                            // A piece of a long line is written after it is
+                            // served (without waiting: see `flush_now`).
+                            if long.is_none() && output.unsent() >= WRITE_FLUSH_BYTES {
+                                flush(shared, wr, output, held).await?;
                             }
                         }
-                        if !refused {
-                            execute::get_end(&get, out);
+                        if !failed {
+                            execute::get_end(&get, &mut output.buf);
                         }
                         Action::Continue
                     }
@@ -401,14 +564,15 @@ async fn process(
                         // refused ends the reply with the error.
                         let mut at = execute::list_keys_start(shared, l.token, l.count, out);
                         while let Some(piece) = at {
+                            let out = &mut output.buf;
                             let piece_at = out.len();
                             at = execute::list_keys_piece(shared, piece, out);
                             if !hold_reply(out, piece_at, held, false) {
                                 break;
                             }
                             if at.is_some() {
-                                if out.len() >= WRITE_FLUSH_BYTES {
-                                    flush(shared, wr, out, held).await?;
+                                if output.unsent() >= WRITE_FLUSH_BYTES {
+                                    flush(shared, wr, output, held).await?;
                                 }
                                 tokio::task::yield_now().await;
                             }
@@ -423,24 +587,33 @@ async fn process(
                         action
                     }
                 };
-                drop_reply(out);
-                (action, consumed)
+                drop_reply(&mut output.buf);
+                inbuf.advance(consumed);
+                after_piece(long, failed, reservation);
+                match action {
+                    Action::Continue => {}
+                    Action::Swallow(n) => *swallow = n,
+                    Action::Close => return Ok(true),
+                }
+                (Action::Continue, 0)
             }
         };
-        debug_assert!(consumed > 0 && consumed <= inbuf.len());
-        inbuf.advance(consumed);
+        if consumed > 0 {
+            debug_assert!(consumed <= inbuf.len());
+            inbuf.advance(consumed);
+        }
         match action {
             Action::Continue => {}
             Action::Swallow(n) => *swallow = n,
             Action::Close => return Ok(true),
         }
-        if out.len() >= WRITE_FLUSH_BYTES {
-            flush(shared, wr, out, held).await?;
+        if output.unsent() >= WRITE_FLUSH_BYTES {
+            flush_for(shared, wr, output, held, long).await?;
         }
         executed = executed.saturating_add(1);
         if executed >= REQUESTS_PER_BATCH_MAX {
             // Let other connections on this worker run.
-            flush(shared, wr, out, held).await?;
+            flush_for(shared, wr, output, held, long).await?;
             tokio::task::yield_now().await;
             executed = 0;
         }

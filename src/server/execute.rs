@@ -38,12 +38,13 @@ pub fn get_key(shared: &Shared, get: &Get<'_>, key: &[u8], out: &mut Vec<u8>) {
     });
 }
 
-/// Ends a get-family reply after its keys: `END`, or the error line when a
-/// key in the list was too long.
+/// Ends a get-family reply after its keys: `END` (none yet for a piece of
+/// a long line that continues), or the error line when a key in the list
+/// was too long.
 pub fn get_end(get: &Get<'_>, out: &mut Vec<u8>) {
     if get.fails_after_keys {
         put_line(out, reply::BAD_FORMAT.as_bytes());
-    } else {
+    } else if !get.continues {
         compose_end(out);
     }
 }

@@ -43,3 +43,22 @@ pub fn p99(latencies: &mut [Duration]) -> Duration {
     latencies.sort();
     latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)]
 }
+
+/// The node's pid and in-flight budget (`inflight_limit`), from `stats`
+/// through `c`.
+pub fn pid_and_budget(c: &mut Client) -> (u64, u64) {
+    let general = stats(c, "");
+    (
+        super::stat_value(&general, "pid"),
+        super::stat_value(&general, "inflight_limit"),
+    )
+}
+
+/// Stores `value` under `key` through `c`: the line and the value sent
+/// apart, as a client streaming a large value does.
+pub fn set_value(c: &mut Client, key: &str, value: &[u8]) {
+    c.send(format!("set {key} 0 0 {}\r\n", value.len()).as_bytes())
+        .expect("send");
+    c.send(value).expect("send");
+    assert_eq!(c.request(b"\r\n", &[b"\r\n"]), b"STORED\r\n", "set {key}");
+}
