@@ -516,3 +516,35 @@ fn half_sent_large_values_are_held_to_a_budget_like_memcached_memory() {
     // Connections close asynchronously.
     assert_eq!(stat_when(&mut admin, "inflight_bytes", 0), 0);
 }
+
+/// Issue 17, item 2: `version` answered `1.6.18-webvac-0.1.0`, and npm
+/// `memcached`, which takes the last three numbers of the answer
+/// (`/(\d+)\.(\d+)\.(\d+)$/`), read it as version 0.1.0. webvac now
+/// answers memcached's own `VERSION 1.6.18`, as the real memcached does
+/// (checked beside it), and says what it is in `stats` as
+/// `webvac_version`, where clients do not parse.
+#[test]
+fn version_answers_as_memcached_and_stats_say_webvac() {
+    let reference = common::Memcached::start();
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    let ours = c.ask(b"version\r\n");
+    assert_eq!(ours, reference.connect().ask(b"version\r\n"));
+    assert_eq!(ours, "VERSION 1.6.18\r\n");
+    // npm memcached's parse, by hand: the last three dot-separated numbers.
+    let text = ours.trim_end().trim_start_matches("VERSION ");
+    let last_three: Vec<u32> = text
+        .rsplitn(3, '.')
+        .map(|n| n.parse().expect("a number"))
+        .collect();
+    assert_eq!(last_three, [18, 6, 1]);
+    let stats = String::from_utf8(c.request(b"stats\r\n", END)).unwrap();
+    assert!(stats.contains("STAT version 1.6.18\r\n"), "{stats}");
+    assert!(
+        stats.contains(&format!(
+            "STAT webvac_version {}\r\n",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{stats}"
+    );
+}

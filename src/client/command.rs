@@ -125,6 +125,8 @@ pub enum Command {
     List { token: String, count: u32 },
     /// `version`.
     Version,
+    /// `stats`.
+    Stats,
     /// `stats cluster`.
     StatsCluster,
 }
@@ -230,7 +232,7 @@ impl Command {
         match self {
             Command::List { .. } => Expect::Listing,
             Command::Version => Expect::Version,
-            Command::StatsCluster => Expect::Stats,
+            Command::Stats | Command::StatsCluster => Expect::Stats,
             _ => Expect::Meta,
         }
     }
@@ -325,6 +327,7 @@ impl Command {
                 crate::protocol::list_keys::compose(out, token.as_bytes(), *count as usize);
             }
             Command::Version => out.extend_from_slice(b"version\r\n"),
+            Command::Stats => out.extend_from_slice(b"stats\r\n"),
             Command::StatsCluster => out.extend_from_slice(b"stats cluster\r\n"),
         }
     }
@@ -418,6 +421,7 @@ mod tests {
         };
         assert_eq!(bytes(&list, 5, Some(&hints)), "lk - 100\r\n");
         assert_eq!(bytes(&Command::Version, 1, None), "version\r\n");
+        assert_eq!(bytes(&Command::Stats, 1, None), "stats\r\n");
         assert_eq!(bytes(&Command::StatsCluster, 1, None), "stats cluster\r\n");
         assert!(list.exclusive() && !get.exclusive());
         assert_eq!(store.key(), Some(&b"k"[..]));

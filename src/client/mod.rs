@@ -83,7 +83,7 @@ pub use config::{
 };
 pub use error::{ClientError, Result};
 pub(crate) use routing::Topology;
-pub use routing::{MemberInfo, ServerKind};
+pub use routing::{MemberInfo, ServerKind, webvac_version};
 pub use stats::ClientStats;
 
 use command::{Command, Hints, StoreMode, WireKey};
@@ -1135,7 +1135,9 @@ async fn discover_any(
     Err(ClientError::NoServer(failures.join("; ")))
 }
 
-/// `version`, then (for webvac) `stats cluster`, on a connection of its own.
+/// `version` and `stats` (webvac reports `webvac_version` there; its
+/// `version` is memcached's), then for webvac `stats cluster`, on a
+/// connection of its own.
 async fn discover(addr: SocketAddr, config: &ClientConfig) -> Result<Topology> {
     let limits = ConnectionLimits {
         in_flight_max: 1,
@@ -1154,7 +1156,11 @@ async fn discover(addr: SocketAddr, config: &ClientConfig) -> Result<Topology> {
         Reply::Version(v) => v,
         other => return Err(unexpected("version", &other)),
     };
-    let kind = routing::kind_of_version(&version);
+    let stats = match ask(Command::Stats).await? {
+        Reply::Stats(stats) => stats,
+        other => return Err(unexpected("stats", &other)),
+    };
+    let (kind, version) = routing::kind_of_server(version, &stats);
     if kind == ServerKind::Memcached {
         return Ok(Topology::single(addr, kind, version));
     }

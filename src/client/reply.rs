@@ -473,8 +473,8 @@ mod tests {
     #[test]
     fn version_and_stats() {
         assert_eq!(
-            one(b"VERSION 1.6.18-webvac-0.1.0\r\n", Expect::Version),
-            Reply::Version("1.6.18-webvac-0.1.0".into())
+            one(b"VERSION 1.6.18\r\n", Expect::Version),
+            Reply::Version("1.6.18".into())
         );
         assert_eq!(
             one(

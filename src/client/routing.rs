@@ -9,7 +9,7 @@
 //! other member: every node accepts every request and forwards it, so a
 //! "wrong" node is correct, only a hop slower.
 //!
-//! A server whose version does not mention webvac is plain memcached, and a
+//! A server whose `stats` has no `webvac_version` is plain memcached, and a
 //! webvac node that answers `stats cluster` with `ERROR` runs alone; either
 //! way the map is one node at the address that answered.
 
@@ -28,13 +28,19 @@ pub enum ServerKind {
     Memcached,
 }
 
-/// Whether a `VERSION` text is a webvac server's.
-pub fn kind_of_version(version: &str) -> ServerKind {
-    if version.contains("webvac") {
-        ServerKind::Webvac
-    } else {
-        ServerKind::Memcached
+/// What a server is, from its `VERSION` text and its `stats`, and how to
+/// name it: webvac reports `webvac_version` in `stats` (its `VERSION` is
+/// the memcached version it speaks, which clients parse).
+pub fn kind_of_server(version: String, stats: &[(String, String)]) -> (ServerKind, String) {
+    match stats.iter().find(|(name, _)| name == "webvac_version") {
+        Some((_, ours)) => (ServerKind::Webvac, webvac_version(ours, &version)),
+        None => (ServerKind::Memcached, version),
     }
+}
+
+/// How a webvac node is named: its version and the memcached one it speaks.
+pub fn webvac_version(ours: &str, memcached: &str) -> String {
+    format!("webvac {ours} (memcached {memcached})")
 }
 
 /// One member as the map knows it.
@@ -229,7 +235,9 @@ mod tests {
     #[test]
     fn a_cluster_map_from_stats_cluster() {
         let seed: SocketAddr = "10.0.0.2:11212".parse().unwrap();
-        let t = Topology::from_cluster_stats(seed, "1.6.18-webvac-0.1.0".into(), &three()).unwrap();
+        let t =
+            Topology::from_cluster_stats(seed, "webvac 0.1.0 (memcached 1.6.18)".into(), &three())
+                .unwrap();
         assert_eq!(t.kind, ServerKind::Webvac);
         let addrs: Vec<String> = t.members.iter().map(|m| m.addr.to_string()).collect();
         assert_eq!(
@@ -301,7 +309,20 @@ mod tests {
         let t = Topology::single(addr, ServerKind::Memcached, "1.6.18".into());
         assert_eq!(t.candidates(Some(b"anything"))[0].addr, addr);
         assert_eq!(t.candidates(None).len(), 1);
-        assert_eq!(kind_of_version("1.6.18"), ServerKind::Memcached);
-        assert_eq!(kind_of_version("1.6.18-webvac-0.1.0"), ServerKind::Webvac);
+        let stats = |ours: Option<&str>| -> Vec<(String, String)> {
+            [("pid", "7"), ("version", "1.6.18")]
+                .into_iter()
+                .chain(ours.map(|v| ("webvac_version", v)))
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect()
+        };
+        assert_eq!(
+            kind_of_server("1.6.18".into(), &stats(None)),
+            (ServerKind::Memcached, "1.6.18".into())
+        );
+        assert_eq!(
+            kind_of_server("1.6.18".into(), &stats(Some("0.1.0"))),
+            (ServerKind::Webvac, "webvac 0.1.0 (memcached 1.6.18)".into())
+        );
     }
 }

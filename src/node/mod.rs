@@ -74,12 +74,14 @@ use tokio::sync::{Notify, oneshot};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::client::{self, Client, ClientConfig, ClientError, InProcess, MemberInfo};
+use crate::client::{
+    self, Client, ClientConfig, ClientError, InProcess, MemberInfo, webvac_version,
+};
 use crate::cluster::ring::{NodeId, Ring};
 use crate::config::Config;
 use crate::error::ServerError;
 use crate::limits::SHUTDOWN_GRACE_MS;
-use crate::server::{Server, Shared, VERSION};
+use crate::server::{Server, Shared, VERSION, WEBVAC_VERSION};
 use crate::store::{Clock, SystemClock};
 
 #[doc(no_inline)]
@@ -510,7 +512,7 @@ async fn member_topology(config: &Config, memcached_addr: Option<SocketAddr>) ->
             })
             .into_iter()
             .collect();
-        return client::Topology::of_member(VERSION.to_string(), members, None);
+        return client::Topology::of_member(webvac_version(WEBVAC_VERSION, VERSION), members, None);
     };
     let mut members = Vec::with_capacity(c.members.len());
     for m in &c.members {
@@ -533,5 +535,5 @@ async fn member_topology(config: &Config, memcached_addr: Option<SocketAddr>) ->
     members.sort_by_key(|m| m.id);
     let ids: Vec<NodeId> = c.members.iter().map(|m| m.id).collect();
     let ring = Ring::new(&ids, c.partitions, c.replicas_effective());
-    client::Topology::of_member(VERSION.to_string(), members, Some(ring))
+    client::Topology::of_member(webvac_version(WEBVAC_VERSION, VERSION), members, Some(ring))
 }

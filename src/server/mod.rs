@@ -35,7 +35,16 @@ use stats::{Facts, ServerStats};
 
 /// The version `version` and `stats` report: the memcached release whose
 /// protocol we match, then ours.
-pub const VERSION: &str = concat!("1.6.18-webvac-", env!("CARGO_PKG_VERSION"));
+/// The memcached version webvac answers `version` with, and reports as
+/// `version` in `stats`: the protocol it speaks, in the form clients parse
+/// (several take the last three numbers of the answer as the server's
+/// version, so nothing may follow them).
+pub const VERSION: &str = "1.6.18";
+
+/// webvac's own version, reported as `webvac_version` in `stats`, where
+/// clients do not parse it; the client library tells webvac from memcached
+/// by it.
+pub const WEBVAC_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// State every connection shares.
 pub struct Shared {

@@ -59,7 +59,7 @@ pub struct Facts {
     pub pid: u32,
     /// Unix second the server started (for `uptime`).
     pub started_unix_secs: u32,
-    /// webvac's version string.
+    /// The memcached version answered ([`super::VERSION`]).
     pub version: &'static str,
     /// The client connection limit (`-c`).
     pub max_connections: usize,
@@ -152,8 +152,10 @@ pub fn compose_general(
     put_stat(out, "evicted_unfetched", c.evicted_unfetched);
     put_stat(out, "evictions", c.evictions);
     put_stat(out, "reclaimed", c.reclaimed);
-    // webvac's own: bytes reserved in the in-flight budget and its size,
+    // webvac's own: its version (`version` is the memcached one it
+    // speaks), bytes reserved in the in-flight budget and its size,
     // and connections closed for stalling while holding some.
+    put_stat(out, "webvac_version", super::WEBVAC_VERSION);
     put_stat(out, "inflight_bytes", inflight.used());
     put_stat(out, "inflight_limit", inflight.limit());
     put_stat(out, "data_timeouts", s.data_timeouts.load(Relaxed));
