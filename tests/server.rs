@@ -548,3 +548,37 @@ fn version_answers_as_memcached_and_stats_say_webvac() {
         "{stats}"
     );
 }
+
+/// Issue 17: `mg … R<token>` took the token as seconds from now; memcached
+/// reads it with its exptime rules, so one over 30 days is an absolute unix
+/// time. An item with 1,000 s left wins a recache at `R2000` and at an
+/// absolute time 2,000 s ahead, but not at one 500 s ahead. Checked beside
+/// the real memcached.
+#[test]
+fn mg_recache_reads_its_token_as_an_exptime() {
+    let reference = common::Memcached::start();
+    let server = Server::start(&[]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (token, wins) in [
+        ("2000".to_string(), true),
+        ((now + 2000).to_string(), true),
+        ((now + 500).to_string(), false),
+        ("500".to_string(), false),
+    ] {
+        let mut replies = Vec::new();
+        for mut c in [reference.connect(), server.connect()] {
+            assert_eq!(c.ask(b"set k 0 1000 1\r\nv\r\n"), "STORED\r\n");
+            replies.push(c.ask(format!("mg k v R{token}\r\n").as_bytes()));
+        }
+        assert_eq!(replies[0], replies[1], "R{token}");
+        let want = if wins {
+            "VA 1 W\r\nv\r\n"
+        } else {
+            "VA 1\r\nv\r\n"
+        };
+        assert_eq!(replies[1], want, "R{token}");
+    }
+}

@@ -134,12 +134,15 @@ fn mg(shared: &Shared, g: &MetaGet<'_>, out: &mut Vec<u8>) {
                     won = true;
                 }
                 b'R' => {
+                    // memcached reads the token with its exptime rules (over
+                    // 30 days it is an absolute unix time), and wins the
+                    // recache when the item expires before that time.
                     let e = ctx.meta().expect("live item");
-                    let threshold = i64::from(f.recache.expect("parsed R"));
+                    let token = i64::from(f.recache.expect("parsed R"));
                     if !item.win_sent
                         && !created
                         && e.exptime != 0
-                        && exptime::remaining(e.exptime, now) < threshold
+                        && e.exptime < exptime::absolute(token, now)
                     {
                         won = true;
                     }
