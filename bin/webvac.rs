@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use webvac::config::{ClusterConfig, Config, MemberConfig, parse_size};
+use webvac::config::{ClusterConfig, Config, MemberConfig, parse_octal_mask, parse_size};
 use webvac::server::Server;
 
 #[derive(Parser, Debug)]
@@ -19,6 +19,23 @@ struct Args {
     /// Interface to listen on (default 127.0.0.1).
     #[arg(short = 'l', long = "listen")]
     listen: Option<String>,
+    /// Serve clients on this unix socket instead of TCP (memcached's -s:
+    /// network listening is off).
+    #[arg(short = 's', long = "unix-socket")]
+    unix_socket: Option<std::path::PathBuf>,
+    /// The unix socket's access mask, in octal (default 0700).
+    #[arg(short = 'a', long = "unix-mask", value_parser = parse_octal_mask)]
+    unix_mask: Option<u32>,
+    /// UDP port: only 0 (off) is accepted; webvac does not serve UDP.
+    #[arg(short = 'U', long = "udp-port")]
+    udp_port: Option<u16>,
+    /// When started as root, run as this user (memcached's -u); the
+    /// switch happens before any socket is opened.
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Write the process id to this file; it is removed at exit.
+    #[arg(short = 'P', long = "pidfile")]
+    pidfile: Option<std::path::PathBuf>,
     /// Item memory in MiB (default 64).
     #[arg(short = 'm', long = "memory-limit")]
     memory_limit: Option<usize>,
@@ -273,6 +290,18 @@ fn main() -> anyhow::Result<()> {
     if let Some(l) = args.listen {
         config.listen = l;
     }
+    if let Some(path) = args.unix_socket {
+        config.unix_socket = Some(path);
+    }
+    if let Some(mask) = args.unix_mask {
+        config.unix_mask = mask;
+    }
+    if args.udp_port.is_some_and(|p| p != 0) {
+        anyhow::bail!(
+            "-U {}: webvac does not serve UDP (memcached's UDP protocol is off by default since 1.5.6); -U 0 is accepted",
+            args.udp_port.unwrap_or_default()
+        );
+    }
     if let Some(m) = args.memory_limit {
         config.memory_limit_mb = m;
     }
@@ -363,11 +392,67 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    if let Some(user) = &args.user {
+        assume_identity(user)?;
+    }
+    let pidfile = args.pidfile;
     runtime.block_on(async {
         let server = Server::bind(&config).await?;
+        if let Some(path) = &pidfile {
+            std::fs::write(path, format!("{}\n", std::process::id()))
+                .with_context(|| format!("cannot write the pid file {}", path.display()))?;
+        }
         server.run(shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
+    if let Some(path) = &pidfile {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
+/// memcached's `-u`: a process started as root gives up root for `user`
+/// (its groups, then its group, then its user id) before it opens any
+/// socket; for anyone else the flag changes nothing, as in memcached.
+fn assume_identity(user: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Ok(());
+    }
+    let name = std::ffi::CString::new(user).context("a user name without NUL bytes")?;
+    // SAFETY: passwd is plain data; getpwnam_r fills it, pointing into
+    // `buf`, which outlives every use below.
+    let mut entry: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call, `buf.len()` is its size.
+    let rc = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut entry,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if rc != 0 || found.is_null() {
+        anyhow::bail!("can't find the user {user} to switch to (-u)");
+    }
+    // SAFETY: plain system calls on values read above.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0 {
+            anyhow::bail!(
+                "-u {user}: cannot drop supplementary groups: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        if libc::setgid(entry.pw_gid) != 0 || libc::setuid(entry.pw_uid) != 0 {
+            anyhow::bail!(
+                "-u {user}: failed to assume the identity: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
     Ok(())
 }
 

@@ -21,7 +21,7 @@ use crate::limits::{
     ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN, MEMORY_LIMIT_MB_DEFAULT,
     PORT_DEFAULT, REPLICAS_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_DEFAULT,
     REQUEST_ID_RECORDS_PER_KEY_LIMIT, REQUEST_TIMEOUT_MS_DEFAULT, THREADS_DEFAULT,
-    TOMBSTONE_GRACE_SECS,
+    TOMBSTONE_GRACE_SECS, UNIX_MASK_DEFAULT,
 };
 
 /// A node's whole configuration (`webvac.toml`): every key optional with a
@@ -34,6 +34,14 @@ pub struct Config {
     pub listen: String,
     /// TCP port for clients; 0 picks a free one (logged at startup).
     pub port: u16,
+    /// Serve clients on this unix socket instead of TCP (memcached's `-s`,
+    /// which also disables network listening). A socket file already
+    /// there is replaced; the file is removed at shutdown.
+    pub unix_socket: Option<std::path::PathBuf>,
+    /// Access mask of the unix socket file, in octal (memcached's `-a`,
+    /// default `0700`).
+    #[serde(deserialize_with = "de_octal")]
+    pub unix_mask: u32,
     /// Item memory limit in MiB (`-m`).
     pub memory_limit_mb: usize,
     /// Worker threads (`-t`).
@@ -530,6 +538,8 @@ impl Default for Config {
         Self {
             listen: "127.0.0.1".to_string(),
             port: PORT_DEFAULT,
+            unix_socket: None,
+            unix_mask: UNIX_MASK_DEFAULT,
             memory_limit_mb: MEMORY_LIMIT_MB_DEFAULT,
             threads: THREADS_DEFAULT,
             max_connections: CONNECTIONS_MAX_DEFAULT,
@@ -587,6 +597,18 @@ impl Config {
     /// With a message naming the offending setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.unix_mask > 0o777 {
+            return bad(format!(
+                "unix_mask must be a permission mask of at most 0777, got {:o}",
+                self.unix_mask
+            ));
+        }
+        if self.unix_socket.is_some() && self.cluster.is_some() {
+            return bad(
+                "unix_socket serves a single node; a cluster member serves its member address"
+                    .into(),
+            );
+        }
         if self.memory_limit_mb == 0 {
             return bad("memory_limit_mb must be at least 1".into());
         }
@@ -681,6 +703,29 @@ pub fn parse_size(s: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
+/// Parses an octal permission mask as memcached's `-a` takes it (`0700`,
+/// `770`).
+pub fn parse_octal_mask(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s, 8)
+        .map_err(|_| format!("invalid mask {s:?}: expected octal digits, such as 0700"))
+}
+
+/// An octal mask in TOML: a string of octal digits (`"0770"`), or a number
+/// whose decimal digits are read as octal (`770`), as an operator writes it.
+fn de_octal<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Mask {
+        Number(u32),
+        Text(String),
+    }
+    let text = match Mask::deserialize(d)? {
+        Mask::Number(n) => n.to_string(),
+        Mask::Text(s) => s,
+    };
+    parse_octal_mask(&text).map_err(serde::de::Error::custom)
+}
+
 fn de_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -748,6 +793,23 @@ mod tests {
         c.faults.drop_request = 1.0;
         c.validate().unwrap();
         assert!(c.faults.any());
+    }
+
+    #[test]
+    fn the_unix_mask_is_octal_as_memcached_takes_it() {
+        for text in ["unix_mask = 770", "unix_mask = \"0770\""] {
+            assert_eq!(
+                Config::from_toml_str(text).unwrap().unix_mask,
+                0o770,
+                "{text}"
+            );
+        }
+        assert!(Config::from_toml_str("unix_mask = \"0789\"").is_err());
+        let c = Config {
+            unix_mask: 0o1777,
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("unix_mask"));
     }
 
     #[test]

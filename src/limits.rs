@@ -62,6 +62,9 @@ pub const THREADS_DEFAULT: usize = 4;
 /// Default client port.
 pub const PORT_DEFAULT: u16 = 11211;
 
+/// memcached's default access mask for its unix socket (`-a`).
+pub const UNIX_MASK_DEFAULT: u32 = 0o700;
+
 /// Copies of each partition in a cluster (N), as in Dynamo and Riak.
 pub const REPLICAS_DEFAULT: usize = 3;
 

@@ -582,3 +582,91 @@ fn mg_recache_reads_its_token_as_an_exptime() {
         assert_eq!(replies[1], want, "R{token}");
     }
 }
+
+/// Issue 17, item 4: memcached's command line carries over. An operator
+/// swaps the binary in a unit file such as Debian's: `-s SOCK -a 0770 -u
+/// USER -U 0 -P PIDFILE` were refused. Now: the node serves the unix socket
+/// (and no TCP port), created with the mask's permissions, runs as the
+/// user when started as root, writes its pid file, and removes both files
+/// at a clean exit; a socket file left by a killed node is replaced.
+#[test]
+fn memcached_unix_socket_user_and_pidfile_flags_work() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = common::fresh_temp_dir("webvac-unix");
+    // Anyone may create files here, the user switched to too.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let socket = dir.join("webvac.sock");
+    let pidfile = dir.join("webvac.pid");
+    let start = || {
+        let child = std::process::Command::new(common::WEBVAC_BIN)
+            .arg("-s")
+            .arg(&socket)
+            .args(["-a", "0770", "-u", "nobody", "-U", "0", "-P"])
+            .arg(&pidfile)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let client = loop {
+            // The pid file is written once the socket is bound.
+            if pidfile.exists() {
+                if let Ok(c) = common::Client::connect_unix(&socket) {
+                    break c;
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        (child, client)
+    };
+    let (mut child, mut c) = start();
+    assert_eq!(c.ask(b"set k 0 0 2\r\nhi\r\n"), "STORED\r\n");
+    assert_eq!(c.ask(b"get k\r\n"), "VALUE k 0 2\r\nhi\r\nEND\r\n");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o770, "the socket has the mask's permissions");
+    let pid: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(pid, child.id());
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("Uid:") && l.contains("65534")),
+            "runs as nobody: {status}"
+        );
+    }
+    // No TCP port: the stats say so as memcached's do.
+    let stats = String::from_utf8(c.request(b"stats settings\r\n", END)).unwrap();
+    assert!(stats.contains("STAT tcpport 0\r\n"), "{stats}");
+    let exit = common::stop_child(&mut child, Duration::from_secs(10));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    assert!(!socket.exists() && !pidfile.exists(), "both files removed");
+    // Killed, it leaves its socket behind; the next start replaces it.
+    let (mut child, _client) = start();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(socket.exists());
+    std::fs::remove_file(&pidfile).unwrap();
+    let (mut child, mut c) = start();
+    assert_eq!(c.ask(b"get k\r\n"), "END\r\n", "a new node");
+    let exit = common::stop_child(&mut child, Duration::from_secs(10));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+}
+
+/// memcached's `-U` with a port: webvac serves no UDP, and says so.
+#[test]
+fn a_udp_port_is_refused_by_name() {
+    let out = std::process::Command::new(common::WEBVAC_BIN)
+        .args(["-p", "0", "-U", "11211"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("-U 11211") && err.contains("UDP"), "{err}");
+}

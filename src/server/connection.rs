@@ -11,15 +11,13 @@
 //! memory for a data block and sends nothing, so a sender that stops cannot
 //! keep the shared budget.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::net::tcp::WriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, trace, warn};
@@ -45,6 +43,69 @@ struct Held {
     reply: Reservation,
 }
 
+/// A client connection's socket: TCP, or a unix socket (memcached's `-s`).
+pub trait ClientSocket: Send + 'static {
+    /// Its reading half.
+    type Read<'a>: AsyncRead + Unpin + Send
+    where
+        Self: 'a;
+    /// Its writing half.
+    type Write<'a>: ClientWrite + Send + Sync
+    where
+        Self: 'a;
+    /// The two halves, borrowed.
+    fn split(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
+    /// Sets `TCP_NODELAY` where there is such a thing.
+    fn no_delay(&self);
+}
+
+/// The writing half of a [`ClientSocket`]: writes that never wait, and a
+/// wait until one would not.
+pub trait ClientWrite: AsyncWrite + Unpin {
+    /// Writes what the socket takes now.
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;
+    /// Until the socket takes more.
+    fn writable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+}
+
+impl ClientSocket for TcpStream {
+    type Read<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Write<'a> = tokio::net::tcp::WriteHalf<'a>;
+    fn split(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        TcpStream::split(self)
+    }
+    fn no_delay(&self) {
+        let _ = self.set_nodelay(true);
+    }
+}
+
+impl ClientWrite for tokio::net::tcp::WriteHalf<'_> {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        tokio::net::tcp::WriteHalf::try_write(self, buf)
+    }
+    fn writable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        tokio::net::tcp::WriteHalf::writable(self)
+    }
+}
+
+impl ClientSocket for UnixStream {
+    type Read<'a> = tokio::net::unix::ReadHalf<'a>;
+    type Write<'a> = tokio::net::unix::WriteHalf<'a>;
+    fn split(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+        UnixStream::split(self)
+    }
+    fn no_delay(&self) {}
+}
+
+impl ClientWrite for tokio::net::unix::WriteHalf<'_> {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        tokio::net::unix::WriteHalf::try_write(self, buf)
+    }
+    fn writable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        tokio::net::unix::WriteHalf::writable(self)
+    }
+}
+
 /// Decrements the connection count however the task ends.
 struct Registered {
     shared: Arc<Shared>,
@@ -62,9 +123,9 @@ impl Drop for Registered {
 /// and returns). The caller has counted the connection in
 /// `curr_connections`; this uncounts it and drops `done` when it ends, so
 /// shutdown can wait for every connection.
-pub async fn serve(
-    mut stream: TcpStream,
-    peer: SocketAddr,
+pub async fn serve<S: ClientSocket>(
+    mut stream: S,
+    peer: String,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
@@ -73,7 +134,7 @@ pub async fn serve(
         shared: shared.clone(),
         _done: done,
     };
-    let _ = stream.set_nodelay(true);
+    stream.no_delay();
     debug!(peer = %peer, "connection opened");
     match run(&mut stream, &shared, &mut stop).await {
         Ok(()) => debug!(peer = %peer, "connection closed"),
@@ -81,8 +142,8 @@ pub async fn serve(
     }
 }
 
-async fn run(
-    stream: &mut TcpStream,
+async fn run<S: ClientSocket>(
+    stream: &mut S,
     shared: &Shared,
     stop: &mut watch::Receiver<bool>,
 ) -> std::io::Result<()> {
@@ -171,7 +232,7 @@ async fn run(
             // Reading first means a ready socket never touches the signal.
             biased;
             read = rd.read_buf(&mut inbuf) => read?,
-            writable = wr.as_ref().writable(), if unsent => {
+            writable = wr.writable(), if unsent => {
                 writable?;
                 continue;
             }
@@ -221,7 +282,7 @@ impl Output {
 /// never reads cannot keep the budget.
 async fn flush(
     shared: &Shared,
-    wr: &mut WriteHalf<'_>,
+    wr: &mut impl ClientWrite,
     out: &mut Output,
     held: &mut Reservation,
 ) -> std::io::Result<()> {
@@ -269,7 +330,7 @@ async fn flush(
 /// refused), so the wait costs no memory the budget does not see.
 fn flush_now(
     shared: &Shared,
-    wr: &mut WriteHalf<'_>,
+    wr: &mut impl ClientWrite,
     out: &mut Output,
     held: &mut Reservation,
 ) -> std::io::Result<()> {
@@ -303,7 +364,7 @@ fn flush_now(
 /// [`flush`], or [`flush_now`] while a long get line arrives.
 async fn flush_for(
     shared: &Shared,
-    wr: &mut WriteHalf<'_>,
+    wr: &mut impl ClientWrite,
     out: &mut Output,
     held: &mut Reservation,
     long: &Option<LongGet>,
@@ -361,7 +422,7 @@ async fn process(
     swallow: &mut usize,
     long: &mut Option<LongGet>,
     budget: &mut Held,
-    wr: &mut WriteHalf<'_>,
+    wr: &mut impl ClientWrite,
     mut last_command: Option<&mut Instant>,
 ) -> std::io::Result<bool> {
     let Held {

@@ -199,11 +199,87 @@ impl Local for Shared {
     }
 }
 
+/// Where clients connect.
+enum ClientListener {
+    /// A TCP port.
+    Tcp(TcpListener),
+    /// A unix socket (memcached's `-s`); its file is removed at shutdown.
+    Unix {
+        listener: tokio::net::UnixListener,
+        path: std::path::PathBuf,
+    },
+}
+
+/// A client connection just accepted, and who it is from (for logs).
+enum Accepted {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+impl ClientListener {
+    async fn accept(&self) -> std::io::Result<(Accepted, String)> {
+        match self {
+            ClientListener::Tcp(l) => {
+                let (s, peer) = l.accept().await?;
+                Ok((Accepted::Tcp(s), peer.to_string()))
+            }
+            ClientListener::Unix { listener, path } => {
+                let (s, _) = listener.accept().await?;
+                Ok((Accepted::Unix(s), path.display().to_string()))
+            }
+        }
+    }
+
+    /// What the log says it listens on.
+    fn describe(&self) -> String {
+        match self {
+            ClientListener::Tcp(l) => l
+                .local_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string()),
+            ClientListener::Unix { path, .. } => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+impl Accepted {
+    fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Accepted::Tcp(s) => s.try_write(buf),
+            Accepted::Unix(s) => s.try_write(buf),
+        }
+    }
+}
+
+/// Binds memcached's `-s` socket at `path` with access `mask`: a socket
+/// file left there (by a node that did not shut down) is replaced, any
+/// other file is an error, and the file is created with the mask's
+/// permissions from the start (the process umask is narrowed around the
+/// bind, as memcached does).
+fn bind_unix(path: &std::path::Path, mask: u32) -> Result<tokio::net::UnixListener, ServerError> {
+    use std::os::unix::fs::FileTypeExt;
+    let failed = |source| ServerError::Bind {
+        addr: format!("unix:{}", path.display()),
+        source,
+    };
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path).map_err(failed)?;
+        }
+    }
+    // SAFETY: umask only swaps the process's file-creation mask; nothing
+    // else creates files while a server binds.
+    let old = unsafe { libc::umask(!(mask as libc::mode_t) & 0o777) };
+    let bound = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above, restoring it.
+    unsafe { libc::umask(old) };
+    bound.map_err(failed)
+}
+
 /// A bound, not yet running, server.
 pub struct Server {
     /// The memcached port; `None` for an embedded member that does not
     /// serve it.
-    listener: Option<TcpListener>,
+    listener: Option<ClientListener>,
     /// The port other cluster members call; only in a cluster.
     peer_listener: Option<TcpListener>,
     identity: Option<Identity>,
@@ -255,21 +331,24 @@ impl Server {
             || format!("{}:{}", config.listen, config.port),
             |m| m.client.clone(),
         );
-        let listener = if serve_client {
-            Some(
+        let listener = match (&config.unix_socket, serve_client) {
+            (_, false) => None,
+            (Some(path), true) => Some(ClientListener::Unix {
+                listener: bind_unix(path, config.unix_mask)?,
+                path: path.clone(),
+            }),
+            (None, true) => Some(ClientListener::Tcp(
                 TcpListener::bind(&addr)
                     .await
                     .map_err(|source| ServerError::Bind {
                         addr: addr.clone(),
                         source,
                     })?,
-            )
-        } else {
-            None
+            )),
         };
         let port = match &listener {
-            Some(l) => l.local_addr()?.port(),
-            None => 0,
+            Some(ClientListener::Tcp(l)) => l.local_addr()?.port(),
+            _ => 0,
         };
         let (cluster, peer_listener, identity) = match &config.cluster {
             Some(c) => {
@@ -301,9 +380,12 @@ impl Server {
             .expect("the memcached port is bound (Server::bind)")
     }
 
-    /// The memcached port's address, if it is served.
+    /// The memcached port's address, if it is served over TCP.
     pub fn client_addr(&self) -> Option<SocketAddr> {
-        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+        match &self.listener {
+            Some(ClientListener::Tcp(l)) => l.local_addr().ok(),
+            _ => None,
+        }
     }
 
     /// The peer port's address (cluster members only).
@@ -349,10 +431,9 @@ impl Server {
             (Some(l), Some(id)) => Some(tokio::spawn(cluster::serve_peers(l, id, shared.clone()))),
             _ => None,
         };
-        let addr = match &listener {
-            Some(l) => l.local_addr()?.to_string(),
-            None => "-".to_string(),
-        };
+        let addr = listener
+            .as_ref()
+            .map_or_else(|| "-".to_string(), ClientListener::describe);
         info!(
             addr,
             memory_limit_bytes = shared.store.limit_bytes(),
@@ -383,7 +464,11 @@ impl Server {
                         }
                         shared.stats.curr_connections.fetch_add(1, Relaxed);
                         shared.stats.total_connections.fetch_add(1, Relaxed);
-                        tokio::spawn(connection::serve(stream, peer, shared.clone(), stop_rx.clone(), done_tx.clone()));
+                        let (shared, stop, done) = (shared.clone(), stop_rx.clone(), done_tx.clone());
+                        match stream {
+                            Accepted::Tcp(s) => tokio::spawn(connection::serve(s, peer, shared, stop, done)),
+                            Accepted::Unix(s) => tokio::spawn(connection::serve(s, peer, shared, stop, done)),
+                        };
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off
@@ -402,6 +487,9 @@ impl Server {
             }
         }
         info!("shutting down: no longer accepting, finishing in-flight requests");
+        if let Some(ClientListener::Unix { path, .. }) = &listener {
+            let _ = std::fs::remove_file(path);
+        }
         drop(listener);
         let _ = stop_tx.send(true);
         drop(done_tx);
@@ -436,9 +524,7 @@ impl Server {
 }
 
 /// The next connection on the memcached port; never, when it is not served.
-async fn accept(
-    listener: Option<&TcpListener>,
-) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+async fn accept(listener: Option<&ClientListener>) -> std::io::Result<(Accepted, String)> {
     match listener {
         Some(l) => l.accept().await,
         None => std::future::pending().await,
