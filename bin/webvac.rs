@@ -42,6 +42,10 @@ struct Args {
     /// Worker threads (default 4).
     #[arg(short = 't', long = "threads")]
     threads: Option<usize>,
+    /// Return errors when memory is exhausted instead of evicting items
+    /// (memcached's -M): expired items still make room.
+    #[arg(short = 'M', long = "disable-evictions")]
+    disable_evictions: bool,
     /// Maximum simultaneous connections (default 1024).
     #[arg(short = 'c', long = "max-connections")]
     max_connections: Option<usize>,
@@ -304,6 +308,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(m) = args.memory_limit {
         config.memory_limit_mb = m;
+    }
+    if args.disable_evictions {
+        config.evictions = false;
     }
     if let Some(t) = args.threads {
         config.threads = t;

@@ -44,6 +44,9 @@ pub struct Config {
     pub unix_mask: u32,
     /// Item memory limit in MiB (`-m`).
     pub memory_limit_mb: usize,
+    /// Evict items to make room at the limit (memcached's default);
+    /// `false` is memcached's `-M`: writes that do not fit are refused.
+    pub evictions: bool,
     /// Worker threads (`-t`).
     pub threads: usize,
     /// Simultaneous client connections (`-c`); more are refused with
@@ -541,6 +544,7 @@ impl Default for Config {
             unix_socket: None,
             unix_mask: UNIX_MASK_DEFAULT,
             memory_limit_mb: MEMORY_LIMIT_MB_DEFAULT,
+            evictions: true,
             threads: THREADS_DEFAULT,
             max_connections: CONNECTIONS_MAX_DEFAULT,
             max_item_size: ITEM_BYTES_MAX_DEFAULT,

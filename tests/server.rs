@@ -670,3 +670,47 @@ fn a_udp_port_is_refused_by_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("-U 11211") && err.contains("UDP"), "{err}");
 }
+
+/// Issue 17, item 4: memcached's `-M` ("return error on memory exhausted
+/// instead of evicting items") was refused. With it, a full node refuses
+/// the write with memcached's `SERVER_ERROR out of memory storing object`
+/// and evicts nothing; items that have expired still make room.
+#[test]
+fn disable_evictions_refuses_writes_at_the_limit_and_keeps_every_item() {
+    let server = Server::start(&["-m", "1", "-I", "4k", "-M"]);
+    let mut c = server.connect();
+    let settings = String::from_utf8(c.request(b"stats settings\r\n", END)).unwrap();
+    assert!(settings.contains("STAT evictions off\r\n"), "{settings}");
+    let value = "v".repeat(1000);
+    // A third of the memory in items that expire in two seconds.
+    for i in 0..300 {
+        let reply = c.ask(format!("set soon{i} 0 2 1000\r\n{value}\r\n").as_bytes());
+        assert_eq!(reply, "STORED\r\n", "soon{i}");
+    }
+    let mut stored = 0;
+    let refused = loop {
+        let reply = c.ask(format!("set k{stored} 0 0 1000\r\n{value}\r\n").as_bytes());
+        if reply != "STORED\r\n" {
+            break reply;
+        }
+        stored += 1;
+        assert!(stored < 10_000, "a 1 MiB node never filled up");
+    };
+    assert_eq!(refused, "SERVER_ERROR out of memory storing object\r\n");
+    let stats = String::from_utf8(c.request(b"stats\r\n", END)).unwrap();
+    assert_eq!(common::stat_value(&stats, "evictions"), 0);
+    for i in 0..stored {
+        assert!(
+            c.ask(format!("mg k{i} s\r\n").as_bytes()).starts_with("HD"),
+            "k{i} kept"
+        );
+    }
+    // Once the first ones expire, their room is taken again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.ask(b"mg soon0 s\r\n") != "EN\r\n" {
+        assert!(std::time::Instant::now() < deadline, "soon0 never expired");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reply = c.ask(format!("set k{stored} 0 0 1000\r\n{value}\r\n").as_bytes());
+    assert_eq!(reply, "STORED\r\n", "expired items make room");
+}

@@ -115,6 +115,7 @@ impl Shared {
                     .as_ref()
                     .map_or(CLOCK_DRIFT_MAX_MS_DEFAULT, |c| c.clock_drift_max_ms),
                 keep_versions: config.cluster.is_some(),
+                evict_live: config.evictions,
             },
             clock.clone(),
         );
@@ -123,6 +124,7 @@ impl Shared {
             started_unix_secs: clock.now_secs(),
             version: VERSION,
             max_connections: config.max_connections,
+            evictions: config.evictions,
             threads: config.threads,
             port,
             listen: config.listen.clone(),

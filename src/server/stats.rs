@@ -63,6 +63,8 @@ pub struct Facts {
     pub version: &'static str,
     /// The client connection limit (`-c`).
     pub max_connections: usize,
+    /// Whether live items are evicted at the limit (off: `-M`).
+    pub evictions: bool,
     /// Worker threads (`-t`).
     pub threads: usize,
     /// The client port as bound (a configured 0 reports the port picked);
@@ -177,7 +179,7 @@ pub fn compose_settings(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, limit_byt
     put_stat(out, "udpport", 0);
     put_stat(out, "inter", &f.listen);
     put_stat(out, "verbosity", s.verbosity.load(Relaxed));
-    put_stat(out, "evictions", "on");
+    put_stat(out, "evictions", if f.evictions { "on" } else { "off" });
     put_stat(out, "num_threads", f.threads);
     put_stat(out, "cas_enabled", "yes");
     put_stat(out, "item_size_max", f.item_bytes_max);

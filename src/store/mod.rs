@@ -448,6 +448,11 @@ pub struct StoreConfig {
     /// has a new version to replicate for its delete. A single node lets
     /// expired and deleted items go, as memcached does.
     pub keep_versions: bool,
+    /// Evict live items to make room (memcached's default). `false` is
+    /// memcached's `-M`: only expired items and tombstones make room, and
+    /// a write that still does not fit is refused (`SERVER_ERROR out of
+    /// memory storing object`).
+    pub evict_live: bool,
 }
 
 impl Default for StoreConfig {
@@ -464,6 +469,7 @@ impl Default for StoreConfig {
             },
             clock_drift_max_ms: crate::limits::CLOCK_DRIFT_MAX_MS_DEFAULT,
             keep_versions: false,
+            evict_live: true,
         }
     }
 }
@@ -601,12 +607,9 @@ impl Store {
         let shard_bits = n.trailing_zeros();
         let shards = (0..n)
             .map(|_| {
-                Padded(Mutex::new(Shard::new(
-                    per_shard,
-                    trees.clone(),
-                    expiry_grace,
-                    shard_bits,
-                )))
+                let mut shard = Shard::new(per_shard, trees.clone(), expiry_grace, shard_bits);
+                shard.evict_live = config.evict_live;
+                Padded(Mutex::new(shard))
             })
             .collect();
         Self {

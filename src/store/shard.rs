@@ -522,6 +522,9 @@ pub fn tombstone_until(version: u64, grace_secs: u32) -> u32 {
         .max(1)
 }
 
+/// Entries `-M` looks at for an expired one before it refuses a write.
+const RECLAIM_SCAN_MAX: usize = 64;
+
 /// One lock's worth of the store: items, their index and SIEVE list, and a
 /// byte budget (see the module header).
 pub struct Shard {
@@ -548,6 +551,10 @@ pub struct Shard {
     expiry_grace_secs: Option<u32>,
     /// This shard's counters, summed across shards by [`super::Store::stats`].
     pub stats: ShardStats,
+    /// Evict live items to make room; `false` (memcached's `-M`): only
+    /// expired items and tombstones go, and a write that does not fit is
+    /// refused.
+    pub evict_live: bool,
     /// Read-modify-write attempts this node is replicating as a primary:
     /// key hash, version, and whether a state not computed on it has
     /// replaced it here since ([`super::Attempt`]).
@@ -611,6 +618,7 @@ impl Shard {
             trees,
             expiry_grace_secs,
             stats: ShardStats::default(),
+            evict_live: true,
         }
     }
 
@@ -887,11 +895,17 @@ impl Shard {
             self.tombstones += 1;
         }
         while self.footprint_bytes() > self.limit_bytes && self.index.len() > 1 {
-            self.evict_one(now_secs, slot);
+            if self.evict_live {
+                self.evict_one(now_secs, slot);
+            } else if !self.reclaim_one(now_secs, slot) {
+                break;
+            }
         }
         if self.footprint_bytes() > self.limit_bytes {
             // Only the new item is left and the index's capacity still
-            // crowds it out: refuse it rather than exceed the budget.
+            // crowds it out, or live items may not be evicted (`-M`):
+            // refuse it rather than exceed the budget. (A refused `set`
+            // has replaced the old value, which goes too, as in memcached.)
             self.remove(slot);
             return Err(InsertError::NoMemory);
         }
@@ -975,6 +989,33 @@ impl Shard {
         // toward the head, where the next eviction resumes.
         self.hand = Some(slot);
         self.remove(slot);
+    }
+
+    /// Without evicting live items (`-M`): removes one expired item or
+    /// tombstone other than `keep`, looking at most
+    /// [`RECLAIM_SCAN_MAX`] entries from the oldest; false if there is none
+    /// among them (the expiry sweep finds the rest in time).
+    fn reclaim_one(&mut self, now_secs: u32, keep: Slot) -> bool {
+        let mut at = self.tail;
+        for _ in 0..RECLAIM_SCAN_MAX {
+            let Some(slot) = at else { return false };
+            let e = self.get(slot);
+            at = e.newer();
+            let (tombstone, unfetched) = (e.has(bits::TOMBSTONE), !e.has(bits::FETCHED));
+            let expired = exptime::is_expired(e.exptime(), now_secs);
+            if slot == keep || !(tombstone || expired) {
+                continue;
+            }
+            if !tombstone {
+                self.stats.reclaimed += 1;
+                if unfetched {
+                    self.stats.expired_unfetched += 1;
+                }
+            }
+            self.remove(slot);
+            return true;
+        }
+        false
     }
 
     /// Marks an entry as used: SIEVE visited bit and access time.
