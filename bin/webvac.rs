@@ -10,6 +10,8 @@ use webvac::server::Server;
 #[command(
     name = "webvac",
     version,
+    // As getopt: a flag given twice takes its last value.
+    args_override_self = true,
     about = "A memcached-compatible in-memory cache"
 )]
 struct Args {
@@ -47,7 +49,7 @@ struct Args {
     #[arg(short = 'M', long = "disable-evictions")]
     disable_evictions: bool,
     /// Maximum simultaneous connections (default 1024).
-    #[arg(short = 'c', long = "max-connections")]
+    #[arg(short = 'c', long = "max-connections", visible_alias = "conn-limit")]
     max_connections: Option<usize>,
     /// Maximum item size, e.g. 1m, 512k (default 1m).
     #[arg(short = 'I', long = "max-item-size", value_parser = parse_size)]
@@ -61,8 +63,54 @@ struct Args {
     #[arg(long = "data-timeout")]
     data_timeout: Option<u32>,
     /// Verbose logging; repeat for more (-vv).
-    #[arg(short = 'v', action = clap::ArgAction::Count)]
+    #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
     verbose: u8,
+    /// Run as a daemon (memcached's -d): detach from the terminal, with
+    /// stdin, stdout and stderr on /dev/null (so logs go nowhere; -P
+    /// records the pid).
+    #[arg(short = 'd', long = "daemon")]
+    daemon: bool,
+    /// Raise the core file size limit to its maximum (memcached's -r).
+    #[arg(short = 'r', long = "enable-coredumps")]
+    enable_coredumps: bool,
+    /// Lock all memory into RAM (memcached's -k); a warning, not an
+    /// error, if the system refuses.
+    #[arg(short = 'k', long = "lock-memory")]
+    lock_memory: bool,
+    /// Print the license and exit (memcached's -i).
+    #[arg(short = 'i', long = "license")]
+    license: bool,
+    /// Accept the `shutdown` command, which stops the node as SIGTERM does
+    /// (memcached's -A).
+    #[arg(short = 'A', long = "enable-shutdown")]
+    enable_shutdown: bool,
+    /// Refuse `flush_all` (memcached's -F).
+    #[arg(short = 'F', long = "disable-flush-all")]
+    disable_flush_all: bool,
+    /// Connections the kernel queues before they are accepted (memcached's
+    /// -b; default 1024).
+    #[arg(short = 'b', long = "listen-backlog")]
+    listen_backlog: Option<u32>,
+    /// Requests one connection runs before others get a turn (memcached's
+    /// -R; default 1024).
+    #[arg(short = 'R', long = "max-reqs-per-event")]
+    max_reqs_per_event: Option<usize>,
+    /// Protocol (memcached's -B): ascii or auto; webvac speaks the text and
+    /// meta protocols, and refuses binary.
+    #[arg(short = 'B', long = "protocol")]
+    protocol: Option<String>,
+    /// memcached's -X (no cachedump or metadump): webvac has neither, so
+    /// this is accepted and changes nothing.
+    #[arg(short = 'X', long = "disable-dumping")]
+    disable_dumping: bool,
+    /// memcached's -W (no watch command): webvac has none, so this is
+    /// accepted and changes nothing.
+    #[arg(short = 'W', long = "disable-watch")]
+    disable_watch: bool,
+    /// memcached's extended options, comma separated (-o modern,idle_timeout=60);
+    /// the README lists which are taken and which refused.
+    #[arg(short = 'o', long = "extended")]
+    extended: Vec<String>,
     /// Read settings from this TOML file; flags override it.
     #[arg(long = "config")]
     config: Option<String>,
@@ -280,9 +328,183 @@ fn cluster_flags(
     Ok(Some(c))
 }
 
+/// memcached flags that cannot mean anything for webvac: refused by name,
+/// with why (flag, long flag, reason).
+const REFUSED: &[(&str, &str, &str)] = &[
+    (
+        "-C",
+        "--disable-cas",
+        "CAS values are webvac's version stamps, which replication depends on; they cannot be turned off",
+    ),
+    (
+        "-f",
+        "--slab-growth-factor",
+        "webvac has no slab classes (each item is allocated to its size); there is nothing to tune",
+    ),
+    (
+        "-n",
+        "--slab-min-size",
+        "webvac has no slab classes (each item is allocated to its size); there is nothing to tune",
+    ),
+    (
+        "-L",
+        "--enable-largepages",
+        "webvac does not preallocate item memory in pages of its own",
+    ),
+    (
+        "-D",
+        "",
+        "per-prefix statistics (`stats detail`) are not supported",
+    ),
+    (
+        "-S",
+        "--enable-sasl",
+        "SASL belongs to the binary protocol, which webvac does not speak",
+    ),
+    (
+        "-Y",
+        "--auth-file",
+        "client authentication is not supported yet",
+    ),
+    (
+        "-e",
+        "--memory-file",
+        "a restartable memory file is not supported (a restarted cluster member refills from its replicas)",
+    ),
+    ("-Z", "--enable-ssl", "TLS is not supported yet"),
+    (
+        "-N",
+        "--napi_ids",
+        "NAPI-ID thread steering is not supported",
+    ),
+];
+
+/// The first memcached flag in `args` that webvac refuses, with why.
+fn refused_flag(args: &[String]) -> Option<(String, &'static str)> {
+    args.iter().skip(1).find_map(|arg| {
+        REFUSED.iter().find_map(|&(short, long, why)| {
+            let hit = arg == short
+                // A value run on (`-f1.5`), as getopt takes it.
+                || (arg.starts_with(short) && !arg.starts_with("--"))
+                || (!long.is_empty()
+                    && (arg == long || arg.starts_with(&format!("{long}="))));
+            hit.then(|| (arg.clone(), why))
+        })
+    })
+}
+
+/// memcached's `-o` options that tune its slab allocator, LRU, hash table
+/// or logging: nothing in webvac corresponds.
+const EXTENDED_INTERNALS: &[&str] = &[
+    "hashpower",
+    "tail_repair_time",
+    "hash_algorithm",
+    "lru_crawler",
+    "no_lru_crawler",
+    "lru_crawler_sleep",
+    "lru_crawler_tocrawl",
+    "read_buf_mem_limit",
+    "lru_maintainer",
+    "no_lru_maintainer",
+    "hot_lru_pct",
+    "warm_lru_pct",
+    "hot_max_factor",
+    "warm_max_factor",
+    "temporary_ttl",
+    "slab_chunk_max",
+    "watcher_logbuf_size",
+    "worker_logbuf_size",
+    "track_sizes",
+    "no_hashexpand",
+    "slab_reassign",
+    "slab_automove",
+    "slab_automove_freeratio",
+    "sock_cookie_id",
+];
+
+/// Applies memcached's `-o` options to `config`; an option webvac cannot
+/// honour is refused by name.
+fn apply_extended(options: &[String], config: &mut Config) -> anyhow::Result<()> {
+    for option in options.iter().flat_map(|o| o.split(',')) {
+        let (name, value) = option.split_once('=').unwrap_or((option, ""));
+        match name {
+            "" => {}
+            "idle_timeout" => {
+                config.idle_timeout_secs = value
+                    .parse()
+                    .with_context(|| format!("-o idle_timeout={value}: expected seconds"))?;
+            }
+            // What `modern` turns on, webvac does already; `no_modern`
+            // asks for 1.4's defaults, which change nothing here either.
+            // webvac always refuses a connection past the limit at once.
+            "modern" | "no_modern" | "maxconns_fast" => {}
+            "no_maxconns_fast" => anyhow::bail!(
+                "-o no_maxconns_fast: webvac refuses a connection past -c at once, with memcached's error; it does not queue them"
+            ),
+            _ if name.starts_with("ssl_") => {
+                anyhow::bail!("-o {name}: TLS is not supported yet")
+            }
+            _ if name.starts_with("ext_") => anyhow::bail!(
+                "-o {name}: external storage (extstore) is not supported; webvac keeps items in memory"
+            ),
+            _ if EXTENDED_INTERNALS.contains(&name) => anyhow::bail!(
+                "-o {name}: it tunes memcached's slab allocator, LRU or hash table, which webvac does not have (it evicts with SIEVE from items allocated to size)"
+            ),
+            _ => {
+                anyhow::bail!("-o {name}: not an extended option webvac or memcached 1.6.18 knows")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// memcached's `-r` and `-k`, as it applies them.
+fn apply_process_limits(enable_coredumps: bool, lock_memory: bool) {
+    if enable_coredumps {
+        let max = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_CORE, &max) } != 0 {
+            let mut now = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: as above; getrlimit writes the struct it is given.
+            unsafe {
+                if libc::getrlimit(libc::RLIMIT_CORE, &mut now) == 0 {
+                    now.rlim_cur = now.rlim_max;
+                    libc::setrlimit(libc::RLIMIT_CORE, &now);
+                }
+            }
+        }
+    }
+    if lock_memory {
+        // SAFETY: mlockall takes flags only.
+        if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
+            eprintln!(
+                "warning: -k invalid, mlockall() failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     webvac::server::rlimit::limit_malloc_arenas();
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some((flag, why)) = refused_flag(&argv) {
+        anyhow::bail!("{flag}: {why}");
+    }
     let args = Args::parse();
+    if args.license {
+        println!(
+            "webvac {}: licensed under the Apache License, Version 2.0 (https://www.apache.org/licenses/LICENSE-2.0)",
+            env!("CARGO_PKG_VERSION")
+        );
+        return Ok(());
+    }
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -312,6 +534,26 @@ fn main() -> anyhow::Result<()> {
     if args.disable_evictions {
         config.evictions = false;
     }
+    if args.enable_shutdown {
+        config.shutdown_command = true;
+    }
+    if args.disable_flush_all {
+        config.flush_enabled = false;
+    }
+    if let Some(b) = args.listen_backlog {
+        config.listen_backlog = b;
+    }
+    if let Some(r) = args.max_reqs_per_event {
+        config.requests_per_event = r;
+    }
+    match args.protocol.as_deref() {
+        None | Some("ascii" | "auto") => {}
+        Some("binary") => anyhow::bail!(
+            "-B binary: webvac speaks memcached's text and meta protocols, not the binary protocol (deprecated by memcached)"
+        ),
+        Some(other) => anyhow::bail!("-B {other}: expected ascii, binary or auto"),
+    }
+    apply_extended(&args.extended, &mut config)?;
     if let Some(t) = args.threads {
         config.threads = t;
     }
@@ -393,15 +635,26 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
 
+    apply_process_limits(args.enable_coredumps, args.lock_memory);
+    if args.daemon {
+        // SAFETY: daemon forks; no runtime thread exists yet (it is built
+        // below), so the child is a whole copy of this process.
+        if unsafe { libc::daemon(0, 0) } != 0 {
+            anyhow::bail!(
+                "-d: cannot run as a daemon: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    if let Some(user) = &args.user {
+        assume_identity(user)?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(config.threads)
         .thread_name("webvac-worker")
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
-    if let Some(user) = &args.user {
-        assume_identity(user)?;
-    }
     let pidfile = args.pidfile;
     runtime.block_on(async {
         let server = Server::bind(&config).await?;

@@ -18,10 +18,10 @@ use crate::limits::{
     CLOCK_DRIFT_MAX_MS_DEFAULT, CLOCK_DRIFT_MAX_MS_LIMIT, CONNECTIONS_MAX_DEFAULT,
     DATA_TIMEOUT_SECS_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, HINT_WINDOW_SECS_DEFAULT,
     HINTS_MEMORY_MB_MIN, HINTS_MEMORY_SHARE_OF_ITEMS, HINTS_PER_TARGET_MAX_DEFAULT,
-    ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN, MEMORY_LIMIT_MB_DEFAULT,
-    PORT_DEFAULT, REPLICAS_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_DEFAULT,
-    REQUEST_ID_RECORDS_PER_KEY_LIMIT, REQUEST_TIMEOUT_MS_DEFAULT, THREADS_DEFAULT,
-    TOMBSTONE_GRACE_SECS, UNIX_MASK_DEFAULT,
+    ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN, LISTEN_BACKLOG_DEFAULT,
+    MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT, REPLICAS_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_DEFAULT,
+    REQUEST_ID_RECORDS_PER_KEY_LIMIT, REQUEST_TIMEOUT_MS_DEFAULT, REQUESTS_PER_BATCH_MAX,
+    THREADS_DEFAULT, TOMBSTONE_GRACE_SECS, UNIX_MASK_DEFAULT,
 };
 
 /// A node's whole configuration (`webvac.toml`): every key optional with a
@@ -66,6 +66,20 @@ pub struct Config {
     /// this many seconds while waiting for one (memcached's
     /// `-o idle_timeout`); 0, the default: never.
     pub idle_timeout_secs: u32,
+    /// Accept `flush_all` (memcached's default); `false` is memcached's
+    /// `-F`: it gets `CLIENT_ERROR flush_all not allowed`.
+    pub flush_enabled: bool,
+    /// Accept the `shutdown` command, which stops the node as SIGTERM does
+    /// (memcached's `-A`); off by default.
+    pub shutdown_command: bool,
+    /// Connections the kernel queues before they are accepted (memcached's
+    /// `-b`).
+    pub listen_backlog: u32,
+    /// Requests one connection runs before the others get a turn
+    /// (memcached's `-R`, whose default is 20; webvac's 1,024 batches a
+    /// pipelining client's requests, and a multi-get also yields every 256
+    /// keys).
+    pub requests_per_event: usize,
     /// Close a client connection that sends nothing for this many seconds
     /// in the middle of a data block that holds in-flight memory (one over
     /// 16 KiB), so a sender that stops cannot keep the budget; 0: never.
@@ -552,6 +566,10 @@ impl Default for Config {
             dedup_window_secs: DEDUP_WINDOW_SECS_DEFAULT,
             request_id_records_per_key: REQUEST_ID_RECORDS_PER_KEY_DEFAULT,
             idle_timeout_secs: 0,
+            flush_enabled: true,
+            shutdown_command: false,
+            listen_backlog: LISTEN_BACKLOG_DEFAULT,
+            requests_per_event: REQUESTS_PER_BATCH_MAX,
             data_timeout_secs: DATA_TIMEOUT_SECS_DEFAULT,
             listing_secret: None,
             cluster: None,
@@ -621,6 +639,9 @@ impl Config {
                 "threads must be between 1 and 256, got {}",
                 self.threads
             ));
+        }
+        if self.requests_per_event == 0 {
+            return bad("requests_per_event must be at least 1".into());
         }
         if self.max_connections == 0 {
             return bad("max_connections must be at least 1".into());

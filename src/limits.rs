@@ -62,6 +62,10 @@ pub const THREADS_DEFAULT: usize = 4;
 /// Default client port.
 pub const PORT_DEFAULT: u16 = 11211;
 
+/// Connections the kernel queues before they are accepted (memcached's
+/// `-b` default).
+pub const LISTEN_BACKLOG_DEFAULT: u32 = 1024;
+
 /// memcached's default access mask for its unix socket (`-a`).
 pub const UNIX_MASK_DEFAULT: u32 = 0o700;
 

@@ -50,8 +50,12 @@ pub mod reply {
     /// An incr/decr whose result could not be stored within the memory
     /// limit.
     pub const NO_MEMORY: &str = "SERVER_ERROR out of memory";
-    /// `shutdown`, which webvac never accepts from a client.
+    /// `shutdown` on a node started without `-A`.
     pub const SHUTDOWN_DISABLED: &str = "ERROR: shutdown not enabled";
+    /// `shutdown` with a mode other than `graceful`.
+    pub const SHUTDOWN_BAD_MODE: &str = "CLIENT_ERROR invalid shutdown mode";
+    /// `flush_all` on a node started with `-F`.
+    pub const FLUSH_DISABLED: &str = "CLIENT_ERROR flush_all not allowed";
     /// Sent to a connection refused at the connection limit, before it is
     /// closed.
     pub const TOO_MANY_CONNECTIONS: &str = "ERROR Too many open connections";
@@ -85,6 +89,11 @@ pub enum Request<'a> {
     Verbosity(misc::Verbosity),
     /// `quit`: close the connection without a reply.
     Quit,
+    /// `shutdown [graceful]`: stop the node, if it was started with `-A`.
+    Shutdown {
+        /// No mode, or `graceful`.
+        mode_valid: bool,
+    },
     /// A meta command: `mg`, `ms`, `md`, `ma`, `mn`, `me`.
     Meta(meta::MetaRequest<'a>),
     /// webvac's key listing (`lk`).
@@ -292,7 +301,11 @@ pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
         b"quit" => Request::Quit,
         b"lk" => list_keys::parse(&tokens),
         b"fault" => fault::parse(&tokens),
-        b"shutdown" => Request::error(reply::SHUTDOWN_DISABLED),
+        b"shutdown" => Request::Shutdown {
+            // memcached: `shutdown` or `shutdown graceful`.
+            mode_valid: tokens.ntokens() == 2
+                || (tokens.ntokens() == 3 && tokens.get(1) == b"graceful"),
+        },
         [b'm', _] => return meta::parse(&tokens, &buf[consumed..], consumed, limits),
         _ if tokens.len() >= 2 && tokens.get(tokens.len() - 1).starts_with(b"HTTP/") => {
             Request::Close

@@ -27,8 +27,7 @@ use super::execute::{self, Action};
 use super::faults::{Fault, Faults};
 use crate::budget::{INFLIGHT_FREE_BYTES, Reservation};
 use crate::limits::{
-    GET_KEYS_PER_TURN, GET_LINE_WHOLE_BYTES_MAX, PREFETCH_KEYS, READ_CHUNK_BYTES,
-    REQUESTS_PER_BATCH_MAX, WRITE_FLUSH_BYTES,
+    GET_KEYS_PER_TURN, GET_LINE_WHOLE_BYTES_MAX, PREFETCH_KEYS, READ_CHUNK_BYTES, WRITE_FLUSH_BYTES,
 };
 use crate::protocol::get::{LongGet, Step};
 use crate::protocol::{ParseLimits, Parsed, Request, incomplete_bytes_max, parse};
@@ -535,8 +534,12 @@ async fn process(
                         *long = Some(LongGet::after(g));
                     }
                     if long.is_some() {
-                        executed = REQUESTS_PER_BATCH_MAX;
+                        executed = shared.facts.requests_per_event;
                     }
+                }
+                if execute::refused_by_settings(shared, &request, &mut output.buf) {
+                    inbuf.advance(consumed);
+                    continue;
                 }
                 let fault = shared.faults.as_ref().map_or(Fault::None, Faults::next);
                 match fault {
@@ -639,7 +642,7 @@ async fn process(
                             }
                         }
                         // A page costs as much as a batch of small requests.
-                        executed = REQUESTS_PER_BATCH_MAX;
+                        executed = shared.facts.requests_per_event;
                         Action::Continue
                     }
                     other => {
@@ -672,7 +675,7 @@ async fn process(
             flush_for(shared, wr, output, held, long).await?;
         }
         executed = executed.saturating_add(1);
-        if executed >= REQUESTS_PER_BATCH_MAX {
+        if executed >= shared.facts.requests_per_event {
             // Let other connections on this worker run.
             flush_for(shared, wr, output, held, long).await?;
             tokio::task::yield_now().await;

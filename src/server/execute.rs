@@ -49,6 +49,20 @@ pub fn get_end(get: &Get<'_>, out: &mut Vec<u8>) {
     }
 }
 
+/// A request the node's settings refuse whatever it says: `flush_all`
+/// under memcached's `-F`. Answers it (unless `noreply`) and returns true.
+pub fn refused_by_settings(shared: &Shared, request: &Request<'_>, out: &mut Vec<u8>) -> bool {
+    match request {
+        Request::FlushAll(f) if !shared.facts.flush_enabled => {
+            if !f.noreply {
+                put_line(out, reply::FLUSH_DISABLED.as_bytes());
+            }
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Executes every request but the get family and meta commands.
 pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Action {
     match request {
@@ -136,6 +150,16 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
             }
         }
         Request::Quit | Request::Close => return Action::Close,
+        Request::Shutdown { mode_valid } => {
+            if !shared.facts.shutdown_command {
+                put_line(out, reply::SHUTDOWN_DISABLED.as_bytes());
+            } else if !mode_valid {
+                put_line(out, reply::SHUTDOWN_BAD_MODE.as_bytes());
+            } else {
+                shared.shutdown_requested.notify_one();
+                return Action::Close;
+            }
+        }
         Request::Meta(m) => return super::meta::execute(shared, m, out),
         Request::Error {
             reply,

@@ -70,6 +70,8 @@ pub struct Shared {
     /// Authenticates `lk` listing tokens: from `listing_secret`, else the
     /// cluster layout (the same on every member), else this process alone.
     pub listing_key: TokenKey,
+    /// Woken by the `shutdown` command (`-A`): the node stops as on SIGTERM.
+    pub shutdown_requested: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -131,6 +133,9 @@ impl Shared {
             item_bytes_max: config.max_item_size,
             shards: store.shard_count(),
             idle_timeout_secs: config.idle_timeout_secs,
+            flush_enabled: config.flush_enabled,
+            shutdown_command: config.shutdown_command,
+            requests_per_event: config.requests_per_event,
             data_timeout_secs: config.data_timeout_secs,
         };
         Self {
@@ -138,12 +143,18 @@ impl Shared {
                 config.memory_limit_bytes(),
             ))),
             store,
-            stats: ServerStats::default(),
+            stats: ServerStats {
+                // `stats settings` reports the -v count, as memcached's does,
+                // until a `verbosity` command changes it.
+                verbosity: u64::from(config.verbosity).into(),
+                ..ServerStats::default()
+            },
             facts,
             limits: ParseLimits::new(config.max_item_size),
             cluster,
             faults: faults::Faults::new(&config.faults),
             fault_control,
+            shutdown_requested: tokio::sync::Notify::new(),
             listing_key: match (&config.listing_secret, &config.cluster) {
                 (Some(secret), _) => TokenKey::from_secret(secret.as_bytes()),
                 (None, Some(c)) => TokenKey::from_secret(c.layout_text().as_bytes()),
@@ -277,6 +288,25 @@ fn bind_unix(path: &std::path::Path, mask: u32) -> Result<tokio::net::UnixListen
     bound.map_err(failed)
 }
 
+/// Binds the client port at `addr` (`host:port`, the first address it
+/// resolves to) with a listen queue of `backlog` (memcached's `-b`).
+async fn bind_tcp(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    let resolved = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the address resolves to nothing",
+        )
+    })?;
+    let socket = match resolved {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    // As std and tokio bind: a restarted node may take its port at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(resolved)?;
+    socket.listen(backlog)
+}
+
 /// A bound, not yet running, server.
 pub struct Server {
     /// The memcached port; `None` for an embedded member that does not
@@ -340,7 +370,7 @@ impl Server {
                 path: path.clone(),
             }),
             (None, true) => Some(ClientListener::Tcp(
-                TcpListener::bind(&addr)
+                bind_tcp(&addr, config.listen_backlog)
                     .await
                     .map_err(|source| ServerError::Bind {
                         addr: addr.clone(),
@@ -486,6 +516,10 @@ impl Server {
                     }
                 },
                 () = &mut shutdown => break,
+                () = shared.shutdown_requested.notified() => {
+                    info!("shutdown requested by a client (-A)");
+                    break;
+                }
             }
         }
         info!("shutting down: no longer accepting, finishing in-flight requests");

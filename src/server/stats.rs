@@ -78,6 +78,12 @@ pub struct Facts {
     pub shards: usize,
     /// `idle_timeout_secs`: 0 never.
     pub idle_timeout_secs: u32,
+    /// `flush_all` accepted (off: `-F`).
+    pub flush_enabled: bool,
+    /// The `shutdown` command accepted (`-A`).
+    pub shutdown_command: bool,
+    /// Requests a connection runs before others get a turn (`-R`).
+    pub requests_per_event: usize,
     /// `data_timeout_secs`: 0 never.
     pub data_timeout_secs: u32,
 }
@@ -183,7 +189,17 @@ pub fn compose_settings(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, limit_byt
     put_stat(out, "num_threads", f.threads);
     put_stat(out, "cas_enabled", "yes");
     put_stat(out, "item_size_max", f.item_bytes_max);
-    put_stat(out, "flush_enabled", "yes");
+    put_stat(
+        out,
+        "flush_enabled",
+        if f.flush_enabled { "yes" } else { "no" },
+    );
+    put_stat(
+        out,
+        "shutdown_command",
+        if f.shutdown_command { "yes" } else { "no" },
+    );
+    put_stat(out, "reqs_per_event", f.requests_per_event);
     put_stat(out, "eviction_policy", "sieve");
     put_stat(out, "store_shards", f.shards);
     put_stat(out, "idle_timeout", f.idle_timeout_secs);
