@@ -21,6 +21,9 @@ pub const ITEM_BYTES_MAX_MAX: usize = 1024 * 1024 * 1024;
 /// memcached's per-item header (`sizeof(item)` on 64-bit) that counts toward
 /// the `-I` item size limit.
 pub const MEMCACHED_ITEM_HEADER_BYTES: usize = 48;
+/// memcached's slab page (`-o slab_page_size`, 1 MiB): the unit of its
+/// `total_malloced`, which `stats slabs` reports in.
+pub const MEMCACHED_SLAB_PAGE_BYTES: u64 = 1024 * 1024;
 /// memcached's CAS suffix, which also counts toward the `-I` limit.
 pub const MEMCACHED_CAS_BYTES: usize = 8;
 

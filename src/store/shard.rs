@@ -522,7 +522,8 @@ pub fn tombstone_until(version: u64, grace_secs: u32) -> u32 {
         .max(1)
 }
 
-/// Entries `-M` looks at for an expired one before it refuses a write.
+/// Entries looked at from the oldest for an expired one before a write is
+/// refused under `-M`.
 const RECLAIM_SCAN_MAX: usize = 64;
 
 /// One lock's worth of the store: items, their index and SIEVE list, and a
@@ -991,10 +992,11 @@ impl Shard {
         self.remove(slot);
     }
 
-    /// Without evicting live items (`-M`): removes one expired item or
-    /// tombstone other than `keep`, looking at most
+    /// Without evicting live items (memcached's `-M` at the limit): frees
+    /// one expired item other than `keep` (in a cluster it leaves its
+    /// tombstone, as the sweep does) or a tombstone, looking at most
     /// [`RECLAIM_SCAN_MAX`] entries from the oldest; false if there is none
-    /// among them (the expiry sweep finds the rest in time).
+    /// among them (the expiry sweep finds the rest).
     fn reclaim_one(&mut self, now_secs: u32, keep: Slot) -> bool {
         let mut at = self.tail;
         for _ in 0..RECLAIM_SCAN_MAX {
@@ -1003,16 +1005,20 @@ impl Shard {
             at = e.newer();
             let (tombstone, unfetched) = (e.has(bits::TOMBSTONE), !e.has(bits::FETCHED));
             let expired = exptime::is_expired(e.exptime(), now_secs);
-            if slot == keep || !(tombstone || expired) {
+            if slot == keep || !(expired || tombstone) {
                 continue;
             }
-            if !tombstone {
-                self.stats.reclaimed += 1;
-                if unfetched {
-                    self.stats.expired_unfetched += 1;
-                }
+            if tombstone {
+                self.remove(slot);
+                return true;
             }
-            self.remove(slot);
+            self.stats.reclaimed += 1;
+            if unfetched {
+                self.stats.expired_unfetched += 1;
+            }
+            if self.expire_to_tombstone(slot, now_secs).is_none() {
+                self.remove(slot);
+            }
             return true;
         }
         false
