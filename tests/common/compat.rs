@@ -1,8 +1,10 @@
 //! Runners for the real memcached clients the compatibility tests drive:
 //! libmemcached's `memccapable -a` and `tests/compat_pymemcache.py` under
-//! Debian's python3. Shared by `tests/compat.rs` (single node) and
-//! `tests/cluster.rs` (every node of a cluster).
+//! Debian's python3, shared by `tests/compat.rs` (single node) and
+//! `tests/cluster.rs` (every node of a cluster); and the client drivers of
+//! `tests/clients/`, whose transcripts `tests/compat_clients.rs` compares.
 
+use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
@@ -78,4 +80,86 @@ pub fn assert_pymemcache_passed(target: &str, out: &RunOutput) {
         out.stdout.contains(" passed, 0 failed"),
         "no summary line\n{report}"
     );
+}
+
+/// PHP's command line (Debian `php-cli`), for `php-memcached`.
+pub const PHP_BIN: &str = "/usr/bin/php";
+/// One driver run: four clients' scenario against a debug cluster takes a
+/// few seconds; the drivers bound every socket call and their whole run
+/// (150 s) themselves, this is the backstop.
+pub const DRIVER_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A memcached client and the script under `tests/clients/` that drives it
+/// through the shared scenario, printing one JSON line per step.
+pub struct ClientDriver {
+    /// The client, as the README names it.
+    pub name: &'static str,
+    /// The interpreter that runs the script.
+    pub program: &'static str,
+    /// The script, relative to `tests/clients/`.
+    pub script: &'static str,
+    /// The Debian packages it needs (for the message when it is missing).
+    pub packages: &'static str,
+}
+
+impl ClientDriver {
+    /// Runs the driver against `addrs`: one address is one server, several
+    /// are a pool the client hashes keys across. Returns the transcript's
+    /// lines.
+    ///
+    /// # Panics
+    /// If the interpreter is missing, or the driver does not exit 0 within
+    /// `DRIVER_TIMEOUT` (the message carries its output).
+    pub fn transcript(&self, addrs: &[SocketAddr]) -> Vec<String> {
+        require_tool(self.program, self.packages);
+        let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+        let mut cmd = Command::new(self.program);
+        cmd.arg(format!(
+            "{}/tests/clients/{}",
+            env!("CARGO_MANIFEST_DIR"),
+            self.script
+        ))
+        .arg(list.join(","));
+        let out = run_bounded(cmd, DRIVER_TIMEOUT);
+        let report = describe(
+            &format!("{} ({}) against {}", self.name, self.script, list.join(",")),
+            &out,
+        );
+        assert!(out.status.is_some_and(|s| s.success()), "{report}");
+        out.stdout.lines().map(str::to_string).collect()
+    }
+}
+
+/// The steps where two transcripts differ, each with both lines, or
+/// `None` when they are equal.
+pub fn transcript_diff(
+    want_name: &str,
+    want: &[String],
+    got_name: &str,
+    got: &[String],
+) -> Option<String> {
+    if want == got {
+        return None;
+    }
+    let width = want_name.len().max(got_name.len());
+    let missing = "(no such step)".to_string();
+    let mut out = String::new();
+    let mut differing = 0;
+    for i in 0..want.len().max(got.len()) {
+        let (w, g) = (
+            want.get(i).unwrap_or(&missing),
+            got.get(i).unwrap_or(&missing),
+        );
+        if w != g {
+            differing += 1;
+            out.push_str(&format!(
+                "  step {}:\n    {want_name:<width$}  {w}\n    {got_name:<width$}  {g}\n",
+                i + 1
+            ));
+        }
+    }
+    Some(format!(
+        "{differing} of {} steps differ:\n{out}",
+        want.len().max(got.len())
+    ))
 }

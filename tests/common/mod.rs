@@ -319,7 +319,7 @@ pub fn require_tool(path: &str, what: &str) {
     assert!(
         Path::new(path).exists(),
         "{path} ({what}) is not installed. These tests need it and never skip: \
-         run `.ci/run` (it installs memcached, libmemcached-tools and python3-pymemcache)."
+         run `.ci/run` (its scripts/install-deps installs memcached, libmemcached-tools and the clients)."
     );
 }
 
