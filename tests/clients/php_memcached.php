@@ -3,7 +3,7 @@
  * PHP's memcached extension (Debian php-memcached, on libmemcached) through
  * the scenario of tests/clients/scenario.py, step for step and under the
  * same step names, and with the same transcript: one JSON line per step,
- * {"result": ..., "step": ...}, CAS tokens, stats values, version strings
+ * {"result": ..., "step": ...}, CAS tokens, stats values
  * and server addresses replaced by what kind of thing they are.
  *
  * Usage: php tests/clients/php_memcached.php ADDR[,ADDR...]
@@ -32,7 +32,7 @@ const STATS_NUMBER_FIELDS = [
     'pid', 'uptime', 'curr_items', 'total_items', 'bytes', 'curr_connections',
     'cmd_get', 'get_hits', 'get_misses', 'limit_maxbytes', 'threads',
 ];
-const VERSION_PATTERN = '/^\d+\.\d+\.\d+/';
+const VERSION_PATTERN = '/^\d+\.\d+\.\d+$/';
 
 set_error_handler(function ($severity, $message, $file, $line) {
     throw new ErrorException($message, 0, $severity, $file, $line);
@@ -108,7 +108,7 @@ function cas_kind($token)
 function version_kind($version)
 {
     if (is_string($version) && preg_match(VERSION_PATTERN, $version)) {
-        return '<version>';
+        return $version;
     }
     return ['unparsed version' => canonical($version)];
 }
