@@ -755,3 +755,41 @@ fn expired_items_memory_is_reused_as_in_memcached_issue_14() {
         "the memory is reused"
     );
 }
+
+/// Issue 17, item 3: `stats` lacked fields monitoring tools read
+/// (`connection_structures`, `listen_disabled_num`, `accepting_conns`).
+/// Every field webvac reports that memcached 1.6.18 also reports comes in
+/// memcached's order (checked beside it), and those three are there with
+/// webvac's true values.
+#[test]
+fn stats_fields_come_in_memcached_order_with_true_values() {
+    let reference = common::Memcached::start();
+    let server = Server::start(&[]);
+    let names = |c: &mut common::Client, group: &str| -> Vec<String> {
+        let request = if group.is_empty() {
+            "stats\r\n".to_string()
+        } else {
+            format!("stats {group}\r\n")
+        };
+        String::from_utf8(c.request(request.as_bytes(), END))
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.strip_prefix("STAT "))
+            .map(|l| l.split(' ').next().unwrap_or_default().to_string())
+            .collect()
+    };
+    let (mut theirs, mut ours) = (reference.connect(), server.connect());
+    let _second = server.connect();
+    for group in ["", "settings"] {
+        let memcached = names(&mut theirs, group);
+        let webvac = names(&mut ours, group);
+        let shared: Vec<&String> = webvac.iter().filter(|n| memcached.contains(n)).collect();
+        let in_their_order: Vec<&String> =
+            memcached.iter().filter(|n| webvac.contains(n)).collect();
+        assert_eq!(shared, in_their_order, "stats {group}: memcached's order");
+    }
+    let stats = String::from_utf8(ours.request(b"stats\r\n", END)).unwrap();
+    assert!(common::stat_value(&stats, "connection_structures") >= 2);
+    assert_eq!(common::stat_value(&stats, "accepting_conns"), 1);
+    assert_eq!(common::stat_value(&stats, "listen_disabled_num"), 0);
+}

@@ -676,6 +676,7 @@ async fn process(
         }
         executed = executed.saturating_add(1);
         if executed >= shared.facts.requests_per_event {
+            shared.stats.conn_yields.fetch_add(1, Relaxed);
             // Let other connections on this worker run.
             flush_for(shared, wr, output, held, long).await?;
             tokio::task::yield_now().await;

@@ -136,6 +136,9 @@ impl Shared {
             flush_enabled: config.flush_enabled,
             shutdown_command: config.shutdown_command,
             requests_per_event: config.requests_per_event,
+            unix_socket: config.unix_socket.as_ref().map(|p| p.display().to_string()),
+            unix_mask: config.unix_mask,
+            listen_backlog: config.listen_backlog,
             data_timeout_secs: config.data_timeout_secs,
         };
         Self {
@@ -494,7 +497,8 @@ impl Server {
                             debug!(peer = %peer, "connection refused: too many open connections");
                             continue;
                         }
-                        shared.stats.curr_connections.fetch_add(1, Relaxed);
+                        let open = shared.stats.curr_connections.fetch_add(1, Relaxed) + 1;
+                        shared.stats.connection_structures.fetch_max(open, Relaxed);
                         shared.stats.total_connections.fetch_add(1, Relaxed);
                         let (shared, stop, done) = (shared.clone(), stop_rx.clone(), done_tx.clone());
                         match stream {

@@ -16,6 +16,13 @@ pub struct ServerStats {
     pub total_connections: AtomicU64,
     /// Connections refused at the connection limit.
     pub rejected_connections: AtomicU64,
+    /// The most client connections open at once: memcached's
+    /// `connection_structures` counts the connection structures it has
+    /// allocated, one per descriptor it has served, never freed.
+    pub connection_structures: AtomicU64,
+    /// Times a connection let others run after `-R` requests in a row
+    /// (memcached's `conn_yields`).
+    pub conn_yields: AtomicU64,
     /// Bytes read from client connections.
     pub bytes_read: AtomicU64,
     /// Bytes written to client connections.
@@ -46,6 +53,7 @@ impl ServerStats {
             &self.cmd_meta,
             &self.idle_kicks,
             &self.data_timeouts,
+            &self.conn_yields,
         ] {
             c.store(0, Relaxed);
         }
@@ -84,6 +92,12 @@ pub struct Facts {
     pub shutdown_command: bool,
     /// Requests a connection runs before others get a turn (`-R`).
     pub requests_per_event: usize,
+    /// The unix socket served instead of TCP (`-s`), if any.
+    pub unix_socket: Option<String>,
+    /// Its access mask (`-a`).
+    pub unix_mask: u32,
+    /// The TCP listen queue (`-b`).
+    pub listen_backlog: u32,
     /// `data_timeout_secs`: 0 never.
     pub data_timeout_secs: u32,
 }
@@ -123,6 +137,11 @@ pub fn compose_general(
         "rejected_connections",
         s.rejected_connections.load(Relaxed),
     );
+    put_stat(
+        out,
+        "connection_structures",
+        s.connection_structures.load(Relaxed),
+    );
     put_stat(out, "cmd_get", c.cmd_get);
     put_stat(out, "cmd_set", c.cmd_set);
     put_stat(out, "cmd_flush", s.cmd_flush.load(Relaxed));
@@ -152,7 +171,13 @@ pub fn compose_general(
     put_stat(out, "bytes_read", s.bytes_read.load(Relaxed));
     put_stat(out, "bytes_written", s.bytes_written.load(Relaxed));
     put_stat(out, "limit_maxbytes", st.limit_maxbytes);
+    // webvac never stops listening: past -c a connection is refused at
+    // once (`rejected_connections`), as memcached's `maxconns_fast` does.
+    put_stat(out, "accepting_conns", 1);
+    put_stat(out, "listen_disabled_num", 0);
+    put_stat(out, "time_in_listen_disabled_us", 0);
     put_stat(out, "threads", f.threads);
+    put_stat(out, "conn_yields", s.conn_yields.load(Relaxed));
     put_stat(out, "bytes", st.bytes);
     put_stat(out, "curr_items", st.curr_items);
     put_stat(out, "total_items", c.total_items);
@@ -177,8 +202,10 @@ pub fn compose_general(
     );
 }
 
-/// `stats settings`.
+/// `stats settings`: memcached 1.6.18's fields that mean something for
+/// webvac, in its order, then webvac's own.
 pub fn compose_settings(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, limit_bytes: usize) {
+    let yes_no = |on: bool| if on { "yes" } else { "no" };
     put_stat(out, "maxbytes", limit_bytes);
     put_stat(out, "maxconns", f.max_connections);
     put_stat(out, "tcpport", f.port);
@@ -186,23 +213,24 @@ pub fn compose_settings(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, limit_byt
     put_stat(out, "inter", &f.listen);
     put_stat(out, "verbosity", s.verbosity.load(Relaxed));
     put_stat(out, "evictions", if f.evictions { "on" } else { "off" });
+    put_stat(out, "domain_socket", f.unix_socket.as_deref().unwrap_or("NULL"));
+    put_stat(out, "umask", format_args!("{:o}", f.unix_mask));
+    put_stat(out, "shutdown_command", yes_no(f.shutdown_command));
     put_stat(out, "num_threads", f.threads);
-    put_stat(out, "cas_enabled", "yes");
-    put_stat(out, "item_size_max", f.item_bytes_max);
-    put_stat(
-        out,
-        "flush_enabled",
-        if f.flush_enabled { "yes" } else { "no" },
-    );
-    put_stat(
-        out,
-        "shutdown_command",
-        if f.shutdown_command { "yes" } else { "no" },
-    );
     put_stat(out, "reqs_per_event", f.requests_per_event);
+    put_stat(out, "cas_enabled", "yes");
+    put_stat(out, "tcp_backlog", f.listen_backlog);
+    put_stat(out, "binding_protocol", "ascii");
+    put_stat(out, "auth_enabled_sasl", "no");
+    put_stat(out, "auth_enabled_ascii", "no");
+    put_stat(out, "item_size_max", f.item_bytes_max);
+    put_stat(out, "maxconns_fast", "yes");
+    put_stat(out, "flush_enabled", yes_no(f.flush_enabled));
+    put_stat(out, "dump_enabled", "no");
+    put_stat(out, "idle_timeout", f.idle_timeout_secs);
+    put_stat(out, "ssl_enabled", "no");
     put_stat(out, "eviction_policy", "sieve");
     put_stat(out, "store_shards", f.shards);
-    put_stat(out, "idle_timeout", f.idle_timeout_secs);
     put_stat(out, "data_timeout", f.data_timeout_secs);
     out.extend_from_slice(b"END\r\n");
 }
