@@ -441,11 +441,14 @@ fn apply_extended(options: &[String], config: &mut Config) -> anyhow::Result<()>
             // memcached's seccomp sandbox (off by default): webvac has
             // none, so there is nothing to relax; and two options that are
             // no-ops in memcached itself.
-            "relaxed_privileges" | "no_drop_privileges" | "inline_ascii_resp"
-            | "no_inline_ascii_resp" | "resp_obj_mem_limit" => {}
-            "drop_privileges" => anyhow::bail!(
-                "-o drop_privileges: webvac has no seccomp sandbox to turn on"
-            ),
+            "relaxed_privileges"
+            | "no_drop_privileges"
+            | "inline_ascii_resp"
+            | "no_inline_ascii_resp"
+            | "resp_obj_mem_limit" => {}
+            "drop_privileges" => {
+                anyhow::bail!("-o drop_privileges: webvac has no seccomp sandbox to turn on")
+            }
             "no_maxconns_fast" => anyhow::bail!(
                 "-o no_maxconns_fast: webvac refuses a connection past -c at once, with memcached's error; it does not queue them"
             ),

@@ -793,3 +793,45 @@ fn stats_fields_come_in_memcached_order_with_true_values() {
     assert_eq!(common::stat_value(&stats, "accepting_conns"), 1);
     assert_eq!(common::stat_value(&stats, "listen_disabled_num"), 0);
 }
+
+/// Issue 17, item 3: `stats conns` answered `END` alone. It now lists the
+/// listener and every client connection as memcached does: descriptor,
+/// address, the listener's address, memcached's state name, and the
+/// seconds since the client last sent anything.
+#[test]
+fn stats_conns_lists_the_listener_and_each_connection() {
+    let server = Server::start(&[]);
+    let mut partial = server.connect();
+    partial.send(b"set foo 0 0 6\r\n").expect("send");
+    let mut asker = server.connect();
+    // The partial set has arrived once the node counts its bytes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = String::from_utf8(asker.request(b"stats conns\r\n", END)).unwrap();
+        if text.contains(":state conn_nread\r\n") {
+            break text;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let listen = format!("tcp:{}", server.addr());
+    let listener_fd = text
+        .lines()
+        .find(|l| l.ends_with(&format!(":addr {listen}")))
+        .and_then(|l| l.strip_prefix("STAT "))
+        .and_then(|l| l.split(':').next())
+        .expect("the listener's line")
+        .to_string();
+    assert!(text.contains(&format!("STAT {listener_fd}:state conn_listening\r\n")));
+    assert_eq!(text.matches(":addr tcp:127.0.0.1:").count(), 3, "{text}");
+    assert_eq!(
+        text.matches(&format!(":listen_addr {listen}\r\n")).count(),
+        2
+    );
+    assert!(
+        text.contains(":state conn_parse_cmd\r\n"),
+        "the asker: {text}"
+    );
+    assert!(text.contains(":secs_since_last_cmd 0\r\n"));
+    drop(partial);
+}

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tracing::{debug, trace, warn};
 
 use super::Shared;
+use super::conns::{Conn, State};
 use super::execute::{self, Action};
 use super::faults::{Fault, Faults};
 use crate::budget::{INFLIGHT_FREE_BYTES, Reservation};
@@ -56,6 +57,8 @@ pub trait ClientSocket: Send + 'static {
     fn split(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
     /// Sets `TCP_NODELAY` where there is such a thing.
     fn no_delay(&self);
+    /// Its descriptor (`stats conns` names connections by it).
+    fn fd(&self) -> i32;
 }
 
 /// The writing half of a [`ClientSocket`]: writes that never wait, and a
@@ -76,6 +79,9 @@ impl ClientSocket for TcpStream {
     fn no_delay(&self) {
         let _ = self.set_nodelay(true);
     }
+    fn fd(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
 }
 
 impl ClientWrite for tokio::net::tcp::WriteHalf<'_> {
@@ -94,6 +100,9 @@ impl ClientSocket for UnixStream {
         UnixStream::split(self)
     }
     fn no_delay(&self) {}
+    fn fd(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
 }
 
 impl ClientWrite for tokio::net::unix::WriteHalf<'_> {
@@ -135,7 +144,9 @@ pub async fn serve<S: ClientSocket>(
     };
     stream.no_delay();
     debug!(peer = %peer, "connection opened");
-    match run(&mut stream, &shared, &mut stop).await {
+    let now = shared.store.clock().now_secs();
+    let registration = shared.conns.register(stream.fd(), peer.clone(), now);
+    match run(&mut stream, &shared, &registration.conn, &mut stop).await {
         Ok(()) => debug!(peer = %peer, "connection closed"),
         Err(e) => debug!(peer = %peer, error = %e, "connection ended with an error"),
     }
@@ -144,6 +155,7 @@ pub async fn serve<S: ClientSocket>(
 async fn run<S: ClientSocket>(
     stream: &mut S,
     shared: &Shared,
+    conn: &Conn,
     stop: &mut watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let (mut rd, mut wr) = stream.split();
@@ -182,8 +194,16 @@ async fn run<S: ClientSocket>(
         if long.is_some() {
             flush_now(shared, &mut wr, &mut out, &mut budget.reply)?;
         } else {
+            if out.unsent() > 0 {
+                conn.set_state(State::Writing);
+            }
             flush(shared, &mut wr, &mut out, &mut budget.reply).await?;
         }
+        conn.set_state(if inbuf.is_empty() {
+            State::Waiting
+        } else {
+            State::Reading
+        });
         if close || *stop.borrow() {
             return Ok(());
         }
@@ -248,6 +268,8 @@ async fn run<S: ClientSocket>(
             // EOF, possibly a half-close: everything complete was answered.
             return Ok(());
         }
+        conn.read_at(shared.store.clock().now_secs());
+        conn.set_state(State::Executing);
         shared.stats.bytes_read.fetch_add(n as u64, Relaxed);
     }
 }

@@ -219,7 +219,11 @@ fn stats(shared: &Shared, cmd: StatsCmd<'_>, out: &mut Vec<u8>) {
         }
         // webvac has no slab classes; these report nothing, as an empty
         // memcached does, so tools that poll them keep working.
-        StatsCmd::Items | StatsCmd::Sizes | StatsCmd::Conns => put_line(out, b"END"),
+        StatsCmd::Conns => {
+            shared.conns.compose(shared.store.clock().now_secs(), out);
+            put_line(out, b"END");
+        }
+        StatsCmd::Items | StatsCmd::Sizes => put_line(out, b"END"),
         StatsCmd::Slabs => {
             // memcached's `total_malloced` is the memory its items occupy,
             // in the 1 MiB slab pages it takes: webvac's item memory, in

@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod connection;
+pub mod conns;
 pub mod execute;
 pub mod fault_clock;
 pub mod fault_control;
@@ -72,6 +73,8 @@ pub struct Shared {
     pub listing_key: TokenKey,
     /// Woken by the `shutdown` command (`-A`): the node stops as on SIGTERM.
     pub shutdown_requested: tokio::sync::Notify,
+    /// The listener and client connections, for `stats conns`.
+    pub conns: conns::Conns,
 }
 
 impl Shared {
@@ -158,6 +161,7 @@ impl Shared {
             faults: faults::Faults::new(&config.faults),
             fault_control,
             shutdown_requested: tokio::sync::Notify::new(),
+            conns: conns::Conns::default(),
             listing_key: match (&config.listing_secret, &config.cluster) {
                 (Some(secret), _) => TokenKey::from_secret(secret.as_bytes()),
                 (None, Some(c)) => TokenKey::from_secret(c.layout_text().as_bytes()),
@@ -226,6 +230,14 @@ enum ClientListener {
     },
 }
 
+/// A TCP address as memcached's `stats conns` writes it.
+fn tcp_name(addr: SocketAddr) -> String {
+    match addr {
+        SocketAddr::V4(a) => format!("tcp:{a}"),
+        SocketAddr::V6(a) => format!("tcp6:{a}"),
+    }
+}
+
 /// A client connection just accepted, and who it is from (for logs).
 enum Accepted {
     Tcp(tokio::net::TcpStream),
@@ -237,11 +249,25 @@ impl ClientListener {
         match self {
             ClientListener::Tcp(l) => {
                 let (s, peer) = l.accept().await?;
-                Ok((Accepted::Tcp(s), peer.to_string()))
+                Ok((Accepted::Tcp(s), tcp_name(peer)))
             }
             ClientListener::Unix { listener, path } => {
                 let (s, _) = listener.accept().await?;
-                Ok((Accepted::Unix(s), path.display().to_string()))
+                Ok((Accepted::Unix(s), format!("unix:{}", path.display())))
+            }
+        }
+    }
+
+    /// Its descriptor and its address as `stats conns` shows them.
+    fn conns_entry(&self) -> (i32, String) {
+        use std::os::fd::AsRawFd;
+        match self {
+            ClientListener::Tcp(l) => (
+                l.as_raw_fd(),
+                l.local_addr().map_or_else(|e| e.to_string(), tcp_name),
+            ),
+            ClientListener::Unix { listener, path } => {
+                (listener.as_raw_fd(), format!("unix:{}", path.display()))
             }
         }
     }
@@ -469,6 +495,12 @@ impl Server {
         let addr = listener
             .as_ref()
             .map_or_else(|| "-".to_string(), ClientListener::describe);
+        if let Some(l) = &listener {
+            let (fd, name) = l.conns_entry();
+            shared
+                .conns
+                .listening(fd, name, shared.store.clock().now_secs());
+        }
         info!(
             addr,
             memory_limit_bytes = shared.store.limit_bytes(),

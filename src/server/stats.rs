@@ -213,7 +213,11 @@ pub fn compose_settings(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, limit_byt
     put_stat(out, "inter", &f.listen);
     put_stat(out, "verbosity", s.verbosity.load(Relaxed));
     put_stat(out, "evictions", if f.evictions { "on" } else { "off" });
-    put_stat(out, "domain_socket", f.unix_socket.as_deref().unwrap_or("NULL"));
+    put_stat(
+        out,
+        "domain_socket",
+        f.unix_socket.as_deref().unwrap_or("NULL"),
+    );
     put_stat(out, "umask", format_args!("{:o}", f.unix_mask));
     put_stat(out, "shutdown_command", yes_no(f.shutdown_command));
     put_stat(out, "num_threads", f.threads);
