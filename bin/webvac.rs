@@ -38,8 +38,9 @@ struct Args {
     /// Write the process id to this file; it is removed at exit.
     #[arg(short = 'P', long = "pidfile")]
     pidfile: Option<std::path::PathBuf>,
-    /// Item memory in MiB (default 64).
-    #[arg(short = 'm', long = "memory-limit")]
+    /// Item memory in MiB (default 64); `64m` and `1g` too, as memcached
+    /// takes them.
+    #[arg(short = 'm', long = "memory-limit", value_parser = parse_memory_mb)]
     memory_limit: Option<usize>,
     /// Worker threads (default 4).
     #[arg(short = 't', long = "threads")]
@@ -328,6 +329,20 @@ fn cluster_flags(
     Ok(Some(c))
 }
 
+/// memcached's `-m`: MiB, or a number with an `m` or `g` suffix.
+fn parse_memory_mb(s: &str) -> Result<usize, String> {
+    let (digits, scale) = match s.as_bytes().last() {
+        Some(b'm' | b'M') => (&s[..s.len() - 1], 1),
+        Some(b'g' | b'G') => (&s[..s.len() - 1], 1024),
+        _ => (s, 1),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("invalid memory limit {s:?}: MiB, or a number with m or g"))
+}
+
 /// memcached flags that cannot mean anything for webvac: refused by name,
 /// with why (flag, long flag, reason).
 const REFUSED: &[(&str, &str, &str)] = &[
@@ -377,6 +392,11 @@ const REFUSED: &[(&str, &str, &str)] = &[
         "--napi_ids",
         "NAPI-ID thread steering is not supported",
     ),
+    (
+        "-N",
+        "--napi-ids",
+        "NAPI-ID thread steering is not supported",
+    ),
 ];
 
 /// The first memcached flag in `args` that webvac refuses, with why.
@@ -419,6 +439,12 @@ const EXTENDED_INTERNALS: &[&str] = &[
     "slab_reassign",
     "slab_automove",
     "slab_automove_freeratio",
+    "slab_automove_ratio",
+    "slab_automove_window",
+    "slab_sizes",
+    "no_slab_reassign",
+    "no_slab_automove",
+    "no_chunked_items",
     "sock_cookie_id",
 ];
 
@@ -455,6 +481,9 @@ fn apply_extended(options: &[String], config: &mut Config) -> anyhow::Result<()>
             _ if name.starts_with("ssl_") => {
                 anyhow::bail!("-o {name}: TLS is not supported yet")
             }
+            _ if name.starts_with("proxy_") => anyhow::bail!(
+                "-o {name}: webvac has no proxy mode (its cluster routes requests itself)"
+            ),
             _ if name.starts_with("ext_") => anyhow::bail!(
                 "-o {name}: external storage (extstore) is not supported; webvac keeps items in memory"
             ),

@@ -30,7 +30,9 @@ use crate::limits::{
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Interface to listen on. Never all interfaces by default.
+    /// Interfaces to listen on, as memcached's `-l`: one or more hosts or
+    /// `host:port`s separated by commas or spaces. Never all interfaces by
+    /// default.
     pub listen: String,
     /// TCP port for clients; 0 picks a free one (logged at startup).
     pub port: u16,
@@ -624,6 +626,9 @@ impl Config {
                 "unix_mask must be a permission mask of at most 0777, got {:o}",
                 self.unix_mask
             ));
+        }
+        if self.listen.split([',', ' ']).all(str::is_empty) {
+            return bad("listen names no address".into());
         }
         if self.unix_socket.is_some() && self.cluster.is_some() {
             return bad(

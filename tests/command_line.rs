@@ -52,7 +52,7 @@ fn wait_for_file(path: &Path) {
 fn a_memcached_command_line_starts_webvac() {
     let server = Server::start(&[
         "-m",
-        "64",
+        "64m",
         "-c",
         "1024",
         "-t",
@@ -82,6 +82,7 @@ fn a_memcached_command_line_starts_webvac() {
     assert_eq!(stat_value(&s, "idle_timeout"), 60);
     assert_eq!(stat_value(&s, "reqs_per_event"), 20);
     assert_eq!(stat_value(&s, "maxconns"), 1000);
+    assert_eq!(stat_value(&s, "maxbytes"), 64 << 20, "-m 64m");
     assert_eq!(stat_value(&s, "verbosity"), 1, "the -v count, as memcached");
 }
 
@@ -107,6 +108,9 @@ fn flags_that_cannot_mean_anything_are_refused_by_name() {
         (&["-o", "modern,hashpower=20"], "slab allocator"),
         (&["-o", "no_maxconns_fast"], "queue"),
         (&["-o", "bogus"], "not an extended option"),
+        (&["-o", "slab_automove_window=30"], "slab allocator"),
+        (&["-o", "proxy_config=/x.lua"], "proxy"),
+        (&["--napi-ids", "2"], "NAPI"),
     ] {
         let err = refused(args);
         assert!(
@@ -206,4 +210,31 @@ fn license_prints_and_exits() {
     let out = Command::new(WEBVAC_BIN).arg("-i").output().expect("run");
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("Apache License"));
+}
+
+/// memcached's `-l` takes several addresses (Debian's unit file suggests
+/// `-l 127.0.0.1,::1`): webvac listens on each, with `-p`'s port.
+#[test]
+fn listen_takes_several_addresses() {
+    let port = common::free_tcp_port();
+    let list = "127.0.0.1,127.0.0.2";
+    let mut child = Command::new(WEBVAC_BIN)
+        .args(["-l", list, "-p", &port.to_string()])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    for host in ["127.0.0.1", "127.0.0.2"] {
+        let addr: std::net::SocketAddr = format!("{host}:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut c = loop {
+            if let Ok(c) = Client::connect_tcp(addr) {
+                break c;
+            }
+            assert!(Instant::now() < deadline, "nothing listens on {addr}");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(c.ask(b"version\r\n"), "VERSION 1.6.18\r\n", "{addr}");
+    }
+    let exit = common::stop_child(&mut child, Duration::from_secs(10));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
 }

@@ -221,8 +221,8 @@ impl Local for Shared {
 
 /// Where clients connect.
 enum ClientListener {
-    /// A TCP port.
-    Tcp(TcpListener),
+    /// TCP ports: one per address of `-l` (at least one).
+    Tcp(Vec<TcpListener>),
     /// A unix socket (memcached's `-s`); its file is removed at shutdown.
     Unix {
         listener: tokio::net::UnixListener,
@@ -247,8 +247,10 @@ enum Accepted {
 impl ClientListener {
     async fn accept(&self) -> std::io::Result<(Accepted, String)> {
         match self {
-            ClientListener::Tcp(l) => {
-                let (s, peer) = l.accept().await?;
+            ClientListener::Tcp(listeners) => {
+                let accepts = listeners.iter().map(|l| Box::pin(l.accept()));
+                let (accepted, _, _) = futures_util::future::select_all(accepts).await;
+                let (s, peer) = accepted?;
                 Ok((Accepted::Tcp(s), tcp_name(peer)))
             }
             ClientListener::Unix { listener, path } => {
@@ -262,9 +264,11 @@ impl ClientListener {
     fn conns_entry(&self) -> (i32, String) {
         use std::os::fd::AsRawFd;
         match self {
-            ClientListener::Tcp(l) => (
-                l.as_raw_fd(),
-                l.local_addr().map_or_else(|e| e.to_string(), tcp_name),
+            ClientListener::Tcp(listeners) => (
+                listeners[0].as_raw_fd(),
+                listeners[0]
+                    .local_addr()
+                    .map_or_else(|e| e.to_string(), tcp_name),
             ),
             ClientListener::Unix { listener, path } => {
                 (listener.as_raw_fd(), format!("unix:{}", path.display()))
@@ -275,9 +279,14 @@ impl ClientListener {
     /// What the log says it listens on.
     fn describe(&self) -> String {
         match self {
-            ClientListener::Tcp(l) => l
-                .local_addr()
-                .map_or_else(|e| e.to_string(), |a| a.to_string()),
+            ClientListener::Tcp(listeners) => listeners
+                .iter()
+                .map(|l| {
+                    l.local_addr()
+                        .map_or_else(|e| e.to_string(), |a| a.to_string())
+                })
+                .collect::<Vec<_>>()
+                .join(","),
             ClientListener::Unix { path, .. } => format!("unix:{}", path.display()),
         }
     }
@@ -315,6 +324,29 @@ fn bind_unix(path: &std::path::Path, mask: u32) -> Result<tokio::net::UnixListen
     // SAFETY: as above, restoring it.
     unsafe { libc::umask(old) };
     bound.map_err(failed)
+}
+
+/// The `host:port` addresses of memcached's `-l`: one or more items
+/// separated by commas or spaces, each a host (`127.0.0.1`, `::1`,
+/// `localhost`) listening on `port`, or a `host:port` / `[v6]:port`.
+fn listen_addresses(listen: &str, port: u16) -> Vec<String> {
+    listen
+        .split([',', ' '])
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let has_port = if item.starts_with('[') {
+                item.contains("]:")
+            } else {
+                item.matches(':').count() == 1
+            };
+            match (has_port, item.contains(':') && !item.starts_with('[')) {
+                (true, _) => item.to_string(),
+                // A bare IPv6 address.
+                (false, true) => format!("[{item}]:{port}"),
+                (false, false) => format!("{item}:{port}"),
+            }
+        })
+        .collect()
 }
 
 /// Binds the client port at `addr` (`host:port`, the first address it
@@ -388,9 +420,9 @@ impl Server {
         debug!(open_files, "open-file limit");
         // A cluster member listens where its member entry says.
         let me = config.cluster.as_ref().and_then(|c| c.me());
-        let addr = me.map_or_else(
-            || format!("{}:{}", config.listen, config.port),
-            |m| m.client.clone(),
+        let addrs = me.map_or_else(
+            || listen_addresses(&config.listen, config.port),
+            |m| vec![m.client.clone()],
         );
         let listener = match (&config.unix_socket, serve_client) {
             (_, false) => None,
@@ -398,17 +430,22 @@ impl Server {
                 listener: bind_unix(path, config.unix_mask)?,
                 path: path.clone(),
             }),
-            (None, true) => Some(ClientListener::Tcp(
-                bind_tcp(&addr, config.listen_backlog)
-                    .await
-                    .map_err(|source| ServerError::Bind {
-                        addr: addr.clone(),
-                        source,
-                    })?,
-            )),
+            (None, true) => {
+                let mut bound = Vec::with_capacity(addrs.len());
+                for addr in &addrs {
+                    let l = bind_tcp(addr, config.listen_backlog)
+                        .await
+                        .map_err(|source| ServerError::Bind {
+                            addr: addr.clone(),
+                            source,
+                        })?;
+                    bound.push(l);
+                }
+                Some(ClientListener::Tcp(bound))
+            }
         };
         let port = match &listener {
-            Some(ClientListener::Tcp(l)) => l.local_addr()?.port(),
+            Some(ClientListener::Tcp(l)) => l[0].local_addr()?.port(),
             _ => 0,
         };
         let (cluster, peer_listener, identity) = match &config.cluster {
@@ -441,10 +478,11 @@ impl Server {
             .expect("the memcached port is bound (Server::bind)")
     }
 
-    /// The memcached port's address, if it is served over TCP.
+    /// The memcached port's address (the first of `-l`'s), if it is
+    /// served over TCP.
     pub fn client_addr(&self) -> Option<SocketAddr> {
         match &self.listener {
-            Some(ClientListener::Tcp(l)) => l.local_addr().ok(),
+            Some(ClientListener::Tcp(l)) => l[0].local_addr().ok(),
             _ => None,
         }
     }
@@ -617,5 +655,23 @@ async fn sweep_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             }
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listen_addresses;
+
+    #[test]
+    fn listen_takes_memcached_lists_of_hosts_and_ports() {
+        assert_eq!(listen_addresses("127.0.0.1", 11211), ["127.0.0.1:11211"]);
+        assert_eq!(
+            listen_addresses("127.0.0.1,::1", 11211),
+            ["127.0.0.1:11211", "[::1]:11211"]
+        );
+        assert_eq!(
+            listen_addresses("localhost:7 [::1]:8 [fe80::1]", 9),
+            ["localhost:7", "[::1]:8", "[fe80::1]:9"]
+        );
     }
 }
