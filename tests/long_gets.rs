@@ -197,3 +197,34 @@ fn a_long_line_from_a_client_that_never_reads_is_held_to_the_budget() {
     );
     assert!(peak <= bound(64, 2), "peak RSS {} MiB", peak / MIB);
 }
+
+/// Found in review: a long line whose newline never comes, from a client
+/// that never reads, kept what it was owed in the in-flight budget for
+/// ever (the data timeout looked only at request bytes, and each piece
+/// cleared them), so two such clients starved every other of the budget.
+/// Its replies now hold the data timeout from when writing last made
+/// progress, however much more of the line it sends.
+#[test]
+fn an_unending_line_from_a_client_that_never_reads_is_closed_by_the_data_timeout() {
+    let _serial = exclusive();
+    let server = Server::start(&["-m", "64", "--data-timeout", "2"]);
+    let mut good = server.connect();
+    for i in 0..20 {
+        set_value(&mut good, &format!("big{i}"), &[b'v'; 500_000]);
+    }
+    let mut line = b"get".to_vec();
+    for i in 0..30_000 {
+        line.extend_from_slice(format!(" big{}", i % 20).as_bytes());
+    }
+    // No newline, ever; and nothing is read.
+    let mut hostile = server.connect();
+    hostile.send(&line).expect("the line is read on");
+    wait_for(
+        "the data timeout to close it and give the budget back",
+        || {
+            let s = stats(&mut good, "");
+            stat_value(&s, "data_timeouts") > 0 && stat_value(&s, "inflight_bytes") == 0
+        },
+    );
+    assert_eq!(good.ask(b"get big0 none\r\n").len(), 500_000 + 28);
+}

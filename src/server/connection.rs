@@ -180,6 +180,10 @@ async fn run<S: ClientSocket>(
     // When the last complete command arrived; kept only with an idle timeout.
     let mut last_command = idle.map(|_| Instant::now());
     loop {
+        // Whether the input buffer's allocation is large (a long line or a
+        // large value came through it): measured before `process` takes
+        // bytes off its front, which hides them from `capacity`.
+        let big_buffer = inbuf.capacity() > IDLE_BUFFER_BYTES;
         let close = process(
             shared,
             &mut inbuf,
@@ -218,8 +222,13 @@ async fn run<S: ClientSocket>(
             debug_assert!(false, "parser left {} bytes unconsumed", inbuf.len());
             return Ok(());
         }
-        if inbuf.is_empty() && inbuf.capacity() > IDLE_BUFFER_BYTES {
-            inbuf = BytesMut::with_capacity(READ_CHUNK_BYTES);
+        // A large allocation with little left in it (the end of a long
+        // line or a large value, the start of the next request) goes back:
+        // a client that stops there must not keep it beside the budget.
+        if big_buffer && inbuf.len() < READ_CHUNK_BYTES {
+            let mut fresh = BytesMut::with_capacity(READ_CHUNK_BYTES);
+            fresh.extend_from_slice(&inbuf);
+            inbuf = fresh;
         }
         if out.buf.is_empty() && out.buf.capacity() > IDLE_BUFFER_BYTES {
             out.buf = Vec::new();
@@ -229,10 +238,18 @@ async fn run<S: ClientSocket>(
         if inbuf.capacity() - inbuf.len() < READ_CHUNK_BYTES / 4 {
             inbuf.reserve(READ_CHUNK_BYTES);
         }
-        // Mid-way through a data block holding in-flight memory: the data
-        // timeout, from now (any byte resets it). Otherwise the idle
-        // timeout, from the last command.
-        let (deadline, kicks) = if budget.request.bytes() > 0 {
+        // Replies of a long get line that hold in-flight memory and that
+        // the client does not take: the data timeout, from when writing
+        // last made progress (bytes it sends do not reset it). Mid-way
+        // through a data block holding in-flight memory: the data timeout,
+        // from now (any byte resets it). Otherwise the idle timeout, from
+        // the last command.
+        let (deadline, kicks) = if let Some(since) = out
+            .stalled_since
+            .filter(|_| long.is_some() && budget.reply.bytes() > 0)
+        {
+            (data.map(|d| since + d), &shared.stats.data_timeouts)
+        } else if budget.request.bytes() > 0 {
             (
                 data.map(|d| Instant::now() + d),
                 &shared.stats.data_timeouts,
@@ -281,6 +298,9 @@ struct Output {
     /// Bytes of `buf` already written (only while a long get line arrives;
     /// otherwise a flush writes everything).
     sent: usize,
+    /// Since when replies have waited unwritten with no write making
+    /// progress (kept by [`flush_now`]; `None` when nothing waits).
+    stalled_since: Option<Instant>,
 }
 
 impl Output {
@@ -293,6 +313,7 @@ impl Output {
         shared.stats.bytes_written.fetch_add(bytes as u64, Relaxed);
         self.buf.clear();
         self.sent = 0;
+        self.stalled_since = None;
         held.clear();
     }
 }
@@ -373,6 +394,9 @@ fn flush_now(
         .stats
         .bytes_written
         .fetch_add((out.sent - start) as u64, Relaxed);
+    if out.sent > start || out.stalled_since.is_none() {
+        out.stalled_since = Some(Instant::now());
+    }
     // Move the rest to the front only once it is at most half the buffer,
     // so each byte is moved a bounded number of times.
     if out.sent >= out.buf.len() / 2 {
