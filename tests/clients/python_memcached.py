@@ -30,37 +30,13 @@ except ImportError as e:
     )
 
 
-class Adapter:
+class Adapter(scenario.Driver):
     def __init__(self, servers):
         self.c = memcache.Client(
             ["%s:%d" % s for s in servers],
             socket_timeout=scenario.IO_TIMEOUT_S,
             cache_cas=True,
         )
-
-    def flush_all(self):
-        return self.c.flush_all()
-
-    def get(self, key):
-        return self.c.get(key)
-
-    def set(self, key, value):
-        return self.c.set(key, value)
-
-    def add(self, key, value):
-        return self.c.add(key, value)
-
-    def replace(self, key, value):
-        return self.c.replace(key, value)
-
-    def append(self, key, value):
-        return self.c.append(key, value)
-
-    def prepend(self, key, value):
-        return self.c.prepend(key, value)
-
-    def gets(self, key):
-        return self.c.gets(key)
 
     def canon_gets(self, value):
         # The token stays inside the client (cas_ids); gets returns the value.
@@ -71,32 +47,6 @@ class Adapter:
 
     def cas(self, key, value, _token):
         return self.c.cas(key, value)
-
-    def incr(self, key, delta):
-        return self.c.incr(key, delta)
-
-    def decr(self, key, delta):
-        return self.c.decr(key, delta)
-
-    def touch(self, key, ttl):
-        return self.c.touch(key, ttl)
-
-    def delete(self, key):
-        return self.c.delete(key)
-
-    def set_multi(self, mapping):
-        return self.c.set_multi(mapping)
-
-    def get_multi(self, keys):
-        return self.c.get_multi(keys)
-
-    def stats(self):
-        return [s for _name, s in self.c.get_stats()]
-
-    def version(self):
-        # python-memcached has no `version` call: the version it can give
-        # is the one in `stats`.
-        return [s.get("version") for _name, s in self.c.get_stats()]
 
 
 if __name__ == "__main__":

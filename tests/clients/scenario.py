@@ -162,6 +162,36 @@ def distinct(results):
     return [by_text[text] for text in sorted(by_text)]
 
 
+class Driver:
+    """What the Python drivers share. A scenario call a driver does not
+    define goes to its client, `self.c`, under the same name and with the
+    same arguments. `gets` answers (value, token), and `stats` and
+    `version` come from `get_stats()` (python-memcached's and pylibmc's
+    way); a driver whose client differs defines its own."""
+
+    def __getattr__(self, name):
+        if name == "c":  # not set yet: no client to ask
+            raise AttributeError(name)
+        return getattr(self.c, name)
+
+    def canon_gets(self, got):
+        # (value, cas) on a hit, (None, None) on a miss.
+        if isinstance(got, tuple) and len(got) == 2 and got[1] is not None:
+            return [canonical(got[0]), cas_kind(got[1])]
+        return canonical(got)
+
+    def cas_token(self, got):
+        return got[1] if isinstance(got, tuple) and len(got) == 2 else None
+
+    def stats(self):
+        return [s for _name, s in self.c.get_stats()]
+
+    def version(self):
+        # No `version` call: the version such a client can give is the
+        # one in `stats`.
+        return [s.get("version") for _name, s in self.c.get_stats()]
+
+
 class Raised:
     """A client error, recorded as the step's result."""
 
