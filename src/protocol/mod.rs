@@ -47,6 +47,9 @@ pub mod reply {
     /// A write that could not be stored (or buffered) within the memory
     /// limit.
     pub const NO_MEMORY_STORING: &str = "SERVER_ERROR out of memory storing object";
+    /// A long request line the in-flight budget cannot hold; the
+    /// connection is closed after it.
+    pub const NO_MEMORY_READING: &str = "SERVER_ERROR out of memory reading request";
     /// An incr/decr whose result could not be stored within the memory
     /// limit.
     pub const NO_MEMORY: &str = "SERVER_ERROR out of memory";

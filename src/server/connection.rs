@@ -31,7 +31,7 @@ use crate::limits::{
     GET_KEYS_PER_TURN, GET_LINE_WHOLE_BYTES_MAX, PREFETCH_KEYS, READ_CHUNK_BYTES, WRITE_FLUSH_BYTES,
 };
 use crate::protocol::get::{LongGet, Step};
-use crate::protocol::{ParseLimits, Parsed, Request, incomplete_bytes_max, parse};
+use crate::protocol::{ParseLimits, Parsed, Request, incomplete_bytes_max, parse, put_line, reply};
 
 /// Buffers larger than this are given back once empty.
 const IDLE_BUFFER_BYTES: usize = 64 * 1024;
@@ -502,9 +502,7 @@ async fn process(
                     if inbuf.len() <= INFLIGHT_FREE_BYTES || reservation.hold(inbuf.len()) {
                         return Ok(false);
                     }
-                    output
-                        .buf
-                        .extend_from_slice(b"SERVER_ERROR out of memory reading request\r\n");
+                    put_line(&mut output.buf, reply::NO_MEMORY_READING.as_bytes());
                     return Ok(true);
                 }
                 Step::Piece { get, consumed } => Parsed::Complete {
@@ -539,7 +537,7 @@ async fn process(
                         inflight = shared.inflight.used(),
                         "no in-flight memory for a long request line; closing"
                     );
-                    out.extend_from_slice(b"SERVER_ERROR out of memory reading request\r\n");
+                    put_line(out, reply::NO_MEMORY_READING.as_bytes());
                     return Ok(true);
                 };
                 let Some(frame_bytes) = request.refused_frame_bytes(consumed) else {
