@@ -38,6 +38,10 @@ pub struct InflightBudget {
     /// Bytes reserved now.
     used: AtomicUsize,
     limit: usize,
+    /// Holders waiting for room ([`Reservation::hold_within`]); releases
+    /// wake them only when there are any.
+    waiters: AtomicUsize,
+    room: tokio::sync::Notify,
 }
 
 impl InflightBudget {
@@ -46,6 +50,8 @@ impl InflightBudget {
         Self {
             used: AtomicUsize::new(0),
             limit,
+            waiters: AtomicUsize::new(0),
+            room: tokio::sync::Notify::new(),
         }
     }
 
@@ -73,6 +79,9 @@ impl InflightBudget {
             before >= bytes,
             "in-flight budget released more than reserved"
         );
+        if self.waiters.load(Ordering::Acquire) > 0 {
+            self.room.notify_waiters();
+        }
     }
 }
 
@@ -130,6 +139,44 @@ impl Reservation {
         }
     }
 
+    /// Holds exactly `bytes`: gives back what is held past it, or reserves
+    /// what is missing. False if the budget has no room for the difference
+    /// (what was held stays held).
+    pub fn hold_exactly(&mut self, bytes: usize) -> bool {
+        if bytes < self.bytes {
+            self.budget.release(self.bytes - bytes);
+            self.bytes = bytes;
+        }
+        self.hold(bytes)
+    }
+
+    /// Holds exactly `bytes` like [`Self::hold_exactly`], waiting up to
+    /// `wait` for room to come back if there is none now. False if none
+    /// came (what was held stays held).
+    pub async fn hold_within(&mut self, bytes: usize, wait: std::time::Duration) -> bool {
+        if self.hold_exactly(bytes) {
+            return true;
+        }
+        let budget = self.budget.clone();
+        budget.waiters.fetch_add(1, Ordering::AcqRel);
+        let deadline = tokio::time::Instant::now() + wait;
+        let held = loop {
+            // Registered before the retry, so a release between the two
+            // still wakes this holder.
+            let notified = budget.room.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.hold(bytes) {
+                break true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break self.hold(bytes);
+            }
+        };
+        budget.waiters.fetch_sub(1, Ordering::AcqRel);
+        held
+    }
+
     /// Gives the reservation back (the frame completed).
     pub fn clear(&mut self) {
         if self.bytes > 0 {
@@ -175,5 +222,52 @@ mod tests {
         assert_eq!(reply.bytes(), 90, "what was held stays held");
         reply.clear();
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn holding_exactly_gives_back_the_excess() {
+        let budget = Arc::new(InflightBudget::new(100));
+        let mut line = Reservation::new(&budget);
+        assert!(line.hold_exactly(80));
+        assert!(line.hold_exactly(30));
+        assert_eq!(budget.used(), 30, "the excess goes back");
+        assert!(!line.hold_exactly(120));
+        assert_eq!(line.bytes(), 30, "what was held stays held");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_holder_gets_room_given_back_and_gives_up_at_its_deadline() {
+        use std::time::Duration;
+        let budget = Arc::new(InflightBudget::new(100));
+        let mut hog = Reservation::new(&budget);
+        assert!(hog.hold(90));
+        let waiter = {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                let mut line = Reservation::new(&budget);
+                let held = line.hold_within(50, Duration::from_secs(2)).await;
+                (held, line.bytes())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!waiter.is_finished(), "no room yet");
+        hog.clear();
+        assert_eq!(
+            waiter.await.expect("waiter"),
+            (true, 50),
+            "woken by the release"
+        );
+        assert_eq!(budget.used(), 0);
+
+        assert!(hog.hold(90));
+        let mut late = Reservation::new(&budget);
+        let started = tokio::time::Instant::now();
+        assert!(!late.hold_within(50, Duration::from_secs(2)).await);
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(2),
+            "gave up at the deadline"
+        );
+        assert_eq!(budget.waiters.load(Ordering::Relaxed), 0);
     }
 }

@@ -232,6 +232,12 @@ pub const INFLIGHT_BUDGET_SHARE_OF_ITEMS: usize = 8;
 /// large values at once.
 pub const INFLIGHT_BUDGET_BYTES_MIN: usize = 16 * 1024 * 1024;
 
+/// How long a get line waits for room in the in-flight budget before it is
+/// refused (`SERVER_ERROR out of memory reading request`): room comes back
+/// as other connections' requests are answered, so a burst of long lines
+/// is served a share at a time instead of refused.
+pub const INFLIGHT_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Default `data_timeout_secs`: a connection that holds in-flight memory for
 /// a data block and sends nothing for this long is closed. Generous for a
 /// slow link, short next to "forever".

@@ -808,3 +808,71 @@ fn hints_cost_what_they_say() {
     }
     assert!(p99 < Duration::from_millis(50), "good client p99 {p99:?}");
 }
+
+/// Found in review of issue 17: 800 connections that each send one get
+/// line of 60–70 KB took a `-m 8` node to 66–85 MiB against a 54.5 MiB
+/// bound. A get yields between batches of keys, so many connections were
+/// part-way through serving a line at once, and the line's buffer was
+/// outside the in-flight budget while it was served. Now a request past
+/// the free allowance holds its buffer in the budget until it is answered;
+/// a get line that finds no room gets memcached's
+/// `SERVER_ERROR out of memory reading request` and the connection closes.
+#[test]
+fn many_long_get_lines_at_once_stay_within_the_bound() {
+    let _serial = exclusive();
+    let server = Server::start(&["-m", "8", "-c", "4096"]);
+    let mut good = server.connect();
+    let pid = stat_value(&stats(&mut good, ""), "pid");
+    const CONNECTIONS: usize = 800;
+    const WRITERS: usize = 8;
+    eprintln!("RSS before {} MiB", proc_status_bytes(pid, "VmRSS:") / MIB);
+    for line_bytes in [62_000usize, 70_000] {
+        let mut line = b"get".to_vec();
+        let mut i = 0;
+        while line.len() < line_bytes {
+            line.extend_from_slice(format!(" absent-key-{i:0>8}").as_bytes());
+            i += 1;
+        }
+        line.extend_from_slice(b"\r\n");
+        let mut conns: Vec<TcpStream> = (0..CONNECTIONS).map(|_| raw(&server, WAIT_MAX)).collect();
+        // Several writers, so that many lines arrive while others are
+        // being served.
+        std::thread::scope(|scope| {
+            for chunk in conns.chunks_mut(CONNECTIONS / WRITERS) {
+                let line = &line;
+                scope.spawn(move || {
+                    for s in chunk {
+                        s.write_all(line).expect("the whole line is read");
+                    }
+                });
+            }
+        });
+        let replies = read_each(&mut conns, Duration::from_secs(2));
+        let mut answered = 0;
+        for (reply, closed) in replies {
+            match String::from_utf8_lossy(&reply).as_ref() {
+                "END\r\n" => answered += 1,
+                "SERVER_ERROR out of memory reading request\r\n" => {
+                    assert!(closed, "closed after the refusal")
+                }
+                other => panic!("unexpected reply {other:?}"),
+            }
+        }
+        wait_for("the budget to come back", || {
+            stat_value(&stats(&mut good, ""), "inflight_bytes") == 0
+        });
+        let peak = proc_status_bytes(pid, "VmHWM:");
+        let limit = bound(8, CONNECTIONS + 1);
+        eprintln!(
+            "{line_bytes} B lines: {answered} of {CONNECTIONS} answered; peak RSS {} MiB (bound {} MiB)",
+            peak / MIB,
+            limit / MIB
+        );
+        assert!(answered > 0, "some lines are answered");
+        assert!(peak <= limit, "peak RSS {} MiB", peak / MIB);
+        drop(conns);
+        wait_for("the connections to close", || {
+            stat_value(&stats(&mut good, ""), "curr_connections") == 1
+        });
+    }
+}

@@ -28,7 +28,8 @@ use super::execute::{self, Action};
 use super::faults::{Fault, Faults};
 use crate::budget::{INFLIGHT_FREE_BYTES, Reservation};
 use crate::limits::{
-    GET_KEYS_PER_TURN, GET_LINE_WHOLE_BYTES_MAX, PREFETCH_KEYS, READ_CHUNK_BYTES, WRITE_FLUSH_BYTES,
+    GET_KEYS_PER_TURN, GET_LINE_WHOLE_BYTES_MAX, INFLIGHT_WAIT_MAX, PREFETCH_KEYS,
+    READ_CHUNK_BYTES, WRITE_FLUSH_BYTES,
 };
 use crate::protocol::get::{LongGet, Step};
 use crate::protocol::{ParseLimits, Parsed, Request, incomplete_bytes_max, parse, put_line, reply};
@@ -234,9 +235,15 @@ async fn run<S: ClientSocket>(
             out.buf = Vec::new();
         }
         // Grow only when little room is left: a request part-way in keeps
-        // the buffer it arrived in.
+        // the buffer it arrived in. A request that holds budget grows its
+        // buffer once, to what it holds; others by a read. Never by
+        // doubling: an allocation twice what the budget counts is memory
+        // it does not see.
         if inbuf.capacity() - inbuf.len() < READ_CHUNK_BYTES / 4 {
-            inbuf.reserve(READ_CHUNK_BYTES);
+            let want = (inbuf.len() + READ_CHUNK_BYTES).max(budget.request.bytes());
+            let mut grown = BytesMut::with_capacity(want);
+            grown.extend_from_slice(&inbuf);
+            inbuf = grown;
         }
         // Replies of a long get line that hold in-flight memory and that
         // the client does not take: the data timeout, from when writing
@@ -437,9 +444,10 @@ fn hold_reply(out: &mut Vec<u8>, reply_at: usize, held: &mut Reservation, get: b
     false
 }
 
-/// After a piece of a long get line: an error ends its reply, so the rest
-/// of the line is only discarded; once its newline is read the line is
-/// over.
+/// After a request, or a piece of a long get line: an error ends a long
+/// line's reply, so the rest of the line is only discarded; once its
+/// newline is read the line is over. The request's bytes held in the
+/// budget go back once no long line is left part-way.
 fn after_piece(long: &mut Option<LongGet>, failed: bool, reservation: &mut Reservation) {
     if let Some(l) = long {
         if failed {
@@ -447,9 +455,39 @@ fn after_piece(long: &mut Option<LongGet>, failed: bool, reservation: &mut Reser
         }
         if l.done() {
             *long = None;
-            reservation.clear();
         }
     }
+    if long.is_none() {
+        reservation.clear();
+    }
+}
+
+/// Holds exactly `bytes` of a get line's buffer in the budget. With no
+/// room now, it first writes the replies pending (their bytes may be what
+/// holds the budget), then waits up to [`INFLIGHT_WAIT_MAX`] for other
+/// connections to give room back. False if none came.
+async fn hold_line(
+    shared: &Shared,
+    wr: &mut impl ClientWrite,
+    output: &mut Output,
+    held: &mut Reservation,
+    long: &Option<LongGet>,
+    reservation: &mut Reservation,
+    bytes: usize,
+) -> std::io::Result<bool> {
+    if reservation.hold_exactly(bytes) {
+        return Ok(true);
+    }
+    flush_for(shared, wr, output, held, long).await?;
+    let room = reservation.hold_within(bytes, INFLIGHT_WAIT_MAX).await;
+    if !room {
+        debug!(
+            bytes,
+            inflight = shared.inflight.used(),
+            "no in-flight memory for a get line; closing"
+        );
+    }
+    Ok(room)
 }
 
 /// Whether a get's reply, from `reply_at` on, is an error line.
@@ -499,7 +537,11 @@ async fn process(
                     // The buffer holds less than a piece (and a read);
                     // past the free allowance it is held to the budget (and
                     // to the data timeout) like any long line.
-                    if inbuf.len() <= INFLIGHT_FREE_BYTES || reservation.hold(inbuf.len()) {
+                    if inbuf.len() <= INFLIGHT_FREE_BYTES
+                        || reservation.hold(inbuf.len())
+                        || hold_line(shared, wr, output, held, long, reservation, inbuf.len())
+                            .await?
+                    {
                         return Ok(false);
                     }
                     put_line(&mut output.buf, reply::NO_MEMORY_READING.as_bytes());
@@ -529,15 +571,11 @@ async fn process(
                     // so connections that never finish one cannot hold
                     // memory the budget does not see (and the data timeout
                     // closes them).
-                    if reservation.reserve(GET_LINE_WHOLE_BYTES_MAX + 1) {
+                    let line_bytes = GET_LINE_WHOLE_BYTES_MAX + 1;
+                    if hold_line(shared, wr, output, held, long, reservation, line_bytes).await? {
                         return Ok(false);
                     }
-                    debug!(
-                        buffered = inbuf.len(),
-                        inflight = shared.inflight.used(),
-                        "no in-flight memory for a long request line; closing"
-                    );
-                    put_line(out, reply::NO_MEMORY_READING.as_bytes());
+                    put_line(&mut output.buf, reply::NO_MEMORY_READING.as_bytes());
                     return Ok(true);
                 };
                 let Some(frame_bytes) = request.refused_frame_bytes(consumed) else {
@@ -565,7 +603,25 @@ async fn process(
                 }
             }
             Parsed::Complete { request, consumed } => {
-                reservation.clear();
+                // The request stays in the input buffer while it is served,
+                // and serving can wait (a get yields between batches of
+                // keys, a cluster request waits for replicas): past the
+                // free allowance, the buffer's allocation is held in the
+                // budget until the request is answered, so connections
+                // part-way through large requests cannot together hold
+                // memory the budget does not see.
+                let line_bytes = if consumed > INFLIGHT_FREE_BYTES {
+                    inbuf.capacity()
+                } else {
+                    0
+                };
+                if !reservation.hold_exactly(line_bytes)
+                    && matches!(request, Request::Get(_))
+                    && !hold_line(shared, wr, output, held, long, reservation, line_bytes).await?
+                {
+                    put_line(&mut output.buf, reply::NO_MEMORY_READING.as_bytes());
+                    return Ok(true);
+                }
                 if let Some(last) = last_command.as_deref_mut() {
                     *last = Instant::now();
                 }
@@ -583,6 +639,7 @@ async fn process(
                 }
                 if execute::refused_by_settings(shared, &request, &mut output.buf) {
                     inbuf.advance(consumed);
+                    after_piece(long, false, reservation);
                     continue;
                 }
                 let fault = shared.faults.as_ref().map_or(Fault::None, Faults::next);
