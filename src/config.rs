@@ -91,6 +91,10 @@ pub struct Config {
     /// cluster layout (tokens then resist corruption and other clusters'
     /// tokens, but not a client that knows the layout and forges one).
     pub listing_secret: Option<String>,
+    /// memcached's `-Y`: a file of `user:password` lines; a connection
+    /// must authenticate (a `set` whose value is `user password`) before
+    /// any other command. Reloaded on SIGHUP.
+    pub auth_file: Option<std::path::PathBuf>,
     /// Cluster membership; absent: a single memcached-like node.
     pub cluster: Option<ClusterConfig>,
     /// Fault injection, for testing only: off unless set.
@@ -306,6 +310,12 @@ pub struct ClusterConfig {
     /// the README's consistency section.
     #[serde(default = "clock_drift_max_ms_default")]
     pub clock_drift_max_ms: u64,
+    /// A file holding the cluster secret, the same on every member: each
+    /// side of a peer connection proves it holds it before any message is
+    /// read. Must be readable by its owner only. Unset: allowed only when
+    /// every member's peer address is loopback (README, Security).
+    #[serde(default)]
+    pub secret_file: Option<std::path::PathBuf>,
 }
 
 fn refill_on_start_default() -> bool {
@@ -331,6 +341,17 @@ fn tombstone_grace_secs_default() -> u64 {
 }
 fn clock_drift_max_ms_default() -> u64 {
     CLOCK_DRIFT_MAX_MS_DEFAULT
+}
+
+/// Whether `addr` (`host:port`) is on loopback: a loopback IP address, or
+/// `localhost`. Any other name may resolve anywhere, so it is not.
+pub fn is_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// One member of the cluster.
@@ -395,6 +416,7 @@ impl ClusterConfig {
             anti_entropy_bytes_per_sec: anti_entropy_bytes_per_sec_default(),
             tombstone_grace_secs: tombstone_grace_secs_default(),
             clock_drift_max_ms: clock_drift_max_ms_default(),
+            secret_file: None,
         }
     }
 
@@ -487,6 +509,14 @@ impl ClusterConfig {
                 self.node_id
             ));
         }
+        if self.secret_file.is_none() {
+            if let Some(m) = self.members.iter().find(|m| !is_loopback(&m.peer)) {
+                return bad(format!(
+                    "cluster.secret_file (--cluster-secret-file) is required: member {}'s peer address {} is not loopback, and without a secret anyone who can reach a peer port is taken for a member",
+                    m.id, m.peer
+                ));
+            }
+        }
         if self.replicas == 0 {
             return bad("cluster.replicas must be at least 1".into());
         }
@@ -574,6 +604,7 @@ impl Default for Config {
             requests_per_event: REQUESTS_PER_BATCH_MAX,
             data_timeout_secs: DATA_TIMEOUT_SECS_DEFAULT,
             listing_secret: None,
+            auth_file: None,
             cluster: None,
             faults: FaultsConfig::default(),
         }

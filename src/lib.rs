@@ -44,6 +44,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod limits;
+pub mod log_limit;
 pub mod node;
 pub mod protocol;
 pub mod server;

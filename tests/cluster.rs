@@ -764,7 +764,8 @@ fn assert_refuses_layout(args: &[String], what: &str) {
     assert!(!status.success(), "{report}");
     assert!(took < Duration::from_secs(5), "{report}");
     assert!(
-        out.stderr.contains("disagrees on the cluster layout"),
+        out.stderr.contains("cannot form a cluster with node")
+            && out.stderr.contains("layout mismatch"),
         "{report}"
     );
 }

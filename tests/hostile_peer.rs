@@ -1,6 +1,6 @@
 //! Hostile peers against a real node: connections that pass the handshake
-//! (anyone who can reach the peer port and speaks it is a peer until peers
-//! authenticate) and then ask for large answers they never read, or start
+//! (a confused or buggy member, or anyone on a loopback cluster without a
+//! secret) and then ask for large answers they never read, or start
 //! large frames they never finish. Issue 16: every bound holds for them too.
 //! Each test checks the node's peak RSS against the documented bound, that
 //! the in-flight budget comes back, and that a well-behaved memcached client
@@ -21,12 +21,15 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use webvac::cluster::message::PeerRequest;
+use webvac::cluster::transport::auth::{self, Role, Transcript};
 use webvac::cluster::transport::frame::{self, Decoded};
-use webvac::cluster::transport::{FRAME_BYTES_MAX_DEFAULT, WIRE_VERSION};
+use webvac::cluster::transport::{FRAME_BYTES_MAX_DEFAULT, Identity, PeerKey, WIRE_VERSION};
 use webvac::config::ClusterConfig;
 
 use common::cluster::{Cluster, Layout, exclusive, preference_of};
-use common::hostile::{MIB, WAIT_MAX, bound, p99, pid_and_budget, set_value, stats, wait_for};
+use common::hostile::{
+    MIB, WAIT_MAX, bound, p99, pid_and_budget, read_to_close, set_value, stats, wait_for,
+};
 use common::{Client, proc_status_bytes, stat_value};
 
 /// The good client's p99 bound while a node is under attack.
@@ -40,11 +43,32 @@ const BIG_VALUE_BYTES: usize = 1_000_000;
 struct Hello {
     wire_version: u16,
     node_id: u16,
+    nonce: [u8; 32],
+}
+
+/// The accepting node's proof (the transport's `Challenge`).
+#[derive(Deserialize, Debug)]
+enum Challenge {
+    Prove {
+        node_id: u16,
+        nonce: [u8; 32],
+        proof: [u8; 32],
+    },
+    Refused {
+        #[allow(dead_code)] // read only through Debug
+        reason: String,
+    },
+}
+
+/// The dialling node's proof and layout (the transport's `Proven`).
+#[derive(Serialize)]
+struct Proven {
+    proof: [u8; 32],
     layout: u64,
     layout_text: String,
 }
 
-/// The accepting node's answer (the transport's `HelloReply`).
+/// The accepting node's verdict (the transport's `HelloReply`).
 #[derive(Deserialize, Debug)]
 #[allow(dead_code)] // read only through Debug
 enum HelloReply {
@@ -65,8 +89,8 @@ fn framed<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
-/// The Hello member `node_id` of `cluster`'s layout would send.
-fn hello(cluster: &Cluster, node_id: u16) -> Vec<u8> {
+/// The identity member `node_id` of `cluster`'s layout has.
+fn identity(cluster: &Cluster, node_id: u16) -> Identity {
     let layout = cluster.layout();
     let mut config = ClusterConfig::new(node_id, cluster.member_configs());
     if let Some(n) = layout.replicas {
@@ -74,35 +98,20 @@ fn hello(cluster: &Cluster, node_id: u16) -> Vec<u8> {
     }
     config.read_quorum = layout.read_quorum;
     config.write_quorum = layout.write_quorum;
-    let identity = webvac::server::cluster::identity(&config);
-    framed(&Hello {
-        wire_version: WIRE_VERSION,
-        node_id,
-        layout: identity.layout,
-        layout_text: identity.layout_text,
-    })
+    webvac::server::cluster::identity(&config, PeerKey::open())
 }
 
-/// Connects to `peer_addr` and handshakes as member `node_id`: the stream,
-/// or `None` if the node closed it or refused the handshake.
-fn handshake(cluster: &Cluster, peer_addr: SocketAddr, node_id: u16) -> Option<TcpStream> {
-    let mut s = TcpStream::connect(peer_addr).expect("connect to the peer port");
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("read timeout");
-    s.set_write_timeout(Some(Duration::from_secs(5)))
-        .expect("write timeout");
-    s.write_all(&hello(cluster, node_id)).ok()?;
-    let mut got = Vec::new();
+/// Reads one handshake frame from `s`; `None` if the node closed first.
+fn read_handshake_frame<T: serde::de::DeserializeOwned>(
+    s: &mut TcpStream,
+    got: &mut Vec<u8>,
+) -> Option<T> {
     let mut buf = [0u8; 4096];
     loop {
-        match frame::decode::<HelloReply>(&got, FRAME_BYTES_MAX_DEFAULT).expect("a reply") {
-            Decoded::Frame {
-                msg: HelloReply::Welcome { .. },
-                ..
-            } => return Some(s),
-            Decoded::Frame { msg, .. } => {
-                eprintln!("handshake as {node_id} refused: {msg:?}");
-                return None;
+        match frame::decode::<T>(got, FRAME_BYTES_MAX_DEFAULT).expect("a handshake frame") {
+            Decoded::Frame { msg, consumed } => {
+                got.drain(..consumed);
+                return Some(msg);
             }
             Decoded::Incomplete => match s.read(&mut buf) {
                 Ok(0) | Err(_) => return None,
@@ -110,6 +119,78 @@ fn handshake(cluster: &Cluster, peer_addr: SocketAddr, node_id: u16) -> Option<T
             },
         }
     }
+}
+
+/// Connects to `peer_addr` and handshakes as member `node_id` of this
+/// loopback cluster (no secret: the open key): the stream, or `None` if
+/// the node closed it or refused the handshake.
+fn handshake(cluster: &Cluster, peer_addr: SocketAddr, node_id: u16) -> Option<TcpStream> {
+    handshake_with(&identity(cluster, node_id), peer_addr)
+}
+
+/// The dialling side of the handshake as `me`, proving `me.key`.
+fn handshake_with(me: &Identity, peer_addr: SocketAddr) -> Option<TcpStream> {
+    match dial_raw(me, peer_addr, &[])? {
+        (s, HelloReply::Welcome { .. }, _) => Some(s),
+        (_, refused, _) => {
+            eprintln!("handshake as {} refused: {refused:?}", me.node_id);
+            None
+        }
+    }
+}
+
+/// Dials `peer_addr` as `me` and sends `after` right behind its proof,
+/// without waiting for the verdict, as an attacker would: the stream, the
+/// verdict, and every byte this side sent (what someone on the path would
+/// capture). `None` if the node closed the connection before a verdict.
+fn dial_raw(
+    me: &Identity,
+    peer_addr: SocketAddr,
+    after: &[u8],
+) -> Option<(TcpStream, HelloReply, Vec<u8>)> {
+    let mut s = TcpStream::connect(peer_addr).expect("connect to the peer port");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    s.set_write_timeout(Some(Duration::from_secs(5)))
+        .expect("write timeout");
+    let dialler_nonce = auth::nonce();
+    let mut sent = framed(&Hello {
+        wire_version: WIRE_VERSION,
+        node_id: me.node_id,
+        nonce: dialler_nonce,
+    });
+    s.write_all(&sent).ok()?;
+    let mut got = Vec::new();
+    let (acceptor, acceptor_nonce) = match read_handshake_frame(&mut s, &mut got)? {
+        Challenge::Prove {
+            node_id,
+            nonce,
+            proof,
+        } => {
+            let transcript = Transcript::of(me.node_id, node_id, dialler_nonce, nonce);
+            // Only a holder of the key could have made it; a node with
+            // another key proves nothing to this one.
+            if !me.key.verify(Role::Acceptor, &transcript, &proof) {
+                eprintln!("node {node_id} did not prove it holds this side's key");
+            }
+            (node_id, nonce)
+        }
+        refused => {
+            eprintln!("handshake as {} refused: {refused:?}", me.node_id);
+            return None;
+        }
+    };
+    let transcript = Transcript::of(me.node_id, acceptor, dialler_nonce, acceptor_nonce);
+    let mut rest = framed(&Proven {
+        proof: me.key.prove(Role::Dialler, &transcript),
+        layout: me.layout,
+        layout_text: me.layout_text.clone(),
+    });
+    rest.extend_from_slice(after);
+    s.write_all(&rest).ok()?;
+    sent.extend_from_slice(&rest);
+    let verdict = read_handshake_frame(&mut s, &mut got)?;
+    Some((s, verdict, sent))
 }
 
 /// Reads what the node sends until it closes the stream (true) or
@@ -516,4 +597,268 @@ fn large_values_still_move_between_members() {
     let mut admin = cluster.connect(1);
     let served = stat_value(&stats(&mut admin, "cluster"), "peer_requests_served");
     assert!(served > 0, "the members talked through node 1's peer port");
+}
+
+// ---------------------------------------------------------------------------
+// Peers without the secret (issue 18).
+
+/// A cluster secret in a file only its owner may read, removed when
+/// dropped.
+struct SecretFile(std::path::PathBuf);
+
+impl SecretFile {
+    fn new(secret: &[u8]) -> SecretFile {
+        use std::os::unix::fs::PermissionsExt;
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "webvac-secret-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, secret).expect("write the secret");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+        SecretFile(path)
+    }
+
+    /// The flag that makes a node use it.
+    fn flag(&self) -> String {
+        format!("--cluster-secret-file={}", self.0.display())
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// `mg <key> v c` through `c` at R = 3: the value and CAS every replica
+/// agrees on.
+fn value_and_cas(c: &mut Client, key: &str) -> String {
+    c.ask(format!("mg {key} v c Pr3\r\n").as_bytes())
+}
+
+/// The acceptance test of peer authentication: a process that knows the
+/// layout (the member list is in every member's config) but not the
+/// secret speaks the peer protocol itself. Right behind its guessed proof
+/// it pipelines every request that would hurt: a `FlushAll` and an `Apply`
+/// stamped far in the future (which would also move the node's clock), an
+/// `Execute` of a set, a `Scan`, a `ReadMeta` and a `ReadKeys`. The node
+/// answers `authentication failed` and nothing else, closes, and no key,
+/// value, CAS or clock changes. Then 300 more strangers in a row: each is
+/// counted in `peer_auth_failures`, the warnings come at most one a second,
+/// and a client is served throughout.
+#[test]
+fn a_stranger_that_knows_the_layout_but_not_the_secret_can_do_nothing() {
+    use webvac::store::KeyState;
+    let _serial = exclusive();
+    let secret = SecretFile::new(b"the secret of this test cluster\n");
+    let cluster = Cluster::start(Layout::new(3).arg(secret.flag()));
+    let mut good = cluster.connect(1);
+    assert_eq!(good.ask(b"set kept 0 0 5\r\nvalue\r\n"), "STORED\r\n");
+    let mut two = cluster.connect(2);
+    let before = value_and_cas(&mut two, "kept");
+    assert!(before.starts_with("VA 5 c"), "{before}");
+    let stranger = Identity {
+        key: PeerKey::from_secret(b"a guess at the secret"),
+        ..identity(&cluster, 3)
+    };
+    let far_future = u64::MAX >> 1;
+    let forged = KeyState::Item {
+        version: far_future,
+        flags: 0,
+        exptime: 0,
+        bits: 0,
+        value: b"forged".to_vec(),
+        dedup: Vec::new(),
+    };
+    let attacks = [
+        PeerRequest::FlushAll {
+            delay_secs: 0,
+            version: far_future,
+        },
+        PeerRequest::Apply {
+            key: b"kept".to_vec(),
+            state: forged,
+        },
+        PeerRequest::Execute {
+            command: b"set kept 0 0 6\r\nforged\r\n".to_vec(),
+            write_quorum: 1,
+        },
+        PeerRequest::Scan {
+            for_node: 3,
+            cursor: 0,
+        },
+        PeerRequest::ReadMeta {
+            command: b"mg kept v\r\n".to_vec(),
+            key: b"kept".to_vec(),
+        },
+        PeerRequest::ReadKeys {
+            keys: vec![b"kept".to_vec()],
+            with_cas: true,
+        },
+    ];
+    let frames: Vec<u8> = attacks
+        .into_iter()
+        .enumerate()
+        .flat_map(|(id, body)| {
+            framed(&ToServer::Request {
+                id: id as u64,
+                body,
+            })
+        })
+        .collect();
+    let (s, verdict, _) = dial_raw(&stranger, cluster.member(2).peer, &frames).expect("a verdict");
+    assert!(
+        matches!(&verdict, HelloReply::Refused { reason } if reason == "authentication failed"),
+        "{verdict:?}"
+    );
+    s.set_read_timeout(Some(WAIT_MAX)).expect("read timeout");
+    let rest = read_to_close(&s).expect("the node closes the connection");
+    assert!(rest.is_empty(), "{} bytes after the refusal", rest.len());
+    let cluster_stats = stats(&mut two, "cluster");
+    assert_eq!(stat_value(&cluster_stats, "peer_auth_failures"), 1);
+    for id in cluster.ids() {
+        let mut c = cluster.connect(id);
+        assert_eq!(value_and_cas(&mut c, "kept"), before, "through node {id}");
+        assert_eq!(stat_value(&stats(&mut c, ""), "curr_items"), 1, "node {id}");
+    }
+    // The clock did not move: a new write's stamp is of now, not of the
+    // forged future (stamps are unix ms << 22).
+    assert_eq!(good.ask(b"set after 0 0 1\r\nx\r\n"), "STORED\r\n");
+    let stamp = |reply: &str| -> u64 {
+        reply
+            .split_whitespace()
+            .find_map(|t| t.strip_prefix('c'))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("a CAS in {reply:?}"))
+    };
+    let drift_ms = (stamp(&value_and_cas(&mut good, "after")) >> 22) - (stamp(&before) >> 22);
+    assert!(drift_ms < 600_000, "the clock moved {drift_ms} ms");
+
+    // A flood of strangers.
+    const STRANGERS: u64 = 300;
+    let started = Instant::now();
+    let mut latencies = Vec::new();
+    for i in 0..STRANGERS {
+        let (_, verdict, _) = dial_raw(&stranger, cluster.member(2).peer, &[]).expect("a verdict");
+        assert!(matches!(verdict, HelloReply::Refused { .. }), "{verdict:?}");
+        if i % 10 == 0 {
+            let t = Instant::now();
+            assert_eq!(two.ask(b"mg kept v\r\n"), "VA 5\r\nvalue\r\n");
+            latencies.push(t.elapsed());
+        }
+    }
+    let took = started.elapsed();
+    let failures = stat_value(&stats(&mut two, "cluster"), "peer_auth_failures");
+    assert_eq!(failures, STRANGERS + 1);
+    let warned = cluster
+        .stderr_text(2)
+        .matches("peer authentication failed")
+        .count();
+    eprintln!(
+        "{STRANGERS} failed handshakes in {took:?}; {warned} warnings; client p99 {:?}",
+        p99(&mut latencies)
+    );
+    assert!(
+        warned as u64 <= took.as_secs() + 2,
+        "{warned} warnings in {took:?}"
+    );
+    assert!(p99(&mut latencies) < P99_MAX);
+}
+
+/// A member's handshake, captured, replayed byte for byte: the node's new
+/// nonce makes the captured proof worthless. The test is member 3 here
+/// (it holds the secret, as a member would); what it sent is what anyone
+/// on the path would have seen.
+#[test]
+fn a_members_captured_handshake_replayed_is_refused() {
+    let _serial = exclusive();
+    let secret = SecretFile::new(b"the secret of this test cluster");
+    let cluster = Cluster::start_members(Layout::new(3).arg(secret.flag()), &[1, 2]);
+    let member = Identity {
+        key: PeerKey::from_secret(b"the secret of this test cluster"),
+        ..identity(&cluster, 3)
+    };
+    let peer = cluster.member(2).peer;
+    let (_welcomed, verdict, captured) = dial_raw(&member, peer, &[]).expect("a verdict");
+    assert!(
+        matches!(verdict, HelloReply::Welcome { node_id: 2 }),
+        "{verdict:?}"
+    );
+    let mut replay = TcpStream::connect(peer).expect("connect");
+    replay
+        .set_read_timeout(Some(WAIT_MAX))
+        .expect("read timeout");
+    replay.write_all(&captured).expect("replay");
+    let mut got = Vec::new();
+    let challenge: Challenge = read_handshake_frame(&mut replay, &mut got).expect("a challenge");
+    assert!(matches!(challenge, Challenge::Prove { .. }));
+    let verdict: HelloReply = read_handshake_frame(&mut replay, &mut got).expect("a verdict");
+    assert!(
+        matches!(&verdict, HelloReply::Refused { reason } if reason == "authentication failed"),
+        "{verdict:?}"
+    );
+    let mut two = cluster.connect(2);
+    assert_eq!(
+        stat_value(&stats(&mut two, "cluster"), "peer_auth_failures"),
+        1,
+        "{}",
+        cluster.stderr_text(2)
+    );
+}
+
+/// What a node refuses to start with: no secret while a member's peer
+/// address is not loopback; a secret file others may read; and a secret
+/// that differs from the running members'. Each message names the setting.
+#[test]
+fn a_node_refuses_to_start_without_a_secret_it_needs_or_with_a_wrong_one() {
+    use common::{RunOutput, run_bounded};
+    let refuses = |args: &[String], want: &[&str]| {
+        let out: RunOutput = run_bounded(Cluster::command(args), Duration::from_secs(10));
+        let status = out.status.expect("exits by itself");
+        assert!(!status.success(), "{args:?} started\n{}", out.stderr);
+        for w in want {
+            assert!(out.stderr.contains(w), "{w:?} not in:\n{}", out.stderr);
+        }
+    };
+    let _serial = exclusive();
+    let open = [
+        "--node-id",
+        "1",
+        "--member",
+        "1=127.0.0.1:0,127.0.0.1:0",
+        "--member",
+        "2=10.20.30.40:11211,10.20.30.40:12211",
+    ]
+    .map(String::from);
+    refuses(
+        &open,
+        &[
+            "cluster.secret_file (--cluster-secret-file) is required",
+            "10.20.30.40:12211",
+        ],
+    );
+
+    let secret = SecretFile::new(b"the secret of this test cluster");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret.0, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    let mut exposed = open.to_vec();
+    exposed.push(secret.flag());
+    refuses(&exposed, &["readable by group or others", "chmod 600"]);
+
+    let ours = SecretFile::new(b"the secret of this test cluster");
+    let theirs = SecretFile::new(b"another cluster's secret, alike");
+    let cluster = Cluster::start_members(Layout::new(3).arg(ours.flag()), &[1, 2]);
+    let mut wrong = cluster.args(3);
+    wrong.retain(|a| !a.starts_with("--cluster-secret-file"));
+    wrong.push(theirs.flag());
+    refuses(
+        &wrong,
+        &["cannot form a cluster with node", "cluster.secret_file"],
+    );
+    let mut one = cluster.connect(1);
+    assert!(stat_value(&stats(&mut one, "cluster"), "peer_auth_failures") >= 1);
 }

@@ -2194,6 +2194,7 @@ impl Cluster {
             ("peer_frames_oversized", &t.frames_oversized),
             ("peer_frames_dropped_fault", &t.frames_dropped_fault),
             ("peer_handshakes_refused", &t.handshakes_refused),
+            ("peer_auth_failures", &t.auth_failures),
             ("peer_requests_served", &t.requests_served),
             ("peer_write_timeouts", &t.write_timeouts),
             ("peer_accepts_refused", &t.accepts_refused),

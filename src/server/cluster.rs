@@ -15,7 +15,7 @@ use super::Shared;
 use crate::cluster::coordinator::{Cluster, PeerHandle};
 use crate::cluster::ring::NodeId;
 use crate::cluster::transport::{
-    self, CallError, Connector, Identity, Peer, PeerConnections, Slot, TcpConnector,
+    self, CallError, Connector, Identity, Peer, PeerConnections, PeerKey, Slot, TcpConnector,
     TransportConfig, TransportStats,
 };
 use crate::config::ClusterConfig;
@@ -48,7 +48,7 @@ pub async fn start(
             addr: me.peer.clone(),
             source,
         })?;
-    let identity = identity(c);
+    let identity = identity(c, peer_key(c)?);
     let config = transport_config(c);
     let connector = Arc::new(TcpConnector);
     // Probe every member at once: an unreachable one costs one connect
@@ -66,7 +66,7 @@ pub async fn start(
             Ok(()) => info!(node = m.id, addr = %m.peer, "peer agrees on the layout"),
             Err(CallError::Refused(reason)) => {
                 return Err(ServerError::Config(format!(
-                    "node {} at {} disagrees on the cluster layout: {reason}",
+                    "cannot form a cluster with node {} at {}: {reason}",
                     m.id, m.peer
                 )));
             }
@@ -91,12 +91,25 @@ pub async fn start(
     Ok((cluster, listener, identity))
 }
 
-/// This node's identity in peer handshakes.
-pub fn identity(c: &ClusterConfig) -> Identity {
+/// This node's identity in peer handshakes, proving it holds `key`.
+pub fn identity(c: &ClusterConfig, key: PeerKey) -> Identity {
     Identity {
         node_id: c.node_id,
         layout: c.layout_hash(),
         layout_text: c.layout_text(),
+        key,
+    }
+}
+
+/// The key in `cluster.secret_file`, or the open key if there is none.
+///
+/// # Errors
+/// If the file cannot be read, others may read it, or its secret is too
+/// short or too long (the message names the file and what to do).
+pub fn peer_key(c: &ClusterConfig) -> Result<PeerKey, ServerError> {
+    match &c.secret_file {
+        Some(path) => PeerKey::load(path).map_err(|e| ServerError::Config(e.to_string())),
+        None => Ok(PeerKey::open()),
     }
 }
 

@@ -62,3 +62,20 @@ pub fn set_value(c: &mut Client, key: &str, value: &[u8]) {
     c.send(value).expect("send");
     assert_eq!(c.request(b"\r\n", &[b"\r\n"]), b"STORED\r\n", "set {key}");
 }
+
+/// Reads until the server closes the connection (bounded by the socket's
+/// read timeout); returns what it sent before closing, or `None` if it
+/// kept the connection open.
+pub fn read_to_close(mut s: &std::net::TcpStream) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Some(got),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(got),
+            Err(_) => return None,
+        }
+    }
+}

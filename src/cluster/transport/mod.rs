@@ -7,7 +7,8 @@
 //!                  reader ◀── socket: Response{id} ─▶ pending[id]   Pong ─▶ heartbeat
 //!
 //!  accept ──▶ Slot (PeerConnections: ≤ total, ≤ per member) ──▶ serve_connection:
-//!             Hello (small) → Welcome | Refused
+//!             Hello → Challenge → Proof (both sides prove the cluster key:
+//!             see [`auth`]) → Welcome | Refused
 //!             Request{id} (> 16 KiB: budget first) ──▶ spawn handler (≤ inflight_max
 //!             at once) ──▶ Response{id} (counted: allowance | budget | Failed) ──▶ writer
 //! ```
@@ -36,6 +37,7 @@
 
 pub mod admission;
 mod answers;
+pub mod auth;
 pub mod blocked;
 pub mod frame;
 mod reader;
@@ -65,6 +67,9 @@ use answers::{Answers, Held, OUT_OF_MEMORY};
 pub use blocked::BlockedPeers;
 use frame::{Decoded, FrameError};
 use reader::{FrameBudget, FrameReader};
+
+pub use auth::PeerKey;
+use auth::{Nonce, Role, Transcript};
 
 use crate::budget::{INFLIGHT_FREE_BYTES, InflightBudget};
 use crate::limits::HANDSHAKE_LAYOUT_TEXTS_MAX;
@@ -117,8 +122,8 @@ pub const WRITE_BATCH_FRAMES_MAX: usize = 128;
 /// far past any sane backoff_max).
 pub const BACKOFF_DOUBLINGS_MAX: u32 = 16;
 /// Version of the envelope below; nodes that speak different ones refuse
-/// each other in the handshake.
-pub const WIRE_VERSION: u16 = 3;
+/// each other in the handshake. 4: the handshake authenticates both sides.
+pub const WIRE_VERSION: u16 = 4;
 
 const _: () = assert!(BACKOFF_MIN_MS_DEFAULT <= BACKOFF_MAX_MS_DEFAULT);
 const _: () = assert!(HEARTBEAT_INTERVAL_MS_DEFAULT < CALL_TIMEOUT_MS_DEFAULT);
@@ -218,6 +223,8 @@ pub struct Identity {
     pub layout: u64,
     /// The layout in words, quoted in refusals so an operator can see what differs.
     pub layout_text: String,
+    /// The key both sides of a handshake prove they hold.
+    pub key: PeerKey,
 }
 
 /// Counters (AtomicU64, Relaxed), shared by every peer and the acceptor of one node.
@@ -242,6 +249,11 @@ pub struct TransportStats {
     pub disconnects: AtomicU64,
     /// Handshakes this node refused as a server (layout or version mismatch).
     pub handshakes_refused: AtomicU64,
+    /// Handshakes, either side, whose other side did not prove it holds
+    /// the cluster key (`peer_auth_failures`).
+    pub auth_failures: AtomicU64,
+    /// Limits the warnings about them.
+    pub auth_failure_log: crate::log_limit::LogLimit,
     /// Requests this node's handlers answered.
     pub requests_served: AtomicU64,
     /// Connections, either side, ended by a write that made no progress
@@ -362,21 +374,48 @@ pub enum PeerState {
 // Wire envelope. Handshake messages are separate types so a connection
 // accepts exactly one of them, first.
 
-/// First frame from the dialling node.
+/// First frame from the dialling node. The version comes first, so a
+/// node of another version can still read it and say why it refuses.
 #[derive(Serialize, Deserialize, Debug)]
 struct Hello {
     wire_version: u16,
     node_id: NodeId,
+    nonce: Nonce,
+}
+
+/// The accepting node's answer to [`Hello`]: its proof, or a refusal that
+/// names only the wire versions.
+#[derive(Serialize, Deserialize, Debug)]
+enum Challenge {
+    Prove {
+        node_id: NodeId,
+        nonce: Nonce,
+        proof: auth::Proof,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+/// The dialling node's proof, sent once the acceptor has proved itself,
+/// with the layout it runs.
+#[derive(Serialize, Deserialize, Debug)]
+struct Proven {
+    proof: auth::Proof,
     layout: u64,
     layout_text: String,
 }
 
-/// The accepting node's answer to [`Hello`].
+/// The accepting node's verdict on [`Proven`].
 #[derive(Serialize, Deserialize, Debug)]
 enum HelloReply {
     Welcome { node_id: NodeId },
     Refused { reason: String },
 }
+
+/// What an acceptor answers a dialler that did not prove it holds the key:
+/// nothing about the cluster.
+const AUTH_REFUSAL: &str = "authentication failed";
 
 /// Frames from the dialling node after the handshake.
 #[derive(Serialize, Deserialize, Debug)]
@@ -416,6 +455,8 @@ enum LinkError {
     Frame(#[from] FrameError),
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    AuthFailed(String),
     #[error("no heartbeat answer within {0:?}")]
     HeartbeatTimeout(Duration),
     #[error("no frame for {0:?}")]
@@ -603,8 +644,9 @@ async fn within<F: Future>(stall: Duration, io: F) -> Option<F::Output> {
     }
 }
 
-/// Dials `addr` and handshakes. `expect` is the node id that should answer
-/// there (none for a probe).
+/// Dials `addr` and handshakes (see [`auth`]): sends a nonce, checks the
+/// acceptor's proof, then sends its own with the layout. `expect` is the
+/// node id that should answer there (none for a probe).
 async fn dial<C: Connector>(
     connector: &C,
     me: &Identity,
@@ -613,24 +655,76 @@ async fn dial<C: Connector>(
     frame_bytes_max: usize,
 ) -> Result<(C::Stream, BytesMut), LinkError> {
     let mut stream = connector.connect(addr).await.map_err(LinkError::Connect)?;
+    let buf = dial_handshake(&mut stream, me, addr, expect, frame_bytes_max).await?;
+    Ok((stream, buf))
+}
+
+/// The dialling side of the handshake on `stream`, connected to `addr`:
+/// what was read past the Welcome, or why there was none.
+async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    me: &Identity,
+    addr: &str,
+    expect: Option<NodeId>,
+    frame_bytes_max: usize,
+) -> Result<BytesMut, LinkError> {
+    let dialler_nonce = auth::nonce();
+    let mut out = Vec::new();
     let hello = Hello {
         wire_version: WIRE_VERSION,
         node_id: me.node_id,
-        layout: me.layout,
-        layout_text: me.layout_text.clone(),
+        nonce: dialler_nonce,
     };
-    let mut out = Vec::new();
     frame::encode(&hello, &mut out, frame_bytes_max)?;
     stream.write_all(&out).await?;
     stream.flush().await?;
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
-    match read_frame::<_, HelloReply>(&mut stream, &mut buf, frame_bytes_max).await? {
-        HelloReply::Welcome { node_id } => match expect {
-            Some(expected) if expected != node_id => Err(LinkError::Refused(format!(
-                "expected node {expected} at {addr}, found node {node_id}"
-            ))),
-            _ => Ok((stream, buf)),
-        },
+    let (acceptor, acceptor_nonce, proof) =
+        match read_frame::<_, Challenge>(stream, &mut buf, frame_bytes_max).await? {
+            Challenge::Prove {
+                node_id,
+                nonce,
+                proof,
+            } => (node_id, nonce, proof),
+            Challenge::Refused { reason } => return Err(LinkError::Refused(reason)),
+        };
+    let transcript = Transcript::of(me.node_id, acceptor, dialler_nonce, acceptor_nonce);
+    if !me.key.verify(Role::Acceptor, &transcript, &proof) {
+        // An empty proof and no layout, so that a member with another key
+        // counts the failure too, and learns nothing.
+        let empty = Proven {
+            proof: [0; 32],
+            layout: 0,
+            layout_text: String::new(),
+        };
+        out.clear();
+        frame::encode(&empty, &mut out, frame_bytes_max)?;
+        // Best effort: the handshake has failed whatever happens to it.
+        let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
+        return Err(LinkError::AuthFailed(format!(
+            "the node at {addr} does not hold this cluster's key (cluster.secret_file differs)"
+        )));
+    }
+    if let Some(expected) = expect.filter(|&e| e != acceptor) {
+        return Err(LinkError::Refused(format!(
+            "expected node {expected} at {addr}, found node {acceptor}"
+        )));
+    }
+    let proven = Proven {
+        proof: me.key.prove(Role::Dialler, &transcript),
+        layout: me.layout,
+        layout_text: me.layout_text.clone(),
+    };
+    out.clear();
+    frame::encode(&proven, &mut out, frame_bytes_max)?;
+    stream.write_all(&out).await?;
+    stream.flush().await?;
+    match read_frame::<_, HelloReply>(stream, &mut buf, frame_bytes_max).await? {
+        HelloReply::Welcome { .. } => Ok(buf),
+        HelloReply::Refused { reason } if reason == AUTH_REFUSAL => Err(LinkError::AuthFailed(
+            format!("the node at {addr} refused this node's key (cluster.secret_file differs)"),
+        )),
         HelloReply::Refused { reason } => Err(LinkError::Refused(reason)),
     }
 }
@@ -654,7 +748,9 @@ pub async fn probe<C: Connector>(
     .await;
     match dialled {
         Ok(Ok(_)) => Ok(()),
-        Ok(Err(LinkError::Refused(reason))) => Err(CallError::Refused(reason)),
+        Ok(Err(LinkError::Refused(reason) | LinkError::AuthFailed(reason))) => {
+            Err(CallError::Refused(reason))
+        }
         Ok(Err(e)) => Err(CallError::Down(e.to_string())),
         Err(_) => Err(CallError::Down(
             LinkError::ConnectTimeout(timeout).to_string(),
@@ -1005,6 +1101,10 @@ where
                 shared.fail_pending();
             }
             Ok(Err(LinkError::Refused(reason))) => shared.set_down(reason, true),
+            Ok(Err(LinkError::AuthFailed(reason))) => {
+                auth_failed(&shared.stats, &reason);
+                shared.set_down(reason, true);
+            }
             Ok(Err(e)) => {
                 count_frame_error(&shared.stats, &e);
                 shared.set_down(e.to_string(), false);
@@ -1201,21 +1301,31 @@ impl AsRef<[u8]> for Outgoing {
     }
 }
 
-/// Why `hello` from the other node must be refused, if it must.
-fn refusal(me: &Identity, hello: &Hello) -> Option<String> {
-    if hello.wire_version != WIRE_VERSION {
-        return Some(format!(
-            "wire version mismatch: node {} speaks {}, node {} speaks {}",
-            me.node_id, WIRE_VERSION, hello.node_id, hello.wire_version
-        ));
-    }
-    if hello.layout != me.layout {
+/// Why the other node, which proved it holds the key, must be refused, if
+/// it must.
+fn refusal(me: &Identity, caller: NodeId, proven: &Proven) -> Option<String> {
+    if proven.layout != me.layout {
         return Some(format!(
             "layout mismatch: node {} has {:#018x} ({}), node {} has {:#018x} ({})",
-            me.node_id, me.layout, me.layout_text, hello.node_id, hello.layout, hello.layout_text
+            me.node_id, me.layout, me.layout_text, caller, proven.layout, proven.layout_text
         ));
     }
     None
+}
+
+/// Counts a handshake whose other side did not prove it holds the key, and
+/// warns about it at most once a second (a flood of them is one line a
+/// second, with how many it stands for).
+fn auth_failed(stats: &TransportStats, reason: &str) {
+    stats.auth_failures.fetch_add(1, Relaxed);
+    if let Some(suppressed) = stats.auth_failure_log.allow() {
+        warn!(
+            reason,
+            failures = stats.auth_failures.load(Relaxed),
+            suppressed,
+            "peer authentication failed"
+        );
+    }
 }
 
 /// The largest handshake frame a node reads or sends back: a few of its
@@ -1230,10 +1340,25 @@ fn handshake_bytes_max(me: &Identity, config: &TransportConfig) -> usize {
         .min(config.frame_bytes_max)
 }
 
-/// Reads the Hello (within [`handshake_bytes_max`]) and answers it; the
-/// caller's id if we welcomed it. `slot` counts the connection as the
-/// caller's before the Welcome goes out, so a member's connections are
-/// ordered as the member saw them accepted.
+/// Runs the accepting side of the handshake (see [`auth`]) within
+/// [`handshake_bytes_max`] a frame: reads the Hello, proves this node
+/// holds the key, checks the caller's proof, then its layout; the caller's
+/// id if we welcomed it. Before the caller has proved itself, nothing it
+/// is sent names the layout or the members. `slot` counts the connection
+/// as the caller's before the Welcome goes out, so a member's connections
+/// The accepting side's answer to `hello`: a fresh nonce and its proof over
+/// the handshake's transcript, which the dialler's proof must then match.
+fn challenge(me: &Identity, hello: &Hello) -> (Transcript, Challenge) {
+    let transcript = Transcript::of(hello.node_id, me.node_id, hello.nonce, auth::nonce());
+    let challenge = Challenge::Prove {
+        node_id: me.node_id,
+        nonce: transcript.acceptor_nonce,
+        proof: me.key.prove(Role::Acceptor, &transcript),
+    };
+    (transcript, challenge)
+}
+
+/// are ordered as the member saw them accepted.
 async fn accept_handshake<R, W>(
     reader: &mut FrameReader<R>,
     wr: &mut W,
@@ -1246,42 +1371,69 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    reader.max = handshake_bytes_max(me, config);
+    let max = handshake_bytes_max(me, config);
+    reader.max = max;
     let (hello, _, _): (Hello, _, _) = reader.next(stats).await?;
-    reader.max = config.frame_bytes_max;
     if stats.drops(hello.node_id) {
         // Partitioned: no answer; the handshake times out on both sides.
         std::future::pending::<()>().await;
     }
-    let (reply, outcome) = match refusal(me, &hello) {
-        Some(reason) => {
-            stats.handshakes_refused.fetch_add(1, Relaxed);
-            (
-                HelloReply::Refused {
-                    reason: reason.clone(),
-                },
-                Err(LinkError::Refused(reason)),
-            )
-        }
-        None if !slot.admit(hello.node_id, stats) => {
-            stats.handshakes_refused.fetch_add(1, Relaxed);
-            let reason = format!("node {} is not a member of this cluster", hello.node_id);
-            (
-                HelloReply::Refused {
-                    reason: reason.clone(),
-                },
-                Err(LinkError::Refused(reason)),
-            )
-        }
-        None => (
+    if hello.wire_version != WIRE_VERSION {
+        stats.handshakes_refused.fetch_add(1, Relaxed);
+        let reason = format!(
+            "wire version mismatch: node {} speaks {}, node {} speaks {}",
+            me.node_id, WIRE_VERSION, hello.node_id, hello.wire_version
+        );
+        let refused = Challenge::Refused {
+            reason: reason.clone(),
+        };
+        wr.write_all(&encode_control(&refused, max)).await?;
+        wr.flush().await?;
+        return Err(LinkError::Refused(reason));
+    }
+    let (transcript, challenge) = challenge(me, &hello);
+    wr.write_all(&encode_control(&challenge, max)).await?;
+    wr.flush().await?;
+    let (proven, _, _): (Proven, _, _) = reader.next(stats).await?;
+    reader.max = config.frame_bytes_max;
+    let (reply, outcome) = if !me.key.verify(Role::Dialler, &transcript, &proven.proof) {
+        let reason = format!(
+            "a caller claiming to be node {} gave a wrong proof",
+            hello.node_id
+        );
+        auth_failed(stats, &reason);
+        (
+            HelloReply::Refused {
+                reason: AUTH_REFUSAL.into(),
+            },
+            Err(LinkError::AuthFailed(reason)),
+        )
+    } else if let Some(reason) = refusal(me, hello.node_id, &proven) {
+        stats.handshakes_refused.fetch_add(1, Relaxed);
+        (
+            HelloReply::Refused {
+                reason: reason.clone(),
+            },
+            Err(LinkError::Refused(reason)),
+        )
+    } else if !slot.admit(hello.node_id, stats) {
+        stats.handshakes_refused.fetch_add(1, Relaxed);
+        let reason = format!("node {} is not a member of this cluster", hello.node_id);
+        (
+            HelloReply::Refused {
+                reason: reason.clone(),
+            },
+            Err(LinkError::Refused(reason)),
+        )
+    } else {
+        (
             HelloReply::Welcome {
                 node_id: me.node_id,
             },
             Ok(hello.node_id),
-        ),
+        )
     };
-    wr.write_all(&encode_reply(&reply, handshake_bytes_max(me, config)))
-        .await?;
+    wr.write_all(&encode_reply(&reply, max)).await?;
     wr.flush().await?;
     outcome
 }
@@ -1360,6 +1512,8 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
                 warn!(error = %e, "bad frame in handshake, dropping connection");
             } else if let LinkError::Refused(reason) = &e {
                 warn!(reason = %reason, "refused a peer's handshake");
+            } else if let LinkError::AuthFailed(_) = &e {
+                // Counted and logged, rate-limited, where it failed.
             } else {
                 debug!(error = %e, "handshake failed");
             }

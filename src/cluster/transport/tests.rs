@@ -40,6 +40,7 @@ fn identity(node_id: NodeId, layout: u64) -> Identity {
         node_id,
         layout,
         layout_text: format!("layout-{layout}: nodes 1,2,3 rf 3"),
+        key: PeerKey::from_secret(b"the transport tests' secret"),
     }
 }
 
@@ -340,22 +341,16 @@ async fn peer_reconnects_after_the_server_restarts_on_the_same_port() {
 /// once the server has dropped the connection.
 async fn send_raw_and_expect_drop(addr: SocketAddr, handshake: bool, bytes: &[u8]) {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let mut buf = BytesMut::new();
     if handshake {
-        let hello = Hello {
-            wire_version: WIRE_VERSION,
-            node_id: 9,
-            layout: 9,
-            layout_text: "raw".into(),
-        };
-        stream
-            .write_all(&encode_control(&hello, FRAME_BYTES_MAX_DEFAULT))
-            .await
-            .unwrap();
-        let reply: HelloReply = read_frame(&mut stream, &mut buf, FRAME_BYTES_MAX_DEFAULT)
-            .await
-            .unwrap();
-        assert!(matches!(reply, HelloReply::Welcome { node_id: 2 }));
+        dial_handshake(
+            &mut stream,
+            &identity(9, 9),
+            "raw",
+            Some(2),
+            FRAME_BYTES_MAX_DEFAULT,
+        )
+        .await
+        .expect("welcome");
     }
     stream.write_all(bytes).await.unwrap();
     let mut sink = [0u8; 64];
@@ -448,6 +443,194 @@ async fn layout_mismatch_is_refused_with_both_layouts_named() {
     );
 }
 
+// ---------------------------------------------------------------------------
+// Authentication (issue 18).
+
+/// `identity(node_id, layout)` holding the key of `secret` instead.
+fn keyed(node_id: NodeId, layout: u64, secret: &[u8]) -> Identity {
+    Identity {
+        key: PeerKey::from_secret(secret),
+        ..identity(node_id, layout)
+    }
+}
+
+/// A stream that keeps a copy of every byte written to it: what a member
+/// sends, as someone on the path would capture it.
+struct Recording {
+    inner: TcpStream,
+    sent: Vec<u8>,
+}
+
+impl AsyncRead for Recording {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Recording {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            let n = *n;
+            self.sent.extend_from_slice(&data[..n]);
+        }
+        polled
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Reads handshake frames of type `T` from `stream` until it closes;
+/// returns the first, if any came.
+async fn next_handshake_frame<T: DeserializeOwned>(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+) -> Option<T> {
+    tokio::time::timeout(WAIT_MAX, read_frame(stream, buf, FRAME_BYTES_MAX_DEFAULT))
+        .await
+        .expect("an answer or a close in time")
+        .ok()
+}
+
+/// Two members whose secrets differ refuse each other, and each side
+/// counts it; the dialler learns nothing of the acceptor's layout and the
+/// acceptor runs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_with_different_secrets_refuse_each_other() {
+    let server = Server::start(keyed(2, 9, b"the secret of the cluster"), test_config()).await;
+    let me = keyed(1, 9, b"another cluster's secret!");
+    let peer = spawn_peer(me.clone(), 2, server.addr, test_config());
+    wait_until("peer refused", || is_down(&peer)).await;
+    let answer = peer.call(TestReq::Echo(1)).await;
+    let Err(CallError::Refused(reason)) = answer else {
+        panic!("expected Refused, got {answer:?}");
+    };
+    assert!(reason.contains("cluster.secret_file"), "{reason}");
+    assert!(!reason.contains("layout"), "{reason}");
+    assert!(load(&peer_stats(&peer).auth_failures) >= 1);
+    wait_until("the acceptor counts it too", || {
+        load(&server.stats.auth_failures) >= 1
+    })
+    .await;
+    let probed = probe(&TcpConnector, &me, &server.addr.to_string(), WAIT_MAX).await;
+    assert!(matches!(&probed, Err(CallError::Refused(_))), "{probed:?}");
+    assert_eq!(load(&server.started), 0);
+    assert_eq!(load(&server.stats.handshakes_refused), 0);
+}
+
+/// A caller that knows the layout but not the secret: its guessed proof,
+/// and the acceptor's own proof reflected back at it, each get the bare
+/// `authentication failed` (no layout, no members); the node counts both,
+/// and a request sent anyway is never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_without_the_secret_is_refused_and_told_nothing() {
+    let me = keyed(2, 9, b"the secret of the cluster");
+    let server = Server::start(me.clone(), test_config()).await;
+    for reflect in [false, true] {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let dialler_nonce = auth::nonce();
+        let hello = Hello {
+            wire_version: WIRE_VERSION,
+            node_id: 1,
+            nonce: dialler_nonce,
+        };
+        stream
+            .write_all(&encode_control(&hello, FRAME_BYTES_MAX_DEFAULT))
+            .await
+            .unwrap();
+        let mut buf = BytesMut::new();
+        let Some(Challenge::Prove {
+            node_id,
+            nonce,
+            proof,
+        }) = next_handshake_frame(&mut stream, &mut buf).await
+        else {
+            panic!("a challenge");
+        };
+        let transcript = Transcript::of(1, node_id, dialler_nonce, nonce);
+        let guess = PeerKey::from_secret(b"a guess at the secret");
+        let proven = Proven {
+            proof: if reflect {
+                proof
+            } else {
+                guess.prove(Role::Dialler, &transcript)
+            },
+            layout: me.layout,
+            layout_text: me.layout_text.clone(),
+        };
+        let mut out = encode_control(&proven, FRAME_BYTES_MAX_DEFAULT);
+        out.extend(encode_control(
+            &ToServer::Request {
+                id: 1,
+                body: TestReq::Echo(7),
+            },
+            FRAME_BYTES_MAX_DEFAULT,
+        ));
+        stream.write_all(&out).await.unwrap();
+        let verdict: Option<HelloReply> = next_handshake_frame(&mut stream, &mut buf).await;
+        let Some(HelloReply::Refused { reason }) = verdict else {
+            panic!("refused, got {verdict:?}");
+        };
+        assert_eq!(reason, AUTH_REFUSAL);
+        assert!(closed_within(&mut stream, WAIT_MAX).await);
+    }
+    assert_eq!(load(&server.stats.auth_failures), 2);
+    assert_eq!(load(&server.started), 0, "no request ran");
+}
+
+/// A member's handshake, captured on the way as it dialled, replayed byte
+/// for byte on a new connection: the acceptor's fresh nonce makes the
+/// captured proof worthless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_handshake_replayed_is_refused() {
+    let secret = b"the secret of the cluster";
+    let server = Server::start(keyed(2, 9, secret), test_config()).await;
+    let mut member = Recording {
+        inner: TcpStream::connect(server.addr).await.unwrap(),
+        sent: Vec::new(),
+    };
+    dial_handshake(
+        &mut member,
+        &keyed(1, 9, secret),
+        "member",
+        Some(2),
+        FRAME_BYTES_MAX_DEFAULT,
+    )
+    .await
+    .expect("a member is welcomed");
+    let captured = member.sent.clone();
+    let mut replay = TcpStream::connect(server.addr).await.unwrap();
+    replay.write_all(&captured).await.unwrap();
+    let mut buf = BytesMut::new();
+    let _: Challenge = next_handshake_frame(&mut replay, &mut buf)
+        .await
+        .expect("a challenge");
+    let verdict: Option<HelloReply> = next_handshake_frame(&mut replay, &mut buf).await;
+    assert!(
+        matches!(&verdict, Some(HelloReply::Refused { reason }) if reason == AUTH_REFUSAL),
+        "{verdict:?}"
+    );
+    assert_eq!(load(&server.stats.auth_failures), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_node_at_the_address_is_refused() {
     let server = Server::start(identity(3, 9), test_config()).await;
@@ -480,6 +663,31 @@ async fn an_answer_too_large_to_send_fails_only_its_call() {
     assert_eq!(load(&peer_stats(&peer).connects), 1);
 }
 
+/// The accepting side of a handshake, by hand, as `me`: welcomes any
+/// caller that proves it holds `me`'s key.
+async fn accept_as(stream: &mut TcpStream, me: &Identity) {
+    let mut buf = BytesMut::new();
+    let hello: Hello = read_frame(stream, &mut buf, FRAME_BYTES_MAX_DEFAULT)
+        .await
+        .unwrap();
+    let (transcript, challenge) = challenge(me, &hello);
+    stream
+        .write_all(&encode_control(&challenge, FRAME_BYTES_MAX_DEFAULT))
+        .await
+        .unwrap();
+    let proven: Proven = read_frame(stream, &mut buf, FRAME_BYTES_MAX_DEFAULT)
+        .await
+        .unwrap();
+    assert!(me.key.verify(Role::Dialler, &transcript, &proven.proof));
+    let welcome = encode_control(
+        &HelloReply::Welcome {
+            node_id: me.node_id,
+        },
+        FRAME_BYTES_MAX_DEFAULT,
+    );
+    stream.write_all(&welcome).await.unwrap();
+}
+
 /// A server that handshakes as node 2 and then runs `after` on the socket.
 async fn raw_server<F, Fut>(after: F) -> SocketAddr
 where
@@ -491,13 +699,7 @@ where
     tokio::spawn(async move {
         loop {
             let (mut stream, _) = listener.accept().await.unwrap();
-            let mut buf = BytesMut::new();
-            let _: Hello = read_frame(&mut stream, &mut buf, FRAME_BYTES_MAX_DEFAULT)
-                .await
-                .unwrap();
-            let welcome =
-                encode_control(&HelloReply::Welcome { node_id: 2 }, FRAME_BYTES_MAX_DEFAULT);
-            stream.write_all(&welcome).await.unwrap();
+            accept_as(&mut stream, &identity(2, 9)).await;
             tokio::spawn(after(stream));
         }
     });
@@ -650,21 +852,16 @@ async fn an_answer_in_flight_when_the_partition_starts_is_lost() {
 /// server closed the connection instead of welcoming it.
 async fn raw_handshaken(addr: SocketAddr, node_id: NodeId) -> Option<TcpStream> {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let hello = Hello {
-        wire_version: WIRE_VERSION,
-        node_id,
-        layout: 9,
-        layout_text: "raw".into(),
-    };
-    stream
-        .write_all(&encode_control(&hello, FRAME_BYTES_MAX_DEFAULT))
-        .await
-        .ok()?;
-    let mut buf = BytesMut::new();
-    match read_frame(&mut stream, &mut buf, FRAME_BYTES_MAX_DEFAULT).await {
-        Ok(HelloReply::Welcome { .. }) => Some(stream),
-        _ => None,
-    }
+    dial_handshake(
+        &mut stream,
+        &identity(node_id, 9),
+        "raw",
+        None,
+        FRAME_BYTES_MAX_DEFAULT,
+    )
+    .await
+    .ok()?;
+    Some(stream)
 }
 
 /// Whether the server closes `stream` within `within` (reading and
@@ -816,19 +1013,37 @@ async fn accepted_connections_are_capped_in_all_and_per_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hello_past_the_handshake_limit_is_oversized() {
     let server = Server::start(identity(2, 9), test_config()).await;
+    // The proof frame is the one that carries a layout text.
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
     let hello = Hello {
         wire_version: WIRE_VERSION,
         node_id: 9,
+        nonce: auth::nonce(),
+    };
+    stream
+        .write_all(&encode_control(&hello, FRAME_BYTES_MAX_DEFAULT))
+        .await
+        .unwrap();
+    let mut buf = BytesMut::new();
+    let _: Challenge = read_frame(&mut stream, &mut buf, FRAME_BYTES_MAX_DEFAULT)
+        .await
+        .unwrap();
+    let proven = Proven {
+        proof: [0; 32],
         layout: 9,
         layout_text: "x".repeat(INFLIGHT_FREE_BYTES + 1000),
     };
-    send_raw_and_expect_drop(
-        server.addr,
-        false,
-        &encode_control(&hello, FRAME_BYTES_MAX_DEFAULT),
-    )
-    .await;
+    stream
+        .write_all(&encode_control(&proven, FRAME_BYTES_MAX_DEFAULT))
+        .await
+        .unwrap();
+    assert!(closed_within(&mut stream, WAIT_MAX).await);
     assert_eq!(load(&server.stats.frames_oversized), 1);
+    assert_eq!(
+        load(&server.stats.auth_failures),
+        0,
+        "never read as a proof"
+    );
 }
 
 /// Review finding: the reader reserved a frame's announced length from the
