@@ -173,12 +173,22 @@ struct Args {
     /// in ms, before it is refused (default 10000).
     #[arg(long = "clock-drift-max-ms")]
     clock_drift_max_ms: Option<u64>,
+    /// Cluster: a file holding the cluster secret (owner-only, the same on
+    /// every member); peers prove they hold it before any message is read.
+    /// Required unless every member's peer address is loopback.
+    #[arg(long = "cluster-secret-file")]
+    cluster_secret_file: Option<std::path::PathBuf>,
     /// How long a request id makes a retry safe, in seconds (default 600).
     #[arg(long = "dedup-window-secs")]
     dedup_window_secs: Option<u32>,
     /// Request-id records kept per key (default 16, at most 64).
     #[arg(long = "request-id-records-per-key")]
     request_id_records_per_key: Option<usize>,
+    /// memcached's ASCII authentication: a file of user:password lines;
+    /// a connection's first command must be `set <any> 0 0 <n>` with the
+    /// value "user password". Reloaded on SIGHUP.
+    #[arg(short = 'Y', long = "auth-file")]
+    auth_file: Option<std::path::PathBuf>,
     /// Key that authenticates `lk` listing tokens (same on every node).
     #[arg(long = "listing-secret")]
     listing_secret: Option<String>,
@@ -259,7 +269,8 @@ fn cluster_flags(
         || args.hint_window_secs.is_some()
         || args.hints_per_target_max.is_some()
         || args.tombstone_grace_secs.is_some()
-        || args.clock_drift_max_ms.is_some();
+        || args.clock_drift_max_ms.is_some()
+        || args.cluster_secret_file.is_some();
     if !any_flag {
         return Ok(file);
     }
@@ -295,6 +306,9 @@ fn cluster_flags(
     }
     if args.sloppy_quorum {
         c.sloppy_quorum = true;
+    }
+    if let Some(path) = &args.cluster_secret_file {
+        c.secret_file = Some(path.clone());
     }
     if args.no_refill {
         c.refill_on_start = false;
@@ -375,11 +389,6 @@ const REFUSED: &[(&str, &str, &str)] = &[
         "-S",
         "--enable-sasl",
         "SASL belongs to the binary protocol, which webvac does not speak",
-    ),
-    (
-        "-Y",
-        "--auth-file",
-        "client authentication is not supported yet",
     ),
     (
         "-e",
@@ -618,6 +627,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.request_id_records_per_key {
         config.request_id_records_per_key = v;
     }
+    if let Some(path) = args.auth_file.clone() {
+        config.auth_file = Some(path);
+    }
     if let Some(v) = args.listing_secret {
         config.listing_secret = Some(v);
     }
@@ -702,7 +714,22 @@ fn main() -> anyhow::Result<()> {
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .with_context(|| format!("cannot write the pid file {}", path.display()))?;
         }
-        server.run(shutdown_signal()).await?;
+        // memcached reloads its auth file on SIGHUP.
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("SIGHUP handler")?;
+        let shared = server.shared().clone();
+        let reloads = async {
+            while hangup.recv().await.is_some() {
+                match shared.reload_auth_file() {
+                    Ok(()) => tracing::info!(signal = "SIGHUP", "reloaded"),
+                    Err(e) => tracing::warn!(error = %e, "SIGHUP: auth file not reloaded"),
+                }
+            }
+        };
+        tokio::select! {
+            served = server.run(shutdown_signal()) => served?,
+            () = reloads => {}
+        }
         anyhow::Ok(())
     })?;
     if let Some(path) = &pidfile {

@@ -65,21 +65,24 @@ impl InflightBudget {
         self.limit
     }
 
+    // SeqCst on `used` and `waiters`: a waiter adds itself then reads
+    // `used`, a release lowers `used` then reads `waiters`; with weaker
+    // orderings both could read the old value and the wakeup be lost.
     fn try_reserve(&self, bytes: usize) -> bool {
         self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
                 u.checked_add(bytes).filter(|&n| n <= self.limit)
             })
             .is_ok()
     }
 
     fn release(&self, bytes: usize) {
-        let before = self.used.fetch_sub(bytes, Ordering::AcqRel);
+        let before = self.used.fetch_sub(bytes, Ordering::SeqCst);
         assert!(
             before >= bytes,
             "in-flight budget released more than reserved"
         );
-        if self.waiters.load(Ordering::Acquire) > 0 {
+        if self.waiters.load(Ordering::SeqCst) > 0 {
             self.room.notify_waiters();
         }
     }
@@ -157,10 +160,19 @@ impl Reservation {
         if self.hold_exactly(bytes) {
             return true;
         }
+        /// Counts one waiter for as long as it lives, so a wait that is
+        /// dropped part-way (its task ended) is not counted forever.
+        struct Waiting<'a>(&'a InflightBudget);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.waiters.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         let budget = self.budget.clone();
-        budget.waiters.fetch_add(1, Ordering::AcqRel);
+        budget.waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&budget);
         let deadline = tokio::time::Instant::now() + wait;
-        let held = loop {
+        loop {
             // Registered before the retry, so a release between the two
             // still wakes this holder.
             let notified = budget.room.notified();
@@ -172,9 +184,7 @@ impl Reservation {
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 break self.hold(bytes);
             }
-        };
-        budget.waiters.fetch_sub(1, Ordering::AcqRel);
-        held
+        }
     }
 
     /// Gives the reservation back (the frame completed).

@@ -22,10 +22,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, trace, warn};
 
-use super::Shared;
 use super::conns::{Conn, State};
 use super::execute::{self, Action};
 use super::faults::{Fault, Faults};
+use super::{Shared, ascii_auth};
 use crate::budget::{INFLIGHT_FREE_BYTES, Reservation};
 use crate::limits::{
     GET_KEYS_PER_TURN, GET_LINE_WHOLE_BYTES_MAX, INFLIGHT_WAIT_MAX, PREFETCH_KEYS,
@@ -180,6 +180,8 @@ async fn run<S: ClientSocket>(
     let data = secs(shared.facts.data_timeout_secs);
     // When the last complete command arrived; kept only with an idle timeout.
     let mut last_command = idle.map(|_| Instant::now());
+    // `-Y`: nothing but an authentication until one succeeds.
+    let mut authenticated = shared.ascii_auth.is_none();
     loop {
         // Whether the input buffer's allocation is large (a long line or a
         // large value came through it): measured before `process` takes
@@ -194,6 +196,7 @@ async fn run<S: ClientSocket>(
             &mut budget,
             &mut wr,
             last_command.as_mut(),
+            &mut authenticated,
         )
         .await?;
         if long.is_some() {
@@ -231,16 +234,26 @@ async fn run<S: ClientSocket>(
             fresh.extend_from_slice(&inbuf);
             inbuf = fresh;
         }
+        // A long line part-way holds what its buffer now is past a read,
+        // not what the buffer of its last piece was.
+        if long.is_some() {
+            let need = inbuf.capacity().saturating_sub(READ_CHUNK_BYTES);
+            if need < budget.request.bytes() {
+                budget.request.hold_exactly(need);
+            }
+        }
         if out.buf.is_empty() && out.buf.capacity() > IDLE_BUFFER_BYTES {
             out.buf = Vec::new();
         }
         // Grow only when little room is left: a request part-way in keeps
         // the buffer it arrived in. A request that holds budget grows its
-        // buffer once, to what it holds; others by a read. Never by
-        // doubling: an allocation twice what the budget counts is memory
-        // it does not see.
-        if inbuf.capacity() - inbuf.len() < READ_CHUNK_BYTES / 4 {
-            let want = (inbuf.len() + READ_CHUNK_BYTES).max(budget.request.bytes());
+        // buffer once, to what it holds, and not again while the rest of it
+        // fits; others by a read. Never by doubling: the allocation stays
+        // within what the budget holds plus a read (the free allowance).
+        let held = budget.request.bytes();
+        let fits = held > inbuf.len() && inbuf.capacity() >= held;
+        if inbuf.capacity() - inbuf.len() < READ_CHUNK_BYTES / 4 && !fits {
+            let want = (inbuf.len() + READ_CHUNK_BYTES).max(held);
             let mut grown = BytesMut::with_capacity(want);
             grown.extend_from_slice(&inbuf);
             inbuf = grown;
@@ -490,6 +503,76 @@ async fn hold_line(
     Ok(room)
 }
 
+/// What a connection that has not authenticated (`-Y`) does with its input.
+enum Authenticating {
+    /// Read more.
+    Wait,
+    /// Close without a word (junk, or no room to hold it).
+    Close,
+    /// A command took `consumed` bytes and was answered.
+    Answered {
+        consumed: usize,
+        authenticated: bool,
+    },
+}
+
+/// One step before authentication, as memcached takes it: the answer to
+/// the command at the start of `input`, put in `out`. A command arriving
+/// in pieces is held to the budget past the free allowance, like any
+/// other.
+fn authenticate(
+    shared: &Shared,
+    input: &[u8],
+    out: &mut Vec<u8>,
+    reservation: &mut Reservation,
+) -> Authenticating {
+    let Some(auth) = &shared.ascii_auth else {
+        return Authenticating::Answered {
+            consumed: 0,
+            authenticated: true,
+        };
+    };
+    match ascii_auth::step(input) {
+        ascii_auth::Step::Incomplete => {
+            if input.len() <= INFLIGHT_FREE_BYTES || reservation.hold(input.len()) {
+                Authenticating::Wait
+            } else {
+                Authenticating::Close
+            }
+        }
+        ascii_auth::Step::Close => Authenticating::Close,
+        ascii_auth::Step::Reply {
+            consumed,
+            reply,
+            attempt,
+        } => {
+            reservation.clear();
+            let Some((user_at, user_len, pass_at, pass_len)) = attempt else {
+                put_line(out, reply.as_bytes());
+                return Authenticating::Answered {
+                    consumed,
+                    authenticated: false,
+                };
+            };
+            shared.stats.auth_cmds.fetch_add(1, Relaxed);
+            let ok = auth.read().check(
+                &input[user_at..user_at + user_len],
+                &input[pass_at..pass_at + pass_len],
+            );
+            if ok {
+                put_line(out, reply.as_bytes());
+            } else {
+                shared.stats.auth_errors.fetch_add(1, Relaxed);
+                put_line(out, b"CLIENT_ERROR authentication failure");
+            }
+            Authenticating::Answered {
+                consumed,
+                authenticated: ok,
+            }
+        }
+    }
+}
+
 /// Whether a get's reply, from `reply_at` on, is an error line.
 fn is_error_reply(out: &[u8], reply_at: usize) -> bool {
     out.get(reply_at..)
@@ -507,6 +590,7 @@ async fn process(
     budget: &mut Held,
     wr: &mut impl ClientWrite,
     mut last_command: Option<&mut Instant>,
+    authenticated: &mut bool,
 ) -> std::io::Result<bool> {
     let Held {
         request: reservation,
@@ -524,6 +608,23 @@ async fn process(
         }
         if inbuf.is_empty() {
             return Ok(false);
+        }
+        if !*authenticated {
+            match authenticate(shared, &inbuf[..], &mut output.buf, reservation) {
+                Authenticating::Wait => return Ok(false),
+                Authenticating::Close => return Ok(true),
+                Authenticating::Answered {
+                    consumed,
+                    authenticated: now,
+                } => {
+                    inbuf.advance(consumed);
+                    *authenticated = now;
+                    if let Some(last) = last_command.as_deref_mut() {
+                        *last = Instant::now();
+                    }
+                    continue;
+                }
+            }
         }
         let parsed = match long.as_mut() {
             None => parse(&inbuf[..], &shared.limits),
@@ -605,16 +706,14 @@ async fn process(
             Parsed::Complete { request, consumed } => {
                 // The request stays in the input buffer while it is served,
                 // and serving can wait (a get yields between batches of
-                // keys, a cluster request waits for replicas): past the
-                // free allowance, the buffer's allocation is held in the
-                // budget until the request is answered, so connections
+                // keys, a cluster request waits for replicas): the buffer's
+                // allocation past a read (the free allowance) is held in
+                // the budget until the request is answered, so connections
                 // part-way through large requests cannot together hold
-                // memory the budget does not see.
-                let line_bytes = if consumed > INFLIGHT_FREE_BYTES {
-                    inbuf.capacity()
-                } else {
-                    0
-                };
+                // memory the budget does not see. A line that arrived in
+                // one read needs nothing; one that came in several holds
+                // this already.
+                let line_bytes = inbuf.capacity().saturating_sub(READ_CHUNK_BYTES);
                 if !reservation.hold_exactly(line_bytes)
                     && matches!(request, Request::Get(_))
                     && !hold_line(shared, wr, output, held, long, reservation, line_bytes).await?

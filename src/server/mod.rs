@@ -1,6 +1,7 @@
 //! The network server: a listener that admits connections up to the limit,
 //! one task per connection, a background expiry sweep, graceful shutdown.
 
+pub mod ascii_auth;
 pub mod cluster;
 pub mod connection;
 pub mod conns;
@@ -75,9 +76,28 @@ pub struct Shared {
     pub shutdown_requested: tokio::sync::Notify,
     /// The listener and client connections, for `stats conns`.
     pub conns: conns::Conns,
+    /// `-Y`: the users a connection must authenticate as before anything
+    /// else; replaced whole by a reload (SIGHUP).
+    pub ascii_auth: Option<parking_lot::RwLock<Arc<ascii_auth::AuthFile>>>,
 }
 
 impl Shared {
+    /// Reads `-Y`'s file again, as memcached does on SIGHUP: connections
+    /// already authenticated stay so, new attempts check the new users. A
+    /// file that cannot be read or parsed leaves the old users in place.
+    ///
+    /// # Errors
+    /// Why the file was not taken.
+    pub fn reload_auth_file(&self) -> Result<(), String> {
+        let Some(current) = &self.ascii_auth else {
+            return Ok(());
+        };
+        let path = current.read().path.clone();
+        let file = ascii_auth::AuthFile::load(&path)?;
+        *current.write() = Arc::new(file);
+        Ok(())
+    }
+
     /// A node's shared state: its store (sized by `config`) and, for a
     /// cluster member, its cluster. `port` is what `stats` reports.
     pub fn new(
@@ -143,6 +163,7 @@ impl Shared {
             unix_mask: config.unix_mask,
             listen_backlog: config.listen_backlog,
             data_timeout_secs: config.data_timeout_secs,
+            auth_file: config.auth_file.as_ref().map(|p| p.display().to_string()),
         };
         Self {
             inflight: Arc::new(InflightBudget::new(budget::limit_for(
@@ -162,6 +183,7 @@ impl Shared {
             fault_control,
             shutdown_requested: tokio::sync::Notify::new(),
             conns: conns::Conns::default(),
+            ascii_auth: None,
             listing_key: match (&config.listing_secret, &config.cluster) {
                 (Some(secret), _) => TokenKey::from_secret(secret.as_bytes()),
                 (None, Some(c)) => TokenKey::from_secret(c.layout_text().as_bytes()),
@@ -457,7 +479,12 @@ impl Server {
             }
             None => (None, None, None),
         };
-        let shared = Arc::new(Shared::new(config, clock, port, cluster));
+        let mut shared = Shared::new(config, clock, port, cluster);
+        if let Some(path) = &config.auth_file {
+            let file = ascii_auth::AuthFile::load(path).map_err(ServerError::Config)?;
+            shared.ascii_auth = Some(parking_lot::RwLock::new(Arc::new(file)));
+        }
+        let shared = Arc::new(shared);
         Ok(Self {
             listener,
             peer_listener,

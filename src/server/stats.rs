@@ -35,6 +35,10 @@ pub struct ServerStats {
     pub verbosity: AtomicU64,
     /// Connections closed for idling past `idle_timeout_secs`.
     pub idle_kicks: AtomicU64,
+    /// Attempts to authenticate (`-Y`).
+    pub auth_cmds: AtomicU64,
+    /// Of them, those that failed.
+    pub auth_errors: AtomicU64,
     /// Connections closed for stalling mid-way through a data block that
     /// held in-flight memory (`data_timeout_secs`).
     pub data_timeouts: AtomicU64,
@@ -100,6 +104,8 @@ pub struct Facts {
     pub listen_backlog: u32,
     /// `data_timeout_secs`: 0 never.
     pub data_timeout_secs: u32,
+    /// `-Y`'s file, if connections must authenticate.
+    pub auth_file: Option<String>,
 }
 
 /// `stats`: memcached's field names, in memcached's order, then webvac's
@@ -164,6 +170,8 @@ pub fn compose_general(
     put_stat(out, "touch_misses", c.touch_misses);
     put_stat(out, "store_too_large", c.store_too_large);
     put_stat(out, "store_no_memory", c.store_no_memory);
+    put_stat(out, "auth_cmds", s.auth_cmds.load(Relaxed));
+    put_stat(out, "auth_errors", s.auth_errors.load(Relaxed));
     if f.idle_timeout_secs > 0 {
         // memcached lists it only with an idle timeout set.
         put_stat(out, "idle_kicks", s.idle_kicks.load(Relaxed));
@@ -226,7 +234,11 @@ pub fn compose_settings(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, limit_byt
     put_stat(out, "tcp_backlog", f.listen_backlog);
     put_stat(out, "binding_protocol", "ascii");
     put_stat(out, "auth_enabled_sasl", "no");
-    put_stat(out, "auth_enabled_ascii", "no");
+    put_stat(
+        out,
+        "auth_enabled_ascii",
+        f.auth_file.as_deref().unwrap_or("no"),
+    );
     put_stat(out, "item_size_max", f.item_bytes_max);
     put_stat(out, "maxconns_fast", "yes");
     put_stat(out, "flush_enabled", yes_no(f.flush_enabled));

@@ -592,6 +592,35 @@ impl Client {
         }
     }
 
+    /// Closes the writing side, then reads everything the server sends
+    /// until it closes the connection (within `timeout` in all).
+    ///
+    /// # Panics
+    /// If the server keeps the connection open past `timeout`.
+    #[allow(dead_code)] // not every test binary ends a conversation this way
+    pub fn finish(&mut self, timeout: Duration) -> Vec<u8> {
+        let _ = match &self.stream {
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+        };
+        let deadline = std::time::Instant::now() + timeout;
+        let mut got = std::mem::take(&mut self.pending);
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(!left.is_zero(), "still open after {timeout:?}; got {got:?}");
+            match self.read_some(&mut buf, left) {
+                Ok(0) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return got,
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::TimedOut => {}
+                Err(e) => panic!("reading to the end: {e}"),
+            }
+        }
+    }
+
     fn read_some(&mut self, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
         // A zero timeout means "block forever" to std: never pass one.
         let timeout = timeout.max(Duration::from_millis(1));
