@@ -661,6 +661,15 @@ impl Config {
         if self.listen.split([',', ' ']).all(str::is_empty) {
             return bad("listen names no address".into());
         }
+        if let Some(cluster) = &self.cluster
+            && self.auth_file.is_some()
+            && cluster.secret_file.is_none()
+        {
+            return bad(
+                "auth_file (-Y) on a cluster member needs cluster.secret_file (--cluster-secret-file): without a secret anyone on this host can join as a member and read every item without authenticating"
+                    .into(),
+            );
+        }
         if self.unix_socket.is_some() && self.cluster.is_some() {
             return bad(
                 "unix_socket serves a single node; a cluster member serves its member address"

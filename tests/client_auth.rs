@@ -82,6 +82,34 @@ const CONVERSATIONS: &[(&str, &[&[u8]])] = &[
         ],
     ),
     ("a line that never ends", &[&[b'x'; 3000]]),
+    (
+        "sizes as safe_strtoul reads them, and C strings",
+        &[
+            b"set foo 0 0 -0\r\n\r\n",
+            b"set foo 0 0 8\r\n\0foo bar\r\n",
+            b"set foo 0 0 \t7\r\nfoo bar\r\n",
+        ],
+    ),
+    (
+        "a size with a plus sign",
+        &[b"set foo 0 0 +7\r\nfoo bar\r\n"],
+    ),
+    (
+        "a size ending in \\v",
+        &[b"set foo 0 0 7\x0b\r\nfoo bar\r\n"],
+    ),
+    (
+        "a size past 2^32",
+        &[b"set foo 0 0 4294967303\r\nfoo bar\r\n"],
+    ),
+    (
+        "a NUL in the line",
+        &[b"set foo 0 0 7\0junk\r\nfoo bar\r\n"],
+    ),
+    (
+        "a NUL after the password",
+        &[b"set foo 0 0 8\r\nfoo bar\0\r\n"],
+    ),
 ];
 
 /// An auth file of memcached's test users in a new directory.
@@ -220,5 +248,37 @@ fn pipelined_requests_before_authentication_each_get_their_reply() {
          CLIENT_ERROR unauthenticated\r\n\
          CLIENT_ERROR authentication failure\r\n\
          STORED\r\nSTORED\r\nVALUE toast 0 2\r\nhi\r\nEND\r\n"
+    );
+}
+
+/// `-Y` on a cluster member without a cluster secret would let anyone on
+/// the host join as a member and read around the passwords: refused at
+/// start, naming the setting. A missing file is refused with memcached's
+/// own words.
+#[test]
+fn a_node_that_cannot_keep_its_promise_refuses_to_start() {
+    let dir = fresh_temp_dir("webvac-auth");
+    let path = authfile(&dir, "foo:bar\n");
+    let path = path.to_str().expect("utf-8 path");
+    let refused = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(common::WEBVAC_BIN);
+        cmd.args(args).env("RUST_BACKTRACE", "0");
+        let out = common::run_bounded(cmd, FINISH_MAX);
+        let status = out.status.expect("exits at once");
+        assert!(!status.success(), "{args:?} started");
+        out.stderr
+    };
+    let (client, peer) = (common::free_tcp_port(), common::free_tcp_port());
+    let member = format!("1=127.0.0.1:{client},127.0.0.1:{peer}");
+    let err = refused(&["-Y", path, "--node-id", "1", "--member", &member]);
+    assert!(err.contains("cluster.secret_file"), "{err}");
+    let missing = dir.join("missing");
+    let err = refused(&["-Y", missing.to_str().expect("utf-8 path")]);
+    assert!(
+        err.contains(&format!(
+            "Could not open authfile [{}] for reading",
+            missing.display()
+        )),
+        "{err}"
     );
 }

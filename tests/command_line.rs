@@ -97,7 +97,6 @@ fn flags_that_cannot_mean_anything_are_refused_by_name() {
         (&["-L"], "pages"),
         (&["-D", ":"], "per-prefix"),
         (&["-S"], "binary protocol"),
-        (&["-Y", "/etc/auth"], "authentication"),
         (&["-e", "/dev/shm/x"], "restartable"),
         (&["-Z"], "TLS"),
         (&["-N", "2"], "NAPI"),

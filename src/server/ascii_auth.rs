@@ -8,10 +8,13 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::protocol::number::parse_u32_truncating;
+
 /// The most `user:password` entries a file holds (memcached's
 /// `MAX_ENTRIES`; memcached ignores the rest, webvac refuses the file).
 pub const ENTRIES_MAX: usize = 8;
-/// The longest entry line, newline included (memcached's `MAX_ENTRY_LEN`).
+/// An entry line, newline included, must be shorter than this (memcached
+/// reads entries with `fgets` into `MAX_ENTRY_LEN` bytes, its NUL included).
 pub const ENTRY_BYTES_MAX: usize = 256;
 /// The longest `user password` value taken (later memcached's
 /// `MAX_AUTH_REQ_LEN`).
@@ -62,13 +65,24 @@ impl AuthFile {
                 path.display()
             )
         };
+        // What memcached 1.6.18's fgets loop would read otherwise than a
+        // reader of lines does is refused rather than guessed at: a NUL,
+        // a carriage return not ending its line, a line it would split.
+        if text.contains(&0) {
+            return Err(malformed());
+        }
         let mut entries = Vec::new();
         for line in text.split_inclusive(|&b| b == b'\n') {
-            if line.len() > ENTRY_BYTES_MAX {
+            if line.len() >= ENTRY_BYTES_MAX {
                 return Err(format!(
-                    "Authfile [{}] has an entry over {ENTRY_BYTES_MAX} bytes",
+                    "Authfile [{}] has an entry of {ENTRY_BYTES_MAX} bytes or more",
                     path.display()
                 ));
+            }
+            let content = line.strip_suffix(b"\n").unwrap_or(line);
+            let content = content.strip_suffix(b"\r").unwrap_or(content);
+            if content.contains(&b'\r') {
+                return Err(malformed());
             }
             let Some(colon) = line.iter().position(|&b| b == b':') else {
                 return Err(malformed());
@@ -131,15 +145,9 @@ fn words(line: &[u8]) -> impl Iterator<Item = &[u8]> {
     line.split(|&b| b == b' ').filter(|w| !w.is_empty())
 }
 
-/// memcached's `safe_strtoul`: digits, then the end or a space (`\r`
-/// counts); no sign.
-fn parse_size(word: &[u8]) -> Option<u32> {
-    let digits = word.iter().take_while(|b| b.is_ascii_digit()).count();
-    let rest = &word[digits..];
-    if digits == 0 || !(rest.is_empty() || rest[0].is_ascii_whitespace()) {
-        return None;
-    }
-    std::str::from_utf8(&word[..digits]).ok()?.parse().ok()
+/// What C string functions see of `bytes`: everything before the first NUL.
+fn c_string(bytes: &[u8]) -> &[u8] {
+    &bytes[..memchr::memchr(0, bytes).unwrap_or(bytes.len())]
 }
 
 /// Looks at the start of `input` as memcached does before a connection has
@@ -157,7 +165,8 @@ pub fn step(input: &[u8]) -> Step {
             Step::Incomplete
         };
     };
-    let line = &input[..newline];
+    // memcached tokenizes the line as a C string: a NUL ends it.
+    let line = c_string(&input[..newline]);
     let line_bytes = newline + 1;
     let reply = |consumed, reply| Step::Reply {
         consumed,
@@ -166,7 +175,9 @@ pub fn step(input: &[u8]) -> Step {
     };
     let tokens: Vec<&[u8]> = words(line).take(24).collect();
     let size = match tokens.as_slice() {
-        [b"set", _, _, _, size, ..] => parse_size(size),
+        // memcached's safe_strtoul: a sign and C whitespace are taken, and
+        // the number is cut to 32 bits (2^32 + 7 is 7).
+        [b"set", _, _, _, size, ..] => parse_u32_truncating(size),
         _ => None,
     };
     let Some(size) = size else {
@@ -184,7 +195,8 @@ pub fn step(input: &[u8]) -> Step {
     if !data.ends_with(b"\r\n") {
         return reply(end, "CLIENT_ERROR bad command line termination");
     }
-    let value = &data[..size];
+    // The value, too, is read as a C string.
+    let value = c_string(&data[..size]);
     let mut at = 0;
     let mut spans = Vec::with_capacity(2);
     for word in value.split(|&b| b == b' ') {
@@ -227,6 +239,17 @@ mod tests {
         );
         let nine: String = (0..9).map(|i| format!("u{i}:p\n")).collect();
         assert!(AuthFile::parse(Path::new("f"), nine.as_bytes()).is_err());
+        // What memcached 1.6.18 would read its own odd way is refused.
+        let long = format!("u:{}\nfoo:bar\n", "p".repeat(253));
+        for odd in [&b"foo:bar\rbaz:qux\n"[..], b"f\0o:bar\n", long.as_bytes()] {
+            assert!(AuthFile::parse(Path::new("f"), odd).is_err(), "{odd:?}");
+        }
+        let longest = format!("u:{}\n", "p".repeat(252));
+        assert_eq!(longest.len(), ENTRY_BYTES_MAX - 1);
+        assert!(file(&longest).check(b"u", "p".repeat(252).as_bytes()));
+        // No newline at the end: the last password is read whole, as
+        // memcached does since its t/ascii-auth2.t (1.6.18 lost a byte).
+        assert!(file("foo:bar").check(b"foo", b"bar"));
     }
 
     fn replied(input: &[u8]) -> (usize, &'static str, bool) {
@@ -269,6 +292,24 @@ mod tests {
         assert_eq!(
             replied(b"set foo 0 0 7\r\nfoo bar\r\n"),
             (24, "STORED", true)
+        );
+        // memcached's safe_strtoul and C strings.
+        for size in ["+7", "\t7", "7\x0b", "4294967303", "7\0junk"] {
+            let input = format!("set foo 0 0 {size}\r\nfoo bar\r\n");
+            let (consumed, reply, attempt) = replied(input.as_bytes());
+            assert_eq!(
+                (consumed, reply, attempt),
+                (input.len(), "STORED", true),
+                "{size:?}"
+            );
+        }
+        assert_eq!(
+            replied(b"set foo 0 0 -0\r\n\r\n"),
+            (18, "CLIENT_ERROR bad authentication token format", false)
+        );
+        assert_eq!(
+            replied(b"set foo 0 0 8\r\n\0foo bar\r\n"),
+            (25, "CLIENT_ERROR bad authentication token format", false)
         );
         assert_eq!(step(b"set foo 0 0 7\r\nfoo b"), Step::Incomplete);
         assert_eq!(step(b"set foo"), Step::Incomplete);
