@@ -522,16 +522,11 @@ enum Authenticating {
 /// other.
 fn authenticate(
     shared: &Shared,
+    auth: &parking_lot::RwLock<ascii_auth::AuthFile>,
     input: &[u8],
     out: &mut Vec<u8>,
     reservation: &mut Reservation,
 ) -> Authenticating {
-    let Some(auth) = &shared.ascii_auth else {
-        return Authenticating::Answered {
-            consumed: 0,
-            authenticated: true,
-        };
-    };
     match ascii_auth::step(input) {
         ascii_auth::Step::Incomplete => {
             if input.len() <= INFLIGHT_FREE_BYTES || reservation.hold(input.len()) {
@@ -609,8 +604,8 @@ async fn process(
         if inbuf.is_empty() {
             return Ok(false);
         }
-        if !*authenticated {
-            match authenticate(shared, &inbuf[..], &mut output.buf, reservation) {
+        if let (false, Some(auth)) = (*authenticated, &shared.ascii_auth) {
+            match authenticate(shared, auth, &inbuf[..], &mut output.buf, reservation) {
                 Authenticating::Wait => return Ok(false),
                 Authenticating::Close => return Ok(true),
                 Authenticating::Answered {

@@ -78,7 +78,7 @@ pub struct Shared {
     pub conns: conns::Conns,
     /// `-Y`: the users a connection must authenticate as before anything
     /// else; replaced whole by a reload (SIGHUP).
-    pub ascii_auth: Option<parking_lot::RwLock<Arc<ascii_auth::AuthFile>>>,
+    pub ascii_auth: Option<parking_lot::RwLock<ascii_auth::AuthFile>>,
 }
 
 impl Shared {
@@ -94,7 +94,7 @@ impl Shared {
         };
         let path = current.read().path.clone();
         let file = ascii_auth::AuthFile::load(&path)?;
-        *current.write() = Arc::new(file);
+        *current.write() = file;
         Ok(())
     }
 
@@ -482,7 +482,7 @@ impl Server {
         let mut shared = Shared::new(config, clock, port, cluster);
         if let Some(path) = &config.auth_file {
             let file = ascii_auth::AuthFile::load(path).map_err(ServerError::Config)?;
-            shared.ascii_auth = Some(parking_lot::RwLock::new(Arc::new(file)));
+            shared.ascii_auth = Some(parking_lot::RwLock::new(file));
         }
         let shared = Arc::new(shared);
         Ok(Self {
