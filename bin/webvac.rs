@@ -189,6 +189,11 @@ struct Args {
     /// value "user password". Reloaded on SIGHUP.
     #[arg(short = 'Y', long = "auth-file")]
     auth_file: Option<std::path::PathBuf>,
+    /// memcached's TLS: clients speak TLS on every TCP listener but those
+    /// `-l` marks `notls:`; the certificate and key are given with
+    /// `-o ssl_chain_cert=FILE,ssl_key=FILE`.
+    #[arg(short = 'Z', long = "enable-ssl")]
+    enable_ssl: bool,
     /// Key that authenticates `lk` listing tokens (same on every node).
     #[arg(long = "listing-secret")]
     listing_secret: Option<String>,
@@ -395,7 +400,6 @@ const REFUSED: &[(&str, &str, &str)] = &[
         "--memory-file",
         "a restartable memory file is not supported (a restarted cluster member refills from its replicas)",
     ),
-    ("-Z", "--enable-ssl", "TLS is not supported yet"),
     (
         "-N",
         "--napi_ids",
@@ -487,9 +491,7 @@ fn apply_extended(options: &[String], config: &mut Config) -> anyhow::Result<()>
             "no_maxconns_fast" => anyhow::bail!(
                 "-o no_maxconns_fast: webvac refuses a connection past -c at once, with memcached's error; it does not queue them"
             ),
-            _ if name.starts_with("ssl_") => {
-                anyhow::bail!("-o {name}: TLS is not supported yet")
-            }
+            _ if name.starts_with("ssl_") => apply_ssl(name, value, config)?,
             _ if name.starts_with("proxy_") => anyhow::bail!(
                 "-o {name}: webvac has no proxy mode (its cluster routes requests itself)"
             ),
@@ -503,6 +505,47 @@ fn apply_extended(options: &[String], config: &mut Config) -> anyhow::Result<()>
                 anyhow::bail!("-o {name}: not an extended option webvac or memcached 1.6.18 knows")
             }
         }
+    }
+    Ok(())
+}
+
+/// memcached's `-o ssl_*` options.
+fn apply_ssl(name: &str, value: &str, config: &mut Config) -> anyhow::Result<()> {
+    let file = || {
+        if value.is_empty() {
+            anyhow::bail!("Missing {name} argument")
+        }
+        Ok(std::path::PathBuf::from(value))
+    };
+    let number = || {
+        value
+            .parse::<u8>()
+            .with_context(|| format!("could not parse argument to {name}"))
+    };
+    match name {
+        "ssl_chain_cert" => config.ssl_chain_cert = Some(file()?),
+        "ssl_key" => config.ssl_key = Some(file()?),
+        "ssl_ca_cert" => config.ssl_ca_cert = Some(file()?),
+        "ssl_verify_mode" => config.ssl_verify_mode = number()?,
+        "ssl_min_version" => config.ssl_min_version = number()?,
+        "ssl_session_cache" => config.ssl_session_cache = true,
+        "ssl_wbuf_size" => {
+            config.ssl_wbuf_size = value
+                .parse()
+                .with_context(|| format!("could not parse argument to {name}"))?;
+        }
+        "ssl_keyformat" => {
+            if number()? != 1 {
+                anyhow::bail!(
+                    "-o ssl_keyformat={value}: webvac reads PEM keys only (ssl_keyformat=1)"
+                );
+            }
+        }
+        "ssl_ciphers" => anyhow::bail!(
+            "-o ssl_ciphers: webvac offers rustls's cipher suites (TLS 1.3, and TLS 1.2 with forward-secret AEAD suites) and takes no OpenSSL cipher list"
+        ),
+        "ssl_kernel_tls" => anyhow::bail!("-o ssl_kernel_tls: Kernel TLS offload is not available"),
+        _ => anyhow::bail!("-o {name}: not an extended option webvac or memcached 1.6.18 knows"),
     }
     Ok(())
 }
@@ -630,6 +673,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(path) = args.auth_file.clone() {
         config.auth_file = Some(path);
     }
+    if args.enable_ssl {
+        config.ssl_enabled = true;
+    }
     if let Some(v) = args.listing_secret {
         config.listing_secret = Some(v);
     }
@@ -714,15 +760,24 @@ fn main() -> anyhow::Result<()> {
             std::fs::write(path, format!("{}\n", std::process::id()))
                 .with_context(|| format!("cannot write the pid file {}", path.display()))?;
         }
-        // memcached reloads its auth file on SIGHUP.
+        // memcached reloads its auth file on SIGHUP; webvac its TLS
+        // certificates too.
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("SIGHUP handler")?;
         let shared = server.shared().clone();
         let reloads = async {
             while hangup.recv().await.is_some() {
                 match shared.reload_auth_file() {
-                    Ok(()) => tracing::info!(signal = "SIGHUP", "reloaded"),
+                    Ok(()) => tracing::info!(signal = "SIGHUP", "auth file reloaded"),
                     Err(e) => tracing::warn!(error = %e, "SIGHUP: auth file not reloaded"),
+                }
+                if shared.tls.is_some() {
+                    match shared.refresh_certs() {
+                        Ok(()) => tracing::info!(signal = "SIGHUP", "TLS certificates reloaded"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "SIGHUP: TLS certificates not reloaded")
+                        }
+                    }
                 }
             }
         };

@@ -21,7 +21,8 @@ use crate::limits::{
     ITEM_BYTES_MAX_DEFAULT, ITEM_BYTES_MAX_MAX, ITEM_BYTES_MAX_MIN, LISTEN_BACKLOG_DEFAULT,
     MEMORY_LIMIT_MB_DEFAULT, PORT_DEFAULT, REPLICAS_DEFAULT, REQUEST_ID_RECORDS_PER_KEY_DEFAULT,
     REQUEST_ID_RECORDS_PER_KEY_LIMIT, REQUEST_TIMEOUT_MS_DEFAULT, REQUESTS_PER_BATCH_MAX,
-    THREADS_DEFAULT, TOMBSTONE_GRACE_SECS, UNIX_MASK_DEFAULT,
+    SSL_MIN_VERSION_DEFAULT, SSL_WBUF_KIB_DEFAULT, SSL_WBUF_KIB_MAX, THREADS_DEFAULT,
+    TOMBSTONE_GRACE_SECS, UNIX_MASK_DEFAULT,
 };
 
 /// A node's whole configuration (`webvac.toml`): every key optional with a
@@ -95,6 +96,26 @@ pub struct Config {
     /// must authenticate (a `set` whose value is `user password`) before
     /// any other command. Reloaded on SIGHUP.
     pub auth_file: Option<std::path::PathBuf>,
+    /// memcached's `-Z`: clients speak TLS on every TCP listener but those
+    /// `listen` marks `notls:`.
+    pub ssl_enabled: bool,
+    /// The server's certificate chain, PEM (leaf first).
+    pub ssl_chain_cert: Option<std::path::PathBuf>,
+    /// Its private key, PEM; absent: read from `ssl_chain_cert`.
+    pub ssl_key: Option<std::path::PathBuf>,
+    /// The CAs client certificates must chain to (PEM).
+    pub ssl_ca_cert: Option<std::path::PathBuf>,
+    /// Client certificates: 0 none, 1 checked if sent, 2 required, 3
+    /// required (once: the same as 2, as there is no renegotiation).
+    pub ssl_verify_mode: u8,
+    /// Oldest protocol accepted: 0 TLS 1.0, 1 TLS 1.1, 2 TLS 1.2, 3 TLS 1.3.
+    /// TLS 1.0 and 1.1 are never offered, so 0 and 1 mean 1.2.
+    pub ssl_min_version: u8,
+    /// Keep sessions so that returning clients resume without a full
+    /// handshake (memcached's `ssl_session_cache`).
+    pub ssl_session_cache: bool,
+    /// Per-connection TLS output buffer, KiB (memcached's `ssl_wbuf_size`).
+    pub ssl_wbuf_size: u32,
     /// Cluster membership; absent: a single memcached-like node.
     pub cluster: Option<ClusterConfig>,
     /// Fault injection, for testing only: off unless set.
@@ -605,6 +626,14 @@ impl Default for Config {
             data_timeout_secs: DATA_TIMEOUT_SECS_DEFAULT,
             listing_secret: None,
             auth_file: None,
+            ssl_enabled: false,
+            ssl_chain_cert: None,
+            ssl_key: None,
+            ssl_ca_cert: None,
+            ssl_verify_mode: 0,
+            ssl_min_version: SSL_MIN_VERSION_DEFAULT,
+            ssl_session_cache: false,
+            ssl_wbuf_size: SSL_WBUF_KIB_DEFAULT,
             cluster: None,
             faults: FaultsConfig::default(),
         }
@@ -646,6 +675,53 @@ impl Config {
         self.memory_limit_mb.saturating_mul(1024 * 1024)
     }
 
+    /// The TLS settings' own checks (the files are read when the server
+    /// binds).
+    fn validate_tls(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let notls = self
+            .listen
+            .split([',', ' '])
+            .any(|item| item.starts_with("notls:"));
+        if notls && !self.ssl_enabled {
+            return bad("'notls' option is valid only when SSL is enabled".into());
+        }
+        if self.ssl_verify_mode > 3 {
+            return bad(format!(
+                "ssl_verify_mode must be 0 (none), 1 (request), 2 (require) or 3 (once), got {}",
+                self.ssl_verify_mode
+            ));
+        }
+        if self.ssl_min_version > 3 {
+            return bad(format!(
+                "ssl_min_version must be 0 (tlsv1.0), 1 (tlsv1.1), 2 (tlsv1.2) or 3 (tlsv1.3), got {}",
+                self.ssl_min_version
+            ));
+        }
+        if !self.ssl_enabled {
+            return Ok(());
+        }
+        if self.ssl_chain_cert.is_none() {
+            return bad("ssl_enabled (-Z) needs ssl_chain_cert (-o ssl_chain_cert=FILE)".into());
+        }
+        if self.ssl_verify_mode > 0 && self.ssl_ca_cert.is_none() {
+            return bad(format!(
+                "ssl_verify_mode={} checks client certificates: it needs ssl_ca_cert (-o ssl_ca_cert=FILE), the CAs they must chain to",
+                self.ssl_verify_mode
+            ));
+        }
+        if self.ssl_wbuf_size == 0 || self.ssl_wbuf_size > SSL_WBUF_KIB_MAX {
+            return bad(format!(
+                "ssl_wbuf_size must be between 1 and {SSL_WBUF_KIB_MAX} KiB, got {}",
+                self.ssl_wbuf_size
+            ));
+        }
+        if self.unix_socket.is_some() {
+            return bad("ERROR: You cannot enable SSL without a TCP port.".into());
+        }
+        Ok(())
+    }
+
     /// Checks relations between settings.
     ///
     /// # Errors
@@ -670,6 +746,7 @@ impl Config {
                     .into(),
             );
         }
+        self.validate_tls()?;
         if self.unix_socket.is_some() && self.cluster.is_some() {
             return bad(
                 "unix_socket serves a single node; a cluster member serves its member address"

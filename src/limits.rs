@@ -292,3 +292,19 @@ const _: () = assert!(GET_KEYS_PER_TURN % PREFETCH_KEYS == 0);
 const _: () = assert!(OPAQUE_BYTES_MAX < LINE_BYTES_MAX);
 const _: () = assert!(PEER_CONNECTIONS_PER_MEMBER_MAX >= 1 && PEER_HANDSHAKES_MAX >= 1);
 const _: () = assert!(PEER_BUDGET_RETRY_MS < REQUEST_TIMEOUT_MS_DEFAULT);
+
+/// memcached's default `ssl_min_version`: 2, TLS 1.2.
+pub const SSL_MIN_VERSION_DEFAULT: u8 = 2;
+
+/// memcached's default `ssl_wbuf_size`, KiB: one TLS record. It bounds the
+/// encrypted output a TLS connection holds beside its replies.
+pub const SSL_WBUF_KIB_DEFAULT: u32 = 16;
+
+/// Largest `ssl_wbuf_size`, KiB: past a few records a bigger buffer only
+/// costs memory per connection.
+pub const SSL_WBUF_KIB_MAX: u32 = 1024;
+
+/// A TLS handshake not finished in this long is dropped (counted in
+/// `ssl_handshake_errors`): a client that connects and stalls holds a
+/// connection slot, not the node.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

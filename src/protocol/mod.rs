@@ -92,6 +92,11 @@ pub enum Request<'a> {
     Verbosity(misc::Verbosity),
     /// `quit`: close the connection without a reply.
     Quit,
+    /// `refresh_certs [noreply]`: read the TLS certificates again.
+    RefreshCerts {
+        /// No reply on success (an error is always sent, as memcached does).
+        noreply: bool,
+    },
     /// `shutdown [graceful]`: stop the node, if it was started with `-A`.
     Shutdown {
         /// No mode, or `graceful`.
@@ -302,6 +307,9 @@ pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
         b"version" => Request::Version,
         b"verbosity" => misc::parse_verbosity(&tokens),
         b"quit" => Request::Quit,
+        b"refresh_certs" => Request::RefreshCerts {
+            noreply: tokens.noreply(),
+        },
         b"lk" => list_keys::parse(&tokens),
         b"fault" => fault::parse(&tokens),
         b"shutdown" => Request::Shutdown {

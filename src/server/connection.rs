@@ -69,6 +69,12 @@ pub trait ClientWrite: AsyncWrite + Unpin {
     fn try_write(&self, buf: &[u8]) -> std::io::Result<usize>;
     /// Until the socket takes more.
     fn writable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Whether bytes it took are still waiting to reach the socket (TLS
+    /// records encrypted and not yet written); [`Self::writable`] waits
+    /// until they have.
+    fn holds_output(&self) -> bool {
+        false
+    }
 }
 
 impl ClientSocket for TcpStream {
@@ -133,21 +139,56 @@ impl Drop for Registered {
 /// `curr_connections`; this uncounts it and drops `done` when it ends, so
 /// shutdown can wait for every connection.
 pub async fn serve<S: ClientSocket>(
-    mut stream: S,
+    stream: S,
+    peer: String,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+    done: mpsc::Sender<()>,
+) {
+    let registered = Registered {
+        shared: shared.clone(),
+        _done: done,
+    };
+    serve_registered(stream, peer, &shared, stop, registered).await;
+}
+
+/// [`serve`] for a TCP connection on a TLS port: first the handshake
+/// (bounded by its timeout and by shutdown), then the connection.
+pub async fn serve_tls(
+    tcp: TcpStream,
     peer: String,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
-    let _registered = Registered {
+    let registered = Registered {
         shared: shared.clone(),
         _done: done,
     };
+    let Some(tls) = &shared.tls else {
+        return;
+    };
+    let stream = tokio::select! {
+        stream = tls.accept(tcp, shared.facts.idle_timeout_secs) => stream,
+        _ = stop.changed() => None,
+    };
+    if let Some(stream) = stream {
+        serve_registered(stream, peer, &shared, stop, registered).await;
+    }
+}
+
+async fn serve_registered<S: ClientSocket>(
+    mut stream: S,
+    peer: String,
+    shared: &Shared,
+    mut stop: watch::Receiver<bool>,
+    _registered: Registered,
+) {
     stream.no_delay();
     debug!(peer = %peer, "connection opened");
     let now = shared.store.clock().now_secs();
     let registration = shared.conns.register(stream.fd(), peer.clone(), now);
-    match run(&mut stream, &shared, &registration.conn, &mut stop).await {
+    match run(&mut stream, shared, &registration.conn, &mut stop).await {
         Ok(()) => debug!(peer = %peer, "connection closed"),
         Err(e) => debug!(peer = %peer, error = %e, "connection ended with an error"),
     }
@@ -283,7 +324,7 @@ async fn run<S: ClientSocket>(
         // While a long get line arrives, replies the client has not read
         // yet wait in the budget and the line goes on being read; they are
         // written as the socket takes them.
-        let unsent = long.is_some() && out.unsent() > 0;
+        let unsent = long.is_some() && (out.unsent() > 0 || wr.holds_output());
         let n = tokio::select! {
             // Reading first means a ready socket never touches the signal.
             biased;
@@ -353,6 +394,9 @@ async fn flush(
         if !out.buf.is_empty() {
             out.written(shared, 0, held);
         }
+        if wr.holds_output() {
+            wr.flush().await?;
+        }
         return Ok(());
     }
     // The common case, without a timer: the socket takes it all now.
@@ -362,23 +406,26 @@ async fn flush(
         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(e),
     };
-    if sent < rest.len() {
+    if sent < rest.len() || wr.holds_output() {
         let rest = &rest[sent..];
         let timeout = shared.facts.data_timeout_secs;
         if held.bytes() > 0 && timeout > 0 {
             let limit = Duration::from_secs(u64::from(timeout));
-            if tokio::time::timeout(limit, wr.write_all(rest))
-                .await
-                .is_err()
-            {
+            let write = async {
+                wr.write_all(rest).await?;
+                wr.flush().await
+            };
+            let Ok(written) = tokio::time::timeout(limit, write).await else {
                 shared.stats.data_timeouts.fetch_add(1, Relaxed);
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
                     "the client did not read a reply holding in-flight memory",
                 ));
-            }
+            };
+            written?;
         } else {
             wr.write_all(rest).await?;
+            wr.flush().await?;
         }
     }
     out.written(shared, pending, held);

@@ -149,6 +149,15 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
                 put_line(out, b"OK");
             }
         }
+        Request::RefreshCerts { noreply } => match shared.refresh_certs() {
+            Ok(()) => {
+                if !noreply {
+                    put_line(out, b"OK");
+                }
+            }
+            // memcached writes the error whatever noreply says.
+            Err(e) => put_line(out, e.as_bytes()),
+        },
         Request::Quit | Request::Close => return Action::Close,
         Request::Shutdown { mode_valid } => {
             if !shared.facts.shutdown_command {
@@ -200,6 +209,7 @@ fn stats(shared: &Shared, cmd: StatsCmd<'_>, out: &mut Vec<u8>) {
                 &shared.store.stats(),
                 now,
                 &shared.inflight,
+                shared.tls.as_ref(),
             );
             shared
                 .fault_control

@@ -12,6 +12,7 @@ pub mod faults;
 pub mod meta;
 pub mod rlimit;
 pub mod stats;
+pub mod tls;
 
 use crate::cluster::listing::TokenKey;
 use std::future::Future;
@@ -79,6 +80,8 @@ pub struct Shared {
     /// `-Y`: the users a connection must authenticate as before anything
     /// else; replaced whole by a reload (SIGHUP).
     pub ascii_auth: Option<parking_lot::RwLock<ascii_auth::AuthFile>>,
+    /// `-Z`: TLS on the client port's TCP listeners (but `notls:` ones).
+    pub tls: Option<tls::Tls>,
 }
 
 impl Shared {
@@ -96,6 +99,19 @@ impl Shared {
         let file = ascii_auth::AuthFile::load(&path)?;
         *current.write() = file;
         Ok(())
+    }
+
+    /// Reads the TLS certificate, key and CA files again (`refresh_certs`,
+    /// SIGHUP): new connections get them, open ones keep theirs.
+    ///
+    /// # Errors
+    /// memcached's message (`Error TLS not enabled`, or the file that
+    /// could not be read); the certificates in use stay.
+    pub fn refresh_certs(&self) -> Result<(), String> {
+        match &self.tls {
+            Some(tls) => tls.refresh(self.store.clock().now_secs()),
+            None => Err("Error TLS not enabled".into()),
+        }
     }
 
     /// A node's shared state: its store (sized by `config`) and, for a
@@ -164,6 +180,7 @@ impl Shared {
             listen_backlog: config.listen_backlog,
             data_timeout_secs: config.data_timeout_secs,
             auth_file: config.auth_file.as_ref().map(|p| p.display().to_string()),
+            ssl: stats::SslFacts::from_config(config),
         };
         Self {
             inflight: Arc::new(InflightBudget::new(budget::limit_for(
@@ -184,6 +201,7 @@ impl Shared {
             shutdown_requested: tokio::sync::Notify::new(),
             conns: conns::Conns::default(),
             ascii_auth: None,
+            tls: None,
             listing_key: match (&config.listing_secret, &config.cluster) {
                 (Some(secret), _) => TokenKey::from_secret(secret.as_bytes()),
                 (None, Some(c)) => TokenKey::from_secret(c.layout_text().as_bytes()),
@@ -243,8 +261,9 @@ impl Local for Shared {
 
 /// Where clients connect.
 enum ClientListener {
-    /// TCP ports: one per address of `-l` (at least one).
-    Tcp(Vec<TcpListener>),
+    /// TCP ports: one per address of `-l` (at least one), each with
+    /// whether it speaks TLS.
+    Tcp(Vec<(TcpListener, bool)>),
     /// A unix socket (memcached's `-s`); its file is removed at shutdown.
     Unix {
         listener: tokio::net::UnixListener,
@@ -262,7 +281,8 @@ fn tcp_name(addr: SocketAddr) -> String {
 
 /// A client connection just accepted, and who it is from (for logs).
 enum Accepted {
-    Tcp(tokio::net::TcpStream),
+    /// With whether the port speaks TLS.
+    Tcp(tokio::net::TcpStream, bool),
     Unix(tokio::net::UnixStream),
 }
 
@@ -270,10 +290,12 @@ impl ClientListener {
     async fn accept(&self) -> std::io::Result<(Accepted, String)> {
         match self {
             ClientListener::Tcp(listeners) => {
-                let accepts = listeners.iter().map(|l| Box::pin(l.accept()));
+                let accepts = listeners.iter().map(|(l, tls)| {
+                    Box::pin(async move { l.accept().await.map(|(s, peer)| (s, peer, *tls)) })
+                });
                 let (accepted, _, _) = futures_util::future::select_all(accepts).await;
-                let (s, peer) = accepted?;
-                Ok((Accepted::Tcp(s), tcp_name(peer)))
+                let (s, peer, tls) = accepted?;
+                Ok((Accepted::Tcp(s, tls), tcp_name(peer)))
             }
             ClientListener::Unix { listener, path } => {
                 let (s, _) = listener.accept().await?;
@@ -287,8 +309,9 @@ impl ClientListener {
         use std::os::fd::AsRawFd;
         match self {
             ClientListener::Tcp(listeners) => (
-                listeners[0].as_raw_fd(),
+                listeners[0].0.as_raw_fd(),
                 listeners[0]
+                    .0
                     .local_addr()
                     .map_or_else(|e| e.to_string(), tcp_name),
             ),
@@ -303,7 +326,7 @@ impl ClientListener {
         match self {
             ClientListener::Tcp(listeners) => listeners
                 .iter()
-                .map(|l| {
+                .map(|(l, _)| {
                     l.local_addr()
                         .map_or_else(|e| e.to_string(), |a| a.to_string())
                 })
@@ -317,7 +340,7 @@ impl ClientListener {
 impl Accepted {
     fn try_write(&self, buf: &[u8]) -> std::io::Result<usize> {
         match self {
-            Accepted::Tcp(s) => s.try_write(buf),
+            Accepted::Tcp(s, _) => s.try_write(buf),
             Accepted::Unix(s) => s.try_write(buf),
         }
     }
@@ -350,23 +373,29 @@ fn bind_unix(path: &std::path::Path, mask: u32) -> Result<tokio::net::UnixListen
 
 /// The `host:port` addresses of memcached's `-l`: one or more items
 /// separated by commas or spaces, each a host (`127.0.0.1`, `::1`,
-/// `localhost`) listening on `port`, or a `host:port` / `[v6]:port`.
-fn listen_addresses(listen: &str, port: u16) -> Vec<String> {
+/// `localhost`) listening on `port`, or a `host:port` / `[v6]:port`; each
+/// with whether it was marked `notls:` (plain TCP on a TLS node).
+fn listen_addresses(listen: &str, port: u16) -> Vec<(String, bool)> {
     listen
         .split([',', ' '])
         .filter(|item| !item.is_empty())
         .map(|item| {
+            let (item, notls) = match item.strip_prefix("notls:") {
+                Some(rest) => (rest, true),
+                None => (item, false),
+            };
             let has_port = if item.starts_with('[') {
                 item.contains("]:")
             } else {
                 item.matches(':').count() == 1
             };
-            match (has_port, item.contains(':') && !item.starts_with('[')) {
+            let addr = match (has_port, item.contains(':') && !item.starts_with('[')) {
                 (true, _) => item.to_string(),
                 // A bare IPv6 address.
                 (false, true) => format!("[{item}]:{port}"),
                 (false, false) => format!("{item}:{port}"),
-            }
+            };
+            (addr, notls)
         })
         .collect()
 }
@@ -444,7 +473,7 @@ impl Server {
         let me = config.cluster.as_ref().and_then(|c| c.me());
         let addrs = me.map_or_else(
             || listen_addresses(&config.listen, config.port),
-            |m| vec![m.client.clone()],
+            |m| vec![(m.client.clone(), false)],
         );
         let listener = match (&config.unix_socket, serve_client) {
             (_, false) => None,
@@ -454,20 +483,20 @@ impl Server {
             }),
             (None, true) => {
                 let mut bound = Vec::with_capacity(addrs.len());
-                for addr in &addrs {
+                for (addr, notls) in &addrs {
                     let l = bind_tcp(addr, config.listen_backlog)
                         .await
                         .map_err(|source| ServerError::Bind {
                             addr: addr.clone(),
                             source,
                         })?;
-                    bound.push(l);
+                    bound.push((l, config.ssl_enabled && !notls));
                 }
                 Some(ClientListener::Tcp(bound))
             }
         };
         let port = match &listener {
-            Some(ClientListener::Tcp(l)) => l[0].local_addr()?.port(),
+            Some(ClientListener::Tcp(l)) => l[0].0.local_addr()?.port(),
             _ => 0,
         };
         let (cluster, peer_listener, identity) = match &config.cluster {
@@ -483,6 +512,10 @@ impl Server {
         if let Some(path) = &config.auth_file {
             let file = ascii_auth::AuthFile::load(path).map_err(ServerError::Config)?;
             shared.ascii_auth = Some(parking_lot::RwLock::new(file));
+        }
+        if let Some(settings) = tls::TlsSettings::from_config(config) {
+            let now = shared.store.clock().now_secs();
+            shared.tls = Some(tls::Tls::new(settings, now).map_err(ServerError::Config)?);
         }
         let shared = Arc::new(shared);
         Ok(Self {
@@ -509,7 +542,7 @@ impl Server {
     /// served over TCP.
     pub fn client_addr(&self) -> Option<SocketAddr> {
         match &self.listener {
-            Some(ClientListener::Tcp(l)) => l[0].local_addr().ok(),
+            Some(ClientListener::Tcp(l)) => l[0].0.local_addr().ok(),
             _ => None,
         }
     }
@@ -599,7 +632,8 @@ impl Server {
                         shared.stats.total_connections.fetch_add(1, Relaxed);
                         let (shared, stop, done) = (shared.clone(), stop_rx.clone(), done_tx.clone());
                         match stream {
-                            Accepted::Tcp(s) => tokio::spawn(connection::serve(s, peer, shared, stop, done)),
+                            Accepted::Tcp(s, false) => tokio::spawn(connection::serve(s, peer, shared, stop, done)),
+                            Accepted::Tcp(s, true) => tokio::spawn(connection::serve_tls(s, peer, shared, stop, done)),
                             Accepted::Unix(s) => tokio::spawn(connection::serve(s, peer, shared, stop, done)),
                         };
                     }
@@ -689,16 +723,27 @@ async fn sweep_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 mod tests {
     use super::listen_addresses;
 
+    fn addrs(listen: &str, port: u16) -> Vec<String> {
+        listen_addresses(listen, port)
+            .into_iter()
+            .map(|(addr, notls)| if notls { format!("notls {addr}") } else { addr })
+            .collect()
+    }
+
     #[test]
     fn listen_takes_memcached_lists_of_hosts_and_ports() {
-        assert_eq!(listen_addresses("127.0.0.1", 11211), ["127.0.0.1:11211"]);
+        assert_eq!(addrs("127.0.0.1", 11211), ["127.0.0.1:11211"]);
         assert_eq!(
-            listen_addresses("127.0.0.1,::1", 11211),
+            addrs("127.0.0.1,::1", 11211),
             ["127.0.0.1:11211", "[::1]:11211"]
         );
         assert_eq!(
-            listen_addresses("localhost:7 [::1]:8 [fe80::1]", 9),
+            addrs("localhost:7 [::1]:8 [fe80::1]", 9),
             ["localhost:7", "[::1]:8", "[fe80::1]:9"]
+        );
+        assert_eq!(
+            addrs("notls:127.0.0.1:7,127.0.0.1:8 notls:[::1]", 9),
+            ["notls 127.0.0.1:7", "127.0.0.1:8", "notls [::1]:9"]
         );
     }
 }

@@ -106,6 +106,47 @@ pub struct Facts {
     pub data_timeout_secs: u32,
     /// `-Y`'s file, if connections must authenticate.
     pub auth_file: Option<String>,
+    /// The `ssl_*` settings as `stats settings` shows them.
+    pub ssl: SslFacts,
+}
+
+/// The TLS settings `stats settings` reports, as memcached writes them
+/// (whether or not `-Z` turned TLS on).
+#[derive(Debug, Clone)]
+pub struct SslFacts {
+    /// `-Z`.
+    pub enabled: bool,
+    /// `ssl_chain_cert`; memcached prints an unset one as `(null)`.
+    pub chain_cert: Option<String>,
+    /// `ssl_key`.
+    pub key: Option<String>,
+    /// `ssl_verify_mode` as OpenSSL's flags (0, 1, 3 or 7).
+    pub verify_flags: u8,
+    /// `ssl_ca_cert`; unset prints as `NULL`.
+    pub ca_cert: Option<String>,
+    /// `ssl_wbuf_size` in bytes.
+    pub wbuf_bytes: usize,
+    /// `ssl_session_cache`.
+    pub session_cache: bool,
+    /// `ssl_min_version`'s name.
+    pub min_version: &'static str,
+}
+
+impl SslFacts {
+    /// The settings of `config`.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        let path = |p: &Option<std::path::PathBuf>| p.as_ref().map(|p| p.display().to_string());
+        Self {
+            enabled: config.ssl_enabled,
+            chain_cert: path(&config.ssl_chain_cert),
+            key: path(&config.ssl_key),
+            verify_flags: super::tls::verify_flags(config.ssl_verify_mode),
+            ca_cert: path(&config.ssl_ca_cert),
+            wbuf_bytes: config.ssl_wbuf_size as usize * 1024,
+            session_cache: config.ssl_session_cache,
+            min_version: super::tls::min_version_name(config.ssl_min_version),
+        }
+    }
 }
 
 /// `stats`: memcached's field names, in memcached's order, then webvac's
@@ -117,6 +158,7 @@ pub fn compose_general(
     st: &StoreStats,
     now: u32,
     inflight: &crate::budget::InflightBudget,
+    tls: Option<&super::tls::Tls>,
 ) {
     let c = &st.counters;
     let (user, system) = rusage();
@@ -193,6 +235,21 @@ pub fn compose_general(
     put_stat(out, "evicted_unfetched", c.evicted_unfetched);
     put_stat(out, "evictions", c.evictions);
     put_stat(out, "reclaimed", c.reclaimed);
+    if let Some(tls) = tls {
+        if tls.settings.session_cache {
+            put_stat(out, "ssl_new_sessions", tls.new_sessions.load(Relaxed));
+        }
+        put_stat(
+            out,
+            "ssl_handshake_errors",
+            tls.handshake_errors.load(Relaxed),
+        );
+        put_stat(
+            out,
+            "time_since_server_cert_refresh",
+            tls.since_refresh(now),
+        );
+    }
     // webvac's own: its version (`version` is the memcached one it
     // speaks), bytes reserved in the in-flight budget and its size,
     // and connections closed for stalling while holding some.
@@ -244,7 +301,23 @@ pub fn compose_settings(out: &mut Vec<u8>, f: &Facts, s: &ServerStats, limit_byt
     put_stat(out, "flush_enabled", yes_no(f.flush_enabled));
     put_stat(out, "dump_enabled", "no");
     put_stat(out, "idle_timeout", f.idle_timeout_secs);
-    put_stat(out, "ssl_enabled", "no");
+    let ssl = &f.ssl;
+    put_stat(out, "ssl_enabled", yes_no(ssl.enabled));
+    put_stat(
+        out,
+        "ssl_chain_cert",
+        ssl.chain_cert.as_deref().unwrap_or("(null)"),
+    );
+    put_stat(out, "ssl_key", ssl.key.as_deref().unwrap_or("(null)"));
+    put_stat(out, "ssl_verify_mode", ssl.verify_flags);
+    // PEM; webvac takes no cipher list (rustls's suites).
+    put_stat(out, "ssl_keyformat", 1);
+    put_stat(out, "ssl_ciphers", "NULL");
+    put_stat(out, "ssl_ca_cert", ssl.ca_cert.as_deref().unwrap_or("NULL"));
+    put_stat(out, "ssl_wbuf_size", ssl.wbuf_bytes);
+    put_stat(out, "ssl_session_cache", yes_no(ssl.session_cache));
+    put_stat(out, "ssl_kernel_tls", "no");
+    put_stat(out, "ssl_min_version", ssl.min_version);
     put_stat(out, "eviction_policy", "sieve");
     put_stat(out, "store_shards", f.shards);
     put_stat(out, "data_timeout", f.data_timeout_secs);

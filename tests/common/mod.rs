@@ -21,6 +21,7 @@ pub mod cluster;
 pub mod compat;
 pub mod history;
 pub mod hostile;
+pub mod tls;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -146,7 +147,8 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
-/// Finds the socket address in a `... listening addr=127.0.0.1:PORT ...` log line.
+/// Finds the socket address in a `... listening addr=127.0.0.1:PORT ...` log
+/// line (the first, when it lists several).
 pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
     let line = strip_ansi(line);
     if !line.contains("listening") {
@@ -156,6 +158,8 @@ pub fn parse_listening_line(line: &str) -> Option<SocketAddr> {
     let token = rest.split_whitespace().next()?;
     token
         .trim_matches(|c| c == '"' || c == '\'' || c == ',')
+        .split(',')
+        .next()?
         .parse()
         .ok()
 }
@@ -554,6 +558,7 @@ impl fmt::Display for ReplyError {
 enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 /// A tiny raw-bytes client. Every read has a deadline; bytes that arrive past
@@ -584,11 +589,21 @@ impl Client {
         })
     }
 
+    /// A client over an established TLS session (see `tests/common/tls.rs`).
+    #[allow(dead_code)] // only the TLS tests connect this way
+    pub fn from_tls(stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>) -> Client {
+        Client {
+            stream: Stream::Tls(Box::new(stream)),
+            pending: Vec::new(),
+        }
+    }
+
     /// Writes all of `bytes` (bounded by the write timeout).
     pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         match &mut self.stream {
             Stream::Tcp(s) => s.write_all(bytes),
             Stream::Unix(s) => s.write_all(bytes),
+            Stream::Tls(s) => s.write_all(bytes).and_then(|()| s.flush()),
         }
     }
 
@@ -599,9 +614,14 @@ impl Client {
     /// If the server keeps the connection open past `timeout`.
     #[allow(dead_code)] // not every test binary ends a conversation this way
     pub fn finish(&mut self, timeout: Duration) -> Vec<u8> {
-        let _ = match &self.stream {
+        let _ = match &mut self.stream {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
             Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Tls(s) => {
+                s.conn.send_close_notify();
+                let _ = s.flush();
+                s.sock.shutdown(std::net::Shutdown::Write)
+            }
         };
         let deadline = std::time::Instant::now() + timeout;
         let mut got = std::mem::take(&mut self.pending);
@@ -631,6 +651,10 @@ impl Client {
             }
             Stream::Unix(s) => {
                 s.set_read_timeout(Some(timeout))?;
+                s.read(buf)
+            }
+            Stream::Tls(s) => {
+                s.sock.set_read_timeout(Some(timeout))?;
                 s.read(buf)
             }
         }

@@ -1,0 +1,437 @@
+//! TLS on the client port (`-Z`, `-o ssl_*`, `refresh_certs`, SIGHUP),
+//! against the real binary with real TLS clients (rustls here, pymemcache
+//! over Python's ssl module), and the bad input the security issue lists:
+//! plaintext on a TLS port, TLS on a plaintext port, stalled handshakes,
+//! expired and wrong-CA certificates, a flood of failed handshakes.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::hostile::{stats, wait_for};
+use common::tls::{Ca, Files, client_config, connect, write};
+use common::{Client, Memcached, Server, stat_value};
+
+fn start(files: &Files, more_o: &str, extra: &[&str]) -> Server {
+    let mut args = files.server_args(more_o);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start(&args)
+}
+
+/// A TLS client of `server` trusting the test CA, with no certificate.
+fn tls_client(server: &Server, files: &Files) -> Client {
+    connect(
+        server.addr(),
+        client_config(&files.ca.pem, None, false),
+        "localhost",
+    )
+    .unwrap_or_else(|e| panic!("TLS handshake: {e}\n{}", server.stderr_text()))
+}
+
+/// Whether a TLS session with `config` is served: the handshake completes
+/// and `version` is answered. A TLS 1.3 server refuses a client
+/// certificate after the client has finished its side, so a refusal can
+/// show only at the first exchange.
+fn served(server: &Server, config: std::sync::Arc<rustls::ClientConfig>) -> bool {
+    match connect(server.addr(), config, "localhost") {
+        Ok(mut c) => c
+            .call(b"version\r\n", Duration::from_secs(5))
+            .is_ok_and(|r| r.starts_with(b"VERSION ")),
+        Err(_) => false,
+    }
+}
+
+/// The whole text protocol works through TLS, and `stats` and
+/// `stats settings` report TLS as memcached does.
+#[test]
+fn a_tls_port_serves_the_protocol_and_reports_its_settings() {
+    let files = Files::new("serve");
+    let server = start(&files, "", &[]);
+    let mut c = tls_client(&server, &files);
+    assert_eq!(c.ask(b"set k 5 0 3\r\nabc\r\n"), "STORED\r\n");
+    assert_eq!(c.ask(b"get k\r\n"), "VALUE k 5 3\r\nabc\r\nEND\r\n");
+    assert_eq!(c.ask(b"incr n 1\r\n"), "NOT_FOUND\r\n");
+    // A reply far larger than a TLS record and than ssl_wbuf_size.
+    let big = vec![b'x'; 600 * 1024];
+    let mut set = format!("set big 0 0 {}\r\n", big.len()).into_bytes();
+    set.extend_from_slice(&big);
+    set.extend_from_slice(b"\r\n");
+    assert_eq!(c.ask(&set), "STORED\r\n");
+    let reply = c.request(b"get big big big\r\n", &[b"END\r\n"]);
+    assert_eq!(
+        reply.len(),
+        3 * (big.len() + "VALUE big 0 614400\r\n\r\n".len()) + 5
+    );
+    let settings = stats(&mut c, "settings");
+    for line in [
+        "STAT ssl_enabled yes".to_string(),
+        format!("STAT ssl_chain_cert {}", files.path("server.pem")),
+        format!("STAT ssl_key {}", files.path("server.key")),
+        "STAT ssl_verify_mode 0".into(),
+        "STAT ssl_ca_cert NULL".into(),
+        "STAT ssl_wbuf_size 16384".into(),
+        "STAT ssl_session_cache no".into(),
+        "STAT ssl_min_version tlsv1.2".into(),
+    ] {
+        assert!(
+            settings.contains(&format!("{line}\r\n")),
+            "{line} not in:\n{settings}"
+        );
+    }
+    let general = stats(&mut c, "");
+    assert_eq!(stat_value(&general, "ssl_handshake_errors"), 0);
+    assert!(general.contains("STAT time_since_server_cert_refresh "));
+    assert!(
+        !general.contains("ssl_new_sessions"),
+        "only with ssl_session_cache"
+    );
+}
+
+/// Plaintext on a TLS port: the handshake fails, the connection is closed
+/// without a memcached reply, nothing is stored, the failure is counted
+/// and TLS clients are served as before.
+#[test]
+fn plaintext_on_a_tls_port_is_closed_and_stores_nothing() {
+    let files = Files::new("plaintext");
+    let server = start(&files, "", &[]);
+    let mut plain = TcpStream::connect(server.addr()).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    plain.write_all(b"set k 0 0 1\r\nx\r\n").expect("send");
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(
+        !got.windows(6).any(|w| w == b"STORED"),
+        "a plaintext request was served: {got:?}"
+    );
+    let mut c = tls_client(&server, &files);
+    assert_eq!(c.ask(b"get k\r\n"), "END\r\n");
+    assert_eq!(stat_value(&stats(&mut c, ""), "ssl_handshake_errors"), 1);
+}
+
+/// TLS on a plaintext port gets no session and changes nothing; on a TLS
+/// node, `-l notls:` keeps a plaintext listener beside the TLS one, both
+/// on the same items.
+#[test]
+fn tls_on_a_plaintext_port_gets_no_session() {
+    let files = Files::new("notls");
+    let plain_port = common::free_tcp_port();
+    let tls_port = common::free_tcp_port();
+    let listen = format!("notls:127.0.0.1:{plain_port},127.0.0.1:{tls_port}");
+    let server = start(&files, "", &["-l", &listen]);
+    let plain_addr = format!("127.0.0.1:{plain_port}").parse().unwrap();
+    let tls_addr: std::net::SocketAddr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+    let config = client_config(&files.ca.pem, None, false);
+    assert!(
+        connect(plain_addr, config.clone(), "localhost")
+            .and_then(|mut c| c
+                .call(b"version\r\n", Duration::from_secs(5))
+                .map_err(|e| e.to_string()))
+            .is_err(),
+        "a TLS client was served on the plaintext port"
+    );
+    let mut plain = Client::connect_tcp(plain_addr).expect("plaintext listener");
+    assert_eq!(plain.ask(b"set shared 0 0 2\r\nok\r\n"), "STORED\r\n");
+    let mut tls = connect(tls_addr, config, "localhost").expect("TLS listener");
+    assert_eq!(
+        tls.ask(b"get shared\r\n"),
+        "VALUE shared 0 2\r\nok\r\nEND\r\n"
+    );
+    assert_eq!(stat_value(&stats(&mut plain, ""), "curr_items"), 1);
+    drop(server);
+
+    // `notls` without -Z is refused, as memcached refuses it.
+    let out = Command::new(env!("CARGO_BIN_EXE_webvac"))
+        .args(["-p", "0", "-l", "notls:127.0.0.1"])
+        .output()
+        .expect("run webvac");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("'notls' option is valid only when SSL is enabled"),
+        "{err}"
+    );
+}
+
+/// Handshakes that never finish are dropped after the handshake timeout
+/// (the idle timeout, when shorter) and counted; a flood of them holds
+/// connection slots only until then, and the node serves TLS clients once
+/// they are gone.
+#[test]
+fn stalled_handshakes_are_dropped_and_a_flood_passes() {
+    let files = Files::new("stall");
+    let server = start(&files, "", &["-o", "idle_timeout=1", "-c", "40"]);
+    let started = Instant::now();
+    // Half a TLS record header: a handshake that never completes.
+    let stalled: Vec<TcpStream> = (0..120)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(server.addr()).ok()?;
+            let _ = s.write_all(&[0x16, 0x03]);
+            Some(s)
+        })
+        .collect();
+    assert!(stalled.len() >= 40, "could not open the flood");
+    for mut s in stalled {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 256];
+        // The node closes each (EOF or reset; the refused ones get memcached's
+        // `ERROR Too many open connections` first).
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "stalled handshakes held past the idle timeout: {:?}",
+        started.elapsed()
+    );
+    let mut c = tls_client(&server, &files);
+    assert_eq!(c.ask(b"set after 0 0 1\r\nx\r\n"), "STORED\r\n");
+    let general = stats(&mut c, "");
+    assert!(
+        stat_value(&general, "ssl_handshake_errors") >= 40,
+        "{general}"
+    );
+    assert!(
+        stat_value(&general, "rejected_connections") > 0,
+        "{general}"
+    );
+    assert_eq!(stat_value(&general, "curr_connections"), 1, "{general}");
+}
+
+/// `ssl_verify_mode`: 2 requires a client certificate from `ssl_ca_cert`'s
+/// CA, valid now; 1 takes a client with none but still refuses a bad one;
+/// each refusal is a failed handshake, counted.
+#[test]
+fn client_certificates_are_checked_as_ssl_verify_mode_says() {
+    let files = Files::new("verify");
+    let good = files.ca.sign(&["client"], true, false);
+    let expired = files.ca.sign(&["client"], true, true);
+    let other = Ca::new("another CA").sign(&["client"], true, false);
+    let ca = files.path("ca.pem");
+    let config = |id: Option<&(String, String)>| client_config(&files.ca.pem, id, false);
+
+    let required = start(&files, &format!("ssl_verify_mode=2,ssl_ca_cert={ca}"), &[]);
+    assert!(
+        served(&required, config(Some(&good))),
+        "a good certificate was refused"
+    );
+    assert!(
+        !served(&required, config(None)),
+        "no certificate was served under mode 2"
+    );
+    assert!(
+        !served(&required, config(Some(&expired))),
+        "an expired certificate was served"
+    );
+    assert!(
+        !served(&required, config(Some(&other))),
+        "another CA's certificate was served"
+    );
+    // The same over TLS 1.2, where the refusal comes within the handshake.
+    assert!(!served(
+        &required,
+        client_config(&files.ca.pem, Some(&other), true)
+    ));
+    let mut c = connect(required.addr(), config(Some(&good)), "localhost").unwrap();
+    let general = stats(&mut c, "");
+    assert_eq!(stat_value(&general, "ssl_handshake_errors"), 4, "{general}");
+    assert!(stats(&mut c, "settings").contains("STAT ssl_verify_mode 3\r\n"));
+
+    let requested = start(&files, &format!("ssl_verify_mode=1,ssl_ca_cert={ca}"), &[]);
+    assert!(served(&requested, config(None)));
+    assert!(served(&requested, config(Some(&good))));
+    assert!(!served(&requested, config(Some(&other))));
+
+    // A mode that checks certificates needs the CA to check them against.
+    let out = Command::new(env!("CARGO_BIN_EXE_webvac"))
+        .args(files.server_args("ssl_verify_mode=2"))
+        .args(["-p", "0"])
+        .output()
+        .expect("run webvac");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs ssl_ca_cert"));
+}
+
+/// `ssl_min_version=3` refuses a TLS 1.2 client; the default takes it.
+#[test]
+fn ssl_min_version_sets_the_oldest_protocol() {
+    let files = Files::new("version");
+    let tls13 = start(&files, "ssl_min_version=3", &[]);
+    assert!(!served(&tls13, client_config(&files.ca.pem, None, true)));
+    assert!(served(&tls13, client_config(&files.ca.pem, None, false)));
+    let default = start(&files, "", &[]);
+    assert!(served(&default, client_config(&files.ca.pem, None, true)));
+}
+
+/// `refresh_certs` and SIGHUP read the certificate files again: new
+/// connections get the new certificate, open ones keep working, and a
+/// file that cannot be read is reported with memcached's message and
+/// changes nothing.
+#[test]
+fn refresh_certs_and_sighup_swap_certificates_for_new_connections() {
+    let files = Files::new("refresh");
+    let server = start(&files, "", &[]);
+    let mut old = tls_client(&server, &files);
+    let before = stat_value(&stats(&mut old, ""), "time_since_server_cert_refresh");
+
+    // A certificate from a new CA: only clients trusting it connect after.
+    let new_ca = Ca::new("rotated CA");
+    let (cert, key) = new_ca.sign(&["localhost", "127.0.0.1"], false, false);
+    write(&files.dir.join("server.pem"), &cert);
+    write(&files.dir.join("server.key"), &key);
+    assert!(served(&server, client_config(&files.ca.pem, None, false)));
+    assert_eq!(old.ask(b"refresh_certs\r\n"), "OK\r\n");
+    assert!(!served(&server, client_config(&files.ca.pem, None, false)));
+    assert!(served(&server, client_config(&new_ca.pem, None, false)));
+    assert_eq!(old.ask(b"set still 0 0 2\r\nok\r\n"), "STORED\r\n");
+    assert!(stat_value(&stats(&mut old, ""), "time_since_server_cert_refresh") <= before + 1);
+
+    // A broken file: memcached's error, whatever noreply says; the
+    // certificate in use stays.
+    write(&files.dir.join("server.pem"), "not a certificate\n");
+    let err = old.ask(b"refresh_certs noreply\r\n");
+    assert!(
+        err.starts_with(&format!(
+            "Error loading the certificate chain: {} : ",
+            files.path("server.pem")
+        )),
+        "{err}"
+    );
+    assert!(served(&server, client_config(&new_ca.pem, None, false)));
+
+    // SIGHUP: back to the first CA's certificate.
+    let (cert, key) = files.ca.sign(&["localhost", "127.0.0.1"], false, false);
+    write(&files.dir.join("server.pem"), &cert);
+    write(&files.dir.join("server.key"), &key);
+    let pid = stat_value(&stats(&mut old, ""), "pid");
+    let status = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    wait_for("SIGHUP reloads the certificates", || {
+        served(&server, client_config(&files.ca.pem, None, false))
+    });
+    assert!(!served(&server, client_config(&new_ca.pem, None, false)));
+}
+
+/// Without TLS, `refresh_certs` and the `ssl_*` lines of `stats settings`
+/// are exactly what memcached 1.6.18 (built with TLS, as Debian's is)
+/// answers.
+#[test]
+fn without_tls_refresh_certs_and_settings_answer_as_memcached() {
+    let reference = Memcached::start();
+    let server = Server::start(&[]);
+    let mut replies = Vec::new();
+    for mut c in [reference.connect(), server.connect()] {
+        let refresh = c.request(
+            b"refresh_certs\r\nrefresh_certs noreply\r\nversion\r\n",
+            &[b"VERSION 1.6.18\r\n"],
+        );
+        let settings = stats(&mut c, "settings");
+        let ssl: Vec<String> = settings
+            .lines()
+            .filter(|l| l.starts_with("STAT ssl_"))
+            .map(str::to_string)
+            .collect();
+        replies.push((String::from_utf8_lossy(&refresh).into_owned(), ssl));
+    }
+    assert_eq!(replies[0], replies[1], "memcached, then webvac");
+    assert_eq!(replies[0].1.len(), 11);
+}
+
+/// pymemcache, a real client, over Python's ssl module: it verifies the
+/// node's certificate against the CA and its name, stores and reads.
+#[test]
+fn pymemcache_speaks_tls_to_the_node() {
+    common::require_tool("/usr/bin/python3", "python3 with pymemcache");
+    let files = Files::new("pymemcache");
+    let server = start(&files, "", &[]);
+    let script = format!(
+        r#"
+import ssl
+from pymemcache.client.base import Client
+ctx = ssl.create_default_context(cafile={ca:?})
+c = Client(("localhost", {port}), tls_context=ctx, connect_timeout=5, timeout=5)
+assert c.set("py", b"over tls") is True
+assert c.get("py") == b"over tls", c.get("py")
+assert c.incr("n", 1) is None
+c.set("n", b"41")
+assert c.incr("n", 1) == 42
+assert c.get_many(["py", "n", "missing"]) == {{"py": b"over tls", "n": b"42"}}
+assert c.delete("py") is True
+assert c.get("py") is None
+print("ok")
+"#,
+        ca = files.path("ca.pem"),
+        port = server.port()
+    );
+    let out = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success() && out.stdout.starts_with(b"ok"),
+        "pymemcache over TLS failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.stderr_text()
+    );
+}
+
+/// TLS connections stay within the documented memory bound, with the TLS
+/// term (README, Limits: 48 KiB per TLS connection): half of them
+/// pipeline gets of a 200 KB value and never read, half sit idle after
+/// their handshake. RSS from /proc.
+#[test]
+fn tls_connections_that_never_read_stay_within_the_bound() {
+    const CONNECTIONS: usize = 1000;
+    const TLS_BYTES_PER_CONNECTION: u64 = 48 * 1024;
+    let files = Files::new("memory");
+    let server = start(&files, "", &["-m", "8", "-c", "2048"]);
+    let config = client_config(&files.ca.pem, None, false);
+    let mut setup = tls_client(&server, &files);
+    let value = vec![b'v'; 200 * 1000];
+    let mut set = format!("set big 0 0 {}\r\n", value.len()).into_bytes();
+    set.extend_from_slice(&value);
+    set.extend_from_slice(b"\r\n");
+    assert_eq!(setup.ask(&set), "STORED\r\n");
+    let (pid, _) = common::hostile::pid_and_budget(&mut setup);
+    let baseline = common::proc_status_bytes(pid, "VmRSS:");
+    let gets = b"get big\r\n".repeat(100);
+    let mut held = Vec::with_capacity(CONNECTIONS);
+    for i in 0..CONNECTIONS {
+        let mut c = connect(server.addr(), config.clone(), "localhost").expect("handshake");
+        if i % 2 == 0 {
+            c.send(&gets).expect("pipeline gets");
+        }
+        held.push(c);
+    }
+    // Every connection registered and the writers stalled on full sockets.
+    wait_for("every connection open", || {
+        stat_value(&stats(&mut setup, ""), "curr_connections") > CONNECTIONS as u64
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let peak = common::proc_status_bytes(pid, "VmHWM:");
+    let bound = common::hostile::bound(8, CONNECTIONS + 1)
+        + TLS_BYTES_PER_CONNECTION * (CONNECTIONS as u64 + 1);
+    println!(
+        "{CONNECTIONS} TLS connections: baseline {} MiB, peak {} MiB, bound {} MiB",
+        baseline >> 20,
+        peak >> 20,
+        bound >> 20
+    );
+    assert!(peak <= bound, "peak RSS {peak} over the bound {bound}");
+    // The node still serves.
+    assert_eq!(setup.ask(b"set after 0 0 1\r\nx\r\n"), "STORED\r\n");
+    drop(held);
+}
