@@ -176,6 +176,24 @@ struct Load {
     /// Print results as JSON on stdout.
     #[arg(long)]
     json: bool,
+    /// Speak TLS (to a server started with `-Z`); needs `--tls-ca`.
+    #[arg(long)]
+    tls: bool,
+    /// PEM file of the CA the server's certificate chains to.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry.
+    #[arg(long, value_name = "NAME", default_value = "localhost")]
+    tls_name: String,
+    /// A client certificate to present (`ssl_verify_mode` 1–3), PEM.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's key, PEM.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Authenticate each connection first (a server started with `-Y`).
+    #[arg(long, value_name = "USER:PASSWORD")]
+    auth: Option<String>,
 }
 
 fn secs(s: f64, what: &str) -> anyhow::Result<Duration> {
@@ -190,6 +208,34 @@ fn resolve(s: &str) -> anyhow::Result<SocketAddr> {
 }
 
 impl Load {
+    /// `--tls…` and `--auth`.
+    fn security(&self) -> anyhow::Result<run::Security> {
+        let tls = if self.tls {
+            let options = webvac::client::tls::TlsOptions {
+                ca_cert: self.tls_ca.clone(),
+                client_cert: self.tls_cert.clone().zip(self.tls_key.clone()),
+            };
+            let config = webvac::client::tls::client_config(&options)
+                .map_err(|e| anyhow::anyhow!("--tls: {e}"))?;
+            let name = rustls::pki_types::ServerName::try_from(self.tls_name.clone())
+                .with_context(|| format!("--tls-name {}", self.tls_name))?;
+            Some((tokio_rustls::TlsConnector::from(config), name))
+        } else {
+            if self.tls_ca.is_some() || self.tls_cert.is_some() {
+                bail!("--tls-ca and --tls-cert need --tls");
+            }
+            None
+        };
+        let auth = match &self.auth {
+            Some(a) => {
+                let (user, password) = a.split_once(':').context("--auth takes USER:PASSWORD")?;
+                Some(format!("{user} {password}"))
+            }
+            None => None,
+        };
+        Ok(run::Security { tls, auth })
+    }
+
     fn split(&self, servers: Vec<SocketAddr>) -> anyhow::Result<(Plan, Workload)> {
         let w = Workload {
             protocol: self.protocol,
@@ -225,6 +271,7 @@ impl Load {
             stall: secs(self.stall, "--stall")?,
             seed: self.seed,
             progress: !self.quiet,
+            security: self.security()?,
         };
         Ok((plan, w))
     }

@@ -518,6 +518,9 @@ fn apply_ssl(name: &str, value: &str, config: &mut Config) -> anyhow::Result<()>
         Ok(std::path::PathBuf::from(value))
     };
     let number = || {
+        if value.is_empty() {
+            anyhow::bail!("Missing {name} argument")
+        }
         value
             .parse::<u8>()
             .with_context(|| format!("could not parse argument to {name}"))
@@ -767,9 +770,11 @@ fn main() -> anyhow::Result<()> {
         let shared = server.shared().clone();
         let reloads = async {
             while hangup.recv().await.is_some() {
-                match shared.reload_auth_file() {
-                    Ok(()) => tracing::info!(signal = "SIGHUP", "auth file reloaded"),
-                    Err(e) => tracing::warn!(error = %e, "SIGHUP: auth file not reloaded"),
+                if shared.ascii_auth.is_some() {
+                    match shared.reload_auth_file() {
+                        Ok(()) => tracing::info!(signal = "SIGHUP", "auth file reloaded"),
+                        Err(e) => tracing::warn!(error = %e, "SIGHUP: auth file not reloaded"),
+                    }
                 }
                 if shared.tls.is_some() {
                     match shared.refresh_certs() {

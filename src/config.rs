@@ -716,9 +716,6 @@ impl Config {
                 self.ssl_wbuf_size
             ));
         }
-        if self.unix_socket.is_some() {
-            return bad("ERROR: You cannot enable SSL without a TCP port.".into());
-        }
         Ok(())
     }
 

@@ -305,3 +305,80 @@ fn reliability_incr_is_exact_with_ids_and_over_without() {
     assert_eq!(m, 200);
     assert!(counter > 200, "blind retries should over-count: {text}");
 }
+
+/// `--tls` and `--auth`: the bench speaks TLS to memcached and webvac
+/// started with `-Z` (so the TLS cost can be measured side by side), checks
+/// the server's certificate, and authenticates to a node started with
+/// `-Y`; a server it cannot trust, or a wrong password, fails the run with
+/// the reason.
+#[test]
+fn tls_and_auth_reach_memcached_and_webvac_alike() {
+    let files = common::tls::Files::new("bench");
+    let ca = files.path("ca.pem");
+    let memcached = Memcached::start_with_tcp(&files.server_args(""));
+    let webvac = Server::start(
+        &files
+            .server_args("")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    for addr in [memcached.tcp_addr().to_string(), webvac.addr().to_string()] {
+        let r = bench(&[
+            "run",
+            "-s",
+            &addr,
+            "--tls",
+            "--tls-ca",
+            &ca,
+            "--ops",
+            "2000",
+            "--connections",
+            "4",
+            "--depth",
+            "4",
+        ]);
+        assert_eq!(u(&r, "gets") + u(&r, "sets"), 2000, "{addr}: {r}");
+        assert_eq!(u(&r, "errors"), 0, "{addr}: {r}");
+    }
+    let other = common::tls::Ca::new("untrusted");
+    common::tls::write(&files.dir.join("other.pem"), &other.pem);
+    let mut cmd = Command::new(BENCH_BIN);
+    cmd.args(["run", "-s", &webvac.addr().to_string(), "--tls", "--tls-ca"])
+        .arg(files.dir.join("other.pem"))
+        .args(["--ops", "10", "--quiet"]);
+    let out = run_bounded(cmd, RUN_TIMEOUT);
+    assert!(!out.status.is_some_and(|s| s.success()));
+    assert!(out.stderr.contains("TLS handshake"), "{}", out.stderr);
+
+    let users = files.dir.join("users");
+    common::tls::write(&users, "bench:secret\n");
+    let users = users.display().to_string();
+    let authed = Server::start(&["-Y", &users]);
+    let r = bench(&[
+        "run",
+        "-s",
+        &authed.addr().to_string(),
+        "--auth",
+        "bench:secret",
+        "--ops",
+        "500",
+    ]);
+    assert_eq!(u(&r, "errors"), 0, "{r}");
+    let mut cmd = Command::new(BENCH_BIN);
+    cmd.args([
+        "run",
+        "-s",
+        &authed.addr().to_string(),
+        "--auth",
+        "bench:wrong",
+    ])
+    .args(["--ops", "10", "--quiet"]);
+    let out = run_bounded(cmd, RUN_TIMEOUT);
+    assert!(!out.status.is_some_and(|s| s.success()));
+    assert!(
+        out.stderr.contains("authentication refused"),
+        "{}",
+        out.stderr
+    );
+}

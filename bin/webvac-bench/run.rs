@@ -21,9 +21,8 @@ use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::reply;
 use crate::report::{Counts, Outcome};
@@ -47,6 +46,79 @@ pub struct Plan {
     pub stall: Duration,
     pub seed: u64,
     pub progress: bool,
+    /// TLS and authentication on every connection.
+    pub security: Security,
+}
+
+/// What a connection does before its first request: a TLS handshake, and
+/// memcached's ASCII authentication (`-Y`).
+#[derive(Clone, Default)]
+pub struct Security {
+    /// The TLS client, and the name the server's certificate must carry.
+    pub tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls::pki_types::ServerName<'static>,
+    )>,
+    /// `user password`, sent as the value of a `set`.
+    pub auth: Option<String>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("tls", &self.tls.as_ref().map(|(_, name)| name))
+            .field("auth", &self.auth.is_some())
+            .finish()
+    }
+}
+
+/// A connection ready for load.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Connects to `addr`, then completes the TLS handshake and authenticates
+/// as `security` says.
+async fn open(addr: SocketAddr, security: &Security) -> anyhow::Result<Conn> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    let mut conn = match &security.tls {
+        Some((connector, name)) => Conn::Tls(Box::new(
+            connector
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(|e| anyhow::anyhow!("TLS handshake with {addr}: {e}"))?,
+        )),
+        None => Conn::Plain(tcp),
+    };
+    if let Some(auth) = &security.auth {
+        let request = format!("set auth 0 0 {}\r\n{auth}\r\n", auth.len());
+        let mut reply = [0u8; 8];
+        match &mut conn {
+            Conn::Plain(s) => authenticate(s, request.as_bytes(), &mut reply).await?,
+            Conn::Tls(s) => authenticate(s, request.as_bytes(), &mut reply).await?,
+        }
+    }
+    Ok(conn)
+}
+
+/// Sends the authentication and expects `STORED`.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    request: &[u8],
+    reply: &mut [u8; 8],
+) -> anyhow::Result<()> {
+    s.write_all(request).await?;
+    s.flush().await?;
+    s.read_exact(reply).await?;
+    if reply != b"STORED\r\n" {
+        anyhow::bail!(
+            "authentication refused: {}",
+            String::from_utf8_lossy(reply).trim_end()
+        );
+    }
+    Ok(())
 }
 
 /// Open loop: at most this many requests outstanding per connection; past
@@ -306,11 +378,9 @@ fn thread_main(shared: Arc<Shared>, barrier: Arc<Barrier>, conns: Vec<usize>) {
         let mut streams = Vec::new();
         for &c in &conns {
             let addr = shared.plan.servers[c % shared.plan.servers.len()];
-            match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await {
-                Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
-                    streams.push((c, s));
-                }
+            let opened = open(addr, &shared.plan.security);
+            match tokio::time::timeout(Duration::from_secs(5), opened).await {
+                Ok(Ok(s)) => streams.push((c, s)),
                 Ok(Err(e)) => shared.fail(format!("cannot connect to {addr}: {e}")),
                 Err(_) => shared.fail(format!("connecting to {addr} timed out")),
             }
@@ -328,10 +398,15 @@ fn thread_main(shared: Arc<Shared>, barrier: Arc<Barrier>, conns: Vec<usize>) {
                 shared.plan.seed ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             );
             tasks.push(tokio::task::spawn_local(async move {
-                let result = if shared.plan.rate.is_some() && !shared.prefill {
-                    open_loop(shared.clone(), stream, c, rng).await
-                } else {
-                    closed_loop(&shared, stream, rng).await
+                let result = match stream {
+                    Conn::Plain(s) => {
+                        let (rd, wr) = s.into_split();
+                        drive_connection(shared.clone(), rd, wr, c, rng).await
+                    }
+                    Conn::Tls(s) => {
+                        let (rd, wr) = tokio::io::split(*s);
+                        drive_connection(shared.clone(), rd, wr, c, rng).await
+                    }
                 };
                 if let Err(e) = result {
                     shared.fail(e.to_string());
@@ -424,9 +499,28 @@ fn take_replies(
     Ok(())
 }
 
+/// One connection's load, open or closed loop.
+async fn drive_connection<R, W>(
+    shared: Arc<Shared>,
+    rd: R,
+    wr: W,
+    conn: usize,
+    rng: SmallRng,
+) -> anyhow::Result<()>
+where
+    R: AsyncRead + Unpin + 'static,
+    W: AsyncWrite + Unpin + 'static,
+{
+    if shared.plan.rate.is_some() && !shared.prefill {
+        open_loop(shared, rd, wr, conn, rng).await
+    } else {
+        closed_loop(&shared, rd, wr, rng).await
+    }
+}
+
 async fn read_some(
     shared: &Shared,
-    rd: &mut OwnedReadHalf,
+    rd: &mut (impl AsyncRead + Unpin),
     inbuf: &mut BytesMut,
 ) -> anyhow::Result<()> {
     inbuf.reserve(64 * 1024);
@@ -438,8 +532,12 @@ async fn read_some(
     }
 }
 
-async fn closed_loop(shared: &Shared, stream: TcpStream, rng: SmallRng) -> anyhow::Result<()> {
-    let (mut rd, mut wr) = stream.into_split();
+async fn closed_loop(
+    shared: &Shared,
+    mut rd: impl AsyncRead + Unpin,
+    mut wr: impl AsyncWrite + Unpin,
+    rng: SmallRng,
+) -> anyhow::Result<()> {
     let mut chooser = Chooser::new(&shared.workload, rng);
     let mut pending = VecDeque::with_capacity(shared.plan.depth);
     let mut followup = VecDeque::new();
@@ -461,6 +559,8 @@ async fn closed_loop(shared: &Shared, stream: TcpStream, rng: SmallRng) -> anyho
         }
         if !out.is_empty() {
             wr.write_all(&out).await?;
+            // TLS: the records written so far go out (a no-op on TCP).
+            wr.flush().await?;
             out.clear();
         }
         if pending.is_empty() {
@@ -475,11 +575,11 @@ async fn closed_loop(shared: &Shared, stream: TcpStream, rng: SmallRng) -> anyho
 
 async fn open_loop(
     shared: Arc<Shared>,
-    stream: TcpStream,
+    mut rd: impl AsyncRead + Unpin,
+    wr: impl AsyncWrite + Unpin + 'static,
     conn: usize,
     rng: SmallRng,
 ) -> anyhow::Result<()> {
-    let (mut rd, wr) = stream.into_split();
     let rate = shared.plan.rate.expect("open loop has a rate");
     let gap = Duration::from_secs_f64(shared.plan.connections as f64 / rate);
     let line = Rc::new(Line::default());
@@ -538,7 +638,7 @@ const SPIN_AHEAD: Duration = Duration::from_millis(2);
 
 async fn send_on_schedule(
     shared: &Shared,
-    mut wr: OwnedWriteHalf,
+    mut wr: impl AsyncWrite + Unpin,
     rng: SmallRng,
     first: Instant,
     gap: Duration,
@@ -580,6 +680,7 @@ async fn send_on_schedule(
         }
         line.sent.notify_one();
         wr.write_all(&out).await?;
+        wr.flush().await?;
         out.clear();
     }
 }

@@ -156,6 +156,11 @@ pub struct ClientConfig {
     /// Send request ids and rely on them (webvac servers only). On by
     /// default; off makes non-idempotent ops behave as against memcached.
     pub request_ids: bool,
+    /// TLS to every node (nodes started with `-Z`); `None`: plaintext.
+    pub tls: Option<super::tls::ClientTls>,
+    /// memcached's ASCII authentication (nodes started with `-Y`): every
+    /// connection first sends `set` with the value "user password".
+    pub auth: Option<(String, String)>,
     /// Fault injection, for tests.
     pub faults: ClientFaults,
 }
@@ -179,6 +184,8 @@ impl Default for ClientConfig {
             reconnect_backoff_cap: RECONNECT_BACKOFF_CAP_DEFAULT,
             reply_bytes_max: REPLY_BYTES_MAX_DEFAULT,
             request_ids: true,
+            tls: None,
+            auth: None,
             faults: ClientFaults::default(),
         }
     }

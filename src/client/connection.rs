@@ -39,9 +39,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -225,32 +224,118 @@ pub struct Connection {
     stall_reported: AtomicBool,
 }
 
+/// What a connection does before its first request: a TLS handshake
+/// ([`super::ClientConfig::tls`]) and memcached's ASCII authentication
+/// ([`super::ClientConfig::auth`]).
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    tls: Option<super::tls::ClientTls>,
+    /// The `set` that authenticates, whole.
+    auth: Option<Vec<u8>>,
+}
+
+impl Security {
+    /// What `config` asks for.
+    pub fn of(config: &super::ClientConfig) -> Security {
+        Security {
+            tls: config.tls.clone(),
+            auth: config.auth.as_ref().map(|(user, password)| {
+                let value = format!("{user} {password}");
+                format!("set auth 0 0 {}\r\n{value}\r\n", value.len()).into_bytes()
+            }),
+        }
+    }
+}
+
+/// Sends the authentication and expects `STORED`.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    addr: SocketAddr,
+    stream: &mut S,
+    request: &[u8],
+) -> Result<(), ClientError> {
+    let io = |e: io::Error| ClientError::io(addr, &e);
+    stream.write_all(request).await.map_err(io)?;
+    stream.flush().await.map_err(io)?;
+    let mut line = Vec::with_capacity(64);
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") && line.len() < 256 {
+        if stream.read(&mut byte).await.map_err(io)? == 0 {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    if line == b"STORED\r\n" {
+        return Ok(());
+    }
+    Err(ClientError::io_msg(
+        addr,
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "authentication refused: {}",
+            String::from_utf8_lossy(&line).trim_end()
+        ),
+    ))
+}
+
 impl Connection {
-    /// Connects (within `connect_timeout`) and starts the reader and writer.
+    /// Connects (within `connect_timeout`, the TLS handshake and
+    /// authentication included) and starts the reader and writer.
     ///
     /// # Errors
-    /// [`ClientError::Io`] when the connect fails or times out.
+    /// [`ClientError::Io`] when the connect, the handshake or the
+    /// authentication fails or times out.
     pub async fn connect(
         addr: SocketAddr,
         connect_timeout: Duration,
         limits: ConnectionLimits,
+        security: &Security,
     ) -> Result<Connection, ClientError> {
-        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(ClientError::io(addr, &e)),
-            Err(_) => {
-                return Err(ClientError::io_msg(
-                    addr,
-                    io::ErrorKind::TimedOut,
-                    format!("connect timed out after {connect_timeout:?}"),
-                ));
+        let opened = async {
+            let stream = TcpStream::connect(addr)
+                .await
+                .map_err(|e| ClientError::io(addr, &e))?;
+            // Requests are small and latency-bound; the writer batches already.
+            stream
+                .set_nodelay(true)
+                .map_err(|e| ClientError::io(addr, &e))?;
+            match &security.tls {
+                None => {
+                    let mut stream = stream;
+                    if let Some(auth) = &security.auth {
+                        authenticate(addr, &mut stream, auth).await?;
+                    }
+                    let (rd, wr) = stream.into_split();
+                    Ok(Self::start(addr, limits, rd, wr))
+                }
+                Some(tls) => {
+                    let mut stream = tls
+                        .connect(addr, stream)
+                        .await
+                        .map_err(|e| ClientError::io(addr, &e))?;
+                    if let Some(auth) = &security.auth {
+                        authenticate(addr, &mut stream, auth).await?;
+                    }
+                    let (rd, wr) = tokio::io::split(stream);
+                    Ok(Self::start(addr, limits, rd, wr))
+                }
             }
         };
-        // Requests are small and latency-bound; the writer batches already.
-        stream
-            .set_nodelay(true)
-            .map_err(|e| ClientError::io(addr, &e))?;
-        let (rd, wr) = stream.into_split();
+        match tokio::time::timeout(connect_timeout, opened).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::io_msg(
+                addr,
+                io::ErrorKind::TimedOut,
+                format!("connect timed out after {connect_timeout:?}"),
+            )),
+        }
+    }
+
+    /// Starts the reader and writer on a connected stream's halves.
+    fn start<R, W>(addr: SocketAddr, limits: ConnectionLimits, rd: R, wr: W) -> Connection
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let shared = Arc::new(Shared {
             addr,
             limits,
@@ -265,12 +350,12 @@ impl Connection {
         let reader = tokio::spawn(read_loop(shared.clone(), rd));
         let writer = tokio::spawn(write_loop(shared.clone(), wr, inbox));
         shared.state.lock().tasks = vec![reader.abort_handle(), writer.abort_handle()];
-        Ok(Connection {
+        Connection {
             shared,
             outbox,
             next_opaque: AtomicU64::new(1),
             stall_reported: AtomicBool::new(false),
-        })
+        }
     }
 
     /// Whether the connection has closed (it never reopens).
@@ -424,7 +509,7 @@ impl Drop for PendingGuard<'_> {
 
 async fn write_loop(
     shared: Arc<Shared>,
-    mut wr: OwnedWriteHalf,
+    mut wr: impl AsyncWrite + Unpin,
     mut inbox: mpsc::Receiver<Outgoing>,
 ) {
     let mut buf = Vec::new();
@@ -454,14 +539,20 @@ async fn write_loop(
         if buf.is_empty() {
             continue;
         }
-        if let Err(e) = wr.write_all(&buf).await {
+        // TLS: the records written go out now (a no-op on TCP).
+        if let Err(e) = async {
+            wr.write_all(&buf).await?;
+            wr.flush().await
+        }
+        .await
+        {
             shared.close(ClientError::io(shared.addr, &e));
             return;
         }
     }
 }
 
-async fn read_loop(shared: Arc<Shared>, mut rd: OwnedReadHalf) {
+async fn read_loop(shared: Arc<Shared>, mut rd: impl AsyncRead + Unpin) {
     let mut buf = BytesMut::with_capacity(READ_CHUNK_BYTES);
     let mut decoder = Decoder::new(shared.limits.reply_bytes_max, REPLY_LINE_BYTES_MAX);
     loop {
@@ -593,7 +684,9 @@ mod tests {
             format!("VA 1 O{c} f0 c1\r\nc\r\nSERVER_ERROR busy\r\nEN O{b}\r\n").into_bytes()
         })
         .await;
-        let conn = Connection::connect(addr, SECOND, LIMITS).await.unwrap();
+        let conn = Connection::connect(addr, SECOND, LIMITS, &Security::default())
+            .await
+            .unwrap();
         let (ra, rb, rc) = gets_a_b_c(&conn).await;
         // `c`'s reply skipped `a` and `b` in the FIFO: they can no longer be
         // answered in order, so they fail as protocol errors; `b`'s late EN
@@ -620,7 +713,9 @@ mod tests {
             format!("CLIENT_ERROR bad key\r\nEN O{b}\r\nVA 2 O{c}\r\nhi\r\n").into_bytes()
         })
         .await;
-        let conn = Connection::connect(addr, SECOND, LIMITS).await.unwrap();
+        let conn = Connection::connect(addr, SECOND, LIMITS, &Security::default())
+            .await
+            .unwrap();
         let (ra, rb, rc) = gets_a_b_c(&conn).await;
         assert!(matches!(ra, Ok(Reply::Error(_))), "{ra:?}");
         assert!(
@@ -638,7 +733,9 @@ mod tests {
             format!("EN O{a}\r\nEN O{b}\r\n").into_bytes()
         })
         .await;
-        let conn = Connection::connect(addr, SECOND, LIMITS).await.unwrap();
+        let conn = Connection::connect(addr, SECOND, LIMITS, &Security::default())
+            .await
+            .unwrap();
         let drop_reply = FaultPlan {
             drop_reply: true,
             ..FaultPlan::default()
@@ -665,7 +762,9 @@ mod tests {
     async fn a_stalled_request_closes_the_connection_and_reports_unknown() {
         // The server reads one request and never answers.
         let (addr, _server) = fake_server(1, |_| Vec::new()).await;
-        let conn = Connection::connect(addr, SECOND, LIMITS).await.unwrap();
+        let conn = Connection::connect(addr, SECOND, LIMITS, &Security::default())
+            .await
+            .unwrap();
         let r = conn
             .call(
                 &get("a"),
@@ -692,7 +791,9 @@ mod tests {
             format!("HD O{}\r\n", opaque_of(&got[0])).into_bytes()
         })
         .await;
-        let conn = Connection::connect(addr, SECOND, LIMITS).await.unwrap();
+        let conn = Connection::connect(addr, SECOND, LIMITS, &Security::default())
+            .await
+            .unwrap();
         let dropped = FaultPlan {
             drop_request: true,
             ..FaultPlan::default()
@@ -714,7 +815,11 @@ mod tests {
     #[tokio::test]
     async fn a_full_connection_is_busy_and_a_reset_is_reported_by_write_state() {
         let (addr, server) = fake_server(LIMITS.in_flight_max, |_| Vec::new()).await;
-        let conn = Arc::new(Connection::connect(addr, SECOND, LIMITS).await.unwrap());
+        let conn = Arc::new(
+            Connection::connect(addr, SECOND, LIMITS, &Security::default())
+                .await
+                .unwrap(),
+        );
         let mut waiting = Vec::new();
         for i in 0..LIMITS.in_flight_max {
             let conn = conn.clone();

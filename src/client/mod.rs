@@ -58,6 +58,7 @@ mod reply;
 pub mod retry;
 mod routing;
 mod stats;
+pub mod tls;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -847,7 +848,7 @@ impl Inner {
             .or_insert_with(|| {
                 Arc::new(NodePool::new(
                     addr,
-                    self.pool_settings,
+                    self.pool_settings.clone(),
                     self.counters.clone(),
                 ))
             })
@@ -1143,7 +1144,8 @@ async fn discover(addr: SocketAddr, config: &ClientConfig) -> Result<Topology> {
         in_flight_max: 1,
         reply_bytes_max: config.reply_bytes_max,
     };
-    let conn = Connection::connect(addr, config.connect_timeout, limits).await?;
+    let security = connection::Security::of(config);
+    let conn = Connection::connect(addr, config.connect_timeout, limits, &security).await?;
     let ask = |command: Command| {
         let conn = &conn;
         async move {

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::command::{Command, Hints};
-use super::connection::{AttemptError, Connection, ConnectionLimits};
+use super::connection::{AttemptError, Connection, ConnectionLimits, Security};
 use super::error::ClientError;
 use super::faults::FaultPlan;
 use super::reply::Reply;
@@ -36,12 +36,14 @@ use super::retry::equal_jitter;
 use super::stats::{Counters, bump};
 
 /// How a node's connections are made.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PoolSettings {
     /// Data connections.
     pub size: usize,
     pub connect_timeout: Duration,
     pub limits: ConnectionLimits,
+    /// TLS and authentication.
+    pub security: Security,
     pub reconnect_backoff_base: Duration,
     pub reconnect_backoff_cap: Duration,
 }
@@ -58,6 +60,7 @@ impl PoolSettings {
             },
             reconnect_backoff_base: config.reconnect_backoff_base,
             reconnect_backoff_cap: config.reconnect_backoff_cap,
+            security: Security::of(config),
         }
     }
 }
@@ -125,8 +128,8 @@ impl NodePool {
         assert!(settings.size >= 1, "a pool needs a connection");
         NodePool {
             addr,
-            settings,
             slots: (0..settings.size).map(|_| Slot::new()).collect(),
+            settings,
             control: Slot::new(),
             control_gate: Semaphore::new(1),
             next: AtomicUsize::new(0),
@@ -238,7 +241,14 @@ impl NodePool {
             .connect_timeout
             .min(deadline.saturating_duration_since(now));
         bump(&self.counters.connects);
-        match Connection::connect(self.addr, connect_timeout, self.settings.limits).await {
+        match Connection::connect(
+            self.addr,
+            connect_timeout,
+            self.settings.limits,
+            &self.settings.security,
+        )
+        .await
+        {
             Ok(c) => {
                 let c = Arc::new(c);
                 *slot.conn.lock() = Some(c.clone());

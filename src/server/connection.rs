@@ -60,6 +60,10 @@ pub trait ClientSocket: Send + 'static {
     fn no_delay(&self);
     /// Its descriptor (`stats conns` names connections by it).
     fn fd(&self) -> i32;
+    /// Ends the session before the socket closes (TLS: `close_notify`).
+    fn close(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 }
 
 /// The writing half of a [`ClientSocket`]: writes that never wait, and a
@@ -192,6 +196,7 @@ async fn serve_registered<S: ClientSocket>(
         Ok(()) => debug!(peer = %peer, "connection closed"),
         Err(e) => debug!(peer = %peer, error = %e, "connection ended with an error"),
     }
+    stream.close().await;
 }
 
 async fn run<S: ClientSocket>(

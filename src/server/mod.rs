@@ -478,6 +478,8 @@ impl Server {
         let listener = match (&config.unix_socket, serve_client) {
             (_, false) => None,
             (Some(path), true) => Some(ClientListener::Unix {
+                // -Z with -s: the unix socket is served without TLS, as
+                // memcached serves it.
                 listener: bind_unix(path, config.unix_mask)?,
                 path: path.clone(),
             }),

@@ -228,13 +228,8 @@ pub fn compose_general(
     put_stat(out, "time_in_listen_disabled_us", 0);
     put_stat(out, "threads", f.threads);
     put_stat(out, "conn_yields", s.conn_yields.load(Relaxed));
-    put_stat(out, "bytes", st.bytes);
-    put_stat(out, "curr_items", st.curr_items);
-    put_stat(out, "total_items", c.total_items);
-    put_stat(out, "expired_unfetched", c.expired_unfetched);
-    put_stat(out, "evicted_unfetched", c.evicted_unfetched);
-    put_stat(out, "evictions", c.evictions);
-    put_stat(out, "reclaimed", c.reclaimed);
+    // memcached's TLS lines come after its server-wide counters, before
+    // the item counts.
     if let Some(tls) = tls {
         if tls.settings.session_cache {
             put_stat(out, "ssl_new_sessions", tls.new_sessions.load(Relaxed));
@@ -250,6 +245,13 @@ pub fn compose_general(
             tls.since_refresh(now),
         );
     }
+    put_stat(out, "bytes", st.bytes);
+    put_stat(out, "curr_items", st.curr_items);
+    put_stat(out, "total_items", c.total_items);
+    put_stat(out, "expired_unfetched", c.expired_unfetched);
+    put_stat(out, "evicted_unfetched", c.evicted_unfetched);
+    put_stat(out, "evictions", c.evictions);
+    put_stat(out, "reclaimed", c.reclaimed);
     // webvac's own: its version (`version` is the memcached one it
     // speaks), bytes reserved in the in-flight budget and its size,
     // and connections closed for stalling while holding some.

@@ -15,16 +15,20 @@ use std::task::{Context, Poll};
 use rustls::server::{NoServerSessionStorage, ServerSessionMemoryCache, StoresServerSessions};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use rustls::{RootCertStore, SupportedProtocolVersion};
+use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
 use super::connection::{ClientSocket, ClientWrite};
+use crate::client::tls::{pem_error, read_certs};
 use crate::config::Config;
 use crate::limits::TLS_HANDSHAKE_TIMEOUT;
+
+/// How long a closing TLS connection waits to send its `close_notify`.
+const CLOSE_NOTIFY_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sessions a node remembers for resumption (`ssl_session_cache`).
 const SESSION_CACHE_ENTRIES: usize = 4096;
@@ -174,8 +178,9 @@ fn build(settings: &TlsSettings, new_sessions: &Arc<AtomicU64>) -> Result<Server
         )
     })?;
     let key_path = settings.key.as_deref().unwrap_or(chain_path);
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .map_err(|e| format!("Error loading the key: {} : {e}", key_path.display()))?;
+    let key_error =
+        |e: &dyn std::fmt::Display| format!("Error loading the key: {} : {e}", key_path.display());
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|e| key_error(&pem_error(e)))?;
     let roots =
         match &settings.ca_cert {
             Some(path) => Some(read_roots(path).map_err(|e| {
@@ -207,9 +212,10 @@ fn build(settings: &TlsSettings, new_sessions: &Arc<AtomicU64>) -> Result<Server
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("Error validating the certificate: {e}"))?;
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => key_error(&"key values mismatch"),
+        e => format!("Error validating the certificate: {e}"),
+    })?;
     if settings.session_cache {
         config.session_storage = Arc::new(CountedSessions {
             inner: ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
@@ -220,18 +226,6 @@ fn build(settings: &TlsSettings, new_sessions: &Arc<AtomicU64>) -> Result<Server
         config.send_tls13_tickets = 0;
     }
     Ok(config)
-}
-
-/// Every certificate in a PEM file; at least one.
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| e.to_string())?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    if certs.is_empty() {
-        return Err("no certificate in the file".into());
-    }
-    Ok(certs)
 }
 
 /// The CAs of a PEM file.
@@ -287,15 +281,36 @@ impl ClientSocket for TlsSocket {
     fn fd(&self) -> i32 {
         self.fd
     }
+    /// Sends `close_notify`, as memcached does, so a client can tell the
+    /// end of the session from a cut connection; bounded by
+    /// [`CLOSE_NOTIFY_WAIT`] for a client that does not read.
+    async fn close(&mut self) {
+        let stream = &self.stream;
+        let shutdown =
+            std::future::poll_fn(move |cx| Pin::new(&mut *stream.lock()).poll_shutdown(cx));
+        let _ = tokio::time::timeout(CLOSE_NOTIFY_WAIT, shutdown).await;
+    }
 }
 
 impl AsyncRead for TlsHalf<'_> {
+    /// Reads, then writes out what reading made rustls send (an alert
+    /// refusing a renegotiation, a key update): nothing else would until
+    /// the next reply, and a client waiting for it would wait forever.
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut *self.0.lock()).poll_read(cx, buf)
+        let mut stream = self.0.lock();
+        let read = Pin::new(&mut *stream).poll_read(cx, buf);
+        if stream.get_ref().1.wants_write() {
+            // Pending leaves the socket's write readiness registered with
+            // this task, which then reads (and flushes) again.
+            if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        read
     }
 }
 

@@ -396,6 +396,12 @@ impl Memcached {
     /// only speak TCP). The port is found by binding :0 and releasing it;
     /// should another process grab it in between, a few fresh ports are tried.
     pub fn start_tcp() -> Memcached {
+        Self::start_with_tcp(&[])
+    }
+
+    /// Like `start_tcp`, with extra memcached options appended (`-Z -o
+    /// ssl_chain_cert=…` for TLS, say).
+    pub fn start_with_tcp(extra_args: &[String]) -> Memcached {
         require_tool(MEMCACHED_BIN, "the reference memcached");
         const ATTEMPTS: usize = 5;
         let mut last_error = String::new();
@@ -417,6 +423,7 @@ impl Memcached {
             ]
             .iter()
             .map(|s| s.to_string())
+            .chain(extra_args.iter().cloned())
             .collect();
             match Self::spawn_and_wait(args, Endpoint::Tcp(addr), dir) {
                 Ok(m) => return m,

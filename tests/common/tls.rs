@@ -155,6 +155,15 @@ pub fn connect(
     config: Arc<rustls::ClientConfig>,
     name: &str,
 ) -> Result<Client, String> {
+    connect_raw(addr, config, name).map(Client::from_tls)
+}
+
+/// [`connect`], as the rustls stream itself.
+pub fn connect_raw(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    name: &str,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, TcpStream>, String> {
     let sock =
         TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
     sock.set_read_timeout(Some(Duration::from_secs(10)))
@@ -172,5 +181,5 @@ pub fn connect(
     }
     // A TLS 1.3 server checks a client certificate after the client's
     // last handshake message: a refusal shows up on the first exchange.
-    Ok(Client::from_tls(stream))
+    Ok(stream)
 }
