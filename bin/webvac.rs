@@ -178,6 +178,17 @@ struct Args {
     /// Required unless every member's peer address is loopback.
     #[arg(long = "cluster-secret-file")]
     cluster_secret_file: Option<std::path::PathBuf>,
+    /// Cluster: peer TLS, this node's certificate chain (PEM); with
+    /// --cluster-tls-key and --cluster-tls-ca every peer connection is TLS
+    /// with certificates on both ends.
+    #[arg(long = "cluster-tls-cert")]
+    cluster_tls_cert: Option<std::path::PathBuf>,
+    /// Cluster: peer TLS, the key of --cluster-tls-cert (PEM).
+    #[arg(long = "cluster-tls-key")]
+    cluster_tls_key: Option<std::path::PathBuf>,
+    /// Cluster: peer TLS, the CA every member's certificate chains to (PEM).
+    #[arg(long = "cluster-tls-ca")]
+    cluster_tls_ca: Option<std::path::PathBuf>,
     /// How long a request id makes a retry safe, in seconds (default 600).
     #[arg(long = "dedup-window-secs")]
     dedup_window_secs: Option<u32>,
@@ -275,7 +286,10 @@ fn cluster_flags(
         || args.hints_per_target_max.is_some()
         || args.tombstone_grace_secs.is_some()
         || args.clock_drift_max_ms.is_some()
-        || args.cluster_secret_file.is_some();
+        || args.cluster_secret_file.is_some()
+        || args.cluster_tls_cert.is_some()
+        || args.cluster_tls_key.is_some()
+        || args.cluster_tls_ca.is_some();
     if !any_flag {
         return Ok(file);
     }
@@ -314,6 +328,15 @@ fn cluster_flags(
     }
     if let Some(path) = &args.cluster_secret_file {
         c.secret_file = Some(path.clone());
+    }
+    if let Some(path) = &args.cluster_tls_cert {
+        c.tls_cert = Some(path.clone());
+    }
+    if let Some(path) = &args.cluster_tls_key {
+        c.tls_key = Some(path.clone());
+    }
+    if let Some(path) = &args.cluster_tls_ca {
+        c.tls_ca = Some(path.clone());
     }
     if args.no_refill {
         c.refill_on_start = false;
@@ -776,7 +799,7 @@ fn main() -> anyhow::Result<()> {
                         Err(e) => tracing::warn!(error = %e, "SIGHUP: auth file not reloaded"),
                     }
                 }
-                if shared.tls.is_some() {
+                if shared.tls.is_some() || shared.peer_tls.is_some() {
                     match shared.refresh_certs() {
                         Ok(()) => tracing::info!(signal = "SIGHUP", "TLS certificates reloaded"),
                         Err(e) => {

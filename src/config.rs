@@ -337,6 +337,18 @@ pub struct ClusterConfig {
     /// every member's peer address is loopback (README, Security).
     #[serde(default)]
     pub secret_file: Option<std::path::PathBuf>,
+    /// Peer TLS: this node's certificate chain (PEM), presented both when
+    /// it dials and when it is dialled; with `tls_key` and `tls_ca`, every
+    /// peer connection is TLS, both ends checked against `tls_ca`.
+    #[serde(default)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// Peer TLS: the key of `tls_cert` (PEM).
+    #[serde(default)]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Peer TLS: the cluster's CA (PEM), which every member's certificate
+    /// must chain to, for the address members dial it at.
+    #[serde(default)]
+    pub tls_ca: Option<std::path::PathBuf>,
 }
 
 fn refill_on_start_default() -> bool {
@@ -438,6 +450,9 @@ impl ClusterConfig {
             tombstone_grace_secs: tombstone_grace_secs_default(),
             clock_drift_max_ms: clock_drift_max_ms_default(),
             secret_file: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
         }
     }
 
@@ -529,6 +544,12 @@ impl ClusterConfig {
                 "cluster.node_id {} is not one of the members ({ids:?})",
                 self.node_id
             ));
+        }
+        let tls = [&self.tls_cert, &self.tls_key, &self.tls_ca];
+        if tls.iter().any(|f| f.is_some()) && !tls.iter().all(|f| f.is_some()) {
+            return bad(
+                "cluster.tls_cert, cluster.tls_key and cluster.tls_ca (--cluster-tls-cert, --cluster-tls-key, --cluster-tls-ca) turn on peer TLS together: set all three or none".into(),
+            );
         }
         if self.secret_file.is_none() {
             if let Some(m) = self.members.iter().find(|m| !is_loopback(&m.peer)) {

@@ -884,3 +884,38 @@ fn many_long_get_lines_at_once_stay_within_the_bound() {
         });
     }
 }
+
+/// Found when CI ran on a loaded machine: `many_long_get_lines_at_once_…`
+/// saw `Connection reset by peer` where a refused get line should have
+/// read `SERVER_ERROR out of memory reading request` and then EOF. Closing
+/// a socket with unread input resets the connection, and the reset
+/// destroys replies the client has not read yet. Now a closing connection
+/// ends its writing side and drains what the client still sends. Shown
+/// here with `quit` followed by more input than the node reads: the reply
+/// before it and a clean EOF arrive.
+#[test]
+fn a_close_with_unread_input_keeps_the_last_replies() {
+    let server = Server::start(&[]);
+    for _ in 0..5 {
+        let mut s = raw(&server, WAIT_MAX);
+        let mut input = b"version\r\nquit\r\n".to_vec();
+        input.extend_from_slice(&vec![b'x'; 256 * 1024]);
+        let writer = {
+            let mut w = s.try_clone().expect("clone");
+            std::thread::spawn(move || {
+                let _ = w.write_all(&input);
+            })
+        };
+        // Read only once the input is all sent (or refused), as a client
+        // busy writing would.
+        let _ = writer.join();
+        let mut got = Vec::new();
+        let end = s.read_to_end(&mut got);
+        assert!(
+            end.is_ok(),
+            "the close reset the connection: {end:?}, got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        assert_eq!(String::from_utf8_lossy(&got), "VERSION 1.6.18\r\n");
+    }
+}

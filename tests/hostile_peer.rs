@@ -862,3 +862,47 @@ fn a_node_refuses_to_start_without_a_secret_it_needs_or_with_a_wrong_one() {
     let mut one = cluster.connect(1);
     assert!(stat_value(&stats(&mut one, "cluster"), "peer_auth_failures") >= 1);
 }
+
+/// One `lk` page of at most 2 keys, through `c`, as text.
+fn lk_page(c: &mut Client, token: &str) -> String {
+    c.send(format!("lk {token} 2\r\n").as_bytes())
+        .expect("send lk");
+    let reply = c
+        .read_reply_until(common::lk_reply_len, Duration::from_secs(10))
+        .expect("an lk reply");
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+/// Without `listing_secret`, a cluster with a secret keys its `lk` tokens
+/// from the secret, not from its layout (which every member's config
+/// holds): a token forged with the layout's key is refused, and a real one
+/// still continues on another member.
+#[test]
+fn listing_tokens_are_keyed_by_the_cluster_secret() {
+    use webvac::cluster::listing::TokenKey;
+    let _serial = exclusive();
+    let secret = SecretFile::new(b"the secret that keys the listing tokens\n");
+    let cluster = Cluster::start(Layout::new(3).arg(secret.flag()));
+    let mut one = cluster.connect(1);
+    for i in 0..10 {
+        assert_eq!(
+            one.ask(format!("set listed{i} 0 0 1\r\nx\r\n").as_bytes()),
+            "STORED\r\n"
+        );
+    }
+    let first = lk_page(&mut one, "-");
+    let token = first
+        .lines()
+        .find_map(|l| l.strip_prefix("NT "))
+        .unwrap_or_else(|| panic!("a first page with more to come: {first}"))
+        .to_string();
+    let mut two = cluster.connect(2);
+    let next = lk_page(&mut two, &token);
+    assert!(next.starts_with("KY "), "another member continues: {next}");
+    let forged = TokenKey::from_secret(identity(&cluster, 3).layout_text.as_bytes()).encode(0);
+    assert_eq!(
+        lk_page(&mut two, &forged),
+        "CLIENT_ERROR bad listing token\r\n",
+        "a token keyed by the public layout"
+    );
+}

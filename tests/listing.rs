@@ -33,7 +33,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use common::cluster::{Cluster, Layout, NodeId, exclusive};
-use common::{Client, REPLY_TIMEOUT, Server, escape, one_reply_len, seed};
+use common::{Client, REPLY_TIMEOUT, Server, escape, lk_reply_len, one_reply_len, seed};
 
 /// No walk takes more calls than this; a server that never says `EN`
 /// fails the test instead of hanging it.
@@ -54,20 +54,6 @@ const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
 // ---------------------------------------------------------------------------
 // Talking `lk`
 // ---------------------------------------------------------------------------
-
-/// The length of the first complete `lk` reply in `buf`: any number of `KY`
-/// lines, then the line that ends it (`NT`, `EN`, or an error line).
-/// [`one_reply_len`] would stop after the first `KY` line.
-fn lk_reply_len(buf: &[u8]) -> Option<usize> {
-    let mut pos = 0;
-    loop {
-        let eol = pos + buf[pos..].windows(2).position(|w| w == b"\r\n")?;
-        if !buf[pos..eol].starts_with(b"KY ") {
-            return Some(eol + 2);
-        }
-        pos = eol + 2;
-    }
-}
 
 /// Sends `lk TOKEN COUNT` as given (no checks: also for malformed requests)
 /// and returns the whole reply, read within `REPLY_TIMEOUT`.

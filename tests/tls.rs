@@ -610,3 +610,124 @@ fn the_client_library_speaks_tls_and_authenticates() {
     });
     assert_ne!(err, "connected");
 }
+
+/// The same settings from a TOML file (`--config`), beside a `notls:`
+/// listener.
+#[test]
+fn tls_settings_come_from_the_config_file_too() {
+    let files = Files::new("toml");
+    let plain_port = common::free_tcp_port();
+    let tls_port = common::free_tcp_port();
+    let toml = format!(
+        "ssl_enabled = true\nssl_chain_cert = {:?}\nssl_key = {:?}\n\
+         ssl_session_cache = true\nssl_wbuf_size = 64\n",
+        files.path("server.pem"),
+        files.path("server.key")
+    );
+    let config = files.dir.join("webvac.toml");
+    write(&config, &toml);
+    // (The harness passes `-l`, which a file's `listen` would yield to.)
+    let listen = format!("127.0.0.1:{tls_port},notls:127.0.0.1:{plain_port}");
+    let server = Server::start(&["--config", &config.display().to_string(), "-l", &listen]);
+    let tls_addr = format!("127.0.0.1:{tls_port}").parse().unwrap();
+    let mut c = connect(
+        tls_addr,
+        client_config(&files.ca.pem, None, false),
+        "localhost",
+    )
+    .expect("TLS from the config file");
+    let settings = stats(&mut c, "settings");
+    assert!(
+        settings.contains("STAT ssl_session_cache yes\r\n"),
+        "{settings}"
+    );
+    assert!(
+        settings.contains("STAT ssl_wbuf_size 65536\r\n"),
+        "{settings}"
+    );
+    assert!(stats(&mut c, "").contains("STAT ssl_new_sessions "));
+    let mut plain = Client::connect_tcp(format!("127.0.0.1:{plain_port}").parse().unwrap())
+        .expect("the notls listener");
+    assert!(plain.ask(b"version\r\n").starts_with("VERSION "));
+    drop(server);
+}
+
+/// A cluster whose peers use the secret and TLS (`--cluster-tls-*`): it
+/// forms and serves quorum reads and writes through every member; its peer
+/// port speaks nothing but TLS with a certificate of the cluster's CA, so
+/// plaintext and a certificate of another CA are refused before the
+/// secret is even asked for, and counted in `peer_auth_failures`.
+#[test]
+fn a_cluster_whose_peers_use_the_secret_and_tls() {
+    use common::cluster::{Cluster, Layout, cluster_stats, exclusive};
+    let _serial = exclusive();
+    let files = Files::new("peers");
+    let (cert, key) = files.ca.sign_peer(&["127.0.0.1", "localhost"]);
+    write(&files.dir.join("peer.pem"), &cert);
+    write(&files.dir.join("peer.key"), &key);
+    write(
+        &files.dir.join("secret"),
+        "the secret of the peer TLS test cluster\n",
+    );
+    let mut layout = Layout::new(3).quorums(2, 2);
+    for flag in [
+        format!("--cluster-secret-file={}", files.path("secret")),
+        format!("--cluster-tls-cert={}", files.path("peer.pem")),
+        format!("--cluster-tls-key={}", files.path("peer.key")),
+        format!("--cluster-tls-ca={}", files.path("ca.pem")),
+    ] {
+        layout = layout.arg(flag);
+    }
+    let cluster = Cluster::start(layout);
+    let mut one = cluster.connect(1);
+    assert_eq!(one.ask(b"set over 0 0 5\r\npeers\r\n"), "STORED\r\n");
+    for id in [1, 2, 3] {
+        let got = cluster.connect(id).ask(b"mg over v Pr3\r\n");
+        assert_eq!(got, "VA 5\r\npeers\r\n", "node {id}");
+    }
+    assert!(
+        cluster.stderr_text(1).contains("peer_tls=true"),
+        "{}",
+        cluster.stderr_text(1)
+    );
+
+    let peer = cluster.member(2).peer;
+    let failures = |c: &mut Client| {
+        cluster_stats(c)
+            .get("peer_auth_failures")
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("peer_auth_failures")
+    };
+    let mut two = cluster.connect(2);
+    let before = failures(&mut two);
+    // Plaintext: what a member would send first, without TLS.
+    let mut plain = TcpStream::connect(peer).expect("connect");
+    plain
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .expect("timeout");
+    let _ = plain.write_all(&[0u8; 64]);
+    let mut got = Vec::new();
+    let _ = plain.read_to_end(&mut got);
+    assert!(
+        got.is_empty() || got[0] == 0x15,
+        "plaintext got an answer: {got:?}"
+    );
+    // TLS with a certificate of another CA (this CA trusted for the node).
+    let stranger = Ca::new("not the cluster's CA").sign_peer(&["127.0.0.1"]);
+    let config = client_config(&files.ca.pem, Some(&stranger), false);
+    let refused = match common::tls::connect_raw(peer, config, "127.0.0.1") {
+        Err(_) => true,
+        Ok(mut s) => {
+            let _ = s.write_all(&[0u8; 16]);
+            let mut buf = [0u8; 16];
+            !matches!(s.read(&mut buf), Ok(n) if n > 0)
+        }
+    };
+    assert!(
+        refused,
+        "another CA's certificate reached the peer protocol"
+    );
+    wait_for("both refusals counted", || failures(&mut two) >= before + 2);
+    // And the cluster still serves.
+    assert_eq!(two.ask(b"mg over v Pr3\r\n"), "VA 5\r\npeers\r\n");
+}

@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use super::Shared;
+use super::peer_tls::{PeerTls, TlsPeerConnector};
 use crate::cluster::coordinator::{Cluster, PeerHandle};
 use crate::cluster::ring::NodeId;
 use crate::cluster::transport::{
@@ -20,7 +21,7 @@ use crate::cluster::transport::{
 };
 use crate::config::ClusterConfig;
 use crate::error::ServerError;
-use crate::limits::{PEER_CONNECTIONS_PER_MEMBER_MAX, PEER_HANDSHAKES_MAX};
+use crate::limits::{PEER_CONNECTIONS_PER_MEMBER_MAX, PEER_HANDSHAKES_MAX, TLS_HANDSHAKE_TIMEOUT};
 
 /// The transport settings a node derives from its cluster configuration.
 pub fn transport_config(c: &ClusterConfig) -> TransportConfig {
@@ -40,7 +41,7 @@ pub fn transport_config(c: &ClusterConfig) -> TransportConfig {
 pub async fn start(
     c: &ClusterConfig,
     drop_peers: &[NodeId],
-) -> Result<(Arc<Cluster>, TcpListener, Identity), ServerError> {
+) -> Result<(Arc<Cluster>, TcpListener, Identity, Option<Arc<PeerTls>>), ServerError> {
     let me = c.me().expect("validated: node_id is a member");
     let listener = TcpListener::bind(&me.peer)
         .await
@@ -49,8 +50,38 @@ pub async fn start(
             source,
         })?;
     let identity = identity(c, peer_key(c)?);
+    let tls = PeerTls::of(c).map_err(|e| ServerError::Config(format!("peer TLS: {e}")))?;
+    let cluster = match &tls {
+        Some(tls) => {
+            join(
+                c,
+                drop_peers,
+                &identity,
+                Arc::new(TlsPeerConnector(tls.clone())),
+            )
+            .await?
+        }
+        None => join(c, drop_peers, &identity, Arc::new(TcpConnector)).await?,
+    };
+    info!(
+        node = c.node_id,
+        peer_addr = %me.peer,
+        layout = %identity.layout_text,
+        peer_tls = tls.is_some(),
+        "cluster member"
+    );
+    Ok((cluster, listener, identity, tls))
+}
+
+/// Probes every other member through `connector` (a refusal stops the
+/// node), then connects to them all.
+async fn join<C: Connector>(
+    c: &ClusterConfig,
+    drop_peers: &[NodeId],
+    identity: &Identity,
+    connector: Arc<C>,
+) -> Result<Arc<Cluster>, ServerError> {
     let config = transport_config(c);
-    let connector = Arc::new(TcpConnector);
     // Probe every member at once: an unreachable one costs one connect
     // timeout in all, not one each.
     let others: Vec<_> = c
@@ -60,7 +91,7 @@ pub async fn start(
         .collect();
     let probes = others
         .iter()
-        .map(|m| transport::probe(&*connector, &identity, &m.peer, config.connect_timeout));
+        .map(|m| transport::probe(&*connector, identity, &m.peer, config.connect_timeout));
     for (m, probe) in others.iter().zip(join_all(probes).await) {
         match probe {
             Ok(()) => info!(node = m.id, addr = %m.peer, "peer agrees on the layout"),
@@ -75,20 +106,13 @@ pub async fn start(
     }
     let stats = Arc::new(TransportStats::default());
     stats.blocked.set(drop_peers);
-    let cluster = Arc::new(connect_peers_with(
+    Ok(Arc::new(connect_peers_with(
         c,
-        &identity,
+        identity,
         connector,
         |_| config.clone(),
         stats,
-    ));
-    info!(
-        node = c.node_id,
-        peer_addr = %me.peer,
-        layout = %identity.layout_text,
-        "cluster member"
-    );
-    Ok((cluster, listener, identity))
+    )))
 }
 
 /// This node's identity in peer handshakes, proving it holds `key`.
@@ -205,6 +229,18 @@ where
     transport::serve_connection(stream, identity, handler, config, stats, budget, slot)
 }
 
+/// A peer connection whose TLS handshake failed: counted with the failed
+/// authentications (`peer_auth_failures`).
+fn refused_tls(shared: &Shared, addr: &std::net::SocketAddr, why: &str) {
+    if let Some(cluster) = &shared.cluster {
+        cluster
+            .transport
+            .auth_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    tracing::debug!(peer = %addr, error = why, "peer TLS handshake failed");
+}
+
 /// Accepts peer connections and serves their requests until aborted, at
 /// most [`PEER_HANDSHAKES_MAX`] at once in the handshake and
 /// [`PEER_CONNECTIONS_PER_MEMBER_MAX`] per member, members only (see
@@ -234,12 +270,32 @@ pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<
                 };
                 let _ = stream.set_nodelay(true);
                 tracing::debug!(peer = %addr, "peer connected");
-                connections.spawn(serve_admitted_peer_connection(
-                    stream,
-                    identity.clone(),
-                    shared.clone(),
-                    slot,
-                ));
+                let (identity, shared) = (identity.clone(), shared.clone());
+                match shared.peer_tls.clone() {
+                    None => {
+                        connections.spawn(serve_admitted_peer_connection(
+                            stream, identity, shared, slot,
+                        ));
+                    }
+                    // TLS first, holding the handshake slot: a peer without
+                    // a certificate of the cluster's CA never reaches the
+                    // challenge on the secret.
+                    Some(tls) => {
+                        connections.spawn(async move {
+                            let accepted =
+                                tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(stream))
+                                    .await;
+                            match accepted {
+                                Ok(Ok(stream)) => {
+                                    serve_admitted_peer_connection(stream, identity, shared, slot)
+                                        .await;
+                                }
+                                Ok(Err(e)) => refused_tls(&shared, &addr, &e.to_string()),
+                                Err(_) => refused_tls(&shared, &addr, "timed out"),
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 warn!(error = %e, "peer accept failed");

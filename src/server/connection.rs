@@ -93,6 +93,9 @@ impl ClientSocket for TcpStream {
     fn fd(&self) -> i32 {
         std::os::fd::AsRawFd::as_raw_fd(self)
     }
+    fn close(&mut self) -> impl Future<Output = ()> + Send {
+        linger(self)
+    }
 }
 
 impl ClientWrite for tokio::net::tcp::WriteHalf<'_> {
@@ -114,6 +117,9 @@ impl ClientSocket for UnixStream {
     fn fd(&self) -> i32 {
         std::os::fd::AsRawFd::as_raw_fd(self)
     }
+    fn close(&mut self) -> impl Future<Output = ()> + Send {
+        linger(self)
+    }
 }
 
 impl ClientWrite for tokio::net::unix::WriteHalf<'_> {
@@ -122,6 +128,33 @@ impl ClientWrite for tokio::net::unix::WriteHalf<'_> {
     }
     fn writable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
         tokio::net::unix::WriteHalf::writable(self)
+    }
+}
+
+/// Longest a closing connection drains what its client still sends.
+const LINGER_MAX: Duration = Duration::from_secs(1);
+/// A closing connection stops draining after its client is quiet this long.
+const LINGER_QUIET: Duration = Duration::from_millis(100);
+/// Most a closing connection drains.
+const LINGER_BYTES_MAX: usize = 1024 * 1024;
+
+/// Closes the writing side (the last reply is followed by FIN), then reads
+/// and drops what the client still sends, briefly: closing a socket with
+/// unread input resets the connection, and a reset can destroy the last
+/// reply (a refusal, say) before the client reads it.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    if s.shutdown().await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER_MAX;
+    let mut buf = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_BYTES_MAX {
+        let wait = deadline.min(Instant::now() + LINGER_QUIET);
+        match tokio::time::timeout_at(wait, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => drained += n,
+            _ => return,
+        }
     }
 }
 

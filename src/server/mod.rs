@@ -10,6 +10,7 @@ pub mod fault_clock;
 pub mod fault_control;
 pub mod faults;
 pub mod meta;
+pub mod peer_tls;
 pub mod rlimit;
 pub mod stats;
 pub mod tls;
@@ -49,6 +50,9 @@ pub const VERSION: &str = "1.6.18";
 /// by it.
 pub const WEBVAC_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Names the `lk` token key derived from the cluster secret.
+const LISTING_KEY_CONTEXT: &str = "webvac 2026-12 lk token key from the cluster secret";
+
 /// State every connection shares.
 pub struct Shared {
     /// The node's items.
@@ -71,7 +75,8 @@ pub struct Shared {
     /// changes them (`[faults]`); inert unless configured.
     pub fault_control: fault_control::FaultControl,
     /// Authenticates `lk` listing tokens: from `listing_secret`, else the
-    /// cluster layout (the same on every member), else this process alone.
+    /// cluster secret, else the cluster layout (the same on every member),
+    /// else this process alone.
     pub listing_key: TokenKey,
     /// Woken by the `shutdown` command (`-A`): the node stops as on SIGTERM.
     pub shutdown_requested: tokio::sync::Notify,
@@ -82,6 +87,8 @@ pub struct Shared {
     pub ascii_auth: Option<parking_lot::RwLock<ascii_auth::AuthFile>>,
     /// `-Z`: TLS on the client port's TCP listeners (but `notls:` ones).
     pub tls: Option<tls::Tls>,
+    /// Peer TLS (`cluster.tls_*`), for the peer listener and reloads.
+    pub peer_tls: Option<Arc<peer_tls::PeerTls>>,
 }
 
 impl Shared {
@@ -102,15 +109,21 @@ impl Shared {
     }
 
     /// Reads the TLS certificate, key and CA files again (`refresh_certs`,
-    /// SIGHUP): new connections get them, open ones keep theirs.
+    /// SIGHUP), the client port's and the peers': new connections get
+    /// them, open ones keep theirs.
     ///
     /// # Errors
     /// memcached's message (`Error TLS not enabled`, or the file that
     /// could not be read); the certificates in use stay.
     pub fn refresh_certs(&self) -> Result<(), String> {
-        match &self.tls {
-            Some(tls) => tls.refresh(self.store.clock().now_secs()),
-            None => Err("Error TLS not enabled".into()),
+        if let Some(peer) = &self.peer_tls {
+            peer.refresh()
+                .map_err(|e| format!("Error loading the peer TLS files: {e}"))?;
+        }
+        match (&self.tls, &self.peer_tls) {
+            (Some(tls), _) => tls.refresh(self.store.clock().now_secs()),
+            (None, Some(_)) => Ok(()),
+            (None, None) => Err("Error TLS not enabled".into()),
         }
     }
 
@@ -202,6 +215,7 @@ impl Shared {
             conns: conns::Conns::default(),
             ascii_auth: None,
             tls: None,
+            peer_tls: None,
             listing_key: match (&config.listing_secret, &config.cluster) {
                 (Some(secret), _) => TokenKey::from_secret(secret.as_bytes()),
                 (None, Some(c)) => TokenKey::from_secret(c.layout_text().as_bytes()),
@@ -501,16 +515,27 @@ impl Server {
             Some(ClientListener::Tcp(l)) => l[0].0.local_addr()?.port(),
             _ => 0,
         };
-        let (cluster, peer_listener, identity) = match &config.cluster {
+        let (cluster, peer_listener, identity, peer_tls) = match &config.cluster {
             Some(c) => {
                 let c = c.with_hints_memory_for(config.memory_limit_mb);
-                let (cluster, listener, identity) =
+                let (cluster, listener, identity, peer_tls) =
                     cluster::start(&c, &config.faults.drop_peers).await?;
-                (Some(cluster), Some(listener), Some(identity))
+                (Some(cluster), Some(listener), Some(identity), peer_tls)
             }
-            None => (None, None, None),
+            None => (None, None, None, None),
         };
         let mut shared = Shared::new(config, clock, port, cluster);
+        shared.peer_tls = peer_tls;
+        // Without a listing_secret, a cluster with a secret keys its `lk`
+        // tokens from it: the layout alone is public.
+        if let (None, Some(key)) = (
+            &config.listing_secret,
+            identity
+                .as_ref()
+                .and_then(|i| i.key.derive(LISTING_KEY_CONTEXT)),
+        ) {
+            shared.listing_key = TokenKey::from_secret(&key);
+        }
         if let Some(path) = &config.auth_file {
             let file = ascii_auth::AuthFile::load(path).map_err(ServerError::Config)?;
             shared.ascii_auth = Some(parking_lot::RwLock::new(file));

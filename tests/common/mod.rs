@@ -926,6 +926,20 @@ pub fn proc_status_bytes(pid: u64, field: &str) -> u64 {
         * 1024
 }
 
+/// The length of the first complete `lk` reply in `buf`: any number of `KY`
+/// lines, then the line that ends it (`NT`, `EN`, or an error line).
+/// [`one_reply_len`] would stop after the first `KY` line.
+pub fn lk_reply_len(buf: &[u8]) -> Option<usize> {
+    let mut pos = 0;
+    loop {
+        let eol = pos + buf[pos..].windows(2).position(|w| w == b"\r\n")?;
+        if !buf[pos..eol].starts_with(b"KY ") {
+            return Some(eol + 2);
+        }
+        pos = eol + 2;
+    }
+}
+
 #[cfg(test)]
 mod harness_tests {
     use super::*;

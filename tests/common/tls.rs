@@ -42,16 +42,43 @@ impl Ca {
     /// or a client, valid now unless `expired`. Returns (certificate PEM,
     /// key PEM).
     pub fn sign(&self, names: &[&str], client: bool, expired: bool) -> (String, String) {
+        self.sign_for(
+            names,
+            &[if client {
+                ExtendedKeyUsagePurpose::ClientAuth
+            } else {
+                ExtendedKeyUsagePurpose::ServerAuth
+            }],
+            expired,
+        )
+    }
+
+    /// A cluster member's certificate: it serves and dials, so it is for
+    /// both ends. Returns (certificate PEM, key PEM).
+    pub fn sign_peer(&self, names: &[&str]) -> (String, String) {
+        self.sign_for(
+            names,
+            &[
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            false,
+        )
+    }
+
+    fn sign_for(
+        &self,
+        names: &[&str],
+        usages: &[ExtendedKeyUsagePurpose],
+        expired: bool,
+    ) -> (String, String) {
+        let client = usages == [ExtendedKeyUsagePurpose::ClientAuth];
         let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
         let mut params = CertificateParams::new(names).expect("params");
         params
             .distinguished_name
             .push(DnType::CommonName, if client { "client" } else { "server" });
-        params.extended_key_usages = vec![if client {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
+        params.extended_key_usages = usages.to_vec();
         if expired {
             params.not_before = rcgen::date_time_ymd(2000, 1, 1);
             params.not_after = rcgen::date_time_ymd(2001, 1, 1);

@@ -217,6 +217,12 @@ impl PeerKey {
         self.secret
     }
 
+    /// A key for another use (`context` names it), derived from the secret
+    /// this node proves with; `None` without a secret.
+    pub fn derive(&self, context: &str) -> Option<[u8; 32]> {
+        self.secret.then(|| blake3::derive_key(context, &self.key))
+    }
+
     /// The key in the secret file at `path`: one secret a line (blank
     /// lines and surrounding whitespace ignored). A node proves it holds
     /// the first and takes proofs made with any, so a secret can be
@@ -301,6 +307,22 @@ fn prove_with(key: &[u8; 32], role: Role, transcript: &Transcript) -> Proof {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn derived_keys_need_a_secret_and_differ_by_secret_and_use() {
+        assert_eq!(PeerKey::open().derive("use"), None);
+        let a = PeerKey::from_secret(b"secret a");
+        assert_eq!(
+            a.derive("use"),
+            PeerKey::from_secret(b"secret a").derive("use")
+        );
+        assert_ne!(
+            a.derive("use"),
+            PeerKey::from_secret(b"secret b").derive("use")
+        );
+        assert_ne!(a.derive("use"), a.derive("another use"));
+        assert_ne!(a.derive("use"), Some(a.key));
+    }
 
     fn transcript() -> Transcript {
         Transcript {
