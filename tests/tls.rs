@@ -730,4 +730,21 @@ fn a_cluster_whose_peers_use_the_secret_and_tls() {
     wait_for("both refusals counted", || failures(&mut two) >= before + 2);
     // And the cluster still serves.
     assert_eq!(two.ask(b"mg over v Pr3\r\n"), "VA 5\r\npeers\r\n");
+
+    // `refresh_certs` rereads the peer files: a broken one is reported and
+    // changes nothing; once fixed, it is taken.
+    write(&files.dir.join("peer.pem"), "not a certificate\n");
+    let err = two.ask(b"refresh_certs\r\n");
+    assert!(
+        err.starts_with(&format!(
+            "Error loading the peer TLS files: {}: ",
+            files.path("peer.pem")
+        )),
+        "{err}"
+    );
+    assert_eq!(two.ask(b"set still 0 0 2\r\nok\r\n"), "STORED\r\n");
+    let (cert, key) = files.ca.sign_peer(&["127.0.0.1", "localhost"]);
+    write(&files.dir.join("peer.pem"), &cert);
+    write(&files.dir.join("peer.key"), &key);
+    assert_eq!(two.ask(b"refresh_certs\r\n"), "OK\r\n");
 }
