@@ -98,12 +98,7 @@ pub fn client_config(options: &TlsOptions) -> Result<Arc<rustls::ClientConfig>, 
         .ca_cert
         .as_deref()
         .ok_or("TLS needs the CA the server's certificate chains to")?;
-    let mut roots = RootCertStore::empty();
-    for cert in read_certs(ca).map_err(|e| format!("{}: {e}", ca.display()))? {
-        roots
-            .add(cert)
-            .map_err(|e| format!("{}: {e}", ca.display()))?;
-    }
+    let roots = read_roots(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -146,4 +141,13 @@ pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, St
         return Err("no certificate in the file".into());
     }
     Ok(certs)
+}
+
+/// The CAs of a PEM file, as roots to check certificates against.
+pub(crate) fn read_roots(path: &Path) -> Result<RootCertStore, String> {
+    let mut roots = RootCertStore::empty();
+    for cert in read_certs(path)? {
+        roots.add(cert).map_err(|e| e.to_string())?;
+    }
+    Ok(roots)
 }

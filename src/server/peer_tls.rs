@@ -11,12 +11,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 
-use crate::client::tls::{pem_error, read_certs};
+use crate::client::tls::{pem_error, read_certs, read_roots};
 use crate::cluster::transport::Connector;
 use crate::config::ClusterConfig;
 
@@ -86,11 +86,7 @@ fn build(
     }
     let chain = read_certs(cert).map_err(|e| named(cert, e))?;
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| named(key, pem_error(e)))?;
-    let mut roots = RootCertStore::empty();
-    for root in read_certs(ca).map_err(|e| named(ca, e))? {
-        roots.add(root).map_err(|e| named(ca, e))?;
-    }
-    let roots = Arc::new(roots);
+    let roots = Arc::new(read_roots(ca).map_err(|e| named(ca, e))?);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()

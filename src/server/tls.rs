@@ -6,15 +6,15 @@
 //! suites. A reload builds a new configuration and swaps it in; a failed
 //! reload keeps the old one, and connections already open keep theirs.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 
+use rustls::SupportedProtocolVersion;
 use rustls::server::{NoServerSessionStorage, ServerSessionMemoryCache, StoresServerSessions};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
-use rustls::{RootCertStore, SupportedProtocolVersion};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -23,7 +23,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::debug;
 
 use super::connection::{ClientSocket, ClientWrite};
-use crate::client::tls::{pem_error, read_certs};
+use crate::client::tls::{pem_error, read_certs, read_roots};
 use crate::config::Config;
 use crate::limits::TLS_HANDSHAKE_TIMEOUT;
 
@@ -226,15 +226,6 @@ fn build(settings: &TlsSettings, new_sessions: &Arc<AtomicU64>) -> Result<Server
         config.send_tls13_tickets = 0;
     }
     Ok(config)
-}
-
-/// The CAs of a PEM file.
-fn read_roots(path: &Path) -> Result<RootCertStore, String> {
-    let mut roots = RootCertStore::empty();
-    for cert in read_certs(path)? {
-        roots.add(cert).map_err(|e| e.to_string())?;
-    }
-    Ok(roots)
 }
 
 /// The session cache, counting the sessions it is given
