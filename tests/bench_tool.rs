@@ -382,3 +382,29 @@ fn tls_and_auth_reach_memcached_and_webvac_alike() {
         out.stderr
     );
 }
+
+/// A run whose connections fail ends at once with the reason, however many
+/// load threads it has. (The main thread once held the error's lock while
+/// joining threads that took it after the barrier: 28 runs in 30 hung.)
+#[test]
+fn a_server_it_cannot_reach_fails_the_run_with_the_reason() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind")
+        .to_string(); // the listener is gone: connections are refused
+    for round in 0..10 {
+        let mut cmd = Command::new(BENCH_BIN);
+        cmd.args(["run", "-s", &closed, "--threads", "8", "--connections", "8"])
+            .args(["--ops", "10", "--quiet"]);
+        let out = run_bounded(cmd, Duration::from_secs(30));
+        let status = out
+            .status
+            .unwrap_or_else(|| panic!("round {round}: the run hung"));
+        assert!(!status.success(), "round {round}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(&format!("cannot connect to {closed}")),
+            "round {round}: {}",
+            out.stderr
+        );
+    }
+}

@@ -307,7 +307,10 @@ fn drive(plan: Plan, workload: Workload, prefill: bool) -> anyhow::Result<Outcom
     }
     barrier.wait(); // every connection is up (or failed)
     let t0 = *shared.t0.get_or_init(Instant::now);
-    if let Some(e) = shared.first_error.lock().unwrap().clone() {
+    // Bound first: a guard in the `if let` would be held while joining the
+    // threads, which take the same lock after the barrier.
+    let failed = shared.first_error.lock().unwrap().clone();
+    if let Some(e) = failed {
         for h in handles {
             let _ = h.join();
         }
@@ -345,7 +348,8 @@ fn drive(plan: Plan, workload: Workload, prefill: bool) -> anyhow::Result<Outcom
             bail!("a load thread panicked");
         }
     }
-    if let Some(e) = shared.first_error.lock().unwrap().clone() {
+    let failed = shared.first_error.lock().unwrap().clone();
+    if let Some(e) = failed {
         bail!(e);
     }
     let total = std::mem::replace(&mut *shared.total.lock().unwrap(), Tally::new());
