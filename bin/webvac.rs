@@ -6,6 +6,9 @@ use tracing_subscriber::EnvFilter;
 use webvac::config::{ClusterConfig, Config, MemberConfig, parse_octal_mask, parse_size};
 use webvac::server::Server;
 
+#[path = "webvac/admin.rs"]
+mod admin;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "webvac",
@@ -55,6 +58,13 @@ struct Args {
     /// Maximum item size, e.g. 1m, 512k (default 1m).
     #[arg(short = 'I', long = "max-item-size", value_parser = parse_size)]
     max_item_size: Option<usize>,
+    /// Log format: text (default) or json, one object per line.
+    #[arg(long = "log-format", value_name = "text|json", value_parser = parse_log_format)]
+    log_format: Option<webvac::config::LogFormat>,
+    /// Serve Prometheus metrics (`GET /metrics`, plain HTTP) on this
+    /// HOST:PORT; off by default.
+    #[arg(long = "metrics-listen", value_name = "HOST:PORT")]
+    metrics_listen: Option<String>,
     /// Close connections idle this many seconds, waiting for a command
     /// (memcached's -o idle_timeout; default 0: never).
     #[arg(long = "idle-timeout")]
@@ -609,9 +619,22 @@ fn apply_process_limits(enable_coredumps: bool, lock_memory: bool) {
     }
 }
 
+fn parse_log_format(s: &str) -> Result<webvac::config::LogFormat, String> {
+    match s {
+        "text" => Ok(webvac::config::LogFormat::Text),
+        "json" => Ok(webvac::config::LogFormat::Json),
+        other => Err(format!("{other}: expected text or json")),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     webvac::server::rlimit::limit_malloc_arenas();
     let argv: Vec<String> = std::env::args().collect();
+    // The operator's commands; everything else is the server, whose flags
+    // are memcached's.
+    if matches!(argv.get(1).map(String::as_str), Some("stats" | "cluster")) {
+        return admin::main(&argv);
+    }
     if let Some((flag, why)) = refused_flag(&argv) {
         anyhow::bail!("{flag}: {why}");
     }
@@ -702,6 +725,12 @@ fn main() -> anyhow::Result<()> {
     if args.enable_ssl {
         config.ssl_enabled = true;
     }
+    if let Some(v) = args.log_format {
+        config.log_format = v;
+    }
+    if let Some(v) = args.metrics_listen {
+        config.metrics_listen = Some(v);
+    }
     if let Some(v) = args.listing_secret {
         config.listing_secret = Some(v);
     }
@@ -751,13 +780,20 @@ fn main() -> anyhow::Result<()> {
         1 => "debug",
         _ => "trace",
     };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level)),
-        )
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    match config.log_format {
+        webvac::config::LogFormat::Text => tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_env_filter(filter)
+            .init(),
+        webvac::config::LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .init(),
+    }
 
     apply_process_limits(args.enable_coredumps, args.lock_memory);
     if args.daemon {

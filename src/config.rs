@@ -96,6 +96,13 @@ pub struct Config {
     /// must authenticate (a `set` whose value is `user password`) before
     /// any other command. Reloaded on SIGHUP.
     pub auth_file: Option<std::path::PathBuf>,
+    /// `HOST:PORT` of the Prometheus endpoint (`GET /metrics`, plain HTTP);
+    /// absent, the default: no endpoint. Port 0 picks a free port (the log
+    /// line `serving metrics metrics_addr=…` names it).
+    pub metrics_listen: Option<String>,
+    /// How the server writes its logs (stderr): `text`, the default, or
+    /// `json`, one object per line, for log shippers.
+    pub log_format: LogFormat,
     /// memcached's `-Z`: clients speak TLS on every TCP listener but those
     /// `listen` marks `notls:`.
     pub ssl_enabled: bool,
@@ -624,6 +631,17 @@ impl ClusterConfig {
     }
 }
 
+/// The server's log format (`log_format`, `--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -646,6 +664,8 @@ impl Default for Config {
             requests_per_event: REQUESTS_PER_BATCH_MAX,
             data_timeout_secs: DATA_TIMEOUT_SECS_DEFAULT,
             listing_secret: None,
+            metrics_listen: None,
+            log_format: LogFormat::Text,
             auth_file: None,
             ssl_enabled: false,
             ssl_chain_cert: None,

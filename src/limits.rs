@@ -308,3 +308,16 @@ pub const SSL_WBUF_KIB_MAX: u32 = 1024;
 /// `ssl_handshake_errors`): a client that connects and stalls holds a
 /// connection slot, not the node.
 pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Connections the Prometheus endpoint (`metrics_listen`) serves at once;
+/// past it a new one is closed at once. A scraper needs one.
+pub const METRICS_CONNECTIONS_MAX: usize = 16;
+/// A metrics request's header must arrive within this long.
+pub const METRICS_HEADER_TIMEOUT_MS: u64 = 5_000;
+/// A metrics connection is closed after this long, whatever it does, so a
+/// slow reader cannot hold a slot.
+pub const METRICS_CONNECTION_LIFETIME_MS: u64 = 30_000;
+/// hyper's read buffer per metrics connection: a request line and headers
+/// past it are refused (hyper's own minimum is 8 KiB).
+pub const METRICS_READ_BUFFER_BYTES: usize = 16 * 1024;
+const _: () = assert!(METRICS_READ_BUFFER_BYTES >= 8192);

@@ -140,6 +140,18 @@ pub type PeerHandle = Peer<PeerRequest, PeerResponse>;
 /// One replica's answer for one key: its version and `VALUE` block, or a miss.
 type KeyAnswer = Option<(u64, Vec<u8>)>;
 
+/// Anti-entropy with one peer (run by the lower id of the pair), for
+/// `stats cluster`'s member lines and `webvac cluster repair`.
+#[derive(Debug, Default)]
+pub struct PairRepair {
+    /// The clock's ms when the last exchange completed; 0: never.
+    pub last_ms: AtomicU64,
+    /// Exchanges completed.
+    pub exchanges: AtomicU64,
+    /// Keys pulled from and pushed to the peer.
+    pub keys_moved: AtomicU64,
+}
+
 /// Counters for `stats cluster`.
 #[derive(Debug, Default)]
 pub struct ClusterStats {
@@ -225,6 +237,8 @@ pub struct Cluster {
     anti_entropy: Option<anti_entropy::Settings>,
     /// Request-path, refill and anti-entropy counters (`stats cluster`).
     pub stats: ClusterStats,
+    /// Anti-entropy per peer this node runs it with.
+    pub ae_pairs: BTreeMap<NodeId, PairRepair>,
     /// Counters of the connections to and from peers, shared with them.
     pub transport: Arc<TransportStats>,
     /// A read-modify-write holds its key's lock from its catch-up to its
@@ -642,6 +656,10 @@ impl Cluster {
                 .saturating_mul(1024 * 1024),
             window_ms: config.hint_window_secs.saturating_mul(1000),
         });
+        let ae_pairs = peers
+            .keys()
+            .map(|&id| (id, PairRepair::default()))
+            .collect();
         Self {
             full_ring,
             hints: Arc::new(Mutex::new(hints)),
@@ -655,6 +673,7 @@ impl Cluster {
             write_quorum: config.write_quorum_effective(),
             hop_timeout: Duration::from_millis(config.request_timeout_ms),
             stats: ClusterStats::default(),
+            ae_pairs,
             transport,
             rmw_locks: (0..RMW_LOCKS)
                 .map(|_| tokio::sync::Mutex::new(()))
@@ -2113,14 +2132,30 @@ impl Cluster {
                     replica += 1;
                 }
             }
-            put_stat(
-                out,
-                &format!("member:{}", m.id),
-                format!(
-                    "{state} client={} peer={} primary_partitions={primary} replica_partitions={replica}",
-                    m.client, m.peer
-                ),
+            let mut line = format!(
+                "{state} client={} peer={} primary_partitions={primary} replica_partitions={replica}",
+                m.client, m.peer
             );
+            if let Some(rtt) = self.peers.get(&m.id).and_then(PeerHandle::rtt) {
+                line.push_str(&format!(" rtt_us={}", rtt.as_micros()));
+            }
+            // Anti-entropy with this peer, if this node runs it (the lower
+            // id of each pair does).
+            if let (Some(pair), Some(_)) = (self.ae_pairs.get(&m.id), self.anti_entropy) {
+                if m.id > self.me {
+                    let last = pair.last_ms.load(Relaxed);
+                    line.push_str(&format!(
+                        " ae_exchanges={} ae_keys_moved={}",
+                        pair.exchanges.load(Relaxed),
+                        pair.keys_moved.load(Relaxed)
+                    ));
+                    if last > 0 {
+                        let ago = local.store().clock().now_ms().saturating_sub(last);
+                        line.push_str(&format!(" ae_last_ms_ago={ago}"));
+                    }
+                }
+            }
+            put_stat(out, &format!("member:{}", m.id), line);
         }
         let s = &self.stats;
         for (name, v) in [

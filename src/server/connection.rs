@@ -25,6 +25,7 @@ use tracing::{debug, trace, warn};
 use super::conns::{Conn, State};
 use super::execute::{self, Action};
 use super::faults::{Fault, Faults};
+use super::latency::Command;
 use super::{Shared, ascii_auth};
 use crate::budget::{INFLIGHT_FREE_BYTES, Reservation};
 use crate::limits::{
@@ -835,6 +836,7 @@ async fn process(
                     Fault::None | Fault::DropReply => {}
                 }
                 let out = &mut output.buf;
+                let timed = (Command::of(&request), Instant::now());
                 // A dropped reply is cut from the output after it is
                 // composed (one that outgrew a flush is cut short instead).
                 let reply_at = out.len();
@@ -848,6 +850,7 @@ async fn process(
                         cluster
                             .coordinate(shared, &request, &inbuf[..consumed], out)
                             .await;
+                        shared.latency.record(timed.0, timed.1.elapsed());
                         let get = matches!(request, Request::Get(_));
                         let failed = get && is_error_reply(out, reply_at);
                         drop_reply(out);
@@ -931,6 +934,7 @@ async fn process(
                         action
                     }
                 };
+                shared.latency.record(timed.0, timed.1.elapsed());
                 drop_reply(&mut output.buf);
                 inbuf.advance(consumed);
                 after_piece(long, failed, reservation);

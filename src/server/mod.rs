@@ -9,7 +9,10 @@ pub mod execute;
 pub mod fault_clock;
 pub mod fault_control;
 pub mod faults;
+pub mod latency;
 pub mod meta;
+pub mod metrics;
+pub mod metrics_http;
 pub mod peer_tls;
 pub mod rlimit;
 pub mod stats;
@@ -89,6 +92,8 @@ pub struct Shared {
     pub tls: Option<tls::Tls>,
     /// Peer TLS (`cluster.tls_*`), for the peer listener and reloads.
     pub peer_tls: Option<Arc<peer_tls::PeerTls>>,
+    /// Service time per command, for `/metrics`.
+    pub latency: latency::CommandLatency,
 }
 
 impl Shared {
@@ -216,6 +221,7 @@ impl Shared {
             ascii_auth: None,
             tls: None,
             peer_tls: None,
+            latency: latency::CommandLatency::default(),
             listing_key: match (&config.listing_secret, &config.cluster) {
                 (Some(secret), _) => TokenKey::from_secret(secret.as_bytes()),
                 (None, Some(c)) => TokenKey::from_secret(c.layout_text().as_bytes()),
@@ -445,6 +451,8 @@ pub struct Server {
     refill_on_start: bool,
     shared: Arc<Shared>,
     max_connections: usize,
+    /// The Prometheus endpoint (`metrics_listen`), if configured.
+    metrics_listener: Option<TcpListener>,
 }
 
 impl Server {
@@ -545,6 +553,16 @@ impl Server {
             shared.tls = Some(tls::Tls::new(settings, now).map_err(ServerError::Config)?);
         }
         let shared = Arc::new(shared);
+        let metrics_listener =
+            match &config.metrics_listen {
+                Some(addr) => Some(bind_tcp(addr, config.listen_backlog).await.map_err(
+                    |source| ServerError::Bind {
+                        addr: addr.clone(),
+                        source,
+                    },
+                )?),
+                None => None,
+            };
         Ok(Self {
             listener,
             peer_listener,
@@ -552,6 +570,7 @@ impl Server {
             refill_on_start: config.cluster.as_ref().is_some_and(|c| c.refill_on_start),
             shared,
             max_connections: config.max_connections,
+            metrics_listener,
         })
     }
 
@@ -600,7 +619,15 @@ impl Server {
             refill_on_start,
             shared,
             max_connections,
+            metrics_listener,
         } = self;
+        let metrics = metrics_listener.map(|l| {
+            let addr = l
+                .local_addr()
+                .map_or_else(|_| "-".to_string(), |a| a.to_string());
+            info!(metrics_addr = addr, "serving metrics");
+            tokio::spawn(metrics_http::serve(l, shared.clone()))
+        });
         let refill = shared.cluster.clone().filter(|_| refill_on_start).map(|c| {
             let local: Arc<dyn Local> = shared.clone();
             tokio::spawn(c.refill(local))
@@ -712,6 +739,9 @@ impl Server {
         }
         if let Some(r) = refill {
             r.abort();
+        }
+        if let Some(m) = metrics {
+            m.abort();
         }
         if let Some(c) = &shared.cluster {
             c.shutdown();

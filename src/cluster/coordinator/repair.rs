@@ -199,6 +199,12 @@ impl Cluster {
                 let (outcome, differing, failed) =
                     run.exchange(&partitions, settings.keys_per_round).await;
                 if failed.is_none() {
+                    if let Some(pair) = self.ae_pairs.get(&node) {
+                        pair.last_ms.store(clock.now_ms().max(1), Relaxed);
+                        pair.exchanges.fetch_add(1, Relaxed);
+                        pair.keys_moved
+                            .fetch_add(outcome.keys_pulled + outcome.keys_pushed, Relaxed);
+                    }
                     for p in &partitions {
                         match run.moved.get(p) {
                             Some(&(0, refused)) if refused > 0 => schedule.futile(node, *p),

@@ -796,6 +796,8 @@ struct Shared<Resp> {
     link: watch::Sender<Link>,
     /// Set once to stop the background task.
     shutdown: watch::Sender<bool>,
+    /// The last heartbeat's round trip, µs; 0 until one is answered.
+    rtt_us: AtomicU64,
 }
 
 impl<Resp> Shared<Resp> {
@@ -917,6 +919,7 @@ where
             next_id: AtomicU64::new(0),
             link,
             shutdown,
+            rtt_us: AtomicU64::new(0),
         });
         tokio::spawn(run_peer::<Req, Resp, C>(shared.clone(), me, connector));
         Self {
@@ -1028,6 +1031,15 @@ where
             }
         }
         Err(CallError::Down("still connecting".into()))
+    }
+
+    /// The last heartbeat's round trip (ping sent to pong read); `None`
+    /// until one has been answered.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.owner.shared.rtt_us.load(Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
     }
 
     /// The connection state right now.
@@ -1142,8 +1154,11 @@ where
     let (rd, wr) = tokio::io::split(stream);
     let (data_tx, data_rx) = mpsc::channel::<Vec<u8>>(config.inflight_max);
     let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE_FRAMES);
-    // The id of the last pong received.
-    let pong = AtomicU64::new(u64::MAX);
+    // The id of the last pong received, and the last ping sent with when.
+    let pong = Heartbeat {
+        answered: AtomicU64::new(u64::MAX),
+        sent: Mutex::new(None),
+    };
     shared.link.send_modify(|link| {
         link.state = PeerState::Up;
         link.outbox = Some(data_tx);
@@ -1162,11 +1177,19 @@ where
     }
 }
 
-/// Hands each answer to its call; records pongs.
+/// What the heartbeat and the reader of one connection share.
+struct Heartbeat {
+    /// The id of the last pong read.
+    answered: AtomicU64,
+    /// The last ping sent, and when.
+    sent: Mutex<Option<(u64, Instant)>>,
+}
+
+/// Hands each answer to its call; records pongs and the round trip.
 async fn client_read_loop<R, Resp>(
     shared: &Shared<Resp>,
     mut reader: FrameReader<R>,
-    pong: &AtomicU64,
+    pong: &Heartbeat,
 ) -> LinkError
 where
     R: AsyncRead + Unpin,
@@ -1187,7 +1210,13 @@ where
         }
         let (id, answer) = match msg {
             ToClient::Pong { id } => {
-                pong.store(id, Relaxed);
+                pong.answered.store(id, Relaxed);
+                if let Some((sent_id, at)) = *pong.sent.lock() {
+                    if sent_id == id {
+                        let us = u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX);
+                        shared.rtt_us.store(us.max(1), Relaxed);
+                    }
+                }
                 continue;
             }
             ToClient::Response { id, body } => (id, Ok(body)),
@@ -1211,7 +1240,7 @@ where
 async fn heartbeat<Req, Resp>(
     shared: &Shared<Resp>,
     control: mpsc::Sender<Vec<u8>>,
-    pong: &AtomicU64,
+    pong: &Heartbeat,
 ) -> LinkError
 where
     Req: Serialize,
@@ -1223,7 +1252,7 @@ where
     loop {
         tick.tick().await;
         if let Some((id, sent_at)) = outstanding {
-            let answered = pong.load(Relaxed) == id;
+            let answered = pong.answered.load(Relaxed) == id;
             if !answered && sent_at.elapsed() >= config.call_timeout {
                 return LinkError::HeartbeatTimeout(config.call_timeout);
             }
@@ -1238,8 +1267,10 @@ where
             continue;
         }
         let ping = encode_control(&ToServer::<Req>::Ping { id }, config.frame_bytes_max);
+        let now = Instant::now();
+        *pong.sent.lock() = Some((id, now));
         match control.try_send(ping) {
-            Ok(()) => outstanding = Some((id, Instant::now())),
+            Ok(()) => outstanding = Some((id, now)),
             // The previous ping was answered, so it left the queue: only the
             // writer being gone can make this fail.
             Err(_) => return LinkError::Closed,

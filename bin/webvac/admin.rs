@@ -1,0 +1,605 @@
+//! The operator's commands on the `webvac` binary, in the spirit of
+//! riak-admin and nodetool: `webvac stats` and `webvac cluster
+//! status|partitions|repair`. Each asks nodes over their memcached port
+//! with plain `stats` commands (`stats`, `stats cluster`, `stats
+//! partitions`), so it needs nothing a monitoring tool does not have, and
+//! works against any member. Human-readable tables by default, `--json`
+//! for scripts.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{Value, json};
+
+/// How long one node may take to connect and answer.
+const NODE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The largest `stats` reply read (`stats partitions` of 65,536
+/// partitions is about 3 MiB).
+const REPLY_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+#[derive(Parser, Debug)]
+#[command(name = "webvac", about = "webvac's operator commands")]
+struct Admin {
+    #[command(subcommand)]
+    command: Top,
+}
+
+#[derive(Subcommand, Debug)]
+enum Top {
+    /// A node's memcached-style stats as a table.
+    Stats {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// A stats group (`settings`, `cluster`, `conns`, …); none: the
+        /// general stats.
+        group: Option<String>,
+    },
+    /// The cluster as one member sees it.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Members, their state, the share of partitions each holds, and
+    /// whether replicas agree.
+    Status(NodeArgs),
+    /// Per partition, whether its replicas agree (`stats partitions` of
+    /// every member): those that do not, or all with `--all`.
+    Partitions {
+        #[command(flatten)]
+        node: NodeArgs,
+        /// List every partition, not only those whose replicas differ or
+        /// could not all be asked.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Anti-entropy on every member: rounds, partitions compared and
+    /// found differing, keys moved, and each pair's last comparison.
+    Repair(NodeArgs),
+}
+
+#[derive(Args, Debug)]
+struct NodeArgs {
+    /// A node's memcached port.
+    #[arg(long, default_value = "127.0.0.1:11211", value_name = "HOST:PORT")]
+    node: String,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `webvac stats …` or `webvac cluster …`.
+pub fn main(argv: &[String]) -> anyhow::Result<()> {
+    let admin = Admin::parse_from(argv);
+    match admin.command {
+        Top::Stats { node, group } => stats(&node, group.as_deref()),
+        Top::Cluster { command } => match command {
+            ClusterCmd::Status(node) => status(&node),
+            ClusterCmd::Partitions { node, all } => partitions(&node, all),
+            ClusterCmd::Repair(node) => repair(&node),
+        },
+    }
+}
+
+/// Sends `stats [group]` and returns its `STAT` lines in order.
+fn ask(addr: &str, group: Option<&str>) -> anyhow::Result<Vec<(String, String)>> {
+    let target = addr
+        .to_socket_addrs()
+        .with_context(|| format!("{addr}: not a HOST:PORT"))?
+        .next()
+        .with_context(|| format!("{addr}: no address"))?;
+    let mut s = TcpStream::connect_timeout(&target, NODE_TIMEOUT)
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    s.set_read_timeout(Some(NODE_TIMEOUT))?;
+    s.set_write_timeout(Some(NODE_TIMEOUT))?;
+    let line = match group {
+        Some(g) => format!("stats {g}\r\n"),
+        None => "stats\r\n".to_string(),
+    };
+    s.write_all(line.as_bytes())
+        .with_context(|| format!("{addr}: cannot send"))?;
+    let mut reply = Vec::with_capacity(8192);
+    let mut buf = [0u8; 16 * 1024];
+    while !(reply.ends_with(b"END\r\n") || reply.ends_with(b"ERROR\r\n")) {
+        let n = s
+            .read(&mut buf)
+            .with_context(|| format!("{addr}: no complete reply"))?;
+        if n == 0 {
+            bail!("{addr} closed the connection mid-reply");
+        }
+        reply.extend_from_slice(&buf[..n]);
+        if reply.len() > REPLY_BYTES_MAX {
+            bail!("{addr}: reply past {REPLY_BYTES_MAX} bytes");
+        }
+    }
+    let text = String::from_utf8_lossy(&reply);
+    if !text.ends_with("END\r\n") {
+        bail!(
+            "{addr} answered `{}` to `{}`",
+            text.trim_end(),
+            line.trim_end()
+        );
+    }
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("STAT "))
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect())
+}
+
+fn stats(node: &NodeArgs, group: Option<&str>) -> anyhow::Result<()> {
+    let lines = ask(&node.node, group)?;
+    if node.json {
+        let map: serde_json::Map<String, Value> = lines
+            .into_iter()
+            .map(|(k, v)| {
+                let value = v.parse::<u64>().map_or(Value::String(v), Value::from);
+                (k, value)
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&map)?);
+        return Ok(());
+    }
+    let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in lines {
+        println!("{k:<width$}  {v}");
+    }
+    Ok(())
+}
+
+/// A member as `stats cluster` describes it.
+#[derive(Debug, Clone)]
+struct Member {
+    id: u32,
+    state: String,
+    client: String,
+    peer: String,
+    primary: u64,
+    replica: u64,
+    fields: BTreeMap<String, String>,
+}
+
+/// `stats cluster` of one node, read.
+#[derive(Debug, Clone)]
+struct ClusterView {
+    node_id: u32,
+    partitions: u64,
+    replicas: u64,
+    read_quorum: u64,
+    write_quorum: u64,
+    members: Vec<Member>,
+    counters: BTreeMap<String, String>,
+}
+
+fn cluster_view(addr: &str) -> anyhow::Result<ClusterView> {
+    let lines = ask(addr, Some("cluster"))
+        .with_context(|| format!("{addr}: `stats cluster` (is it a cluster member?)"))?;
+    let mut counters = BTreeMap::new();
+    let mut members = Vec::new();
+    for (k, v) in lines {
+        if let Some(id) = k.strip_prefix("member:") {
+            let mut words = v.split(' ');
+            let state = words.next().unwrap_or("").to_string();
+            let fields: BTreeMap<String, String> = words
+                .filter_map(|w| w.split_once('='))
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect();
+            let num = |f: &str| fields.get(f).and_then(|v| v.parse().ok()).unwrap_or(0);
+            members.push(Member {
+                id: id.parse().with_context(|| format!("member id {id}"))?,
+                state,
+                client: fields.get("client").cloned().unwrap_or_default(),
+                peer: fields.get("peer").cloned().unwrap_or_default(),
+                primary: num("primary_partitions"),
+                replica: num("replica_partitions"),
+                fields,
+            });
+        } else {
+            counters.insert(k, v);
+        }
+    }
+    members.sort_by_key(|m| m.id);
+    let num = |f: &str| -> anyhow::Result<u64> {
+        counters
+            .get(f)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("{addr}: `stats cluster` has no {f}"))
+    };
+    Ok(ClusterView {
+        node_id: u32::try_from(num("node_id")?)?,
+        partitions: num("partitions")?,
+        replicas: num("replicas")?,
+        read_quorum: num("read_quorum")?,
+        write_quorum: num("write_quorum")?,
+        members,
+        counters,
+    })
+}
+
+/// Where to reach a member's memcached port: its `client=` address, with a
+/// wildcard host (`0.0.0.0`, `[::]`) replaced by the host of `--node`.
+fn reach(member: &Member, via: &str) -> String {
+    let host_of = |a: &str| a.rsplit_once(':').map(|(h, _)| h.to_string());
+    match member.client.rsplit_once(':') {
+        Some(("0.0.0.0" | "[::]", port)) => {
+            format!(
+                "{}:{port}",
+                host_of(via).unwrap_or_else(|| "127.0.0.1".into())
+            )
+        }
+        _ => member.client.clone(),
+    }
+}
+
+/// One replica's `stats partitions` line: its entry count and digest.
+#[derive(Debug, Clone, PartialEq)]
+struct Replica {
+    member: u32,
+    keys: u64,
+    digest: String,
+}
+
+/// Every reachable member's `stats partitions`, by partition; and the
+/// members that could not be asked, with why.
+type Digests = (BTreeMap<u64, Vec<Replica>>, Vec<(u32, String)>);
+
+fn digests(view: &ClusterView, via: &str) -> Digests {
+    let mut by_partition: BTreeMap<u64, Vec<Replica>> = BTreeMap::new();
+    let mut missing = Vec::new();
+    for m in &view.members {
+        match ask(&reach(m, via), Some("partitions")) {
+            Ok(lines) => {
+                for (k, v) in lines {
+                    let Some(p) = k.strip_prefix("partition:").and_then(|p| p.parse().ok()) else {
+                        continue;
+                    };
+                    let mut keys = 0;
+                    let mut digest = String::new();
+                    for w in v.split(' ') {
+                        match w.split_once('=') {
+                            Some(("keys", n)) => keys = n.parse().unwrap_or(0),
+                            Some(("digest", d)) => digest = d.to_string(),
+                            _ => {}
+                        }
+                    }
+                    by_partition.entry(p).or_default().push(Replica {
+                        member: m.id,
+                        keys,
+                        digest,
+                    });
+                }
+            }
+            Err(e) => missing.push((m.id, format!("{e:#}"))),
+        }
+    }
+    (by_partition, missing)
+}
+
+/// Whether a partition's replicas agree: all N answered, one digest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Agreement {
+    Agree,
+    Differ,
+    /// Fewer than N replicas could be asked.
+    Unchecked,
+}
+
+impl Agreement {
+    fn of(replicas: &[Replica], n: u64) -> Agreement {
+        let same = replicas.windows(2).all(|w| w[0].digest == w[1].digest);
+        if !same {
+            Agreement::Differ
+        } else if (replicas.len() as u64) < n {
+            Agreement::Unchecked
+        } else {
+            Agreement::Agree
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Agreement::Agree => "agree",
+            Agreement::Differ => "differ",
+            Agreement::Unchecked => "unchecked",
+        }
+    }
+}
+
+fn tally(view: &ClusterView, by_partition: &BTreeMap<u64, Vec<Replica>>) -> [u64; 3] {
+    let mut t = [0u64; 3];
+    for p in 0..view.partitions {
+        let replicas = by_partition.get(&p).map_or(&[][..], Vec::as_slice);
+        t[Agreement::of(replicas, view.replicas) as usize] += 1;
+    }
+    t
+}
+
+fn share(n: u64, of: u64) -> f64 {
+    if of == 0 {
+        0.0
+    } else {
+        100.0 * n as f64 / of as f64
+    }
+}
+
+fn status(node: &NodeArgs) -> anyhow::Result<()> {
+    let view = cluster_view(&node.node)?;
+    let (by_partition, missing) = digests(&view, &node.node);
+    let [agree, differ, unchecked] = tally(&view, &by_partition);
+    if node.json {
+        let members: Vec<Value> = view
+            .members
+            .iter()
+            .map(|m| {
+                json!({
+                    "id": m.id,
+                    "state": m.state,
+                    "client": m.client,
+                    "peer": m.peer,
+                    "primary_partitions": m.primary,
+                    "replica_partitions": m.replica,
+                    "primary_share": share(m.primary, view.partitions) / 100.0,
+                    "holds_share": share(m.primary + m.replica, view.partitions) / 100.0,
+                    "rtt_us": m.fields.get("rtt_us").and_then(|v| v.parse::<u64>().ok()),
+                })
+            })
+            .collect();
+        let doc = json!({
+            "asked": view.node_id,
+            "partitions": view.partitions,
+            "replicas": view.replicas,
+            "read_quorum": view.read_quorum,
+            "write_quorum": view.write_quorum,
+            "members": members,
+            "replicas_agree": {"agree": agree, "differ": differ, "unchecked": unchecked},
+            "unreachable": unreachable_json(&missing),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!(
+        "cluster of {} members, {} partitions, N={} R={} W={} (as member {} sees it)",
+        view.members.len(),
+        view.partitions,
+        view.replicas,
+        view.read_quorum,
+        view.write_quorum,
+        view.node_id
+    );
+    let rows: Vec<[String; 8]> = view
+        .members
+        .iter()
+        .map(|m| {
+            [
+                m.id.to_string(),
+                m.state.clone(),
+                m.client.clone(),
+                m.peer.clone(),
+                m.primary.to_string(),
+                format!("{:.1}%", share(m.primary, view.partitions)),
+                format!("{:.1}%", share(m.primary + m.replica, view.partitions)),
+                m.fields
+                    .get("rtt_us")
+                    .map_or_else(|| "-".into(), |us| format!("{us}µs")),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "MEMBER", "STATE", "CLIENT", "PEER", "PRIMARY", "PRIMARY%", "HOLDS%", "RTT",
+        ],
+        &rows,
+    );
+    println!("replicas: {agree} partitions agree, {differ} differ, {unchecked} not fully checked");
+    print_unreachable(&missing);
+    Ok(())
+}
+
+fn partitions(node: &NodeArgs, all: bool) -> anyhow::Result<()> {
+    let view = cluster_view(&node.node)?;
+    let (by_partition, missing) = digests(&view, &node.node);
+    let mut listed = Vec::new();
+    for p in 0..view.partitions {
+        let replicas = by_partition.get(&p).cloned().unwrap_or_default();
+        let agreement = Agreement::of(&replicas, view.replicas);
+        if all || agreement != Agreement::Agree {
+            listed.push((p, agreement, replicas));
+        }
+    }
+    let [agree, differ, unchecked] = tally(&view, &by_partition);
+    if node.json {
+        let rows: Vec<Value> = listed
+            .iter()
+            .map(|(p, a, replicas)| {
+                json!({
+                    "partition": p,
+                    "replicas": a.label(),
+                    "holders": replicas.iter().map(|r| json!({"member": r.member, "keys": r.keys, "digest": r.digest})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let doc = json!({
+            "partitions": rows,
+            "agree": agree,
+            "differ": differ,
+            "unchecked": unchecked,
+            "unreachable": unreachable_json(&missing),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    let rows: Vec<[String; 3]> = listed
+        .iter()
+        .map(|(p, a, replicas)| {
+            let holders = replicas
+                .iter()
+                .map(|r| format!("{}:{}keys/{}", r.member, r.keys, r.digest))
+                .collect::<Vec<_>>()
+                .join(" ");
+            [p.to_string(), a.label().to_string(), holders]
+        })
+        .collect();
+    table(&["PARTITION", "REPLICAS", "MEMBER:KEYS/DIGEST"], &rows);
+    println!(
+        "{agree} partitions agree, {differ} differ, {unchecked} not fully checked (of {})",
+        view.partitions
+    );
+    print_unreachable(&missing);
+    Ok(())
+}
+
+/// The anti-entropy counters `webvac cluster repair` shows per member.
+const REPAIR_COUNTERS: [&str; 7] = [
+    "anti_entropy_rounds",
+    "anti_entropy_partitions_compared",
+    "anti_entropy_partitions_differing",
+    "anti_entropy_keys_pulled",
+    "anti_entropy_keys_pushed",
+    "anti_entropy_bytes",
+    "anti_entropy_errors",
+];
+
+fn repair(node: &NodeArgs) -> anyhow::Result<()> {
+    let view = cluster_view(&node.node)?;
+    let mut members = Vec::new();
+    let mut pairs = Vec::new();
+    let mut missing = Vec::new();
+    for m in &view.members {
+        let v = if m.id == view.node_id {
+            Ok(view.clone())
+        } else {
+            cluster_view(&reach(m, &node.node))
+        };
+        match v {
+            Ok(v) => {
+                let on = v.counters.get("anti_entropy").is_some_and(|x| x == "1");
+                let counters: Vec<u64> = REPAIR_COUNTERS
+                    .iter()
+                    .map(|c| v.counters.get(*c).and_then(|x| x.parse().ok()).unwrap_or(0))
+                    .collect();
+                for other in v.members.iter().filter(|o| o.id > m.id) {
+                    let f = |k: &str| other.fields.get(k).and_then(|x| x.parse::<u64>().ok());
+                    if let Some(exchanges) = f("ae_exchanges") {
+                        pairs.push((
+                            m.id,
+                            other.id,
+                            exchanges,
+                            f("ae_last_ms_ago"),
+                            f("ae_keys_moved").unwrap_or(0),
+                        ));
+                    }
+                }
+                members.push((m.id, on, counters));
+            }
+            Err(e) => missing.push((m.id, format!("{e:#}"))),
+        }
+    }
+    if node.json {
+        let doc = json!({
+            "members": members.iter().map(|(id, on, c)| {
+                let mut o = serde_json::Map::new();
+                o.insert("id".into(), json!(id));
+                o.insert("anti_entropy".into(), json!(on));
+                for (name, v) in REPAIR_COUNTERS.iter().zip(c) {
+                    o.insert(name.trim_start_matches("anti_entropy_").into(), json!(v));
+                }
+                Value::Object(o)
+            }).collect::<Vec<_>>(),
+            "pairs": pairs.iter().map(|(a, b, n, ago, moved)| json!({
+                "members": [a, b], "exchanges": n, "last_compared_ms_ago": ago, "keys_moved": moved,
+            })).collect::<Vec<_>>(),
+            "unreachable": unreachable_json(&missing),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    let rows: Vec<[String; 9]> = members
+        .iter()
+        .map(|(id, on, c)| {
+            let mut row: [String; 9] = Default::default();
+            row[0] = id.to_string();
+            row[1] = if *on { "on" } else { "off" }.into();
+            for (cell, v) in row[2..].iter_mut().zip(c) {
+                *cell = v.to_string();
+            }
+            row
+        })
+        .collect();
+    table(
+        &[
+            "MEMBER",
+            "ANTI-ENTROPY",
+            "ROUNDS",
+            "COMPARED",
+            "DIFFERING",
+            "PULLED",
+            "PUSHED",
+            "BYTES",
+            "ERRORS",
+        ],
+        &rows,
+    );
+    println!();
+    let rows: Vec<[String; 4]> = pairs
+        .iter()
+        .map(|(a, b, n, ago, moved)| {
+            [
+                format!("{a}-{b}"),
+                n.to_string(),
+                ago.map_or_else(
+                    || "never".into(),
+                    |ms| format!("{:.1}s ago", ms as f64 / 1000.0),
+                ),
+                moved.to_string(),
+            ]
+        })
+        .collect();
+    table(&["PAIR", "EXCHANGES", "LAST COMPARED", "KEYS MOVED"], &rows);
+    print_unreachable(&missing);
+    Ok(())
+}
+
+/// Members that could not be asked, for `--json`.
+fn unreachable_json(missing: &[(u32, String)]) -> Vec<Value> {
+    missing
+        .iter()
+        .map(|(id, why)| json!({"id": id, "error": why}))
+        .collect()
+}
+
+/// Members that could not be asked, after a table.
+fn print_unreachable(missing: &[(u32, String)]) {
+    for (id, why) in missing {
+        println!("member {id} could not be asked: {why}");
+    }
+}
+
+/// Prints rows under a header, columns padded to their widest cell.
+fn table<const K: usize>(header: &[&str; K], rows: &[[String; K]]) {
+    let mut width = header.map(|h| h.chars().count());
+    for row in rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,0 +1,201 @@
+//! `webvac stats` and `webvac cluster status|partitions|repair` against
+//! real clusters: all up and agreeing, one replica stale, one node down,
+//! and anti-entropy repairing the stale one while `repair` watches.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::cluster::{Cluster, Layout};
+use common::hostile::wait_for;
+use common::{Server, run_bounded};
+use serde_json::Value;
+
+const WEBVAC_BIN: &str = env!("CARGO_BIN_EXE_webvac");
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `webvac ARGS`; returns its exit success and stdout (stderr on
+/// failure).
+fn webvac(args: &[&str]) -> (bool, String) {
+    let mut cmd = Command::new(WEBVAC_BIN);
+    cmd.args(args);
+    let out = run_bounded(cmd, RUN_TIMEOUT);
+    let ok = out.status.is_some_and(|s| s.success());
+    (ok, if ok { out.stdout } else { out.stderr })
+}
+
+fn json(args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (ok, out) = webvac(&all);
+    assert!(ok, "webvac {all:?}: {out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn n(v: &Value, path: &str) -> u64 {
+    v.pointer(path)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no number at {path} in {v}"))
+}
+
+#[test]
+fn stats_prints_a_table_and_json() {
+    let server = Server::start(&[]);
+    let mut c = server.connect();
+    c.ask(b"set a 0 0 1\r\nx\r\n");
+    let node = server.addr().to_string();
+    let doc = json(&["stats", "--node", &node]);
+    assert_eq!(n(&doc, "/curr_items"), 1);
+    assert_eq!(doc["version"], "1.6.18");
+    let (ok, table) = webvac(&["stats", "--node", &node]);
+    assert!(ok, "{table}");
+    let line = table
+        .lines()
+        .find(|l| l.starts_with("curr_items "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(line.split_whitespace().nth(1), Some("1"), "{table}");
+    let (ok, settings) = webvac(&["stats", "--node", &node, "settings"]);
+    assert!(ok && settings.contains("maxconns"), "{settings}");
+    // A node that is not there: a clear error and a failed exit.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .to_string();
+    let (ok, err) = webvac(&["stats", "--node", &closed]);
+    assert!(!ok && err.contains("cannot connect"), "{err}");
+    // A single node has no cluster to describe.
+    let (ok, err) = webvac(&["cluster", "status", "--node", &node]);
+    assert!(!ok && err.contains("stats cluster"), "{err}");
+}
+
+#[test]
+fn cluster_status_and_partitions_with_a_stale_replica_and_a_node_down() {
+    let _serial = common::cluster::exclusive();
+    // Nothing repairs behind the test's back: a replica restarted empty
+    // stays stale.
+    let mut cluster = Cluster::start(
+        Layout::new(3)
+            .quorums(1, 3)
+            .no_anti_entropy()
+            .no_hints()
+            .no_refill(),
+    );
+    let ids = cluster.ids();
+    let node = cluster.member(ids[0]).client.to_string();
+    let mut c = cluster.connect(ids[0]);
+    for i in 0..300 {
+        assert_eq!(
+            c.ask(format!("set key{i} 0 0 1\r\nv\r\n").as_bytes()),
+            "STORED\r\n"
+        );
+    }
+    let status = json(&["cluster", "status", "--node", &node]);
+    let partitions = n(&status, "/partitions");
+    assert_eq!(n(&status, "/replicas"), 3);
+    assert_eq!(status["members"].as_array().unwrap().len(), 3);
+    for m in status["members"].as_array().unwrap() {
+        assert!(m["state"] == "up" || m["state"] == "self", "{status}");
+        assert_eq!(m["holds_share"].as_f64(), Some(1.0), "N=3 of 3: {status}");
+    }
+    assert_eq!(n(&status, "/replicas_agree/agree"), partitions, "{status}");
+    let (ok, table) = webvac(&["cluster", "status", "--node", &node]);
+    assert!(ok, "{table}");
+    assert!(table.starts_with("cluster of 3 members"), "{table}");
+    assert!(
+        table.contains(&format!(
+            "replicas: {partitions} partitions agree, 0 differ"
+        )),
+        "{table}"
+    );
+
+    // Node 3 restarted empty: every partition holding a key differs.
+    cluster.kill(ids[2]);
+    cluster.restart(ids[2]);
+    let doc = json(&["cluster", "partitions", "--node", &node]);
+    let differ = n(&doc, "/differ");
+    assert!(differ > 0 && differ <= 300, "{doc}");
+    assert_eq!(n(&doc, "/agree") + differ, partitions, "{doc}");
+    let listed = doc["partitions"].as_array().unwrap();
+    assert_eq!(listed.len() as u64, differ, "only the differing are listed");
+    for p in listed {
+        assert_eq!(p["replicas"], "differ");
+        let empty = p["holders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["member"] == ids[2])
+            .unwrap_or_else(|| panic!("{p}"));
+        assert_eq!(empty["keys"], 0, "{p}");
+    }
+    let all = json(&["cluster", "partitions", "--node", &node, "--all"]);
+    assert_eq!(
+        all["partitions"].as_array().unwrap().len() as u64,
+        partitions
+    );
+
+    // Node 2 down: it shows so, and its partitions cannot all be checked.
+    cluster.kill(ids[1]);
+    wait_for("node 1 sees node 2 down", || {
+        let s = json(&["cluster", "status", "--node", &node]);
+        s["members"][1]["state"] != "up"
+    });
+    let s = json(&["cluster", "status", "--node", &node]);
+    assert_eq!(s["unreachable"][0]["id"], ids[1], "{s}");
+    assert_eq!(n(&s, "/replicas_agree/agree"), 0, "{s}");
+    let (ok, table) = webvac(&["cluster", "status", "--node", &node]);
+    assert!(ok, "{table}");
+    assert!(
+        table.contains(&format!("member {} could not be asked", ids[1])),
+        "{table}"
+    );
+}
+
+#[test]
+fn cluster_repair_shows_anti_entropy_mending_a_stale_replica() {
+    let _serial = common::cluster::exclusive();
+    let mut cluster = Cluster::start(
+        Layout::new(3)
+            .quorums(1, 3)
+            .no_hints()
+            .no_refill()
+            .anti_entropy_interval_ms(200),
+    );
+    let ids = cluster.ids();
+    let node = cluster.member(ids[0]).client.to_string();
+    let mut c = cluster.connect(ids[0]);
+    for i in 0..200 {
+        c.ask(format!("set key{i} 0 0 1\r\nv\r\n").as_bytes());
+    }
+    wait_for("every pair compared", || {
+        let r = json(&["cluster", "repair", "--node", &node]);
+        let pairs = r["pairs"].as_array().unwrap();
+        pairs.len() == 3 && pairs.iter().all(|p| n(p, "/exchanges") > 0)
+    });
+    cluster.kill(ids[2]);
+    cluster.restart(ids[2]);
+    wait_for("anti-entropy refills the empty replica", || {
+        let doc = json(&["cluster", "partitions", "--node", &node]);
+        n(&doc, "/differ") == 0 && n(&doc, "/unchecked") == 0
+    });
+    let r = json(&["cluster", "repair", "--node", &node]);
+    let moved: u64 = r["pairs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["members"][1] == ids[2])
+        .map(|p| n(p, "/keys_moved"))
+        .sum();
+    assert!(moved >= 200, "keys moved to the empty replica: {r}");
+    for m in r["members"].as_array().unwrap() {
+        assert_eq!(m["anti_entropy"], true, "{r}");
+        assert_eq!(n(m, "/errors"), 0, "{r}");
+    }
+    for p in r["pairs"].as_array().unwrap() {
+        assert!(p["last_compared_ms_ago"].is_u64(), "{r}");
+    }
+    let (ok, table) = webvac(&["cluster", "repair", "--node", &node]);
+    assert!(ok, "{table}");
+    assert!(table.contains("LAST COMPARED"), "{table}");
+    assert!(table.contains(&format!("{}-{}", ids[0], ids[1])), "{table}");
+}
