@@ -57,6 +57,23 @@ fn stats_prints_a_table_and_json() {
     assert_eq!(line.split_whitespace().nth(1), Some("1"), "{table}");
     let (ok, settings) = webvac(&["stats", "--node", &node, "settings"]);
     assert!(ok && settings.contains("maxconns"), "{settings}");
+    // A reader that stops early (`| head -1`) ends it quietly: killed by
+    // SIGPIPE like any filter, not a panic.
+    let mut cmd = Command::new(WEBVAC_BIN);
+    cmd.args(["stats", "--node", &node])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        out.status.success()
+            || std::os::unix::process::ExitStatusExt::signal(&out.status) == Some(libc_sigpipe()),
+        "{:?} {stderr}",
+        out.status
+    );
     // A node that is not there: a clear error and a failed exit.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -198,4 +215,9 @@ fn cluster_repair_shows_anti_entropy_mending_a_stale_replica() {
     assert!(ok, "{table}");
     assert!(table.contains("LAST COMPARED"), "{table}");
     assert!(table.contains(&format!("{}-{}", ids[0], ids[1])), "{table}");
+}
+
+/// SIGPIPE's number on Linux.
+fn libc_sigpipe() -> i32 {
+    13
 }

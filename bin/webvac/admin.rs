@@ -77,6 +77,12 @@ struct NodeArgs {
 
 /// Runs `webvac stats …` or `webvac cluster …`.
 pub fn main(argv: &[String]) -> anyhow::Result<()> {
+    // As any Unix filter: output cut short by the reader (`| head`) ends
+    // the process quietly instead of a panic on the failed print.
+    // SAFETY: restoring a signal's default disposition, before any thread.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let admin = Admin::parse_from(argv);
     match admin.command {
         Top::Stats { node, group } => stats(&node, group.as_deref()),
