@@ -33,6 +33,16 @@ impl Default for LogLimit {
 }
 
 impl LogLimit {
+    /// At most one line every `period_ms` milliseconds (a `const`, for
+    /// a `static` per call site: see [`crate::warn_limited`]).
+    pub const fn per_ms(period_ms: u64) -> Self {
+        Self {
+            period_ms,
+            last_ms: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
     /// At most one line every `period`.
     pub fn new(period: Duration) -> Self {
         Self {
@@ -61,6 +71,32 @@ impl LogLimit {
     }
 }
 
+/// `tracing::warn!`, at most once a second from this call site (in this
+/// process), with `suppressed` counting the lines held back since the last
+/// one: for warnings that a client, a peer or a failing network can make
+/// repeat.
+#[macro_export]
+macro_rules! warn_limited {
+    ($($arg:tt)+) => {{
+        static LIMIT: $crate::log_limit::LogLimit = $crate::log_limit::LogLimit::per_ms(
+            $crate::log_limit::LOG_PERIOD.as_millis() as u64,
+        );
+        if let Some(suppressed) = LIMIT.allow() {
+            ::tracing::warn!(suppressed, $($arg)+);
+        }
+    }};
+}
+
+/// A remote's text (a refusal's reason, say), cut to a length fit for one
+/// log line, so whoever answers cannot fill the log with one message.
+pub fn clip(text: &str) -> &str {
+    const LOGGED_TEXT_CHARS_MAX: usize = 200;
+    match text.char_indices().nth(LOGGED_TEXT_CHARS_MAX) {
+        Some((at, _)) => &text[..at],
+        None => text,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,5 +116,12 @@ mod tests {
             "a zero period lets every line through"
         );
         assert_eq!(limit.suppressed.load(Ordering::Relaxed), 999);
+    }
+
+    #[test]
+    fn remote_text_is_clipped() {
+        assert_eq!(clip("short"), "short");
+        let long = "é".repeat(1000);
+        assert_eq!(clip(&long).chars().count(), 200);
     }
 }

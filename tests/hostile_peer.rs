@@ -906,3 +906,42 @@ fn listing_tokens_are_keyed_by_the_cluster_secret() {
         "a token keyed by the public layout"
     );
 }
+
+/// Warnings a stranger can make repeat are rate-limited: 300 connections
+/// to the peer port, each sending an oversized frame header before any
+/// proof, leave at most a line a second in the node's log (each saying how
+/// many it stands for), and the node serves on. (Before the limit: one
+/// line per connection.)
+#[test]
+fn a_flood_of_bad_peer_handshakes_logs_a_line_a_second() {
+    let _serial = exclusive();
+    let cluster = Cluster::start(Layout::new(2));
+    let peer = cluster.member(1).peer;
+    let started = Instant::now();
+    for _ in 0..300 {
+        let Ok(mut s) = TcpStream::connect(peer) else {
+            continue;
+        };
+        let _ = s.write_all(&[0xFF; 8]);
+        let _ = closed_by_node(&s, Duration::from_secs(5));
+    }
+    let elapsed = started.elapsed();
+    let mut one = cluster.connect(1);
+    let cluster_stats = stats(&mut one, "cluster");
+    assert!(
+        stat_value(&cluster_stats, "peer_frames_oversized") >= 300,
+        "{cluster_stats}"
+    );
+    assert_eq!(one.ask(b"version\r\n").split(' ').next(), Some("VERSION"));
+    let log = cluster.stderr_text(1);
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("bad frame in handshake"))
+        .count();
+    let allowed = elapsed.as_secs() as usize + 2;
+    assert!(
+        (1..=allowed).contains(&lines),
+        "{lines} lines in {elapsed:?} (at most {allowed}):\n{log}"
+    );
+    assert!(log.contains("suppressed="), "{log}");
+}

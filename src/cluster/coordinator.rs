@@ -759,7 +759,7 @@ impl Cluster {
                 self.write(local, key, &delete, w, true, &mut reply).await;
                 // `NF`: there was nothing to drop.
                 if !reply.is_empty() && reply != b"NF\r\n" {
-                    warn!(reply = %String::from_utf8_lossy(&reply).trim_end(), "dropping the old value of a refused store failed");
+                    crate::warn_limited!(reply = %String::from_utf8_lossy(&reply).trim_end(), "dropping the old value of a refused store failed");
                 }
                 // The refusal's own reply, as a single node gives it; the
                 // data block never arrived, so nothing runs again here (the
@@ -2004,9 +2004,10 @@ impl Cluster {
                     PeerResponse::Flushed
                 } else {
                     self.stats.versions_refused.fetch_add(1, Relaxed);
-                    warn!(
+                    crate::warn_limited!(
                         caller,
-                        version, "refused a flush_all stamped too far ahead of this node's clock"
+                        version,
+                        "refused a flush_all stamped too far ahead of this node's clock"
                     );
                     PeerResponse::Refused("flush version too far ahead of this node's clock".into())
                 }
@@ -2057,7 +2058,7 @@ impl Cluster {
             Applied::Flushed => PeerResponse::Refused("older than the last flush_all".into()),
             Applied::TooFarAhead => {
                 self.stats.versions_refused.fetch_add(1, Relaxed);
-                warn!(
+                crate::warn_limited!(
                     caller,
                     version = state.version(),
                     "refused a version too far ahead of this node's clock"
@@ -2065,7 +2066,7 @@ impl Cluster {
                 PeerResponse::Refused("version too far ahead of this node's clock".into())
             }
             Applied::NoMemory | Applied::NoRoom => {
-                warn!(caller, "no memory for a replicated item");
+                crate::warn_limited!(caller, "no memory for a replicated item");
                 PeerResponse::Refused("out of memory".into())
             }
         }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::Shared;
 use super::peer_tls::{PeerTls, TlsPeerConnector};
@@ -298,7 +298,7 @@ pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<
                 }
             }
             Err(e) => {
-                warn!(error = %e, "peer accept failed");
+                crate::warn_limited!(error = %e, "peer accept failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }

@@ -798,19 +798,28 @@ struct Shared<Resp> {
     shutdown: watch::Sender<bool>,
     /// The last heartbeat's round trip, µs; 0 until one is answered.
     rtt_us: AtomicU64,
+    /// "peer down" and "peer up" lines, each at most once a second.
+    down_log: crate::log_limit::LogLimit,
+    up_log: crate::log_limit::LogLimit,
 }
 
 impl<Resp> Shared<Resp> {
     /// Publishes a Down state; logs when the reason changes, so a peer that
     /// stays down does not log every redial.
     fn set_down(&self, reason: String, refused: bool) {
+        // A refusal's reason is the remote's text, from before it proved
+        // anything: kept (and shown in `stats cluster`) only in part.
+        let reason = crate::log_limit::clip(&reason).to_string();
         self.link.send_if_modified(|link| {
             let changed = !matches!(&link.state, PeerState::Down { reason: r } if *r == reason);
-            if changed {
+            // A link that dies right after each handshake is up between
+            // failures, so "changed" holds every time: at most a line a
+            // second per peer, counting the rest.
+            if let Some(suppressed) = changed.then(|| self.down_log.allow()).flatten() {
                 if refused {
-                    warn!(peer = self.remote, addr = %self.addr, reason = %reason, "peer refused our handshake");
+                    warn!(peer = self.remote, addr = %self.addr, reason = %reason, suppressed, "peer refused our handshake");
                 } else {
-                    warn!(peer = self.remote, addr = %self.addr, reason = %reason, "peer down");
+                    warn!(peer = self.remote, addr = %self.addr, reason = %reason, suppressed, "peer down");
                 }
             }
             link.state = PeerState::Down { reason };
@@ -920,6 +929,8 @@ where
             link,
             shutdown,
             rtt_us: AtomicU64::new(0),
+            down_log: crate::log_limit::LogLimit::default(),
+            up_log: crate::log_limit::LogLimit::default(),
         });
         tokio::spawn(run_peer::<Req, Resp, C>(shared.clone(), me, connector));
         Self {
@@ -1099,7 +1110,9 @@ where
             Ok(Ok((stream, buf))) => {
                 failures = 0;
                 shared.stats.connects.fetch_add(1, Relaxed);
-                info!(peer = shared.remote, addr = %shared.addr, "peer up");
+                if let Some(suppressed) = shared.up_log.allow() {
+                    info!(peer = shared.remote, addr = %shared.addr, suppressed, "peer up");
+                }
                 let ended = tokio::select! {
                     biased;
                     _ = shutdown.wait_for(|stop| *stop) => None,
@@ -1200,7 +1213,7 @@ where
             Ok((msg, _, _)) => msg,
             Err(e) => {
                 if count_frame_error(&shared.stats, &e) {
-                    warn!(peer = shared.remote, addr = %shared.addr, error = %e, "bad frame from peer, reconnecting");
+                    crate::warn_limited!(peer = shared.remote, addr = %shared.addr, error = %e, "bad frame from peer, reconnecting");
                 }
                 return e;
             }
@@ -1221,7 +1234,7 @@ where
             }
             ToClient::Response { id, body } => (id, Ok(body)),
             ToClient::Failed { id, reason } => {
-                warn!(peer = shared.remote, id, reason = %reason, "peer could not answer a call");
+                crate::warn_limited!(peer = shared.remote, id, reason = %crate::log_limit::clip(&reason), "peer could not answer a call");
                 (id, Err(CallError::Disconnected))
             }
         };
@@ -1540,9 +1553,9 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
         Ok(Ok(caller)) => caller,
         Ok(Err(e)) => {
             if count_frame_error(&stats, &e) {
-                warn!(error = %e, "bad frame in handshake, dropping connection");
+                crate::warn_limited!(error = %e, "bad frame in handshake, dropping connection");
             } else if let LinkError::Refused(reason) = &e {
-                warn!(reason = %reason, "refused a peer's handshake");
+                crate::warn_limited!(reason = %reason, "refused a peer's handshake");
             } else if let LinkError::AuthFailed(_) = &e {
                 // Counted and logged, rate-limited, where it failed.
             } else {
@@ -1572,12 +1585,12 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
         e = write_loop(wr, data_rx, control_rx, stall, &stats) => e,
     };
     if count_frame_error(&stats, &ended) {
-        warn!(peer = caller, error = %ended, "bad frame from peer, dropping connection");
+        crate::warn_limited!(peer = caller, error = %ended, "bad frame from peer, dropping connection");
     } else if matches!(
         ended,
         LinkError::WriteStalled(_) | LinkError::OverBudget { .. } | LinkError::Evicted
     ) {
-        warn!(peer = caller, reason = %ended, "dropping peer connection");
+        crate::warn_limited!(peer = caller, reason = %ended, "dropping peer connection");
     } else {
         debug!(peer = caller, reason = %ended, "peer connection closed");
     }
