@@ -426,6 +426,32 @@ fn a_cluster_reports_members_peers_and_replication() {
             .sum();
         applied == 200.0
     });
+    // At rest, each member's cluster counters are its `stats cluster`.
+    for (&id, &addr) in ids.iter().zip(&addrs) {
+        let mut c = cluster.connect(id);
+        let before = stats(&mut c, "cluster");
+        let text = scrape(addr);
+        for (field, series) in [
+            ("primary_writes", "webvac_primary_writes_total"),
+            ("replica_writes_sent", "webvac_replica_writes_sent_total"),
+            (
+                "replica_writes_applied",
+                "webvac_replica_writes_applied_total",
+            ),
+            ("forwarded", "webvac_requests_forwarded_total"),
+            (
+                "write_quorum_failures",
+                "webvac_write_quorum_failures_total",
+            ),
+            ("hints_pending", "webvac_hints_pending"),
+        ] {
+            assert_eq!(
+                sample(&text, series) as u64,
+                stat_value(&before, field),
+                "node {id}: {series}"
+            );
+        }
+    }
     cluster.kill(ids[2]);
     wait_for("node 1 reports node 3 down", || {
         sample(

@@ -25,7 +25,6 @@ use tracing::{debug, trace, warn};
 use super::conns::{Conn, State};
 use super::execute::{self, Action};
 use super::faults::{Fault, Faults};
-use super::latency::Command;
 use super::{Shared, ascii_auth};
 use crate::budget::{INFLIGHT_FREE_BYTES, Reservation};
 use crate::limits::{
@@ -836,7 +835,7 @@ async fn process(
                     Fault::None | Fault::DropReply => {}
                 }
                 let out = &mut output.buf;
-                let timed = (Command::of(&request), Instant::now());
+                let timed = shared.latency.start(&request);
                 // A dropped reply is cut from the output after it is
                 // composed (one that outgrew a flush is cut short instead).
                 let reply_at = out.len();
@@ -850,7 +849,7 @@ async fn process(
                         cluster
                             .coordinate(shared, &request, &inbuf[..consumed], out)
                             .await;
-                        shared.latency.record(timed.0, timed.1.elapsed());
+                        shared.latency.finish(timed);
                         let get = matches!(request, Request::Get(_));
                         let failed = get && is_error_reply(out, reply_at);
                         drop_reply(out);
@@ -934,7 +933,7 @@ async fn process(
                         action
                     }
                 };
-                shared.latency.record(timed.0, timed.1.elapsed());
+                shared.latency.finish(timed);
                 drop_reply(&mut output.buf);
                 inbuf.advance(consumed);
                 after_piece(long, failed, reservation);

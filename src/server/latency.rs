@@ -4,8 +4,11 @@
 //! A request is timed from the moment it is parsed to the moment its reply
 //! is composed (waiting for replicas included, writing to the socket not),
 //! so the figure is the node's own, whatever the client's network does.
-//! Recording is two relaxed atomic additions (a bucket and the sum) on one
-//! of [`STRIPES`] cache-line-padded copies, picked per thread, so worker
+//! Recording is two reads of the CPU's time-stamp counter (through
+//! `quanta`, calibrated against the monotonic clock once per process: a
+//! `clock_gettime` pair cost 3% of the requests' instructions at depth 1)
+//! and two relaxed atomic additions (a bucket and the sum) on one of
+//! [`STRIPES`] cache-line-padded copies, picked per thread, so worker
 //! threads do not contend for one line. A scrape adds the stripes up.
 
 use std::cell::Cell;
@@ -169,14 +172,24 @@ struct Stripe {
 #[derive(Debug)]
 pub struct CommandLatency {
     stripes: Box<[Stripe]>,
+    /// The time-stamp counter (or the monotonic clock where there is none).
+    clock: quanta::Clock,
 }
 
 impl Default for CommandLatency {
     fn default() -> Self {
         CommandLatency {
             stripes: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            clock: quanta::Clock::new(),
         }
     }
+}
+
+/// When a timed request started: the clock's raw reading.
+#[derive(Debug, Clone, Copy)]
+pub struct Started {
+    command: Command,
+    raw: u64,
 }
 
 /// A histogram as a scrape reports it.
@@ -208,9 +221,28 @@ fn stripe_index() -> usize {
 }
 
 impl CommandLatency {
+    /// Starts timing a request.
+    pub fn start(&self, request: &Request<'_>) -> Started {
+        Started {
+            command: Command::of(request),
+            raw: self.clock.raw(),
+        }
+    }
+
+    /// Counts a request started at `started` as done now. (A task may end
+    /// on another core than it started on; a counter reading behind the
+    /// start counts as 0.)
+    pub fn finish(&self, started: Started) {
+        let ns = self.clock.delta_as_nanos(started.raw, self.clock.raw());
+        self.record_ns(started.command, ns);
+    }
+
     /// Counts one request of `command` that took `took`.
     pub fn record(&self, command: Command, took: Duration) {
-        let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.record_ns(command, u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    fn record_ns(&self, command: Command, ns: u64) {
         let bucket = BUCKET_BOUNDS_NS
             .iter()
             .position(|&bound| ns <= bound)
@@ -295,5 +327,25 @@ mod tests {
     #[test]
     fn the_bounds_rise() {
         assert!(BUCKET_BOUNDS_NS.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn a_timed_request_counts_its_time() {
+        let l = CommandLatency::default();
+        let parsed =
+            crate::protocol::parse(b"incr k 1\r\n", &crate::protocol::ParseLimits::new(1024));
+        let crate::protocol::Parsed::Complete { request, .. } = parsed else {
+            panic!("{parsed:?}");
+        };
+        let started = l.start(&request);
+        std::thread::sleep(Duration::from_millis(3));
+        l.finish(started);
+        let s = l.snapshot(Command::Incr);
+        assert_eq!(s.count, 1);
+        assert!(
+            (0.003..0.5).contains(&s.sum_secs),
+            "a 3 ms sleep timed as {} s",
+            s.sum_secs
+        );
     }
 }
