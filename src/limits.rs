@@ -321,3 +321,11 @@ pub const METRICS_CONNECTION_LIFETIME_MS: u64 = 30_000;
 /// past it are refused (hyper's own minimum is 8 KiB).
 pub const METRICS_READ_BUFFER_BYTES: usize = 16 * 1024;
 const _: () = assert!(METRICS_READ_BUFFER_BYTES >= 8192);
+/// Scrapes the metrics endpoint renders a second, with bursts of up to
+/// [`METRICS_SCRAPES_BURST`]; past them a request gets `429 Too Many
+/// Requests`. A scrape costs tens of microseconds of a worker's time, so a
+/// client pipelining scrapes could otherwise take a worker from clients.
+/// Prometheus scrapes every 15 s or so; a few scrapers fit many times over.
+pub const METRICS_SCRAPES_PER_SEC: u32 = 10;
+/// See [`METRICS_SCRAPES_PER_SEC`].
+pub const METRICS_SCRAPES_BURST: u32 = 20;

@@ -86,6 +86,58 @@ fn stats_prints_a_table_and_json() {
     assert!(!ok && err.contains("stats cluster"), "{err}");
 }
 
+/// Members listed with one shared wildcard client address (as on hosts
+/// that each bind 0.0.0.0:11211): the commands reach each member through
+/// its peer host, and a node that answers as another member is not taken
+/// for it. (Before: every member was asked at `--node`'s host, node 1
+/// answered for all three, and status said every partition agreed.)
+#[test]
+fn a_member_answering_for_another_is_not_taken_for_it() {
+    let _serial = common::cluster::exclusive();
+    let ports: Vec<u16> = (0..4)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let client = ports[0];
+    let mut args = vec!["--node-id".to_string(), "1".to_string()];
+    for (id, peer) in ports.iter().enumerate().skip(1) {
+        args.push("--member".into());
+        args.push(format!("{id}=0.0.0.0:{client},127.0.0.1:{peer}"));
+    }
+    let node = Server::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let addr = format!("127.0.0.1:{client}");
+    let mut c = node.connect();
+    c.ask(b"set a 0 0 1\r\nx\r\n");
+    let status = json(&["cluster", "status", "--node", &addr]);
+    assert_eq!(n(&status, "/replicas_agree/agree"), 0, "{status}");
+    let unreachable = status["unreachable"].as_array().unwrap();
+    assert_eq!(unreachable.len(), 2, "{status}");
+    for u in unreachable {
+        assert!(
+            u["error"].as_str().unwrap().contains("answers as node 1"),
+            "{status}"
+        );
+    }
+    let repair = json(&["cluster", "repair", "--node", &addr]);
+    assert_eq!(
+        repair["unreachable"].as_array().unwrap().len(),
+        2,
+        "{repair}"
+    );
+    // And `webvac stats` asks only the groups that read.
+    let (ok, err) = webvac(&["stats", "--node", &addr, "reset"]);
+    assert!(!ok && err.contains("only the groups that read"), "{err}");
+    let after = common::hostile::stats(&mut c, "");
+    assert!(
+        common::stat_value(&after, "total_connections") >= 4,
+        "the counters were not reset: {after}"
+    );
+}
+
 #[test]
 fn cluster_status_and_partitions_with_a_stale_replica_and_a_node_down() {
     let _serial = common::cluster::exclusive();

@@ -86,8 +86,17 @@ fn get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Http {
     )
 }
 
+/// A scrape; one refused for the scrape rate (429) is retried, a bounded
+/// number of times.
 fn scrape(addr: SocketAddr) -> String {
-    let r = get(addr, "/metrics", None);
+    let mut r = get(addr, "/metrics", None);
+    for _ in 0..100 {
+        if r.status != 429 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        r = get(addr, "/metrics", None);
+    }
     assert_eq!(r.status, 200, "{}", r.headers);
     assert!(
         r.headers
@@ -334,6 +343,28 @@ fn the_metrics_port_is_bounded_and_never_holds_up_clients() {
         "an oversized header: {text}"
     );
 
+    // Scrapes pipelined on one connection: past the burst, `429`s.
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let one = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    let last = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    s.write_all(format!("{}{last}", one.repeat(59)).as_bytes())
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw);
+    let ok = text.matches("HTTP/1.1 200").count();
+    let refused = text.matches("HTTP/1.1 429").count();
+    assert_eq!(ok + refused, 60, "{text}");
+    assert!(
+        (20..=30).contains(&ok),
+        "{ok} scrapes rendered of 60 at once"
+    );
+    assert!(text.contains("retry-after: 1"), "{text}");
+    wait_for("scrapes served again", || {
+        get(addr, "/metrics", None).status == 200
+    });
+
     // Past 16 connections at once, more are closed at once; memcached
     // clients are served all along.
     let held: Vec<TcpStream> = (0..16).map(|_| TcpStream::connect(addr).unwrap()).collect();
@@ -459,6 +490,10 @@ fn a_cluster_reports_members_peers_and_replication() {
             &format!("webvac_cluster_member_up{{member=\"{}\"}}", ids[2]),
         ) == 0.0
     });
+    // A down peer has no round trip: the last one says nothing of it.
+    let text = scrape(addrs[0]);
+    let rtt = format!("webvac_peer_rtt_seconds{{peer=\"{}\"}}", ids[2]);
+    assert_eq!(try_sample(&text, &rtt), None, "{text}");
 }
 
 /// The metric names in the Grafana dashboard's queries.

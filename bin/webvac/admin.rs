@@ -7,7 +7,7 @@
 //! for scripts.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
@@ -94,60 +94,150 @@ pub fn main(argv: &[String]) -> anyhow::Result<()> {
     }
 }
 
-/// Sends `stats [group]` and returns its `STAT` lines in order.
-fn ask(addr: &str, group: Option<&str>) -> anyhow::Result<Vec<(String, String)>> {
-    let target = addr
-        .to_socket_addrs()
-        .with_context(|| format!("{addr}: not a HOST:PORT"))?
-        .next()
-        .with_context(|| format!("{addr}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&target, NODE_TIMEOUT)
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    s.set_read_timeout(Some(NODE_TIMEOUT))?;
-    s.set_write_timeout(Some(NODE_TIMEOUT))?;
-    let line = match group {
-        Some(g) => format!("stats {g}\r\n"),
-        None => "stats\r\n".to_string(),
-    };
-    s.write_all(line.as_bytes())
-        .with_context(|| format!("{addr}: cannot send"))?;
-    let mut reply = Vec::with_capacity(8192);
-    let mut buf = [0u8; 16 * 1024];
-    while !(reply.ends_with(b"END\r\n") || reply.ends_with(b"ERROR\r\n")) {
-        let n = s
-            .read(&mut buf)
-            .with_context(|| format!("{addr}: no complete reply"))?;
-        if n == 0 {
-            bail!("{addr} closed the connection mid-reply");
-        }
-        reply.extend_from_slice(&buf[..n]);
-        if reply.len() > REPLY_BYTES_MAX {
-            bail!("{addr}: reply past {REPLY_BYTES_MAX} bytes");
-        }
+/// The `stats` groups `webvac stats` asks for: those that only read
+/// (`stats reset` and `stats detail on` change the node).
+const READ_ONLY_GROUPS: [&str; 7] = [
+    "settings",
+    "items",
+    "slabs",
+    "sizes",
+    "conns",
+    "cluster",
+    "partitions",
+];
+
+/// A connection to a node's memcached port.
+struct NodeConn {
+    addr: String,
+    stream: TcpStream,
+}
+
+impl NodeConn {
+    fn open(addr: &str) -> anyhow::Result<NodeConn> {
+        let target = addr
+            .to_socket_addrs()
+            .with_context(|| format!("{addr}: not a HOST:PORT"))?
+            .next()
+            .with_context(|| format!("{addr}: no address"))?;
+        let stream = TcpStream::connect_timeout(&target, NODE_TIMEOUT)
+            .with_context(|| format!("cannot connect to {addr}"))?;
+        stream.set_read_timeout(Some(NODE_TIMEOUT))?;
+        stream.set_write_timeout(Some(NODE_TIMEOUT))?;
+        Ok(NodeConn {
+            addr: addr.to_string(),
+            stream,
+        })
     }
-    let text = String::from_utf8_lossy(&reply);
-    if !text.ends_with("END\r\n") {
+
+    /// Sends `stats [group]` and returns its `STAT` lines in order; any
+    /// other answer (`ERROR`, `CLIENT_ERROR …`) is an error naming it.
+    fn stats(&mut self, group: Option<&str>) -> anyhow::Result<Vec<(String, String)>> {
+        let addr = self.addr.clone();
+        let line = match group {
+            Some(g) => format!("stats {g}\r\n"),
+            None => "stats\r\n".to_string(),
+        };
+        self.stream
+            .write_all(line.as_bytes())
+            .with_context(|| format!("{addr}: cannot send"))?;
+        let mut reply = Vec::with_capacity(8192);
+        let mut buf = [0u8; 16 * 1024];
+        // A `STAT` list ends with `END`; anything else is one line.
+        let complete = |r: &[u8]| {
+            if r.starts_with(b"STAT ") {
+                r.ends_with(b"\r\nEND\r\n")
+            } else {
+                r == b"END\r\n" || (!b"STAT ".starts_with(r) && r.ends_with(b"\r\n"))
+            }
+        };
+        while !complete(&reply) {
+            let n = match self.stream.read(&mut buf) {
+                Ok(n) => n,
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    bail!("{addr}: no complete reply within {NODE_TIMEOUT:?}")
+                }
+                Err(e) => bail!("{addr}: no complete reply: {e}"),
+            };
+            if n == 0 {
+                bail!("{addr} closed the connection mid-reply");
+            }
+            reply.extend_from_slice(&buf[..n]);
+            if reply.len() > REPLY_BYTES_MAX {
+                bail!("{addr}: reply past {REPLY_BYTES_MAX} bytes");
+            }
+        }
+        let text = String::from_utf8_lossy(&reply);
+        if !text.ends_with("END\r\n") {
+            bail!(
+                "{addr} answered `{}` to `{}`",
+                text.trim_end(),
+                line.trim_end()
+            );
+        }
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix("STAT "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
+    }
+}
+
+/// `stats [group]` of the node at `addr`.
+fn ask(addr: &str, group: Option<&str>) -> anyhow::Result<Vec<(String, String)>> {
+    NodeConn::open(addr)?.stats(group)
+}
+
+/// `STAT` lines, in order.
+type StatLines = Vec<(String, String)>;
+
+/// `stats group` of member `m`, on a connection that first checks, with
+/// `stats cluster`, that the node answering is that member (a wrong or
+/// shared address would otherwise report one node's figures as another's).
+/// Returns the member's `stats cluster` too.
+fn ask_member(
+    m: &Member,
+    via: &str,
+    group: Option<&str>,
+) -> anyhow::Result<(StatLines, StatLines)> {
+    let addr = reach(m, via);
+    let mut conn = NodeConn::open(&addr)?;
+    let cluster = conn.stats(Some("cluster"))?;
+    let id = cluster
+        .iter()
+        .find(|(k, _)| k == "node_id")
+        .map(|(_, v)| v.as_str());
+    if id != Some(m.id.to_string().as_str()) {
         bail!(
-            "{addr} answered `{}` to `{}`",
-            text.trim_end(),
-            line.trim_end()
+            "{addr} answers as node {}, not as member {}",
+            id.unwrap_or("(none)"),
+            m.id
         );
     }
-    Ok(text
-        .lines()
-        .filter_map(|l| l.strip_prefix("STAT "))
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect())
+    let lines = match group {
+        Some("cluster") => cluster.clone(),
+        g => conn.stats(g)?,
+    };
+    Ok((cluster, lines))
 }
 
 fn stats(node: &NodeArgs, group: Option<&str>) -> anyhow::Result<()> {
+    if let Some(g) = group.filter(|g| !READ_ONLY_GROUPS.contains(g)) {
+        bail!(
+            "webvac stats {g}: only the groups that read ({}) are asked for",
+            READ_ONLY_GROUPS.join(", ")
+        );
+    }
     let lines = ask(&node.node, group)?;
     if node.json {
         let map: serde_json::Map<String, Value> = lines
             .into_iter()
             .map(|(k, v)| {
-                let value = v.parse::<u64>().map_or(Value::String(v), Value::from);
+                let value = match (v.parse::<u64>(), v.parse::<f64>()) {
+                    (Ok(n), _) => Value::from(n),
+                    (_, Ok(x)) if x.is_finite() && v.contains('.') => Value::from(x),
+                    _ => Value::String(v),
+                };
                 (k, value)
             })
             .collect();
@@ -188,6 +278,10 @@ struct ClusterView {
 fn cluster_view(addr: &str) -> anyhow::Result<ClusterView> {
     let lines = ask(addr, Some("cluster"))
         .with_context(|| format!("{addr}: `stats cluster` (is it a cluster member?)"))?;
+    read_view(addr, lines)
+}
+
+fn read_view(addr: &str, lines: Vec<(String, String)>) -> anyhow::Result<ClusterView> {
     let mut counters = BTreeMap::new();
     let mut members = Vec::new();
     for (k, v) in lines {
@@ -230,16 +324,20 @@ fn cluster_view(addr: &str) -> anyhow::Result<ClusterView> {
     })
 }
 
-/// Where to reach a member's memcached port: its `client=` address, with a
-/// wildcard host (`0.0.0.0`, `[::]`) replaced by the host of `--node`.
+/// Where to reach a member's memcached port: its `client=` address; a
+/// wildcard host there (`0.0.0.0`, `[::]`) is replaced by the host of its
+/// `peer=` address, or failing that by the host of `--node`. (Whoever
+/// answers is checked: see [`ask_member`].)
 fn reach(member: &Member, via: &str) -> String {
+    let wildcard = |h: &str| matches!(h, "0.0.0.0" | "[::]" | "::" | "");
     let host_of = |a: &str| a.rsplit_once(':').map(|(h, _)| h.to_string());
     match member.client.rsplit_once(':') {
-        Some(("0.0.0.0" | "[::]", port)) => {
-            format!(
-                "{}:{port}",
-                host_of(via).unwrap_or_else(|| "127.0.0.1".into())
-            )
+        Some((host, port)) if wildcard(host) => {
+            let host = host_of(&member.peer)
+                .filter(|h| !wildcard(h))
+                .or_else(|| host_of(via))
+                .unwrap_or_else(|| "127.0.0.1".into());
+            format!("{host}:{port}")
         }
         _ => member.client.clone(),
     }
@@ -261,8 +359,8 @@ fn digests(view: &ClusterView, via: &str) -> Digests {
     let mut by_partition: BTreeMap<u64, Vec<Replica>> = BTreeMap::new();
     let mut missing = Vec::new();
     for m in &view.members {
-        match ask(&reach(m, via), Some("partitions")) {
-            Ok(lines) => {
+        match ask_member(m, via, Some("partitions")) {
+            Ok((_, lines)) => {
                 for (k, v) in lines {
                     let Some(p) = k.strip_prefix("partition:").and_then(|p| p.parse().ok()) else {
                         continue;
@@ -482,7 +580,8 @@ fn repair(node: &NodeArgs) -> anyhow::Result<()> {
         let v = if m.id == view.node_id {
             Ok(view.clone())
         } else {
-            cluster_view(&reach(m, &node.node))
+            ask_member(m, &node.node, Some("cluster"))
+                .and_then(|(lines, _)| read_view(&reach(m, &node.node), lines))
         };
         match v {
             Ok(v) => {

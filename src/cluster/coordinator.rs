@@ -2137,7 +2137,10 @@ impl Cluster {
                 "{state} client={} peer={} primary_partitions={primary} replica_partitions={replica}",
                 m.client, m.peer
             );
-            if let Some(rtt) = self.peers.get(&m.id).and_then(PeerHandle::rtt) {
+            // A round trip is reported only while the peer is up: the last
+            // one measured says nothing about a peer that is down.
+            let up = |p: &&PeerHandle| matches!(p.state(), PeerState::Up);
+            if let Some(rtt) = self.peers.get(&m.id).filter(up).and_then(PeerHandle::rtt) {
                 line.push_str(&format!(" rtt_us={}", rtt.as_micros()));
             }
             // Anti-entropy with this peer, if this node runs it (the lower

@@ -45,9 +45,24 @@ impl Format {
     /// The format an `Accept` header asks for: OpenMetrics if it names it
     /// (Prometheus itself lists it first), else the classic text format.
     pub fn from_accept(accept: Option<&str>) -> Format {
-        match accept {
-            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
-            _ => Format::Prometheus,
+        let wants_openmetrics = accept.is_some_and(|a| {
+            a.split(',').any(|range| {
+                let mut parts = range.split(';').map(str::trim);
+                let media = parts.next().unwrap_or("");
+                // `q=0` means "not this one" (RFC 9110, 12.4.2).
+                let refused = parts.any(|p| {
+                    p.split_once('=').is_some_and(|(k, v)| {
+                        k.trim().eq_ignore_ascii_case("q")
+                            && v.trim().parse::<f64>().is_ok_and(|q| q <= 0.0)
+                    })
+                });
+                media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+            })
+        });
+        if wants_openmetrics {
+            Format::OpenMetrics
+        } else {
+            Format::Prometheus
         }
     }
 
@@ -154,6 +169,11 @@ const GENERAL_GAUGES: &[(&str, &str, &str)] = &[
         "curr_items",
         "memcached_current_items",
         "Current number of items stored by this instance.",
+    ),
+    (
+        "accepting_conns",
+        "memcached_accepting_connections",
+        "The Memcached server is currently accepting new connections.",
     ),
     // webvac's own.
     (
@@ -755,6 +775,15 @@ mod tests {
         assert_eq!(
             Format::from_accept(Some(prometheus_default)),
             Format::OpenMetrics
+        );
+        assert_eq!(
+            Format::from_accept(Some("Application/OpenMetrics-Text; version=1.0.0")),
+            Format::OpenMetrics
+        );
+        assert_eq!(
+            Format::from_accept(Some("application/openmetrics-text;q=0, text/plain")),
+            Format::Prometheus,
+            "q=0 refuses it"
         );
         let text = scrape().render(Format::OpenMetrics);
         assert!(text.ends_with("# EOF\n"), "{text}");

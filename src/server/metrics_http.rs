@@ -5,8 +5,10 @@
 //! other: at most [`METRICS_CONNECTIONS_MAX`] connections at once (more are
 //! closed at once), a header must arrive within
 //! [`METRICS_HEADER_TIMEOUT_MS`], a connection lives at most
-//! [`METRICS_CONNECTION_LIFETIME_MS`], and hyper's read buffer is held to
-//! [`METRICS_READ_BUFFER_BYTES`]. Nothing it receives reaches the store.
+//! [`METRICS_CONNECTION_LIFETIME_MS`], hyper's read buffer is held to
+//! [`METRICS_READ_BUFFER_BYTES`], and scrapes are rendered at most
+//! [`METRICS_SCRAPES_PER_SEC`] a second (`429` past that). Nothing it
+//! receives reaches the store.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue};
+use hyper::header::{ACCEPT, ALLOW, CONTENT_TYPE, HeaderValue, RETRY_AFTER};
 use hyper::{Method, Request as HttpRequest, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -26,7 +28,7 @@ use super::latency::Command;
 use super::metrics::{Format, Scrape, StatLines};
 use crate::limits::{
     METRICS_CONNECTION_LIFETIME_MS, METRICS_CONNECTIONS_MAX, METRICS_HEADER_TIMEOUT_MS,
-    METRICS_READ_BUFFER_BYTES,
+    METRICS_READ_BUFFER_BYTES, METRICS_SCRAPES_BURST, METRICS_SCRAPES_PER_SEC,
 };
 use crate::protocol::Request;
 use crate::protocol::stats::StatsCmd;
@@ -64,6 +66,40 @@ pub async fn scrape(shared: &Shared) -> Scrape {
     }
 }
 
+/// A token bucket over scrapes: [`METRICS_SCRAPES_PER_SEC`], bursts of
+/// [`METRICS_SCRAPES_BURST`].
+#[derive(Debug)]
+struct ScrapeBudget {
+    /// Tokens left, and when they were counted.
+    state: parking_lot::Mutex<(f64, std::time::Instant)>,
+}
+
+impl ScrapeBudget {
+    fn new() -> ScrapeBudget {
+        ScrapeBudget {
+            state: parking_lot::Mutex::new((
+                f64::from(METRICS_SCRAPES_BURST),
+                std::time::Instant::now(),
+            )),
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&self) -> bool {
+        let mut state = self.state.lock();
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(state.1).as_secs_f64() * f64::from(METRICS_SCRAPES_PER_SEC);
+        state.0 = (state.0 + refill).min(f64::from(METRICS_SCRAPES_BURST));
+        state.1 = now;
+        if state.0 >= 1.0 {
+            state.0 -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -74,6 +110,7 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 
 async fn answer(
     shared: Arc<Shared>,
+    budget: Arc<ScrapeBudget>,
     request: HttpRequest<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     const TEXT: &str = "text/plain; charset=utf-8";
@@ -88,6 +125,16 @@ async fn answer(
         return Ok(r);
     }
     Ok(match request.uri().path() {
+        "/metrics" if !budget.take() => {
+            let mut r = reply(
+                StatusCode::TOO_MANY_REQUESTS,
+                TEXT,
+                format!("at most {METRICS_SCRAPES_PER_SEC} scrapes a second\n"),
+            );
+            r.headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+            r
+        }
         "/metrics" => {
             let accept = request.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
             let format = Format::from_accept(accept);
@@ -102,6 +149,7 @@ async fn answer(
 /// Serves the endpoint until the task is dropped.
 pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
     let slots = Arc::new(Semaphore::new(METRICS_CONNECTIONS_MAX));
+    let budget = Arc::new(ScrapeBudget::new());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -115,10 +163,11 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>) {
             debug!(peer = %peer, "metrics connection refused: too many open");
             continue; // dropped: closed at once
         };
-        let shared = shared.clone();
+        let (shared, budget) = (shared.clone(), budget.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let service = hyper::service::service_fn(move |r| answer(shared.clone(), r));
+            let service =
+                hyper::service::service_fn(move |r| answer(shared.clone(), budget.clone(), r));
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
