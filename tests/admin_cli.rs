@@ -273,3 +273,50 @@ fn cluster_repair_shows_anti_entropy_mending_a_stale_replica() {
 fn libc_sigpipe() -> i32 {
     13
 }
+
+/// The operator commands reach a node that speaks only TLS (`-Z`) and
+/// requires authentication (`-Y`): `--tls --tls-ca` and `--auth`; a node
+/// they cannot trust, or a wrong password, fails with the reason.
+#[test]
+fn stats_over_tls_with_authentication() {
+    let files = common::tls::Files::new("admin-cli");
+    let users = files.dir.join("users");
+    common::tls::write(&users, "ops:secret\n");
+    let mut args = files.server_args("");
+    args.push("-Y".into());
+    args.push(users.display().to_string());
+    let server = Server::start(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let node = server.addr().to_string();
+    let ca = files.path("ca.pem");
+    let tls = ["--tls", "--tls-ca", ca.as_str()];
+    let mut ok_args = vec!["stats", "--node", node.as_str()];
+    ok_args.extend(tls);
+    ok_args.extend(["--auth", "ops:secret"]);
+    let doc = json(&ok_args);
+    assert_eq!(doc["version"], "1.6.18", "{doc}");
+    assert!(n(&doc, "/auth_cmds") >= 1, "{doc}");
+
+    let mut wrong = vec!["stats", "--node", node.as_str()];
+    wrong.extend(tls);
+    wrong.extend(["--auth", "ops:wrong"]);
+    let (ok, err) = webvac(&wrong);
+    assert!(!ok && err.contains("authentication refused"), "{err}");
+
+    let other = common::tls::Ca::new("untrusted");
+    common::tls::write(&files.dir.join("other.pem"), &other.pem);
+    let other_ca = files.path("other.pem");
+    let (ok, err) = webvac(&[
+        "stats",
+        "--node",
+        &node,
+        "--tls",
+        "--tls-ca",
+        &other_ca,
+        "--auth",
+        "ops:secret",
+    ]);
+    assert!(!ok && err.contains("TLS handshake"), "{err}");
+
+    let (ok, err) = webvac(&["stats", "--node", &node, "--auth", "ops:secret"]);
+    assert!(!ok, "plaintext to a TLS port: {err}");
+}

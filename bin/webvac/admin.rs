@@ -73,7 +73,63 @@ struct NodeArgs {
     /// JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Speak TLS to every node (started with -Z); needs --tls-ca.
+    #[arg(long, requires = "tls_ca")]
+    tls: bool,
+    /// The CA the nodes' certificates chain to (PEM).
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// The name every node's certificate must carry; default: the host
+    /// each node is reached at (its IP address, or its name).
+    #[arg(long, value_name = "NAME")]
+    tls_name: Option<String>,
+    /// Authenticate to nodes started with -Y.
+    #[arg(long, value_name = "USER:PASSWORD")]
+    auth: Option<String>,
 }
+
+/// How every connection of one command is opened.
+struct Security {
+    tls: Option<(std::sync::Arc<rustls::ClientConfig>, Option<String>)>,
+    /// The `set` that authenticates, whole.
+    auth: Option<Vec<u8>>,
+}
+
+/// Set once, from the command's flags, before any node is asked.
+static SECURITY: std::sync::OnceLock<Security> = std::sync::OnceLock::new();
+
+impl NodeArgs {
+    fn security(&self) -> anyhow::Result<Security> {
+        let tls = match (&self.tls_ca, self.tls) {
+            (Some(ca), true) => {
+                let options = webvac::client::tls::TlsOptions {
+                    ca_cert: Some(ca.clone()),
+                    client_cert: None,
+                };
+                let config = webvac::client::tls::client_config(&options)
+                    .map_err(|e| anyhow::anyhow!("--tls: {e}"))?;
+                Some((config, self.tls_name.clone()))
+            }
+            (Some(_), false) => bail!("--tls-ca needs --tls"),
+            _ => None,
+        };
+        let auth = match &self.auth {
+            Some(a) => {
+                let Some((user, password)) = a.split_once(':') else {
+                    bail!("--auth: expected USER:PASSWORD");
+                };
+                let value = format!("{user} {password}");
+                Some(format!("set auth 0 0 {}\r\n{value}\r\n", value.len()).into_bytes())
+            }
+            None => None,
+        };
+        Ok(Security { tls, auth })
+    }
+}
+
+/// A connection's byte stream: TCP, or TLS over it.
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
 
 /// Runs `webvac stats …` or `webvac cluster …`.
 pub fn main(argv: &[String]) -> anyhow::Result<()> {
@@ -84,6 +140,14 @@ pub fn main(argv: &[String]) -> anyhow::Result<()> {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let admin = Admin::parse_from(argv);
+    let node = match &admin.command {
+        Top::Stats { node, .. } => node,
+        Top::Cluster { command } => match command {
+            ClusterCmd::Status(node) | ClusterCmd::Repair(node) => node,
+            ClusterCmd::Partitions { node, .. } => node,
+        },
+    };
+    let _ = SECURITY.set(node.security()?);
     match admin.command {
         Top::Stats { node, group } => stats(&node, group.as_deref()),
         Top::Cluster { command } => match command {
@@ -109,7 +173,7 @@ const READ_ONLY_GROUPS: [&str; 7] = [
 /// A connection to a node's memcached port.
 struct NodeConn {
     addr: String,
-    stream: TcpStream,
+    stream: Box<dyn Stream>,
 }
 
 impl NodeConn {
@@ -119,10 +183,57 @@ impl NodeConn {
             .with_context(|| format!("{addr}: not a HOST:PORT"))?
             .next()
             .with_context(|| format!("{addr}: no address"))?;
-        let stream = TcpStream::connect_timeout(&target, NODE_TIMEOUT)
+        let tcp = TcpStream::connect_timeout(&target, NODE_TIMEOUT)
             .with_context(|| format!("cannot connect to {addr}"))?;
-        stream.set_read_timeout(Some(NODE_TIMEOUT))?;
-        stream.set_write_timeout(Some(NODE_TIMEOUT))?;
+        tcp.set_read_timeout(Some(NODE_TIMEOUT))?;
+        tcp.set_write_timeout(Some(NODE_TIMEOUT))?;
+        let security = SECURITY.get();
+        let mut stream: Box<dyn Stream> = match security.and_then(|s| s.tls.as_ref()) {
+            Some((config, name)) => {
+                let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+                let name = name
+                    .clone()
+                    .unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
+                let server_name = rustls::pki_types::ServerName::try_from(name.clone())
+                    .with_context(|| format!("{name}: not a TLS server name"))?;
+                let tls = rustls::ClientConnection::new(config.clone(), server_name)
+                    .with_context(|| format!("{addr}: TLS"))?;
+                let mut stream = rustls::StreamOwned::new(tls, tcp);
+                // Complete the handshake now, so a bad certificate is
+                // reported as such rather than as a failed read.
+                while stream.conn.is_handshaking() {
+                    stream
+                        .conn
+                        .complete_io(&mut stream.sock)
+                        .with_context(|| format!("TLS handshake with {addr}"))?;
+                }
+                Box::new(stream)
+            }
+            None => Box::new(tcp),
+        };
+        if let Some(request) = security.and_then(|s| s.auth.as_ref()) {
+            stream
+                .write_all(request)
+                .with_context(|| format!("{addr}: cannot send"))?;
+            let mut reply = Vec::new();
+            let mut byte = [0u8; 1];
+            while !reply.ends_with(b"\r\n") && reply.len() < 256 {
+                if stream
+                    .read(&mut byte)
+                    .with_context(|| format!("{addr}: no answer to the authentication"))?
+                    == 0
+                {
+                    break;
+                }
+                reply.push(byte[0]);
+            }
+            if reply != b"STORED\r\n" {
+                bail!(
+                    "{addr}: authentication refused: {}",
+                    String::from_utf8_lossy(&reply).trim_end()
+                );
+            }
+        }
         Ok(NodeConn {
             addr: addr.to_string(),
             stream,
