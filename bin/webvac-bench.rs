@@ -229,7 +229,7 @@ impl Load {
         let auth = match &self.auth {
             Some(a) => {
                 let (user, password) = a.split_once(':').context("--auth takes USER:PASSWORD")?;
-                Some(format!("{user} {password}"))
+                Some(webvac::client::auth_request(user, password))
             }
             None => None,
         };

@@ -59,8 +59,8 @@ pub struct Security {
         tokio_rustls::TlsConnector,
         rustls::pki_types::ServerName<'static>,
     )>,
-    /// `user password`, sent as the value of a `set`.
-    pub auth: Option<String>,
+    /// The `set` that authenticates (`webvac::client::auth_request`).
+    pub auth: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Security {
@@ -92,12 +92,11 @@ async fn open(addr: SocketAddr, security: &Security) -> anyhow::Result<Conn> {
         )),
         None => Conn::Plain(tcp),
     };
-    if let Some(auth) = &security.auth {
-        let request = format!("set auth 0 0 {}\r\n{auth}\r\n", auth.len());
+    if let Some(request) = &security.auth {
         let mut reply = [0u8; 8];
         match &mut conn {
-            Conn::Plain(s) => authenticate(s, request.as_bytes(), &mut reply).await?,
-            Conn::Tls(s) => authenticate(s, request.as_bytes(), &mut reply).await?,
+            Conn::Plain(s) => authenticate(s, request, &mut reply).await?,
+            Conn::Tls(s) => authenticate(s, request, &mut reply).await?,
         }
     }
     Ok(conn)

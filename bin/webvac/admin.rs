@@ -118,8 +118,7 @@ impl NodeArgs {
                 let Some((user, password)) = a.split_once(':') else {
                     bail!("--auth: expected USER:PASSWORD");
                 };
-                let value = format!("{user} {password}");
-                Some(format!("set auth 0 0 {}\r\n{value}\r\n", value.len()).into_bytes())
+                Some(webvac::client::auth_request(user, password))
             }
             None => None,
         };

@@ -239,12 +239,19 @@ impl Security {
     pub fn of(config: &super::ClientConfig) -> Security {
         Security {
             tls: config.tls.clone(),
-            auth: config.auth.as_ref().map(|(user, password)| {
-                let value = format!("{user} {password}");
-                format!("set auth 0 0 {}\r\n{value}\r\n", value.len()).into_bytes()
-            }),
+            auth: config
+                .auth
+                .as_ref()
+                .map(|(user, password)| auth_request(user, password)),
         }
     }
+}
+
+/// memcached's ASCII authentication (`-Y`): a `set` whose value is
+/// `user password`, whole.
+pub fn auth_request(user: &str, password: &str) -> Vec<u8> {
+    let value = format!("{user} {password}");
+    format!("set auth 0 0 {}\r\n{value}\r\n", value.len()).into_bytes()
 }
 
 /// Sends the authentication and expects `STORED`.

@@ -82,6 +82,7 @@ pub use config::{
     Options, POOL_SIZE_DEFAULT, REFRESH_AFTER_FAILURE_MIN, REQUEST_ID_BYTES_MAX,
     validate_request_id,
 };
+pub use connection::auth_request;
 pub use error::{ClientError, Result};
 pub(crate) use routing::Topology;
 pub use routing::{MemberInfo, ServerKind, webvac_version};

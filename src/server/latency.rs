@@ -13,7 +13,6 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::time::Duration;
 
 use crate::protocol::Request;
 use crate::protocol::meta::MetaRequest;
@@ -237,8 +236,10 @@ impl CommandLatency {
         self.record_ns(started.command, ns);
     }
 
-    /// Counts one request of `command` that took `took`.
-    pub fn record(&self, command: Command, took: Duration) {
+    /// Counts one request of `command` that took `took` (tests: requests
+    /// are timed with [`CommandLatency::start`] and [`CommandLatency::finish`]).
+    #[cfg(test)]
+    pub fn record(&self, command: Command, took: std::time::Duration) {
         self.record_ns(command, u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
     }
 
@@ -284,6 +285,7 @@ impl CommandLatency {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn a_request_lands_in_the_first_bucket_that_holds_it() {

@@ -447,6 +447,23 @@ fn counter(
     metric.encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)
 }
 
+/// A labelled gauge: one sample per `(labels, value)`.
+fn gauge_family<'a, V>(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, V)>,
+) -> fmt::Result
+where
+    V: prometheus_client::encoding::EncodeGaugeValue + Clone + fmt::Debug + Send + Sync,
+{
+    let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(value).encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// One member line of `stats cluster`:
 /// `<state> client=… peer=… primary_partitions=N replica_partitions=N [rtt_us=N]`.
 struct Member<'a> {
@@ -482,15 +499,12 @@ impl Collector for Scrape {
             1u64,
         )?;
         if let Some(version) = g.get("version") {
-            let m = e.encode_descriptor(
+            gauge_family(
+                e,
                 "memcached_version",
                 "The version of this memcached server.",
-                None,
-                MetricType::Gauge,
-            );
-            let mut m = m?;
-            let labels = [("version", version)];
-            ConstGauge::new(1u64).encode(m.encode_family(&labels)?)?;
+                [(vec![("version", version)], 1u64)],
+            )?;
         }
         for (field, name, help) in GENERAL_GAUGES {
             if let Some(v) = g.u64(field) {
@@ -528,14 +542,12 @@ impl Collector for Scrape {
         }
         self.encode_commands(e)?;
         if let Some(version) = g.get("webvac_version") {
-            let mut m = e.encode_descriptor(
+            gauge_family(
+                e,
                 "webvac_build_info",
                 "The webvac version this node runs.",
-                None,
-                MetricType::Gauge,
+                [(vec![("version", version)], 1u64)],
             )?;
-            let labels = [("version", version)];
-            ConstGauge::new(1u64).encode(m.encode_family(&labels)?)?;
         }
         self.encode_latency(e)?;
         if let Some(c) = &self.cluster {
@@ -614,56 +626,39 @@ fn encode_cluster(e: &mut DescriptorEncoder<'_>, c: &StatLines) -> fmt::Result {
         }
     }
     let members = members(c);
-    {
-        let mut m = e.encode_descriptor(
-            "webvac_cluster_member_up",
-            "1 if this node reaches the member (or is it), 0 if it is connecting or down.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for member in &members {
-            let up = u64::from(member.state == "up" || member.state == "self");
-            let labels = [("member", member.id)];
-            ConstGauge::new(up).encode(m.encode_family(&labels)?)?;
-        }
-    }
-    {
-        let mut m = e.encode_descriptor(
-            "webvac_cluster_member_partitions",
-            "Partitions each member holds, as primary or as another replica.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for member in &members {
-            for (role, field) in [
+    let field = |m: &Member<'_>, f: &str| m.fields.get(f).and_then(|v| v.parse::<u64>().ok());
+    gauge_family(
+        e,
+        "webvac_cluster_member_up",
+        "1 if this node reaches the member (or is it), 0 if it is connecting or down.",
+        members.iter().map(|m| {
+            let up = u64::from(m.state == "up" || m.state == "self");
+            (vec![("member", m.id)], up)
+        }),
+    )?;
+    gauge_family(
+        e,
+        "webvac_cluster_member_partitions",
+        "Partitions each member holds, as primary or as another replica.",
+        members.iter().flat_map(|m| {
+            [
                 ("primary", "primary_partitions"),
                 ("replica", "replica_partitions"),
-            ] {
-                if let Some(v) = member.fields.get(field).and_then(|v| v.parse::<u64>().ok()) {
-                    let labels = [("member", member.id), ("role", role)];
-                    ConstGauge::new(v).encode(m.encode_family(&labels)?)?;
-                }
-            }
-        }
-    }
-    {
-        let mut m = e.encode_descriptor(
-            "webvac_peer_rtt_seconds",
-            "Last heartbeat round trip to each peer.",
-            None,
-            MetricType::Gauge,
-        )?;
-        for member in &members {
-            if let Some(us) = member
-                .fields
-                .get("rtt_us")
-                .and_then(|v| v.parse::<u64>().ok())
-            {
-                let labels = [("peer", member.id)];
-                ConstGauge::new(us as f64 / 1e6).encode(m.encode_family(&labels)?)?;
-            }
-        }
-    }
+            ]
+            .into_iter()
+            .filter_map(move |(role, f)| {
+                Some((vec![("member", m.id), ("role", role)], field(m, f)?))
+            })
+        }),
+    )?;
+    gauge_family(
+        e,
+        "webvac_peer_rtt_seconds",
+        "Last heartbeat round trip to each peer.",
+        members
+            .iter()
+            .filter_map(|m| Some((vec![("peer", m.id)], field(m, "rtt_us")? as f64 / 1e6))),
+    )?;
     for (field, name) in [
         ("sloppy_quorum", "webvac_cluster_sloppy_quorum"),
         ("anti_entropy", "webvac_cluster_anti_entropy_enabled"),

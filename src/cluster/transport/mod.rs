@@ -1261,9 +1261,10 @@ where
     let config = &shared.config;
     let mut tick = tokio::time::interval(config.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut outstanding: Option<(u64, Instant)> = None;
     loop {
         tick.tick().await;
+        // The last ping sent, which the reader also times its pong against.
+        let outstanding = *pong.sent.lock();
         if let Some((id, sent_at)) = outstanding {
             let answered = pong.answered.load(Relaxed) == id;
             if !answered && sent_at.elapsed() >= config.call_timeout {
@@ -1274,19 +1275,15 @@ where
             }
         }
         let id = shared.next_id.fetch_add(1, Relaxed);
+        *pong.sent.lock() = Some((id, Instant::now()));
         if shared.stats.drops(shared.remote) {
-            // Partitioned: the ping is lost and will go unanswered.
-            outstanding = Some((id, Instant::now()));
-            continue;
+            continue; // partitioned: the ping is lost and will go unanswered
         }
         let ping = encode_control(&ToServer::<Req>::Ping { id }, config.frame_bytes_max);
-        let now = Instant::now();
-        *pong.sent.lock() = Some((id, now));
-        match control.try_send(ping) {
-            Ok(()) => outstanding = Some((id, now)),
+        if control.try_send(ping).is_err() {
             // The previous ping was answered, so it left the queue: only the
             // writer being gone can make this fail.
-            Err(_) => return LinkError::Closed,
+            return LinkError::Closed;
         }
     }
 }
