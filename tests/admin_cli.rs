@@ -241,6 +241,10 @@ fn cluster_repair_shows_anti_entropy_mending_a_stale_replica() {
         let pairs = r["pairs"].as_array().unwrap();
         pairs.len() == 3 && pairs.iter().all(|p| n(p, "/exchanges") > 0)
     });
+    let r = json(&["cluster", "repair", "--node", &node]);
+    for m in r["members"].as_array().unwrap() {
+        assert_eq!(n(m, "/errors"), 0, "no member was down yet: {r}");
+    }
     cluster.kill(ids[2]);
     cluster.restart(ids[2]);
     wait_for("anti-entropy refills the empty replica", || {
@@ -258,7 +262,9 @@ fn cluster_repair_shows_anti_entropy_mending_a_stale_replica() {
     assert!(moved >= 200, "keys moved to the empty replica: {r}");
     for m in r["members"].as_array().unwrap() {
         assert_eq!(m["anti_entropy"], true, "{r}");
-        assert_eq!(n(m, "/errors"), 0, "{r}");
+        // A round that was talking to the member as it was killed counts
+        // an error; the count is reported, whatever it is.
+        assert!(m["errors"].is_u64(), "{r}");
     }
     for p in r["pairs"].as_array().unwrap() {
         assert!(p["last_compared_ms_ago"].is_u64(), "{r}");
