@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use futures_util::future::join_all;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -28,12 +29,13 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::anti_entropy;
 use super::hints::{HintLimits, HintStore};
+use super::layout::{Layout, Topology};
 use super::message::{PeerRequest, PeerResponse};
 use super::quorum::{Decision, Quorum};
-use super::ring::{NodeId, Ring};
+use super::ring::NodeId;
 use super::transport::{CallError, Peer, PeerState, TransportStats};
 use crate::budget::{InflightBudget, Reservation};
-use crate::config::{ClusterConfig, MemberConfig};
+use crate::config::ClusterConfig;
 use crate::protocol::get::{Get, compose_end, compose_value};
 use crate::protocol::meta::{MetaRequest, hints};
 use crate::protocol::stats::put_stat;
@@ -219,16 +221,15 @@ pub struct ClusterStats {
 /// One node's view of the cluster and its request path.
 pub struct Cluster {
     me: NodeId,
-    ring: Ring,
-    members: Vec<MemberConfig>,
-    /// Every member but this node.
-    peers: BTreeMap<NodeId, PeerHandle>,
-    read_quorum: usize,
-    write_quorum: usize,
+    /// The partition count, fixed for the life of the cluster.
+    partitions: u32,
+    /// The layout and the handles of its members, as one snapshot: a
+    /// request loads it once and keeps it to its end.
+    view: ArcSwap<Topology>,
+    /// Held while a snapshot is installed: the epoch check and the store
+    /// are one step.
+    installing: Mutex<()>,
     hop_timeout: Duration,
-    /// Every member in ring order per partition: past the first N are the
-    /// nodes that hold hints for unreachable replicas.
-    full_ring: Ring,
     /// Hints this node holds for unreachable replicas.
     hints: Arc<Mutex<HintStore>>,
     /// Whether a hint counts toward W.
@@ -237,8 +238,6 @@ pub struct Cluster {
     anti_entropy: Option<anti_entropy::Settings>,
     /// Request-path, refill and anti-entropy counters (`stats cluster`).
     pub stats: ClusterStats,
-    /// Anti-entropy per peer this node runs it with.
-    pub ae_pairs: BTreeMap<NodeId, PairRepair>,
     /// Counters of the connections to and from peers, shared with them.
     pub transport: Arc<TransportStats>,
     /// A read-modify-write holds its key's lock from its catch-up to its
@@ -253,6 +252,11 @@ fn server_error(out: &mut Vec<u8>, silent: bool, why: &str) {
         out.extend_from_slice(b"SERVER_ERROR ");
         put_line(out, why.as_bytes());
     }
+}
+
+/// Whether `me` is a replica of `key` (on its preference list) in `layout`.
+fn holds(layout: &Layout, me: NodeId, key: &[u8]) -> bool {
+    layout.ring.preference_list_for_key(key).contains(&me)
 }
 
 /// What a request asks of the cluster.
@@ -645,9 +649,8 @@ impl Cluster {
         peers: BTreeMap<NodeId, PeerHandle>,
         transport: Arc<TransportStats>,
     ) -> Self {
-        let ids: Vec<NodeId> = config.members.iter().map(|m| m.id).collect();
-        let ring = Ring::new(&ids, config.partitions, config.replicas_effective());
-        let full_ring = Ring::new(&ids, config.partitions, ids.len());
+        let layout = Arc::new(Layout::of(config));
+        let view = Topology::new(layout, config.node_id, peers, BTreeMap::new());
         let hints = HintStore::new(HintLimits {
             per_target_max: config.hints_per_target_max,
             bytes_max: config
@@ -656,24 +659,16 @@ impl Cluster {
                 .saturating_mul(1024 * 1024),
             window_ms: config.hint_window_secs.saturating_mul(1000),
         });
-        let ae_pairs = peers
-            .keys()
-            .map(|&id| (id, PairRepair::default()))
-            .collect();
         Self {
-            full_ring,
+            view: ArcSwap::from_pointee(view),
+            installing: Mutex::new(()),
             hints: Arc::new(Mutex::new(hints)),
             sloppy_quorum: config.sloppy_quorum,
             anti_entropy: anti_entropy::Settings::of(config),
             me: config.node_id,
-            ring,
-            members: config.members.clone(),
-            peers,
-            read_quorum: config.read_quorum_effective(),
-            write_quorum: config.write_quorum_effective(),
+            partitions: config.partitions,
             hop_timeout: Duration::from_millis(config.request_timeout_ms),
             stats: ClusterStats::default(),
-            ae_pairs,
             transport,
             rmw_locks: (0..RMW_LOCKS)
                 .map(|_| tokio::sync::Mutex::new(()))
@@ -683,34 +678,114 @@ impl Cluster {
 
     /// Stops every peer connection.
     pub fn shutdown(&self) {
-        for p in self.peers.values() {
+        for (_, p) in self.view.load().peers() {
             p.shutdown();
         }
     }
 
+    /// The current snapshot of the layout and its peers. A request takes
+    /// one and keeps it to its end, so it never mixes two layouts.
+    pub fn view(&self) -> Arc<Topology> {
+        self.view.load_full()
+    }
+
+    /// Publishes `next` as the current snapshot and shuts down the handles
+    /// of members it no longer has. Requests under way keep the snapshot
+    /// they started with.
+    ///
+    /// # Panics
+    /// If `next` has an older epoch than the current snapshot, or the same
+    /// epoch with another layout: a node never goes back.
+    pub fn install(&self, next: Topology) {
+        let next = Arc::new(next);
+        let _one_at_a_time = self.installing.lock();
+        let previous = self.view.load_full();
+        assert!(
+            next.layout.epoch > previous.layout.epoch || next.layout == previous.layout,
+            "layout epoch {} replaced by epoch {}",
+            previous.layout.epoch,
+            next.layout.epoch
+        );
+        self.view.store(next.clone());
+        // A member that moved to another address got a new handle.
+        for (id, p) in previous.peers() {
+            if next.peer(id).is_none_or(|n| !n.same_as(p)) {
+                p.shutdown();
+            }
+        }
+    }
+
+    /// Publishes `layout`, keeping the handle of each member that stays at
+    /// the same peer address (its connection and counters go on) and
+    /// making one with `spawn` for each other member.
+    ///
+    /// # Panics
+    /// As [`Cluster::install`]; and if `layout` does not name this node.
+    pub fn install_layout(
+        &self,
+        layout: Layout,
+        mut spawn: impl FnMut(&crate::config::MemberConfig) -> PeerHandle,
+    ) {
+        assert!(
+            layout.is_member(self.me),
+            "layout epoch {} without node {}",
+            layout.epoch,
+            self.me
+        );
+        let current = self.view();
+        let unchanged = |id: NodeId, peer: &str| {
+            current
+                .layout
+                .members
+                .iter()
+                .any(|m| m.id == id && m.peer == peer)
+        };
+        let peers = layout
+            .members
+            .iter()
+            .filter(|m| m.id != self.me)
+            .map(|m| {
+                let handle = match current.peer(m.id) {
+                    Some(h) if unchanged(m.id, &m.peer) => h.clone(),
+                    _ => spawn(m),
+                };
+                (m.id, handle)
+            })
+            .collect();
+        let next = Topology::new(Arc::new(layout), self.me, peers, current.ae_pairs());
+        self.install(next);
+    }
+
     /// Whether this node is a replica of `key` (on its preference list).
     pub fn holds(&self, key: &[u8]) -> bool {
-        self.ring.preference_list_for_key(key).contains(&self.me)
+        holds(&self.view.load().layout, self.me, key)
     }
 
     /// Whether the request needs the cluster; if not, the connection runs it
     /// on the fast single-node path.
     pub fn is_local(&self, request: &Request<'_>) -> bool {
-        match plan(request) {
-            Plan::Local => true,
+        let plan = plan(request);
+        if matches!(plan, Plan::Local) {
+            return true;
+        }
+        let view = self.view.load();
+        let layout = &*view.layout;
+        match plan {
             // get/gets at R=1 on a node that holds every key: the
             // single-node path, which also streams a long reply.
-            Plan::Read { get } => self.read_quorum == 1 && get.keys().all(|k| self.holds(k)),
+            Plan::Read { get } => {
+                layout.read_quorum == 1 && get.keys().all(|k| holds(layout, self.me, k))
+            }
             // A meta get at R = 1 (the cluster's, or its own `Pr1`) of a key
             // this node holds: answered from memory, as `read_meta` would.
             Plan::MetaRead { key } => {
                 let Ok(hints) = hints::parse(meta_tokens(request)) else {
                     return false; // the coordinator answers the error
                 };
-                let n = self.ring.replicas();
-                let r = hints.read_quorum.map_or(self.read_quorum, usize::from);
-                let w = hints.write_quorum.map_or(self.write_quorum, usize::from);
-                r == 1 && w <= n && self.holds(key)
+                let n = layout.ring.replicas();
+                let r = hints.read_quorum.map_or(layout.read_quorum, usize::from);
+                let w = hints.write_quorum.map_or(layout.write_quorum, usize::from);
+                r == 1 && w <= n && holds(layout, self.me, key)
             }
             _ => false,
         }
@@ -729,9 +804,15 @@ impl Cluster {
             Ok(h) => h,
             Err(e) => return put_line(out, e.as_bytes()),
         };
-        let n = self.ring.replicas();
-        let r = hints.read_quorum.map_or(self.read_quorum, usize::from);
-        let w = hints.write_quorum.map_or(self.write_quorum, usize::from);
+        let view = self.view();
+        let view = &*view;
+        let n = view.layout.ring.replicas();
+        let r = hints
+            .read_quorum
+            .map_or(view.layout.read_quorum, usize::from);
+        let w = hints
+            .write_quorum
+            .map_or(view.layout.write_quorum, usize::from);
         if r > n || w > n {
             return put_line(
                 out,
@@ -740,11 +821,11 @@ impl Cluster {
         }
         match plan(request) {
             Plan::Local => local.execute(raw, out),
-            Plan::Read { get } => self.read_keys(local, get, r, out).await,
-            Plan::TouchRead { get } => self.touch_keys(local, get, w, out).await,
-            Plan::MetaRead { key } => self.read_meta(local, key, raw, r, out).await,
+            Plan::Read { get } => self.read_keys(view, local, get, r, out).await,
+            Plan::TouchRead { get } => self.touch_keys(view, local, get, w, out).await,
+            Plan::MetaRead { key } => self.read_meta(view, local, key, raw, r, out).await,
             Plan::Write { key, silent } => {
-                if self.write(local, key, raw, w, silent, out).await {
+                if self.write(view, local, key, raw, w, silent, out).await {
                     count_forwarded(local.store(), key, request);
                 }
             }
@@ -756,7 +837,8 @@ impl Cluster {
                 delete.extend_from_slice(crate::protocol::meta::base64::encode(key).as_bytes());
                 delete.extend_from_slice(b" b q\r\n");
                 let mut reply = Vec::new();
-                self.write(local, key, &delete, w, true, &mut reply).await;
+                self.write(view, local, key, &delete, w, true, &mut reply)
+                    .await;
                 // `NF`: there was nothing to drop.
                 if !reply.is_empty() && reply != b"NF\r\n" {
                     crate::warn_limited!(reply = %String::from_utf8_lossy(&reply).trim_end(), "dropping the old value of a refused store failed");
@@ -772,19 +854,24 @@ impl Cluster {
                 }
             }
             Plan::FlushAll { delay_secs, silent } => {
-                self.flush_all(local, delay_secs, silent, out).await
+                self.flush_all(view, local, delay_secs, silent, out).await
             }
-            Plan::ClusterStats => self.compose_stats(local, out),
-            Plan::PartitionDigests => self.compose_partition_digests(local.store(), out).await,
-            Plan::ListKeys { token, count } => self.list_keys(local, token, count, out).await,
+            Plan::ClusterStats => self.compose_stats(view, local, out),
+            Plan::PartitionDigests => {
+                self.compose_partition_digests(view, local.store(), out)
+                    .await
+            }
+            Plan::ListKeys { token, count } => self.list_keys(view, local, token, count, out).await,
         }
     }
 
     /// Sends a write to the key's primary: this node, or the first peer of
     /// the preference list that is not known to be down. Returns whether it
     /// went to another node.
+    #[allow(clippy::too_many_arguments)] // the request's snapshot, then its own arguments
     async fn write(
         &self,
+        view: &Topology,
         local: &dyn Local,
         key: &[u8],
         raw: &[u8],
@@ -792,14 +879,14 @@ impl Cluster {
         silent: bool,
         out: &mut Vec<u8>,
     ) -> bool {
-        let pref = self.ring.preference_list_for_key(key);
+        let pref = view.layout.ring.preference_list_for_key(key);
         let mut skipped = Vec::new();
         for &node in pref {
             if node == self.me {
-                self.execute_as_primary(local, raw, w, out).await;
+                self.execute_as_primary(view, local, raw, w, out).await;
                 return false;
             }
-            let peer = &self.peers[&node];
+            let peer = &view.handle(node);
             if let PeerState::Down { reason } = peer.state() {
                 skipped.push(format!("node {node}: {reason}"));
                 continue;
@@ -863,6 +950,7 @@ impl Cluster {
     /// stale, execute, then replicate the key's new state to W replicas.
     pub async fn execute_as_primary(
         &self,
+        view: &Topology,
         local: &dyn Local,
         raw: &[u8],
         w: usize,
@@ -884,7 +972,7 @@ impl Cluster {
         };
         self.stats.primary_writes.fetch_add(1, Relaxed);
         let store = local.store();
-        let pref = self.ring.preference_list_for_key(key);
+        let pref = view.layout.ring.preference_list_for_key(key);
         let others: Vec<NodeId> = pref.iter().copied().filter(|&n| n != self.me).collect();
         // Catch up first where this node's copy may be stale: a failed-over
         // primary may have missed writes and its clock may be behind their
@@ -926,7 +1014,7 @@ impl Cluster {
             // or cut off while a failover primary took writes, and a
             // read-modify-write on a stale base would lose them for good.
             let needed = (pref.len() - w).max(1).min(others.len());
-            let answered = self.catch_up(store, key, &others).await;
+            let answered = self.catch_up(view, store, key, &others).await;
             // W = 1 and a sloppy quorum promise no such intersection (an
             // acknowledged write may sit on one node, or on a hint holder):
             // there the preferred primary with its own copy goes on with
@@ -1017,7 +1105,7 @@ impl Cluster {
             let condition = rmw.then_some((base, abandoned.as_slice()));
             let now_ms = store.clock().now_ms();
             let quorum = self
-                .replicate(key, state, &others, needed, now_ms, condition)
+                .replicate(view, key, state, &others, needed, now_ms, condition)
                 .await;
             let overrun = in_flight.as_ref().is_some_and(|a| a.overrun());
             drop(in_flight);
@@ -1045,7 +1133,7 @@ impl Cluster {
                 Err(NotReplicated::Quorum(why)) => {
                     self.stats.write_quorum_failures.fetch_add(1, Relaxed);
                     out.truncate(start);
-                    self.restore(store, key, &others, &abandoned).await;
+                    self.restore(view, store, key, &others, &abandoned).await;
                     return server_error(out, silent, &format!("write quorum not met: {why}"));
                 }
                 Err(NotReplicated::Newer(newer)) => newer,
@@ -1082,7 +1170,7 @@ impl Cluster {
             };
             if store.apply_if(key, &newer, Fill::Evict, adopt) == Applied::TooFarAhead {
                 self.stats.versions_refused.fetch_add(1, Relaxed);
-                self.restore(store, key, &others, &abandoned).await;
+                self.restore(view, store, key, &others, &abandoned).await;
                 return server_error(
                     out,
                     silent,
@@ -1096,7 +1184,7 @@ impl Cluster {
             );
         }
         self.stats.write_quorum_failures.fetch_add(1, Relaxed);
-        self.restore(store, key, &others, &abandoned).await;
+        self.restore(view, store, key, &others, &abandoned).await;
         server_error(
             out,
             silent,
@@ -1113,7 +1201,14 @@ impl Cluster {
     /// version, to the replicas that hold an abandoned attempt or that
     /// state; replicas holding anything else keep it. Best effort, in the
     /// background.
-    async fn restore(&self, store: &Store, key: &[u8], others: &[NodeId], abandoned: &[u64]) {
+    async fn restore(
+        &self,
+        view: &Topology,
+        store: &Store,
+        key: &[u8],
+        others: &[NodeId],
+        abandoned: &[u64],
+    ) {
         if abandoned.is_empty() {
             return;
         }
@@ -1128,17 +1223,31 @@ impl Cluster {
         self.stats.write_restores.fetch_add(1, Relaxed);
         let now_ms = store.clock().now_ms();
         let _ = self
-            .replicate(key, restamped, others, 0, now_ms, Some((base, abandoned)))
+            .replicate(
+                view,
+                key,
+                restamped,
+                others,
+                0,
+                now_ms,
+                Some((base, abandoned)),
+            )
             .await;
     }
 
     /// Before a read-modify-write on a primary that may be stale: take the
     /// newest state any other replica holds.
     /// Returns how many replicas answered.
-    async fn catch_up(&self, store: &Store, key: &[u8], others: &[NodeId]) -> usize {
+    async fn catch_up(
+        &self,
+        view: &Topology,
+        store: &Store,
+        key: &[u8],
+        others: &[NodeId],
+    ) -> usize {
         self.stats.catch_up_reads.fetch_add(1, Relaxed);
         let calls = others.iter().map(|n| {
-            let peer = self.peers[n].clone();
+            let peer = view.handle(*n).clone();
             let req = PeerRequest::Fetch { key: key.to_vec() };
             let timeout = self.hop_timeout;
             async move { peer.call_timeout(req, timeout).await }
@@ -1163,8 +1272,10 @@ impl Cluster {
     /// `condition`: the state is a read-modify-write's result, computed on
     /// the key at this version, and replaces these abandoned attempts
     /// ([`PeerRequest::ApplyIf`]); `None`: highest version wins.
+    #[allow(clippy::too_many_arguments)] // the request's snapshot, then its own arguments
     async fn replicate(
         &self,
+        view: &Topology,
         key: &[u8],
         state: KeyState,
         others: &[NodeId],
@@ -1176,10 +1287,10 @@ impl Cluster {
         let conditional = condition.is_some();
         let (base, replaces) = condition.map_or((0, Vec::new()), |(b, r)| (b, r.to_vec()));
         let (tx, mut rx) = mpsc::channel(others.len());
-        let holder = self.hint_holder(key);
+        let holder = self.hint_holder(view, key);
         for &node in others {
-            let peer = self.peers[&node].clone();
-            let holder_peer = (holder != self.me).then(|| self.peers[&holder].clone());
+            let peer = view.handle(node).clone();
+            let holder_peer = (holder != self.me).then(|| view.handle(holder).clone());
             let hints = self.hints.clone();
             let key = key.to_vec();
             let state = state.clone();
@@ -1286,9 +1397,9 @@ impl Cluster {
         // write, but a newer state held anywhere does.
         let deadline = tokio::time::Instant::now() + self.hop_timeout;
         let waiting = |answered: &[NodeId]| {
-            others.iter().any(|n| {
-                !answered.contains(n) && !matches!(self.peers[n].state(), PeerState::Down { .. })
-            })
+            others
+                .iter()
+                .any(|n| !answered.contains(n) && !view.is_down(self.me, *n))
         };
         while waiting(&answered) {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -1309,12 +1420,12 @@ impl Cluster {
     /// Who holds hints for `key`'s replicas: the first member past its
     /// preference list on the ring that is not known to be down, else this
     /// node (a cluster of N members has no one past the list).
-    fn hint_holder(&self, key: &[u8]) -> NodeId {
-        let all = self.full_ring.preference_list_for_key(key);
-        all[self.ring.replicas()..]
+    fn hint_holder(&self, view: &Topology, key: &[u8]) -> NodeId {
+        let all = view.layout.full_ring.preference_list_for_key(key);
+        all[view.layout.ring.replicas()..]
             .iter()
             .copied()
-            .find(|n| *n == self.me || !matches!(self.peers[n].state(), PeerState::Down { .. }))
+            .find(|n| *n == self.me || !view.is_down(self.me, *n))
             .unwrap_or(self.me)
     }
 
@@ -1330,8 +1441,9 @@ impl Cluster {
                 hints.expire(clock.now_ms());
                 hints.targets()
             };
+            let view = self.view();
             for target in targets {
-                let Some(peer) = self.peers.get(&target) else {
+                let Some(peer) = view.peer(target) else {
                     continue;
                 };
                 if peer.state() != PeerState::Up {
@@ -1393,7 +1505,8 @@ impl Cluster {
     /// serves. Bounded: pages of at most 1,024 items or about 1 MiB, a
     /// bounded wait for peers, a bounded number of retries per page.
     pub async fn refill(self: Arc<Self>, local: Arc<dyn Local>) {
-        for (&node, peer) in &self.peers {
+        let view = self.view();
+        for (node, peer) in view.peers() {
             // Wait (bounded) for the peer to come up.
             for _ in 0..REFILL_WAIT_FOR_PEER_POLLS {
                 if peer.state() == PeerState::Up {
@@ -1452,12 +1565,12 @@ impl Cluster {
     /// Replicas of `key` to read from, best first, skipping `asked`: this
     /// node, then peers not known to be down (in preference order), then
     /// the rest (they fail fast).
-    fn read_order(&self, key: &[u8], asked: &[NodeId]) -> Vec<NodeId> {
-        let pref = self.ring.preference_list_for_key(key);
+    fn read_order(&self, view: &Topology, key: &[u8], asked: &[NodeId]) -> Vec<NodeId> {
+        let pref = view.layout.ring.preference_list_for_key(key);
         let rank = |n: &NodeId| {
             if *n == self.me {
                 0
-            } else if matches!(self.peers[n].state(), PeerState::Down { .. }) {
+            } else if view.is_down(self.me, *n) {
                 2
             } else {
                 1
@@ -1473,7 +1586,14 @@ impl Cluster {
     }
 
     /// get / gets: every key from R replicas, newest version wins.
-    async fn read_keys(&self, local: &dyn Local, get: &Get<'_>, r: usize, out: &mut Vec<u8>) {
+    async fn read_keys(
+        &self,
+        view: &Topology,
+        local: &dyn Local,
+        get: &Get<'_>,
+        r: usize,
+        out: &mut Vec<u8>,
+    ) {
         // Each distinct key is read once; memcached answers every
         // occurrence, and so does the reply below, from that one read.
         let (keys, occurrences) = distinct_keys(get);
@@ -1486,11 +1606,11 @@ impl Cluster {
         // Ask exactly as many replicas as are still missing, this node
         // first, then peers not known to be down in preference order; a
         // replica that fails or times out is replaced in the next round.
-        for _round in 0..self.ring.replicas() {
+        for _round in 0..view.layout.ring.replicas() {
             let mut asks: BTreeMap<NodeId, Vec<usize>> = BTreeMap::new();
             for (i, key) in keys.iter().enumerate() {
                 let need = r.saturating_sub(answers[i].len());
-                for node in self.read_order(key, &asked[i]).into_iter().take(need) {
+                for node in self.read_order(view, key, &asked[i]).into_iter().take(need) {
                     asked[i].push(node);
                     asks.entry(node).or_default().push(i);
                 }
@@ -1524,7 +1644,7 @@ impl Cluster {
             }
             self.stats.quorum_reads.fetch_add(1, Relaxed);
             let calls = asks.into_iter().map(|(node, idx)| {
-                let peer = self.peers[&node].clone();
+                let peer = view.handle(node).clone();
                 let timeout = self.hop_timeout;
                 let with_cas = get.with_cas;
                 let keys = &keys;
@@ -1659,7 +1779,7 @@ impl Cluster {
         join_all(
             repairs
                 .iter()
-                .map(|(key, source, stale)| self.read_repair(store, key, *source, stale)),
+                .map(|(key, source, stale)| self.read_repair(view, store, key, *source, stale)),
         )
         .await;
     }
@@ -1668,12 +1788,20 @@ impl Cluster {
     /// nothing) get the newest state. Taking it from `source` is one hop
     /// when that is another node; the copies to stale peers go on in the
     /// background and the read does not wait for them.
-    async fn read_repair(&self, store: &Store, key: &[u8], source: NodeId, stale: &[NodeId]) {
+    async fn read_repair(
+        &self,
+        view: &Topology,
+        store: &Store,
+        key: &[u8],
+        source: NodeId,
+        stale: &[NodeId],
+    ) {
         let state = if source == self.me {
             store.replica_state(key)
         } else {
             let req = PeerRequest::Fetch { key: key.to_vec() };
-            match self.peers[&source]
+            match view
+                .handle(source)
                 .call_timeout(req, self.hop_timeout)
                 .await
             {
@@ -1690,7 +1818,7 @@ impl Cluster {
                 store.apply(key, &state);
                 continue;
             }
-            let peer = self.peers[&node].clone();
+            let peer = view.handle(node).clone();
             let req = PeerRequest::Apply {
                 key: key.to_vec(),
                 state: state.clone(),
@@ -1706,7 +1834,14 @@ impl Cluster {
 
     /// gat / gats: the touch is a write, so each key goes to its primary;
     /// up to [`TOUCH_KEYS_IN_FLIGHT`] keys at a time.
-    async fn touch_keys(&self, local: &dyn Local, get: &Get<'_>, w: usize, out: &mut Vec<u8>) {
+    async fn touch_keys(
+        &self,
+        view: &Topology,
+        local: &dyn Local,
+        get: &Get<'_>,
+        w: usize,
+        out: &mut Vec<u8>,
+    ) {
         let verb: &[u8] = if get.with_cas { b"gats" } else { b"gat" };
         let exptime = get.touch.unwrap_or(0);
         // Each distinct key is touched once, and every occurrence answered
@@ -1724,7 +1859,9 @@ impl Cluster {
                 command.extend_from_slice(key);
                 command.extend_from_slice(b"\r\n");
                 let mut reply = Vec::new();
-                let forwarded = self.write(local, key, &command, w, false, &mut reply).await;
+                let forwarded = self
+                    .write(view, local, key, &command, w, false, &mut reply)
+                    .await;
                 (key, forwarded, reply)
             });
             for (key, forwarded, reply) in join_all(calls).await {
@@ -1769,22 +1906,23 @@ impl Cluster {
     /// A meta get that changes nothing: run on R replicas, newest wins.
     async fn read_meta(
         &self,
+        view: &Topology,
         local: &dyn Local,
         key: &[u8],
         raw: &[u8],
         r: usize,
         out: &mut Vec<u8>,
     ) {
-        let pref = self.ring.preference_list_for_key(key);
+        let pref = view.layout.ring.preference_list_for_key(key);
         if r == 1 && pref.contains(&self.me) {
             return local.execute(raw, out);
         }
         let mut replies: Vec<(NodeId, u64, Vec<u8>)> = Vec::new();
         let mut asked: Vec<NodeId> = Vec::new();
-        for _round in 0..self.ring.replicas() {
+        for _round in 0..view.layout.ring.replicas() {
             let need = r.saturating_sub(replies.len());
             let nodes: Vec<NodeId> = self
-                .read_order(key, &asked)
+                .read_order(view, key, &asked)
                 .into_iter()
                 .take(need)
                 .collect();
@@ -1807,7 +1945,7 @@ impl Cluster {
             }
             self.stats.quorum_reads.fetch_add(1, Relaxed);
             let calls = remote.into_iter().map(|node| {
-                let peer = self.peers[&node].clone();
+                let peer = view.handle(node).clone();
                 let req = PeerRequest::ReadMeta {
                     command: raw.to_vec(),
                     key: key.to_vec(),
@@ -1842,7 +1980,8 @@ impl Cluster {
                 .map(|(n, _, _)| *n)
                 .collect();
             if !stale.is_empty() {
-                self.read_repair(local.store(), key, source, &stale).await;
+                self.read_repair(view, local.store(), key, source, &stale)
+                    .await;
             }
         }
         if let Some((_, _, reply)) = newest(replies, rank) {
@@ -1851,7 +1990,14 @@ impl Cluster {
     }
 
     /// flush_all on every member. OK only if every member acknowledged.
-    async fn flush_all(&self, local: &dyn Local, delay_secs: i64, silent: bool, out: &mut Vec<u8>) {
+    async fn flush_all(
+        &self,
+        view: &Topology,
+        local: &dyn Local,
+        delay_secs: i64,
+        silent: bool,
+        out: &mut Vec<u8>,
+    ) {
         // Every write stamped in the flush's millisecond falls below the
         // barrier, including one whose copy is still on its way; waiting for
         // the clock to leave that millisecond keeps writes made after the
@@ -1866,7 +2012,7 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
-        let calls = self.peers.iter().map(|(&node, peer)| {
+        let calls = view.peers().map(|(node, peer)| {
             let peer = peer.clone();
             let timeout = self.hop_timeout;
             async move {
@@ -1902,8 +2048,8 @@ impl Cluster {
                 silent,
                 &format!(
                     "flush_all reached {} of {} members; {}",
-                    self.members.len() - failed.len(),
-                    self.members.len(),
+                    view.layout.members.len() - failed.len(),
+                    view.layout.members.len(),
                     failed.join("; ")
                 ),
             );
@@ -1918,14 +2064,16 @@ impl Cluster {
         request: PeerRequest,
     ) -> PeerResponse {
         let bad_key = |k: &[u8]| !valid_key(k);
+        let view = self.view();
+        let view = &*view;
         match request {
             PeerRequest::Execute {
                 command,
                 write_quorum,
             } => {
-                let w = usize::from(write_quorum).clamp(1, self.ring.replicas());
+                let w = usize::from(write_quorum).clamp(1, view.layout.ring.replicas());
                 let mut reply = Vec::new();
-                self.execute_as_primary(local, &command, w, &mut reply)
+                self.execute_as_primary(view, local, &command, w, &mut reply)
                     .await;
                 PeerResponse::Executed { reply }
             }
@@ -1974,19 +2122,22 @@ impl Cluster {
                 self.answer_apply(local.store(), caller, &key, &state, applied)
             }
             PeerRequest::Scan { for_node, cursor } => {
-                if !self.peers.contains_key(&for_node) {
+                if view.peer(for_node).is_none() {
                     return PeerResponse::Refused("unknown node".into());
                 }
                 let (states, next) =
                     local
                         .store()
                         .scan_page(cursor, REFILL_PAGE_ITEMS, REFILL_PAGE_BYTES, |key| {
-                            self.ring.preference_list_for_key(key).contains(&for_node)
+                            view.layout
+                                .ring
+                                .preference_list_for_key(key)
+                                .contains(&for_node)
                         });
                 PeerResponse::Page { states, next }
             }
             PeerRequest::Hint { target, key, state } => {
-                if bad_key(&key) || !self.peers.contains_key(&target) {
+                if bad_key(&key) || view.peer(target).is_none() {
                     return PeerResponse::Refused("invalid hint".into());
                 }
                 let now_ms = local.store().clock().now_ms();
@@ -2078,15 +2229,15 @@ impl Cluster {
     /// version, tombstones included), so an operator or a test can check
     /// that replicas agree. Walks the whole store a lock's worth at a time,
     /// copying nothing, and lets other tasks run between steps.
-    async fn compose_partition_digests(&self, store: &Store, out: &mut Vec<u8>) {
-        let partitions = self.ring.partitions();
+    async fn compose_partition_digests(&self, view: &Topology, store: &Store, out: &mut Vec<u8>) {
+        let partitions = view.layout.ring.partitions();
         let mut digests = vec![(0u64, 0u64); partitions as usize];
         let mut cursor = Some(0);
         while let Some(c) = cursor {
             cursor = store.digest_step(c, partitions, &mut digests);
             tokio::task::yield_now().await;
         }
-        for (p, _) in self.ring.partitions_of(self.me) {
+        for (p, _) in view.layout.ring.partitions_of(self.me) {
             let (keys, digest) = digests[p as usize];
             put_stat(
                 out,
@@ -2099,7 +2250,7 @@ impl Cluster {
 
     /// Every member's id, this node's too.
     pub fn member_ids(&self) -> Vec<NodeId> {
-        self.members.iter().map(|m| m.id).collect()
+        self.view.load().layout.member_ids()
     }
 
     /// How long one hop to a peer may take (`request_timeout_ms`).
@@ -2107,17 +2258,19 @@ impl Cluster {
         self.hop_timeout
     }
 
-    fn compose_stats(&self, local: &dyn Local, out: &mut Vec<u8>) {
+    fn compose_stats(&self, view: &Topology, local: &dyn Local, out: &mut Vec<u8>) {
         put_stat(out, "node_id", self.me);
-        put_stat(out, "partitions", self.ring.partitions());
-        put_stat(out, "replicas", self.ring.replicas());
-        put_stat(out, "read_quorum", self.read_quorum);
-        put_stat(out, "write_quorum", self.write_quorum);
-        for m in &self.members {
+        put_stat(out, "epoch", view.layout.epoch);
+        put_stat(out, "members", view.layout.members.len());
+        put_stat(out, "partitions", view.layout.ring.partitions());
+        put_stat(out, "replicas", view.layout.ring.replicas());
+        put_stat(out, "read_quorum", view.layout.read_quorum);
+        put_stat(out, "write_quorum", view.layout.write_quorum);
+        for m in &view.layout.members {
             let state = if m.id == self.me {
                 "self".to_string()
             } else {
-                match self.peers[&m.id].state() {
+                match view.handle(m.id).state() {
                     PeerState::Up => "up".to_string(),
                     PeerState::Connecting => "connecting".to_string(),
                     PeerState::Down { reason } => {
@@ -2126,7 +2279,7 @@ impl Cluster {
                 }
             };
             let (mut primary, mut replica) = (0usize, 0usize);
-            for (_, pos) in self.ring.partitions_of(m.id) {
+            for (_, pos) in view.layout.ring.partitions_of(m.id) {
                 if pos == 0 {
                     primary += 1;
                 } else {
@@ -2140,12 +2293,12 @@ impl Cluster {
             // A round trip is reported only while the peer is up: the last
             // one measured says nothing about a peer that is down.
             let up = |p: &&PeerHandle| matches!(p.state(), PeerState::Up);
-            if let Some(rtt) = self.peers.get(&m.id).filter(up).and_then(PeerHandle::rtt) {
+            if let Some(rtt) = view.peer(m.id).filter(up).and_then(PeerHandle::rtt) {
                 line.push_str(&format!(" rtt_us={}", rtt.as_micros()));
             }
             // Anti-entropy with this peer, if this node runs it (the lower
             // id of each pair does).
-            if let (Some(pair), Some(_)) = (self.ae_pairs.get(&m.id), self.anti_entropy) {
+            if let (Some(pair), Some(_)) = (view.ae_pair(m.id), self.anti_entropy) {
                 if m.id > self.me {
                     let last = pair.last_ms.load(Relaxed);
                     line.push_str(&format!(
@@ -2422,5 +2575,150 @@ mod tests {
         let best = newest(answers, |&(_, v, hit)| (v, hit)).unwrap();
         assert_eq!(best.0, 3, "highest version, a hit over a miss, earliest");
         assert!(newest(Vec::<(u64, bool)>::new(), |&a| a).is_none());
+    }
+}
+
+/// Installing a layout: one snapshot, handles kept or made, never a member
+/// without a handle.
+#[cfg(test)]
+mod install_tests {
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::cluster::ring::Ring;
+    use crate::cluster::transport::{Identity, PeerKey, TcpConnector, TransportConfig};
+    use crate::config::MemberConfig;
+
+    fn member(id: NodeId) -> MemberConfig {
+        // Port 1 on loopback refuses: these peers never come up.
+        MemberConfig {
+            id,
+            client: format!("127.0.0.1:{}", 20000 + id),
+            peer: "127.0.0.1:1".into(),
+        }
+    }
+
+    fn layout(epoch: u64, ids: &[NodeId]) -> Layout {
+        let mut config = ClusterConfig::new(1, ids.iter().map(|&id| member(id)).collect());
+        config.partitions = 64;
+        config.replicas = 2;
+        Layout {
+            epoch,
+            ..Layout::of(&config)
+        }
+    }
+
+    fn spawner() -> impl FnMut(&MemberConfig) -> PeerHandle {
+        let identity = Identity {
+            node_id: 1,
+            layout: 0,
+            layout_text: String::new(),
+            key: PeerKey::open(),
+        };
+        move |m: &MemberConfig| {
+            Peer::spawn(
+                identity.clone(),
+                m.id,
+                m.peer.clone(),
+                Arc::new(TcpConnector),
+                TransportConfig::default(),
+                Arc::new(TransportStats::default()),
+            )
+        }
+    }
+
+    fn cluster(ids: &[NodeId]) -> Cluster {
+        let mut config = ClusterConfig::new(1, ids.iter().map(|&id| member(id)).collect());
+        config.partitions = 64;
+        config.replicas = 2;
+        let mut spawn = spawner();
+        let peers = config
+            .members
+            .iter()
+            .filter(|m| m.id != 1)
+            .map(|m| (m.id, spawn(m)))
+            .collect();
+        Cluster::new(&config, peers, Arc::new(TransportStats::default()))
+    }
+
+    fn shut_down(p: &PeerHandle) -> bool {
+        matches!(p.state(), PeerState::Down { reason } if reason.contains("shut down"))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_new_layout_keeps_staying_peers_and_shuts_down_removed_ones() {
+        let c = Arc::new(cluster(&[1, 2, 3]));
+        let before = c.view();
+        assert_eq!(before.layout.epoch, 0);
+        let (h2, h3) = (before.handle(2).clone(), before.handle(3).clone());
+
+        // Readers load snapshots the whole time: each must name a handle
+        // for every member but this node, and place keys by its own ring.
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (c, stop) = (c.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut seen = 0u64;
+                    while !stop.load(Relaxed) {
+                        let v = c.view();
+                        for m in &v.layout.members {
+                            assert_eq!(
+                                v.peer(m.id).is_some(),
+                                m.id != 1,
+                                "epoch {}",
+                                v.layout.epoch
+                            );
+                        }
+                        assert_eq!(v.peers().count(), v.layout.members.len() - 1);
+                        seen += 1;
+                    }
+                    seen
+                })
+            })
+            .collect();
+        for epoch in 1..=200u64 {
+            let ids: &[NodeId] = if epoch % 2 == 1 {
+                &[1, 2, 4]
+            } else {
+                &[1, 2, 3, 5]
+            };
+            c.install_layout(layout(epoch, ids), spawner());
+        }
+        stop.store(true, Relaxed);
+        for r in readers {
+            assert!(r.join().expect("no reader panicked") > 0);
+        }
+
+        let after = c.view();
+        assert_eq!(after.layout.epoch, 200);
+        assert_eq!(c.member_ids(), vec![1, 2, 3, 5]);
+        // Member 2 kept its address, so its handle is the same connection;
+        // member 3 left at epoch 1 and its first handle was shut down (the
+        // one it has now is a later one).
+        assert!(after.handle(2).same_as(&h2));
+        assert!(!after.handle(3).same_as(&h3));
+        assert!(!shut_down(&h2));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !shut_down(&h3) {
+            assert!(std::time::Instant::now() < deadline, "{:?}", h3.state());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Keys are placed by the installed ring.
+        let ring = Ring::new(&[1, 2, 3, 5], 64, 2);
+        for i in 0..200 {
+            let key = format!("key{i}");
+            let mine = ring.preference_list_for_key(key.as_bytes()).contains(&1);
+            assert_eq!(c.holds(key.as_bytes()), mine, "{key}");
+        }
+        c.shutdown();
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "layout epoch 3 replaced by epoch 2")]
+    async fn a_node_never_installs_an_older_layout() {
+        let c = cluster(&[1, 2]);
+        c.install_layout(layout(3, &[1, 2, 3]), spawner());
+        c.install_layout(layout(2, &[1, 2]), spawner());
     }
 }

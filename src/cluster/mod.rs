@@ -5,6 +5,7 @@
 pub mod anti_entropy;
 pub mod coordinator;
 pub mod hints;
+pub mod layout;
 pub mod listing;
 pub mod message;
 pub mod quorum;

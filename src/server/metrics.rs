@@ -311,6 +311,16 @@ const GENERAL_COUNTERS: &[(&str, &str, &str)] = &[
 /// `stats cluster` gauges: (field, metric, help).
 const CLUSTER_GAUGES: &[(&str, &str, &str)] = &[
     (
+        "epoch",
+        "webvac_cluster_epoch",
+        "Epoch of the layout this node has installed.",
+    ),
+    (
+        "members",
+        "webvac_cluster_members",
+        "Members in the layout this node has installed.",
+    ),
+    (
         "partitions",
         "webvac_cluster_partitions",
         "Partitions in the cluster (P).",

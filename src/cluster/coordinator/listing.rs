@@ -10,6 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use tracing::debug;
 
 use super::{Cluster, Local};
+use crate::cluster::layout::Topology;
 use crate::cluster::message::{PeerRequest, PeerResponse};
 use crate::cluster::ring::{partition_of_hash, partition_range};
 use crate::cluster::transport::CallError;
@@ -34,6 +35,7 @@ impl Cluster {
     /// `lk <token> <count>`.
     pub(super) async fn list_keys(
         &self,
+        view: &Topology,
         local: &dyn Local,
         token: &[u8],
         count: usize,
@@ -43,14 +45,14 @@ impl Cluster {
         let Some(mut from) = tokens.decode(token) else {
             return put_line(out, list_keys::BAD_TOKEN.as_bytes());
         };
-        let partitions = self.ring.partitions();
+        let partitions = view.layout.ring.partitions();
         let mut keys = Vec::new();
         let mut next = Some(from);
         for _ in 0..LIST_PARTITIONS_PER_CALL_MAX {
             let p = partition_of_hash(from, partitions);
             let (_, to) = partition_range(p, partitions);
             let page = match self
-                .list_partition(local.store(), p, from, to, count - keys.len())
+                .list_partition(view, local.store(), p, from, to, count - keys.len())
                 .await
             {
                 Ok(page) => page,
@@ -85,14 +87,15 @@ impl Cluster {
     /// a replica that is behind (restarted empty, refilling) hides nothing.
     async fn list_partition(
         &self,
+        view: &Topology,
         store: &Store,
         p: u32,
         from: u64,
         to: u64,
         max: usize,
     ) -> Result<KeyPage, String> {
-        let pref = self.ring.preference_list(p);
-        let wanted = self.read_quorum.min(pref.len());
+        let pref = view.layout.ring.preference_list(p);
+        let wanted = view.layout.read_quorum.min(pref.len());
         let mut pages = Vec::with_capacity(wanted);
         if pref.contains(&self.me) {
             pages.push(store.list_keys(from, to, max));
@@ -108,7 +111,7 @@ impl Cluster {
                 to,
                 max: u32::try_from(max).expect("count is bounded"),
             };
-            match self.peers[node].call_timeout(req, self.hop_timeout).await {
+            match view.handle(*node).call_timeout(req, self.hop_timeout).await {
                 Ok(PeerResponse::Keys { keys, next }) => pages.push(KeyPage { keys, next }),
                 Ok(other) => why.push(format!("node {node}: answered {other:?}")),
                 Err(e) => {

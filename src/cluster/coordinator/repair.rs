@@ -126,7 +126,7 @@ impl Cluster {
         if leaves.len() > ANTI_ENTROPY_NODES_PER_MESSAGE_MAX
             || leaves
                 .iter()
-                .any(|(p, l)| *p >= self.ring.partitions() || usize::from(*l) >= LEAVES)
+                .any(|(p, l)| *p >= self.partitions || usize::from(*l) >= LEAVES)
         {
             return PeerResponse::Refused("invalid leaves".into());
         }
@@ -163,7 +163,8 @@ impl Cluster {
         if local.store().trees().is_none() {
             return;
         }
-        let mut schedule = Schedule::new(&self.ring, self.me);
+        let mut view = self.view();
+        let mut schedule = Schedule::new(&view.layout.ring, self.me);
         info!(
             partitions = schedule.len(),
             interval_ms = settings.interval_ms,
@@ -175,11 +176,17 @@ impl Cluster {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            // A new layout moves partitions between pairs: plan again.
+            let now = self.view();
+            if now.layout.epoch != view.layout.epoch {
+                schedule = Schedule::new(&now.layout.ring, self.me);
+            }
+            view = now;
             if schedule.is_empty() {
                 continue;
             }
             for (node, partitions) in schedule.next_round(settings.partitions_per_round) {
-                let Some(peer) = self.peers.get(&node) else {
+                let Some(peer) = view.peer(node) else {
                     continue;
                 };
                 if peer.state() != PeerState::Up {
@@ -199,7 +206,7 @@ impl Cluster {
                 let (outcome, differing, failed) =
                     run.exchange(&partitions, settings.keys_per_round).await;
                 if failed.is_none() {
-                    if let Some(pair) = self.ae_pairs.get(&node) {
+                    if let Some(pair) = view.ae_pair(node) {
                         pair.last_ms.store(clock.now_ms().max(1), Relaxed);
                         pair.exchanges.fetch_add(1, Relaxed);
                         pair.keys_moved
@@ -298,7 +305,7 @@ impl Run<'_> {
 
     /// Counts a key moved (`taken`) or turned away for lack of room.
     fn count_move(&mut self, key: &[u8], taken: bool) {
-        let p = crate::cluster::ring::partition_of(key, self.cluster.ring.partitions());
+        let p = crate::cluster::ring::partition_of(key, self.cluster.partitions);
         let e = self.moved.entry(p).or_default();
         if taken {
             e.0 += 1;

@@ -1063,6 +1063,11 @@ where
         self.owner.shared.remote
     }
 
+    /// Whether `other` is a clone of this handle (the same connection).
+    pub fn same_as(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.owner, &other.owner)
+    }
+
     /// Stops the background task and drops the connection; pending calls fail
     /// with [`CallError::Disconnected`], later ones with [`CallError::Down`].
     pub fn shutdown(&self) {

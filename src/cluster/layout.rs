@@ -1,0 +1,174 @@
+//! The cluster's layout and one node's published view of it.
+//!
+//! A [`Layout`] is what every member must agree on to place a key: the
+//! members, the partition count, N and the default quorums, numbered by an
+//! epoch. A [`Topology`] is one node's snapshot of a layout together with
+//! the peer handles that reach its members, so a lookup of a member's
+//! handle in a snapshot cannot fail: the two are built and published as one
+//! value (see [`Topology::new`]).
+//!
+//! The coordinator publishes its topology through an [`arc_swap::ArcSwap`]:
+//! the request path takes a snapshot with one atomic load (no shared
+//! reference count, no lock), a request keeps the snapshot it started with
+//! to its end, and a new layout is installed with one store. That is the
+//! groundwork of membership changes (issue 19): today the layout comes from
+//! the `--member` flags and its epoch is 0.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::coordinator::PairRepair;
+use super::message::{PeerRequest, PeerResponse};
+use super::ring::{NodeId, Ring};
+use super::transport::{Peer, PeerState};
+use crate::config::{ClusterConfig, MemberConfig};
+
+type PeerHandle = Peer<PeerRequest, PeerResponse>;
+
+/// Members, placement and quorums at one epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// Version of the layout; every change makes a higher one.
+    pub epoch: u64,
+    /// Members, ascending by id.
+    pub members: Vec<MemberConfig>,
+    /// The first N members per partition: its replicas.
+    pub ring: Ring,
+    /// Every member per partition in ring order: past the first N are the
+    /// nodes that hold hints for unreachable replicas.
+    pub full_ring: Ring,
+    /// R when a request names none (at most N).
+    pub read_quorum: usize,
+    /// W when a request names none (at most N).
+    pub write_quorum: usize,
+}
+
+impl Layout {
+    /// The layout of a configuration's member list (the genesis layout,
+    /// epoch 0).
+    pub fn of(config: &ClusterConfig) -> Self {
+        let mut members = config.members.clone();
+        members.sort_by_key(|m| m.id);
+        let ids: Vec<NodeId> = members.iter().map(|m| m.id).collect();
+        Self {
+            epoch: 0,
+            ring: Ring::new(&ids, config.partitions, config.replicas_effective()),
+            full_ring: Ring::new(&ids, config.partitions, ids.len()),
+            members,
+            read_quorum: config.read_quorum_effective(),
+            write_quorum: config.write_quorum_effective(),
+        }
+    }
+
+    /// Member ids, ascending.
+    pub fn member_ids(&self) -> Vec<NodeId> {
+        self.members.iter().map(|m| m.id).collect()
+    }
+
+    /// Whether `id` is a member.
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.members.binary_search_by_key(&id, |m| m.id).is_ok()
+    }
+}
+
+/// One node's snapshot: a layout and a handle for each of its members but
+/// this node.
+#[derive(Debug)]
+pub struct Topology {
+    /// The layout this snapshot is of.
+    pub layout: Arc<Layout>,
+    peers: BTreeMap<NodeId, PeerHandle>,
+    ae_pairs: BTreeMap<NodeId, Arc<PairRepair>>,
+}
+
+impl Topology {
+    /// The snapshot of `layout` as seen by member `me`, with `peers`
+    /// reaching the other members and `ae_pairs` their anti-entropy
+    /// counters (made fresh for a member that has none).
+    ///
+    /// # Panics
+    /// If `peers` is not exactly the members other than `me`: a snapshot
+    /// that named a member without a handle would turn a lookup into a
+    /// crash, and one with a handle for a non-member would send it work.
+    pub fn new(
+        layout: Arc<Layout>,
+        me: NodeId,
+        peers: BTreeMap<NodeId, PeerHandle>,
+        mut ae_pairs: BTreeMap<NodeId, Arc<PairRepair>>,
+    ) -> Self {
+        let others: Vec<NodeId> = layout
+            .members
+            .iter()
+            .map(|m| m.id)
+            .filter(|&id| id != me)
+            .collect();
+        let handles: Vec<NodeId> = peers.keys().copied().collect();
+        assert_eq!(
+            others, handles,
+            "epoch {}: peer handles do not match the members",
+            layout.epoch
+        );
+        ae_pairs.retain(|id, _| peers.contains_key(id));
+        for &id in peers.keys() {
+            ae_pairs.entry(id).or_default();
+        }
+        Self {
+            layout,
+            peers,
+            ae_pairs,
+        }
+    }
+
+    /// The handle reaching member `id`; `None` for this node or a
+    /// non-member.
+    pub fn peer(&self, id: NodeId) -> Option<&PeerHandle> {
+        self.peers.get(&id)
+    }
+
+    /// The handle reaching member `id`, taken from this snapshot's own
+    /// layout (a preference list, the member list).
+    ///
+    /// # Panics
+    /// If `id` is this node or not a member of this snapshot: the caller
+    /// mixed two snapshots.
+    pub fn handle(&self, id: NodeId) -> &PeerHandle {
+        match self.peers.get(&id) {
+            Some(p) => p,
+            None => panic!(
+                "node {id} has no peer handle at layout epoch {}",
+                self.layout.epoch
+            ),
+        }
+    }
+
+    /// Every other member's handle, by id.
+    pub fn peers(&self) -> impl Iterator<Item = (NodeId, &PeerHandle)> {
+        self.peers.iter().map(|(&id, p)| (id, p))
+    }
+
+    /// Whether the transport knows member `id` to be down. A node that is
+    /// not a peer in this snapshot counts as down: nothing can reach it.
+    /// This node is never down.
+    pub fn is_down(&self, me: NodeId, id: NodeId) -> bool {
+        id != me
+            && self
+                .peers
+                .get(&id)
+                .is_none_or(|p| matches!(p.state(), PeerState::Down { .. }))
+    }
+
+    /// Anti-entropy counters of the pair with member `id`.
+    pub fn ae_pair(&self, id: NodeId) -> Option<&PairRepair> {
+        self.ae_pairs.get(&id).map(|p| &**p)
+    }
+
+    /// The anti-entropy counters, to carry over into the next snapshot.
+    pub fn ae_pairs(&self) -> BTreeMap<NodeId, Arc<PairRepair>> {
+        self.ae_pairs.clone()
+    }
+
+    /// The handles, to carry over into the next snapshot.
+    pub fn peer_handles(&self) -> BTreeMap<NodeId, PeerHandle> {
+        self.peers.clone()
+    }
+}
