@@ -530,6 +530,13 @@ impl ClusterConfig {
         if self.members.is_empty() {
             return bad("cluster.members is empty".into());
         }
+        if self.members.len() > crate::cluster::layout::LAYOUT_MEMBERS_MAX {
+            return bad(format!(
+                "cluster.members has {} members; at most {} (every member heartbeats every other)",
+                self.members.len(),
+                crate::cluster::layout::LAYOUT_MEMBERS_MAX
+            ));
+        }
         let mut ids: Vec<u16> = self.members.iter().map(|m| m.id).collect();
         ids.sort_unstable();
         if ids.windows(2).any(|w| w[0] == w[1]) {
@@ -941,6 +948,22 @@ mod tests {
         .expect("parses");
         assert_eq!(parsed.cluster, Some(ClusterConfig::new(1, vec![member])));
         assert!(Config::from_toml_str("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn a_cluster_of_more_than_64_members_is_refused() {
+        let members = |n: u16| -> Vec<MemberConfig> {
+            (1..=n)
+                .map(|id| MemberConfig {
+                    id,
+                    client: format!("127.0.0.1:{}", 20000 + id),
+                    peer: format!("127.0.0.1:{}", 30000 + id),
+                })
+                .collect()
+        };
+        assert!(ClusterConfig::new(1, members(64)).validate().is_ok());
+        let e = ClusterConfig::new(1, members(65)).validate().unwrap_err();
+        assert!(e.to_string().contains("65 members; at most 64"), "{e}");
     }
 
     #[test]

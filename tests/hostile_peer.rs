@@ -66,21 +66,28 @@ struct Proven {
     proof: [u8; 32],
     layout: u64,
     layout_text: String,
+    epoch: u64,
 }
 
 /// The accepting node's verdict (the transport's `HelloReply`).
 #[derive(Deserialize, Debug)]
 #[allow(dead_code)] // read only through Debug
 enum HelloReply {
-    Welcome { node_id: u16 },
+    Welcome { node_id: u16, epoch: u64 },
     Refused { reason: String },
 }
 
 /// Frames after the handshake (the transport's `ToServer`).
 #[derive(Serialize)]
 enum ToServer {
-    Ping { id: u64 },
-    Request { id: u64, body: PeerRequest },
+    Ping {
+        id: u64,
+    },
+    Request {
+        id: u64,
+        epoch: u64,
+        body: PeerRequest,
+    },
 }
 
 fn framed<T: Serialize>(msg: &T) -> Vec<u8> {
@@ -185,6 +192,7 @@ fn dial_raw(
         proof: me.key.prove(Role::Dialler, &transcript),
         layout: me.layout,
         layout_text: me.layout_text.clone(),
+        epoch: 0,
     });
     rest.extend_from_slice(after);
     s.write_all(&rest).ok()?;
@@ -296,6 +304,7 @@ fn peers_that_never_read_their_answers_are_held_to_the_budget() {
     const HOSTILE: usize = 3;
     const REQUESTS: u64 = 1024;
     let read_keys = |id| ToServer::Request {
+        epoch: 0,
         id,
         body: PeerRequest::ReadKeys {
             keys: vec![big1.clone().into_bytes(), big2.clone().into_bytes()],
@@ -703,6 +712,7 @@ fn a_stranger_that_knows_the_layout_but_not_the_secret_can_do_nothing() {
         .enumerate()
         .flat_map(|(id, body)| {
             framed(&ToServer::Request {
+                epoch: 0,
                 id: id as u64,
                 body,
             })
@@ -783,7 +793,7 @@ fn a_members_captured_handshake_replayed_is_refused() {
     let peer = cluster.member(2).peer;
     let (_welcomed, verdict, captured) = dial_raw(&member, peer, &[]).expect("a verdict");
     assert!(
-        matches!(verdict, HelloReply::Welcome { node_id: 2 }),
+        matches!(verdict, HelloReply::Welcome { node_id: 2, .. }),
         "{verdict:?}"
     );
     let mut replay = TcpStream::connect(peer).expect("connect");

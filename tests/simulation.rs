@@ -286,9 +286,12 @@ async fn node(node_id: u16, seed: u64, settings: Settings) -> turmoil::Result {
         &cfg,
         &identity,
         Arc::new(TurmoilConnector),
-        |peer| TransportConfig {
-            jitter_seed: Some(seed ^ u64::from(node_id) << 32 ^ u64::from(peer)),
-            ..cluster::transport_config(&cfg)
+        {
+            let cfg = cfg.clone();
+            move |peer| TransportConfig {
+                jitter_seed: Some(seed ^ u64::from(node_id) << 32 ^ u64::from(peer)),
+                ..cluster::transport_config(&cfg)
+            }
         },
     ));
     let ahead_ms = match settings.clock_ahead {
@@ -304,6 +307,7 @@ async fn node(node_id: u16, seed: u64, settings: Settings) -> turmoil::Result {
     tokio::spawn(serve_peers(peer_listener, identity, shared.clone()));
     let local: Arc<dyn Local> = shared.clone();
     tokio::spawn(cluster_handle(&shared).anti_entropy(local));
+    tokio::spawn(cluster_handle(&shared).follow_layouts());
     loop {
         let (stream, _) = client_listener.accept().await?;
         tokio::spawn(serve_client(stream, shared.clone()));

@@ -33,9 +33,9 @@ use super::layout::{Layout, Topology};
 use super::message::{PeerRequest, PeerResponse};
 use super::quorum::{Decision, Quorum};
 use super::ring::NodeId;
-use super::transport::{CallError, Peer, PeerState, TransportStats};
+use super::transport::{CallError, EpochCell, Peer, PeerState, TransportStats};
 use crate::budget::{InflightBudget, Reservation};
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, MemberConfig};
 use crate::protocol::get::{Get, compose_end, compose_value};
 use crate::protocol::meta::{MetaRequest, hints};
 use crate::protocol::stats::put_stat;
@@ -76,6 +76,13 @@ const REFILL_PAGE_BYTES: usize = 1024 * 1024;
 const REFILL_POLL_MS: u64 = 50;
 const REFILL_WAIT_FOR_PEER_POLLS: usize = 100;
 const REFILL_RETRIES_MAX: usize = 5;
+
+/// Times a write is sent, each under a newer layout than the last, when
+/// its primary refuses it for a newer layout.
+const WRITE_LAYOUT_ATTEMPTS_MAX: usize = 2;
+
+/// The layout follower checks for a newer layout at least this often.
+const LAYOUT_FOLLOW_INTERVAL_MS: u64 = 1000;
 
 /// gat/gats keys touched at once, each at its own primary.
 const TOUCH_KEYS_IN_FLIGHT: usize = 64;
@@ -138,6 +145,9 @@ pub trait Local: Send + Sync + 'static {
 
 /// A connection to one other member, carrying [`PeerRequest`]s.
 pub type PeerHandle = Peer<PeerRequest, PeerResponse>;
+
+/// Makes the handle that reaches a member (see [`Cluster::new`]).
+pub type SpawnPeer = Box<dyn Fn(&MemberConfig) -> PeerHandle + Send + Sync>;
 
 /// One replica's answer for one key: its version and `VALUE` block, or a miss.
 type KeyAnswer = Option<(u64, Vec<u8>)>;
@@ -216,6 +226,11 @@ pub struct ClusterStats {
     pub ae_no_room: AtomicU64,
     /// Exchanges cut short by a failed call.
     pub ae_errors: AtomicU64,
+    /// Requests from a peer behind this node's layout, refused with
+    /// `StaleEpoch`.
+    pub stale_epoch_refused: AtomicU64,
+    /// Layouts fetched from a peer ahead and installed.
+    pub layouts_installed: AtomicU64,
 }
 
 /// One node's view of the cluster and its request path.
@@ -229,6 +244,10 @@ pub struct Cluster {
     /// Held while a snapshot is installed: the epoch check and the store
     /// are one step.
     installing: Mutex<()>,
+    /// Makes the handle that reaches a member of a newly installed layout.
+    spawn_peer: SpawnPeer,
+    /// The installed epoch, as this node's transport reports it.
+    epoch: EpochCell,
     hop_timeout: Duration,
     /// Hints this node holds for unreachable replicas.
     hints: Arc<Mutex<HintStore>>,
@@ -252,6 +271,22 @@ fn server_error(out: &mut Vec<u8>, silent: bool, why: &str) {
         out.extend_from_slice(b"SERVER_ERROR ");
         put_line(out, why.as_bytes());
     }
+}
+
+/// Whether a request's meaning depends on the caller's placement of its
+/// key (which node is primary, which nodes are replicas): those are
+/// refused from a caller behind this node's layout. Repair, listing,
+/// refill and hints are checked against this node's own layout instead.
+fn placed_by_caller(request: &PeerRequest) -> bool {
+    matches!(
+        request,
+        PeerRequest::Execute { .. }
+            | PeerRequest::ReadKeys { .. }
+            | PeerRequest::ReadMeta { .. }
+            | PeerRequest::Fetch { .. }
+            | PeerRequest::Apply { .. }
+            | PeerRequest::ApplyIf { .. }
+    )
 }
 
 /// Whether `me` is a replica of `key` (on its preference list) in `layout`.
@@ -644,13 +679,25 @@ fn read_meta_local(local: &dyn Local, key: &[u8], command: &[u8]) -> Option<(u64
 impl Cluster {
     /// Builds the ring and a peer handle per other member; the peers connect
     /// in the background.
+    ///
+    /// `spawn_peer` makes the handle that reaches a member, for this
+    /// layout's members and every later one's; `epoch` is the cell the
+    /// node's transport reports (set on each install).
     pub fn new(
         config: &ClusterConfig,
-        peers: BTreeMap<NodeId, PeerHandle>,
+        spawn_peer: SpawnPeer,
         transport: Arc<TransportStats>,
+        epoch: EpochCell,
     ) -> Self {
         let layout = Arc::new(Layout::of(config));
+        let peers = layout
+            .members
+            .iter()
+            .filter(|m| m.id != config.node_id)
+            .map(|m| (m.id, spawn_peer(m)))
+            .collect();
         let view = Topology::new(layout, config.node_id, peers, BTreeMap::new());
+        epoch.set(view.layout.epoch);
         let hints = HintStore::new(HintLimits {
             per_target_max: config.hints_per_target_max,
             bytes_max: config
@@ -662,6 +709,8 @@ impl Cluster {
         Self {
             view: ArcSwap::from_pointee(view),
             installing: Mutex::new(()),
+            spawn_peer,
+            epoch,
             hints: Arc::new(Mutex::new(hints)),
             sloppy_quorum: config.sloppy_quorum,
             anti_entropy: anti_entropy::Settings::of(config),
@@ -689,56 +738,42 @@ impl Cluster {
         self.view.load_full()
     }
 
-    /// Publishes `next` as the current snapshot and shuts down the handles
-    /// of members it no longer has. Requests under way keep the snapshot
-    /// they started with.
+    /// Publishes `layout` if it is newer than the installed one, keeping
+    /// the handle of each member that stays at the same peer address (its
+    /// connection and counters go on), making one for each other member,
+    /// and shutting down the handles of members it no longer has. Requests
+    /// under way keep the snapshot they started with. Returns whether it
+    /// was installed: an epoch this node has already passed is ignored, as
+    /// two fetches of one layout may arrive in either order.
     ///
-    /// # Panics
-    /// If `next` has an older epoch than the current snapshot, or the same
-    /// epoch with another layout: a node never goes back.
-    pub fn install(&self, next: Topology) {
-        let next = Arc::new(next);
-        let _one_at_a_time = self.installing.lock();
-        let previous = self.view.load_full();
-        assert!(
-            next.layout.epoch > previous.layout.epoch || next.layout == previous.layout,
-            "layout epoch {} replaced by epoch {}",
-            previous.layout.epoch,
-            next.layout.epoch
-        );
-        self.view.store(next.clone());
-        // A member that moved to another address got a new handle.
-        for (id, p) in previous.peers() {
-            if next.peer(id).is_none_or(|n| !n.same_as(p)) {
-                p.shutdown();
-            }
+    /// # Errors
+    /// If `layout` does not name this node, or has the installed epoch but
+    /// differs from the installed layout (two layouts for one epoch: never
+    /// installed, and worth an operator's look).
+    pub fn install_layout(&self, layout: Layout) -> Result<bool, String> {
+        if !layout.is_member(self.me) {
+            return Err(format!(
+                "layout epoch {} does not name node {}",
+                layout.epoch, self.me
+            ));
         }
-    }
-
-    /// Publishes `layout`, keeping the handle of each member that stays at
-    /// the same peer address (its connection and counters go on) and
-    /// making one with `spawn` for each other member.
-    ///
-    /// # Panics
-    /// As [`Cluster::install`]; and if `layout` does not name this node.
-    pub fn install_layout(
-        &self,
-        layout: Layout,
-        mut spawn: impl FnMut(&crate::config::MemberConfig) -> PeerHandle,
-    ) {
-        assert!(
-            layout.is_member(self.me),
-            "layout epoch {} without node {}",
-            layout.epoch,
-            self.me
-        );
-        let current = self.view();
-        let unchanged = |id: NodeId, peer: &str| {
+        let _one_at_a_time = self.installing.lock();
+        let current = self.view.load_full();
+        if layout.epoch <= current.layout.epoch {
+            if layout.epoch == current.layout.epoch && layout != *current.layout {
+                return Err(format!(
+                    "another layout for installed epoch {}",
+                    layout.epoch
+                ));
+            }
+            return Ok(false);
+        }
+        let unchanged = |m: &MemberConfig| {
             current
                 .layout
                 .members
                 .iter()
-                .any(|m| m.id == id && m.peer == peer)
+                .any(|c| c.id == m.id && c.peer == m.peer)
         };
         let peers = layout
             .members
@@ -746,14 +781,100 @@ impl Cluster {
             .filter(|m| m.id != self.me)
             .map(|m| {
                 let handle = match current.peer(m.id) {
-                    Some(h) if unchanged(m.id, &m.peer) => h.clone(),
-                    _ => spawn(m),
+                    Some(h) if unchanged(m) => h.clone(),
+                    _ => (self.spawn_peer)(m),
                 };
                 (m.id, handle)
             })
             .collect();
         let next = Topology::new(Arc::new(layout), self.me, peers, current.ae_pairs());
-        self.install(next);
+        let epoch = next.layout.epoch;
+        self.view.store(Arc::new(next));
+        self.epoch.set(epoch);
+        let next = self.view.load();
+        for (id, p) in current.peers() {
+            if next.peer(id).is_none_or(|n| !n.same_as(p)) {
+                p.shutdown();
+            }
+        }
+        info!(
+            epoch,
+            from = current.layout.epoch,
+            members = ?next.layout.member_ids(),
+            replicas = next.layout.ring.replicas(),
+            read_quorum = next.layout.read_quorum,
+            write_quorum = next.layout.write_quorum,
+            "layout installed"
+        );
+        Ok(true)
+    }
+
+    /// Follows the cluster's layout, until the node stops: whenever a peer
+    /// reports a newer epoch (in a handshake, a pong, a request or an
+    /// answer), fetches that peer's layout and installs it. Checks at least
+    /// once a second, so a wake-up lost to a failed fetch is retried.
+    pub async fn follow_layouts(self: Arc<Self>) {
+        loop {
+            let _ = tokio::time::timeout(
+                Duration::from_millis(LAYOUT_FOLLOW_INTERVAL_MS),
+                self.transport.newer_epoch_seen.notified(),
+            )
+            .await;
+            let mine = self.view.load().layout.epoch;
+            if let Some((_, node)) = self.transport.newer_epoch(mine) {
+                self.fetch_layout(node).await;
+            }
+        }
+    }
+
+    /// Asks `node` for its layout and installs it if it is newer; bounded
+    /// by one hop. A failure is logged (rate-limited) and left to the next
+    /// try: the node goes on under the layout it has.
+    async fn fetch_layout(&self, node: NodeId) {
+        let view = self.view();
+        let Some(peer) = view.peer(node) else {
+            return;
+        };
+        let layout = match peer
+            .call_timeout(PeerRequest::LayoutGet, self.hop_timeout)
+            .await
+        {
+            Ok(PeerResponse::Layout(desc)) => Layout::from_desc(&desc, self.partitions),
+            Ok(other) => Err(format!("answered {other:?}")),
+            Err(e) => Err(e.to_string()),
+        };
+        match layout.and_then(|l| self.install_layout(l)) {
+            Ok(true) => {
+                self.stats.layouts_installed.fetch_add(1, Relaxed);
+            }
+            Ok(false) => {}
+            Err(why) => {
+                crate::warn_limited!(peer = node, reason = %crate::log_limit::clip(&why), "cannot take a peer's newer layout");
+            }
+        }
+    }
+
+    /// Installs the next epoch of the current layout with default quorums
+    /// `read_quorum` and `write_quorum` (a fault-injection hook for tests:
+    /// the other members follow as they would any newer layout).
+    ///
+    /// # Errors
+    /// If either is outside `1..=N`.
+    pub fn bump_quorums(&self, read_quorum: usize, write_quorum: usize) -> Result<u64, String> {
+        let current = self.view();
+        let n = current.layout.ring.replicas();
+        if !(1..=n).contains(&read_quorum) || !(1..=n).contains(&write_quorum) {
+            return Err(format!("quorums outside 1..={n}"));
+        }
+        let next = Layout {
+            epoch: current.layout.epoch + 1,
+            read_quorum,
+            write_quorum,
+            ..(*current.layout).clone()
+        };
+        let epoch = next.epoch;
+        self.install_layout(next)?;
+        Ok(epoch)
     }
 
     /// Whether this node is a replica of `key` (on its preference list).
@@ -868,6 +989,10 @@ impl Cluster {
     /// Sends a write to the key's primary: this node, or the first peer of
     /// the preference list that is not known to be down. Returns whether it
     /// went to another node.
+    ///
+    /// A primary past this node's layout refuses the command unexecuted;
+    /// this node then takes the newer layout and sends the command once
+    /// more under it.
     #[allow(clippy::too_many_arguments)] // the request's snapshot, then its own arguments
     async fn write(
         &self,
@@ -879,12 +1004,52 @@ impl Cluster {
         silent: bool,
         out: &mut Vec<u8>,
     ) -> bool {
+        let mut newer: Option<Arc<Topology>> = None;
+        for _attempt in 0..WRITE_LAYOUT_ATTEMPTS_MAX {
+            let under = newer.as_deref().unwrap_or(view);
+            match self
+                .write_under(under, local, key, raw, w, silent, out)
+                .await
+            {
+                Ok(forwarded) => return forwarded,
+                Err(node) => {
+                    let epoch = under.layout.epoch;
+                    self.fetch_layout(node).await;
+                    let now = self.view();
+                    if now.layout.epoch <= epoch {
+                        break;
+                    }
+                    newer = Some(now);
+                }
+            }
+        }
+        server_error(
+            out,
+            silent,
+            "the cluster's layout changed while this write was sent; nothing was applied, retry it",
+        );
+        true
+    }
+
+    /// [`Cluster::write`] under one snapshot; `Err(node)`: the primary
+    /// `node` refused it for a newer layout, unexecuted.
+    #[allow(clippy::too_many_arguments)] // the request's snapshot, then its own arguments
+    async fn write_under(
+        &self,
+        view: &Topology,
+        local: &dyn Local,
+        key: &[u8],
+        raw: &[u8],
+        w: usize,
+        silent: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<bool, NodeId> {
         let pref = view.layout.ring.preference_list_for_key(key);
         let mut skipped = Vec::new();
         for &node in pref {
             if node == self.me {
                 self.execute_as_primary(view, local, raw, w, out).await;
-                return false;
+                return Ok(false);
             }
             let peer = &view.handle(node);
             if let PeerState::Down { reason } = peer.state() {
@@ -898,9 +1063,10 @@ impl Cluster {
             };
             // The primary may wait a full hop for its replicas.
             match peer.call_timeout(req, self.hop_timeout * 2).await {
+                Ok(PeerResponse::StaleEpoch { .. }) => return Err(node),
                 Ok(PeerResponse::Executed { reply }) => {
                     out.extend_from_slice(&reply);
-                    return true;
+                    return Ok(true);
                 }
                 Ok(other) => {
                     warn!(node, response = ?other, "primary answered out of turn");
@@ -909,13 +1075,13 @@ impl Cluster {
                         silent,
                         &format!("primary node {node} answered out of turn"),
                     );
-                    return true;
+                    return Ok(true);
                 }
                 Err(e @ CallError::Busy) => {
                     // Alive but overloaded: a second primary for the key
                     // would race it, so answer busy instead.
                     server_error(out, silent, &format!("primary node {node}: {e}"));
-                    return true;
+                    return Ok(true);
                 }
                 Err(e) if !e.maybe_applied() => {
                     // Known not sent: the next replica may act as primary.
@@ -930,7 +1096,7 @@ impl Cluster {
                             "primary node {node}: {e}; the write may or may not have been applied"
                         ),
                     );
-                    return true;
+                    return Ok(true);
                 }
             }
         }
@@ -943,7 +1109,7 @@ impl Cluster {
                 skipped.join("; ")
             ),
         );
-        false
+        Ok(false)
     }
 
     /// Runs a command as the key's primary: catch up if this node may be
@@ -2057,16 +2223,35 @@ impl Cluster {
     }
 
     /// Serves a request from another node.
+    ///
+    /// `caller_epoch` is the layout epoch the request was planned under. A
+    /// caller ahead of this node is asked for its layout first (for at most
+    /// a hop); a request placed by a caller behind is refused with
+    /// [`PeerResponse::StaleEpoch`] and nothing done, so a node that missed
+    /// a layout change cannot collect a quorum from nodes past it.
     pub async fn serve(
         &self,
         local: &dyn Local,
         caller: NodeId,
+        caller_epoch: u64,
         request: PeerRequest,
     ) -> PeerResponse {
         let bad_key = |k: &[u8]| !valid_key(k);
+        if caller_epoch > self.view.load().layout.epoch
+            && !matches!(request, PeerRequest::LayoutGet)
+        {
+            self.fetch_layout(caller).await;
+        }
         let view = self.view();
         let view = &*view;
+        if caller_epoch < view.layout.epoch && placed_by_caller(&request) {
+            self.stats.stale_epoch_refused.fetch_add(1, Relaxed);
+            return PeerResponse::StaleEpoch {
+                epoch: view.layout.epoch,
+            };
+        }
         match request {
+            PeerRequest::LayoutGet => PeerResponse::Layout(view.layout.desc()),
             PeerRequest::Execute {
                 command,
                 write_quorum,
@@ -2360,6 +2545,8 @@ impl Cluster {
             ("anti_entropy_bytes", &s.ae_bytes),
             ("anti_entropy_no_room", &s.ae_no_room),
             ("anti_entropy_errors", &s.ae_errors),
+            ("stale_epoch_refused", &s.stale_epoch_refused),
+            ("layouts_installed", &s.layouts_installed),
         ] {
             put_stat(out, name, v.load(Relaxed));
         }
@@ -2585,6 +2772,7 @@ mod install_tests {
     use std::sync::atomic::AtomicBool;
 
     use super::*;
+    use crate::cluster::layout::LayoutDesc;
     use crate::cluster::ring::Ring;
     use crate::cluster::transport::{Identity, PeerKey, TcpConnector, TransportConfig};
     use crate::config::MemberConfig;
@@ -2608,14 +2796,15 @@ mod install_tests {
         }
     }
 
-    fn spawner() -> impl FnMut(&MemberConfig) -> PeerHandle {
+    fn spawner() -> SpawnPeer {
         let identity = Identity {
             node_id: 1,
             layout: 0,
             layout_text: String::new(),
             key: PeerKey::open(),
+            epoch: EpochCell::default(),
         };
-        move |m: &MemberConfig| {
+        Box::new(move |m: &MemberConfig| {
             Peer::spawn(
                 identity.clone(),
                 m.id,
@@ -2624,21 +2813,19 @@ mod install_tests {
                 TransportConfig::default(),
                 Arc::new(TransportStats::default()),
             )
-        }
+        })
     }
 
     fn cluster(ids: &[NodeId]) -> Cluster {
         let mut config = ClusterConfig::new(1, ids.iter().map(|&id| member(id)).collect());
         config.partitions = 64;
         config.replicas = 2;
-        let mut spawn = spawner();
-        let peers = config
-            .members
-            .iter()
-            .filter(|m| m.id != 1)
-            .map(|m| (m.id, spawn(m)))
-            .collect();
-        Cluster::new(&config, peers, Arc::new(TransportStats::default()))
+        Cluster::new(
+            &config,
+            spawner(),
+            Arc::new(TransportStats::default()),
+            EpochCell::default(),
+        )
     }
 
     fn shut_down(p: &PeerHandle) -> bool {
@@ -2683,7 +2870,7 @@ mod install_tests {
             } else {
                 &[1, 2, 3, 5]
             };
-            c.install_layout(layout(epoch, ids), spawner());
+            assert_eq!(c.install_layout(layout(epoch, ids)), Ok(true));
         }
         stop.store(true, Relaxed);
         for r in readers {
@@ -2715,10 +2902,239 @@ mod install_tests {
     }
 
     #[tokio::test]
-    #[should_panic(expected = "layout epoch 3 replaced by epoch 2")]
-    async fn a_node_never_installs_an_older_layout() {
+    async fn a_node_never_goes_back_nor_takes_two_layouts_for_one_epoch() {
         let c = cluster(&[1, 2]);
-        c.install_layout(layout(3, &[1, 2, 3]), spawner());
-        c.install_layout(layout(2, &[1, 2]), spawner());
+        assert_eq!(c.install_layout(layout(3, &[1, 2, 3])), Ok(true));
+        assert_eq!(c.install_layout(layout(2, &[1, 2])), Ok(false));
+        assert_eq!(c.install_layout(layout(3, &[1, 2, 3])), Ok(false));
+        let two = c.install_layout(layout(3, &[1, 2])).unwrap_err();
+        assert!(
+            two.contains("another layout for installed epoch 3"),
+            "{two}"
+        );
+        let without_me = c.install_layout(layout(4, &[2, 3])).unwrap_err();
+        assert!(without_me.contains("does not name node 1"), "{without_me}");
+        assert_eq!(c.view().layout.member_ids(), vec![1, 2, 3]);
+        assert_eq!(c.view().layout.epoch, 3);
+        assert_eq!(
+            c.epoch.get(),
+            3,
+            "the transport reports the installed epoch"
+        );
+        c.shutdown();
+    }
+
+    #[test]
+    fn a_layout_travels_whole_and_a_bad_one_is_refused() {
+        let l = layout(7, &[1, 2, 5]);
+        let desc = l.desc();
+        assert_eq!(Layout::from_desc(&desc, 64), Ok(l.clone()));
+        let refused = |edit: &dyn Fn(&mut LayoutDesc), words: &str| {
+            let mut d = desc.clone();
+            edit(&mut d);
+            let e = Layout::from_desc(&d, 64).unwrap_err();
+            assert!(e.contains(words), "{e}");
+        };
+        refused(&|d| d.partitions = 128, "partitions");
+        refused(&|d| d.members.clear(), "0 members");
+        refused(&|d| d.members.swap(0, 1), "ascending");
+        refused(&|d| d.members[0].0 = 0, "ascending");
+        refused(&|d| d.replicas = 4, "N=4");
+        refused(&|d| d.read_quorum = 0, "R=0");
+        refused(&|d| d.write_quorum = 3, "W=3");
+        refused(
+            &|d| {
+                d.members = (1..=65)
+                    .map(|id| (id, String::new(), String::new()))
+                    .collect();
+            },
+            "65 members",
+        );
+        assert!(Layout::from_desc(&desc, 32).is_err());
+    }
+
+    /// A node whose every command run is a failure of the test: what is
+    /// fenced must not run.
+    struct NoRun {
+        store: Store,
+        limits: ParseLimits,
+        key: crate::cluster::listing::TokenKey,
+        budget: Arc<InflightBudget>,
+        ran: std::sync::atomic::AtomicUsize,
+    }
+
+    impl NoRun {
+        fn new() -> Self {
+            NoRun {
+                store: Store::new(
+                    &crate::store::StoreConfig::default(),
+                    Arc::new(crate::store::ManualClock::new(1_800_000_000_000)),
+                ),
+                limits: ParseLimits::new(1 << 20),
+                key: crate::cluster::listing::TokenKey::random(),
+                budget: Arc::new(InflightBudget::new(1 << 20)),
+                ran: std::sync::atomic::AtomicUsize::new(0),
+            }
+        }
+    }
+
+    impl Local for NoRun {
+        fn store(&self) -> &Store {
+            &self.store
+        }
+        fn limits(&self) -> &ParseLimits {
+            &self.limits
+        }
+        fn listing_key(&self) -> &crate::cluster::listing::TokenKey {
+            &self.key
+        }
+        fn budget(&self) -> &Arc<InflightBudget> {
+            &self.budget
+        }
+        fn execute(&self, _command: &[u8], out: &mut Vec<u8>) {
+            self.ran.fetch_add(1, Relaxed);
+            out.extend_from_slice(b"STORED\r\n");
+        }
+    }
+
+    /// A request placed under an older layout is refused unexecuted, with
+    /// the newer epoch; one under the node's own is served; the layout is
+    /// answered to anyone.
+    #[tokio::test]
+    async fn a_request_placed_under_an_older_layout_is_refused_unexecuted() {
+        let c = cluster(&[1]);
+        let local = NoRun::new();
+        assert_eq!(c.bump_quorums(1, 1), Ok(1));
+        let execute = || PeerRequest::Execute {
+            command: b"set k 0 0 1\r\nv\r\n".to_vec(),
+            write_quorum: 1,
+        };
+        let state = KeyState::Item {
+            version: local.store.next_version(),
+            flags: 0,
+            exptime: 0,
+            bits: 0,
+            value: b"v".to_vec(),
+            dedup: Vec::new(),
+        };
+        let apply = PeerRequest::Apply {
+            key: b"k".to_vec(),
+            state,
+        };
+        for stale in [execute(), apply] {
+            match c.serve(&local, 2, 0, stale).await {
+                PeerResponse::StaleEpoch { epoch: 1 } => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(local.ran.load(Relaxed), 0);
+        assert!(local.store.replica_state(b"k").is_none(), "nothing applied");
+        assert_eq!(c.stats.stale_epoch_refused.load(Relaxed), 2);
+        match c.serve(&local, 2, 0, PeerRequest::LayoutGet).await {
+            PeerResponse::Layout(desc) => assert_eq!(desc, c.view().layout.desc()),
+            other => panic!("{other:?}"),
+        }
+        match c.serve(&local, 2, 1, execute()).await {
+            PeerResponse::Executed { reply } => assert_eq!(reply, b"STORED\r\n"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(local.ran.load(Relaxed), 1);
+    }
+
+    /// The caller's side of fencing, over real sockets: a node behind
+    /// forwards a write to a primary ahead of it, is refused, fetches the
+    /// primary's layout and sends the write once more under it. No layout
+    /// follower runs here, so only the refusal can teach the caller.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_refused_for_an_older_layout_is_sent_again_under_the_newer_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b_addr = listener.local_addr().unwrap().to_string();
+        let members = vec![
+            member(1),
+            MemberConfig {
+                id: 2,
+                client: "127.0.0.1:20002".into(),
+                peer: b_addr,
+            },
+        ];
+        let node = |id: NodeId| {
+            let mut config = ClusterConfig::new(id, members.clone());
+            config.partitions = 64;
+            config.replicas = 1;
+            let identity = Identity {
+                node_id: id,
+                layout: 0,
+                layout_text: String::new(),
+                key: PeerKey::open(),
+                epoch: EpochCell::default(),
+            };
+            let epoch = identity.epoch.clone();
+            let spawn: SpawnPeer = Box::new(move |m: &MemberConfig| {
+                Peer::spawn(
+                    identity.clone(),
+                    m.id,
+                    m.peer.clone(),
+                    Arc::new(TcpConnector),
+                    TransportConfig::default(),
+                    Arc::new(TransportStats::default()),
+                )
+            });
+            let stats = Arc::new(TransportStats::default());
+            Arc::new(Cluster::new(&config, spawn, stats, epoch))
+        };
+        let (a, b) = (node(1), node(2));
+        let b_local = Arc::new(NoRun::new());
+        {
+            let (b, b_local) = (b.clone(), b_local.clone());
+            tokio::spawn(async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                let identity = Identity {
+                    node_id: 2,
+                    layout: 0,
+                    layout_text: String::new(),
+                    key: PeerKey::open(),
+                    epoch: b.epoch.clone(),
+                };
+                let handler = move |caller, epoch, req| {
+                    let (b, b_local) = (b.clone(), b_local.clone());
+                    async move { b.serve(&*b_local, caller, epoch, req).await }
+                };
+                crate::cluster::transport::serve_connection(
+                    stream,
+                    identity,
+                    handler,
+                    TransportConfig::default(),
+                    Arc::new(TransportStats::default()),
+                    Arc::new(InflightBudget::new(1 << 20)),
+                    crate::cluster::transport::PeerConnections::unbounded()
+                        .try_open(&TransportStats::default())
+                        .expect("no cap"),
+                )
+                .await;
+            });
+        }
+        assert_eq!(b.bump_quorums(1, 1), Ok(1));
+        // A key whose one replica is node 2.
+        let key = (0..)
+            .map(|i| format!("key{i}"))
+            .find(|k| !a.holds(k.as_bytes()))
+            .unwrap();
+        let raw = format!("set {key} 0 0 1\r\nv\r\n");
+        let Parsed::Complete { request, .. } = parse(raw.as_bytes(), &ParseLimits::new(1 << 20))
+        else {
+            panic!("a set")
+        };
+        let a_local = NoRun::new();
+        let mut out = Vec::new();
+        a.coordinate(&a_local, &request, raw.as_bytes(), &mut out)
+            .await;
+        assert_eq!(String::from_utf8_lossy(&out), "STORED\r\n");
+        assert_eq!(b.stats.stale_epoch_refused.load(Relaxed), 1);
+        assert_eq!(a.stats.layouts_installed.load(Relaxed), 1);
+        assert_eq!(a.view().layout.epoch, 1);
+        assert_eq!(b_local.ran.load(Relaxed), 1, "executed once, under epoch 1");
+        assert_eq!(a_local.ran.load(Relaxed), 0);
+        a.shutdown();
+        b.shutdown();
     }
 }

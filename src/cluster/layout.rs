@@ -17,6 +17,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use super::coordinator::PairRepair;
 use super::message::{PeerRequest, PeerResponse};
 use super::ring::{NodeId, Ring};
@@ -68,6 +70,106 @@ impl Layout {
     /// Whether `id` is a member.
     pub fn is_member(&self, id: NodeId) -> bool {
         self.members.binary_search_by_key(&id, |m| m.id).is_ok()
+    }
+}
+
+/// Most members a layout may have (the transport heartbeats make a full
+/// mesh: see the README's "Known limits").
+pub const LAYOUT_MEMBERS_MAX: usize = 64;
+
+/// A layout as it travels between nodes ([`PeerRequest::LayoutGet`]): what
+/// every node needs to build the same [`Layout`]. Rings are rebuilt by the
+/// receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayoutDesc {
+    /// The layout's epoch.
+    pub epoch: u64,
+    /// Members as `(id, client address, peer address)`, ascending by id.
+    pub members: Vec<(NodeId, String, String)>,
+    /// P, fixed for the life of the cluster.
+    pub partitions: u32,
+    /// N (at most the member count).
+    pub replicas: u8,
+    /// R when a request names none.
+    pub read_quorum: u8,
+    /// W when a request names none.
+    pub write_quorum: u8,
+}
+
+impl Layout {
+    /// The layout as it travels.
+    pub fn desc(&self) -> LayoutDesc {
+        let small = |n: usize| u8::try_from(n).unwrap_or(u8::MAX);
+        LayoutDesc {
+            epoch: self.epoch,
+            members: self
+                .members
+                .iter()
+                .map(|m| (m.id, m.client.clone(), m.peer.clone()))
+                .collect(),
+            partitions: self.ring.partitions(),
+            replicas: small(self.ring.replicas()),
+            read_quorum: small(self.read_quorum),
+            write_quorum: small(self.write_quorum),
+        }
+    }
+
+    /// The layout a peer sent, checked as a configuration would be, for a
+    /// cluster of `partitions` partitions.
+    ///
+    /// # Errors
+    /// Naming what is wrong: another partition count, no members or more
+    /// than [`LAYOUT_MEMBERS_MAX`], duplicate or zero ids, or quorums
+    /// outside `1..=N`. Addresses are not checked here: a member's address
+    /// is dialled, never trusted.
+    pub fn from_desc(desc: &LayoutDesc, partitions: u32) -> Result<Self, String> {
+        if desc.partitions != partitions {
+            return Err(format!(
+                "layout epoch {} has {} partitions, this cluster {partitions}",
+                desc.epoch, desc.partitions
+            ));
+        }
+        let count = desc.members.len();
+        if count == 0 || count > LAYOUT_MEMBERS_MAX {
+            return Err(format!(
+                "layout epoch {} has {count} members (1..={LAYOUT_MEMBERS_MAX})",
+                desc.epoch
+            ));
+        }
+        let ids: Vec<NodeId> = desc.members.iter().map(|m| m.0).collect();
+        if ids.contains(&0) || ids.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!(
+                "layout epoch {}: member ids not ascending and distinct",
+                desc.epoch
+            ));
+        }
+        let n = usize::from(desc.replicas);
+        let (r, w) = (
+            usize::from(desc.read_quorum),
+            usize::from(desc.write_quorum),
+        );
+        if !(1..=count).contains(&n) || !(1..=n).contains(&r) || !(1..=n).contains(&w) {
+            return Err(format!(
+                "layout epoch {}: N={n} R={r} W={w} with {count} members",
+                desc.epoch
+            ));
+        }
+        Ok(Self {
+            epoch: desc.epoch,
+            members: desc
+                .members
+                .iter()
+                .map(|(id, client, peer)| MemberConfig {
+                    id: *id,
+                    client: client.clone(),
+                    peer: peer.clone(),
+                })
+                .collect(),
+            ring: Ring::new(&ids, partitions, n),
+            full_ring: Ring::new(&ids, partitions, count),
+            read_quorum: r,
+            write_quorum: w,
+        })
     }
 }
 

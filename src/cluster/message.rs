@@ -9,6 +9,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::layout::LayoutDesc;
 use crate::store::merkle::TreeNode;
 use crate::store::{KeyState, KeyVersion, ListedKey};
 
@@ -140,6 +141,9 @@ pub enum PeerRequest {
         /// The most keys to answer.
         max: u32,
     },
+    /// The layout this node has installed, for a caller that is behind.
+    /// Never refused for the caller's epoch.
+    LayoutGet,
 }
 
 /// The answer to one [`PeerRequest`].
@@ -212,6 +216,14 @@ pub enum PeerResponse {
     },
     /// The request was malformed; nothing was done.
     Refused(String),
+    /// Answer to [`PeerRequest::LayoutGet`].
+    Layout(LayoutDesc),
+    /// The request was planned under an older layout than this node's
+    /// (`epoch`); nothing was done. The caller fetches the newer layout.
+    StaleEpoch {
+        /// This node's epoch.
+        epoch: u64,
+    },
 }
 
 /// [`PeerResponse::Values`] with each `VALUE` block as one byte block.

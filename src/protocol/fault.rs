@@ -4,6 +4,8 @@
 //! fault clock_offset_ms <i64>          the node's clock reads exactly this far ahead (ms)
 //! fault clock_rate <f64>               and runs at this rate from now on
 //! fault drop_peers <id,id,...|->       cut the node off from these members (`-`: heal)
+//! fault layout_quorums <R>,<W>         install the next layout epoch with these
+//!                                      default quorums; the other members follow
 //! ```
 //!
 //! Each answers `OK`. A node accepts the command only with `[faults] control`
@@ -30,6 +32,9 @@ pub enum FaultCmd {
     ClockRate(f64),
     /// `fault drop_peers <ids>`; empty for `-`.
     DropPeers(Vec<u16>),
+    /// `fault layout_quorums <R>,<W>`: install the next layout epoch with
+    /// these default quorums (the other members follow it).
+    LayoutQuorums(u8, u8),
 }
 
 /// Parses `fault` from its line's tokens: `None` when malformed.
@@ -48,6 +53,14 @@ fn parse_setting(tokens: &[&[u8]]) -> Option<FaultCmd> {
             value.parse().ok().map(FaultCmd::ClockRate)
         }
         b"drop_peers" => parse_ids(value).map(FaultCmd::DropPeers),
+        b"layout_quorums" => {
+            let (r, w) = value.split_once(',')?;
+            let number = |n: &str| {
+                let digits = !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit());
+                digits.then(|| n.parse().ok()).flatten()
+            };
+            Some(FaultCmd::LayoutQuorums(number(r)?, number(w)?))
+        }
         _ => None,
     }
 }
@@ -74,6 +87,7 @@ pub fn compose(out: &mut Vec<u8>, cmd: &FaultCmd) {
         FaultCmd::ClockOffsetMs(ms) => format!("fault clock_offset_ms {ms}"),
         FaultCmd::ClockRate(rate) => format!("fault clock_rate {rate}"),
         FaultCmd::DropPeers(ids) => format!("fault drop_peers {}", ids_text(ids)),
+        FaultCmd::LayoutQuorums(r, w) => format!("fault layout_quorums {r},{w}"),
     };
     super::put_line(out, line.as_bytes());
 }
@@ -130,6 +144,10 @@ mod tests {
             fault_of(b"fault drop_peers -\r\n"),
             Some(FaultCmd::DropPeers(vec![]))
         );
+        assert_eq!(
+            fault_of(b"fault layout_quorums 1,3\r\n"),
+            Some(FaultCmd::LayoutQuorums(1, 3))
+        );
     }
 
     #[test]
@@ -152,6 +170,12 @@ mod tests {
             b"fault drop_peers 70000\r\n",
             b"fault drop_peers a,b\r\n",
             b"fault drop_peers --\r\n",
+            b"fault layout_quorums 1\r\n",
+            b"fault layout_quorums 1,\r\n",
+            b"fault layout_quorums ,2\r\n",
+            b"fault layout_quorums 1,2,3\r\n",
+            b"fault layout_quorums 1,300\r\n",
+            b"fault layout_quorums -1,2\r\n",
             b"fault clock 1\r\n",
             b"fault CLOCK_RATE 1\r\n",
         ] {
@@ -169,6 +193,7 @@ mod tests {
             FaultCmd::ClockRate(1.999),
             FaultCmd::DropPeers(vec![]),
             FaultCmd::DropPeers(vec![1, 4095]),
+            FaultCmd::LayoutQuorums(2, 3),
         ] {
             let mut out = Vec::new();
             compose(&mut out, &cmd);

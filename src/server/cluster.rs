@@ -1,7 +1,6 @@
 //! The cluster's sockets: the peer listener, the peer connections, and the
 //! startup check that every reachable member agrees on the layout.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,10 +15,10 @@ use super::peer_tls::{PeerTls, TlsPeerConnector};
 use crate::cluster::coordinator::{Cluster, PeerHandle};
 use crate::cluster::ring::NodeId;
 use crate::cluster::transport::{
-    self, CallError, Connector, Identity, Peer, PeerConnections, PeerKey, Slot, TcpConnector,
-    TransportConfig, TransportStats,
+    self, CallError, Connector, EpochCell, Identity, Peer, PeerConnections, PeerKey, Slot,
+    TcpConnector, TransportConfig, TransportStats,
 };
-use crate::config::ClusterConfig;
+use crate::config::{ClusterConfig, MemberConfig};
 use crate::error::ServerError;
 use crate::limits::{PEER_CONNECTIONS_PER_MEMBER_MAX, PEER_HANDSHAKES_MAX, TLS_HANDSHAKE_TIMEOUT};
 
@@ -110,7 +109,7 @@ async fn join<C: Connector>(
         c,
         identity,
         connector,
-        |_| config.clone(),
+        move |_| config.clone(),
         stats,
     )))
 }
@@ -121,6 +120,7 @@ pub fn identity(c: &ClusterConfig, key: PeerKey) -> Identity {
         node_id: c.node_id,
         layout: c.layout_hash(),
         layout_text: c.layout_text(),
+        epoch: EpochCell::default(),
         key,
     }
 }
@@ -143,7 +143,7 @@ pub fn connect_peers<C: Connector>(
     c: &ClusterConfig,
     identity: &Identity,
     connector: Arc<C>,
-    config_for: impl Fn(NodeId) -> TransportConfig,
+    config_for: impl Fn(NodeId) -> TransportConfig + Send + Sync + 'static,
 ) -> Cluster {
     connect_peers_with(
         c,
@@ -160,26 +160,22 @@ pub fn connect_peers_with<C: Connector>(
     c: &ClusterConfig,
     identity: &Identity,
     connector: Arc<C>,
-    config_for: impl Fn(NodeId) -> TransportConfig,
+    config_for: impl Fn(NodeId) -> TransportConfig + Send + Sync + 'static,
     stats: Arc<TransportStats>,
 ) -> Cluster {
-    let peers: BTreeMap<_, PeerHandle> = c
-        .members
-        .iter()
-        .filter(|m| m.id != c.node_id)
-        .map(|m| {
-            let peer = Peer::spawn(
-                identity.clone(),
-                m.id,
-                m.peer.clone(),
-                connector.clone(),
-                config_for(m.id),
-                stats.clone(),
-            );
-            (m.id, peer)
-        })
-        .collect();
-    Cluster::new(c, peers, stats)
+    let epoch = identity.epoch.clone();
+    let (identity, peer_stats) = (identity.clone(), stats.clone());
+    let spawn_peer = move |m: &MemberConfig| -> PeerHandle {
+        Peer::spawn(
+            identity.clone(),
+            m.id,
+            m.peer.clone(),
+            connector.clone(),
+            config_for(m.id),
+            peer_stats.clone(),
+        )
+    };
+    Cluster::new(c, Box::new(spawn_peer), stats, epoch)
 }
 
 /// Serves one accepted peer connection with this node's cluster, under no
@@ -222,9 +218,9 @@ where
         call_timeout: cluster.call_timeout(),
         ..TransportConfig::default()
     };
-    let handler = move |caller, req| {
+    let handler = move |caller, epoch, req| {
         let (shared, cluster) = (shared.clone(), cluster.clone());
-        async move { cluster.serve(&*shared, caller, req).await }
+        async move { cluster.serve(&*shared, caller, epoch, req).await }
     };
     transport::serve_connection(stream, identity, handler, config, stats, budget, slot)
 }

@@ -84,6 +84,12 @@ impl FaultControl {
             Some(FaultCmd::ClockRate(rate)) => {
                 FaultsConfig::check_clock_rate(rate).map(|()| clock.set_rate(rate))
             }
+            Some(FaultCmd::LayoutQuorums(r, w)) => match cluster {
+                Some(c) => c
+                    .bump_quorums(usize::from(r), usize::from(w))
+                    .map(|epoch| tracing::warn!(epoch, "fault injection installed a layout")),
+                None => Err("not a cluster member".into()),
+            },
             Some(FaultCmd::DropPeers(ids)) => {
                 FaultsConfig::check_drop_peers(&ids, self.cluster.as_ref()).map(|()| {
                     if let Some(c) = cluster {

@@ -371,6 +371,14 @@ const CLUSTER_COUNTER_NAMES: &[(&str, &str)] = &[
 /// its name (README "Operations" lists them all).
 const CLUSTER_COUNTER_HELP: &[(&str, &str)] = &[
     (
+        "stale_epoch_refused",
+        "Requests from a peer behind this node's layout epoch, refused so that it fetches the newer layout.",
+    ),
+    (
+        "layouts_installed",
+        "Newer layouts fetched from a peer and installed.",
+    ),
+    (
         "forwarded",
         "Requests this node coordinated for keys it does not hold.",
     ),

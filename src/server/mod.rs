@@ -636,6 +636,10 @@ impl Server {
             .cluster
             .clone()
             .map(|c| tokio::spawn(c.deliver_hints(shared.store.clock_arc())));
+        let layouts = shared
+            .cluster
+            .clone()
+            .map(|c| tokio::spawn(c.follow_layouts()));
         let anti_entropy = shared.cluster.clone().map(|c| {
             let local: Arc<dyn Local> = shared.clone();
             tokio::spawn(c.anti_entropy(local))
@@ -733,6 +737,9 @@ impl Server {
         }
         if let Some(h) = hint_delivery {
             h.abort();
+        }
+        if let Some(l) = layouts {
+            l.abort();
         }
         if let Some(a) = anti_entropy {
             a.abort();

@@ -123,7 +123,8 @@ pub const WRITE_BATCH_FRAMES_MAX: usize = 128;
 pub const BACKOFF_DOUBLINGS_MAX: u32 = 16;
 /// Version of the envelope below; nodes that speak different ones refuse
 /// each other in the handshake. 4: the handshake authenticates both sides.
-pub const WIRE_VERSION: u16 = 4;
+/// 5: the handshake, pongs and requests carry the sender's layout epoch.
+pub const WIRE_VERSION: u16 = 5;
 
 const _: () = assert!(BACKOFF_MIN_MS_DEFAULT <= BACKOFF_MAX_MS_DEFAULT);
 const _: () = assert!(HEARTBEAT_INTERVAL_MS_DEFAULT < CALL_TIMEOUT_MS_DEFAULT);
@@ -225,7 +226,36 @@ pub struct Identity {
     pub layout_text: String,
     /// The key both sides of a handshake prove they hold.
     pub key: PeerKey,
+    /// The epoch of the layout this node has installed, shared with its
+    /// cluster: sent in the handshake and in pongs, and stamped on
+    /// requests that name no other.
+    pub epoch: EpochCell,
 }
+
+/// A node's installed layout epoch, shared by its cluster (which sets it)
+/// and its transport (which reports it).
+#[derive(Clone, Debug, Default)]
+pub struct EpochCell(Arc<AtomicU64>);
+
+impl EpochCell {
+    /// The epoch now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+
+    /// Records an installed epoch (never lower than the one before).
+    pub fn set(&self, epoch: u64) {
+        self.0.fetch_max(epoch, Relaxed);
+    }
+}
+
+impl PartialEq for EpochCell {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for EpochCell {}
 
 /// Counters (AtomicU64, Relaxed), shared by every peer and the acceptor of one node.
 #[derive(Default, Debug)]
@@ -279,9 +309,39 @@ pub struct TransportStats {
     /// counter: it lives here because this is the one value every peer and
     /// the acceptor of a node share, and it is empty unless a test asks.
     pub blocked: BlockedPeers,
+    /// The newest layout epoch any peer has reported above this node's
+    /// own, and the peer that reported it: `epoch << 16 | node` (0: none).
+    newer_epoch: AtomicU64,
+    /// Woken when `newer_epoch` grows, for the task that fetches the
+    /// layout.
+    pub newer_epoch_seen: tokio::sync::Notify,
 }
 
 impl TransportStats {
+    /// Notes that `peer` reports layout epoch `epoch` while this node is at
+    /// `mine`: a newer one than any noted before wakes
+    /// [`TransportStats::newer_epoch_seen`]. One atomic load when it is not
+    /// newer, so it runs on every request.
+    #[inline]
+    pub fn note_epoch(&self, peer: NodeId, epoch: u64, mine: u64) {
+        if epoch <= mine || epoch >= 1 << 48 {
+            return;
+        }
+        let packed = epoch << 16 | u64::from(peer);
+        if self.newer_epoch.load(Relaxed) >> 16 < epoch
+            && self.newer_epoch.fetch_max(packed, Relaxed) >> 16 < epoch
+        {
+            self.newer_epoch_seen.notify_one();
+        }
+    }
+
+    /// The newest epoch a peer reported above `mine`, and that peer.
+    pub fn newer_epoch(&self, mine: u64) -> Option<(u64, NodeId)> {
+        let packed = self.newer_epoch.load(Relaxed);
+        let epoch = packed >> 16;
+        (epoch > mine).then_some((epoch, (packed & 0xffff) as NodeId))
+    }
+
     /// Whether a frame to or from `peer` is dropped by an injected
     /// partition; counts it if so.
     #[inline]
@@ -404,12 +464,13 @@ struct Proven {
     proof: auth::Proof,
     layout: u64,
     layout_text: String,
+    epoch: u64,
 }
 
 /// The accepting node's verdict on [`Proven`].
 #[derive(Serialize, Deserialize, Debug)]
 enum HelloReply {
-    Welcome { node_id: NodeId },
+    Welcome { node_id: NodeId, epoch: u64 },
     Refused { reason: String },
 }
 
@@ -421,7 +482,7 @@ const AUTH_REFUSAL: &str = "authentication failed";
 #[derive(Serialize, Deserialize, Debug)]
 enum ToServer<Req> {
     Ping { id: u64 },
-    Request { id: u64, body: Req },
+    Request { id: u64, epoch: u64, body: Req },
 }
 
 /// Frames from the accepting node after the handshake.
@@ -429,9 +490,12 @@ enum ToServer<Req> {
 enum ToClient<Resp> {
     Pong {
         id: u64,
+        epoch: u64,
     },
+    /// An answer, with the answering node's layout epoch when it sent it.
     Response {
         id: u64,
+        epoch: u64,
         body: Resp,
     },
     /// The handler answered but the answer could not be sent (too large to
@@ -653,10 +717,10 @@ async fn dial<C: Connector>(
     addr: &str,
     expect: Option<NodeId>,
     frame_bytes_max: usize,
-) -> Result<(C::Stream, BytesMut), LinkError> {
+) -> Result<(C::Stream, BytesMut, u64), LinkError> {
     let mut stream = connector.connect(addr).await.map_err(LinkError::Connect)?;
-    let buf = dial_handshake(&mut stream, me, addr, expect, frame_bytes_max).await?;
-    Ok((stream, buf))
+    let (buf, epoch) = dial_handshake(&mut stream, me, addr, expect, frame_bytes_max).await?;
+    Ok((stream, buf, epoch))
 }
 
 /// The dialling side of the handshake on `stream`, connected to `addr`:
@@ -667,7 +731,7 @@ async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     addr: &str,
     expect: Option<NodeId>,
     frame_bytes_max: usize,
-) -> Result<BytesMut, LinkError> {
+) -> Result<(BytesMut, u64), LinkError> {
     let dialler_nonce = auth::nonce();
     let mut out = Vec::new();
     let hello = Hello {
@@ -696,6 +760,7 @@ async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             proof: [0; 32],
             layout: 0,
             layout_text: String::new(),
+            epoch: 0,
         };
         out.clear();
         frame::encode(&empty, &mut out, frame_bytes_max)?;
@@ -715,13 +780,14 @@ async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         proof: me.key.prove(Role::Dialler, &transcript),
         layout: me.layout,
         layout_text: me.layout_text.clone(),
+        epoch: me.epoch.get(),
     };
     out.clear();
     frame::encode(&proven, &mut out, frame_bytes_max)?;
     stream.write_all(&out).await?;
     stream.flush().await?;
     match read_frame::<_, HelloReply>(stream, &mut buf, frame_bytes_max).await? {
-        HelloReply::Welcome { .. } => Ok(buf),
+        HelloReply::Welcome { epoch, .. } => Ok((buf, epoch)),
         HelloReply::Refused { reason } if reason == AUTH_REFUSAL => Err(LinkError::AuthFailed(
             format!("the node at {addr} refused this node's key (cluster.secret_file differs)"),
         )),
@@ -798,6 +864,8 @@ struct Shared<Resp> {
     shutdown: watch::Sender<bool>,
     /// The last heartbeat's round trip, µs; 0 until one is answered.
     rtt_us: AtomicU64,
+    /// This node's installed epoch, stamped on calls that name none.
+    epoch: EpochCell,
     /// "peer down" and "peer up" lines, each at most once a second.
     down_log: crate::log_limit::LogLimit,
     up_log: crate::log_limit::LogLimit,
@@ -929,6 +997,7 @@ where
             link,
             shutdown,
             rtt_us: AtomicU64::new(0),
+            epoch: me.epoch.clone(),
             down_log: crate::log_limit::LogLimit::default(),
             up_log: crate::log_limit::LogLimit::default(),
         });
@@ -955,6 +1024,22 @@ where
     /// # Errors
     /// See [`CallError`].
     pub async fn call_timeout(&self, req: Req, timeout: Duration) -> Result<Resp, CallError> {
+        let epoch = self.owner.shared.epoch.get();
+        self.call_at(epoch, req, timeout).await
+    }
+
+    /// [`Peer::call_timeout`] stamped with layout epoch `epoch`: the epoch
+    /// of the snapshot the request was planned under, which the receiver
+    /// checks against its own.
+    ///
+    /// # Errors
+    /// See [`CallError`].
+    pub async fn call_at(
+        &self,
+        epoch: u64,
+        req: Req,
+        timeout: Duration,
+    ) -> Result<Resp, CallError> {
         let shared = &*self.owner.shared;
         let stats = &shared.stats;
         stats.calls.fetch_add(1, Relaxed);
@@ -976,7 +1061,11 @@ where
         }
         let id = shared.next_id.fetch_add(1, Relaxed);
         let mut frame = Vec::new();
-        let request = ToServer::Request { id, body: req };
+        let request = ToServer::Request {
+            id,
+            epoch,
+            body: req,
+        };
         if let Err(e) = frame::encode(&request, &mut frame, shared.config.frame_bytes_max) {
             warn!(peer = shared.remote, error = %e, "request not sent");
             stats.call_down.fetch_add(1, Relaxed);
@@ -1112,7 +1201,10 @@ where
             }) => dialled,
         };
         match dialled {
-            Ok(Ok((stream, buf))) => {
+            Ok(Ok((stream, buf, epoch))) => {
+                shared
+                    .stats
+                    .note_epoch(shared.remote, epoch, shared.epoch.get());
                 failures = 0;
                 shared.stats.connects.fetch_add(1, Relaxed);
                 if let Some(suppressed) = shared.up_log.allow() {
@@ -1227,7 +1319,10 @@ where
             continue; // partitioned: the answer or pong is lost
         }
         let (id, answer) = match msg {
-            ToClient::Pong { id } => {
+            ToClient::Pong { id, epoch } => {
+                shared
+                    .stats
+                    .note_epoch(shared.remote, epoch, shared.epoch.get());
                 pong.answered.store(id, Relaxed);
                 if let Some((sent_id, at)) = *pong.sent.lock() {
                     if sent_id == id {
@@ -1237,7 +1332,12 @@ where
                 }
                 continue;
             }
-            ToClient::Response { id, body } => (id, Ok(body)),
+            ToClient::Response { id, epoch, body } => {
+                shared
+                    .stats
+                    .note_epoch(shared.remote, epoch, shared.epoch.get());
+                (id, Ok(body))
+            }
             ToClient::Failed { id, reason } => {
                 crate::warn_limited!(peer = shared.remote, id, reason = %crate::log_limit::clip(&reason), "peer could not answer a call");
                 (id, Err(CallError::Disconnected))
@@ -1412,7 +1512,7 @@ async fn accept_handshake<R, W>(
     me: &Identity,
     config: &TransportConfig,
     stats: &TransportStats,
-) -> Result<NodeId, LinkError>
+) -> Result<(NodeId, u64), LinkError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -1475,8 +1575,9 @@ where
         (
             HelloReply::Welcome {
                 node_id: me.node_id,
+                epoch: me.epoch.get(),
             },
-            Ok(hello.node_id),
+            Ok((hello.node_id, proven.epoch)),
         )
     };
     wr.write_all(&encode_reply(&reply, max)).await?;
@@ -1531,7 +1632,7 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
-    H: Fn(NodeId, Req) -> F + Send + Sync + 'static,
+    H: Fn(NodeId, u64, Req) -> F + Send + Sync + 'static,
     F: Future<Output = Resp> + Send + 'static,
 {
     config.assert_valid();
@@ -1552,7 +1653,10 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
     )
     .await;
     let caller = match handshake {
-        Ok(Ok(caller)) => caller,
+        Ok(Ok((caller, epoch))) => {
+            stats.note_epoch(caller, epoch, me.epoch.get());
+            caller
+        }
         Ok(Err(e)) => {
             if count_frame_error(&stats, &e) {
                 crate::warn_limited!(error = %e, "bad frame in handshake, dropping connection");
@@ -1577,7 +1681,8 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
     let requests = Answers::new(budget.clone());
     let answers = Answers::new(budget);
     let reads = server_read_loop(
-        caller, reader, &handler, &config, &stats, &answers, &requests, data_tx, control_tx,
+        caller, &me.epoch, reader, &handler, &config, &stats, &answers, &requests, data_tx,
+        control_tx,
     );
     let stall = config.write_stall_timeout();
     let ended = tokio::select! {
@@ -1603,6 +1708,7 @@ pub async fn serve_connection<S, Req, Resp, H, F>(
 #[allow(clippy::too_many_arguments)] // one call site; a struct would only rename them
 async fn server_read_loop<R, Req, Resp, H, F>(
     caller: NodeId,
+    me_epoch: &EpochCell,
     mut reader: FrameReader<R>,
     handler: &H,
     config: &TransportConfig,
@@ -1616,7 +1722,7 @@ where
     R: AsyncRead + Unpin,
     Req: DeserializeOwned + Send + 'static,
     Resp: Serialize + Send + 'static,
-    H: Fn(NodeId, Req) -> F,
+    H: Fn(NodeId, u64, Req) -> F,
     F: Future<Output = Resp> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(config.inflight_max));
@@ -1647,12 +1753,14 @@ where
         }
         match msg {
             ToServer::Ping { id } => {
-                let pong = encode_control(&ToClient::<Resp>::Pong { id }, max);
+                let epoch = me_epoch.get();
+                let pong = encode_control(&ToClient::<Resp>::Pong { id, epoch }, max);
                 if control.send(pong).await.is_err() {
                     return LinkError::Closed;
                 }
             }
-            ToServer::Request { id, body } => {
+            ToServer::Request { id, epoch, body } => {
+                stats.note_epoch(caller, epoch, me_epoch.get());
                 // A small request's bytes are counted too, in the
                 // connection's allowance or the budget, until its handler
                 // is done: a thousand of them in flight are not free.
@@ -1690,10 +1798,11 @@ where
                     .acquire_owned()
                     .await
                     .expect("the semaphore is never closed");
-                let answer = handler(caller, body);
+                let answer = handler(caller, epoch, body);
                 let data = data.clone();
                 let stats = stats.clone();
                 let answers = answers.clone();
+                let me_epoch = me_epoch.clone();
                 tokio::spawn(async move {
                     let (frame, held) = if answers.refusing() {
                         // Its last answer did not fit and one its size
@@ -1709,7 +1818,7 @@ where
                         if stats.drops(caller) {
                             return; // partitioned since the request came: the answer is lost
                         }
-                        answer_frame(caller, id, body, max, &answers, &stats)
+                        answer_frame(caller, (id, me_epoch.get()), body, max, &answers, &stats)
                     };
                     // Built: another handler of this connection may run.
                     drop(running);
@@ -1755,14 +1864,15 @@ fn failed_frame<Resp: Serialize>(id: u64, reason: &str, max: usize) -> Vec<u8> {
 /// a small `Failed` instead when it cannot be encoded or counted.
 fn answer_frame<Resp: Serialize>(
     caller: NodeId,
-    id: u64,
+    (id, epoch): (u64, u64),
     body: Resp,
     max: usize,
     answers: &Arc<Answers>,
     stats: &TransportStats,
 ) -> (Vec<u8>, Held) {
     let mut frame = Vec::new();
-    if let Err(e) = frame::encode(&ToClient::Response { id, body }, &mut frame, max) {
+    let response = ToClient::Response { id, epoch, body };
+    if let Err(e) = frame::encode(&response, &mut frame, max) {
         warn!(peer = caller, id, error = %e, "answer not sent");
         return (failed_frame::<Resp>(id, &e.to_string(), max), Held::Nothing);
     }

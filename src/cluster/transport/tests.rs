@@ -41,6 +41,7 @@ fn identity(node_id: NodeId, layout: u64) -> Identity {
         layout,
         layout_text: format!("layout-{layout}: nodes 1,2,3 rf 3"),
         key: PeerKey::from_secret(b"the transport tests' secret"),
+        epoch: EpochCell::default(),
     }
 }
 
@@ -74,6 +75,8 @@ struct Server {
     stats: Arc<TransportStats>,
     /// Requests that reached the handler.
     started: Arc<AtomicU64>,
+    /// The layout epoch the last request was stamped with.
+    last_epoch: Arc<AtomicU64>,
 }
 
 impl Server {
@@ -98,8 +101,10 @@ impl Server {
         let addr = listener.local_addr().unwrap();
         let stats = Arc::new(TransportStats::default());
         let started = Arc::new(AtomicU64::new(0));
+        let last_epoch = Arc::new(AtomicU64::new(u64::MAX));
         let task = {
             let (stats, started, budget) = (stats.clone(), started.clone(), budget.clone());
+            let last_epoch = last_epoch.clone();
             tokio::spawn(async move {
                 let mut connections = JoinSet::new();
                 loop {
@@ -109,9 +114,10 @@ impl Server {
                         continue;
                     };
                     while connections.try_join_next().is_some() {}
-                    let started = started.clone();
-                    let handler = move |caller: NodeId, req: TestReq| {
+                    let (started, last_epoch) = (started.clone(), last_epoch.clone());
+                    let handler = move |caller: NodeId, epoch: u64, req: TestReq| {
                         started.fetch_add(1, Relaxed);
+                        last_epoch.store(epoch, Relaxed);
                         async move {
                             match req {
                                 TestReq::Echo(n) => TestResp::Echo { n, caller },
@@ -142,6 +148,7 @@ impl Server {
             task,
             stats,
             started,
+            last_epoch,
         }
     }
 
@@ -389,6 +396,7 @@ async fn bad_frames_drop_only_their_connection() {
     // A request with one bit flipped.
     let mut bad_crc = encode_control(
         &ToServer::Request {
+            epoch: 0,
             id: 1,
             body: TestReq::Echo(1),
         },
@@ -568,6 +576,7 @@ async fn a_caller_without_the_secret_is_refused_and_told_nothing() {
         let transcript = Transcript::of(1, node_id, dialler_nonce, nonce);
         let guess = PeerKey::from_secret(b"a guess at the secret");
         let proven = Proven {
+            epoch: 0,
             proof: if reflect {
                 proof
             } else {
@@ -579,6 +588,7 @@ async fn a_caller_without_the_secret_is_refused_and_told_nothing() {
         let mut out = encode_control(&proven, FRAME_BYTES_MAX_DEFAULT);
         out.extend(encode_control(
             &ToServer::Request {
+                epoch: 0,
                 id: 1,
                 body: TestReq::Echo(7),
             },
@@ -682,6 +692,7 @@ async fn accept_as(stream: &mut TcpStream, me: &Identity) {
     let welcome = encode_control(
         &HelloReply::Welcome {
             node_id: me.node_id,
+            epoch: me.epoch.get(),
         },
         FRAME_BYTES_MAX_DEFAULT,
     );
@@ -910,6 +921,7 @@ async fn answers_never_read_hold_the_budget_until_the_write_stalls() {
     let mut requests = Vec::new();
     for id in 0..256 {
         let request = ToServer::Request {
+            epoch: 0,
             id,
             body: TestReq::Big(1 << 20),
         };
@@ -957,6 +969,7 @@ async fn a_large_frame_is_read_only_once_the_budget_holds_it() {
     // is not, and after the wait the connection is dropped.
     let mut stream = raw_handshaken(server.addr, 9).await.expect("welcome");
     let request = ToServer::Request {
+        epoch: 0,
         id: 1,
         body: TestReq::Big(0),
     };
@@ -1029,6 +1042,7 @@ async fn a_hello_past_the_handshake_limit_is_oversized() {
         .await
         .unwrap();
     let proven = Proven {
+        epoch: 0,
         proof: [0; 32],
         layout: 9,
         layout_text: "x".repeat(INFLIGHT_FREE_BYTES + 1000),
@@ -1086,6 +1100,7 @@ async fn small_requests_in_flight_hold_the_budget() {
     for id in 0..512 {
         // A request of about 4 KiB whose handler never ends.
         let request = ToServer::Request {
+            epoch: 0,
             id,
             body: TestReq::Padded(vec![1; 4000]),
         };
@@ -1107,4 +1122,42 @@ async fn small_requests_in_flight_hold_the_budget() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(server.started.load(Relaxed), running as u64, "no more run");
     drop(stream);
+}
+
+/// Layout epochs (issue 19): a request carries the epoch it was planned
+/// under, and each side learns of a newer epoch on the other from the
+/// handshake, the answers and the pongs, without a request of its own.
+#[tokio::test]
+async fn layout_epochs_travel_both_ways() {
+    let b = identity(2, 7);
+    b.epoch.set(5);
+    let server = Server::start(b.clone(), test_config()).await;
+    let a = identity(1, 7);
+    let peer = spawn_peer(a.clone(), 2, server.addr, test_config());
+
+    // Stamped with the caller's installed epoch, or the one it names.
+    peer.call(TestReq::Echo(1)).await.unwrap();
+    assert_eq!(load(&server.last_epoch), 0);
+    peer.call_at(3, TestReq::Echo(2), WAIT_MAX).await.unwrap();
+    assert_eq!(load(&server.last_epoch), 3);
+    assert_eq!(peer_stats(&peer).newer_epoch(0), Some((5, 2)));
+    assert_eq!(peer_stats(&peer).newer_epoch(5), None, "not newer than 5");
+
+    // The acceptor notes a caller ahead of it.
+    a.epoch.set(9);
+    peer.call(TestReq::Echo(3)).await.unwrap();
+    assert_eq!(load(&server.last_epoch), 9);
+    assert_eq!(server.stats.newer_epoch(5), Some((9, 1)));
+
+    // A pong alone tells the caller the acceptor moved on.
+    b.epoch.set(12);
+    wait_until("a pong reports epoch 12", || {
+        peer_stats(&peer).newer_epoch(9) == Some((12, 2))
+    })
+    .await;
+    // An epoch never goes back in the cell.
+    b.epoch.set(4);
+    assert_eq!(b.epoch.get(), 12);
+    peer.shutdown();
+    server.stop().await;
 }
