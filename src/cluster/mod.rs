@@ -8,6 +8,7 @@ pub mod hints;
 pub mod layout;
 pub mod listing;
 pub mod message;
+pub mod paxos;
 pub mod quorum;
 pub mod ring;
 pub mod transport;
