@@ -55,7 +55,19 @@ fn every_member_follows_a_newer_layout() {
         let fetched = u64::from(id != ids[0]);
         assert_eq!(field(&s, "layouts_installed"), fetched, "node {id}: {s:?}");
     }
-    // The new default W = 3 is in force through every member.
+    // The new default W = 3 is in force at a member that followed it: with
+    // a member cut off, a write that W = 2 would take is refused.
+    cluster.isolate(ids[2]);
+    let refused = cluster.connect(ids[1]).ask(b"set cut 0 0 1\r\nv\r\n");
+    assert!(refused.starts_with("SERVER_ERROR"), "{refused}");
+    cluster.heal(ids[2]);
+    wait_for("every member sees every other up again", || {
+        stats_of(&cluster).values().all(|s| {
+            member_states(s)
+                .values()
+                .all(|st| st == "up" || st == "self")
+        })
+    });
     for &id in &ids {
         let mut c = cluster.connect(id);
         assert_eq!(

@@ -29,7 +29,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::anti_entropy;
 use super::hints::{HintLimits, HintStore};
-use super::layout::{Layout, Topology};
+use super::layout::{EPOCH_LIMIT, Layout, Topology};
 use super::message::{PeerRequest, PeerResponse};
 use super::quorum::{Decision, Quorum};
 use super::ring::NodeId;
@@ -81,6 +81,10 @@ const REFILL_RETRIES_MAX: usize = 5;
 /// its primary refuses it for a newer layout.
 const WRITE_LAYOUT_ATTEMPTS_MAX: usize = 2;
 
+/// A fetch of a peer's layout that failed is not repeated for the same
+/// peer and epoch sooner than this.
+const LAYOUT_REFETCH_AFTER: Duration = Duration::from_secs(1);
+
 /// The layout follower checks for a newer layout at least this often.
 const LAYOUT_FOLLOW_INTERVAL_MS: u64 = 1000;
 
@@ -110,6 +114,10 @@ enum ReplicaCopy {
     Newer(KeyState),
     /// Not confirmed by the replica; held as a hint for it.
     Hinted,
+    /// The replica is at a newer layout epoch than the write was placed
+    /// under: refused unapplied, and not hinted (the newer layout may
+    /// place the key elsewhere).
+    Stale(u64),
     /// Neither the replica nor a hint holder took it.
     Failed {
         why: String,
@@ -244,6 +252,9 @@ pub struct Cluster {
     /// Held while a snapshot is installed: the epoch check and the store
     /// are one step.
     installing: Mutex<()>,
+    /// Held while a layout is fetched from a peer (one at a time): the
+    /// last fetch that failed, from which node, for which epoch, when.
+    fetching: tokio::sync::Mutex<Option<(NodeId, u64, std::time::Instant)>>,
     /// Makes the handle that reaches a member of a newly installed layout.
     spawn_peer: SpawnPeer,
     /// The installed epoch, as this node's transport reports it.
@@ -281,6 +292,7 @@ fn placed_by_caller(request: &PeerRequest) -> bool {
     matches!(
         request,
         PeerRequest::Execute { .. }
+            | PeerRequest::Hint { .. }
             | PeerRequest::ReadKeys { .. }
             | PeerRequest::ReadMeta { .. }
             | PeerRequest::Fetch { .. }
@@ -709,6 +721,7 @@ impl Cluster {
         Self {
             view: ArcSwap::from_pointee(view),
             installing: Mutex::new(()),
+            fetching: tokio::sync::Mutex::new(None),
             spawn_peer,
             epoch,
             hints: Arc::new(Mutex::new(hints)),
@@ -751,6 +764,9 @@ impl Cluster {
     /// differs from the installed layout (two layouts for one epoch: never
     /// installed, and worth an operator's look).
     pub fn install_layout(&self, layout: Layout) -> Result<bool, String> {
+        if layout.epoch >= EPOCH_LIMIT {
+            return Err(format!("layout epoch {} out of range", layout.epoch));
+        }
         if !layout.is_member(self.me) {
             return Err(format!(
                 "layout epoch {} does not name node {}",
@@ -821,17 +837,32 @@ impl Cluster {
             )
             .await;
             let mine = self.view.load().layout.epoch;
-            if let Some((_, node)) = self.transport.newer_epoch(mine) {
-                self.fetch_layout(node).await;
+            if let Some((epoch, node)) = self.transport.newer_epoch(mine) {
+                self.fetch_layout(node, epoch).await;
             }
         }
     }
 
-    /// Asks `node` for its layout and installs it if it is newer; bounded
-    /// by one hop. A failure is logged (rate-limited) and left to the next
-    /// try: the node goes on under the layout it has.
-    async fn fetch_layout(&self, node: NodeId) {
+    /// Asks `node` for its layout, which it reported to be at epoch
+    /// `wanted`, and installs it if it is newer than the installed one;
+    /// bounded by one hop. One fetch at a time: a burst of requests from a
+    /// caller ahead waits for the first fetch instead of each sending its
+    /// own, and then finds the layout installed. A failure is logged
+    /// (rate-limited) and left to the next report of a newer epoch: the
+    /// node goes on under the layout it has.
+    async fn fetch_layout(&self, node: NodeId, wanted: u64) {
+        let mut last_failed = self.fetching.lock().await;
         let view = self.view();
+        if view.layout.epoch >= wanted {
+            return;
+        }
+        // A peer whose layout was just refused is not asked again for the
+        // same epoch at once: each of its requests would cost a fetch.
+        if let Some((n, e, at)) = *last_failed {
+            if n == node && e >= wanted && at.elapsed() < LAYOUT_REFETCH_AFTER {
+                return;
+            }
+        }
         let Some(peer) = view.peer(node) else {
             return;
         };
@@ -839,11 +870,24 @@ impl Cluster {
             .call_timeout(PeerRequest::LayoutGet, self.hop_timeout)
             .await
         {
-            Ok(PeerResponse::Layout(desc)) => Layout::from_desc(&desc, self.partitions),
+            Ok(PeerResponse::Layout(desc)) if desc.epoch <= self.view.load().layout.epoch => {
+                Ok(None)
+            }
+            Ok(PeerResponse::Layout(desc)) => Layout::from_desc(&desc, self.partitions).map(Some),
             Ok(other) => Err(format!("answered {other:?}")),
             Err(e) => Err(e.to_string()),
         };
-        match layout.and_then(|l| self.install_layout(l)) {
+        let installed = layout.and_then(|l| match l {
+            Some(l) => self.install_layout(l),
+            None => Ok(false),
+        });
+        if installed != Ok(true) {
+            // That report led nowhere: let the next one, from any peer,
+            // wake the follower again.
+            self.transport.forget_newer_epoch();
+            *last_failed = Some((node, wanted, std::time::Instant::now()));
+        }
+        match installed {
             Ok(true) => {
                 self.stats.layouts_installed.fetch_add(1, Relaxed);
             }
@@ -867,14 +911,19 @@ impl Cluster {
             return Err(format!("quorums outside 1..={n}"));
         }
         let next = Layout {
-            epoch: current.layout.epoch + 1,
+            epoch: current.layout.epoch + 1, // < EPOCH_LIMIT: checked on every install
             read_quorum,
             write_quorum,
             ..(*current.layout).clone()
         };
         let epoch = next.epoch;
-        self.install_layout(next)?;
-        Ok(epoch)
+        match self.install_layout(next)? {
+            true => Ok(epoch),
+            false => Err(format!(
+                "a layout newer than epoch {} arrived meanwhile; retry",
+                current.layout.epoch
+            )),
+        }
     }
 
     /// Whether this node is a replica of `key` (on its preference list).
@@ -1014,7 +1063,7 @@ impl Cluster {
                 Ok(forwarded) => return forwarded,
                 Err(node) => {
                     let epoch = under.layout.epoch;
-                    self.fetch_layout(node).await;
+                    self.fetch_layout(node, epoch + 1).await;
                     let now = self.view();
                     if now.layout.epoch <= epoch {
                         break;
@@ -1062,7 +1111,10 @@ impl Cluster {
                 write_quorum: u8::try_from(w).unwrap_or(u8::MAX),
             };
             // The primary may wait a full hop for its replicas.
-            match peer.call_timeout(req, self.hop_timeout * 2).await {
+            match peer
+                .call_at(view.layout.epoch, req, self.hop_timeout * 2)
+                .await
+            {
                 Ok(PeerResponse::StaleEpoch { .. }) => return Err(node),
                 Ok(PeerResponse::Executed { reply }) => {
                     out.extend_from_slice(&reply);
@@ -1416,7 +1468,7 @@ impl Cluster {
             let peer = view.handle(*n).clone();
             let req = PeerRequest::Fetch { key: key.to_vec() };
             let timeout = self.hop_timeout;
-            async move { peer.call_timeout(req, timeout).await }
+            async move { peer.call_at(view.layout.epoch, req, timeout).await }
         });
         let mut answered = 0;
         for answer in join_all(calls).await {
@@ -1463,6 +1515,7 @@ impl Cluster {
             let timeout = self.hop_timeout;
             let tx = tx.clone();
             let replaces = replaces.clone();
+            let epoch = view.layout.epoch;
             self.stats.replica_writes_sent.fetch_add(1, Relaxed);
             tokio::spawn(async move {
                 let req = if conditional {
@@ -1478,8 +1531,12 @@ impl Cluster {
                         state: state.clone(),
                     }
                 };
-                let failed = match peer.call_timeout(req, timeout).await {
+                let failed = match peer.call_at(epoch, req, timeout).await {
                     Ok(PeerResponse::Applied) => None,
+                    Ok(PeerResponse::StaleEpoch { epoch }) => {
+                        let _ = tx.send((node, ReplicaCopy::Stale(epoch))).await;
+                        return;
+                    }
                     Ok(PeerResponse::Newer(newer)) => {
                         let _ = tx.send((node, ReplicaCopy::Newer(newer))).await;
                         return;
@@ -1508,7 +1565,7 @@ impl Cluster {
                                 key,
                                 state,
                             };
-                            match h.call_timeout(req, timeout).await {
+                            match h.call_at(epoch, req, timeout).await {
                                 Ok(PeerResponse::Applied) => ReplicaCopy::Hinted,
                                 _ => ReplicaCopy::Failed { why, timed_out },
                             }
@@ -1539,6 +1596,12 @@ impl Cluster {
                 ReplicaCopy::Hinted => {
                     quorum.failed(node, format!("unreachable; hinted to node {holder}"))
                 }
+                ReplicaCopy::Stale(epoch) => quorum.failed(
+                    node,
+                    format!(
+                        "at layout epoch {epoch}, past this write's; the layout changed, retry"
+                    ),
+                ),
                 ReplicaCopy::Failed { why, timed_out } => {
                     if timed_out {
                         self.stats.timeouts.fetch_add(1, Relaxed);
@@ -1826,7 +1889,7 @@ impl Cluster {
                             keys: idx[got.len()..].iter().map(|&i| keys[i].to_vec()).collect(),
                             with_cas,
                         };
-                        match peer.call_timeout(req, timeout).await {
+                        match peer.call_at(view.layout.epoch, req, timeout).await {
                             Ok(PeerResponse::Values(v))
                                 if !v.is_empty() && v.len() <= idx.len() - got.len() =>
                             {
@@ -1968,7 +2031,7 @@ impl Cluster {
             let req = PeerRequest::Fetch { key: key.to_vec() };
             match view
                 .handle(source)
-                .call_timeout(req, self.hop_timeout)
+                .call_at(view.layout.epoch, req, self.hop_timeout)
                 .await
             {
                 Ok(PeerResponse::State(state)) => state,
@@ -1990,8 +2053,9 @@ impl Cluster {
                 state: state.clone(),
             };
             let timeout = self.hop_timeout;
+            let epoch = view.layout.epoch;
             tokio::spawn(async move {
-                if let Err(e) = peer.call_timeout(req, timeout).await {
+                if let Err(e) = peer.call_at(epoch, req, timeout).await {
                     debug!(node, error = %e, "read repair not delivered");
                 }
             });
@@ -2117,7 +2181,7 @@ impl Cluster {
                     key: key.to_vec(),
                 };
                 let timeout = self.hop_timeout;
-                async move { (node, peer.call_timeout(req, timeout).await) }
+                async move { (node, peer.call_at(view.layout.epoch, req, timeout).await) }
             });
             for (node, result) in join_all(calls).await {
                 if let Ok(PeerResponse::MetaRead { version, reply }) = result {
@@ -2237,10 +2301,13 @@ impl Cluster {
         request: PeerRequest,
     ) -> PeerResponse {
         let bad_key = |k: &[u8]| !valid_key(k);
+        if caller_epoch >= EPOCH_LIMIT {
+            return PeerResponse::Refused("layout epoch out of range".into());
+        }
         if caller_epoch > self.view.load().layout.epoch
             && !matches!(request, PeerRequest::LayoutGet)
         {
-            self.fetch_layout(caller).await;
+            self.fetch_layout(caller, caller_epoch).await;
         }
         let view = self.view();
         let view = &*view;
@@ -2842,12 +2909,14 @@ mod install_tests {
         // Readers load snapshots the whole time: each must name a handle
         // for every member but this node, and place keys by its own ring.
         let stop = Arc::new(AtomicBool::new(false));
+        let running = Arc::new(AtomicU64::new(0));
         let readers: Vec<_> = (0..2)
             .map(|_| {
-                let (c, stop) = (c.clone(), stop.clone());
+                let (c, stop, running) = (c.clone(), stop.clone(), running.clone());
                 std::thread::spawn(move || {
                     let mut seen = 0u64;
-                    while !stop.load(Relaxed) {
+                    running.fetch_add(1, Relaxed);
+                    loop {
                         let v = c.view();
                         for m in &v.layout.members {
                             assert_eq!(
@@ -2859,11 +2928,21 @@ mod install_tests {
                         }
                         assert_eq!(v.peers().count(), v.layout.members.len() - 1);
                         seen += 1;
+                        if stop.load(Relaxed) {
+                            break seen;
+                        }
                     }
-                    seen
                 })
             })
             .collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while running.load(Relaxed) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "readers never started"
+            );
+            std::thread::yield_now();
+        }
         for epoch in 1..=200u64 {
             let ids: &[NodeId] = if epoch % 2 == 1 {
                 &[1, 2, 4]
@@ -2939,6 +3018,9 @@ mod install_tests {
         refused(&|d| d.members.clear(), "0 members");
         refused(&|d| d.members.swap(0, 1), "ascending");
         refused(&|d| d.members[0].0 = 0, "ascending");
+        refused(&|d| d.members[2].0 = 4096, "in 1..=4095");
+        refused(&|d| d.members[1].2 = "h".repeat(257), "over 256 bytes");
+        refused(&|d| d.epoch = 1 << 48, "out of range");
         refused(&|d| d.replicas = 4, "N=4");
         refused(&|d| d.read_quorum = 0, "R=0");
         refused(&|d| d.write_quorum = 3, "W=3");
@@ -3134,6 +3216,90 @@ mod install_tests {
         assert_eq!(a.view().layout.epoch, 1);
         assert_eq!(b_local.ran.load(Relaxed), 1, "executed once, under epoch 1");
         assert_eq!(a_local.ran.load(Relaxed), 0);
+        a.shutdown();
+        b.shutdown();
+    }
+
+    /// A primary behind the layout ships a write to a replica ahead of it:
+    /// the replica refuses it unapplied, the write fails saying the layout
+    /// changed, and the state is not handed to a hint holder (which would
+    /// apply it behind the refusal's back). Real nodes (`server::Shared`),
+    /// real sockets.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_ahead_refuses_a_stale_primarys_state_and_it_is_not_hinted() {
+        use crate::server::Shared;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let b_addr = listener.local_addr().unwrap().to_string();
+        let members = vec![
+            member(1),
+            MemberConfig {
+                id: 2,
+                client: "127.0.0.1:20002".into(),
+                peer: b_addr,
+            },
+        ];
+        let node = |id: NodeId| {
+            let mut cluster = ClusterConfig::new(id, members.clone());
+            cluster.partitions = 64;
+            cluster.replicas = 2;
+            cluster.write_quorum = Some(2);
+            let config = crate::config::Config {
+                memory_limit_mb: 8,
+                cluster: Some(cluster.clone()),
+                ..crate::config::Config::default()
+            };
+            let identity = crate::server::cluster::identity(&cluster, PeerKey::open());
+            let c = Arc::new(crate::server::cluster::connect_peers(
+                &cluster,
+                &identity,
+                Arc::new(TcpConnector),
+                |_| TransportConfig::default(),
+            ));
+            let clock: Arc<dyn crate::store::Clock> = Arc::new(crate::store::SystemClock);
+            (
+                Arc::new(Shared::new(&config, clock, 0, Some(c.clone()))),
+                c,
+                identity,
+            )
+        };
+        let (a_shared, a, _) = node(1);
+        let (b_shared, b, b_identity) = node(2);
+        let b_node = b_shared.clone();
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            crate::server::cluster::serve_peer_connection(stream, b_identity, b_shared).await;
+        });
+        assert_eq!(b.bump_quorums(1, 2), Ok(1));
+        // A key whose primary is node 1.
+        let key = (0..)
+            .map(|i| format!("key{i}"))
+            .find(|k| a.view().layout.ring.preference_list_for_key(k.as_bytes())[0] == 1)
+            .unwrap();
+        let raw = format!("set {key} 0 0 1\r\nv\r\n");
+        let Parsed::Complete { request, .. } = parse(raw.as_bytes(), &ParseLimits::new(1 << 20))
+        else {
+            panic!("a set")
+        };
+        let mut out = Vec::new();
+        a.coordinate(&*a_shared, &request, raw.as_bytes(), &mut out)
+            .await;
+        let reply = String::from_utf8_lossy(&out);
+        assert!(
+            reply.starts_with("SERVER_ERROR") && reply.contains("the layout changed"),
+            "{reply}"
+        );
+        assert_eq!(b.stats.stale_epoch_refused.load(Relaxed), 1);
+        assert_eq!(
+            a.hints.lock().targets(),
+            Vec::<NodeId>::new(),
+            "nothing hinted"
+        );
+        assert!(
+            Local::store(&*b_node)
+                .replica_state(key.as_bytes())
+                .is_none(),
+            "the replica ahead applied nothing"
+        );
         a.shutdown();
         b.shutdown();
     }

@@ -73,6 +73,13 @@ impl Layout {
     }
 }
 
+/// Layout epochs stay below this (2^48): the transport packs an epoch with
+/// a node id into 64 bits, and a peer's claim of a higher one is refused.
+pub const EPOCH_LIMIT: u64 = 1 << 48;
+
+/// Longest member address a layout may carry (`host:port`).
+pub const ADDRESS_BYTES_MAX: usize = 256;
+
 /// Most members a layout may have (the transport heartbeats make a full
 /// mesh: see the README's "Known limits").
 pub const LAYOUT_MEMBERS_MAX: usize = 64;
@@ -123,6 +130,9 @@ impl Layout {
     /// outside `1..=N`. Addresses are not checked here: a member's address
     /// is dialled, never trusted.
     pub fn from_desc(desc: &LayoutDesc, partitions: u32) -> Result<Self, String> {
+        if desc.epoch >= EPOCH_LIMIT {
+            return Err(format!("layout epoch {} out of range", desc.epoch));
+        }
         if desc.partitions != partitions {
             return Err(format!(
                 "layout epoch {} has {} partitions, this cluster {partitions}",
@@ -137,9 +147,23 @@ impl Layout {
             ));
         }
         let ids: Vec<NodeId> = desc.members.iter().map(|m| m.0).collect();
-        if ids.contains(&0) || ids.windows(2).any(|w| w[0] >= w[1]) {
+        if ids.contains(&0)
+            || ids.windows(2).any(|w| w[0] >= w[1])
+            || ids.iter().any(|&id| id > crate::store::hlc::NODE_ID_MAX)
+        {
             return Err(format!(
-                "layout epoch {}: member ids not ascending and distinct",
+                "layout epoch {}: member ids not ascending, distinct and in 1..={}",
+                desc.epoch,
+                crate::store::hlc::NODE_ID_MAX
+            ));
+        }
+        if desc
+            .members
+            .iter()
+            .any(|(_, c, p)| c.len() > ADDRESS_BYTES_MAX || p.len() > ADDRESS_BYTES_MAX)
+        {
+            return Err(format!(
+                "layout epoch {}: a member address over {ADDRESS_BYTES_MAX} bytes",
                 desc.epoch
             ));
         }

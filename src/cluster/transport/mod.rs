@@ -335,6 +335,12 @@ impl TransportStats {
         }
     }
 
+    /// Forgets the newest reported epoch, after a fetch from its reporter
+    /// led nowhere: the next report, from any peer, counts again.
+    pub fn forget_newer_epoch(&self) {
+        self.newer_epoch.store(0, Relaxed);
+    }
+
     /// The newest epoch a peer reported above `mine`, and that peer.
     pub fn newer_epoch(&self, mine: u64) -> Option<(u64, NodeId)> {
         let packed = self.newer_epoch.load(Relaxed);

@@ -1126,14 +1126,20 @@ async fn small_requests_in_flight_hold_the_budget() {
 
 /// Layout epochs (issue 19): a request carries the epoch it was planned
 /// under, and each side learns of a newer epoch on the other from the
-/// handshake, the answers and the pongs, without a request of its own.
+/// handshake and from each answer. Heartbeats are slowed to one per 10 s
+/// here, so no pong can be what told it.
 #[tokio::test]
-async fn layout_epochs_travel_both_ways() {
+async fn layout_epochs_travel_on_requests_and_answers() {
+    let config = TransportConfig {
+        call_timeout: Duration::from_secs(30),
+        heartbeat_interval: Duration::from_secs(10),
+        ..test_config()
+    };
     let b = identity(2, 7);
     b.epoch.set(5);
-    let server = Server::start(b.clone(), test_config()).await;
+    let server = Server::start(b.clone(), config.clone()).await;
     let a = identity(1, 7);
-    let peer = spawn_peer(a.clone(), 2, server.addr, test_config());
+    let peer = spawn_peer(a.clone(), 2, server.addr, config);
 
     // Stamped with the caller's installed epoch, or the one it names.
     peer.call(TestReq::Echo(1)).await.unwrap();
@@ -1149,15 +1155,37 @@ async fn layout_epochs_travel_both_ways() {
     assert_eq!(load(&server.last_epoch), 9);
     assert_eq!(server.stats.newer_epoch(5), Some((9, 1)));
 
-    // A pong alone tells the caller the acceptor moved on.
+    // The answer to the next call says the acceptor moved on.
     b.epoch.set(12);
-    wait_until("a pong reports epoch 12", || {
-        peer_stats(&peer).newer_epoch(9) == Some((12, 2))
-    })
-    .await;
-    // An epoch never goes back in the cell.
+    peer.call(TestReq::Echo(4)).await.unwrap();
+    assert_eq!(peer_stats(&peer).newer_epoch(9), Some((12, 2)));
+    // Forgotten after a fetch that led nowhere, then counted again.
+    peer_stats(&peer).forget_newer_epoch();
+    assert_eq!(peer_stats(&peer).newer_epoch(9), None);
+    peer.call(TestReq::Echo(5)).await.unwrap();
+    assert_eq!(peer_stats(&peer).newer_epoch(9), Some((12, 2)));
+    // An epoch never goes back in the cell; a claim past 2^48 is ignored.
     b.epoch.set(4);
     assert_eq!(b.epoch.get(), 12);
+    peer_stats(&peer).note_epoch(3, 1 << 48, 9);
+    assert_eq!(peer_stats(&peer).newer_epoch(9), Some((12, 2)));
+    peer.shutdown();
+    server.stop().await;
+}
+
+/// A pong alone tells a caller with no calls in flight that the acceptor
+/// moved on.
+#[tokio::test]
+async fn a_pong_reports_the_acceptors_epoch() {
+    let b = identity(2, 7);
+    let server = Server::start(b.clone(), test_config()).await;
+    let peer = spawn_peer(identity(1, 7), 2, server.addr, test_config());
+    peer.call(TestReq::Echo(1)).await.unwrap();
+    b.epoch.set(12);
+    wait_until("a pong reports epoch 12", || {
+        peer_stats(&peer).newer_epoch(0) == Some((12, 2))
+    })
+    .await;
     peer.shutdown();
     server.stop().await;
 }
