@@ -326,3 +326,40 @@ fn stats_over_tls_with_authentication() {
     let (ok, err) = webvac(&["stats", "--node", &node, "--auth", "ops:secret"]);
     assert!(!ok, "plaintext to a TLS port: {err}");
 }
+
+/// `webvac cluster quorums R W`: the members decide a new layout epoch and
+/// `cluster status` shows it; a value outside 1..=N is refused with the
+/// node's reason and a failing exit.
+#[test]
+fn cluster_quorums_decides_a_new_epoch_that_status_shows() {
+    let _serial = common::cluster::exclusive();
+    let cluster = Cluster::start(Layout::new(3).quorums(2, 2));
+    let ids = cluster.ids();
+    let node = cluster.member(ids[1]).client.to_string();
+    // The members recover their votes within a second of starting.
+    let mut last = (false, String::new());
+    wait_for("the change decided", || {
+        last = webvac(&["cluster", "quorums", "1", "3", "--node", &node]);
+        last.0
+    });
+    assert_eq!(last.1, "layout epoch 1: R=1 W=3; every member follows it\n");
+    let other = cluster.member(ids[2]).client.to_string();
+    wait_for("another member at epoch 1", || {
+        let status = json(&["cluster", "status", "--node", &other]);
+        n(&status, "/epoch") == 1 && n(&status, "/write_quorum") == 3
+    });
+    let (ok, table) = webvac(&["cluster", "status", "--node", &other]);
+    assert!(ok, "{table}");
+    assert!(
+        table.starts_with("cluster of 3 members, layout epoch 1, 1024 partitions, N=3 R=1 W=3"),
+        "{table}"
+    );
+    let (ok, err) = webvac(&["cluster", "quorums", "4", "1", "--node", &node]);
+    assert!(!ok);
+    assert!(
+        err.contains("CLIENT_ERROR quorums must be within 1..=3 (N)"),
+        "{err}"
+    );
+    let doc = json(&["cluster", "quorums", "2", "2", "--node", &other]);
+    assert_eq!(n(&doc, "/epoch"), 2, "{doc}");
+}

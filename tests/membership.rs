@@ -130,3 +130,162 @@ fn a_member_cut_off_across_changes_catches_up_and_is_never_refused() {
         })
     });
 }
+
+/// `cluster quorums R W` until it answers `OK`, as an operator retrying
+/// while the members come up: the answer.
+fn change_quorums(cluster: &Cluster, through: u16, r: u8, w: u8) -> String {
+    let deadline = std::time::Instant::now() + common::hostile::WAIT_MAX;
+    loop {
+        let answer = cluster
+            .connect(through)
+            .ask(format!("cluster quorums {r} {w}\r\n").as_bytes());
+        if answer.starts_with("OK") {
+            return answer;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "cluster quorums {r} {w} through node {through}: {answer}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_quorum_change_is_decided_by_the_members_and_every_member_follows() {
+    let _serial = common::cluster::exclusive();
+    let cluster = Cluster::start(Layout::new(3).quorums(2, 2));
+    let ids = cluster.ids();
+    assert_eq!(change_quorums(&cluster, ids[1], 1, 3), "OK epoch 1\r\n");
+    wait_for("every member at epoch 1 with R=1 W=3", || {
+        stats_of(&cluster).values().all(|s| {
+            field(s, "epoch") == 1 && field(s, "read_quorum") == 1 && field(s, "write_quorum") == 3
+        })
+    });
+    let mut c = cluster.connect(ids[0]);
+    // Bad input: a clear answer, nothing decided.
+    assert_eq!(
+        c.ask(b"cluster quorums 1 4\r\n"),
+        "CLIENT_ERROR quorums must be within 1..=3 (N)\r\n"
+    );
+    assert_eq!(
+        c.ask(b"cluster quorums 1\r\n"),
+        "CLIENT_ERROR bad command line format\r\n"
+    );
+    assert_eq!(
+        c.ask(b"cluster leave 2\r\n"),
+        "CLIENT_ERROR bad command line format\r\n"
+    );
+    assert_eq!(field(&cluster_stats(&mut c), "epoch"), 1);
+}
+
+/// Two members asked for different changes at once: never two layouts for
+/// one epoch, every member ends at the same one, and a change that did not
+/// win is answered with an error naming the one that did.
+#[test]
+fn concurrent_changes_are_serialised() {
+    let _serial = common::cluster::exclusive();
+    let cluster = Cluster::start(Layout::new(3).quorums(2, 2));
+    let ids = cluster.ids();
+    // Wait until changes can be decided at all (the members recover).
+    assert!(change_quorums(&cluster, ids[0], 2, 2).starts_with("OK epoch 1"));
+    let mut outcomes = Vec::new();
+    for round in 0..5u8 {
+        let (r1, w1, r2, w2) = (1 + round % 3, 3, 3, 1 + round % 3);
+        let answers: Vec<String> = std::thread::scope(|s| {
+            let a = s.spawn(|| {
+                cluster
+                    .connect(ids[0])
+                    .ask(format!("cluster quorums {r1} {w1}\r\n").as_bytes())
+            });
+            let b = s.spawn(|| {
+                cluster
+                    .connect(ids[2])
+                    .ask(format!("cluster quorums {r2} {w2}\r\n").as_bytes())
+            });
+            vec![a.join().unwrap(), b.join().unwrap()]
+        });
+        let epochs: Vec<&str> = answers
+            .iter()
+            .filter_map(|a| a.strip_prefix("OK epoch "))
+            .collect();
+        assert!(
+            epochs.len() < 2 || epochs[0] != epochs[1],
+            "two changes decided for one epoch: {answers:?}"
+        );
+        for a in &answers {
+            assert!(
+                a.starts_with("OK epoch ")
+                    || a.starts_with("SERVER_ERROR another change")
+                    || a.starts_with("SERVER_ERROR other proposals kept"),
+                "{a:?}"
+            );
+        }
+        outcomes.push(answers);
+    }
+    // Every member ends at the same layout.
+    let newest = stats_of(&cluster)
+        .values()
+        .map(|s| field(s, "epoch"))
+        .max()
+        .unwrap();
+    wait_for("every member at the newest epoch with one layout", || {
+        let all = stats_of(&cluster);
+        let layouts: std::collections::BTreeSet<(u64, u64, u64)> = all
+            .values()
+            .map(|s| {
+                (
+                    field(s, "epoch"),
+                    field(s, "read_quorum"),
+                    field(s, "write_quorum"),
+                )
+            })
+            .collect();
+        layouts.len() == 1 && layouts.iter().next().unwrap().0 == newest
+    });
+    println!("concurrent change outcomes: {outcomes:?}");
+}
+
+/// A member restarted (empty, its flags' layout at epoch 0) catches up and
+/// recovers its vote from the others. It may have voted on the next epoch
+/// before it died and cannot know, so it abstains from that one: with
+/// another member cut off, that decree cannot be made. It votes on the
+/// one after.
+#[test]
+fn a_restarted_member_abstains_from_the_next_decree_then_votes() {
+    let _serial = common::cluster::exclusive();
+    let mut cluster = Cluster::start(Layout::new(3).quorums(2, 2).fault_control());
+    let ids = cluster.ids();
+    assert!(change_quorums(&cluster, ids[0], 1, 2).starts_with("OK epoch 1"));
+    cluster.kill(ids[2]);
+    assert!(change_quorums(&cluster, ids[0], 2, 2).starts_with("OK epoch 2"));
+    cluster.restart(ids[2]);
+    wait_for("the restarted member at epoch 2", || {
+        field(&cluster_stats(&mut cluster.connect(ids[2])), "epoch") == 2
+    });
+    // Member 1 cut off: only members 2 and 3 can decide epoch 3, and 3
+    // abstains from it.
+    cluster.isolate(ids[0]);
+    let refused = cluster.connect(ids[1]).ask(b"cluster quorums 1 1\r\n");
+    assert!(
+        refused.starts_with("SERVER_ERROR no majority answered for epoch 3"),
+        "{refused}"
+    );
+    cluster.heal(ids[0]);
+    assert_eq!(change_quorums(&cluster, ids[1], 1, 1), "OK epoch 3\r\n");
+    // Epoch 4 with member 1 cut off again: member 3 votes now.
+    cluster.isolate(ids[0]);
+    assert_eq!(change_quorums(&cluster, ids[1], 2, 1), "OK epoch 4\r\n");
+    cluster.heal(ids[0]);
+    wait_for("every member at epoch 4", || {
+        stats_of(&cluster).values().all(|s| field(s, "epoch") == 4)
+    });
+}
+
+#[test]
+fn a_single_node_does_not_know_the_cluster_command() {
+    let server = common::Server::start(&[]);
+    assert_eq!(
+        server.connect().ask(b"cluster quorums 1 1\r\n"),
+        "ERROR\r\n"
+    );
+}

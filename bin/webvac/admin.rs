@@ -63,6 +63,17 @@ enum ClusterCmd {
     /// Anti-entropy on every member: rounds, partitions compared and
     /// found differing, keys moved, and each pair's last comparison.
     Repair(NodeArgs),
+    /// Set the cluster's default read and write quorums (each within
+    /// 1..=N): a new layout epoch, decided by the members; every member
+    /// follows it.
+    Quorums {
+        /// The new default R.
+        read: u8,
+        /// The new default W.
+        write: u8,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -143,7 +154,7 @@ pub fn main(argv: &[String]) -> anyhow::Result<()> {
         Top::Stats { node, .. } => node,
         Top::Cluster { command } => match command {
             ClusterCmd::Status(node) | ClusterCmd::Repair(node) => node,
-            ClusterCmd::Partitions { node, .. } => node,
+            ClusterCmd::Partitions { node, .. } | ClusterCmd::Quorums { node, .. } => node,
         },
     };
     let _ = SECURITY.set(node.security()?);
@@ -153,7 +164,35 @@ pub fn main(argv: &[String]) -> anyhow::Result<()> {
             ClusterCmd::Status(node) => status(&node),
             ClusterCmd::Partitions { node, all } => partitions(&node, all),
             ClusterCmd::Repair(node) => repair(&node),
+            ClusterCmd::Quorums { read, write, node } => quorums(&node, read, write),
         },
+    }
+}
+
+/// How long `webvac cluster quorums` waits for the decree's answer: each
+/// try takes at most two hops, and a node makes a few.
+const DECREE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `webvac cluster quorums R W`.
+fn quorums(node: &NodeArgs, read: u8, write: u8) -> anyhow::Result<()> {
+    let answer = NodeConn::open(&node.node)?.line(
+        &format!("cluster quorums {read} {write}\r\n"),
+        DECREE_TIMEOUT,
+    )?;
+    let answer = answer.trim_end();
+    match answer.strip_prefix("OK epoch ") {
+        Some(epoch) => {
+            if node.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"epoch": epoch.parse::<u64>()?, "read_quorum": read, "write_quorum": write})
+                );
+            } else {
+                println!("layout epoch {epoch}: R={read} W={write}; every member follows it");
+            }
+            Ok(())
+        }
+        None => bail!("{}: {answer}", node.node),
     }
 }
 
@@ -237,6 +276,36 @@ impl NodeConn {
             addr: addr.to_string(),
             stream,
         })
+    }
+
+    /// Sends `command` and returns the one line it is answered with,
+    /// waiting up to `within` in all.
+    fn line(&mut self, command: &str, within: Duration) -> anyhow::Result<String> {
+        let addr = self.addr.clone();
+        self.stream
+            .write_all(command.as_bytes())
+            .with_context(|| format!("{addr}: cannot send"))?;
+        let deadline = std::time::Instant::now() + within;
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !reply.ends_with(b"\r\n") {
+            match self.stream.read(&mut buf) {
+                Ok(0) => bail!("{addr} closed the connection mid-reply"),
+                Ok(n) => reply.extend_from_slice(&buf[..n]),
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    if std::time::Instant::now() >= deadline {
+                        bail!(
+                            "{addr}: no answer within {within:?}; the change may or may not be decided: see `webvac cluster status`"
+                        )
+                    }
+                }
+                Err(e) => bail!("{addr}: no complete reply: {e}"),
+            }
+            if reply.len() > REPLY_BYTES_MAX {
+                bail!("{addr}: reply past {REPLY_BYTES_MAX} bytes");
+            }
+        }
+        Ok(String::from_utf8_lossy(&reply).into_owned())
     }
 
     /// Sends `stats [group]` and returns its `STAT` lines in order; any
@@ -379,6 +448,7 @@ struct ClusterView {
     node_id: u32,
     partitions: u64,
     replicas: u64,
+    epoch: u64,
     read_quorum: u64,
     write_quorum: u64,
     members: Vec<Member>,
@@ -427,6 +497,7 @@ fn read_view(addr: &str, lines: Vec<(String, String)>) -> anyhow::Result<Cluster
         node_id: u32::try_from(num("node_id")?)?,
         partitions: num("partitions")?,
         replicas: num("replicas")?,
+        epoch: num("epoch")?,
         read_quorum: num("read_quorum")?,
         write_quorum: num("write_quorum")?,
         members,
@@ -568,6 +639,7 @@ fn status(node: &NodeArgs) -> anyhow::Result<()> {
             .collect();
         let doc = json!({
             "asked": view.node_id,
+            "epoch": view.epoch,
             "partitions": view.partitions,
             "replicas": view.replicas,
             "read_quorum": view.read_quorum,
@@ -580,8 +652,9 @@ fn status(node: &NodeArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "cluster of {} members, {} partitions, N={} R={} W={} (as member {} sees it)",
+        "cluster of {} members, layout epoch {}, {} partitions, N={} R={} W={} (as member {} sees it)",
         view.members.len(),
+        view.epoch,
         view.partitions,
         view.replicas,
         view.read_quorum,

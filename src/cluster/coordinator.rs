@@ -29,13 +29,15 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::anti_entropy;
 use super::hints::{HintLimits, HintStore};
-use super::layout::{EPOCH_LIMIT, Layout, Topology};
+use super::layout::{EPOCH_LIMIT, Layout, LayoutDesc, Topology};
 use super::message::{PeerRequest, PeerResponse};
+use super::paxos::{Acceptor, Ask, Ballot, Outcome, Proposer, Vote};
 use super::quorum::{Decision, Quorum};
 use super::ring::NodeId;
 use super::transport::{CallError, EpochCell, Peer, PeerState, TransportStats};
 use crate::budget::{InflightBudget, Reservation};
 use crate::config::{ClusterConfig, MemberConfig};
+use crate::protocol::cluster_admin::ClusterCmd;
 use crate::protocol::get::{Get, compose_end, compose_value};
 use crate::protocol::meta::{MetaRequest, hints};
 use crate::protocol::stats::put_stat;
@@ -84,6 +86,21 @@ const WRITE_LAYOUT_ATTEMPTS_MAX: usize = 2;
 /// A fetch of a peer's layout that failed is not repeated for the same
 /// peer and epoch sooner than this.
 const LAYOUT_REFETCH_AFTER: Duration = Duration::from_secs(1);
+
+/// Tries of one proposal that another proposer preempts.
+const PROPOSE_TRIES_MAX: usize = 8;
+
+/// A layout in words, for an operator reading an error.
+fn describe(d: &LayoutDesc) -> String {
+    let ids: Vec<String> = d.members.iter().map(|m| m.0.to_string()).collect();
+    format!(
+        "members {} N={} R={} W={}",
+        ids.join(","),
+        d.replicas,
+        d.read_quorum,
+        d.write_quorum
+    )
+}
 
 /// The layout follower checks for a newer layout at least this often.
 const LAYOUT_FOLLOW_INTERVAL_MS: u64 = 1000;
@@ -259,6 +276,14 @@ pub struct Cluster {
     spawn_peer: SpawnPeer,
     /// The installed epoch, as this node's transport reports it.
     epoch: EpochCell,
+    /// This node's vote in layout decrees. Starts recovering: a node
+    /// cannot tell its first start from a restart, and after a restart it
+    /// must not vote again where it may have voted before.
+    acceptor: Mutex<Acceptor<LayoutDesc>>,
+    /// The round of this node's next ballot.
+    next_round: AtomicU64,
+    /// One proposal from this node at a time.
+    proposing: tokio::sync::Mutex<()>,
     hop_timeout: Duration,
     /// Hints this node holds for unreachable replicas.
     hints: Arc<Mutex<HintStore>>,
@@ -347,10 +372,13 @@ enum Plan<'r> {
         token: &'r [u8],
         count: usize,
     },
+    /// `cluster <change>`: a layout decree; `None`: a malformed line.
+    Admin(Option<&'r ClusterCmd>),
 }
 
 fn plan<'r>(request: &'r Request<'r>) -> Plan<'r> {
     match request {
+        Request::Cluster(cmd) => Plan::Admin(cmd.as_ref()),
         Request::ListKeys(l) => Plan::ListKeys {
             token: l.token,
             count: l.count,
@@ -724,6 +752,9 @@ impl Cluster {
             fetching: tokio::sync::Mutex::new(None),
             spawn_peer,
             epoch,
+            acceptor: Mutex::new(Acceptor::recovering(0)),
+            next_round: AtomicU64::new(1),
+            proposing: tokio::sync::Mutex::new(()),
             hints: Arc::new(Mutex::new(hints)),
             sloppy_quorum: config.sloppy_quorum,
             anti_entropy: anti_entropy::Settings::of(config),
@@ -807,6 +838,7 @@ impl Cluster {
         let epoch = next.layout.epoch;
         self.view.store(Arc::new(next));
         self.epoch.set(epoch);
+        self.acceptor.lock().installed(epoch);
         let next = self.view.load();
         for (id, p) in current.peers() {
             if next.peer(id).is_none_or(|n| !n.same_as(p)) {
@@ -840,7 +872,222 @@ impl Cluster {
             if let Some((epoch, node)) = self.transport.newer_epoch(mine) {
                 self.fetch_layout(node, epoch).await;
             }
+            if !self.acceptor.lock().is_recovered() {
+                self.recover().await;
+            }
         }
+    }
+
+    /// Ends the acceptor's recovery once enough members have reported what
+    /// they know of layout decrees (see [`super::paxos::recovery_floor`]):
+    /// - recovered voters of a majority: abstain up to one above the
+    ///   highest slot they know of;
+    /// - otherwise, when a majority of the voters, this node included, is
+    ///   recovering and every voter answered: the cluster is starting (or a
+    ///   majority restarted at once, past the documented limit, which is a
+    ///   restart from the configured layout, as a whole-cluster restart
+    ///   is): abstain up to the highest epoch any of them installed or
+    ///   knows of.
+    async fn recover(&self) {
+        let view = self.view();
+        let voters = view.layout.members.len();
+        let answers = join_all(view.peers().map(|(node, peer)| async move {
+            match peer
+                .call_timeout(PeerRequest::LayoutReport, self.hop_timeout)
+                .await
+            {
+                Ok(PeerResponse::LayoutReport { installed, known }) => {
+                    Some((node, installed, known))
+                }
+                _ => None,
+            }
+        }))
+        .await;
+        let answers: Vec<(NodeId, u64, Option<u64>)> = answers.into_iter().flatten().collect();
+        let known: Vec<u64> = answers.iter().filter_map(|a| a.2).collect();
+        let floor = super::paxos::recovery_floor(voters, &known).or_else(|| {
+            let recovering = 1 + answers.iter().filter(|a| a.2.is_none()).count();
+            let all_answered = answers.len() + 1 == voters;
+            (all_answered && recovering > voters / 2).then(|| {
+                answers
+                    .iter()
+                    .map(|a| a.1.max(a.2.unwrap_or(0)))
+                    .chain([view.layout.epoch])
+                    .max()
+                    .unwrap_or(0)
+            })
+        });
+        if let Some(floor) = floor {
+            self.acceptor.lock().recovered(floor);
+            info!(
+                floor,
+                "layout decrees: this node votes on epochs above {floor}"
+            );
+        }
+    }
+
+    /// Decides the next layout, `change` of the installed one, with the
+    /// members of the installed one (Paxos, [`super::paxos`]), and installs
+    /// it here; the other members follow it as they follow any newer
+    /// layout. Returns its epoch.
+    ///
+    /// # Errors
+    /// With a message for the operator: `change` refused it; another
+    /// change was being decided and won (named); too few members could
+    /// vote; or the outcome is unknown (answers timed out: the change may
+    /// or may not be decided).
+    pub async fn propose(
+        &self,
+        what: &str,
+        change: impl Fn(&Layout) -> Result<Layout, String>,
+    ) -> Result<u64, String> {
+        let _one_at_a_time = self.proposing.lock().await;
+        for _try in 0..PROPOSE_TRIES_MAX {
+            let view = self.view();
+            let base = &view.layout;
+            let next = Layout {
+                epoch: base.epoch + 1,
+                ..change(base)?
+            };
+            let slot = next.epoch;
+            if slot >= EPOCH_LIMIT {
+                return Err("layout epoch out of range".into());
+            }
+            let ballot = Ballot {
+                round: self.next_round.fetch_add(1, Relaxed),
+                node: self.me,
+            };
+            let voters = base.member_ids().into_iter().collect();
+            let (mut proposer, prepare) = Proposer::start(slot, ballot, voters, next.desc());
+            let mut ask = Some(prepare);
+            while let Some(a) = ask.take() {
+                for (node, vote) in self.ask_voters(&view, &a).await {
+                    if let Some(accept) = proposer.on_vote(node, vote) {
+                        ask = Some(accept);
+                    }
+                }
+            }
+            match proposer.outcome().clone() {
+                Outcome::Chosen { value, own } => {
+                    let epoch = value.epoch;
+                    let layout = Layout::from_desc(&value, self.partitions)?;
+                    self.install_layout(layout)?;
+                    if own {
+                        info!(epoch, change = what, "layout decided");
+                        return Ok(epoch);
+                    }
+                    return Err(format!(
+                        "another change was pending and is now decided as epoch {epoch} ({}); yours ({what}) was not made",
+                        describe(&value)
+                    ));
+                }
+                Outcome::Preempted(b) => {
+                    // Another proposer: go above its ballot, after a pause
+                    // that lets it finish first.
+                    self.next_round.fetch_max(b.round + 1, Relaxed);
+                    let pause = 10 + (xxh3_64(&b.round.to_le_bytes()) ^ u64::from(self.me)) % 40;
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Outcome::Decided(epoch) => {
+                    return Err(format!(
+                        "another change was decided as epoch {epoch} first; yours ({what}) was not made, retry it"
+                    ));
+                }
+                Outcome::NoMajority => {
+                    return Err(format!(
+                        "too few members can vote on epoch {slot} (restarting, or behind); retry"
+                    ));
+                }
+                Outcome::Pending => {
+                    return Err(format!(
+                        "no majority answered for epoch {slot} in time; the change ({what}) may or may not be decided: see stats cluster"
+                    ));
+                }
+            }
+        }
+        Err(format!(
+            "other proposals kept preempting this one ({what}); retry"
+        ))
+    }
+
+    /// `cluster <change>`: decides the change and answers `OK epoch <E>`,
+    /// or why not.
+    async fn admin(&self, cmd: Option<&ClusterCmd>, out: &mut Vec<u8>) {
+        let Some(cmd) = cmd else {
+            return put_line(out, crate::protocol::reply::BAD_FORMAT.as_bytes());
+        };
+        let decided = match *cmd {
+            ClusterCmd::Quorums { read, write } => {
+                let n = self.view.load().layout.ring.replicas();
+                if !(1..=n).contains(&usize::from(read)) || !(1..=n).contains(&usize::from(write)) {
+                    return put_line(
+                        out,
+                        format!("CLIENT_ERROR quorums must be within 1..={n} (N)").as_bytes(),
+                    );
+                }
+                let what = format!("quorums R={read} W={write}");
+                self.propose(&what, |base| {
+                    let n = base.ring.replicas();
+                    let (r, w) = (usize::from(read), usize::from(write));
+                    if !(1..=n).contains(&r) || !(1..=n).contains(&w) {
+                        return Err(format!("quorums must be within 1..={n} (N)"));
+                    }
+                    Ok(Layout {
+                        read_quorum: r,
+                        write_quorum: w,
+                        ..base.clone()
+                    })
+                })
+                .await
+            }
+        };
+        match decided {
+            Ok(epoch) => put_line(out, format!("OK epoch {epoch}").as_bytes()),
+            Err(why) => server_error(out, false, &why),
+        }
+    }
+
+    /// Sends one Paxos message to every voter of `view` (this node's own
+    /// acceptor included) and gathers the answers that arrive within a hop.
+    async fn ask_voters(
+        &self,
+        view: &Topology,
+        ask: &Ask<LayoutDesc>,
+    ) -> Vec<(NodeId, Vote<LayoutDesc>)> {
+        let local = match ask.clone() {
+            Ask::Prepare { slot, ballot } => self.acceptor.lock().prepare(slot, ballot),
+            Ask::Accept {
+                slot,
+                ballot,
+                value,
+            } => self.acceptor.lock().accept(slot, ballot, value),
+        };
+        let request = || match ask.clone() {
+            Ask::Prepare { slot, ballot } => PeerRequest::LayoutPrepare { slot, ballot },
+            Ask::Accept {
+                slot,
+                ballot,
+                value,
+            } => PeerRequest::LayoutAccept {
+                slot,
+                ballot,
+                layout: value,
+            },
+        };
+        let remote = join_all(view.peers().map(|(node, peer)| {
+            let req = request();
+            async move {
+                match peer.call_timeout(req, self.hop_timeout).await {
+                    Ok(PeerResponse::LayoutVote(v)) => Some((node, v)),
+                    _ => None,
+                }
+            }
+        }))
+        .await;
+        std::iter::once(Some((self.me, local)))
+            .chain(remote)
+            .flatten()
+            .collect()
     }
 
     /// Asks `node` for its layout, which it reported to be at epoch
@@ -1032,6 +1279,7 @@ impl Cluster {
                     .await
             }
             Plan::ListKeys { token, count } => self.list_keys(view, local, token, count, out).await,
+            Plan::Admin(cmd) => self.admin(cmd, out).await,
         }
     }
 
@@ -2305,7 +2553,7 @@ impl Cluster {
             return PeerResponse::Refused("layout epoch out of range".into());
         }
         if caller_epoch > self.view.load().layout.epoch
-            && !matches!(request, PeerRequest::LayoutGet)
+            && !matches!(request, PeerRequest::LayoutGet | PeerRequest::LayoutReport)
         {
             self.fetch_layout(caller, caller_epoch).await;
         }
@@ -2319,6 +2567,26 @@ impl Cluster {
         }
         match request {
             PeerRequest::LayoutGet => PeerResponse::Layout(view.layout.desc()),
+            PeerRequest::LayoutPrepare { slot, ballot } => {
+                PeerResponse::LayoutVote(self.acceptor.lock().prepare(slot, ballot))
+            }
+            PeerRequest::LayoutAccept {
+                slot,
+                ballot,
+                layout,
+            } => {
+                if layout.epoch != slot || Layout::from_desc(&layout, self.partitions).is_err() {
+                    return PeerResponse::Refused("invalid layout".into());
+                }
+                PeerResponse::LayoutVote(self.acceptor.lock().accept(slot, ballot, layout))
+            }
+            PeerRequest::LayoutReport => {
+                let a = self.acceptor.lock();
+                PeerResponse::LayoutReport {
+                    installed: view.layout.epoch,
+                    known: a.report(),
+                }
+            }
             PeerRequest::Execute {
                 command,
                 write_quorum,

@@ -10,6 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::layout::LayoutDesc;
+use crate::cluster::paxos::{Ballot, Vote};
 use crate::store::merkle::TreeNode;
 use crate::store::{KeyState, KeyVersion, ListedKey};
 
@@ -144,6 +145,25 @@ pub enum PeerRequest {
     /// The layout this node has installed, for a caller that is behind.
     /// Never refused for the caller's epoch.
     LayoutGet,
+    /// Paxos phase 1 for the layout of epoch `slot` (see [`super::paxos`]).
+    LayoutPrepare {
+        /// The epoch being decided.
+        slot: u64,
+        /// The proposer's ballot.
+        ballot: Ballot,
+    },
+    /// Paxos phase 2: accept `layout` for epoch `slot`.
+    LayoutAccept {
+        /// The epoch being decided.
+        slot: u64,
+        /// The proposer's ballot.
+        ballot: Ballot,
+        /// The proposed layout (its epoch is `slot`).
+        layout: LayoutDesc,
+    },
+    /// What this node knows of layout decrees, for a node recovering from
+    /// a restart.
+    LayoutReport,
 }
 
 /// The answer to one [`PeerRequest`].
@@ -218,6 +238,17 @@ pub enum PeerResponse {
     Refused(String),
     /// Answer to [`PeerRequest::LayoutGet`].
     Layout(LayoutDesc),
+    /// Answer to [`PeerRequest::LayoutPrepare`] and
+    /// [`PeerRequest::LayoutAccept`].
+    LayoutVote(Vote<LayoutDesc>),
+    /// Answer to [`PeerRequest::LayoutReport`].
+    LayoutReport {
+        /// The epoch installed.
+        installed: u64,
+        /// The highest slot known ([`super::paxos::Acceptor::report`]);
+        /// `None`: recovering itself.
+        known: Option<u64>,
+    },
     /// The request was planned under an older layout than this node's
     /// (`epoch`); nothing was done. The caller fetches the newer layout.
     StaleEpoch {

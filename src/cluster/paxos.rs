@@ -131,13 +131,17 @@ impl<T: Clone> Acceptor<T> {
         self.floor.is_some()
     }
 
-    /// What it reports to a recovering peer: the highest slot it knows of
-    /// (installed, promised or accepted in, or its own recovery floor).
-    /// `None` while it is recovering itself (its report would be a lie).
+    /// What it reports to a recovering peer: the highest slot it knows a
+    /// value of (installed, or accepted in), or its own recovery floor.
+    /// A promise alone does not count: the argument of [`recovery_floor`]
+    /// rests on accepted values, and counting promises would make every
+    /// failed prepare push a recovering node's floor past the next slot,
+    /// which then could never gather a majority. `None` while it is
+    /// recovering itself (its report would be a lie).
     pub fn report(&self) -> Option<u64> {
         let floor = self.floor?;
-        let pending = self.promised != Ballot::ZERO || self.accepted.is_some();
-        Some((self.installed + u64::from(pending)).max(floor))
+        let accepted = self.accepted.is_some();
+        Some((self.installed + u64::from(accepted)).max(floor))
     }
 
     /// The node installed epoch `epoch` (decided by any means): promises

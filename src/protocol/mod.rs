@@ -9,6 +9,7 @@
 //! buffer, so parsing copies nothing.
 
 pub mod arith;
+pub mod cluster_admin;
 pub mod delete;
 pub mod fault;
 pub mod flush_all;
@@ -109,6 +110,9 @@ pub enum Request<'a> {
     /// webvac's runtime fault injection (`fault`), for tests; `None` when
     /// the line is malformed (see [`fault`] for why that is not an error).
     Fault(Option<fault::FaultCmd>),
+    /// webvac's cluster administration (`cluster`); `None` when the line
+    /// is malformed.
+    Cluster(Option<cluster_admin::ClusterCmd>),
     /// Answer with this line (unless `noreply`) and carry on. `swallow` bytes
     /// that follow belong to a rejected data block and must be discarded.
     Error {
@@ -312,6 +316,7 @@ pub fn parse<'a>(buf: &'a [u8], limits: &ParseLimits) -> Parsed<'a> {
         },
         b"lk" => list_keys::parse(&tokens),
         b"fault" => fault::parse(&tokens),
+        b"cluster" => cluster_admin::parse(&tokens),
         b"shutdown" => Request::Shutdown {
             // memcached: `shutdown` or `shutdown graceful`.
             mode_valid: tokens.ntokens() == 2

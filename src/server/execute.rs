@@ -131,6 +131,9 @@ pub fn execute(shared: &Shared, request: Request<'_>, out: &mut Vec<u8>) -> Acti
             }
         }
         Request::Stats(cmd) => stats(shared, cmd, out),
+        // Runs on a cluster member's coordinator; a single node does not
+        // know the command.
+        Request::Cluster(_) => put_line(out, reply::ERROR.as_bytes()),
         Request::Fault(cmd) => {
             shared
                 .fault_control

@@ -23,6 +23,7 @@ fn an_acceptor_votes_on_the_slot_after_its_epoch_only() {
             accepted: None
         }
     );
+    assert_eq!(a.report(), Some(4), "a promise alone is not reported");
     // A lower or equal ballot is refused, naming the promise.
     assert_eq!(
         a.prepare(5, b(1, 9)),
@@ -73,6 +74,8 @@ fn a_restarted_acceptor_abstains_until_and_after_recovery() {
     assert_eq!(a.prepare(2, b(1, 1)), Vote::Refused(Refusal::Abstains));
     a.installed(2);
     assert!(matches!(a.prepare(3, b(1, 1)), Vote::Promise { .. }));
+    assert_eq!(a.report(), Some(2));
+    assert!(matches!(a.accept(3, b(1, 1), "v"), Vote::Accepted { .. }));
     assert_eq!(a.report(), Some(3));
 }
 

@@ -1,0 +1,91 @@
+//! `cluster <change>`: webvac's membership and layout administration on the
+//! client port (a cluster member only; a single node answers `ERROR`, the
+//! unknown command it is there).
+//!
+//! ```text
+//! cluster quorums <R> <W>     set the cluster's default read and write quorums
+//!                             (1..=N): a new layout epoch, decided by the
+//!                             members (see the README, "Layout epochs")
+//! ```
+//!
+//! Answers `OK epoch <E>` once the new layout is decided and installed on
+//! the node asked; `SERVER_ERROR <why>` when it was not (another change won,
+//! too few members could vote; the reason says which); `CLIENT_ERROR bad
+//! command line format` for a malformed line.
+
+use super::{Request, Tokens};
+
+/// One administrative change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterCmd {
+    /// `cluster quorums <R> <W>`.
+    Quorums {
+        /// The new default R.
+        read: u8,
+        /// The new default W.
+        write: u8,
+    },
+}
+
+/// Parses `cluster` from its line's tokens: `None` when malformed.
+pub fn parse<'a>(tokens: &Tokens<'a>) -> Request<'a> {
+    Request::Cluster(parse_cmd(tokens.as_slice()))
+}
+
+fn parse_cmd(tokens: &[&[u8]]) -> Option<ClusterCmd> {
+    let number = |n: &[u8]| -> Option<u8> {
+        let digits = !n.is_empty() && n.len() <= 3 && n.iter().all(u8::is_ascii_digit);
+        digits
+            .then(|| std::str::from_utf8(n).ok()?.parse().ok())
+            .flatten()
+    };
+    match tokens {
+        [_, b"quorums", r, w] => Some(ClusterCmd::Quorums {
+            read: number(r)?,
+            write: number(w)?,
+        }),
+        _ => None,
+    }
+}
+
+/// Appends the command line for `cmd`.
+pub fn compose(out: &mut Vec<u8>, cmd: &ClusterCmd) {
+    let line = match cmd {
+        ClusterCmd::Quorums { read, write } => format!("cluster quorums {read} {write}"),
+    };
+    super::put_line(out, line.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_util::*;
+    use super::*;
+
+    fn cmd_of(line: &[u8]) -> Option<ClusterCmd> {
+        match one(line).0 {
+            Request::Cluster(c) => c,
+            other => panic!("expected a cluster command, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_and_composes() {
+        let q = ClusterCmd::Quorums { read: 2, write: 3 };
+        assert_eq!(cmd_of(b"cluster quorums 2 3\r\n"), Some(q.clone()));
+        let mut out = Vec::new();
+        compose(&mut out, &q);
+        assert_eq!(out, b"cluster quorums 2 3\r\n");
+        for bad in [
+            &b"cluster\r\n"[..],
+            b"cluster quorums\r\n",
+            b"cluster quorums 2\r\n",
+            b"cluster quorums 2 3 4\r\n",
+            b"cluster quorums -1 2\r\n",
+            b"cluster quorums 2 300\r\n",
+            b"cluster quorums x 2\r\n",
+            b"cluster leave 2\r\n",
+        ] {
+            assert_eq!(cmd_of(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}
