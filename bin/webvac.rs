@@ -134,6 +134,12 @@ struct Args {
     /// this node included. Replaces the file's member list.
     #[arg(long = "member", value_parser = parse_member)]
     members: Vec<MemberConfig>,
+    /// Cluster: join the running cluster that SEED_PEER_ADDR (any member's
+    /// peer address) belongs to, as a standby member that holds no
+    /// partitions yet; --member need name only this node, and N, R, W and
+    /// P come from the cluster.
+    #[arg(long = "join", value_name = "SEED_PEER_ADDR")]
+    join: Option<String>,
     /// Cluster: copies of each partition (N, default 3).
     #[arg(long = "replicas")]
     replicas: Option<usize>,
@@ -280,6 +286,7 @@ fn cluster_flags(
 ) -> anyhow::Result<Option<ClusterConfig>> {
     let any_flag = args.node_id.is_some()
         || !args.members.is_empty()
+        || args.join.is_some()
         || args.replicas.is_some()
         || args.read_quorum.is_some()
         || args.write_quorum.is_some()
@@ -317,6 +324,9 @@ fn cluster_flags(
     }
     if !args.members.is_empty() {
         c.members = args.members.clone();
+    }
+    if let Some(seed) = &args.join {
+        c.join = Some(seed.clone());
     }
     if let Some(n) = args.replicas {
         c.replicas = n;

@@ -344,6 +344,12 @@ pub struct ClusterConfig {
     /// every member's peer address is loopback (README, Security).
     #[serde(default)]
     pub secret_file: Option<std::path::PathBuf>,
+    /// Join the running cluster that this member's peer address belongs
+    /// to (`--join`): the node starts as a standby member, holding no
+    /// partitions, and takes N, R, W and P from the cluster; `members`
+    /// need name only this node.
+    #[serde(default)]
+    pub join: Option<String>,
     /// Peer TLS: this node's certificate chain (PEM), presented both when
     /// it dials and when it is dialled; with `tls_key` and `tls_ca`, every
     /// peer connection is TLS, both ends checked against `tls_ca`.
@@ -457,6 +463,7 @@ impl ClusterConfig {
             tombstone_grace_secs: tombstone_grace_secs_default(),
             clock_drift_max_ms: clock_drift_max_ms_default(),
             secret_file: None,
+            join: None,
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
@@ -572,6 +579,14 @@ impl ClusterConfig {
                     m.id, m.peer
                 ));
             }
+            if let Some(seed) = self.join.as_deref().filter(|s| !is_loopback(s)) {
+                return bad(format!(
+                    "cluster.secret_file (--cluster-secret-file) is required: the address to join, {seed}, is not loopback"
+                ));
+            }
+        }
+        if self.join.as_deref().is_some_and(str::is_empty) {
+            return bad("cluster.join (--join) is empty: give a member's peer address".into());
         }
         if self.replicas == 0 {
             return bad("cluster.replicas must be at least 1".into());

@@ -67,14 +67,21 @@ struct Proven {
     layout: u64,
     layout_text: String,
     epoch: u64,
+    joining: bool,
 }
 
 /// The accepting node's verdict (the transport's `HelloReply`).
 #[derive(Deserialize, Debug)]
 #[allow(dead_code)] // read only through Debug
 enum HelloReply {
-    Welcome { node_id: u16, epoch: u64 },
-    Refused { reason: String },
+    Welcome {
+        node_id: u16,
+        epoch: u64,
+        cluster: Option<(u64, String)>,
+    },
+    Refused {
+        reason: String,
+    },
 }
 
 /// Frames after the handshake (the transport's `ToServer`).
@@ -193,6 +200,7 @@ fn dial_raw(
         layout: me.layout,
         layout_text: me.layout_text.clone(),
         epoch: 0,
+        joining: false,
     });
     rest.extend_from_slice(after);
     s.write_all(&rest).ok()?;

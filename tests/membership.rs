@@ -1,9 +1,10 @@
-//! Versioned layouts (issue 19, groundwork): every member follows the
-//! newest layout epoch, a member cut off while the layout changed catches
-//! up when it is reachable again and is never refused for being behind,
-//! and requests keep working across the change. Real processes; the new
-//! layouts come from the test-only `fault layout_quorums R,W` hook until
-//! membership changes are built.
+//! Versioned layouts and membership (issue 19, under way): every member
+//! follows the newest layout epoch, a member cut off while the layout
+//! changed catches up when it is reachable again and is never refused for
+//! being behind, and requests keep working across the change; changes are
+//! decided by the members; a node joins as a standby (`--join`) and a
+//! standby leaves. Real processes; some layouts come from the test-only
+//! `fault layout_quorums R,W` hook.
 
 mod common;
 
@@ -172,8 +173,12 @@ fn a_quorum_change_is_decided_by_the_members_and_every_member_follows() {
         "CLIENT_ERROR bad command line format\r\n"
     );
     assert_eq!(
-        c.ask(b"cluster leave 2\r\n"),
+        c.ask(b"cluster leave x\r\n"),
         "CLIENT_ERROR bad command line format\r\n"
+    );
+    assert_eq!(
+        c.ask(b"cluster leave 2\r\n"),
+        "SERVER_ERROR node 2 leaving would leave 2 members holding partitions, fewer than N=3\r\n"
     );
     assert_eq!(field(&cluster_stats(&mut c), "epoch"), 1);
 }
@@ -288,4 +293,235 @@ fn a_single_node_does_not_know_the_cluster_command() {
         server.connect().ask(b"cluster quorums 1 1\r\n"),
         "ERROR\r\n"
     );
+}
+
+/// Runs `webvac` with `args` (a node that should refuse to start) and
+/// returns its stderr once it exits, which must be within 30 s and not 0.
+fn refused_start(args: &[String]) -> String {
+    let mut child = Cluster::command(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn webvac");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("webvac {args:?} still runs after 30 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped"), &mut stderr)
+        .expect("read stderr");
+    assert!(!status.success(), "{args:?} started: {stderr}");
+    stderr
+}
+
+/// Two free loopback addresses, as `--member ID=CLIENT,PEER` wants them.
+fn fresh_member(id: u16) -> String {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let b = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    format!(
+        "{id}={},{}",
+        a.local_addr().expect("addr"),
+        b.local_addr().expect("addr")
+    )
+}
+
+/// Every running member's epoch and member count, once all agree on them.
+fn settled_on(cluster: &Cluster, epoch: u64, members: u64) {
+    wait_for(
+        &format!("every member at epoch {epoch} with {members} members"),
+        || {
+            stats_of(cluster)
+                .values()
+                .all(|s| field(s, "epoch") == epoch && field(s, "members") == members)
+        },
+    );
+}
+
+fn curr_items(cluster: &Cluster, id: u16) -> u64 {
+    let stats = common::cluster::parse_stats(&cluster.connect(id).ask(b"stats\r\n"));
+    stats["curr_items"].parse().expect("curr_items")
+}
+
+#[test]
+fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
+    let _serial = common::cluster::exclusive();
+    // N = 3 of 3: every founding member holds every key.
+    let mut cluster = Cluster::start(Layout::new(3).no_anti_entropy());
+    let founders = cluster.ids();
+    const KEYS: usize = 60;
+    for i in 0..KEYS {
+        let through = founders[i % 3];
+        let set = format!("set before{i} 0 0 4\r\nb{i:03}\r\n");
+        assert_eq!(cluster.connect(through).ask(set.as_bytes()), "STORED\r\n");
+    }
+
+    // Node 4 joins through node 1's peer address, naming only itself.
+    let joiner: u16 = 4;
+    cluster.join(joiner, founders[0]);
+    settled_on(&cluster, 1, 4);
+    for (id, s) in stats_of(&cluster) {
+        let line = &s[&format!("member:{joiner}")];
+        assert!(line.contains(" standby=1"), "node {id}: {line}");
+        assert!(
+            line.contains("primary_partitions=0 replica_partitions=0"),
+            "node {id}: {line}"
+        );
+        for f in &founders {
+            assert!(
+                !s[&format!("member:{f}")].contains("standby"),
+                "node {id}: {s:?}"
+            );
+        }
+    }
+    let joined = cluster_stats(&mut cluster.connect(joiner));
+    assert_eq!(field(&joined, "partitions"), 1024, "{joined:?}");
+    assert_eq!(field(&joined, "replicas"), 3, "{joined:?}");
+
+    // The standby coordinates: writes through it land on the founders,
+    // reads through it see every key; it holds nothing itself.
+    for i in 0..KEYS {
+        let set = format!("set after{i} 0 0 4\r\na{i:03}\r\n");
+        assert_eq!(cluster.connect(joiner).ask(set.as_bytes()), "STORED\r\n");
+    }
+    let read_all = |cluster: &Cluster, through: u16| {
+        let mut c = cluster.connect(through);
+        for i in 0..KEYS {
+            for (prefix, v) in [
+                ("before", format!("b{i:03}")),
+                ("after", format!("a{i:03}")),
+            ] {
+                let got = c.ask(format!("get {prefix}{i}\r\n").as_bytes());
+                assert_eq!(
+                    got,
+                    format!("VALUE {prefix}{i} 0 4\r\n{v}\r\nEND\r\n"),
+                    "{prefix}{i} through node {through}"
+                );
+            }
+        }
+    };
+    for &id in &cluster.ids() {
+        read_all(&cluster, id);
+    }
+    assert_eq!(curr_items(&cluster, joiner), 0);
+    let held: u64 = founders.iter().map(|&f| curr_items(&cluster, f)).sum();
+    assert_eq!(held, 3 * 2 * KEYS as u64, "N copies of every key");
+
+    // Bad joins are refused with a reason and change nothing.
+    let seed = cluster.member(founders[0]).peer.to_string();
+    let base = |id: u16, member: String| -> Vec<String> {
+        [
+            "--node-id",
+            &id.to_string(),
+            "--member",
+            &member,
+            "--join",
+            &seed,
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+    };
+    let taken = refused_start(&base(founders[1], fresh_member(founders[1])));
+    assert!(
+        taken.contains(&format!("node id {} is taken", founders[1])),
+        "{taken}"
+    );
+    let mut other_p = base(7, fresh_member(7));
+    other_p.extend(["--partitions".into(), "64".into()]);
+    let p = refused_start(&other_p);
+    assert!(p.contains("this cluster has 1024 partitions"), "{p}");
+    let dir = common::fresh_temp_dir("webvac-join");
+    let secret = dir.join("secret");
+    std::fs::write(&secret, "another cluster's secret, long enough\n").expect("write");
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
+    let mut stranger = base(8, fresh_member(8));
+    stranger.extend(["--cluster-secret-file".into(), secret.display().to_string()]);
+    let s = refused_start(&stranger);
+    assert!(s.contains("cluster.secret_file differs"), "{s}");
+    let mut c = cluster.connect(founders[2]);
+    let not_member = c.ask(b"cluster leave 9\r\n");
+    assert!(
+        not_member.starts_with("SERVER_ERROR node 9 is not a member"),
+        "{not_member}"
+    );
+    let too_few = c.ask(format!("cluster leave {}\r\n", founders[1]).as_bytes());
+    assert!(
+        too_few.starts_with(&format!(
+            "SERVER_ERROR node {} leaving would leave 2 members holding partitions, fewer than N=3",
+            founders[1]
+        )),
+        "{too_few}"
+    );
+    settled_on(&cluster, 1, 4);
+
+    // A founder restarted from its flags (the founding member list) learns
+    // the layout with the standby from its peers, and admits the standby.
+    cluster.kill(founders[1]);
+    cluster.restart(founders[1]);
+    settled_on(&cluster, 1, 4);
+    read_all(&cluster, joiner);
+
+    // The standby leaves (asked through a founder): a new epoch without it,
+    // and it stops by itself, exit status 0.
+    // (The restarted members may still be recovering their votes: a
+    // refusal that says to retry is retried, as an operator would.)
+    let deadline = std::time::Instant::now() + common::hostile::WAIT_MAX;
+    let said = loop {
+        let out = Cluster::command(&[
+            "cluster".into(),
+            "leave".into(),
+            joiner.to_string(),
+            "--node".into(),
+            cluster.member(founders[2]).client.to_string(),
+        ])
+        .output()
+        .expect("run webvac cluster leave");
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() {
+            break said;
+        }
+        assert!(
+            err.contains("retry") && std::time::Instant::now() < deadline,
+            "{said} {err}\n{}",
+            cluster.describe_nodes()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(
+        said.contains("layout epoch 2: node 4 is no longer a member"),
+        "{said}"
+    );
+    let status = cluster.wait_exit(joiner, std::time::Duration::from_secs(20));
+    assert!(status.success(), "the node that left exited with {status}");
+    assert!(
+        cluster
+            .stderr_text(joiner)
+            .contains("left the cluster, stopping"),
+        "{}",
+        cluster.stderr_text(joiner)
+    );
+    settled_on(&cluster, 2, 3);
+    for &id in &founders {
+        read_all(&cluster, id);
+    }
+
+    // Started again with the same flags, it joins anew (epoch 3); killed
+    // and started once more, it is a member already: no new epoch.
+    cluster.restart(joiner);
+    settled_on(&cluster, 3, 4);
+    cluster.kill(joiner);
+    cluster.restart(joiner);
+    settled_on(&cluster, 3, 4);
+    read_all(&cluster, joiner);
 }

@@ -260,6 +260,7 @@ fn cluster_config(node_id: u16, settings: Settings) -> ClusterConfig {
         // loopback); the simulation gives the key to `identity` itself
         // and never reads this file.
         secret_file: Some("simulated-cluster.secret".into()),
+        join: None,
         tls_cert: None,
         tls_key: None,
         tls_ca: None,

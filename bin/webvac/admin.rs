@@ -74,6 +74,16 @@ enum ClusterCmd {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Remove member ID from the cluster: a new layout epoch without it,
+    /// decided by the members; the member stops once it is decided. For
+    /// now only a standby member (one that joined with --join and holds
+    /// no partitions) can leave.
+    Leave {
+        /// The member that leaves.
+        id: u16,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -154,7 +164,9 @@ pub fn main(argv: &[String]) -> anyhow::Result<()> {
         Top::Stats { node, .. } => node,
         Top::Cluster { command } => match command {
             ClusterCmd::Status(node) | ClusterCmd::Repair(node) => node,
-            ClusterCmd::Partitions { node, .. } | ClusterCmd::Quorums { node, .. } => node,
+            ClusterCmd::Partitions { node, .. }
+            | ClusterCmd::Quorums { node, .. }
+            | ClusterCmd::Leave { node, .. } => node,
         },
     };
     let _ = SECURITY.set(node.security()?);
@@ -165,6 +177,7 @@ pub fn main(argv: &[String]) -> anyhow::Result<()> {
             ClusterCmd::Partitions { node, all } => partitions(&node, all),
             ClusterCmd::Repair(node) => repair(&node),
             ClusterCmd::Quorums { read, write, node } => quorums(&node, read, write),
+            ClusterCmd::Leave { id, node } => leave(&node, id),
         },
     }
 }
@@ -173,27 +186,40 @@ pub fn main(argv: &[String]) -> anyhow::Result<()> {
 /// try takes at most two hops, and a node makes a few.
 const DECREE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// `webvac cluster quorums R W`.
-fn quorums(node: &NodeArgs, read: u8, write: u8) -> anyhow::Result<()> {
-    let answer = NodeConn::open(&node.node)?.line(
-        &format!("cluster quorums {read} {write}\r\n"),
-        DECREE_TIMEOUT,
-    )?;
+/// Sends one `cluster …` change to the node and returns the epoch that
+/// decided it, or fails with the node's answer.
+fn decree(node: &NodeArgs, command: &str) -> anyhow::Result<u64> {
+    let answer = NodeConn::open(&node.node)?.line(&format!("{command}\r\n"), DECREE_TIMEOUT)?;
     let answer = answer.trim_end();
     match answer.strip_prefix("OK epoch ") {
-        Some(epoch) => {
-            if node.json {
-                println!(
-                    "{}",
-                    serde_json::json!({"epoch": epoch.parse::<u64>()?, "read_quorum": read, "write_quorum": write})
-                );
-            } else {
-                println!("layout epoch {epoch}: R={read} W={write}; every member follows it");
-            }
-            Ok(())
-        }
+        Some(epoch) => Ok(epoch.parse()?),
         None => bail!("{}: {answer}", node.node),
     }
+}
+
+/// `webvac cluster quorums R W`.
+fn quorums(node: &NodeArgs, read: u8, write: u8) -> anyhow::Result<()> {
+    let epoch = decree(node, &format!("cluster quorums {read} {write}"))?;
+    if node.json {
+        println!(
+            "{}",
+            json!({"epoch": epoch, "read_quorum": read, "write_quorum": write})
+        );
+    } else {
+        println!("layout epoch {epoch}: R={read} W={write}; every member follows it");
+    }
+    Ok(())
+}
+
+/// `webvac cluster leave ID`.
+fn leave(node: &NodeArgs, id: u16) -> anyhow::Result<()> {
+    let epoch = decree(node, &format!("cluster leave {id}"))?;
+    if node.json {
+        println!("{}", json!({"epoch": epoch, "left": id}));
+    } else {
+        println!("layout epoch {epoch}: node {id} is no longer a member and stops");
+    }
+    Ok(())
 }
 
 /// The `stats` groups `webvac stats` asks for: those that only read
@@ -442,6 +468,13 @@ struct Member {
     fields: BTreeMap<String, String>,
 }
 
+impl Member {
+    /// Whether it holds no partitions yet (it joined with `--join`).
+    fn standby(&self) -> bool {
+        self.fields.get("standby").is_some_and(|v| v == "1")
+    }
+}
+
 /// `stats cluster` of one node, read.
 #[derive(Debug, Clone)]
 struct ClusterView {
@@ -627,6 +660,7 @@ fn status(node: &NodeArgs) -> anyhow::Result<()> {
                 json!({
                     "id": m.id,
                     "state": m.state,
+                    "standby": m.standby(),
                     "client": m.client,
                     "peer": m.peer,
                     "primary_partitions": m.primary,
@@ -667,7 +701,11 @@ fn status(node: &NodeArgs) -> anyhow::Result<()> {
         .map(|m| {
             [
                 m.id.to_string(),
-                m.state.clone(),
+                if m.standby() {
+                    format!("{} standby", m.state)
+                } else {
+                    m.state.clone()
+                },
                 m.client.clone(),
                 m.peer.clone(),
                 m.primary.to_string(),

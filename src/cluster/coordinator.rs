@@ -90,12 +90,33 @@ const LAYOUT_REFETCH_AFTER: Duration = Duration::from_secs(1);
 /// Tries of one proposal that another proposer preempts.
 const PROPOSE_TRIES_MAX: usize = 8;
 
+/// How long a member asked to admit a joiner keeps proposing while the
+/// members cannot decide yet (recovering, or another change first).
+const JOIN_DECIDE_WAIT: Duration = Duration::from_secs(10);
+
+/// Why [`Cluster::propose`] did not make a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecided {
+    /// For the operator.
+    pub why: String,
+    /// Whether the same change may succeed if asked again (too few voters
+    /// now, another change first, an unknown outcome), as opposed to one
+    /// the layout refuses.
+    pub retry: bool,
+}
+
 /// A layout in words, for an operator reading an error.
 fn describe(d: &LayoutDesc) -> String {
     let ids: Vec<String> = d.members.iter().map(|m| m.0.to_string()).collect();
+    let standby: Vec<String> = d.standby.iter().map(ToString::to_string).collect();
     format!(
-        "members {} N={} R={} W={}",
+        "members {}{} N={} R={} W={}",
         ids.join(","),
+        if standby.is_empty() {
+            String::new()
+        } else {
+            format!(" (standby {})", standby.join(","))
+        },
         d.replicas,
         d.read_quorum,
         d.write_quorum
@@ -298,6 +319,9 @@ pub struct Cluster {
     /// A read-modify-write holds its key's lock from its catch-up to its
     /// reply ([`RMW_LOCKS`]).
     rmw_locks: Box<[tokio::sync::Mutex<()>]>,
+    /// The epoch of a decided layout that no longer names this node: it
+    /// left the cluster, and the server stops ([`Cluster::removed`]).
+    removed: tokio::sync::watch::Sender<Option<u64>>,
 }
 
 /// The error line for a classic command, or nothing when the client asked
@@ -729,7 +753,20 @@ impl Cluster {
         transport: Arc<TransportStats>,
         epoch: EpochCell,
     ) -> Self {
-        let layout = Arc::new(Layout::of(config));
+        Self::with_layout(config, Layout::of(config), spawn_peer, transport, epoch)
+    }
+
+    /// [`Cluster::new`] with `layout` installed from the start instead of
+    /// the configuration's (a node that joined: the layout the cluster
+    /// gave it). `layout` must name `config.node_id`.
+    pub fn with_layout(
+        config: &ClusterConfig,
+        layout: Layout,
+        spawn_peer: SpawnPeer,
+        transport: Arc<TransportStats>,
+        epoch: EpochCell,
+    ) -> Self {
+        let layout = Arc::new(layout);
         let peers = layout
             .members
             .iter()
@@ -738,6 +775,7 @@ impl Cluster {
             .collect();
         let view = Topology::new(layout, config.node_id, peers, BTreeMap::new());
         epoch.set(view.layout.epoch);
+        let acceptor = Acceptor::recovering(view.layout.epoch);
         let hints = HintStore::new(HintLimits {
             per_target_max: config.hints_per_target_max,
             bytes_max: config
@@ -752,7 +790,7 @@ impl Cluster {
             fetching: tokio::sync::Mutex::new(None),
             spawn_peer,
             epoch,
-            acceptor: Mutex::new(Acceptor::recovering(0)),
+            acceptor: Mutex::new(acceptor),
             next_round: AtomicU64::new(1),
             proposing: tokio::sync::Mutex::new(()),
             hints: Arc::new(Mutex::new(hints)),
@@ -766,6 +804,20 @@ impl Cluster {
             rmw_locks: (0..RMW_LOCKS)
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
+            removed: tokio::sync::watch::channel(None).0,
+        }
+    }
+
+    /// Resolves with the epoch of the layout that removed this node, once
+    /// one is decided (`cluster leave`): the node holds nothing the
+    /// cluster needs and stops.
+    pub async fn removed(&self) -> u64 {
+        let mut rx = self.removed.subscribe();
+        let epoch = rx.wait_for(Option::is_some).await.ok().and_then(|e| *e);
+        match epoch {
+            Some(epoch) => epoch,
+            // The sender lives as long as self: never reached.
+            None => std::future::pending().await,
         }
     }
 
@@ -799,6 +851,17 @@ impl Cluster {
             return Err(format!("layout epoch {} out of range", layout.epoch));
         }
         if !layout.is_member(self.me) {
+            if layout.epoch > self.view.load().layout.epoch && self.removed.borrow().is_none() {
+                // Decided without this node (it left): nothing to install;
+                // the server stops.
+                info!(
+                    epoch = layout.epoch,
+                    members = ?layout.member_ids(),
+                    "removed from the cluster"
+                );
+                self.removed.send_replace(Some(layout.epoch));
+                return Ok(false);
+            }
             return Err(format!(
                 "layout epoch {} does not name node {}",
                 layout.epoch, self.me
@@ -940,18 +1003,20 @@ impl Cluster {
         &self,
         what: &str,
         change: impl Fn(&Layout) -> Result<Layout, String>,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, Undecided> {
         let _one_at_a_time = self.proposing.lock().await;
+        let again = |why: String| Undecided { why, retry: true };
+        let refused = |why: String| Undecided { why, retry: false };
         for _try in 0..PROPOSE_TRIES_MAX {
             let view = self.view();
             let base = &view.layout;
             let next = Layout {
                 epoch: base.epoch + 1,
-                ..change(base)?
+                ..change(base).map_err(refused)?
             };
             let slot = next.epoch;
             if slot >= EPOCH_LIMIT {
-                return Err("layout epoch out of range".into());
+                return Err(refused("layout epoch out of range".into()));
             }
             let ballot = Ballot {
                 round: self.next_round.fetch_add(1, Relaxed),
@@ -970,16 +1035,16 @@ impl Cluster {
             match proposer.outcome().clone() {
                 Outcome::Chosen { value, own } => {
                     let epoch = value.epoch;
-                    let layout = Layout::from_desc(&value, self.partitions)?;
-                    self.install_layout(layout)?;
+                    let layout = Layout::from_desc(&value, self.partitions).map_err(refused)?;
+                    self.install_layout(layout).map_err(refused)?;
                     if own {
                         info!(epoch, change = what, "layout decided");
                         return Ok(epoch);
                     }
-                    return Err(format!(
+                    return Err(again(format!(
                         "another change was pending and is now decided as epoch {epoch} ({}); yours ({what}) was not made",
                         describe(&value)
-                    ));
+                    )));
                 }
                 Outcome::Preempted(b) => {
                     // Another proposer: go above its ballot, after a pause
@@ -989,25 +1054,128 @@ impl Cluster {
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
                 Outcome::Decided(epoch) => {
-                    return Err(format!(
+                    return Err(again(format!(
                         "another change was decided as epoch {epoch} first; yours ({what}) was not made, retry it"
-                    ));
+                    )));
                 }
                 Outcome::NoMajority => {
-                    return Err(format!(
+                    return Err(again(format!(
                         "too few members can vote on epoch {slot} (restarting, or behind); retry"
-                    ));
+                    )));
                 }
                 Outcome::Pending => {
-                    return Err(format!(
+                    return Err(again(format!(
                         "no majority answered for epoch {slot} in time; the change ({what}) may or may not be decided: see stats cluster"
-                    ));
+                    )));
                 }
             }
         }
-        Err(format!(
+        Err(again(format!(
             "other proposals kept preempting this one ({what}); retry"
-        ))
+        )))
+    }
+
+    /// Makes `joiner` (a node started with `--join` that asked this one) a
+    /// standby member: a new layout epoch with it, holding no partitions.
+    /// A member asking again with the same addresses (it restarted) gets
+    /// the layout it is in. Returns the layout installed here, and whether
+    /// this call added the joiner (false: it was a member already).
+    ///
+    /// # Errors
+    /// Naming the problem: another partition count; an id or an address
+    /// another member has; too many members; or why the change was not
+    /// decided.
+    async fn admit_joiner(
+        &self,
+        joiner: &MemberConfig,
+        partitions: Option<u32>,
+    ) -> Result<(LayoutDesc, bool), String> {
+        if let Some(p) = partitions.filter(|&p| p != self.partitions) {
+            return Err(format!(
+                "this cluster has {} partitions, node {} was started with {p}; a joining node takes the cluster's (drop --partitions)",
+                self.partitions, joiner.id
+            ));
+        }
+        let fits = |a: &str| !a.is_empty() && a.len() <= super::layout::ADDRESS_BYTES_MAX;
+        if !fits(&joiner.client) || !fits(&joiner.peer) {
+            return Err(format!(
+                "node {}: an address empty or over {} bytes",
+                joiner.id,
+                super::layout::ADDRESS_BYTES_MAX
+            ));
+        }
+        let check = |base: &Layout| -> Result<bool, String> {
+            if let Some(m) = base.members.iter().find(|m| m.id == joiner.id) {
+                if m.client == joiner.client && m.peer == joiner.peer {
+                    return Ok(false); // a member restarted: already in
+                }
+                return Err(format!(
+                    "node id {} is taken: the member at {} (client {}) has it",
+                    m.id, m.peer, m.client
+                ));
+            }
+            if let Some(m) = base
+                .members
+                .iter()
+                .find(|m| m.peer == joiner.peer || m.client == joiner.client)
+            {
+                return Err(format!(
+                    "node {} has the address {} or {} already",
+                    m.id, joiner.peer, joiner.client
+                ));
+            }
+            if base.members.len() >= super::layout::LAYOUT_MEMBERS_MAX {
+                return Err(format!(
+                    "the cluster has {} members, the most it may have",
+                    base.members.len()
+                ));
+            }
+            Ok(true)
+        };
+        let deadline = tokio::time::Instant::now() + JOIN_DECIDE_WAIT;
+        let mut fresh = false;
+        while check(&self.view().layout)? {
+            let what = format!("node {} joins as a standby", joiner.id);
+            let decided = self
+                .propose(&what, |base| {
+                    if !check(base)? {
+                        return Ok(base.clone());
+                    }
+                    let mut members = base.members.clone();
+                    members.push(joiner.clone());
+                    members.sort_by_key(|m| m.id);
+                    let mut standby = base.standby.clone();
+                    standby.push(joiner.id);
+                    standby.sort_unstable();
+                    Ok(base.with_members(members, standby))
+                })
+                .await;
+            match decided {
+                Ok(_) => {
+                    fresh = true;
+                    break;
+                }
+                // Members still recovering, or another change first: try
+                // again on the layout as it is then, for a while.
+                Err(e) if e.retry && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.why),
+            }
+        }
+        Ok((self.view().layout.desc(), fresh))
+    }
+
+    /// This node joined the cluster in the layout of `epoch` and has
+    /// never been a member before it: it cannot have voted on any layout
+    /// decree, so it votes on those after `epoch` at once instead of
+    /// recovering as a restarted member does.
+    pub fn joined_fresh(&self, epoch: u64) {
+        self.acceptor.lock().recovered(epoch);
+        info!(
+            epoch,
+            "layout decrees: a new member votes on epochs above {epoch}"
+        );
     }
 
     /// `cluster <change>`: decides the change and answers `OK epoch <E>`,
@@ -1040,10 +1208,34 @@ impl Cluster {
                 })
                 .await
             }
+            ClusterCmd::Leave { id } => {
+                let what = format!("node {id} leaves");
+                self.propose(&what, |base| {
+                    let id = NodeId::from(id);
+                    if !base.is_member(id) {
+                        return Err(format!("node {id} is not a member"));
+                    }
+                    if !base.is_standby(id) {
+                        let (left, n) = (base.active_count() - 1, base.ring.replicas());
+                        if left < n {
+                            return Err(format!(
+                                "node {id} leaving would leave {left} members holding partitions, fewer than N={n}"
+                            ));
+                        }
+                        return Err(format!(
+                            "node {id} holds partitions; handing them off is not built yet (only a standby member can leave)"
+                        ));
+                    }
+                    let members = base.members.iter().filter(|m| m.id != id).cloned().collect();
+                    let standby = base.standby.iter().copied().filter(|&s| s != id).collect();
+                    Ok(base.with_members(members, standby))
+                })
+                .await
+            }
         };
         match decided {
             Ok(epoch) => put_line(out, format!("OK epoch {epoch}").as_bytes()),
-            Err(why) => server_error(out, false, &why),
+            Err(e) => server_error(out, false, &e.why),
         }
     }
 
@@ -1111,6 +1303,9 @@ impl Cluster {
             }
         }
         let Some(peer) = view.peer(node) else {
+            // A newcomer this node has no handle for (a member added
+            // since): let a member's report of the same epoch count.
+            self.transport.forget_newer_epoch();
             return;
         };
         let layout = match peer
@@ -2580,6 +2775,23 @@ impl Cluster {
                 }
                 PeerResponse::LayoutVote(self.acceptor.lock().accept(slot, ballot, layout))
             }
+            PeerRequest::Join {
+                id,
+                client,
+                peer,
+                partitions,
+            } => {
+                if id != caller {
+                    return PeerResponse::Refused(format!(
+                        "node {caller} cannot ask to join as node {id}"
+                    ));
+                }
+                let joiner = MemberConfig { id, client, peer };
+                match self.admit_joiner(&joiner, partitions).await {
+                    Ok((layout, fresh)) => PeerResponse::Joined { layout, fresh },
+                    Err(why) => PeerResponse::Refused(why),
+                }
+            }
             PeerRequest::LayoutReport => {
                 let a = self.acceptor.lock();
                 PeerResponse::LayoutReport {
@@ -2768,6 +2980,11 @@ impl Cluster {
         put_line(out, b"END");
     }
 
+    /// Whether `id` is a member of the installed layout.
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.view.load().layout.is_member(id)
+    }
+
     /// Every member's id, this node's too.
     pub fn member_ids(&self) -> Vec<NodeId> {
         self.view.load().layout.member_ids()
@@ -2810,6 +3027,9 @@ impl Cluster {
                 "{state} client={} peer={} primary_partitions={primary} replica_partitions={replica}",
                 m.client, m.peer
             );
+            if view.layout.is_standby(m.id) {
+                line.push_str(" standby=1");
+            }
             // A round trip is reported only while the peer is up: the last
             // one measured says nothing about a peer that is down.
             let up = |p: &&PeerHandle| matches!(p.state(), PeerState::Up);
@@ -3259,8 +3479,18 @@ mod install_tests {
             two.contains("another layout for installed epoch 3"),
             "{two}"
         );
-        let without_me = c.install_layout(layout(4, &[2, 3])).unwrap_err();
-        assert!(without_me.contains("does not name node 1"), "{without_me}");
+        // An older layout without this node is an error; a newer one means
+        // it was removed: not installed, and the node is told to stop.
+        let old_without_me = c.install_layout(layout(3, &[2, 3])).unwrap_err();
+        assert!(
+            old_without_me.contains("does not name node 1"),
+            "{old_without_me}"
+        );
+        let stopped = tokio::time::timeout(Duration::from_millis(20), c.removed()).await;
+        assert!(stopped.is_err(), "not removed yet");
+        assert_eq!(c.install_layout(layout(4, &[2, 3])), Ok(false));
+        let removed = tokio::time::timeout(Duration::from_secs(1), c.removed()).await;
+        assert_eq!(removed, Ok(4));
         assert_eq!(c.view().layout.member_ids(), vec![1, 2, 3]);
         assert_eq!(c.view().layout.epoch, 3);
         assert_eq!(

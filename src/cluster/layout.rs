@@ -34,6 +34,10 @@ pub struct Layout {
     pub epoch: u64,
     /// Members, ascending by id.
     pub members: Vec<MemberConfig>,
+    /// Members that hold no partitions yet (joined with `--join`), ascending:
+    /// they coordinate requests and vote on layouts, and the rings leave
+    /// them out.
+    pub standby: Vec<NodeId>,
     /// The first N members per partition: its replicas.
     pub ring: Ring,
     /// Every member per partition in ring order: past the first N are the
@@ -51,15 +55,65 @@ impl Layout {
     pub fn of(config: &ClusterConfig) -> Self {
         let mut members = config.members.clone();
         members.sort_by_key(|m| m.id);
-        let ids: Vec<NodeId> = members.iter().map(|m| m.id).collect();
-        Self {
-            epoch: 0,
-            ring: Ring::new(&ids, config.partitions, config.replicas_effective()),
-            full_ring: Ring::new(&ids, config.partitions, ids.len()),
+        Self::build(
+            0,
             members,
-            read_quorum: config.read_quorum_effective(),
-            write_quorum: config.write_quorum_effective(),
+            Vec::new(),
+            config.partitions,
+            [
+                config.replicas_effective(),
+                config.read_quorum_effective(),
+                config.write_quorum_effective(),
+            ],
+        )
+    }
+
+    /// The layout of `members` (ascending by id) of which `standby` hold
+    /// nothing, over `partitions` partitions with `[N, R, W]`: the rings
+    /// are built over the other members.
+    pub fn build(
+        epoch: u64,
+        members: Vec<MemberConfig>,
+        standby: Vec<NodeId>,
+        partitions: u32,
+        [n, r, w]: [usize; 3],
+    ) -> Self {
+        let active: Vec<NodeId> = members
+            .iter()
+            .map(|m| m.id)
+            .filter(|id| !standby.contains(id))
+            .collect();
+        Self {
+            epoch,
+            ring: Ring::new(&active, partitions, n),
+            full_ring: Ring::new(&active, partitions, active.len()),
+            members,
+            standby,
+            read_quorum: r,
+            write_quorum: w,
         }
+    }
+
+    /// This layout's epoch, P, N, R and W with `members` (ascending by
+    /// id), of which `standby` (ascending) hold nothing.
+    pub fn with_members(&self, members: Vec<MemberConfig>, standby: Vec<NodeId>) -> Self {
+        Self::build(
+            self.epoch,
+            members,
+            standby,
+            self.ring.partitions(),
+            [self.ring.replicas(), self.read_quorum, self.write_quorum],
+        )
+    }
+
+    /// Whether member `id` holds no partitions (joined, not yet given any).
+    pub fn is_standby(&self, id: NodeId) -> bool {
+        self.standby.binary_search(&id).is_ok()
+    }
+
+    /// Members that hold partitions.
+    pub fn active_count(&self) -> usize {
+        self.members.len() - self.standby.len()
     }
 
     /// Member ids, ascending.
@@ -93,6 +147,8 @@ pub struct LayoutDesc {
     pub epoch: u64,
     /// Members as `(id, client address, peer address)`, ascending by id.
     pub members: Vec<(NodeId, String, String)>,
+    /// Members that hold no partitions, ascending.
+    pub standby: Vec<NodeId>,
     /// P, fixed for the life of the cluster.
     pub partitions: u32,
     /// N (at most the member count).
@@ -114,6 +170,7 @@ impl Layout {
                 .iter()
                 .map(|m| (m.id, m.client.clone(), m.peer.clone()))
                 .collect(),
+            standby: self.standby.clone(),
             partitions: self.ring.partitions(),
             replicas: small(self.ring.replicas()),
             read_quorum: small(self.read_quorum),
@@ -126,8 +183,9 @@ impl Layout {
     ///
     /// # Errors
     /// Naming what is wrong: another partition count, no members or more
-    /// than [`LAYOUT_MEMBERS_MAX`], duplicate or zero ids, or quorums
-    /// outside `1..=N`. Addresses are not checked here: a member's address
+    /// than [`LAYOUT_MEMBERS_MAX`], duplicate or zero ids, standby ids that
+    /// are not members (or not ascending), N above the members that hold
+    /// partitions, or quorums outside `1..=N`. Addresses are not checked here: a member's address
     /// is dialled, never trusted.
     pub fn from_desc(desc: &LayoutDesc, partitions: u32) -> Result<Self, String> {
         if desc.epoch >= EPOCH_LIMIT {
@@ -167,33 +225,42 @@ impl Layout {
                 desc.epoch
             ));
         }
+        if desc.standby.windows(2).any(|w| w[0] >= w[1])
+            || desc.standby.iter().any(|id| ids.binary_search(id).is_err())
+        {
+            return Err(format!(
+                "layout epoch {}: standby ids not ascending members",
+                desc.epoch
+            ));
+        }
+        let active = count - desc.standby.len();
         let n = usize::from(desc.replicas);
         let (r, w) = (
             usize::from(desc.read_quorum),
             usize::from(desc.write_quorum),
         );
-        if !(1..=count).contains(&n) || !(1..=n).contains(&r) || !(1..=n).contains(&w) {
+        if !(1..=active).contains(&n) || !(1..=n).contains(&r) || !(1..=n).contains(&w) {
             return Err(format!(
-                "layout epoch {}: N={n} R={r} W={w} with {count} members",
+                "layout epoch {}: N={n} R={r} W={w} with {active} members holding partitions",
                 desc.epoch
             ));
         }
-        Ok(Self {
-            epoch: desc.epoch,
-            members: desc
-                .members
-                .iter()
-                .map(|(id, client, peer)| MemberConfig {
-                    id: *id,
-                    client: client.clone(),
-                    peer: peer.clone(),
-                })
-                .collect(),
-            ring: Ring::new(&ids, partitions, n),
-            full_ring: Ring::new(&ids, partitions, count),
-            read_quorum: r,
-            write_quorum: w,
-        })
+        let members = desc
+            .members
+            .iter()
+            .map(|(id, client, peer)| MemberConfig {
+                id: *id,
+                client: client.clone(),
+                peer: peer.clone(),
+            })
+            .collect();
+        Ok(Self::build(
+            desc.epoch,
+            members,
+            desc.standby.clone(),
+            partitions,
+            [n, r, w],
+        ))
     }
 }
 

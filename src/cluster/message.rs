@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cluster::layout::LayoutDesc;
 use crate::cluster::paxos::{Ballot, Vote};
+use crate::cluster::ring::NodeId;
 use crate::store::merkle::TreeNode;
 use crate::store::{KeyState, KeyVersion, ListedKey};
 
@@ -164,6 +165,21 @@ pub enum PeerRequest {
     /// What this node knows of layout decrees, for a node recovering from
     /// a restart.
     LayoutReport,
+    /// From a node started with `--join` (its connection dialled as a
+    /// joiner): make it a standby member. Answered with the layout that
+    /// has it ([`PeerResponse::Layout`]) or why not
+    /// ([`PeerResponse::Refused`]).
+    Join {
+        /// The joiner's id (the id its handshake named).
+        id: NodeId,
+        /// Where memcached clients reach it.
+        client: String,
+        /// Where the members reach it.
+        peer: String,
+        /// The partition count it was started with, if it named one: it
+        /// must be the cluster's.
+        partitions: Option<u32>,
+    },
 }
 
 /// The answer to one [`PeerRequest`].
@@ -238,6 +254,15 @@ pub enum PeerResponse {
     Refused(String),
     /// Answer to [`PeerRequest::LayoutGet`].
     Layout(LayoutDesc),
+    /// Answer to [`PeerRequest::Join`]: the layout that has the joiner;
+    /// `fresh`: it was added by this layout (it has never voted as a
+    /// member), rather than found a member already (it restarted).
+    Joined {
+        /// The layout installed on the member that answered.
+        layout: LayoutDesc,
+        /// Whether the joiner is new in this layout.
+        fresh: bool,
+    },
     /// Answer to [`PeerRequest::LayoutPrepare`] and
     /// [`PeerRequest::LayoutAccept`].
     LayoutVote(Vote<LayoutDesc>),

@@ -198,19 +198,24 @@ impl<T: Clone> Acceptor<T> {
 }
 
 /// The floor a recovering acceptor abstains up to, from the reports
-/// ([`Acceptor::report`]) of recovered voters: `None` until they number a
-/// majority of `voters`.
+/// ([`Acceptor::report`]) of recovered voters: `None` until there are more
+/// than `voters - majority` of them (a majority of an odd number of
+/// voters; half of an even number).
 ///
 /// Why that is safe: the node voted on slot `s` before it restarted only
 /// after installing `s - 1`, so a majority `Q` had accepted `s - 1`. A
 /// member of `Q` reports at least `s - 1` for ever after: its installed
 /// epoch or pending slot does, and if it restarted, its own floor does (by
-/// the same argument). The recovering node's majority of reports comes
-/// from the other voters, and `Q` has at least `majority - 1` of them:
-/// `majority + majority - 1 > voters - 1`, so the two sets meet. The
-/// floor, one above the highest report, is then at least `s`.
+/// the same argument). The reports come from the other voters, and `Q`
+/// has at least `majority - 1` of them; more than `voters - majority`
+/// reports and those `majority - 1` add up to more than `voters - 1`, the
+/// other voters, so the two sets meet. The floor, one above the highest
+/// report, is then at least `s`. (With four voters two reports suffice:
+/// two members restarted one after the other, the first not yet recovered,
+/// can still recover.)
 pub fn recovery_floor(voters: usize, reports: &[u64]) -> Option<u64> {
-    (reports.len() > voters / 2).then(|| reports.iter().max().copied().unwrap_or(0) + 1)
+    let majority = voters / 2 + 1;
+    (reports.len() > voters - majority).then(|| reports.iter().max().copied().unwrap_or(0) + 1)
 }
 
 /// Where a proposal stands.

@@ -6,6 +6,9 @@
 //! cluster quorums <R> <W>     set the cluster's default read and write quorums
 //!                             (1..=N): a new layout epoch, decided by the
 //!                             members (see the README, "Layout epochs")
+//! cluster leave <ID>          remove member ID (a standby member, for now:
+//!                             one that holds no partitions); it stops once
+//!                             the layout without it is decided
 //! ```
 //!
 //! Answers `OK epoch <E>` once the new layout is decided and installed on
@@ -24,6 +27,11 @@ pub enum ClusterCmd {
         read: u8,
         /// The new default W.
         write: u8,
+    },
+    /// `cluster leave <ID>`.
+    Leave {
+        /// The member that leaves.
+        id: u16,
     },
 }
 
@@ -44,6 +52,14 @@ fn parse_cmd(tokens: &[&[u8]]) -> Option<ClusterCmd> {
             read: number(r)?,
             write: number(w)?,
         }),
+        [_, b"leave", id] => {
+            let digits = !id.is_empty() && id.len() <= 5 && id.iter().all(u8::is_ascii_digit);
+            Some(ClusterCmd::Leave {
+                id: digits
+                    .then(|| std::str::from_utf8(id).ok()?.parse().ok())
+                    .flatten()?,
+            })
+        }
         _ => None,
     }
 }
@@ -52,6 +68,7 @@ fn parse_cmd(tokens: &[&[u8]]) -> Option<ClusterCmd> {
 pub fn compose(out: &mut Vec<u8>, cmd: &ClusterCmd) {
     let line = match cmd {
         ClusterCmd::Quorums { read, write } => format!("cluster quorums {read} {write}"),
+        ClusterCmd::Leave { id } => format!("cluster leave {id}"),
     };
     super::put_line(out, line.as_bytes());
 }
@@ -75,6 +92,11 @@ mod tests {
         let mut out = Vec::new();
         compose(&mut out, &q);
         assert_eq!(out, b"cluster quorums 2 3\r\n");
+        let leave = ClusterCmd::Leave { id: 4 };
+        assert_eq!(cmd_of(b"cluster leave 4\r\n"), Some(leave.clone()));
+        out.clear();
+        compose(&mut out, &leave);
+        assert_eq!(out, b"cluster leave 4\r\n");
         for bad in [
             &b"cluster\r\n"[..],
             b"cluster quorums\r\n",
@@ -83,7 +105,10 @@ mod tests {
             b"cluster quorums -1 2\r\n",
             b"cluster quorums 2 300\r\n",
             b"cluster quorums x 2\r\n",
-            b"cluster leave 2\r\n",
+            b"cluster leave\r\n",
+            b"cluster leave x\r\n",
+            b"cluster leave 70000\r\n",
+            b"cluster leave 2 3\r\n",
         ] {
             assert_eq!(cmd_of(bad), None, "{}", String::from_utf8_lossy(bad));
         }

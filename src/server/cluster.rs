@@ -13,6 +13,8 @@ use tracing::info;
 use super::Shared;
 use super::peer_tls::{PeerTls, TlsPeerConnector};
 use crate::cluster::coordinator::{Cluster, PeerHandle};
+use crate::cluster::layout::Layout;
+use crate::cluster::message::{PeerRequest, PeerResponse};
 use crate::cluster::ring::NodeId;
 use crate::cluster::transport::{
     self, CallError, Connector, EpochCell, Identity, Peer, PeerConnections, PeerKey, Slot,
@@ -48,19 +50,14 @@ pub async fn start(
             addr: me.peer.clone(),
             source,
         })?;
-    let identity = identity(c, peer_key(c)?);
+    let mut identity = identity(c, peer_key(c)?);
     let tls = PeerTls::of(c).map_err(|e| ServerError::Config(format!("peer TLS: {e}")))?;
     let cluster = match &tls {
         Some(tls) => {
-            join(
-                c,
-                drop_peers,
-                &identity,
-                Arc::new(TlsPeerConnector(tls.clone())),
-            )
-            .await?
+            let connector = Arc::new(TlsPeerConnector(tls.clone()));
+            assemble(c, drop_peers, &mut identity, connector).await?
         }
-        None => join(c, drop_peers, &identity, Arc::new(TcpConnector)).await?,
+        None => assemble(c, drop_peers, &mut identity, Arc::new(TcpConnector)).await?,
     };
     info!(
         node = c.node_id,
@@ -72,10 +69,122 @@ pub async fn start(
     Ok((cluster, listener, identity, tls))
 }
 
+/// Joins the cluster first if the node was started with `--join`, then
+/// probes and connects to every member through `connector`.
+async fn assemble<C: Connector>(
+    c: &ClusterConfig,
+    drop_peers: &[NodeId],
+    identity: &mut Identity,
+    connector: Arc<C>,
+) -> Result<Arc<Cluster>, ServerError> {
+    let (c, layout, fresh) = joined(c, identity, &*connector).await?;
+    let epoch = layout.epoch;
+    let cluster = join(&c, layout, drop_peers, identity, connector).await?;
+    if fresh {
+        cluster.joined_fresh(epoch);
+    }
+    Ok(cluster)
+}
+
+/// How long a node started with `--join` keeps trying to reach the member
+/// it names, and waits for the answer (a decision of the members).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A node started with `--join` asks the member at that address to make
+/// it a standby member, and returns the configuration and layout the
+/// cluster gave it (members, N, R, W, P), with `identity` showing the
+/// cluster's layout hash; any other node returns its own configuration
+/// and the layout of its member list. Also whether it was added just now
+/// (a restarted member that joins again is a member already).
+///
+/// # Errors
+/// If the member refused (the message says why: an id or address taken,
+/// another partition count, another secret or wire version) or could not
+/// be reached within [`JOIN_TIMEOUT`].
+async fn joined<C: Connector>(
+    c: &ClusterConfig,
+    identity: &mut Identity,
+    connector: &C,
+) -> Result<(ClusterConfig, Layout, bool), ServerError> {
+    let Some(seed) = &c.join else {
+        return Ok((c.clone(), Layout::of(c), false));
+    };
+    let me = c.me().expect("validated: node_id is a member");
+    let request = PeerRequest::Join {
+        id: c.node_id,
+        client: me.client.clone(),
+        peer: me.peer.clone(),
+        partitions: (c.partitions != crate::cluster::ring::PARTITIONS_DEFAULT)
+            .then_some(c.partitions),
+    };
+    let refused = |why: String| {
+        ServerError::Config(format!(
+            "cannot join the cluster of the member at {seed}: {why}"
+        ))
+    };
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    let answer = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match transport::call_joining::<_, _, PeerResponse>(
+            connector,
+            identity,
+            seed,
+            request.clone(),
+            left,
+        )
+        .await
+        {
+            Ok(answer) => break answer,
+            Err(CallError::Refused(why)) => return Err(refused(why)),
+            Err(e) if left.is_zero() || tokio::time::Instant::now() >= deadline => {
+                return Err(refused(e.to_string()));
+            }
+            Err(e) => {
+                info!(seed = %seed, error = %e, "the member to join is not reachable yet");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let (desc, fresh) = match answer.answer {
+        PeerResponse::Joined { layout, fresh } => (layout, fresh),
+        PeerResponse::Refused(why) => return Err(refused(why)),
+        other => return Err(refused(format!("unexpected answer {other:?}"))),
+    };
+    let layout = Layout::from_desc(&desc, desc.partitions).map_err(refused)?;
+    if !layout.members.iter().any(|m| m == me) {
+        return Err(refused(format!(
+            "its layout (epoch {}) does not have node {} at {}",
+            desc.epoch, me.id, me.peer
+        )));
+    }
+    let (layout_hash, layout_text) = answer.cluster;
+    identity.layout = layout_hash;
+    identity.layout_text = layout_text;
+    // Shown in the probes and first dials, so that members still at an
+    // older epoch take this node for a newcomer and learn the layout.
+    identity.epoch.set(desc.epoch);
+    let mut joined = c.clone();
+    joined.members = layout.members.clone();
+    joined.partitions = desc.partitions;
+    joined.replicas = usize::from(desc.replicas);
+    joined.read_quorum = Some(usize::from(desc.read_quorum));
+    joined.write_quorum = Some(usize::from(desc.write_quorum));
+    info!(
+        node = c.node_id,
+        seed = %seed,
+        epoch = desc.epoch,
+        members = ?layout.member_ids(),
+        fresh,
+        "joined the cluster as a standby member"
+    );
+    Ok((joined, layout, fresh))
+}
+
 /// Probes every other member through `connector` (a refusal stops the
-/// node), then connects to them all.
+/// node), then connects to them all, starting from `layout`.
 async fn join<C: Connector>(
     c: &ClusterConfig,
+    layout: Layout,
     drop_peers: &[NodeId],
     identity: &Identity,
     connector: Arc<C>,
@@ -107,6 +216,7 @@ async fn join<C: Connector>(
     stats.blocked.set(drop_peers);
     Ok(Arc::new(connect_peers_with(
         c,
+        layout,
         identity,
         connector,
         move |_| config.clone(),
@@ -147,6 +257,7 @@ pub fn connect_peers<C: Connector>(
 ) -> Cluster {
     connect_peers_with(
         c,
+        Layout::of(c),
         identity,
         connector,
         config_for,
@@ -154,10 +265,12 @@ pub fn connect_peers<C: Connector>(
     )
 }
 
-/// [`connect_peers`] with the node's transport counters and injected
-/// partition made beforehand, so a partition holds from the first dial.
+/// [`connect_peers`] from `layout`, with the node's transport counters and
+/// injected partition made beforehand, so a partition holds from the first
+/// dial.
 pub fn connect_peers_with<C: Connector>(
     c: &ClusterConfig,
+    layout: Layout,
     identity: &Identity,
     connector: Arc<C>,
     config_for: impl Fn(NodeId) -> TransportConfig + Send + Sync + 'static,
@@ -175,7 +288,7 @@ pub fn connect_peers_with<C: Connector>(
             peer_stats.clone(),
         )
     };
-    Cluster::new(c, Box::new(spawn_peer), stats, epoch)
+    Cluster::with_layout(c, layout, Box::new(spawn_peer), stats, epoch)
 }
 
 /// Serves one accepted peer connection with this node's cluster, under no
@@ -248,8 +361,9 @@ pub async fn serve_peers(listener: TcpListener, identity: Identity, shared: Arc<
         .as_ref()
         .expect("a cluster member has a cluster");
     let stats = cluster.transport.clone();
-    let caps = PeerConnections::for_members(
-        cluster.member_ids(),
+    let members = cluster.clone();
+    let caps = PeerConnections::for_cluster(
+        Box::new(move |id| members.is_member(id)),
         PEER_CONNECTIONS_PER_MEMBER_MAX,
         PEER_HANDSHAKES_MAX,
     );

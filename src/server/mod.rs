@@ -667,6 +667,18 @@ impl Server {
         // Each connection holds a sender; when all are dropped, recv() ends.
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let sweeper = tokio::spawn(sweep_loop(shared.clone(), stop_rx.clone()));
+        // A member removed from the layout (`cluster leave`) stops as if
+        // told to: it holds nothing the cluster needs.
+        let leaving = shared.cluster.clone();
+        let shutdown = async move {
+            match leaving {
+                Some(c) => tokio::select! {
+                    () = shutdown => {}
+                    epoch = c.removed() => info!(epoch, "left the cluster, stopping"),
+                },
+                None => shutdown.await,
+            }
+        };
         tokio::pin!(shutdown);
         // Accept failures (out of descriptors, say) are logged at most once a
         // second, with how many were not.

@@ -246,6 +246,9 @@ pub struct Cluster {
     running: BTreeMap<NodeId, Process>,
     /// Each node's most recent stderr, kept after it is killed.
     stderr: BTreeMap<NodeId, StderrTail>,
+    /// Members that start with `--join`, each with the member whose peer
+    /// address it names; the others start from the founding member list.
+    joined: BTreeMap<NodeId, NodeId>,
 }
 
 impl Cluster {
@@ -271,6 +274,7 @@ impl Cluster {
                 layout: layout.clone(),
                 running: BTreeMap::new(),
                 stderr: BTreeMap::new(),
+                joined: BTreeMap::new(),
             };
             match cluster.spawn_and_wait_listening(ids) {
                 Ok(()) => {
@@ -337,9 +341,24 @@ impl Cluster {
             "-m".to_string(),
             l.memory_limit_mb.to_string(),
         ];
-        for m in &self.members {
-            args.push("--member".to_string());
-            args.push(format!("{}={},{}", m.id, m.client, m.peer));
+        match self.joined.get(&id) {
+            Some(&seed) => {
+                let m = self.member(id);
+                args.push("--member".to_string());
+                args.push(format!("{}={},{}", m.id, m.client, m.peer));
+                args.push("--join".to_string());
+                args.push(self.member(seed).peer.to_string());
+            }
+            None => {
+                for m in self
+                    .members
+                    .iter()
+                    .filter(|m| !self.joined.contains_key(&m.id))
+                {
+                    args.push("--member".to_string());
+                    args.push(format!("{}={},{}", m.id, m.client, m.peer));
+                }
+            }
         }
         let optional = [
             ("--replicas", l.replicas.map(|v| v.to_string())),
@@ -536,6 +555,77 @@ impl Cluster {
             Err(StartFailure::PortTaken(why) | StartFailure::Other(why)) => {
                 panic!("node {id} did not restart: {why}")
             }
+        }
+    }
+
+    /// Starts node `id` on fresh ports with `--join` naming member `seed`'s
+    /// peer address, and waits until it listens (it has joined then: a
+    /// node joins before it listens). It starts with the layout's flags
+    /// and its own ([`Layout::node_arg`]).
+    ///
+    /// # Errors
+    /// Its stderr, if it exited instead (a refused join); it is not a
+    /// member of this harness then.
+    pub fn try_join(&mut self, id: NodeId, seed: NodeId) -> Result<(), String> {
+        assert!(
+            self.members.iter().all(|m| m.id != id),
+            "node {id} is in the harness already"
+        );
+        let mut last = String::new();
+        for _attempt in 1..=START_ATTEMPTS {
+            let mut picked = pick_members(1)[0];
+            picked.id = id;
+            self.members.push(picked);
+            self.joined.insert(id, seed);
+            match self.spawn_and_wait_listening(&[id]) {
+                Ok(()) => return Ok(()),
+                Err(failure) => {
+                    self.running.remove(&id);
+                    self.members.retain(|m| m.id != id);
+                    self.joined.remove(&id);
+                    match failure {
+                        StartFailure::PortTaken(why) => last = why,
+                        StartFailure::Other(why) => return Err(why),
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// [`Cluster::try_join`], then waits until every running node sees
+    /// every other `up`.
+    ///
+    /// # Panics
+    /// If the join is refused or the cluster does not settle in time.
+    pub fn join(&mut self, id: NodeId, seed: NodeId) {
+        if let Err(why) = self.try_join(id, seed) {
+            panic!("node {id} did not join through node {seed}: {why}");
+        }
+        self.wait_ready();
+    }
+
+    /// Waits (bounded) until node `id` exits by itself, and returns how.
+    ///
+    /// # Panics
+    /// If it is not running, or still runs after `within`.
+    pub fn wait_exit(&mut self, id: NodeId, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            let p = self
+                .running
+                .get_mut(&id)
+                .unwrap_or_else(|| panic!("node {id} is not running"));
+            if let Ok(Some(status)) = p.child.try_wait() {
+                self.running.remove(&id);
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} still runs after {within:?}\n{}",
+                self.describe_nodes()
+            );
+            thread::sleep(CLUSTER_POLL_INTERVAL);
         }
     }
 

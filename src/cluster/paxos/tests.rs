@@ -67,6 +67,13 @@ fn a_restarted_acceptor_abstains_until_and_after_recovery() {
     assert_eq!(a.report(), None, "no report while recovering");
     assert_eq!(a.prepare(1, b(1, 1)), Vote::Refused(Refusal::Abstains));
     assert_eq!(recovery_floor(5, &[0, 1]), None, "2 of 5 is no majority");
+    assert_eq!(recovery_floor(4, &[0]), None, "1 of 4 meets no majority");
+    assert_eq!(
+        recovery_floor(4, &[0, 1]),
+        Some(2),
+        "2 of 4 meet every majority"
+    );
+    assert_eq!(recovery_floor(3, &[1]), None);
     let floor = recovery_floor(5, &[0, 1, 0]).unwrap();
     assert_eq!(floor, 2);
     a.recovered(floor);
@@ -289,14 +296,14 @@ fn history(seed: u64, n: NodeId, proposers: usize, guard: bool) -> BTreeSet<u32>
 fn one_value_per_slot_under_loss_reordering_competition_and_restarts() {
     let mut decided = 0;
     for seed in 0..1500 {
-        for (n, proposers) in [(3, 2), (5, 3)] {
+        for (n, proposers) in [(3, 2), (4, 2), (5, 3), (6, 3)] {
             let chosen = history(seed, n, proposers, true);
             assert!(chosen.len() <= 1, "seed {seed}, n {n}: chose {chosen:?}");
             decided += chosen.len();
         }
     }
     assert!(
-        decided > 1000,
+        decided > 2000,
         "too few histories decided anything: {decided}"
     );
 

@@ -9,8 +9,11 @@
 //!   connection is closed at once ([`TransportStats::accepts_refused`]);
 //! - in the handshake: at most a few at once, so connections that never
 //!   finish one cannot take the places of members' connections;
-//! - per member, once the handshake names one: only configured members are
-//!   admitted (the handshake of any other id is refused), and a member dials
+//! - per member, once the handshake names one: only the members of the
+//!   installed layout are admitted, and newcomers: a node that dials as a
+//!   joiner (`--join`) or that shows a newer layout epoch than this node's
+//!   (a member added while this node was away), both having proved they
+//!   hold the cluster's key; any other id is refused. A member dials
 //!   one connection to each peer (two for a moment while it redials), so
 //!   past the cap the member's OLDEST connection is closed
 //!   ([`TransportStats::accepts_evicted`]), never the new one. The total is
@@ -27,6 +30,18 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 
 use super::{NodeId, TransportStats};
+
+/// Whether an id is a member of the layout installed now.
+pub type IsMember = Box<dyn Fn(NodeId) -> bool + Send + Sync>;
+
+/// [`IsMember`], printable.
+struct Membership(IsMember);
+
+impl std::fmt::Debug for Membership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Membership")
+    }
+}
 
 /// Who holds the accepted connections now.
 #[derive(Debug, Default)]
@@ -51,8 +66,8 @@ pub struct PeerConnections {
     per_member_max: usize,
     /// Most connections at once still in the handshake.
     handshakes_max: usize,
-    /// The ids a handshake may name; `None`: any.
-    members: Option<std::collections::HashSet<NodeId>>,
+    /// Whether a handshake may name an id (a newcomer aside); `None`: any.
+    members: Option<Membership>,
     /// Locked only to count and to pick whom to close, never across `.await`.
     held: Mutex<Held>,
 }
@@ -90,7 +105,28 @@ impl PeerConnections {
             total_max: members.len() * per_member_max + handshakes_max,
             per_member_max,
             handshakes_max,
-            members: Some(members),
+            members: Some(Membership(Box::new(move |id| members.contains(&id)))),
+            held: Mutex::new(Held::default()),
+        })
+    }
+
+    /// Caps for a cluster whose membership changes: `is_member` says who
+    /// is a member now; the total leaves room for the most members a
+    /// layout may have ([`crate::cluster::layout::LAYOUT_MEMBERS_MAX`]).
+    ///
+    /// # Panics
+    /// If a cap is zero.
+    pub fn for_cluster(
+        is_member: IsMember,
+        per_member_max: usize,
+        handshakes_max: usize,
+    ) -> Arc<Self> {
+        assert!(per_member_max > 0 && handshakes_max > 0, "a cap of zero");
+        Arc::new(Self {
+            total_max: crate::cluster::layout::LAYOUT_MEMBERS_MAX * per_member_max + handshakes_max,
+            per_member_max,
+            handshakes_max,
+            members: Some(Membership(is_member)),
             held: Mutex::new(Held::default()),
         })
     }
@@ -143,12 +179,13 @@ pub struct Slot {
 impl Slot {
     /// Counts this connection as `member`'s; closes that member's oldest
     /// connections past the per-member cap (counted). False, and nothing
-    /// counted, if `member` is not one of the cluster's: refuse it then.
+    /// counted, if `member` is not one of the cluster's and not a
+    /// `newcomer` (a joiner, or a member of a newer layout): refuse it then.
     #[must_use]
-    pub fn admit(&mut self, member: NodeId, stats: &TransportStats) -> bool {
+    pub fn admit(&mut self, member: NodeId, newcomer: bool, stats: &TransportStats) -> bool {
         assert!(self.member.is_none(), "a connection names one member");
-        if let Some(members) = &self.connections.members {
-            if !members.contains(&member) {
+        if let Some(Membership(is_member)) = &self.connections.members {
+            if !newcomer && !is_member(member) {
                 return false;
             }
         }
@@ -206,18 +243,22 @@ mod tests {
             caps.try_open(&stats).is_none(),
             "two in the handshake at most"
         );
-        assert!(!a.admit(9, &stats), "not a member");
-        assert!(b.admit(2, &stats));
+        assert!(!a.admit(9, false, &stats), "not a member");
+        assert!(b.admit(2, false, &stats));
         // b left the handshake: room for another.
         let mut c = caps.try_open(&stats).expect("room");
-        assert!(c.admit(3, &stats));
+        assert!(c.admit(3, false, &stats));
+        // A newcomer (a joiner, or a member of a newer layout) is let in.
+        let mut newcomer = caps.try_open(&stats).expect("room");
+        assert!(newcomer.admit(9, true, &stats));
+        drop(newcomer);
         drop(a);
         // Members' connections never take handshake places: six of them
         // and two handshakes fit.
         let mut members: Vec<Slot> = Vec::new();
         for id in [1, 1, 2, 3] {
             let mut s = caps.try_open(&stats).expect("room");
-            assert!(s.admit(id, &stats));
+            assert!(s.admit(id, false, &stats));
             members.push(s);
         }
         let _h1 = caps.try_open(&stats).expect("a handshake place");
@@ -245,7 +286,7 @@ mod tests {
         let caps = PeerConnections::new(10, 2);
         let mut slots: Vec<Slot> = (0..3).map(|_| caps.try_open(&stats).unwrap()).collect();
         for slot in &mut slots {
-            assert!(slot.admit(7, &stats));
+            assert!(slot.admit(7, false, &stats));
         }
         assert_eq!(stats.accepts_evicted.load(Relaxed), 1);
         // The oldest is told; the others are not.
@@ -256,7 +297,7 @@ mod tests {
         assert!(newer.await.is_err(), "a newer one is not");
         // Another member's connection evicts nobody.
         let mut other = caps.try_open(&stats).unwrap();
-        assert!(other.admit(8, &stats));
+        assert!(other.admit(8, false, &stats));
         assert_eq!(stats.accepts_evicted.load(Relaxed), 1);
         drop(slots);
         assert_eq!(caps.open(), 1);

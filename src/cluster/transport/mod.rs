@@ -124,7 +124,8 @@ pub const BACKOFF_DOUBLINGS_MAX: u32 = 16;
 /// Version of the envelope below; nodes that speak different ones refuse
 /// each other in the handshake. 4: the handshake authenticates both sides.
 /// 5: the handshake, pongs and requests carry the sender's layout epoch.
-pub const WIRE_VERSION: u16 = 5;
+/// 6: a node may dial as a joiner, and layouts name standby members.
+pub const WIRE_VERSION: u16 = 6;
 
 const _: () = assert!(BACKOFF_MIN_MS_DEFAULT <= BACKOFF_MAX_MS_DEFAULT);
 const _: () = assert!(HEARTBEAT_INTERVAL_MS_DEFAULT < CALL_TIMEOUT_MS_DEFAULT);
@@ -471,13 +472,24 @@ struct Proven {
     layout: u64,
     layout_text: String,
     epoch: u64,
+    /// A node starting with `--join`: it has no layout yet, so its
+    /// `layout` is not checked, and the Welcome tells it the cluster's.
+    joining: bool,
 }
 
 /// The accepting node's verdict on [`Proven`].
 #[derive(Serialize, Deserialize, Debug)]
 enum HelloReply {
-    Welcome { node_id: NodeId, epoch: u64 },
-    Refused { reason: String },
+    Welcome {
+        node_id: NodeId,
+        epoch: u64,
+        /// To a joining dialler only: the cluster's layout hash and text,
+        /// which its later handshakes must show.
+        cluster: Option<(u64, String)>,
+    },
+    Refused {
+        reason: String,
+    },
 }
 
 /// What an acceptor answers a dialler that did not prove it holds the key:
@@ -725,19 +737,22 @@ async fn dial<C: Connector>(
     frame_bytes_max: usize,
 ) -> Result<(C::Stream, BytesMut, u64), LinkError> {
     let mut stream = connector.connect(addr).await.map_err(LinkError::Connect)?;
-    let (buf, epoch) = dial_handshake(&mut stream, me, addr, expect, frame_bytes_max).await?;
+    let (buf, epoch, _) =
+        dial_handshake(&mut stream, me, addr, expect, false, frame_bytes_max).await?;
     Ok((stream, buf, epoch))
 }
 
 /// The dialling side of the handshake on `stream`, connected to `addr`:
-/// what was read past the Welcome, or why there was none.
+/// what was read past the Welcome, the acceptor's epoch and, if
+/// `joining`, the cluster's layout hash and text; or why there was none.
 async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     me: &Identity,
     addr: &str,
     expect: Option<NodeId>,
+    joining: bool,
     frame_bytes_max: usize,
-) -> Result<(BytesMut, u64), LinkError> {
+) -> Result<(BytesMut, u64, Option<(u64, String)>), LinkError> {
     let dialler_nonce = auth::nonce();
     let mut out = Vec::new();
     let hello = Hello {
@@ -767,6 +782,7 @@ async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(
             layout: 0,
             layout_text: String::new(),
             epoch: 0,
+            joining: false,
         };
         out.clear();
         frame::encode(&empty, &mut out, frame_bytes_max)?;
@@ -787,13 +803,14 @@ async fn dial_handshake<S: AsyncRead + AsyncWrite + Unpin>(
         layout: me.layout,
         layout_text: me.layout_text.clone(),
         epoch: me.epoch.get(),
+        joining,
     };
     out.clear();
     frame::encode(&proven, &mut out, frame_bytes_max)?;
     stream.write_all(&out).await?;
     stream.flush().await?;
     match read_frame::<_, HelloReply>(stream, &mut buf, frame_bytes_max).await? {
-        HelloReply::Welcome { epoch, .. } => Ok((buf, epoch)),
+        HelloReply::Welcome { epoch, cluster, .. } => Ok((buf, epoch, cluster)),
         HelloReply::Refused { reason } if reason == AUTH_REFUSAL => Err(LinkError::AuthFailed(
             format!("the node at {addr} refused this node's key (cluster.secret_file differs)"),
         )),
@@ -827,6 +844,78 @@ pub async fn probe<C: Connector>(
         Err(_) => Err(CallError::Down(
             LinkError::ConnectTimeout(timeout).to_string(),
         )),
+    }
+}
+
+/// What a joining node learns from one call to a member ([`call_joining`]).
+#[derive(Debug)]
+pub struct Joined<Resp> {
+    /// The member's answer.
+    pub answer: Resp,
+    /// The cluster's layout hash and text, which this node's handshakes
+    /// must show from now on.
+    pub cluster: (u64, String),
+}
+
+/// One request from a node that is not a member yet (`--join`): dials
+/// `addr` as a joiner (its layout is not checked; the member tells it the
+/// cluster's), sends `request`, waits for the answer, and closes; all
+/// within `timeout`.
+///
+/// # Errors
+/// `Refused` if the member refused the handshake (another wire version,
+/// another secret: the reason names it), `Down` if it could not be
+/// reached or did not answer in time.
+pub async fn call_joining<C, Req, Resp>(
+    connector: &C,
+    me: &Identity,
+    addr: &str,
+    request: Req,
+    timeout: Duration,
+) -> Result<Joined<Resp>, CallError>
+where
+    C: Connector,
+    Req: Serialize,
+    Resp: DeserializeOwned,
+{
+    let max = FRAME_BYTES_MAX_DEFAULT;
+    let exchange = async {
+        let mut stream = connector.connect(addr).await.map_err(LinkError::Connect)?;
+        let (mut buf, _, cluster) = dial_handshake(&mut stream, me, addr, None, true, max).await?;
+        let Some(cluster) = cluster else {
+            return Err(LinkError::Refused(format!(
+                "the node at {addr} did not take this node as a joiner"
+            )));
+        };
+        let mut out = Vec::new();
+        frame::encode(
+            &ToServer::Request {
+                id: 1,
+                epoch: 0,
+                body: request,
+            },
+            &mut out,
+            max,
+        )?;
+        stream.write_all(&out).await?;
+        stream.flush().await?;
+        loop {
+            match read_frame::<_, ToClient<Resp>>(&mut stream, &mut buf, max).await? {
+                ToClient::Response { id: 1, body, .. } => return Ok((body, cluster)),
+                ToClient::Failed { reason, .. } => return Err(LinkError::Refused(reason)),
+                _ => {}
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok((answer, cluster))) => Ok(Joined { answer, cluster }),
+        Ok(Err(LinkError::Refused(reason) | LinkError::AuthFailed(reason))) => {
+            Err(CallError::Refused(reason))
+        }
+        Ok(Err(e)) => Err(CallError::Down(e.to_string())),
+        Err(_) => Err(CallError::Down(format!(
+            "no answer from {addr} within {timeout:?}"
+        ))),
     }
 }
 
@@ -1560,7 +1649,10 @@ where
             },
             Err(LinkError::AuthFailed(reason)),
         )
-    } else if let Some(reason) = refusal(me, hello.node_id, &proven) {
+    } else if let Some(reason) = (!proven.joining)
+        .then(|| refusal(me, hello.node_id, &proven))
+        .flatten()
+    {
         stats.handshakes_refused.fetch_add(1, Relaxed);
         (
             HelloReply::Refused {
@@ -1568,7 +1660,11 @@ where
             },
             Err(LinkError::Refused(reason)),
         )
-    } else if !slot.admit(hello.node_id, stats) {
+    } else if !slot.admit(
+        hello.node_id,
+        proven.joining || proven.epoch > me.epoch.get(),
+        stats,
+    ) {
         stats.handshakes_refused.fetch_add(1, Relaxed);
         let reason = format!("node {} is not a member of this cluster", hello.node_id);
         (
@@ -1582,6 +1678,7 @@ where
             HelloReply::Welcome {
                 node_id: me.node_id,
                 epoch: me.epoch.get(),
+                cluster: proven.joining.then(|| (me.layout, me.layout_text.clone())),
             },
             Ok((hello.node_id, proven.epoch)),
         )

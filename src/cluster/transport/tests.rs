@@ -354,6 +354,7 @@ async fn send_raw_and_expect_drop(addr: SocketAddr, handshake: bool, bytes: &[u8
             &identity(9, 9),
             "raw",
             Some(2),
+            false,
             FRAME_BYTES_MAX_DEFAULT,
         )
         .await
@@ -577,6 +578,7 @@ async fn a_caller_without_the_secret_is_refused_and_told_nothing() {
         let guess = PeerKey::from_secret(b"a guess at the secret");
         let proven = Proven {
             epoch: 0,
+            joining: false,
             proof: if reflect {
                 proof
             } else {
@@ -622,6 +624,7 @@ async fn a_captured_handshake_replayed_is_refused() {
         &keyed(1, 9, secret),
         "member",
         Some(2),
+        false,
         FRAME_BYTES_MAX_DEFAULT,
     )
     .await
@@ -693,6 +696,7 @@ async fn accept_as(stream: &mut TcpStream, me: &Identity) {
         &HelloReply::Welcome {
             node_id: me.node_id,
             epoch: me.epoch.get(),
+            cluster: None,
         },
         FRAME_BYTES_MAX_DEFAULT,
     );
@@ -868,6 +872,7 @@ async fn raw_handshaken(addr: SocketAddr, node_id: NodeId) -> Option<TcpStream> 
         &identity(node_id, 9),
         "raw",
         None,
+        false,
         FRAME_BYTES_MAX_DEFAULT,
     )
     .await
@@ -1043,6 +1048,7 @@ async fn a_hello_past_the_handshake_limit_is_oversized() {
         .unwrap();
     let proven = Proven {
         epoch: 0,
+        joining: false,
         proof: [0; 32],
         layout: 9,
         layout_text: "x".repeat(INFLIGHT_FREE_BYTES + 1000),
