@@ -469,7 +469,16 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
     cluster.kill(founders[1]);
     cluster.restart(founders[1]);
     settled_on(&cluster, 1, 4);
+    let seen = member_states(&cluster_stats(&mut cluster.connect(founders[1])));
+    assert_eq!(seen[&joiner], "up", "{seen:?}");
     read_all(&cluster, joiner);
+    let own = cluster
+        .connect(joiner)
+        .ask(format!("cluster leave {joiner}\r\n").as_bytes());
+    assert!(
+        own.starts_with("SERVER_ERROR node 4 cannot decide its own leave"),
+        "{own}"
+    );
 
     // The standby leaves (asked through a founder): a new epoch without it,
     // and it stops by itself, exit status 0.

@@ -967,6 +967,14 @@ impl Cluster {
         }))
         .await;
         let answers: Vec<(NodeId, u64, Option<u64>)> = answers.into_iter().flatten().collect();
+        // A member has installed a newer layout: its voters, not this
+        // view's, are the ones to count (a founder restarted from its flags
+        // would count the founders only). Fetch it first; recover next turn.
+        if let Some(&(node, installed, _)) = answers.iter().find(|a| a.1 > view.layout.epoch) {
+            self.transport
+                .note_epoch(node, installed, view.layout.epoch);
+            return;
+        }
         let known: Vec<u64> = answers.iter().filter_map(|a| a.2).collect();
         let floor = super::paxos::recovery_floor(voters, &known).or_else(|| {
             let recovering = 1 + answers.iter().filter(|a| a.2.is_none()).count();
@@ -1207,6 +1215,13 @@ impl Cluster {
                     })
                 })
                 .await
+            }
+            ClusterCmd::Leave { id } if NodeId::from(id) == self.me => {
+                // It would stop before the others learn the decision.
+                Err(Undecided {
+                    why: format!("node {id} cannot decide its own leave: ask another member"),
+                    retry: false,
+                })
             }
             ClusterCmd::Leave { id } => {
                 let what = format!("node {id} leaves");
