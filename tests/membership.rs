@@ -466,9 +466,29 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
 
     // A founder restarted from its flags (the founding member list) learns
     // the layout with the standby from its peers, and admits the standby.
+    // Clients keep writing through the standby meanwhile: its requests
+    // reach the restarted founder first with the newer epoch, from a node
+    // the founder has no connection to yet.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, addr) = (stop.clone(), cluster.member(joiner).client);
+        std::thread::spawn(move || {
+            let mut c = common::Client::connect_tcp(addr).expect("connect to the standby");
+            let mut i = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && i < 100_000 {
+                let _ = c.call(
+                    format!("set during{} 0 0 1\r\nd\r\n", i % 50).as_bytes(),
+                    std::time::Duration::from_secs(5),
+                );
+                i += 1;
+            }
+        })
+    };
     cluster.kill(founders[1]);
     cluster.restart(founders[1]);
     settled_on(&cluster, 1, 4);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().expect("the writer");
     let seen = member_states(&cluster_stats(&mut cluster.connect(founders[1])));
     assert_eq!(seen[&joiner], "up", "{seen:?}");
     read_all(&cluster, joiner);

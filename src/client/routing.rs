@@ -123,12 +123,18 @@ impl Topology {
             .filter(|&n| n >= 1)
             .ok_or("stats cluster replicas out of range")?;
         let mut members = BTreeMap::new();
+        // Members that hold no partitions (joined as standbys): they take
+        // requests, but the ring, as the server's, leaves them out.
+        let mut standby = Vec::new();
         for (name, value) in stats {
             let Some(id) = name.strip_prefix("member:") else {
                 continue;
             };
             let id: NodeId = id.parse().map_err(|_| format!("bad member id {name:?}"))?;
             let member = parse_member(id, value, seed)?;
+            if value.split_whitespace().any(|w| w == "standby=1") {
+                standby.push(id);
+            }
             if members.insert(id, member).is_some() {
                 return Err(format!("member {id} listed twice"));
             }
@@ -139,7 +145,17 @@ impl Topology {
         if members.is_empty() {
             return Err("stats cluster lists no members".into());
         }
-        let ids: Vec<NodeId> = members.keys().copied().collect();
+        let ids: Vec<NodeId> = members
+            .keys()
+            .copied()
+            .filter(|id| !standby.contains(id))
+            .collect();
+        if ids.len() < replicas {
+            return Err(format!(
+                "stats cluster lists {} members that hold partitions, fewer than N={replicas}",
+                ids.len()
+            ));
+        }
         Ok(Topology {
             kind: ServerKind::Webvac,
             version,
@@ -258,6 +274,23 @@ mod tests {
         assert_eq!(ids(b"user:1"), [1, 2, 3]);
         assert_eq!(ids(b"foo"), [2, 3, 1]);
         assert_eq!(ids(b"session:8f3a2c1b"), [3, 2, 1]);
+        // A standby member is a candidate, after the replicas, but never
+        // on a preference list: placement stays the server's.
+        let mut with_standby = three();
+        with_standby.push((
+            "member:4".into(),
+            "up client=127.0.0.1:11214 peer=127.0.0.1:12214 primary_partitions=0 replica_partitions=0 standby=1".into(),
+        ));
+        let s = Topology::from_cluster_stats(seed, "webvac".into(), &with_standby).unwrap();
+        let ids = |key: &[u8]| {
+            s.candidates(Some(key))
+                .iter()
+                .map(|m| m.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(b"user:1"), [1, 2, 3, 4]);
+        assert_eq!(ids(b"foo"), [2, 3, 1, 4]);
+        assert_eq!(ids(b"session:8f3a2c1b"), [3, 2, 1, 4]);
         assert_eq!(
             t.candidates(Some(b"a"))[0].addr,
             "10.0.0.2:11212".parse().unwrap()

@@ -91,7 +91,9 @@ const LAYOUT_REFETCH_AFTER: Duration = Duration::from_secs(1);
 const PROPOSE_TRIES_MAX: usize = 8;
 
 /// How long a member asked to admit a joiner keeps proposing while the
-/// members cannot decide yet (recovering, or another change first).
+/// members cannot decide yet (recovering, or another change first), and
+/// how long it works on one join in all: below the joiner's own wait
+/// (`JOIN_TIMEOUT`, 15 s), so the joiner hears why.
 const JOIN_DECIDE_WAIT: Duration = Duration::from_secs(10);
 
 /// Why [`Cluster::propose`] did not make a change.
@@ -850,7 +852,18 @@ impl Cluster {
         if layout.epoch >= EPOCH_LIMIT {
             return Err(format!("layout epoch {} out of range", layout.epoch));
         }
-        if !layout.is_member(self.me) {
+        // This node is in `layout` only with its own addresses: a member of
+        // the same id elsewhere is another node that took the id after this
+        // one was removed.
+        let me_now = self
+            .view
+            .load()
+            .layout
+            .members
+            .iter()
+            .find(|m| m.id == self.me)
+            .cloned();
+        if !layout.members.iter().any(|m| Some(m) == me_now.as_ref()) {
             if layout.epoch > self.view.load().layout.epoch && self.removed.borrow().is_none() {
                 // Decided without this node (it left): nothing to install;
                 // the server stops.
@@ -1317,23 +1330,36 @@ impl Cluster {
                 return;
             }
         }
-        let Some(peer) = view.peer(node) else {
-            // A newcomer this node has no handle for (a member added
-            // since): let a member's report of the same epoch count.
-            self.transport.forget_newer_epoch();
-            return;
+        // The reporter, or, for a newcomer this node has no handle for (a
+        // member added since it last heard), every member that is up, in
+        // turn, until one has the newer layout.
+        let asked: Vec<&PeerHandle> = match view.peer(node) {
+            Some(peer) => vec![peer],
+            None => view
+                .peers()
+                .map(|(_, p)| p)
+                .filter(|p| matches!(p.state(), PeerState::Up))
+                .collect(),
         };
-        let layout = match peer
-            .call_timeout(PeerRequest::LayoutGet, self.hop_timeout)
-            .await
-        {
-            Ok(PeerResponse::Layout(desc)) if desc.epoch <= self.view.load().layout.epoch => {
-                Ok(None)
+        let mut layout = Ok(None);
+        for peer in asked {
+            layout = match peer
+                .call_timeout(PeerRequest::LayoutGet, self.hop_timeout)
+                .await
+            {
+                Ok(PeerResponse::Layout(desc)) if desc.epoch <= self.view.load().layout.epoch => {
+                    Ok(None)
+                }
+                Ok(PeerResponse::Layout(desc)) => {
+                    Layout::from_desc(&desc, self.partitions).map(Some)
+                }
+                Ok(other) => Err(format!("answered {other:?}")),
+                Err(e) => Err(e.to_string()),
+            };
+            if matches!(layout, Ok(Some(_))) {
+                break;
             }
-            Ok(PeerResponse::Layout(desc)) => Layout::from_desc(&desc, self.partitions).map(Some),
-            Ok(other) => Err(format!("answered {other:?}")),
-            Err(e) => Err(e.to_string()),
-        };
+        }
         let installed = layout.and_then(|l| match l {
             Some(l) => self.install_layout(l),
             None => Ok(false),
@@ -2802,9 +2828,18 @@ impl Cluster {
                     ));
                 }
                 let joiner = MemberConfig { id, client, peer };
-                match self.admit_joiner(&joiner, partitions).await {
-                    Ok((layout, fresh)) => PeerResponse::Joined { layout, fresh },
-                    Err(why) => PeerResponse::Refused(why),
+                // Bounded below the joiner's own wait, so that it hears the
+                // outcome (a proposal cut short may still be decided: the
+                // node started again finds itself a member).
+                let admitted =
+                    tokio::time::timeout(JOIN_DECIDE_WAIT, self.admit_joiner(&joiner, partitions))
+                        .await;
+                match admitted {
+                    Ok(Ok((layout, fresh))) => PeerResponse::Joined { layout, fresh },
+                    Ok(Err(why)) => PeerResponse::Refused(why),
+                    Err(_) => PeerResponse::Refused(format!(
+                        "no decision within {JOIN_DECIDE_WAIT:?}; the join may or may not be decided: start the node again (a member already, it just takes the layout)"
+                    )),
                 }
             }
             PeerRequest::LayoutReport => {
@@ -3481,6 +3516,17 @@ mod install_tests {
             assert_eq!(c.holds(key.as_bytes()), mine, "{key}");
         }
         c.shutdown();
+    }
+
+    #[tokio::test]
+    async fn a_layout_naming_this_id_at_other_addresses_removes_this_node() {
+        let c = cluster(&[1, 2]);
+        let mut elsewhere = layout(5, &[1, 2]);
+        elsewhere.members[0].peer = "10.9.9.9:1".into();
+        assert_eq!(c.install_layout(elsewhere), Ok(false));
+        let removed = tokio::time::timeout(Duration::from_secs(1), c.removed()).await;
+        assert_eq!(removed, Ok(5), "another node has taken id 1");
+        assert_eq!(c.view().layout.epoch, 0);
     }
 
     #[tokio::test]
