@@ -2801,6 +2801,27 @@ impl Cluster {
                 epoch: view.layout.epoch,
             };
         }
+        // A caller that is not a member (a joiner, a node removed, a
+        // newcomer whose newer layout did not name it a member here after
+        // all) may only join, fetch the layout or report on decrees. One
+        // behind is told the epoch, so that it fetches the layout and
+        // learns that it was removed.
+        let open_to_all = matches!(
+            request,
+            PeerRequest::Join { .. } | PeerRequest::LayoutGet | PeerRequest::LayoutReport
+        );
+        if !open_to_all && !view.layout.is_member(caller) {
+            if caller_epoch < view.layout.epoch {
+                self.stats.stale_epoch_refused.fetch_add(1, Relaxed);
+                return PeerResponse::StaleEpoch {
+                    epoch: view.layout.epoch,
+                };
+            }
+            return PeerResponse::Refused(format!(
+                "node {caller} is not a member at layout epoch {}",
+                view.layout.epoch
+            ));
+        }
         match request {
             PeerRequest::LayoutGet => PeerResponse::Layout(view.layout.desc()),
             PeerRequest::LayoutPrepare { slot, ballot } => {
@@ -3643,7 +3664,7 @@ mod install_tests {
     /// answered to anyone.
     #[tokio::test]
     async fn a_request_placed_under_an_older_layout_is_refused_unexecuted() {
-        let c = cluster(&[1]);
+        let c = cluster(&[1, 2]);
         let local = NoRun::new();
         assert_eq!(c.bump_quorums(1, 1), Ok(1));
         let execute = || PeerRequest::Execute {
@@ -3677,6 +3698,32 @@ mod install_tests {
         }
         match c.serve(&local, 2, 1, execute()).await {
             PeerResponse::Executed { reply } => assert_eq!(reply, b"STORED\r\n"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(local.ran.load(Relaxed), 1);
+        // A caller that is not a member gets the layout, and nothing else:
+        // one behind is told the epoch (so it learns it was removed).
+        match c.serve(&local, 9, 1, execute()).await {
+            PeerResponse::Refused(why) => assert!(why.contains("not a member"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        match c
+            .serve(
+                &local,
+                9,
+                0,
+                PeerRequest::Scan {
+                    for_node: 9,
+                    cursor: 0,
+                },
+            )
+            .await
+        {
+            PeerResponse::StaleEpoch { epoch: 1 } => {}
+            other => panic!("{other:?}"),
+        }
+        match c.serve(&local, 9, 0, PeerRequest::LayoutGet).await {
+            PeerResponse::Layout(_) => {}
             other => panic!("{other:?}"),
         }
         assert_eq!(local.ran.load(Relaxed), 1);
