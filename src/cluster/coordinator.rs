@@ -3056,11 +3056,6 @@ impl Cluster {
         self.view.load().layout.is_member(id)
     }
 
-    /// Every member's id, this node's too.
-    pub fn member_ids(&self) -> Vec<NodeId> {
-        self.view.load().layout.member_ids()
-    }
-
     /// How long one hop to a peer may take (`request_timeout_ms`).
     pub fn call_timeout(&self) -> Duration {
         self.hop_timeout
@@ -3517,7 +3512,7 @@ mod install_tests {
 
         let after = c.view();
         assert_eq!(after.layout.epoch, 200);
-        assert_eq!(c.member_ids(), vec![1, 2, 3, 5]);
+        assert_eq!(c.view().layout.member_ids(), vec![1, 2, 3, 5]);
         // Member 2 kept its address, so its handle is the same connection;
         // member 3 left at epoch 1 and its first handle was shut down (the
         // one it has now is a later one).
@@ -3729,12 +3724,9 @@ mod install_tests {
         assert_eq!(local.ran.load(Relaxed), 1);
     }
 
-    /// The caller's side of fencing, over real sockets: a node behind
-    /// forwards a write to a primary ahead of it, is refused, fetches the
-    /// primary's layout and sends the write once more under it. No layout
-    /// follower runs here, so only the refusal can teach the caller.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_write_refused_for_an_older_layout_is_sent_again_under_the_newer_one() {
+    /// Member 2's peer listener on a free port, and members 1 and 2 with
+    /// it as member 2's peer address.
+    async fn member_2_listening() -> (tokio::net::TcpListener, Vec<MemberConfig>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let b_addr = listener.local_addr().unwrap().to_string();
         let members = vec![
@@ -3745,6 +3737,16 @@ mod install_tests {
                 peer: b_addr,
             },
         ];
+        (listener, members)
+    }
+
+    /// The caller's side of fencing, over real sockets: a node behind
+    /// forwards a write to a primary ahead of it, is refused, fetches the
+    /// primary's layout and sends the write once more under it. No layout
+    /// follower runs here, so only the refusal can teach the caller.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_refused_for_an_older_layout_is_sent_again_under_the_newer_one() {
+        let (listener, members) = member_2_listening().await;
         let node = |id: NodeId| {
             let mut config = ClusterConfig::new(id, members.clone());
             config.partitions = 64;
@@ -3834,16 +3836,7 @@ mod install_tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replica_ahead_refuses_a_stale_primarys_state_and_it_is_not_hinted() {
         use crate::server::Shared;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let b_addr = listener.local_addr().unwrap().to_string();
-        let members = vec![
-            member(1),
-            MemberConfig {
-                id: 2,
-                client: "127.0.0.1:20002".into(),
-                peer: b_addr,
-            },
-        ];
+        let (listener, members) = member_2_listening().await;
         let node = |id: NodeId| {
             let mut cluster = ClusterConfig::new(id, members.clone());
             cluster.partitions = 64;

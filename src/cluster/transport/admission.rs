@@ -88,28 +88,6 @@ impl PeerConnections {
         })
     }
 
-    /// Caps for a node whose cluster's members are `members`: only they are
-    /// admitted, `per_member_max` each, beside at most `handshakes_max`
-    /// connections in the handshake.
-    ///
-    /// # Panics
-    /// If a cap is zero.
-    pub fn for_members(
-        members: impl IntoIterator<Item = NodeId>,
-        per_member_max: usize,
-        handshakes_max: usize,
-    ) -> Arc<Self> {
-        assert!(per_member_max > 0 && handshakes_max > 0, "a cap of zero");
-        let members: std::collections::HashSet<NodeId> = members.into_iter().collect();
-        Arc::new(Self {
-            total_max: members.len() * per_member_max + handshakes_max,
-            per_member_max,
-            handshakes_max,
-            members: Some(Membership(Box::new(move |id| members.contains(&id)))),
-            held: Mutex::new(Held::default()),
-        })
-    }
-
     /// Caps for a cluster whose membership changes: `is_member` says who
     /// is a member now; the total leaves room for the most members a
     /// layout may have ([`crate::cluster::layout::LAYOUT_MEMBERS_MAX`]).
@@ -236,7 +214,7 @@ mod tests {
     #[test]
     fn only_members_are_admitted_and_handshakes_have_their_own_cap() {
         let stats = TransportStats::default();
-        let caps = PeerConnections::for_members([1, 2, 3], 2, 2);
+        let caps = PeerConnections::for_cluster(Box::new(|id| (1..=3).contains(&id)), 2, 2);
         let mut a = caps.try_open(&stats).expect("room");
         let mut b = caps.try_open(&stats).expect("room");
         assert!(
