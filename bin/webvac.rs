@@ -140,6 +140,19 @@ struct Args {
     /// P come from the cluster.
     #[arg(long = "join", value_name = "SEED_PEER_ADDR")]
     join: Option<String>,
+    /// Cluster: with --join, stay a standby member holding no partitions
+    /// (by default a joining node takes its share of the partitions, which
+    /// are handed to it while the cluster serves).
+    #[arg(long = "standby")]
+    standby: bool,
+    /// Cluster: bytes per second a node gaining partitions pulls from each
+    /// current owner (default 32 MiB).
+    #[arg(long = "handoff-bytes-per-sec")]
+    handoff_bytes_per_sec: Option<u64>,
+    /// Cluster: seconds a partition move may take before it is cancelled
+    /// (default 600).
+    #[arg(long = "handoff-timeout-secs")]
+    handoff_timeout_secs: Option<u64>,
     /// Cluster: copies of each partition (N, default 3).
     #[arg(long = "replicas")]
     replicas: Option<usize>,
@@ -287,6 +300,9 @@ fn cluster_flags(
     let any_flag = args.node_id.is_some()
         || !args.members.is_empty()
         || args.join.is_some()
+        || args.standby
+        || args.handoff_bytes_per_sec.is_some()
+        || args.handoff_timeout_secs.is_some()
         || args.replicas.is_some()
         || args.read_quorum.is_some()
         || args.write_quorum.is_some()
@@ -327,6 +343,13 @@ fn cluster_flags(
     }
     if let Some(seed) = &args.join {
         c.join = Some(seed.clone());
+    }
+    c.standby |= args.standby;
+    if let Some(v) = args.handoff_bytes_per_sec {
+        c.handoff_bytes_per_sec = v;
+    }
+    if let Some(v) = args.handoff_timeout_secs {
+        c.handoff_timeout_secs = v;
     }
     if let Some(n) = args.replicas {
         c.replicas = n;
@@ -912,13 +935,18 @@ fn assume_identity(user: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled: the server's accept loop
+/// may not poll it before a SIGTERM sent right after the first requests
+/// arrives (the default action would then kill the process).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
-        _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!(signal = "SIGTERM", "signal received"),
+            _ = int.recv() => tracing::info!(signal = "SIGINT", "signal received"),
+        }
     }
 }

@@ -350,6 +350,19 @@ pub struct ClusterConfig {
     /// need name only this node.
     #[serde(default)]
     pub join: Option<String>,
+    /// With `join`: stay a standby member (holding no partitions) instead
+    /// of taking a share of the partitions once admitted.
+    #[serde(default)]
+    pub standby: bool,
+    /// Partition handoff: bytes per second a node gaining partitions pulls
+    /// from each current owner.
+    #[serde(default = "handoff_bytes_per_sec_default")]
+    pub handoff_bytes_per_sec: u64,
+    /// Partition handoff: seconds a move may take before the member
+    /// driving it cancels it (every write also reached the old owners, so
+    /// a cancel loses nothing).
+    #[serde(default = "handoff_timeout_secs_default")]
+    pub handoff_timeout_secs: u64,
     /// Peer TLS: this node's certificate chain (PEM), presented both when
     /// it dials and when it is dialled; with `tls_key` and `tls_ca`, every
     /// peer connection is TLS, both ends checked against `tls_ca`.
@@ -421,6 +434,14 @@ fn partitions_default() -> u32 {
 fn request_timeout_ms_default() -> u64 {
     REQUEST_TIMEOUT_MS_DEFAULT
 }
+fn handoff_bytes_per_sec_default() -> u64 {
+    32 * 1024 * 1024
+}
+
+fn handoff_timeout_secs_default() -> u64 {
+    600
+}
+
 fn hint_window_secs_default() -> u64 {
     HINT_WINDOW_SECS_DEFAULT
 }
@@ -464,6 +485,9 @@ impl ClusterConfig {
             clock_drift_max_ms: clock_drift_max_ms_default(),
             secret_file: None,
             join: None,
+            standby: false,
+            handoff_bytes_per_sec: handoff_bytes_per_sec_default(),
+            handoff_timeout_secs: handoff_timeout_secs_default(),
             tls_cert: None,
             tls_key: None,
             tls_ca: None,
@@ -610,6 +634,15 @@ impl ClusterConfig {
         }
         if self.request_timeout_ms == 0 {
             return bad("cluster.request_timeout_ms must be at least 1".into());
+        }
+        if self.handoff_bytes_per_sec == 0 || self.handoff_timeout_secs == 0 {
+            return bad(
+                "cluster.handoff_bytes_per_sec and cluster.handoff_timeout_secs must be at least 1"
+                    .into(),
+            );
+        }
+        if self.standby && self.join.is_none() {
+            return bad("cluster.standby needs cluster.join (--standby with --join)".into());
         }
         if self.anti_entropy {
             for (name, v) in [

@@ -364,8 +364,10 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
         assert_eq!(cluster.connect(through).ask(set.as_bytes()), "STORED\r\n");
     }
 
-    // Node 4 joins through node 1's peer address, naming only itself.
+    // Node 4 joins through node 1's peer address, naming only itself, as
+    // a standby (it takes no partitions).
     let joiner: u16 = 4;
+    cluster.set_node_args(joiner, vec!["--standby".into()]);
     cluster.join(joiner, founders[0]);
     settled_on(&cluster, 1, 4);
     for (id, s) in stats_of(&cluster) {
@@ -528,7 +530,7 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
         std::thread::sleep(std::time::Duration::from_millis(100));
     };
     assert!(
-        said.contains("layout epoch 2: node 4 is no longer a member"),
+        said.contains("layout epoch 2: node 4 leaves"),
         "{said}"
     );
     let status = cluster.wait_exit(joiner, std::time::Duration::from_secs(20));
@@ -553,4 +555,379 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
     cluster.restart(joiner);
     settled_on(&cluster, 3, 4);
     read_all(&cluster, joiner);
+}
+
+/// What a writer knows of one key: the values it may hold now (more than
+/// one when a write's outcome is unknown), `None` standing for absent.
+type Expected = BTreeMap<String, Vec<Option<String>>>;
+
+/// Writes and deletes through every address in `targets` in turn until
+/// `stop`, recording what each key may hold; pauses while `paused`.
+struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    idle: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    targets: std::sync::Arc<std::sync::Mutex<Vec<std::net::SocketAddr>>>,
+    expected: std::sync::Arc<std::sync::Mutex<Expected>>,
+    acked: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const WRITER_KEYS: usize = 150;
+
+impl Writer {
+    fn start(targets: Vec<std::net::SocketAddr>) -> Writer {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+        use std::sync::{Arc, Mutex};
+        let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
+        let idle = Arc::new(AtomicBool::new(false));
+        let targets = Arc::new(Mutex::new(targets));
+        let expected = Arc::new(Mutex::new(Expected::new()));
+        let acked = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, paused, idle, targets, expected, acked) = (
+                stop.clone(),
+                paused.clone(),
+                idle.clone(),
+                targets.clone(),
+                expected.clone(),
+                acked.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Relaxed) {
+                    if paused.load(Relaxed) {
+                        idle.store(true, Relaxed);
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                        continue;
+                    }
+                    idle.store(false, Relaxed);
+                    let addrs = targets.lock().expect("targets").clone();
+                    let addr = addrs[i as usize % addrs.len()];
+                    let key = format!("w{}", (i * 7) % WRITER_KEYS as u64);
+                    let value = format!("v{i}");
+                    let delete = i % 5 == 4;
+                    let request = if delete {
+                        format!("delete {key}\r\n")
+                    } else {
+                        format!("set {key} 0 0 {}\r\n{value}\r\n", value.len())
+                    };
+                    let reply = common::Client::connect_tcp(addr).ok().and_then(|mut c| {
+                        c.call(request.as_bytes(), std::time::Duration::from_secs(5))
+                            .ok()
+                    });
+                    let reply = reply.map(|r| String::from_utf8_lossy(&r).to_string());
+                    let now = if delete { None } else { Some(value) };
+                    let mut e = expected.lock().expect("expected");
+                    let may = e.entry(key).or_insert_with(|| vec![None]);
+                    match reply.as_deref() {
+                        Some("STORED\r\n" | "DELETED\r\n" | "NOT_FOUND\r\n") => {
+                            *may = vec![now];
+                            acked.fetch_add(1, Relaxed);
+                        }
+                        // Unknown outcome: either.
+                        _ => may.push(now),
+                    }
+                    i += 1;
+                }
+            })
+        };
+        Writer {
+            stop,
+            paused,
+            idle,
+            targets,
+            expected,
+            acked,
+            thread: Some(thread),
+        }
+    }
+
+    fn set_targets(&self, targets: Vec<std::net::SocketAddr>) {
+        *self.targets.lock().expect("targets") = targets;
+    }
+
+    /// Stops writing (after the write in flight) and returns what every
+    /// key may hold.
+    fn pause(&self) -> Expected {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.idle.store(false, Relaxed);
+        self.paused.store(true, Relaxed);
+        wait_for("the writer to pause", || self.idle.load(Relaxed));
+        self.expected.lock().expect("expected").clone()
+    }
+
+    fn resume(&self) {
+        self.paused
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Waits until every running member has `members` members at one epoch
+/// above `after`, nothing moving and no transfer pending; returns the epoch.
+fn moves_settled(cluster: &Cluster, after: u64, members: u64) -> u64 {
+    let mut epoch = 0;
+    wait_for(
+        &format!("a settled layout past epoch {after} with {members} members, no transfer pending"),
+        || {
+            let all = stats_of(cluster);
+            let epochs: std::collections::BTreeSet<u64> =
+                all.values().map(|s| field(s, "epoch")).collect();
+            epoch = *epochs.iter().next().unwrap_or(&0);
+            epochs.len() == 1
+                && epoch > after
+                && all.values().all(|s| {
+                    field(s, "members") == members && field(s, "transfers_pending") == 0
+                })
+        },
+    );
+    epoch
+}
+
+/// Every key reads back through every running member as the writer left
+/// it (a value it may hold; never a deleted or replaced one), and the
+/// members hold exactly N copies of each live key between them.
+fn check_after_move(cluster: &Cluster, expected: &Expected, n: u64, step: &str) {
+    // Copies first: reads repair what they find missing.
+    let live = expected
+        .values()
+        .filter(|may| may.iter().all(Option::is_some))
+        .count() as u64;
+    let unsure = expected
+        .values()
+        .filter(|may| may.iter().any(Option::is_some) && may.iter().any(Option::is_none))
+        .count() as u64;
+    let deadline = std::time::Instant::now() + common::hostile::WAIT_MAX;
+    loop {
+        let held: BTreeMap<u16, u64> = cluster
+            .running_ids()
+            .iter()
+            .map(|&id| (id, curr_items(cluster, id)))
+            .collect();
+        let total = held.values().sum::<u64>();
+        // A key whose last write's outcome is unknown may be live or not.
+        if (n * live..=n * (live + unsure)).contains(&total) && total % n == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{step}: not N={n} copies of each of {live} (+{unsure}) live keys: {held:?}\n{}",
+            cluster.describe_nodes()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for id in cluster.running_ids() {
+        let mut c = cluster.connect(id);
+        for (key, may) in expected {
+            let got = c.ask(format!("get {key}\r\n").as_bytes());
+            let value = match got.as_str() {
+                "END\r\n" => None,
+                v => {
+                    let value = v
+                        .split("\r\n")
+                        .nth(1)
+                        .unwrap_or_else(|| panic!("{step}: {key} through node {id}: {v}"));
+                    Some(value.to_string())
+                }
+            };
+            assert!(
+                may.contains(&value),
+                "{step}: {key} through node {id} is {value:?}, the writer allows {may:?}\n{}",
+                cluster.describe_nodes()
+            );
+        }
+    }
+
+}
+
+/// Addresses of the running members, for the writer.
+fn client_addrs(cluster: &Cluster) -> Vec<std::net::SocketAddr> {
+    cluster
+        .running_ids()
+        .into_iter()
+        .map(|id| cluster.member(id).client)
+        .collect()
+}
+
+/// `webvac cluster <args…> --node <node 1>`, retried while the answer says
+/// to retry (members recovering their votes); returns stdout.
+fn admin(cluster: &Cluster, through: u16, args: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + common::hostile::WAIT_MAX;
+    loop {
+        let mut all: Vec<String> = vec!["cluster".into()];
+        all.extend(args.iter().map(ToString::to_string));
+        all.extend(["--node".into(), cluster.member(through).client.to_string()]);
+        let out = Cluster::command(&all).output().expect("run webvac cluster");
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.success() {
+            return said;
+        }
+        assert!(
+            err.contains("retry") && std::time::Instant::now() < deadline,
+            "webvac {all:?}: {said} {err}\n{}",
+            cluster.describe_nodes()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn partitions_move_while_writers_run_through_joins_a_leave_a_replace_and_a_crash() {
+    let _serial = common::cluster::exclusive();
+    // Anti-entropy keeps its hash trees (a move checks what it was handed
+    // against them) but runs no round after the first: copies a move
+    // failed to hand over would be mended by it, and the checks could not
+    // see the failure.
+    let mut cluster = Cluster::start(
+        Layout::new(3)
+            .anti_entropy_interval_ms(3_600_000)
+            .tombstone_grace_secs(30_000),
+    );
+    let n = 3;
+    // Keys written once before any move and never again: only the
+    // handoff can give them to their new owners.
+    let mut still = Expected::new();
+    let mut c1 = cluster.connect(1);
+    for i in 0..300 {
+        let (key, value) = (format!("s{i}"), format!("still{i}"));
+        let set = format!("set {key} 0 0 {}\r\n{value}\r\n", value.len());
+        assert_eq!(c1.ask(set.as_bytes()), "STORED\r\n");
+        still.insert(key, vec![Some(value)]);
+    }
+    let with_still = |mut e: Expected| {
+        e.extend(still.clone());
+        e
+    };
+    let writer = Writer::start(client_addrs(&cluster));
+    wait_for("the writer to get going", || {
+        writer.acked.load(std::sync::atomic::Ordering::Relaxed) > 200
+    });
+    let mut epoch = 0;
+
+    // Node 4 joins and takes its share: a move, settled by the members.
+    cluster.join(4, 1);
+    writer.set_targets(client_addrs(&cluster));
+    epoch = moves_settled(&cluster, epoch, 4);
+    let expected = with_still(writer.pause());
+    check_after_move(&cluster, &expected, n, "node 4 joined");
+    let s = cluster_stats(&mut cluster.connect(4));
+    assert!(field(&s, "handoff_keys") > 0, "node 4 was handed keys: {s:?}");
+    writer.resume();
+
+    // Node 2 leaves: its partitions move to the others, then it stops by
+    // itself, exit status 0.
+    let said = admin(&cluster, 1, &["leave", "2"]);
+    assert!(said.contains("epoch"), "{said}");
+    let status = cluster.wait_exit(2, std::time::Duration::from_secs(60));
+    assert!(status.success(), "node 2 exited with {status}");
+    writer.set_targets(client_addrs(&cluster));
+    epoch = moves_settled(&cluster, epoch, 3);
+    let expected = with_still(writer.pause());
+    check_after_move(&cluster, &expected, n, "node 2 left");
+    writer.resume();
+
+    // A leave that would leave fewer than N members holding partitions,
+    // and a second change while one is pending, are refused, changing
+    // nothing.
+    let mut c = cluster.connect(1);
+    let too_few = c.ask(b"cluster leave 3\r\n");
+    assert!(too_few.contains("fewer than N=3"), "{too_few}");
+
+    // Node 5 joins slowly (a low handoff rate); a second change meanwhile
+    // is refused naming it; node 5 is killed mid-transfer and restarted
+    // (at the normal rate): the move completes.
+    cluster.set_node_args(5, vec!["--handoff-bytes-per-sec".into(), "200".into()]);
+    cluster.join(5, 3);
+    writer.set_targets(client_addrs(&cluster));
+    wait_for("node 5's move to start", || {
+        stats_of(&cluster).values().all(|s| {
+            field(s, "transfers_pending") > 0
+                && s.get("member:5").is_some_and(|l| l.contains(" joining=1"))
+        })
+    });
+    let status = admin(&cluster, 1, &["status"]);
+    assert!(
+        status.contains("standby joining") && status.contains("transfers: 1 pending") && status.contains("member 5: handed"),
+        "{status}"
+    );
+    let second = c.ask(b"cluster leave 4\r\n");
+    assert!(
+        second.starts_with("SERVER_ERROR a change is pending: node [5] takes partitions"),
+        "{second}"
+    );
+    cluster.kill(5);
+    cluster.set_node_args(5, Vec::new());
+    cluster.restart(5);
+    writer.set_targets(client_addrs(&cluster));
+    epoch = moves_settled(&cluster, epoch, 4);
+    let expected = with_still(writer.pause());
+    check_after_move(&cluster, &expected, n, "node 5 joined, killed mid-transfer");
+    writer.resume();
+
+    // Node 6 joins as a standby; its move to take partitions (slow) is
+    // cancelled: the layout before it is back, and what it was handed is
+    // dropped again. A replace naming a member that does not exist is
+    // refused.
+    cluster.set_node_args(
+        6,
+        vec![
+            "--standby".into(),
+            "--handoff-bytes-per-sec".into(),
+            "200".into(),
+        ],
+    );
+    cluster.join(6, 1);
+    writer.set_targets(client_addrs(&cluster));
+    epoch = moves_settled(&cluster, epoch, 5);
+    let not_member = c.ask(b"cluster replace 3 9\r\n");
+    assert!(
+        not_member.starts_with("SERVER_ERROR node 9 is not a member"),
+        "{not_member}"
+    );
+    admin(&cluster, 1, &["join", "6"]);
+    wait_for("node 6's move to start", || {
+        stats_of(&cluster).values().all(|s| {
+            s.get("member:6").is_some_and(|l| l.contains(" joining=1"))
+        })
+    });
+    admin(&cluster, 4, &["cancel"]);
+    epoch = moves_settled(&cluster, epoch, 5);
+    for (id, s) in stats_of(&cluster) {
+        let line = &s["member:6"];
+        assert!(line.contains(" standby=1"), "node {id}: {line}");
+    }
+    let expected = with_still(writer.pause());
+    check_after_move(&cluster, &expected, n, "node 6's move cancelled");
+    assert_eq!(curr_items(&cluster, 6), 0, "node 6 dropped what it was handed");
+    writer.resume();
+    cluster.kill(6);
+    cluster.set_node_args(6, vec!["--standby".into()]);
+    cluster.restart(6);
+
+    // Node 6 replaces node 3, which leaves.
+    let said = admin(&cluster, 1, &["replace", "3", "6"]);
+    assert!(said.contains("epoch"), "{said}");
+    let status = cluster.wait_exit(3, std::time::Duration::from_secs(60));
+    assert!(status.success(), "node 3 exited with {status}");
+    writer.set_targets(client_addrs(&cluster));
+    moves_settled(&cluster, epoch, 4);
+    let expected = with_still(writer.pause());
+    check_after_move(&cluster, &expected, n, "node 6 replaced node 3");
+    let status = admin(&cluster, 6, &["status"]);
+    assert!(status.contains("transfers: none pending"), "{status}");
+    assert!(
+        writer.acked.load(std::sync::atomic::Ordering::Relaxed) > 1000,
+        "the writer kept writing"
+    );
 }

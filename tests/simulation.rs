@@ -261,6 +261,9 @@ fn cluster_config(node_id: u16, settings: Settings) -> ClusterConfig {
         // and never reads this file.
         secret_file: Some("simulated-cluster.secret".into()),
         join: None,
+        standby: false,
+        handoff_bytes_per_sec: 32 << 20,
+        handoff_timeout_secs: 600,
         tls_cert: None,
         tls_key: None,
         tls_ca: None,

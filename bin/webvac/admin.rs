@@ -74,16 +74,38 @@ enum ClusterCmd {
         #[command(flatten)]
         node: NodeArgs,
     },
-    /// Remove member ID from the cluster: a new layout epoch without it,
-    /// decided by the members; the member stops once it is decided. For
-    /// now only a standby member (one that joined with --join and holds
-    /// no partitions) can leave.
+    /// Remove member ID from the cluster: its partitions move to the
+    /// other members while the cluster serves, then a layout without it
+    /// is decided and the member stops (exit status 0). A standby member
+    /// leaves at once. Answers once the move has started.
     Leave {
         /// The member that leaves.
         id: u16,
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Standby member ID (started with --join --standby) takes its share
+    /// of the partitions: they move to it while the cluster serves.
+    Join {
+        /// The standby member.
+        id: u16,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Standby member NEW takes the place of member OLD: OLD's partitions
+    /// move to it, then OLD leaves and stops.
+    Replace {
+        /// The member that leaves.
+        old: u16,
+        /// The standby member that takes its place.
+        new: u16,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Cancel the partition move under way: the layout before it comes
+    /// back; writes made during the move were also written to the old
+    /// owners, so none is lost.
+    Cancel(NodeArgs),
 }
 
 #[derive(Args, Debug)]
@@ -163,10 +185,14 @@ pub fn main(argv: &[String]) -> anyhow::Result<()> {
     let node = match &admin.command {
         Top::Stats { node, .. } => node,
         Top::Cluster { command } => match command {
-            ClusterCmd::Status(node) | ClusterCmd::Repair(node) => node,
+            ClusterCmd::Status(node) | ClusterCmd::Repair(node) | ClusterCmd::Cancel(node) => {
+                node
+            }
             ClusterCmd::Partitions { node, .. }
             | ClusterCmd::Quorums { node, .. }
-            | ClusterCmd::Leave { node, .. } => node,
+            | ClusterCmd::Leave { node, .. }
+            | ClusterCmd::Join { node, .. }
+            | ClusterCmd::Replace { node, .. } => node,
         },
     };
     let _ = SECURITY.set(node.security()?);
@@ -178,6 +204,21 @@ pub fn main(argv: &[String]) -> anyhow::Result<()> {
             ClusterCmd::Repair(node) => repair(&node),
             ClusterCmd::Quorums { read, write, node } => quorums(&node, read, write),
             ClusterCmd::Leave { id, node } => leave(&node, id),
+            ClusterCmd::Join { id, node } => change(
+                &node,
+                &format!("cluster join {id}"),
+                &format!("node {id} takes its share of the partitions; they move to it"),
+            ),
+            ClusterCmd::Replace { old, new, node } => change(
+                &node,
+                &format!("cluster replace {old} {new}"),
+                &format!("node {new} takes the place of node {old}, which stops once its partitions have moved"),
+            ),
+            ClusterCmd::Cancel(node) => change(
+                &node,
+                "cluster cancel",
+                "the move is cancelled; the layout before it is back",
+            ),
         },
     }
 }
@@ -215,9 +256,22 @@ fn quorums(node: &NodeArgs, read: u8, write: u8) -> anyhow::Result<()> {
 fn leave(node: &NodeArgs, id: u16) -> anyhow::Result<()> {
     let epoch = decree(node, &format!("cluster leave {id}"))?;
     if node.json {
-        println!("{}", json!({"epoch": epoch, "left": id}));
+        println!("{}", json!({"epoch": epoch, "leaves": id}));
     } else {
-        println!("layout epoch {epoch}: node {id} is no longer a member and stops");
+        println!(
+            "layout epoch {epoch}: node {id} leaves (its partitions, if it holds any, move to the others first) and stops once it is no longer a member; see webvac cluster status"
+        );
+    }
+    Ok(())
+}
+
+/// `webvac cluster join|replace|cancel`: one decree, then what it does.
+fn change(node: &NodeArgs, command: &str, what: &str) -> anyhow::Result<()> {
+    let epoch = decree(node, command)?;
+    if node.json {
+        println!("{}", json!({"epoch": epoch, "change": command}));
+    } else {
+        println!("layout epoch {epoch}: {what}; see webvac cluster status");
     }
     Ok(())
 }
@@ -473,6 +527,19 @@ impl Member {
     fn standby(&self) -> bool {
         self.fields.get("standby").is_some_and(|v| v == "1")
     }
+
+    /// Its part in the move under way: "joining" (partitions move to it),
+    /// "leaving" (they move away from it), or "".
+    fn moving(&self) -> &'static str {
+        let flag = |f: &str| self.fields.get(f).is_some_and(|v| v == "1");
+        if flag("joining") {
+            "joining"
+        } else if flag("leaving") {
+            "leaving"
+        } else {
+            ""
+        }
+    }
 }
 
 /// `stats cluster` of one node, read.
@@ -648,8 +715,36 @@ fn share(n: u64, of: u64) -> f64 {
     }
 }
 
+/// The transfers of a move as each member reports them: (member, keys
+/// and bytes it has been handed in this move); `None` for one that did
+/// not answer.
+fn transfers(view: &ClusterView, via: &str) -> Vec<(u32, Option<(u64, u64)>)> {
+    view.members
+        .iter()
+        .map(|m| {
+            let counters = ask_member(m, via, Some("cluster")).ok().map(|(lines, _)| {
+                let get = |name: &str| {
+                    lines
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .and_then(|(_, v)| v.parse::<u64>().ok())
+                        .unwrap_or(0)
+                };
+                (get("handoff_keys"), get("handoff_bytes"))
+            });
+            (m.id, counters)
+        })
+        .collect()
+}
+
 fn status(node: &NodeArgs) -> anyhow::Result<()> {
     let view = cluster_view(&node.node)?;
+    let pending: u64 = view
+        .counters
+        .get("transfers_pending")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let moved = transfers(&view, &node.node);
     let (by_partition, missing) = digests(&view, &node.node);
     let [agree, differ, unchecked] = tally(&view, &by_partition);
     if node.json {
@@ -661,6 +756,9 @@ fn status(node: &NodeArgs) -> anyhow::Result<()> {
                     "id": m.id,
                     "state": m.state,
                     "standby": m.standby(),
+                    "moving": m.moving(),
+                    "handed_keys": moved.iter().find(|t| t.0 == m.id).and_then(|t| t.1).map(|t| t.0),
+                    "handed_bytes": moved.iter().find(|t| t.0 == m.id).and_then(|t| t.1).map(|t| t.1),
                     "client": m.client,
                     "peer": m.peer,
                     "primary_partitions": m.primary,
@@ -679,6 +777,7 @@ fn status(node: &NodeArgs) -> anyhow::Result<()> {
             "read_quorum": view.read_quorum,
             "write_quorum": view.write_quorum,
             "members": members,
+            "transfers_pending": pending,
             "replicas_agree": {"agree": agree, "differ": differ, "unchecked": unchecked},
             "unreachable": unreachable_json(&missing),
         });
@@ -701,11 +800,12 @@ fn status(node: &NodeArgs) -> anyhow::Result<()> {
         .map(|m| {
             [
                 m.id.to_string(),
-                if m.standby() {
-                    format!("{} standby", m.state)
-                } else {
-                    m.state.clone()
-                },
+                [m.state.as_str(), if m.standby() { "standby" } else { "" }, m.moving()]
+                    .iter()
+                    .filter(|w| !w.is_empty())
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 m.client.clone(),
                 m.peer.clone(),
                 m.primary.to_string(),
@@ -723,6 +823,19 @@ fn status(node: &NodeArgs) -> anyhow::Result<()> {
         ],
         &rows,
     );
+    if pending == 0 {
+        println!("transfers: none pending");
+    } else {
+        println!("transfers: {pending} pending (members to be handed partitions, or copies to drop)");
+        for (id, counters) in &moved {
+            match counters {
+                Some((keys, bytes)) => println!(
+                    "  member {id}: handed {keys} keys, {bytes} bytes (since it started)"
+                ),
+                None => println!("  member {id}: did not answer"),
+            }
+        }
+    }
     println!("replicas: {agree} partitions agree, {differ} differ, {unchecked} not fully checked");
     print_unreachable(&missing);
     Ok(())

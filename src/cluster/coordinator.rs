@@ -44,6 +44,7 @@ use crate::protocol::stats::put_stat;
 use crate::protocol::{ParseLimits, Parsed, Refused, Request, parse, put_line};
 use crate::store::{Applied, Condition, Fill, KeyState, Mode, Store, hlc, valid_key};
 
+mod handoff;
 mod listing;
 mod repair;
 
@@ -107,12 +108,40 @@ pub struct Undecided {
     pub retry: bool,
 }
 
+/// Refuses a change of `base` while partitions move, naming the move.
+fn no_move_pending(base: &Layout) -> Result<(), String> {
+    match &base.target {
+        None => Ok(()),
+        Some(_) => Err(format!(
+            "a change is pending: {} (epoch {}); wait until it settles (transfers_pending 0) or run 'cluster cancel'",
+            describe_move(base),
+            base.epoch
+        )),
+    }
+}
+
+/// The move under way in `layout`, in words.
+fn describe_move(layout: &Layout) -> String {
+    let (joining, leaving) = layout.movers();
+    let mut parts = Vec::new();
+    if !joining.is_empty() {
+        parts.push(format!("node {joining:?} takes partitions"));
+    }
+    if !leaving.is_empty() {
+        parts.push(format!("node {leaving:?} hands its partitions off"));
+    }
+    if parts.is_empty() {
+        parts.push("partitions move".into());
+    }
+    parts.join(", ")
+}
+
 /// A layout in words, for an operator reading an error.
 fn describe(d: &LayoutDesc) -> String {
     let ids: Vec<String> = d.members.iter().map(|m| m.0.to_string()).collect();
     let standby: Vec<String> = d.standby.iter().map(ToString::to_string).collect();
     format!(
-        "members {}{} N={} R={} W={}",
+        "members {}{} N={} R={} W={}{}",
         ids.join(","),
         if standby.is_empty() {
             String::new()
@@ -121,9 +150,16 @@ fn describe(d: &LayoutDesc) -> String {
         },
         d.replicas,
         d.read_quorum,
-        d.write_quorum
+        d.write_quorum,
+        d.target
+            .as_ref()
+            .map_or(String::new(), |t| format!(", partitions moving to {t:?}"))
     )
 }
+
+/// How long a node removed from the layout waits for the other members to
+/// install that layout before it stops.
+const REMOVED_WAIT: Duration = Duration::from_secs(10);
 
 /// The layout follower checks for a newer layout at least this often.
 const LAYOUT_FOLLOW_INTERVAL_MS: u64 = 1000;
@@ -279,6 +315,12 @@ pub struct ClusterStats {
     pub stale_epoch_refused: AtomicU64,
     /// Layouts fetched from a peer ahead and installed.
     pub layouts_installed: AtomicU64,
+    /// Keys pulled from current owners by a partition move (handoff).
+    pub handoff_keys: AtomicU64,
+    /// Key and value bytes of the keys the handoff pulled.
+    pub handoff_bytes: AtomicU64,
+    /// Copies dropped after their partitions moved away.
+    pub handoff_keys_dropped: AtomicU64,
 }
 
 /// One node's view of the cluster and its request path.
@@ -324,6 +366,15 @@ pub struct Cluster {
     /// The epoch of a decided layout that no longer names this node: it
     /// left the cluster, and the server stops ([`Cluster::removed`]).
     removed: tokio::sync::watch::Sender<Option<u64>>,
+    /// This node's part in partition moves ([`handoff`]).
+    moves: Mutex<handoff::Moves>,
+    /// Whether this node's store holds what it replicates: false while the
+    /// refill after a start runs (a move does not pull from it then).
+    warm: std::sync::atomic::AtomicBool,
+    /// Handoff: bytes per second pulled from each source.
+    handoff_rate: u64,
+    /// Handoff: how long a move may run before its driver cancels it.
+    handoff_timeout: Duration,
 }
 
 /// The error line for a classic command, or nothing when the client asked
@@ -777,6 +828,7 @@ impl Cluster {
             .collect();
         let view = Topology::new(layout, config.node_id, peers, BTreeMap::new());
         epoch.set(view.layout.epoch);
+        let initial_epoch = view.layout.epoch;
         let acceptor = Acceptor::recovering(view.layout.epoch);
         let hints = HintStore::new(HintLimits {
             per_target_max: config.hints_per_target_max,
@@ -807,13 +859,49 @@ impl Cluster {
                 .map(|_| tokio::sync::Mutex::new(()))
                 .collect(),
             removed: tokio::sync::watch::channel(None).0,
+            moves: Mutex::new(handoff::Moves::starting_at(initial_epoch)),
+            warm: std::sync::atomic::AtomicBool::new(true),
+            handoff_rate: config.handoff_bytes_per_sec.max(1),
+            handoff_timeout: Duration::from_secs(config.handoff_timeout_secs),
         }
+    }
+
+    /// The refill after a start is about to run: until it ends, a move
+    /// does not take this node's store as a source.
+    pub fn refilling(&self) {
+        self.warm.store(false, Relaxed);
     }
 
     /// Resolves with the epoch of the layout that removed this node, once
     /// one is decided (`cluster leave`): the node holds nothing the
     /// cluster needs and stops.
+    ///
+    /// Resolves once every other member has that layout, or after
+    /// [`REMOVED_WAIT`]: until then one may still send this node a read.
     pub async fn removed(&self) -> u64 {
+        let epoch = self.removal_decided().await;
+        let view = self.view();
+        let deadline = tokio::time::Instant::now() + REMOVED_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            let reports = join_all(view.peers().map(|(_, p)| async move {
+                matches!(
+                    p.call_timeout(PeerRequest::LayoutReport, self.hop_timeout).await,
+                    Ok(PeerResponse::LayoutReport { installed, .. }) if installed >= epoch
+                )
+            }))
+            .await;
+            if reports.iter().all(|r| *r) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        epoch
+    }
+
+
+    /// Resolves with the epoch of the layout that removed this node, as
+    /// soon as it is decided (without [`Cluster::removed`]'s wait).
+    pub async fn removal_decided(&self) -> u64 {
         let mut rx = self.removed.subscribe();
         let epoch = rx.wait_for(Option::is_some).await.ok().and_then(|e| *e);
         match epoch {
@@ -1199,6 +1287,58 @@ impl Cluster {
         );
     }
 
+    /// Standby member `id` takes its share of the partitions: decides the
+    /// transition epoch of that move.
+    ///
+    /// # Errors
+    /// `id` is not a standby member, or another move is under way, or the
+    /// decree was not decided.
+    pub async fn promote(&self, id: NodeId) -> Result<u64, Undecided> {
+        let what = format!("node {id} takes its share of the partitions");
+        self.propose(&what, |base| {
+            no_move_pending(base)?;
+            if !base.is_member(id) {
+                return Err(format!("node {id} is not a member"));
+            }
+            if !base.is_standby(id) {
+                return Err(format!("node {id} holds partitions already"));
+            }
+            let mut target = base.ring.members().to_vec();
+            target.push(id);
+            target.sort_unstable();
+            Ok(base.moving_to(target))
+        })
+        .await
+    }
+
+    /// This node, a standby that joined to take partitions: asks for its
+    /// share, retrying while other changes or recovering members stand in
+    /// the way, for up to `wait`.
+    pub async fn take_partitions(self: Arc<Self>, wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let layout = self.view().layout.clone();
+            let moving_here = layout.target.as_ref().is_some_and(|(t, _)| t.contains(&self.me));
+            if !layout.is_standby(self.me) || moving_here {
+                return;
+            }
+            match self.promote(self.me).await {
+                Ok(epoch) => {
+                    info!(epoch, "this node takes its share of the partitions");
+                    return;
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    debug!(why = e.why, "taking partitions: not yet");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    warn!(why = e.why, "this node could not take partitions; it stays a standby member (cluster join {} to try again)", self.me);
+                    return;
+                }
+            }
+        }
+    }
+
     /// `cluster <change>`: decides the change and answers `OK epoch <E>`,
     /// or why not.
     async fn admin(&self, cmd: Option<&ClusterCmd>, out: &mut Vec<u8>) {
@@ -1240,23 +1380,55 @@ impl Cluster {
                 let what = format!("node {id} leaves");
                 self.propose(&what, |base| {
                     let id = NodeId::from(id);
+                    no_move_pending(base)?;
                     if !base.is_member(id) {
                         return Err(format!("node {id} is not a member"));
                     }
-                    if !base.is_standby(id) {
-                        let (left, n) = (base.active_count() - 1, base.ring.replicas());
-                        if left < n {
-                            return Err(format!(
-                                "node {id} leaving would leave {left} members holding partitions, fewer than N={n}"
-                            ));
-                        }
+                    if base.is_standby(id) {
+                        let members = base.members.iter().filter(|m| m.id != id).cloned().collect();
+                        let standby = base.standby.iter().copied().filter(|&s| s != id).collect();
+                        return Ok(base.with_members(members, standby));
+                    }
+                    let target: Vec<NodeId> =
+                        base.ring.members().iter().copied().filter(|&m| m != id).collect();
+                    let n = base.ring.replicas();
+                    if target.len() < n {
                         return Err(format!(
-                            "node {id} holds partitions; handing them off is not built yet (only a standby member can leave)"
+                            "node {id} leaving would leave {} members holding partitions, fewer than N={n}",
+                            target.len()
                         ));
                     }
-                    let members = base.members.iter().filter(|m| m.id != id).cloned().collect();
-                    let standby = base.standby.iter().copied().filter(|&s| s != id).collect();
-                    Ok(base.with_members(members, standby))
+                    Ok(base.moving_to(target))
+                })
+                .await
+            }
+            ClusterCmd::Join { id } => self.promote(NodeId::from(id)).await,
+            ClusterCmd::Replace { old, new } => {
+                let what = format!("node {new} replaces node {old}");
+                self.propose(&what, |base| {
+                    let (old, new) = (NodeId::from(old), NodeId::from(new));
+                    no_move_pending(base)?;
+                    if !base.is_member(new) {
+                        return Err(format!("node {new} is not a member: start it with --join --standby first"));
+                    }
+                    if !base.is_standby(new) {
+                        return Err(format!("node {new} holds partitions already: only a standby member can replace another"));
+                    }
+                    if !base.is_member(old) || base.is_standby(old) {
+                        return Err(format!("node {old} is not a member that holds partitions"));
+                    }
+                    let mut target: Vec<NodeId> =
+                        base.ring.members().iter().copied().filter(|&m| m != old).collect();
+                    target.push(new);
+                    target.sort_unstable();
+                    Ok(base.moving_to(target))
+                })
+                .await
+            }
+            ClusterCmd::Cancel => {
+                self.propose("the move is cancelled", |base| {
+                    base.cancelled()
+                        .ok_or_else(|| "no move is under way".to_string())
                 })
                 .await
             }
@@ -1676,6 +1848,14 @@ impl Cluster {
         let store = local.store();
         let pref = view.layout.ring.preference_list_for_key(key);
         let others: Vec<NodeId> = pref.iter().copied().filter(|&n| n != self.me).collect();
+        // Where the new state goes: the replicas, and while partitions
+        // move, the new owners too (W needed on each set).
+        let copies: Vec<NodeId> = view
+            .layout
+            .write_set(key)
+            .into_iter()
+            .filter(|&n| n != self.me)
+            .collect();
         // Catch up first where this node's copy may be stale: a failed-over
         // primary may have missed writes and its clock may be behind their
         // versions; any read-modify-write must see the latest acknowledged
@@ -1699,7 +1879,7 @@ impl Cluster {
         // versions would take it over a write the attempt lost to,
         // dropping that write (found in review). A plain set needs no
         // lock: it reads nothing.
-        let _serial = if rmw && !others.is_empty() {
+        let _serial = if rmw && !copies.is_empty() {
             let slot = xxh3_64(key) as usize & (RMW_LOCKS - 1);
             Some(self.rmw_locks[slot].lock().await)
         } else {
@@ -1733,7 +1913,7 @@ impl Cluster {
                 );
             }
         }
-        let needed = w.saturating_sub(1);
+        let need = view.layout.write_need(key, self.me, w);
         let start = out.len();
         let request_id = hints::parse(meta_tokens(&request))
             .ok()
@@ -1754,13 +1934,13 @@ impl Cluster {
             // acknowledging a write that has already lost. The attempt is
             // marked under the lock of its own write, so no such state
             // lands unseen.
-            let in_flight = if rmw && !others.is_empty() {
+            let in_flight = if rmw && !copies.is_empty() {
                 store.claim_attempt(key, || local.execute(raw, out)).1
             } else {
                 local.execute(raw, out);
                 None
             };
-            if others.is_empty() {
+            if copies.is_empty() {
                 return;
             }
             // A mutation with a request id that changed nothing may be the
@@ -1807,7 +1987,7 @@ impl Cluster {
             let condition = rmw.then_some((base, abandoned.as_slice()));
             let now_ms = store.clock().now_ms();
             let quorum = self
-                .replicate(view, key, state, &others, needed, now_ms, condition)
+                .replicate(view, key, state, &copies, &need, now_ms, condition)
                 .await;
             let overrun = in_flight.as_ref().is_some_and(|a| a.overrun());
             drop(in_flight);
@@ -1835,7 +2015,7 @@ impl Cluster {
                 Err(NotReplicated::Quorum(why)) => {
                     self.stats.write_quorum_failures.fetch_add(1, Relaxed);
                     out.truncate(start);
-                    self.restore(view, store, key, &others, &abandoned).await;
+                    self.restore(view, store, key, &copies, &abandoned).await;
                     return server_error(out, silent, &format!("write quorum not met: {why}"));
                 }
                 Err(NotReplicated::Newer(newer)) => newer,
@@ -1872,7 +2052,7 @@ impl Cluster {
             };
             if store.apply_if(key, &newer, Fill::Evict, adopt) == Applied::TooFarAhead {
                 self.stats.versions_refused.fetch_add(1, Relaxed);
-                self.restore(view, store, key, &others, &abandoned).await;
+                self.restore(view, store, key, &copies, &abandoned).await;
                 return server_error(
                     out,
                     silent,
@@ -1886,7 +2066,7 @@ impl Cluster {
             );
         }
         self.stats.write_quorum_failures.fetch_add(1, Relaxed);
-        self.restore(view, store, key, &others, &abandoned).await;
+        self.restore(view, store, key, &copies, &abandoned).await;
         server_error(
             out,
             silent,
@@ -1930,7 +2110,7 @@ impl Cluster {
                 key,
                 restamped,
                 others,
-                0,
+                &[],
                 now_ms,
                 Some((base, abandoned)),
             )
@@ -1966,8 +2146,9 @@ impl Cluster {
         answered
     }
 
-    /// Ships `state` to every other replica; returns once `needed` of them
-    /// hold it (the rest keep going in the background), or why they don't:
+    /// Ships `state` to `others`; returns once the quorum `need` (per
+    /// replica set, how many of which nodes; empty: none) holds it (the
+    /// rest keep going in the background), or why they don't:
     /// too few answered, or one holds a newer state (returned at once; a
     /// replica never counts toward W for a state older than its own).
     ///
@@ -1981,7 +2162,7 @@ impl Cluster {
         key: &[u8],
         state: KeyState,
         others: &[NodeId],
-        needed: usize,
+        need: &[(usize, Vec<NodeId>)],
         now_ms: u64,
         condition: Option<(u64, &[u64])>,
     ) -> Result<(), NotReplicated> {
@@ -2060,10 +2241,10 @@ impl Cluster {
             });
         }
         drop(tx);
-        if needed == 0 {
+        if need.is_empty() {
             return Ok(());
         }
-        let mut quorum = Quorum::new(needed, others.len());
+        let mut quorum = Quorum::of_sets(need.to_vec(), others.len());
         let mut answered: Vec<NodeId> = Vec::with_capacity(others.len());
         while let Some((node, outcome)) = rx.recv().await {
             answered.push(node);
@@ -2233,6 +2414,8 @@ impl Cluster {
                 let req = PeerRequest::Scan {
                     for_node: self.me,
                     cursor,
+                    moving: false,
+                    only: Vec::new(),
                 };
                 match peer.call_timeout(req, self.hop_timeout).await {
                     Ok(PeerResponse::Page { states, next }) => {
@@ -2268,6 +2451,7 @@ impl Cluster {
             }
             self.stats.refill_peers_done.fetch_add(1, Relaxed);
         }
+        self.warm.store(true, Relaxed);
         info!(
             keys = self.stats.refill_keys.load(Relaxed),
             bytes = self.stats.refill_bytes.load(Relaxed),
@@ -2924,21 +3108,54 @@ impl Cluster {
                 let applied = local.store().apply_if(&key, &state, Fill::Evict, condition);
                 self.answer_apply(local.store(), caller, &key, &state, applied)
             }
-            PeerRequest::Scan { for_node, cursor } => {
+            PeerRequest::Scan {
+                for_node,
+                cursor,
+                moving,
+                only,
+            } => {
                 if view.peer(for_node).is_none() {
                     return PeerResponse::Refused("unknown node".into());
                 }
+                if only.len() > self.partitions as usize || only.windows(2).any(|w| w[0] >= w[1]) {
+                    return PeerResponse::Refused("invalid partition list".into());
+                }
+                if moving {
+                    // A handoff is planned on the layout of its epoch; a
+                    // source that restarted and is refilling may lack
+                    // writes it acknowledged before.
+                    if caller_epoch < view.layout.epoch {
+                        return PeerResponse::StaleEpoch {
+                            epoch: view.layout.epoch,
+                        };
+                    }
+                    if !self.warm.load(Relaxed) {
+                        return PeerResponse::Refused(
+                            "cold: refilling after a start, not a handoff source yet".into(),
+                        );
+                    }
+                }
+                let layout = &view.layout;
                 let (states, next) =
                     local
                         .store()
                         .scan_page(cursor, REFILL_PAGE_ITEMS, REFILL_PAGE_BYTES, |key| {
-                            view.layout
-                                .ring
-                                .preference_list_for_key(key)
-                                .contains(&for_node)
+                            if moving {
+                                layout.gains(for_node, key)
+                                    && (only.is_empty()
+                                        || only
+                                            .binary_search(&super::ring::partition_of(
+                                                key,
+                                                self.partitions,
+                                            ))
+                                            .is_ok())
+                            } else {
+                                layout.writes_to(for_node, key)
+                            }
                         });
                 PeerResponse::Page { states, next }
             }
+            PeerRequest::TransferStatus { epoch } => self.transfer_status(&view.layout, epoch),
             PeerRequest::Hint { target, key, state } => {
                 if bad_key(&key) || view.peer(target).is_none() {
                     return PeerResponse::Refused("invalid hint".into());
@@ -3065,10 +3282,12 @@ impl Cluster {
         put_stat(out, "node_id", self.me);
         put_stat(out, "epoch", view.layout.epoch);
         put_stat(out, "members", view.layout.members.len());
+        put_stat(out, "transfers_pending", self.transfers_pending(&view.layout));
         put_stat(out, "partitions", view.layout.ring.partitions());
         put_stat(out, "replicas", view.layout.ring.replicas());
         put_stat(out, "read_quorum", view.layout.read_quorum);
         put_stat(out, "write_quorum", view.layout.write_quorum);
+        let (joining, leaving) = view.layout.movers();
         for m in &view.layout.members {
             let state = if m.id == self.me {
                 "self".to_string()
@@ -3095,6 +3314,12 @@ impl Cluster {
             );
             if view.layout.is_standby(m.id) {
                 line.push_str(" standby=1");
+            }
+            if joining.contains(&m.id) {
+                line.push_str(" joining=1");
+            }
+            if leaving.contains(&m.id) {
+                line.push_str(" leaving=1");
             }
             // A round trip is reported only while the peer is up: the last
             // one measured says nothing about a peer that is down.
@@ -3168,6 +3393,9 @@ impl Cluster {
             ("anti_entropy_errors", &s.ae_errors),
             ("stale_epoch_refused", &s.stale_epoch_refused),
             ("layouts_installed", &s.layouts_installed),
+            ("handoff_keys", &s.handoff_keys),
+            ("handoff_bytes", &s.handoff_bytes),
+            ("handoff_keys_dropped", &s.handoff_keys_dropped),
         ] {
             put_stat(out, name, v.load(Relaxed));
         }
@@ -3540,7 +3768,7 @@ mod install_tests {
         let mut elsewhere = layout(5, &[1, 2]);
         elsewhere.members[0].peer = "10.9.9.9:1".into();
         assert_eq!(c.install_layout(elsewhere), Ok(false));
-        let removed = tokio::time::timeout(Duration::from_secs(1), c.removed()).await;
+        let removed = tokio::time::timeout(Duration::from_secs(1), c.removal_decided()).await;
         assert_eq!(removed, Ok(5), "another node has taken id 1");
         assert_eq!(c.view().layout.epoch, 0);
     }
@@ -3563,10 +3791,10 @@ mod install_tests {
             old_without_me.contains("does not name node 1"),
             "{old_without_me}"
         );
-        let stopped = tokio::time::timeout(Duration::from_millis(20), c.removed()).await;
+        let stopped = tokio::time::timeout(Duration::from_millis(20), c.removal_decided()).await;
         assert!(stopped.is_err(), "not removed yet");
         assert_eq!(c.install_layout(layout(4, &[2, 3])), Ok(false));
-        let removed = tokio::time::timeout(Duration::from_secs(1), c.removed()).await;
+        let removed = tokio::time::timeout(Duration::from_secs(1), c.removal_decided()).await;
         assert_eq!(removed, Ok(4));
         assert_eq!(c.view().layout.member_ids(), vec![1, 2, 3]);
         assert_eq!(c.view().layout.epoch, 3);
@@ -3710,6 +3938,8 @@ mod install_tests {
                 PeerRequest::Scan {
                     for_node: 9,
                     cursor: 0,
+                    moving: false,
+                    only: Vec::new(),
                 },
             )
             .await

@@ -47,6 +47,11 @@ pub struct Layout {
     pub read_quorum: usize,
     /// W when a request names none (at most N).
     pub write_quorum: usize,
+    /// While partitions move (a transition epoch): the members that will
+    /// hold partitions once the move settles, ascending, and their ring.
+    /// Writes go to both rings' replicas and need W on each; reads stay on
+    /// [`Layout::ring`] until the move settles.
+    pub target: Option<(Vec<NodeId>, Ring)>,
 }
 
 impl Layout {
@@ -91,19 +96,146 @@ impl Layout {
             standby,
             read_quorum: r,
             write_quorum: w,
+            target: None,
         }
     }
 
-    /// This layout's epoch, P, N, R and W with `members` (ascending by
-    /// id), of which `standby` (ascending) hold nothing.
-    pub fn with_members(&self, members: Vec<MemberConfig>, standby: Vec<NodeId>) -> Self {
-        Self::build(
+    /// This layout with partitions moving to `target` (ascending member
+    /// ids, at least N of them): the transition epoch of a change.
+    pub fn moving_to(&self, target: Vec<NodeId>) -> Self {
+        let ring = Ring::new(&target, self.ring.partitions(), self.ring.replicas());
+        Self {
+            target: Some((target, ring)),
+            ..self.clone()
+        }
+    }
+
+    /// The layout once the move settles: the target members hold the
+    /// partitions; a member that held partitions and is not among them
+    /// leaves the layout; a standby among them is a standby no more.
+    /// `None` when nothing is moving.
+    pub fn settled(&self) -> Option<Self> {
+        let (target, _) = self.target.as_ref()?;
+        let members: Vec<MemberConfig> = self
+            .members
+            .iter()
+            .filter(|m| target.contains(&m.id) || self.is_standby(m.id))
+            .cloned()
+            .collect();
+        let standby = self
+            .standby
+            .iter()
+            .copied()
+            .filter(|id| !target.contains(id))
+            .collect();
+        Some(Self::build(
             self.epoch,
             members,
             standby,
             self.ring.partitions(),
             [self.ring.replicas(), self.read_quorum, self.write_quorum],
-        )
+        ))
+    }
+
+    /// The layout as it was before the move (the move cancelled). `None`
+    /// when nothing is moving.
+    pub fn cancelled(&self) -> Option<Self> {
+        self.target.as_ref()?;
+        Some(Self {
+            target: None,
+            ..self.clone()
+        })
+    }
+
+    /// The members that gain partitions in the move, and those that lose
+    /// them all (they leave when it settles).
+    pub fn movers(&self) -> (Vec<NodeId>, Vec<NodeId>) {
+        let Some((target, _)) = &self.target else {
+            return (Vec::new(), Vec::new());
+        };
+        let active: Vec<NodeId> = self.ring.members().to_vec();
+        let joining = target.iter().copied().filter(|id| !active.contains(id)).collect();
+        let leaving = active.into_iter().filter(|id| !target.contains(id)).collect();
+        (joining, leaving)
+    }
+
+    /// Whether `node` holds `key` in the target ring but not in the
+    /// current one: a key it must be given before the move settles.
+    pub fn gains(&self, node: NodeId, key: &[u8]) -> bool {
+        self.target.as_ref().is_some_and(|(_, ring)| {
+            ring.preference_list_for_key(key).contains(&node)
+                && !self.ring.preference_list_for_key(key).contains(&node)
+        })
+    }
+
+    /// Whether `node` gains any partition in the move.
+    pub fn gains_any(&self, node: NodeId) -> bool {
+        self.target.as_ref().is_some_and(|(_, ring)| {
+            (0..ring.partitions()).any(|p| {
+                ring.preference_list(p).contains(&node)
+                    && !self.ring.preference_list(p).contains(&node)
+            })
+        })
+    }
+
+    /// Whether `node` replicates `key` now or once the move settles.
+    pub fn writes_to(&self, node: NodeId, key: &[u8]) -> bool {
+        self.ring.preference_list_for_key(key).contains(&node)
+            || self
+                .target
+                .as_ref()
+                .is_some_and(|(_, ring)| ring.preference_list_for_key(key).contains(&node))
+    }
+
+    /// The replicas a write of `key` goes to: the current ones, then, while
+    /// partitions move, the target ring's that are not among them.
+    pub fn write_set(&self, key: &[u8]) -> Vec<NodeId> {
+        let mut set = self.ring.preference_list_for_key(key).to_vec();
+        if let Some((_, ring)) = &self.target {
+            for &n in ring.preference_list_for_key(key) {
+                if !set.contains(&n) {
+                    set.push(n);
+                }
+            }
+        }
+        set
+    }
+
+    /// What a write of `key` at quorum `w` needs from replicas other than
+    /// `me` (the primary, which holds it): per replica set, how many of
+    /// which nodes. One set normally; while partitions move, W on the
+    /// current set and W on the target set, so that no write counts as
+    /// acknowledged by a leaving node, nor is missing from the new owners'
+    /// quorum. Sets `me` alone meets are left out.
+    pub fn write_need(&self, key: &[u8], me: NodeId, w: usize) -> Vec<(usize, Vec<NodeId>)> {
+        let need = |pref: &[NodeId]| {
+            let others: Vec<NodeId> = pref.iter().copied().filter(|&n| n != me).collect();
+            let needed = w.saturating_sub(usize::from(pref.contains(&me)));
+            (needed, others)
+        };
+        let mut sets = vec![need(self.ring.preference_list_for_key(key))];
+        if let Some((_, ring)) = &self.target {
+            sets.push(need(ring.preference_list_for_key(key)));
+        }
+        sets.retain(|(needed, _)| *needed > 0);
+        sets
+    }
+
+    /// This layout's epoch, P, N, R and W with `members` (ascending by
+    /// id), of which `standby` (ascending) hold nothing.
+    /// A move under way goes on to the same target.
+    pub fn with_members(&self, members: Vec<MemberConfig>, standby: Vec<NodeId>) -> Self {
+        let layout = Self::build(
+            self.epoch,
+            members,
+            standby,
+            self.ring.partitions(),
+            [self.ring.replicas(), self.read_quorum, self.write_quorum],
+        );
+        match &self.target {
+            Some((target, _)) => layout.moving_to(target.clone()),
+            None => layout,
+        }
     }
 
     /// Whether member `id` holds no partitions (joined, not yet given any).
@@ -157,6 +289,8 @@ pub struct LayoutDesc {
     pub read_quorum: u8,
     /// W when a request names none.
     pub write_quorum: u8,
+    /// While partitions move: the members that will hold them, ascending.
+    pub target: Option<Vec<NodeId>>,
 }
 
 impl Layout {
@@ -175,6 +309,7 @@ impl Layout {
             replicas: small(self.ring.replicas()),
             read_quorum: small(self.read_quorum),
             write_quorum: small(self.write_quorum),
+            target: self.target.as_ref().map(|(t, _)| t.clone()),
         }
     }
 
@@ -254,13 +389,28 @@ impl Layout {
                 peer: peer.clone(),
             })
             .collect();
-        Ok(Self::build(
+        let layout = Self::build(
             desc.epoch,
             members,
             desc.standby.clone(),
             partitions,
             [n, r, w],
-        ))
+        );
+        match &desc.target {
+            None => Ok(layout),
+            Some(target) => {
+                if target.len() < n
+                    || target.windows(2).any(|w| w[0] >= w[1])
+                    || target.iter().any(|id| ids.binary_search(id).is_err())
+                {
+                    return Err(format!(
+                        "layout epoch {}: the members partitions move to are not {n} or more ascending members",
+                        desc.epoch
+                    ));
+                }
+                Ok(layout.moving_to(target.clone()))
+            }
+        }
     }
 }
 

@@ -81,6 +81,18 @@ pub enum PeerRequest {
         for_node: u16,
         /// Where to continue: 0 to begin, then the previous page's `next`.
         cursor: u64,
+        /// Only the keys `for_node` gains in the move under way (a
+        /// handoff); otherwise every key it replicates now or will.
+        moving: bool,
+        /// With `moving`: only these partitions (ascending; empty: every
+        /// partition it gains).
+        only: Vec<u32>,
+    },
+    /// Whether this node has been given every key it gains in the move of
+    /// layout epoch `epoch` (answered by [`PeerResponse::Transfer`]).
+    TransferStatus {
+        /// The transition epoch asked about.
+        epoch: u64,
     },
     /// `flush_all`, relayed to every member. `version` is the coordinator's
     /// stamp for it: replicated states older than an immediate flush are
@@ -273,6 +285,16 @@ pub enum PeerResponse {
         /// The highest slot known ([`super::paxos::Acceptor::report`]);
         /// `None`: recovering itself.
         known: Option<u64>,
+    },
+    /// Answer to [`PeerRequest::TransferStatus`].
+    Transfer {
+        /// Whether every key this node gains in that move has been handed
+        /// to it (true also when it gains none).
+        done: bool,
+        /// Keys and bytes handed to it so far in that move.
+        keys: u64,
+        /// Bytes (keys and values) handed to it so far.
+        bytes: u64,
     },
     /// The request was planned under an older layout than this node's
     /// (`epoch`); nothing was done. The caller fetches the newer layout.

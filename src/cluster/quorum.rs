@@ -15,11 +15,16 @@ pub enum Decision {
     Pending,
 }
 
-/// Counts successes and failures toward `needed` out of `asked` replicas.
+/// Counts successes and failures toward `needed` out of `asked` replicas;
+/// or, for a write while partitions move ([`Quorum::of_sets`]), toward a
+/// number per replica set, each node counting for every set it is in.
 #[derive(Debug, Clone)]
 pub struct Quorum {
     needed: usize,
     asked: usize,
+    /// Per replica set: how many of its nodes must succeed, and the nodes.
+    /// Empty: any `needed` of the `asked`.
+    sets: Vec<(usize, Vec<NodeId>)>,
     ok: Vec<NodeId>,
     failed: Vec<(NodeId, String)>,
 }
@@ -35,6 +40,27 @@ impl Quorum {
         Self {
             needed,
             asked,
+            sets: Vec::new(),
+            ok: Vec::with_capacity(asked),
+            failed: Vec::new(),
+        }
+    }
+
+    /// A quorum met when, for every `(needed, nodes)` of `sets`, `needed`
+    /// of `nodes` succeeded; `asked` nodes are asked (the union). Failed as
+    /// soon as one set can no longer be met.
+    ///
+    /// # Panics
+    /// If `sets` is empty or a set needs nobody.
+    pub fn of_sets(sets: Vec<(usize, Vec<NodeId>)>, asked: usize) -> Self {
+        assert!(
+            !sets.is_empty() && sets.iter().all(|(n, _)| *n > 0),
+            "a quorum needs at least one replica"
+        );
+        Self {
+            needed: sets.iter().map(|(n, _)| *n).max().unwrap_or(1),
+            asked,
+            sets,
             ok: Vec::with_capacity(asked),
             failed: Vec::new(),
         }
@@ -58,6 +84,25 @@ impl Quorum {
     /// Where the quorum stands: met, failed (too few replicas left that
     /// could still succeed), or pending.
     pub fn decision(&self) -> Decision {
+        if !self.sets.is_empty() {
+            let count = |nodes: &[NodeId], of: &mut dyn Iterator<Item = NodeId>| {
+                of.filter(|n| nodes.contains(n)).count()
+            };
+            let mut met = true;
+            for (needed, nodes) in &self.sets {
+                let ok = count(nodes, &mut self.ok.iter().copied());
+                let failed = count(nodes, &mut self.failed.iter().map(|f| f.0));
+                if nodes.len() - failed < *needed {
+                    return Decision::Failed;
+                }
+                met &= ok >= *needed;
+            }
+            return if met {
+                Decision::Met
+            } else {
+                Decision::Pending
+            };
+        }
         if self.ok.len() >= self.needed {
             Decision::Met
         } else if self.asked - self.failed.len() < self.needed {
@@ -128,6 +173,47 @@ mod tests {
         let q = Quorum::new(3, 2);
         assert_eq!(q.decision(), Decision::Failed);
         assert!(q.explain().contains("0 of 3"));
+    }
+
+    #[test]
+    fn a_moving_write_needs_its_quorum_on_both_replica_sets() {
+        // Old set {1 (primary), 2, 3}, new set {1, 3, 4}: node 2 leaves,
+        // node 4 joins; W = 2 on each.
+        let sets = || vec![(1, vec![2, 3]), (1, vec![3, 4])];
+        let mut q = Quorum::of_sets(sets(), 3);
+        assert_eq!(q.succeeded(2), Decision::Pending, "the leaver alone");
+        assert_eq!(q.succeeded(4), Decision::Met);
+        let mut q = Quorum::of_sets(sets(), 3);
+        assert_eq!(q.succeeded(3), Decision::Met, "node 3 is in both");
+        let mut q = Quorum::of_sets(sets(), 3);
+        assert_eq!(q.failed(3, "down".into()), Decision::Pending);
+        assert_eq!(q.succeeded(2), Decision::Pending);
+        assert_eq!(q.failed(4, "down".into()), Decision::Failed);
+    }
+
+    #[test]
+    fn a_moving_write_matches_counting_each_set_alone() {
+        // Exhaustive over every order of answers from 4 nodes with every
+        // outcome: met exactly when each set alone would be met.
+        let sets = vec![(2, vec![1, 2, 3]), (1, vec![3, 4])];
+        for outcomes in 0..(1u32 << 4) {
+            let mut q = Quorum::of_sets(sets.clone(), 4);
+            let mut last = Decision::Pending;
+            for node in 1..=4u16 {
+                last = if outcomes & (1 << (node - 1)) != 0 {
+                    q.succeeded(node)
+                } else {
+                    q.failed(node, "no".into())
+                };
+                if last != Decision::Pending {
+                    break;
+                }
+            }
+            let ok = |n: u16| outcomes & (1 << (n - 1)) != 0;
+            let want = [1, 2, 3].into_iter().filter(|&n| ok(n)).count() >= 2
+                && [3, 4].into_iter().filter(|&n| ok(n)).count() >= 1;
+            assert_eq!(last == Decision::Met, want, "outcomes {outcomes:04b}");
+        }
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub const WEBVAC_VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Names the `lk` token key derived from the cluster secret.
 const LISTING_KEY_CONTEXT: &str = "webvac 2026-12 lk token key from the cluster secret";
 
+/// How long a node that joined keeps asking for its share of the
+/// partitions while other changes or recovering members stand in the way.
+const TAKE_PARTITIONS_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// State every connection shares.
 pub struct Shared {
     /// The node's items.
@@ -449,6 +453,9 @@ pub struct Server {
     identity: Option<Identity>,
     /// Pull this node's keys from its peers once running (cluster only).
     refill_on_start: bool,
+    /// Started with `--join` and without `--standby`: take a share of the
+    /// partitions once serving.
+    take_partitions: bool,
     shared: Arc<Shared>,
     max_connections: usize,
     /// The Prometheus endpoint (`metrics_listen`), if configured.
@@ -568,6 +575,10 @@ impl Server {
             peer_listener,
             identity,
             refill_on_start: config.cluster.as_ref().is_some_and(|c| c.refill_on_start),
+            take_partitions: config
+                .cluster
+                .as_ref()
+                .is_some_and(|c| c.join.is_some() && !c.standby),
             shared,
             max_connections: config.max_connections,
             metrics_listener,
@@ -617,6 +628,7 @@ impl Server {
             peer_listener,
             identity,
             refill_on_start,
+            take_partitions,
             shared,
             max_connections,
             metrics_listener,
@@ -630,8 +642,20 @@ impl Server {
         });
         let refill = shared.cluster.clone().filter(|_| refill_on_start).map(|c| {
             let local: Arc<dyn Local> = shared.clone();
+            c.refilling();
             tokio::spawn(c.refill(local))
         });
+        let moves = shared.cluster.clone().map(|c| {
+            let local: Arc<dyn Local> = shared.clone();
+            tokio::spawn(c.run_moves(local))
+        });
+        // A node that joined to hold partitions asks for its share once it
+        // serves (a restarted one finds it has them, or that it is moving).
+        let take = shared
+            .cluster
+            .clone()
+            .filter(|_| take_partitions)
+            .map(|c| tokio::spawn(c.take_partitions(TAKE_PARTITIONS_WAIT)));
         let hint_delivery = shared
             .cluster
             .clone()
@@ -758,6 +782,9 @@ impl Server {
         }
         if let Some(r) = refill {
             r.abort();
+        }
+        for task in [moves, take].into_iter().flatten() {
+            task.abort();
         }
         if let Some(m) = metrics {
             m.abort();

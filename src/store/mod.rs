@@ -1243,6 +1243,30 @@ impl Store {
         (page, None)
     }
 
+    /// One step of a walk that removes every entry (live item or
+    /// tombstone) whose key `drop` picks, without a tombstone: the copies a
+    /// node no longer replicates once partitions have moved away from it.
+    /// Starts at `cursor` (0 to begin), visits at most
+    /// [`SCAN_BUCKETS_PER_LOCK`] buckets under one shard lock, and returns
+    /// how many it removed and the cursor to go on from (`None`: done).
+    /// The hash trees follow each removal.
+    pub fn drop_step(&self, cursor: u64, drop: impl Fn(&[u8]) -> bool) -> (usize, Option<u64>) {
+        let shard = (cursor >> 40) as usize;
+        let bucket = (cursor & ((1 << 40) - 1)) as usize;
+        let Some(s) = self.shards.get(shard) else {
+            return (0, None);
+        };
+        let mut s = s.0.lock();
+        let end = s.buckets().min(bucket + SCAN_BUCKETS_PER_LOCK);
+        let dropped = (bucket..end).filter(|&i| s.drop_at(i, &drop)).count();
+        let next = if end >= s.buckets() {
+            (shard + 1 < self.shards.len()).then_some((shard as u64 + 1) << 40)
+        } else {
+            Some(((shard as u64) << 40) | end as u64)
+        };
+        (dropped, next)
+    }
+
     /// One step of a digest of every entry (live items and tombstones, not
     /// those expired or flushed): for each, `digests[partition]` counts it
     /// and XORs in the xxh3 of its key followed by its version (little

@@ -689,6 +689,22 @@ impl Shard {
         self.index.at(i).map(|p| self.get(Slot(p)))
     }
 
+    /// Removes the entry in bucket `i` (live item or tombstone) if `drop`
+    /// holds for its key: a copy this node no longer replicates, removed
+    /// without a tombstone and not counted as an eviction. Other entries
+    /// keep their buckets. Returns whether it did.
+    pub fn drop_at(&mut self, i: usize, drop: impl Fn(&[u8]) -> bool) -> bool {
+        let Some(p) = self.index.at(i) else {
+            return false;
+        };
+        let slot = Slot(p);
+        if !drop(self.get(slot).key()) {
+            return false;
+        }
+        self.remove(slot);
+        true
+    }
+
     /// Removes the entry in bucket `i` if it is expired (an item past its
     /// expiry, a tombstone past its grace) or flushed, counting it as the
     /// sweep does. Other entries keep their buckets. Returns whether it did.

@@ -239,21 +239,22 @@ impl Cluster {
     }
 }
 
-/// One exchange with one peer.
-struct Run<'a> {
-    cluster: &'a Cluster,
-    store: &'a Store,
-    peer: &'a PeerHandle,
-    bandwidth: &'a mut Bandwidth,
-    clock: &'a dyn crate::store::Clock,
+/// One exchange with one peer (anti-entropy's, and a handoff's check of
+/// what it was handed against another owner).
+pub(super) struct Run<'a> {
+    pub(super) cluster: &'a Cluster,
+    pub(super) store: &'a Store,
+    pub(super) peer: &'a PeerHandle,
+    pub(super) bandwidth: &'a mut Bandwidth,
+    pub(super) clock: &'a dyn crate::store::Clock,
     /// Per partition: keys moved, and keys turned away for lack of room.
-    moved: BTreeMap<u32, (u64, u64)>,
+    pub(super) moved: BTreeMap<u32, (u64, u64)>,
 }
 
 impl Run<'_> {
     /// Runs the exchange to its end; returns what it did, the partitions
     /// whose roots differed and, if a call failed, why it stopped early.
-    async fn exchange(
+    pub(super) async fn exchange(
         &mut self,
         partitions: &[u32],
         keys_per_round: usize,

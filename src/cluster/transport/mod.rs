@@ -125,7 +125,7 @@ pub const BACKOFF_DOUBLINGS_MAX: u32 = 16;
 /// each other in the handshake. 4: the handshake authenticates both sides.
 /// 5: the handshake, pongs and requests carry the sender's layout epoch.
 /// 6: a node may dial as a joiner, and layouts name standby members.
-pub const WIRE_VERSION: u16 = 6;
+pub const WIRE_VERSION: u16 = 7;
 
 const _: () = assert!(BACKOFF_MIN_MS_DEFAULT <= BACKOFF_MAX_MS_DEFAULT);
 const _: () = assert!(HEARTBEAT_INTERVAL_MS_DEFAULT < CALL_TIMEOUT_MS_DEFAULT);
