@@ -912,12 +912,30 @@ fn partitions_move_while_writers_run_through_joins_a_leave_a_replace_and_a_crash
     assert_eq!(curr_items(&cluster, 6), 0, "node 6 dropped what it was handed");
     writer.resume();
     cluster.kill(6);
-    cluster.set_node_args(6, vec!["--standby".into()]);
+    cluster.set_node_args(
+        6,
+        vec![
+            "--standby".into(),
+            "--handoff-bytes-per-sec".into(),
+            "1000".into(),
+        ],
+    );
     cluster.restart(6);
 
-    // Node 6 replaces node 3, which leaves.
+    // Node 6 replaces node 3, which leaves; in the middle of that move,
+    // node 4 is killed with SIGKILL and restarted empty (it refills, and
+    // is no source until it has).
     let said = admin(&cluster, 1, &["replace", "3", "6"]);
     assert!(said.contains("epoch"), "{said}");
+    wait_for("the replace to be moving", || {
+        stats_of(&cluster).values().all(|s| {
+            s.get("member:3").is_some_and(|l| l.contains(" leaving=1"))
+                && field(s, "transfers_pending") > 0
+        })
+    });
+    cluster.kill(4);
+    cluster.restart(4);
+    writer.set_targets(client_addrs(&cluster));
     let status = cluster.wait_exit(3, std::time::Duration::from_secs(60));
     assert!(status.success(), "node 3 exited with {status}");
     writer.set_targets(client_addrs(&cluster));

@@ -373,6 +373,14 @@ pub struct Cluster {
     warm: std::sync::atomic::AtomicBool,
     /// Handoff: bytes per second pulled from each source.
     handoff_rate: u64,
+    /// The node's store, once its background work runs: a layout that
+    /// gives this node partitions clears what it holds of them first.
+    /// (Weak: the store's owner holds this cluster.)
+    local: std::sync::OnceLock<std::sync::Weak<dyn Local>>,
+    /// A node that joined and was never a member before: it holds nothing
+    /// of the cluster's, and a move hands it its partitions, so it has
+    /// nothing to refill.
+    fresh: std::sync::atomic::AtomicBool,
     /// Handoff: how long a move may run before its driver cancels it.
     handoff_timeout: Duration,
 }
@@ -862,14 +870,23 @@ impl Cluster {
             moves: Mutex::new(handoff::Moves::starting_at(initial_epoch)),
             warm: std::sync::atomic::AtomicBool::new(true),
             handoff_rate: config.handoff_bytes_per_sec.max(1),
+            fresh: std::sync::atomic::AtomicBool::new(false),
+            local: std::sync::OnceLock::new(),
             handoff_timeout: Duration::from_secs(config.handoff_timeout_secs),
         }
     }
 
     /// The refill after a start is about to run: until it ends, a move
-    /// does not take this node's store as a source.
-    pub fn refilling(&self) {
+    /// does not take this node's store as a source. Returns false for a
+    /// node that joined fresh: it has nothing to refill (the move that
+    /// gives it partitions hands them over once, where a refill would pull
+    /// every copy from every member).
+    pub fn refilling(&self) -> bool {
+        if self.fresh.load(Relaxed) {
+            return false;
+        }
         self.warm.store(false, Relaxed);
+        true
     }
 
     /// Resolves with the epoch of the layout that removed this node, once
@@ -1000,6 +1017,27 @@ impl Cluster {
             .collect();
         let next = Topology::new(Arc::new(layout), self.me, peers, current.ae_pairs());
         let epoch = next.layout.epoch;
+        // Partitions this node gains in a move: what it still holds of
+        // them is left from an earlier time it held them (not dropped yet),
+        // and may be a value whose tombstone has since gone from the
+        // owners; a pull would take it back in, and a check would push it
+        // to them. Cleared before any write of the move can reach it.
+        if next.layout.target.is_some() && next.layout.gains_any(self.me) {
+            if let Some(local) = self.local.get().and_then(std::sync::Weak::upgrade) {
+                let mut cursor = Some(0);
+                let mut cleared = 0;
+                while let Some(c) = cursor {
+                    let (n, more) = local
+                        .store()
+                        .drop_step(c, |key| next.layout.gains(self.me, key));
+                    cleared += n;
+                    cursor = more;
+                }
+                if cleared > 0 {
+                    info!(epoch, cleared, "cleared old copies of partitions this node gains");
+                }
+            }
+        }
         self.view.store(Arc::new(next));
         self.epoch.set(epoch);
         self.acceptor.lock().installed(epoch);
@@ -1281,6 +1319,7 @@ impl Cluster {
     /// recovering as a restarted member does.
     pub fn joined_fresh(&self, epoch: u64) {
         self.acceptor.lock().recovered(epoch);
+        self.fresh.store(true, Relaxed);
         info!(
             epoch,
             "layout decrees: a new member votes on epochs above {epoch}"
@@ -3129,6 +3168,15 @@ impl Cluster {
                             epoch: view.layout.epoch,
                         };
                     }
+                    // Behind the caller (the layout could not be fetched),
+                    // or nothing moving: the pages would be empty, and the
+                    // caller would take them for the whole partition.
+                    if caller_epoch != view.layout.epoch || view.layout.target.is_none() {
+                        return PeerResponse::Refused(format!(
+                            "no move at epoch {caller_epoch} here (at epoch {})",
+                            view.layout.epoch
+                        ));
+                    }
                     if !self.warm.load(Relaxed) {
                         return PeerResponse::Refused(
                             "cold: refilling after a start, not a handoff source yet".into(),
@@ -3885,6 +3933,84 @@ mod install_tests {
     /// A request placed under an older layout is refused unexecuted, with
     /// the newer epoch; one under the node's own is served; the layout is
     /// answered to anyone.
+    #[tokio::test]
+    async fn a_handoff_scan_is_served_only_within_the_callers_move() {
+        let c = cluster(&[1, 2]);
+        let local = NoRun::new();
+        let scan = |cursor| PeerRequest::Scan {
+            for_node: 2,
+            cursor,
+            moving: true,
+            only: Vec::new(),
+        };
+        // Nothing moving here (a node that could not fetch the caller's
+        // layout): refused, never an empty page the caller would take for
+        // the whole partition.
+        match c.serve(&local, 2, 0, scan(0)).await {
+            PeerResponse::Refused(why) => assert!(why.contains("no move"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+        // Node 3 leaves a 3-member layout (N = 2): node 2 gains the
+        // partitions node 3 held with node 1.
+        let moving = layout(1, &[1, 2, 3]).moving_to(vec![1, 2]);
+        assert!(moving.gains_any(2));
+        assert_eq!(c.install_layout(moving), Ok(true));
+        match c.serve(&local, 2, 0, scan(0)).await {
+            PeerResponse::StaleEpoch { epoch: 1 } => {}
+            other => panic!("{other:?}"),
+        }
+        match c.serve(&local, 2, 1, scan(0)).await {
+            PeerResponse::Page { .. } => {}
+            other => panic!("{other:?}"),
+        }
+        let bad = PeerRequest::Scan {
+            for_node: 2,
+            cursor: 0,
+            moving: true,
+            only: vec![3, 2],
+        };
+        assert!(matches!(
+            c.serve(&local, 2, 1, bad).await,
+            PeerResponse::Refused(_)
+        ));
+        c.shutdown();
+    }
+
+    #[test]
+    fn a_move_settles_to_its_target_or_cancels_back() {
+        let base = layout(4, &[1, 2, 3]);
+        assert_eq!(base.settled(), None);
+        assert_eq!(base.cancelled(), None);
+        // Node 2 leaves: writes need W on both sets, so never on 2 alone.
+        let moving = base.moving_to(vec![1, 3]);
+        assert_eq!(moving.movers(), (vec![], vec![2]));
+        let settled = moving.settled().expect("a move");
+        assert_eq!(settled.member_ids(), vec![1, 3]);
+        assert!(settled.target.is_none());
+        assert_eq!(moving.cancelled().expect("a move"), base);
+        let desc = moving.desc();
+        assert_eq!(desc.target, Some(vec![1, 3]));
+        assert_eq!(Layout::from_desc(&desc, 64), Ok(moving.clone()));
+        let mut short = desc.clone();
+        short.target = Some(vec![1]);
+        assert!(Layout::from_desc(&short, 64).is_err(), "fewer than N");
+        for key in (0..200).map(|i| format!("k{i}")) {
+            let need = moving.write_need(key.as_bytes(), 1, 2);
+            for (needed, nodes) in &need {
+                assert!(*needed >= 1 && !nodes.contains(&1));
+            }
+            let new_set = moving
+                .target
+                .as_ref()
+                .map(|(_, r)| r.preference_list_for_key(key.as_bytes()).to_vec())
+                .unwrap_or_default();
+            // The target set's need never counts node 2.
+            if let Some((_, nodes)) = need.iter().find(|(_, n)| !n.contains(&2)) {
+                assert!(nodes.iter().all(|n| new_set.contains(n)), "{key}");
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_request_placed_under_an_older_layout_is_refused_unexecuted() {
         let c = cluster(&[1, 2]);

@@ -295,6 +295,11 @@ pub enum PeerResponse {
         keys: u64,
         /// Bytes (keys and values) handed to it so far.
         bytes: u64,
+        /// The epoch this node has installed.
+        epoch: u64,
+        /// Whether its store holds what it replicates (not refilling after
+        /// a start): a move may check what it was handed against it.
+        warm: bool,
     },
     /// The request was planned under an older layout than this node's
     /// (`epoch`); nothing was done. The caller fetches the newer layout.

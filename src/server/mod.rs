@@ -640,11 +640,14 @@ impl Server {
             info!(metrics_addr = addr, "serving metrics");
             tokio::spawn(metrics_http::serve(l, shared.clone()))
         });
-        let refill = shared.cluster.clone().filter(|_| refill_on_start).map(|c| {
-            let local: Arc<dyn Local> = shared.clone();
-            c.refilling();
-            tokio::spawn(c.refill(local))
-        });
+        let refill = shared
+            .cluster
+            .clone()
+            .filter(|c| refill_on_start && c.refilling())
+            .map(|c| {
+                let local: Arc<dyn Local> = shared.clone();
+                tokio::spawn(c.refill(local))
+            });
         let moves = shared.cluster.clone().map(|c| {
             let local: Arc<dyn Local> = shared.clone();
             tokio::spawn(c.run_moves(local))

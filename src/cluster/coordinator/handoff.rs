@@ -93,6 +93,7 @@ impl Cluster {
     /// node gains, drives the move to its end when it is the driver, and
     /// drops what moved away once every member has the settled layout.
     pub async fn run_moves(self: Arc<Self>, local: Arc<dyn Local>) {
+        let _ = self.local.set(Arc::downgrade(&local));
         let mut tick = tokio::time::interval(Duration::from_millis(MOVES_TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -137,6 +138,8 @@ impl Cluster {
             done: (mine && m.done) || (layout.epoch == epoch && !layout.gains_any(self.me)),
             keys: if mine { m.keys } else { 0 },
             bytes: if mine { m.bytes } else { 0 },
+            epoch: layout.epoch,
+            warm: self.warm.load(Relaxed),
         }
     }
 
@@ -265,6 +268,21 @@ impl Cluster {
         parts: &[u32],
     ) -> Result<(), String> {
         let peer = view.peer(source).ok_or("not a member")?;
+        // Only against an owner at this move's epoch with its store whole
+        // (not refilling after a restart): what it lacks, this node would
+        // lack too.
+        let epoch = view.layout.epoch;
+        match peer
+            .call_at(epoch, PeerRequest::TransferStatus { epoch }, self.hop_timeout)
+            .await
+        {
+            Ok(PeerResponse::Transfer {
+                epoch: theirs,
+                warm: true,
+                ..
+            }) if theirs == epoch => {}
+            other => return Err(format!("not a source yet: {other:?}")),
+        }
         let clock = local.store().clock_arc();
         let mut bandwidth = Bandwidth::new(self.handoff_rate, clock.now_ms());
         let mut run = Run {
@@ -378,11 +396,14 @@ impl Cluster {
     /// timeout.
     async fn drive(&self, view: &Topology) {
         let layout = &view.layout;
+        // Not a member that leaves in this move: it could decide its own
+        // removal and stop before the others learn of it.
+        let (_, leaving) = layout.movers();
         let driver = layout
             .members
             .iter()
             .map(|m| m.id)
-            .find(|&id| !view.is_down(self.me, id));
+            .find(|&id| !view.is_down(self.me, id) && !leaving.contains(&id));
         if driver != Some(self.me) {
             return;
         }
