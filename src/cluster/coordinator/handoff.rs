@@ -295,6 +295,9 @@ impl Cluster {
         };
         // No cap on the keys listed: the check is complete or it failed.
         let (outcome, _, failed) = run.exchange(parts, usize::MAX / 2).await;
+        // A key turned away for lack of room here is a key this node
+        // lacks: not covered (the next tick tries again).
+        let turned_away: u64 = run.moved.values().map(|m| m.1).sum();
         self.stats
             .handoff_keys
             .fetch_add(outcome.keys_pulled, Relaxed);
@@ -303,7 +306,8 @@ impl Cluster {
             m.keys += outcome.keys_pulled;
         }
         match failed {
-            None => Ok(()),
+            None if turned_away == 0 => Ok(()),
+            None => Err(format!("{turned_away} keys turned away for lack of room")),
             Some(why) => Err(why),
         }
     }
@@ -464,8 +468,14 @@ impl Cluster {
         if self.moves.lock().dropped_for >= epoch {
             return;
         }
-        // A member still on an older layout may send a read here.
+        // A member still on an older layout may send a read here. One that
+        // is down is not waited for: whatever it sends when it is back is
+        // stamped with its older epoch and refused here (it then fetches
+        // the layout).
         for (_, peer) in view.peers() {
+            if matches!(peer.state(), PeerState::Down { .. }) {
+                continue;
+            }
             match peer
                 .call_timeout(PeerRequest::LayoutReport, self.hop_timeout)
                 .await
