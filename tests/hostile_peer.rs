@@ -706,7 +706,7 @@ fn a_stranger_that_knows_the_layout_but_not_the_secret_can_do_nothing() {
             for_node: 3,
             cursor: 0,
             moving: false,
-                    only: Vec::new(),
+            only: Vec::new(),
         },
         PeerRequest::ReadMeta {
             command: b"mg kept v\r\n".to_vec(),

@@ -522,33 +522,8 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
     // and it stops by itself, exit status 0.
     // (The restarted members may still be recovering their votes: a
     // refusal that says to retry is retried, as an operator would.)
-    let deadline = std::time::Instant::now() + common::hostile::WAIT_MAX;
-    let said = loop {
-        let out = Cluster::command(&[
-            "cluster".into(),
-            "leave".into(),
-            joiner.to_string(),
-            "--node".into(),
-            cluster.member(founders[2]).client.to_string(),
-        ])
-        .output()
-        .expect("run webvac cluster leave");
-        let said = String::from_utf8_lossy(&out.stdout).to_string();
-        let err = String::from_utf8_lossy(&out.stderr).to_string();
-        if out.status.success() {
-            break said;
-        }
-        assert!(
-            err.contains("retry") && std::time::Instant::now() < deadline,
-            "{said} {err}\n{}",
-            cluster.describe_nodes()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
-    assert!(
-        said.contains("layout epoch 2: node 4 leaves"),
-        "{said}"
-    );
+    let said = admin(&cluster, founders[2], &["leave", &joiner.to_string()]);
+    assert!(said.contains("layout epoch 2: node 4 leaves"), "{said}");
     let status = cluster.wait_exit(joiner, std::time::Duration::from_secs(20));
     assert!(status.success(), "the node that left exited with {status}");
     assert!(
@@ -702,9 +677,9 @@ fn moves_settled(cluster: &Cluster, after: u64, members: u64) -> u64 {
             epoch = *epochs.iter().next().unwrap_or(&0);
             epochs.len() == 1
                 && epoch > after
-                && all.values().all(|s| {
-                    field(s, "members") == members && field(s, "transfers_pending") == 0
-                })
+                && all
+                    .values()
+                    .all(|s| field(s, "members") == members && field(s, "transfers_pending") == 0)
         },
     );
     epoch
@@ -763,7 +738,6 @@ fn check_after_move(cluster: &Cluster, expected: &Expected, n: u64, step: &str) 
             );
         }
     }
-
 }
 
 /// Addresses of the running members, for the writer.
@@ -775,8 +749,9 @@ fn client_addrs(cluster: &Cluster) -> Vec<std::net::SocketAddr> {
         .collect()
 }
 
-/// `webvac cluster <args…> --node <node 1>`, retried while the answer says
-/// to retry (members recovering their votes); returns stdout.
+/// `webvac cluster <args…> --node <node through>`, retried while the
+/// answer says to retry (members recovering their votes), as an operator
+/// would; returns stdout.
 fn admin(cluster: &Cluster, through: u16, args: &[&str]) -> String {
     let deadline = std::time::Instant::now() + common::hostile::WAIT_MAX;
     loop {
@@ -839,7 +814,10 @@ fn partitions_move_while_writers_run_through_joins_a_leave_a_replace_and_a_crash
     let expected = with_still(writer.pause());
     check_after_move(&cluster, &expected, n, "node 4 joined");
     let s = cluster_stats(&mut cluster.connect(4));
-    assert!(field(&s, "handoff_keys") > 0, "node 4 was handed keys: {s:?}");
+    assert!(
+        field(&s, "handoff_keys") > 0,
+        "node 4 was handed keys: {s:?}"
+    );
     writer.resume();
 
     // Node 2 leaves: its partitions move to the others, then it stops by
@@ -875,7 +853,9 @@ fn partitions_move_while_writers_run_through_joins_a_leave_a_replace_and_a_crash
     });
     let status = admin(&cluster, 1, &["status"]);
     assert!(
-        status.contains("standby joining") && status.contains("transfers: 1 pending") && status.contains("member 5: handed"),
+        status.contains("standby joining")
+            && status.contains("transfers: 1 pending")
+            && status.contains("member 5: handed"),
         "{status}"
     );
     let second = c.ask(b"cluster leave 4\r\n");
@@ -914,9 +894,9 @@ fn partitions_move_while_writers_run_through_joins_a_leave_a_replace_and_a_crash
     );
     admin(&cluster, 1, &["join", "6"]);
     wait_for("node 6's move to start", || {
-        stats_of(&cluster).values().all(|s| {
-            s.get("member:6").is_some_and(|l| l.contains(" joining=1"))
-        })
+        stats_of(&cluster)
+            .values()
+            .all(|s| s.get("member:6").is_some_and(|l| l.contains(" joining=1")))
     });
     admin(&cluster, 4, &["cancel"]);
     epoch = moves_settled(&cluster, epoch, 5);
@@ -926,7 +906,11 @@ fn partitions_move_while_writers_run_through_joins_a_leave_a_replace_and_a_crash
     }
     let expected = with_still(writer.pause());
     check_after_move(&cluster, &expected, n, "node 6's move cancelled");
-    assert_eq!(curr_items(&cluster, 6), 0, "node 6 dropped what it was handed");
+    assert_eq!(
+        curr_items(&cluster, 6),
+        0,
+        "node 6 dropped what it was handed"
+    );
     writer.resume();
     cluster.kill(6);
     cluster.set_node_args(

@@ -185,9 +185,7 @@ pub fn main(argv: &[String]) -> anyhow::Result<()> {
     let node = match &admin.command {
         Top::Stats { node, .. } => node,
         Top::Cluster { command } => match command {
-            ClusterCmd::Status(node) | ClusterCmd::Repair(node) | ClusterCmd::Cancel(node) => {
-                node
-            }
+            ClusterCmd::Status(node) | ClusterCmd::Repair(node) | ClusterCmd::Cancel(node) => node,
             ClusterCmd::Partitions { node, .. }
             | ClusterCmd::Quorums { node, .. }
             | ClusterCmd::Leave { node, .. }
@@ -212,7 +210,9 @@ pub fn main(argv: &[String]) -> anyhow::Result<()> {
             ClusterCmd::Replace { old, new, node } => change(
                 &node,
                 &format!("cluster replace {old} {new}"),
-                &format!("node {new} takes the place of node {old}, which stops once its partitions have moved"),
+                &format!(
+                    "node {new} takes the place of node {old}, which stops once its partitions have moved"
+                ),
             ),
             ClusterCmd::Cancel(node) => change(
                 &node,
@@ -800,12 +800,16 @@ fn status(node: &NodeArgs) -> anyhow::Result<()> {
         .map(|m| {
             [
                 m.id.to_string(),
-                [m.state.as_str(), if m.standby() { "standby" } else { "" }, m.moving()]
-                    .iter()
-                    .filter(|w| !w.is_empty())
-                    .copied()
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                [
+                    m.state.as_str(),
+                    if m.standby() { "standby" } else { "" },
+                    m.moving(),
+                ]
+                .iter()
+                .filter(|w| !w.is_empty())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(" "),
                 m.client.clone(),
                 m.peer.clone(),
                 m.primary.to_string(),
@@ -826,12 +830,14 @@ fn status(node: &NodeArgs) -> anyhow::Result<()> {
     if pending == 0 {
         println!("transfers: none pending");
     } else {
-        println!("transfers: {pending} pending (members to be handed partitions, or copies to drop)");
+        println!(
+            "transfers: {pending} pending (members to be handed partitions, or copies to drop)"
+        );
         for (id, counters) in &moved {
             match counters {
-                Some((keys, bytes)) => println!(
-                    "  member {id}: handed {keys} keys, {bytes} bytes (since it started)"
-                ),
+                Some((keys, bytes)) => {
+                    println!("  member {id}: handed {keys} keys, {bytes} bytes (since it started)")
+                }
                 None => println!("  member {id}: did not answer"),
             }
         }

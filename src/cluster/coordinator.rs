@@ -32,7 +32,7 @@ use super::hints::{HintLimits, HintStore};
 use super::layout::{EPOCH_LIMIT, Layout, LayoutDesc, Topology};
 use super::message::{PeerRequest, PeerResponse};
 use super::paxos::{Acceptor, Ask, Ballot, Outcome, Proposer, Vote};
-use super::quorum::{Decision, Quorum};
+use super::quorum::{Decision, Need, Quorum};
 use super::ring::NodeId;
 use super::transport::{CallError, EpochCell, Peer, PeerState, TransportStats};
 use crate::budget::{InflightBudget, Reservation};
@@ -408,6 +408,9 @@ fn placed_by_caller(request: &PeerRequest) -> bool {
             | PeerRequest::Fetch { .. }
             | PeerRequest::Apply { .. }
             | PeerRequest::ApplyIf { .. }
+            // A handoff is planned on the layout of its epoch (a refill's
+            // scan is not: it takes what the source's layout says).
+            | PeerRequest::Scan { moving: true, .. }
     )
 }
 
@@ -915,7 +918,6 @@ impl Cluster {
         epoch
     }
 
-
     /// Resolves with the epoch of the layout that removed this node, as
     /// soon as it is decided (without [`Cluster::removed`]'s wait).
     pub async fn removal_decided(&self) -> u64 {
@@ -1022,7 +1024,7 @@ impl Cluster {
         // and may be a value whose tombstone has since gone from the
         // owners; a pull would take it back in, and a check would push it
         // to them. Cleared before any write of the move can reach it.
-        if next.layout.target.is_some() && next.layout.gains_any(self.me) {
+        if next.layout.gains_any(self.me) {
             if let Some(local) = self.local.get().and_then(std::sync::Weak::upgrade) {
                 let mut cursor = Some(0);
                 let mut cleared = 0;
@@ -1034,7 +1036,10 @@ impl Cluster {
                     cursor = more;
                 }
                 if cleared > 0 {
-                    info!(epoch, cleared, "cleared old copies of partitions this node gains");
+                    info!(
+                        epoch,
+                        cleared, "cleared old copies of partitions this node gains"
+                    );
                 }
             }
         }
@@ -1357,7 +1362,10 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let layout = self.view().layout.clone();
-            let moving_here = layout.target.as_ref().is_some_and(|(t, _)| t.contains(&self.me));
+            let moving_here = layout
+                .target
+                .as_ref()
+                .is_some_and(|m| m.members.contains(&self.me));
             if !layout.is_standby(self.me) || moving_here {
                 return;
             }
@@ -1371,7 +1379,11 @@ impl Cluster {
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 Err(e) => {
-                    warn!(why = e.why, "this node could not take partitions; it stays a standby member (cluster join {} to try again)", self.me);
+                    warn!(
+                        why = e.why,
+                        "this node could not take partitions; it stays a standby member (cluster join {} to try again)",
+                        self.me
+                    );
                     return;
                 }
             }
@@ -1889,12 +1901,7 @@ impl Cluster {
         let others: Vec<NodeId> = pref.iter().copied().filter(|&n| n != self.me).collect();
         // Where the new state goes: the replicas, and while partitions
         // move, the new owners too (W needed on each set).
-        let copies: Vec<NodeId> = view
-            .layout
-            .write_set(key)
-            .into_iter()
-            .filter(|&n| n != self.me)
-            .collect();
+        let copies = view.layout.write_set(key, self.me, &others);
         // Catch up first where this node's copy may be stale: a failed-over
         // primary may have missed writes and its clock may be behind their
         // versions; any read-modify-write must see the latest acknowledged
@@ -2149,7 +2156,7 @@ impl Cluster {
                 key,
                 restamped,
                 others,
-                &[],
+                &Need::Any(0),
                 now_ms,
                 Some((base, abandoned)),
             )
@@ -2201,7 +2208,7 @@ impl Cluster {
         key: &[u8],
         state: KeyState,
         others: &[NodeId],
-        need: &[(usize, Vec<NodeId>)],
+        need: &Need,
         now_ms: u64,
         condition: Option<(u64, &[u64])>,
     ) -> Result<(), NotReplicated> {
@@ -2280,10 +2287,9 @@ impl Cluster {
             });
         }
         drop(tx);
-        if need.is_empty() {
+        let Some(mut quorum) = need.quorum(others.len()) else {
             return Ok(());
-        }
-        let mut quorum = Quorum::of_sets(need.to_vec(), others.len());
+        };
         let mut answered: Vec<NodeId> = Vec::with_capacity(others.len());
         while let Some((node, outcome)) = rx.recv().await {
             answered.push(node);
@@ -3160,14 +3166,6 @@ impl Cluster {
                     return PeerResponse::Refused("invalid partition list".into());
                 }
                 if moving {
-                    // A handoff is planned on the layout of its epoch; a
-                    // source that restarted and is refilling may lack
-                    // writes it acknowledged before.
-                    if caller_epoch < view.layout.epoch {
-                        return PeerResponse::StaleEpoch {
-                            epoch: view.layout.epoch,
-                        };
-                    }
                     // Behind the caller (the layout could not be fetched),
                     // or nothing moving: the pages would be empty, and the
                     // caller would take them for the whole partition.
@@ -3177,6 +3175,8 @@ impl Cluster {
                             view.layout.epoch
                         ));
                     }
+                    // A source that restarted and is refilling may lack
+                    // writes it acknowledged before.
                     if !self.warm.load(Relaxed) {
                         return PeerResponse::Refused(
                             "cold: refilling after a start, not a handoff source yet".into(),
@@ -3330,7 +3330,11 @@ impl Cluster {
         put_stat(out, "node_id", self.me);
         put_stat(out, "epoch", view.layout.epoch);
         put_stat(out, "members", view.layout.members.len());
-        put_stat(out, "transfers_pending", self.transfers_pending(&view.layout));
+        put_stat(
+            out,
+            "transfers_pending",
+            self.transfers_pending(&view.layout),
+        );
         put_stat(out, "partitions", view.layout.ring.partitions());
         put_stat(out, "replicas", view.layout.ring.replicas());
         put_stat(out, "read_quorum", view.layout.read_quorum);
@@ -3995,14 +3999,16 @@ mod install_tests {
         short.target = Some(vec![1]);
         assert!(Layout::from_desc(&short, 64).is_err(), "fewer than N");
         for key in (0..200).map(|i| format!("k{i}")) {
-            let need = moving.write_need(key.as_bytes(), 1, 2);
+            let Need::Sets(need) = moving.write_need(key.as_bytes(), 1, 2) else {
+                panic!("a move needs W on each replica set");
+            };
             for (needed, nodes) in &need {
                 assert!(*needed >= 1 && !nodes.contains(&1));
             }
             let new_set = moving
                 .target
                 .as_ref()
-                .map(|(_, r)| r.preference_list_for_key(key.as_bytes()).to_vec())
+                .map(|m| m.ring.preference_list_for_key(key.as_bytes()).to_vec())
                 .unwrap_or_default();
             // The target set's need never counts node 2.
             if let Some((_, nodes)) = need.iter().find(|(_, n)| !n.contains(&2)) {

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use super::coordinator::PairRepair;
 use super::message::{PeerRequest, PeerResponse};
+use super::quorum::Need;
 use super::ring::{NodeId, Ring};
 use super::transport::{Peer, PeerState};
 use crate::config::{ClusterConfig, MemberConfig};
@@ -47,11 +48,22 @@ pub struct Layout {
     pub read_quorum: usize,
     /// W when a request names none (at most N).
     pub write_quorum: usize,
-    /// While partitions move (a transition epoch): the members that will
-    /// hold partitions once the move settles, ascending, and their ring.
+    /// While partitions move (a transition epoch): where they move to.
     /// Writes go to both rings' replicas and need W on each; reads stay on
     /// [`Layout::ring`] until the move settles.
-    pub target: Option<(Vec<NodeId>, Ring)>,
+    pub target: Option<Move>,
+}
+
+/// Where a move under way takes the partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Move {
+    /// The members that hold partitions once the move settles, ascending.
+    pub members: Vec<NodeId>,
+    /// Their ring.
+    pub ring: Ring,
+    /// The members that gain a partition in the move (computed once: the
+    /// request path, the stats and every tick of the move ask).
+    pub gainers: Vec<NodeId>,
 }
 
 impl Layout {
@@ -104,8 +116,19 @@ impl Layout {
     /// ids, at least N of them): the transition epoch of a change.
     pub fn moving_to(&self, target: Vec<NodeId>) -> Self {
         let ring = Ring::new(&target, self.ring.partitions(), self.ring.replicas());
+        let gained = |node: NodeId| {
+            (0..ring.partitions()).any(|p| {
+                ring.preference_list(p).contains(&node)
+                    && !self.ring.preference_list(p).contains(&node)
+            })
+        };
+        let gainers = target.iter().copied().filter(|&n| gained(n)).collect();
         Self {
-            target: Some((target, ring)),
+            target: Some(Move {
+                members: target,
+                ring,
+                gainers,
+            }),
             ..self.clone()
         }
     }
@@ -115,7 +138,7 @@ impl Layout {
     /// leaves the layout; a standby among them is a standby no more.
     /// `None` when nothing is moving.
     pub fn settled(&self) -> Option<Self> {
-        let (target, _) = self.target.as_ref()?;
+        let target = &self.target.as_ref()?.members;
         let members: Vec<MemberConfig> = self
             .members
             .iter()
@@ -150,32 +173,52 @@ impl Layout {
     /// The members that gain partitions in the move, and those that lose
     /// them all (they leave when it settles).
     pub fn movers(&self) -> (Vec<NodeId>, Vec<NodeId>) {
-        let Some((target, _)) = &self.target else {
+        let Some(Move {
+            members: target, ..
+        }) = &self.target
+        else {
             return (Vec::new(), Vec::new());
         };
         let active: Vec<NodeId> = self.ring.members().to_vec();
-        let joining = target.iter().copied().filter(|id| !active.contains(id)).collect();
-        let leaving = active.into_iter().filter(|id| !target.contains(id)).collect();
+        let joining = target
+            .iter()
+            .copied()
+            .filter(|id| !active.contains(id))
+            .collect();
+        let leaving = active
+            .into_iter()
+            .filter(|id| !target.contains(id))
+            .collect();
         (joining, leaving)
     }
 
     /// Whether `node` holds `key` in the target ring but not in the
     /// current one: a key it must be given before the move settles.
     pub fn gains(&self, node: NodeId, key: &[u8]) -> bool {
-        self.target.as_ref().is_some_and(|(_, ring)| {
-            ring.preference_list_for_key(key).contains(&node)
+        self.target.as_ref().is_some_and(|m| {
+            m.ring.preference_list_for_key(key).contains(&node)
                 && !self.ring.preference_list_for_key(key).contains(&node)
         })
     }
 
     /// Whether `node` gains any partition in the move.
     pub fn gains_any(&self, node: NodeId) -> bool {
-        self.target.as_ref().is_some_and(|(_, ring)| {
-            (0..ring.partitions()).any(|p| {
-                ring.preference_list(p).contains(&node)
+        self.target
+            .as_ref()
+            .is_some_and(|m| m.gainers.contains(&node))
+    }
+
+    /// The partitions `node` gains in the move, ascending.
+    pub fn gained(&self, node: NodeId) -> Vec<u32> {
+        let Some(m) = self.target.as_ref().filter(|m| m.gainers.contains(&node)) else {
+            return Vec::new();
+        };
+        (0..m.ring.partitions())
+            .filter(|&p| {
+                m.ring.preference_list(p).contains(&node)
                     && !self.ring.preference_list(p).contains(&node)
             })
-        })
+            .collect()
     }
 
     /// Whether `node` replicates `key` now or once the move settles.
@@ -184,21 +227,29 @@ impl Layout {
             || self
                 .target
                 .as_ref()
-                .is_some_and(|(_, ring)| ring.preference_list_for_key(key).contains(&node))
+                .is_some_and(|m| m.ring.preference_list_for_key(key).contains(&node))
     }
 
-    /// The replicas a write of `key` goes to: the current ones, then, while
-    /// partitions move, the target ring's that are not among them.
-    pub fn write_set(&self, key: &[u8]) -> Vec<NodeId> {
-        let mut set = self.ring.preference_list_for_key(key).to_vec();
-        if let Some((_, ring)) = &self.target {
-            for &n in ring.preference_list_for_key(key) {
-                if !set.contains(&n) {
-                    set.push(n);
-                }
+    /// The nodes other than `me` a write of `key` goes to while partitions
+    /// move: `current` (the key's other current replicas), then the target
+    /// ring's that are not among them. Nothing moving: `current` itself,
+    /// nothing allocated.
+    pub fn write_set<'a>(
+        &self,
+        key: &[u8],
+        me: NodeId,
+        current: &'a [NodeId],
+    ) -> std::borrow::Cow<'a, [NodeId]> {
+        let Some(m) = &self.target else {
+            return std::borrow::Cow::Borrowed(current);
+        };
+        let mut set = current.to_vec();
+        for &n in m.ring.preference_list_for_key(key) {
+            if n != me && !set.contains(&n) {
+                set.push(n);
             }
         }
-        set
+        std::borrow::Cow::Owned(set)
     }
 
     /// What a write of `key` at quorum `w` needs from replicas other than
@@ -207,18 +258,24 @@ impl Layout {
     /// current set and W on the target set, so that no write counts as
     /// acknowledged by a leaving node, nor is missing from the new owners'
     /// quorum. Sets `me` alone meets are left out.
-    pub fn write_need(&self, key: &[u8], me: NodeId, w: usize) -> Vec<(usize, Vec<NodeId>)> {
+    ///
+    /// Nothing moving: any W − 1 of the others, with nothing allocated (the
+    /// write path asks this for every write).
+    pub fn write_need(&self, key: &[u8], me: NodeId, w: usize) -> Need {
+        let Some(m) = &self.target else {
+            return Need::Any(w.saturating_sub(1));
+        };
         let need = |pref: &[NodeId]| {
             let others: Vec<NodeId> = pref.iter().copied().filter(|&n| n != me).collect();
             let needed = w.saturating_sub(usize::from(pref.contains(&me)));
             (needed, others)
         };
-        let mut sets = vec![need(self.ring.preference_list_for_key(key))];
-        if let Some((_, ring)) = &self.target {
-            sets.push(need(ring.preference_list_for_key(key)));
-        }
+        let mut sets = vec![
+            need(self.ring.preference_list_for_key(key)),
+            need(m.ring.preference_list_for_key(key)),
+        ];
         sets.retain(|(needed, _)| *needed > 0);
-        sets
+        Need::Sets(sets)
     }
 
     /// This layout's epoch, P, N, R and W with `members` (ascending by
@@ -233,7 +290,7 @@ impl Layout {
             [self.ring.replicas(), self.read_quorum, self.write_quorum],
         );
         match &self.target {
-            Some((target, _)) => layout.moving_to(target.clone()),
+            Some(m) => layout.moving_to(m.members.clone()),
             None => layout,
         }
     }
@@ -309,7 +366,7 @@ impl Layout {
             replicas: small(self.ring.replicas()),
             read_quorum: small(self.read_quorum),
             write_quorum: small(self.write_quorum),
-            target: self.target.as_ref().map(|(t, _)| t.clone()),
+            target: self.target.as_ref().map(|m| m.members.clone()),
         }
     }
 

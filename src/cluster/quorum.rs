@@ -15,6 +15,29 @@ pub enum Decision {
     Pending,
 }
 
+/// What a write needs from the replicas other than its primary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Need {
+    /// Any this many of the replicas asked (none: 0).
+    Any(usize),
+    /// Per replica set, how many of which nodes (while partitions move:
+    /// W on the current owners and W on the new ones).
+    Sets(Vec<(usize, Vec<NodeId>)>),
+}
+
+impl Need {
+    /// The quorum to count answers toward, out of `asked` replicas;
+    /// `None` when the write needs no other replica.
+    pub fn quorum(&self, asked: usize) -> Option<Quorum> {
+        match self {
+            Need::Any(0) => None,
+            Need::Any(n) => Some(Quorum::new(*n, asked)),
+            Need::Sets(s) if s.is_empty() => None,
+            Need::Sets(s) => Some(Quorum::of_sets(s.clone(), asked)),
+        }
+    }
+}
+
 /// Counts successes and failures toward `needed` out of `asked` replicas;
 /// or, for a write while partitions move ([`Quorum::of_sets`]), toward a
 /// number per replica set, each node counting for every set it is in.

@@ -108,22 +108,12 @@ impl Cluster {
         }
     }
 
-    /// Members that gain partitions in the move of `layout`.
-    fn gainers(layout: &Layout) -> Vec<NodeId> {
-        layout
-            .members
-            .iter()
-            .map(|m| m.id)
-            .filter(|&id| layout.gains_any(id))
-            .collect()
-    }
-
     /// Moves not finished, as `stats cluster` reports them: during a move,
     /// the members still to be given partitions (until it settles); after
     /// it, 1 while this node still holds copies it no longer replicates.
     pub(super) fn transfers_pending(&self, layout: &Layout) -> usize {
-        if layout.target.is_some() {
-            Self::gainers(layout).len()
+        if let Some(m) = &layout.target {
+            m.gainers.len()
         } else {
             usize::from(self.moves.lock().dropped_for < layout.epoch)
         }
@@ -168,17 +158,7 @@ impl Cluster {
                 return;
             }
         }
-        // Each gained partition: its current owners, and which of them
-        // this node is covered by already.
-        let Some((_, target)) = &layout.target else {
-            return;
-        };
-        let gained: Vec<u32> = (0..layout.ring.partitions())
-            .filter(|&p| {
-                target.preference_list(p).contains(&self.me)
-                    && !layout.ring.preference_list(p).contains(&self.me)
-            })
-            .collect();
+        let gained = layout.gained(self.me);
         // 1. Bulk: each partition from one owner (the first that is up),
         //    in one paced stream per owner. 2. Every other owner that is
         //    up: compare hash trees and take what differs (writes that
@@ -273,7 +253,11 @@ impl Cluster {
         // lack too.
         let epoch = view.layout.epoch;
         match peer
-            .call_at(epoch, PeerRequest::TransferStatus { epoch }, self.hop_timeout)
+            .call_at(
+                epoch,
+                PeerRequest::TransferStatus { epoch },
+                self.hop_timeout,
+            )
             .await
         {
             Ok(PeerResponse::Transfer {
@@ -413,7 +397,8 @@ impl Cluster {
         }
         let epoch = layout.epoch;
         let mut all_done = true;
-        for id in Self::gainers(layout) {
+        let gainers = layout.target.as_ref().map_or(&[][..], |m| &m.gainers[..]);
+        for &id in gainers {
             let done = if id == self.me {
                 matches!(
                     self.transfer_status(layout, epoch),
