@@ -615,7 +615,14 @@ impl ClusterConfig {
         if self.replicas == 0 {
             return bad("cluster.replicas must be at least 1".into());
         }
-        let n = self.replicas_effective();
+        // A joining node takes N, R and W from the cluster; its own list
+        // names only itself, so its flags' N is no bound for them (one
+        // config for every node, `--read-quorum 2 --join …`, must start).
+        let n = if self.join.is_some() {
+            self.replicas
+        } else {
+            self.replicas_effective()
+        };
         for (name, q) in [
             ("read_quorum", self.read_quorum_effective()),
             ("write_quorum", self.write_quorum_effective()),
@@ -996,6 +1003,28 @@ mod tests {
         .expect("parses");
         assert_eq!(parsed.cluster, Some(ClusterConfig::new(1, vec![member])));
         assert!(Config::from_toml_str("no_such_key = 1").is_err());
+    }
+
+    /// A joining node lists only itself, and takes N, R and W from the
+    /// cluster: quorums set for the cluster (one config on every node)
+    /// do not stop it; a quorum above its N, or 0, still does.
+    #[test]
+    fn a_joining_node_is_not_bound_by_its_own_member_count() {
+        let me = MemberConfig {
+            id: 4,
+            client: "127.0.0.1:11211".into(),
+            peer: "127.0.0.1:12211".into(),
+        };
+        let mut c = ClusterConfig::new(4, vec![me]);
+        c.read_quorum = Some(2);
+        c.write_quorum = Some(2);
+        assert!(c.validate().is_err(), "a one-member cluster with R=2");
+        c.join = Some("127.0.0.1:12212".into());
+        assert!(c.validate().is_ok());
+        c.read_quorum = Some(4);
+        assert!(c.validate().is_err(), "R above N=3");
+        c.read_quorum = Some(0);
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -42,19 +42,28 @@ fn every_member_follows_a_newer_layout() {
             .no_hints(),
     );
     let ids = cluster.ids();
-    for s in stats_of(&cluster).values() {
-        assert_eq!(field(s, "epoch"), 0, "{s:?}");
+    // (A founder that recovered its vote after the others may have asked
+    // for an empty decree: wait for it, so the fault's epoch is the next.)
+    let e0 = all_voting(&cluster);
+    let before = stats_of(&cluster);
+    for s in before.values() {
         assert_eq!(field(s, "members"), 3, "{s:?}");
     }
     cluster.fault(ids[0], &FaultCmd::LayoutQuorums(2, 3));
-    wait_for("every member at epoch 1", || {
-        stats_of(&cluster).values().all(|s| field(s, "epoch") == 1)
+    wait_for("every member at the next epoch", || {
+        stats_of(&cluster)
+            .values()
+            .all(|s| field(s, "epoch") == e0 + 1)
     });
     for (id, s) in stats_of(&cluster) {
         assert_eq!(field(&s, "read_quorum"), 2, "node {id}: {s:?}");
         assert_eq!(field(&s, "write_quorum"), 3, "node {id}: {s:?}");
         let fetched = u64::from(id != ids[0]);
-        assert_eq!(field(&s, "layouts_installed"), fetched, "node {id}: {s:?}");
+        assert_eq!(
+            field(&s, "layouts_installed") - field(&before[&id], "layouts_installed"),
+            fetched,
+            "node {id}: {s:?}"
+        );
     }
     // The new default W = 3 is in force at a member that followed it: with
     // a member cut off, a write that W = 2 would take is refused.
@@ -96,18 +105,23 @@ fn a_member_cut_off_across_changes_catches_up_and_is_never_refused() {
     let cluster = Cluster::start(Layout::new(3).quorums(1, 2).fault_control());
     let ids = cluster.ids();
     let (a, b, cut) = (ids[0], ids[1], ids[2]);
+    let e0 = all_voting(&cluster);
+    let installed = field(
+        &cluster_stats(&mut cluster.connect(cut)),
+        "layouts_installed",
+    );
     cluster.isolate(cut);
     cluster.fault(a, &FaultCmd::LayoutQuorums(2, 2));
     cluster.fault(a, &FaultCmd::LayoutQuorums(1, 1));
-    wait_for("the connected members at epoch 2", || {
+    wait_for("the connected members two epochs on", || {
         let s = stats_of(&cluster);
-        field(&s[&a], "epoch") == 2 && field(&s[&b], "epoch") == 2
+        field(&s[&a], "epoch") == e0 + 2 && field(&s[&b], "epoch") == e0 + 2
     });
     let behind = cluster_stats(&mut cluster.connect(cut));
-    assert_eq!(field(&behind, "epoch"), 0, "{behind:?}");
+    assert_eq!(field(&behind, "epoch"), e0, "{behind:?}");
     cluster.heal(cut);
-    wait_for("the cut-off member at epoch 2", || {
-        field(&cluster_stats(&mut cluster.connect(cut)), "epoch") == 2
+    wait_for("the cut-off member two epochs on", || {
+        field(&cluster_stats(&mut cluster.connect(cut)), "epoch") == e0 + 2
     });
     wait_for("every member sees every other up", || {
         stats_of(&cluster).values().all(|s| {
@@ -118,7 +132,11 @@ fn a_member_cut_off_across_changes_catches_up_and_is_never_refused() {
     });
     let caught_up = cluster_stats(&mut cluster.connect(cut));
     assert_eq!(field(&caught_up, "write_quorum"), 1, "{caught_up:?}");
-    assert_eq!(field(&caught_up, "layouts_installed"), 1, "{caught_up:?}");
+    assert_eq!(
+        field(&caught_up, "layouts_installed"),
+        installed + 1,
+        "{caught_up:?}"
+    );
     // Writes through the member that was behind reach the others.
     let mut c = cluster.connect(cut);
     assert_eq!(c.ask(b"set after 0 0 2\r\nok\r\n"), "STORED\r\n");
@@ -156,10 +174,16 @@ fn a_quorum_change_is_decided_by_the_members_and_every_member_follows() {
     let _serial = common::cluster::exclusive();
     let cluster = Cluster::start(Layout::new(3).quorums(2, 2));
     let ids = cluster.ids();
-    assert_eq!(change_quorums(&cluster, ids[1], 1, 3), "OK epoch 1\r\n");
-    wait_for("every member at epoch 1 with R=1 W=3", || {
+    let e0 = all_voting(&cluster);
+    assert_eq!(
+        change_quorums(&cluster, ids[1], 1, 3),
+        format!("OK epoch {}\r\n", e0 + 1)
+    );
+    wait_for("every member at the next epoch with R=1 W=3", || {
         stats_of(&cluster).values().all(|s| {
-            field(s, "epoch") == 1 && field(s, "read_quorum") == 1 && field(s, "write_quorum") == 3
+            field(s, "epoch") == e0 + 1
+                && field(s, "read_quorum") == 1
+                && field(s, "write_quorum") == 3
         })
     });
     let mut c = cluster.connect(ids[0]);
@@ -180,7 +204,7 @@ fn a_quorum_change_is_decided_by_the_members_and_every_member_follows() {
         c.ask(b"cluster leave 2\r\n"),
         "SERVER_ERROR node 2 leaving would leave 2 members holding partitions, fewer than N=3\r\n"
     );
-    assert_eq!(field(&cluster_stats(&mut c), "epoch"), 1);
+    assert_eq!(field(&cluster_stats(&mut c), "epoch"), e0 + 1);
 }
 
 /// Two members asked for different changes at once: never two layouts for
@@ -192,7 +216,8 @@ fn concurrent_changes_are_serialised() {
     let cluster = Cluster::start(Layout::new(3).quorums(2, 2));
     let ids = cluster.ids();
     // Wait until changes can be decided at all (the members recover).
-    assert!(change_quorums(&cluster, ids[0], 2, 2).starts_with("OK epoch 1"));
+    all_voting(&cluster);
+    assert!(change_quorums(&cluster, ids[0], 2, 2).starts_with("OK epoch "));
     let mut outcomes = Vec::new();
     for round in 0..5u8 {
         let (r1, w1, r2, w2) = (1 + round % 3, 3, 3, 1 + round % 3);
@@ -250,39 +275,84 @@ fn concurrent_changes_are_serialised() {
     println!("concurrent change outcomes: {outcomes:?}");
 }
 
-/// A member restarted (empty, its flags' layout at epoch 0) catches up and
-/// recovers its vote from the others. It may have voted on the next epoch
-/// before it died and cannot know, so it abstains from that one: with
-/// another member cut off, that decree cannot be made. It votes on the
-/// one after.
+/// A restarted member may have voted on the next decree before it died and
+/// cannot know, so it abstains from that one (the Paxos unit tests show
+/// the refusal), and asks the others for an empty decree, which passes
+/// that slot and changes nothing. It votes on the next: with a member cut
+/// off, it and the other make the next change.
 #[test]
-fn a_restarted_member_abstains_from_the_next_decree_then_votes() {
+fn a_restarted_member_abstains_from_the_next_decree_until_an_empty_one_passes_it() {
     let _serial = common::cluster::exclusive();
     let mut cluster = Cluster::start(Layout::new(3).quorums(2, 2).fault_control());
     let ids = cluster.ids();
-    assert!(change_quorums(&cluster, ids[0], 1, 2).starts_with("OK epoch 1"));
+    let e0 = all_voting(&cluster);
+    let ok = |e: u64| format!("OK epoch {e}\r\n");
+    assert_eq!(change_quorums(&cluster, ids[0], 1, 2), ok(e0 + 1));
     cluster.kill(ids[2]);
-    assert!(change_quorums(&cluster, ids[0], 2, 2).starts_with("OK epoch 2"));
+    let e2 = e0 + 2;
+    assert_eq!(change_quorums(&cluster, ids[0], 2, 2), ok(e2));
     cluster.restart(ids[2]);
-    wait_for("the restarted member at epoch 2", || {
-        field(&cluster_stats(&mut cluster.connect(ids[2])), "epoch") == 2
-    });
-    // Member 1 cut off: only members 2 and 3 can decide epoch 3, and 3
-    // abstains from it.
-    cluster.isolate(ids[0]);
-    let refused = cluster.connect(ids[1]).ask(b"cluster quorums 1 1\r\n");
+    // It recovered abstaining from the next epoch, then the empty decree
+    // made that epoch with R and W as they were.
+    assert_eq!(all_voting(&cluster), e2 + 1);
+    for (id, s) in stats_of(&cluster) {
+        assert_eq!(field(&s, "read_quorum"), 2, "node {id}: {s:?}");
+        assert_eq!(field(&s, "write_quorum"), 2, "node {id}: {s:?}");
+    }
+    let said = cluster.stderr_text(ids[2]);
     assert!(
-        refused.starts_with("SERVER_ERROR no majority answered for epoch 3"),
-        "{refused}"
+        said.contains(&format!("this node votes on epochs above {}", e2 + 1))
+            && said.contains("this node votes again"),
+        "{said}"
+    );
+    // The next epoch with member 1 cut off: member 3 votes now.
+    cluster.isolate(ids[0]);
+    assert_eq!(change_quorums(&cluster, ids[1], 1, 1), ok(e2 + 2));
+    cluster.heal(ids[0]);
+    wait_for("every member at the change's epoch", || {
+        stats_of(&cluster)
+            .values()
+            .all(|s| field(s, "epoch") == e2 + 2)
+    });
+}
+
+/// A rolling restart: every member killed and restarted in turn, each
+/// waited for until it votes again. Every member abstained from the next
+/// decree after its restart; without the empty decree each asks for, the
+/// three would all sit out epoch 1 and no change could ever be made. With
+/// member 1 cut off, members 2 and 3 make the next change.
+#[test]
+fn after_a_rolling_restart_of_every_member_the_cluster_still_changes() {
+    let _serial = common::cluster::exclusive();
+    let mut cluster = Cluster::start(Layout::new(3).quorums(2, 2).fault_control());
+    let ids = cluster.ids();
+    let e0 = all_voting(&cluster);
+    let mut epoch = e0;
+    for &id in &ids {
+        cluster.kill(id);
+        cluster.restart(id);
+        wait_for(
+            &format!("node {id} to vote again after its restart"),
+            || cluster.stderr_text(id).contains("this node votes again"),
+        );
+        let now = field(&cluster_stats(&mut cluster.connect(id)), "epoch");
+        assert!(now > epoch, "node {id}: epoch {now} after {epoch}");
+        epoch = now;
+    }
+    assert_eq!(epoch, e0 + 3, "one empty decree per restarted member");
+    assert_eq!(all_voting(&cluster), e0 + 3);
+    cluster.isolate(ids[0]);
+    assert_eq!(
+        change_quorums(&cluster, ids[1], 1, 1),
+        format!("OK epoch {}\r\n", e0 + 4)
     );
     cluster.heal(ids[0]);
-    assert_eq!(change_quorums(&cluster, ids[1], 1, 1), "OK epoch 3\r\n");
-    // Epoch 4 with member 1 cut off again: member 3 votes now.
-    cluster.isolate(ids[0]);
-    assert_eq!(change_quorums(&cluster, ids[1], 2, 1), "OK epoch 4\r\n");
-    cluster.heal(ids[0]);
-    wait_for("every member at epoch 4", || {
-        stats_of(&cluster).values().all(|s| field(s, "epoch") == 4)
+    wait_for("every member at the change's epoch with R=1 W=1", || {
+        stats_of(&cluster).values().all(|s| {
+            field(s, "epoch") == e0 + 4
+                && field(s, "read_quorum") == 1
+                && field(s, "write_quorum") == 1
+        })
     });
 }
 
@@ -334,19 +404,25 @@ fn fresh_member(id: u16) -> String {
     )
 }
 
-/// Waits until every running member votes on layout decrees (its
-/// recovery after the start is over). A member that recovers only after a
-/// decree sits out the next one (README, Between nodes: Restarts), so a
-/// change made right after the start, with a member still recovering and
-/// another restarted later, can find too few voters: the known limit, not
-/// what these tests are about.
-fn all_voting(cluster: &Cluster) {
-    wait_for("every member to vote on layout decrees", || {
-        cluster
-            .running_ids()
-            .iter()
-            .all(|&id| cluster.stderr_text(id).contains("layout decrees:"))
+/// Waits until every running member votes on the next layout decree
+/// (`layout_vote votes`: its recovery after the start is over, and the
+/// empty decree a member that recovered late asks for is made) and all
+/// are at one epoch; returns that epoch. A change made before then can
+/// race the empty decree for its epoch.
+fn all_voting(cluster: &Cluster) -> u64 {
+    let mut epoch = 0;
+    wait_for("every member to vote on the next layout decree", || {
+        let all = stats_of(cluster);
+        let epochs: std::collections::BTreeSet<u64> =
+            all.values().map(|s| field(s, "epoch")).collect();
+        epoch = epochs.iter().next().copied().unwrap_or(0);
+        epochs.len() == 1
+            && all.len() == cluster.running_ids().len()
+            && all
+                .values()
+                .all(|s| s.get("layout_vote").map(String::as_str) == Some("votes"))
     });
+    epoch
 }
 
 /// Every running member's epoch and member count, once all agree on them.
@@ -383,9 +459,9 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
     // a standby (it takes no partitions).
     let joiner: u16 = 4;
     cluster.set_node_args(joiner, vec!["--standby".into()]);
-    all_voting(&cluster);
+    let e0 = all_voting(&cluster);
     cluster.join(joiner, founders[0]);
-    settled_on(&cluster, 1, 4);
+    settled_on(&cluster, e0 + 1, 4);
     for (id, s) in stats_of(&cluster) {
         let line = &s[&format!("member:{joiner}")];
         assert!(line.contains(" standby=1"), "node {id}: {line}");
@@ -480,7 +556,7 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
         )),
         "{too_few}"
     );
-    settled_on(&cluster, 1, 4);
+    settled_on(&cluster, e0 + 1, 4);
 
     // A founder restarted from its flags (the founding member list) learns
     // the layout with the standby from its peers, and admits the standby.
@@ -504,7 +580,10 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
     };
     cluster.kill(founders[1]);
     cluster.restart(founders[1]);
-    settled_on(&cluster, 1, 4);
+    // Restarted, it asks for an empty decree so that it votes again.
+    let e1 = all_voting(&cluster);
+    assert_eq!(e1, e0 + 2, "one empty decree for the restarted founder");
+    settled_on(&cluster, e1, 4);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().expect("the writer");
     let seen = member_states(&cluster_stats(&mut cluster.connect(founders[1])));
@@ -523,7 +602,10 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
     // (The restarted members may still be recovering their votes: a
     // refusal that says to retry is retried, as an operator would.)
     let said = admin(&cluster, founders[2], &["leave", &joiner.to_string()]);
-    assert!(said.contains("layout epoch 2: node 4 leaves"), "{said}");
+    assert!(
+        said.contains(&format!("layout epoch {}: node 4 leaves", e1 + 1)),
+        "{said}"
+    );
     let status = cluster.wait_exit(joiner, std::time::Duration::from_secs(20));
     assert!(status.success(), "the node that left exited with {status}");
     assert!(
@@ -533,18 +615,21 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
         "{}",
         cluster.stderr_text(joiner)
     );
-    settled_on(&cluster, 2, 3);
+    settled_on(&cluster, e1 + 1, 3);
     for &id in &founders {
         read_all(&cluster, id);
     }
 
-    // Started again with the same flags, it joins anew (epoch 3); killed
-    // and started once more, it is a member already: no new epoch.
+    // Started again with the same flags, it joins anew (an epoch with it);
+    // killed and started once more, it is a member already: no change,
+    // only the empty decree a restarted member asks for.
     cluster.restart(joiner);
-    settled_on(&cluster, 3, 4);
+    settled_on(&cluster, e1 + 2, 4);
+    assert_eq!(all_voting(&cluster), e1 + 2);
     cluster.kill(joiner);
     cluster.restart(joiner);
-    settled_on(&cluster, 3, 4);
+    assert_eq!(all_voting(&cluster), e1 + 3);
+    settled_on(&cluster, e1 + 3, 4);
     read_all(&cluster, joiner);
 }
 

@@ -77,6 +77,11 @@ const PAUSE_MS: std::ops::RangeInclusive<u64> = 500..=5_000;
 const PARTITION_MS: std::ops::RangeInclusive<u64> = 1_000..=6_000;
 /// A step without a fault.
 const CALM_MS: std::ops::RangeInclusive<u64> = 500..=2_000;
+/// What the planner allows for a leave and a join (their moves run as
+/// long as they take; each wait is bounded by [`MOVE_WAIT`]).
+const MEMBERSHIP_MS: u64 = 10_000;
+/// The longest a leave, a join or the move after either may take.
+const MOVE_WAIT: Duration = Duration::from_secs(120);
 /// Between two steps.
 const GAP_MS: std::ops::RangeInclusive<u64> = 200..=1_500;
 /// How long after the client gave up an attempt may still run: a request
@@ -161,6 +166,11 @@ enum Fault {
     Split { minority: Vec<NodeId>, ms: u64 },
     /// No fault: the cluster settles (hints, anti-entropy) under load.
     Calm { ms: u64 },
+    /// A membership change and its undoing, partitions moving both ways:
+    /// a member (5 nodes) leaves through another and joins again, empty;
+    /// a spare (3 nodes: node 4, outside the clients' list) joins, takes
+    /// its share, and leaves.
+    Membership { node: NodeId },
 }
 
 impl Fault {
@@ -171,6 +181,7 @@ impl Fault {
             Fault::Isolate { .. } => "isolate",
             Fault::Split { .. } => "split",
             Fault::Calm { .. } => "calm",
+            Fault::Membership { .. } => "leave + join",
         }
     }
 
@@ -181,6 +192,7 @@ impl Fault {
             | Fault::Isolate { ms, .. }
             | Fault::Split { ms, .. }
             | Fault::Calm { ms } => *ms,
+            Fault::Membership { .. } => MEMBERSHIP_MS,
         }
     }
 }
@@ -260,11 +272,12 @@ fn plan(seed: u64, nodes: usize, fault_ms: u64) -> Vec<Step> {
             });
         }
         let node = *ids.choose(&mut rng).expect("nodes");
-        // (weight, kind): kill, pause, isolate, split (5 nodes), calm.
+        // (weight, kind): kill, pause, isolate, split (5 nodes), calm,
+        // membership.
         let weights: &[(u32, u8)] = if nodes >= 5 {
-            &[(3, 0), (3, 1), (2, 2), (2, 3), (1, 4)]
+            &[(3, 0), (3, 1), (2, 2), (2, 3), (1, 4), (1, 5)]
         } else {
-            &[(3, 0), (3, 1), (3, 2), (1, 4)]
+            &[(3, 0), (3, 1), (3, 2), (1, 4), (1, 5)]
         };
         let kind = weights
             .choose_weighted(&mut rng, |(w, _)| *w)
@@ -274,8 +287,22 @@ fn plan(seed: u64, nodes: usize, fault_ms: u64) -> Vec<Step> {
         // repair brings either back can lose a write that lived on them
         // alone (README, "Promises under faults"). So a kill of another
         // node waits out the first one's repair window: a pause instead.
-        let repairing = cold.is_some_and(|(n, back)| n != node && t < back + REPAIR_MS);
-        let kind = if kind == 0 && repairing { 1 } else { kind };
+        // A membership change empties the node that joins again, and its
+        // move checks against every owner that is up: it waits that out
+        // too.
+        // (With 3 nodes and N = 3 no member can leave: a spare, node 4,
+        // joins and leaves instead.)
+        let emptied = if kind == 5 && nodes < 5 {
+            nodes as NodeId + 1
+        } else {
+            node
+        };
+        let repairing = cold.is_some_and(|(n, back)| n != emptied && t < back + REPAIR_MS);
+        let kind = if (kind == 0 || kind == 5) && repairing {
+            1
+        } else {
+            kind
+        };
         let fault = match kind {
             0 => Fault::Kill {
                 node,
@@ -300,13 +327,16 @@ fn plan(seed: u64, nodes: usize, fault_ms: u64) -> Vec<Step> {
                     ms: rng.gen_range(PARTITION_MS),
                 }
             }
-            _ => Fault::Calm {
+            4 => Fault::Calm {
                 ms: rng.gen_range(CALM_MS),
             },
+            _ => Fault::Membership { node: emptied },
         };
         let gap_ms = rng.gen_range(GAP_MS);
-        if let Fault::Kill { node, down_ms, .. } = fault {
-            cold = Some((node, t + down_ms));
+        match fault {
+            Fault::Kill { node, down_ms, .. } => cold = Some((node, t + down_ms)),
+            Fault::Membership { node } => cold = Some((node, t + MEMBERSHIP_MS)),
+            _ => {}
         }
         let end = t + fault.ms() + gap_ms + STEP_SLACK_MS;
         // Apply this step's changes, then put back in step any clock that
@@ -601,7 +631,7 @@ impl Nemesis<'_> {
     /// The flags that restart node `id` with the clock it has now (a
     /// restarted process keeps its machine's clock).
     fn restart_args(&self, id: NodeId, no_refill: bool) -> Vec<String> {
-        let clock = self.clocks[&id];
+        let clock = self.clocks.get(&id).copied().unwrap_or(ClockState::IN_SYNC);
         let skew = clock.skew_at(self.now()).round() as i64;
         let mut args = vec![
             "--fault-clock-offset-ms".to_string(),
@@ -665,7 +695,7 @@ impl Nemesis<'_> {
                 Fault::Split { minority, ms } => {
                     let majority: Vec<NodeId> = self
                         .cluster
-                        .ids()
+                        .member_ids()
                         .into_iter()
                         .filter(|id| !minority.contains(id))
                         .collect();
@@ -680,11 +710,28 @@ impl Nemesis<'_> {
                     self.event("split healed".into());
                 }
                 Fault::Calm { ms } => Self::sleep(*ms),
+                Fault::Membership { node } => {
+                    let from = self.now();
+                    let seed = self
+                        .cluster
+                        .running_ids()
+                        .into_iter()
+                        .find(|&id| id != *node)
+                        .expect("another node runs");
+                    if self.cluster.running_ids().contains(node) {
+                        self.leave(*node, seed);
+                        self.join(*node, seed);
+                    } else {
+                        self.join(*node, seed);
+                        self.leave(*node, seed);
+                    }
+                    self.outage(*node, from);
+                }
             }
             self.observe_skew();
             Self::sleep(step.gap_ms);
         }
-        for id in self.cluster.ids() {
+        for id in self.cluster.running_ids() {
             self.set_clock(&ClockChange {
                 node: id,
                 offset_ms: 0,
@@ -692,6 +739,88 @@ impl Nemesis<'_> {
             });
         }
         self.event("every fault healed, clocks in sync".into());
+    }
+
+    /// `cluster leave ID` through `via` (retried while the members cannot
+    /// decide it yet), then waits until the node exits 0 and the others
+    /// have settled without it. Panics past [`MOVE_WAIT`]: a leave that
+    /// does not finish is a stuck transfer.
+    fn leave(&mut self, node: NodeId, via: NodeId) {
+        let deadline = Instant::now() + MOVE_WAIT;
+        loop {
+            let said = Client::connect_tcp(self.cluster.member(via).client)
+                .map_err(|e| e.to_string())
+                .and_then(|mut c| {
+                    c.call(format!("cluster leave {node}\r\n").as_bytes(), MOVE_WAIT)
+                        .map_err(|e| format!("{e:?}"))
+                })
+                .map(|r| String::from_utf8_lossy(&r).into_owned());
+            match said {
+                Ok(ok) if ok.starts_with("OK epoch") => break,
+                other => {
+                    assert!(
+                        Instant::now() < deadline,
+                        "cluster leave {node} through node {via}: {other:?}"
+                    );
+                    Self::sleep(250);
+                }
+            }
+        }
+        self.event(format!("node {node} leaves (through node {via})"));
+        let status = self.cluster.wait_exit(node, MOVE_WAIT);
+        assert!(
+            status.success(),
+            "node {node} left and exited with {status}"
+        );
+        self.event(format!("node {node} left and exited"));
+        self.settled();
+    }
+
+    /// Node `node` joins through `seed` (empty, taking its share), then
+    /// waits until every member has settled with it.
+    fn join(&mut self, node: NodeId, seed: NodeId) {
+        let args = self.restart_args(node, false);
+        self.cluster.set_node_args(node, args);
+        if let Err(why) = self.cluster.join_again(node, seed) {
+            panic!("node {node} did not join through node {seed}: {why}");
+        }
+        self.event(format!("node {node} joined (through node {seed})"));
+        self.settled();
+    }
+
+    /// Waits until every running node is a member, all at one epoch, with
+    /// no transfer pending (bounded by [`MOVE_WAIT`]).
+    fn settled(&mut self) {
+        let deadline = Instant::now() + MOVE_WAIT;
+        loop {
+            let running = self.cluster.running_ids();
+            let stats: Vec<BTreeMap<String, String>> = running
+                .iter()
+                .filter_map(|&id| {
+                    let mut c = Client::connect_tcp(self.cluster.member(id).client).ok()?;
+                    let reply = c.call(b"stats cluster\r\n", ATTEMPT_TIMEOUT).ok()?;
+                    Some(parse_stats(&String::from_utf8_lossy(&reply)))
+                })
+                .collect();
+            let get = |s: &BTreeMap<String, String>, f: &str| s.get(f).cloned().unwrap_or_default();
+            let epochs: std::collections::BTreeSet<String> =
+                stats.iter().map(|s| get(s, "epoch")).collect();
+            if stats.len() == running.len()
+                && epochs.len() == 1
+                && stats.iter().all(|s| {
+                    get(s, "transfers_pending") == "0"
+                        && get(s, "members") == running.len().to_string()
+                })
+            {
+                self.event(format!("settled at epoch {:?}", epochs.first()));
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the cluster did not settle within {MOVE_WAIT:?} after a membership change: {stats:?}"
+            );
+            Self::sleep(200);
+        }
     }
 
     /// Records the largest skew the nodes report, to show the run stayed
@@ -983,17 +1112,27 @@ fn nemesis() {
 #[test]
 fn a_second_node_is_never_restarted_empty_inside_the_first_ones_repair_window() {
     let mut kills = 0;
+    let mut memberships = 0;
     for seed in (0..300).chain([1_796_300_806_479_469_412]) {
         for nodes in [3, 5] {
             let mut t = 0;
             let mut cold: Option<(NodeId, u64)> = None;
             for step in plan(seed, nodes, 120_000) {
-                if let Fault::Kill { node, down_ms, .. } = step.fault {
+                // A membership change empties the node that joins (again).
+                let emptied = match step.fault {
+                    Fault::Kill { node, down_ms, .. } => Some((node, down_ms)),
+                    Fault::Membership { node } => {
+                        memberships += 1;
+                        Some((node, MEMBERSHIP_MS))
+                    }
+                    _ => None,
+                };
+                if let Some((node, down_ms)) = emptied {
                     kills += 1;
                     if let Some((other, back)) = cold {
                         assert!(
                             other == node || t >= back + REPAIR_MS,
-                            "seed {seed}: node {node} killed at {t} ms, node {other} back only at {back} ms"
+                            "seed {seed}: node {node} emptied at {t} ms, node {other} back only at {back} ms"
                         );
                     }
                     cold = Some((node, t + down_ms));
@@ -1003,6 +1142,24 @@ fn a_second_node_is_never_restarted_empty_inside_the_first_ones_repair_window() 
         }
     }
     assert!(kills > 1000, "the schedules still kill: {kills}");
+    assert!(
+        memberships > 200,
+        "the schedules change membership: {memberships}"
+    );
+}
+
+/// Seeds whose default run (3 nodes, 40 s) changes membership, to replay.
+#[test]
+fn some_short_runs_change_membership() {
+    let seeds: Vec<u64> = (0..200)
+        .filter(|&seed| {
+            plan(seed, 3, 40_000)
+                .iter()
+                .any(|s| matches!(s.fault, Fault::Membership { .. }))
+        })
+        .collect();
+    println!("seeds of 40 s runs with a membership change: {seeds:?}");
+    assert!(seeds.len() > 20, "{seeds:?}");
 }
 
 #[test]
@@ -1039,7 +1196,7 @@ fn a_seed_gives_the_same_schedule_and_clocks_stay_in_bounds() {
         .flat_map(|seed| plan(seed, 5, 120_000))
         .map(|s| s.fault.name())
         .collect();
-    assert_eq!(kinds.len(), 5, "{kinds:?}");
+    assert_eq!(kinds.len(), 6, "{kinds:?}");
     assert!(
         plan(1, 3, 60_000)
             .iter()

@@ -29,7 +29,11 @@
 //! [`recovery_floor`] for why that covers every slot it may have voted
 //! on). Safe while fewer than a majority of voters are recovering at once;
 //! a cluster of which a majority restarted at once starts again from its
-//! configured layout, as a cluster restarted whole does.
+//! configured layout, as a cluster restarted whole does. A recovered
+//! acceptor that abstains from the next slot asks for an empty decree
+//! (the same layout, one epoch on) so that it votes again at once: else a
+//! rolling restart of every member, one at a time, would leave too few
+//! voters for the next change.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -129,6 +133,23 @@ impl<T: Clone> Acceptor<T> {
     /// Whether it has ended recovery.
     pub fn is_recovered(&self) -> bool {
         self.floor.is_some()
+    }
+
+    /// Where it stands, as `stats cluster` shows it: `recovering`,
+    /// `abstains` (from the next slot) or `votes`.
+    pub fn standing(&self) -> &'static str {
+        match self.floor {
+            None => "recovering",
+            Some(f) if f > self.installed => "abstains",
+            Some(_) => "votes",
+        }
+    }
+
+    /// Whether it has ended recovery and still abstains from the next
+    /// slot (`installed + 1`): until a decree passes that slot without
+    /// it, it cannot vote.
+    pub fn abstains_from_next(&self) -> bool {
+        self.floor.is_some_and(|f| f > self.installed)
     }
 
     /// What it reports to a recovering peer: the highest slot it knows a

@@ -90,13 +90,23 @@ impl FaultControl {
                     .map(|epoch| tracing::warn!(epoch, "fault injection installed a layout")),
                 None => Err("not a cluster member".into()),
             },
-            Some(FaultCmd::DropPeers(ids)) => {
-                FaultsConfig::check_drop_peers(&ids, self.cluster.as_ref()).map(|()| {
-                    if let Some(c) = cluster {
-                        c.transport.blocked.set(&ids);
+            // Against the layout installed now, not the configured list: a
+            // node that joined lists only itself, and members come and go.
+            Some(FaultCmd::DropPeers(ids)) => match (cluster, self.cluster.as_ref()) {
+                (Some(c), Some(config)) => {
+                    match ids
+                        .iter()
+                        .find(|&&id| id == config.node_id || !c.is_member(id))
+                    {
+                        Some(id) => Err(format!("{id} is not another member")),
+                        None => {
+                            c.transport.blocked.set(&ids);
+                            Ok(())
+                        }
                     }
-                })
-            }
+                }
+                _ => FaultsConfig::check_drop_peers(&ids, None),
+            },
         };
         match applied {
             Ok(()) => {

@@ -249,6 +249,13 @@ pub struct Cluster {
     /// Members that start with `--join`, each with the member whose peer
     /// address it names; the others start from the founding member list.
     joined: BTreeMap<NodeId, NodeId>,
+    /// The founding members: a node that is not `joined` starts with their
+    /// list (a founder that left and joined again keeps its place in it,
+    /// as in an operator's unchanged flags).
+    founders: Vec<NodeId>,
+    /// Nodes that exited by themselves (left the cluster) and have not
+    /// started since: no longer members, so not cut off by name.
+    left: std::collections::BTreeSet<NodeId>,
 }
 
 impl Cluster {
@@ -269,12 +276,15 @@ impl Cluster {
     pub fn start_members(layout: Layout, ids: &[NodeId]) -> Cluster {
         let mut last_failure = String::new();
         for attempt in 1..=START_ATTEMPTS {
+            let members = pick_members(layout.nodes);
             let mut cluster = Cluster {
-                members: pick_members(layout.nodes),
+                founders: members.iter().map(|m| m.id).collect(),
+                members,
                 layout: layout.clone(),
                 running: BTreeMap::new(),
                 stderr: BTreeMap::new(),
                 joined: BTreeMap::new(),
+                left: std::collections::BTreeSet::new(),
             };
             match cluster.spawn_and_wait_listening(ids) {
                 Ok(()) => {
@@ -353,7 +363,7 @@ impl Cluster {
                 for m in self
                     .members
                     .iter()
-                    .filter(|m| !self.joined.contains_key(&m.id))
+                    .filter(|m| self.founders.contains(&m.id))
                 {
                     args.push("--member".to_string());
                     args.push(format!("{}={},{}", m.id, m.client, m.peer));
@@ -443,9 +453,19 @@ impl Cluster {
         self.fault(id, &FaultCmd::DropPeers(peers.to_vec()));
     }
 
-    /// Cuts node `id` off from every other member.
+    /// Every node but those that exited by themselves ([`Cluster::wait_exit`],
+    /// a node that left) and have not started since: the members, as far
+    /// as this harness knows.
+    pub fn member_ids(&self) -> Vec<NodeId> {
+        self.ids()
+            .into_iter()
+            .filter(|o| !self.left.contains(o))
+            .collect()
+    }
+
+    /// Cuts node `id` off from every other member ([`Cluster::member_ids`]).
     pub fn isolate(&self, id: NodeId) {
-        let others: Vec<NodeId> = self.ids().into_iter().filter(|&o| o != id).collect();
+        let others: Vec<NodeId> = self.member_ids().into_iter().filter(|&o| o != id).collect();
         self.partition(id, &others);
     }
 
@@ -593,6 +613,27 @@ impl Cluster {
         Err(last)
     }
 
+    /// Starts node `id` with `--join` naming member `seed`: on the
+    /// addresses it had if it was in this harness before (a member that
+    /// left joins again as itself), else on fresh ones
+    /// ([`Cluster::try_join`]); waits until it listens.
+    ///
+    /// # Errors
+    /// As [`Cluster::try_join`].
+    pub fn join_again(&mut self, id: NodeId, seed: NodeId) -> Result<(), String> {
+        if self.members.iter().all(|m| m.id != id) {
+            return self.try_join(id, seed);
+        }
+        self.joined.insert(id, seed);
+        match self.spawn_and_wait_listening(&[id]) {
+            Ok(()) => Ok(()),
+            Err(StartFailure::PortTaken(why) | StartFailure::Other(why)) => {
+                self.running.remove(&id);
+                Err(why)
+            }
+        }
+    }
+
     /// [`Cluster::try_join`], then waits until every running node sees
     /// every other `up`.
     ///
@@ -618,6 +659,7 @@ impl Cluster {
                 .unwrap_or_else(|| panic!("node {id} is not running"));
             if let Ok(Some(status)) = p.child.try_wait() {
                 self.running.remove(&id);
+                self.left.insert(id);
                 return status;
             }
             assert!(
@@ -826,6 +868,7 @@ impl Cluster {
     /// Spawns `ids` and waits (bounded) until each logged `listening`.
     fn spawn_and_wait_listening(&mut self, ids: &[NodeId]) -> Result<(), StartFailure> {
         for &id in ids {
+            self.left.remove(&id);
             let args = self.args(id);
             let mut cmd = Self::command(&args);
             cmd.stdin(Stdio::null())
