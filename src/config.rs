@@ -435,7 +435,7 @@ fn request_timeout_ms_default() -> u64 {
     REQUEST_TIMEOUT_MS_DEFAULT
 }
 fn handoff_bytes_per_sec_default() -> u64 {
-    32 * 1024 * 1024
+    4 * 1024 * 1024
 }
 
 fn handoff_timeout_secs_default() -> u64 {
