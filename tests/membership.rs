@@ -44,7 +44,7 @@ fn every_member_follows_a_newer_layout() {
     let ids = cluster.ids();
     // (A founder that recovered its vote after the others may have asked
     // for an empty decree: wait for it, so the fault's epoch is the next.)
-    let e0 = all_voting(&cluster);
+    let e0 = cluster.all_voting();
     let before = stats_of(&cluster);
     for s in before.values() {
         assert_eq!(field(s, "members"), 3, "{s:?}");
@@ -105,7 +105,7 @@ fn a_member_cut_off_across_changes_catches_up_and_is_never_refused() {
     let cluster = Cluster::start(Layout::new(3).quorums(1, 2).fault_control());
     let ids = cluster.ids();
     let (a, b, cut) = (ids[0], ids[1], ids[2]);
-    let e0 = all_voting(&cluster);
+    let e0 = cluster.all_voting();
     let installed = field(
         &cluster_stats(&mut cluster.connect(cut)),
         "layouts_installed",
@@ -174,7 +174,7 @@ fn a_quorum_change_is_decided_by_the_members_and_every_member_follows() {
     let _serial = common::cluster::exclusive();
     let cluster = Cluster::start(Layout::new(3).quorums(2, 2));
     let ids = cluster.ids();
-    let e0 = all_voting(&cluster);
+    let e0 = cluster.all_voting();
     assert_eq!(
         change_quorums(&cluster, ids[1], 1, 3),
         format!("OK epoch {}\r\n", e0 + 1)
@@ -216,7 +216,7 @@ fn concurrent_changes_are_serialised() {
     let cluster = Cluster::start(Layout::new(3).quorums(2, 2));
     let ids = cluster.ids();
     // Wait until changes can be decided at all (the members recover).
-    all_voting(&cluster);
+    cluster.all_voting();
     assert!(change_quorums(&cluster, ids[0], 2, 2).starts_with("OK epoch "));
     let mut outcomes = Vec::new();
     for round in 0..5u8 {
@@ -285,7 +285,7 @@ fn a_restarted_member_abstains_from_the_next_decree_until_an_empty_one_passes_it
     let _serial = common::cluster::exclusive();
     let mut cluster = Cluster::start(Layout::new(3).quorums(2, 2).fault_control());
     let ids = cluster.ids();
-    let e0 = all_voting(&cluster);
+    let e0 = cluster.all_voting();
     let ok = |e: u64| format!("OK epoch {e}\r\n");
     assert_eq!(change_quorums(&cluster, ids[0], 1, 2), ok(e0 + 1));
     cluster.kill(ids[2]);
@@ -294,7 +294,7 @@ fn a_restarted_member_abstains_from_the_next_decree_until_an_empty_one_passes_it
     cluster.restart(ids[2]);
     // It recovered abstaining from the next epoch, then the empty decree
     // made that epoch with R and W as they were.
-    assert_eq!(all_voting(&cluster), e2 + 1);
+    assert_eq!(cluster.all_voting(), e2 + 1);
     for (id, s) in stats_of(&cluster) {
         assert_eq!(field(&s, "read_quorum"), 2, "node {id}: {s:?}");
         assert_eq!(field(&s, "write_quorum"), 2, "node {id}: {s:?}");
@@ -326,7 +326,7 @@ fn after_a_rolling_restart_of_every_member_the_cluster_still_changes() {
     let _serial = common::cluster::exclusive();
     let mut cluster = Cluster::start(Layout::new(3).quorums(2, 2).fault_control());
     let ids = cluster.ids();
-    let e0 = all_voting(&cluster);
+    let e0 = cluster.all_voting();
     let mut epoch = e0;
     for &id in &ids {
         cluster.kill(id);
@@ -340,7 +340,7 @@ fn after_a_rolling_restart_of_every_member_the_cluster_still_changes() {
         epoch = now;
     }
     assert_eq!(epoch, e0 + 3, "one empty decree per restarted member");
-    assert_eq!(all_voting(&cluster), e0 + 3);
+    assert_eq!(cluster.all_voting(), e0 + 3);
     cluster.isolate(ids[0]);
     assert_eq!(
         change_quorums(&cluster, ids[1], 1, 1),
@@ -404,27 +404,6 @@ fn fresh_member(id: u16) -> String {
     )
 }
 
-/// Waits until every running member votes on the next layout decree
-/// (`layout_vote votes`: its recovery after the start is over, and the
-/// empty decree a member that recovered late asks for is made) and all
-/// are at one epoch; returns that epoch. A change made before then can
-/// race the empty decree for its epoch.
-fn all_voting(cluster: &Cluster) -> u64 {
-    let mut epoch = 0;
-    wait_for("every member to vote on the next layout decree", || {
-        let all = stats_of(cluster);
-        let epochs: std::collections::BTreeSet<u64> =
-            all.values().map(|s| field(s, "epoch")).collect();
-        epoch = epochs.iter().next().copied().unwrap_or(0);
-        epochs.len() == 1
-            && all.len() == cluster.running_ids().len()
-            && all
-                .values()
-                .all(|s| s.get("layout_vote").map(String::as_str) == Some("votes"))
-    });
-    epoch
-}
-
 /// Every running member's epoch and member count, once all agree on them.
 fn settled_on(cluster: &Cluster, epoch: u64, members: u64) {
     wait_for(
@@ -459,7 +438,7 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
     // a standby (it takes no partitions).
     let joiner: u16 = 4;
     cluster.set_node_args(joiner, vec!["--standby".into()]);
-    let e0 = all_voting(&cluster);
+    let e0 = cluster.all_voting();
     cluster.join(joiner, founders[0]);
     settled_on(&cluster, e0 + 1, 4);
     for (id, s) in stats_of(&cluster) {
@@ -581,7 +560,7 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
     cluster.kill(founders[1]);
     cluster.restart(founders[1]);
     // Restarted, it asks for an empty decree so that it votes again.
-    let e1 = all_voting(&cluster);
+    let e1 = cluster.all_voting();
     assert_eq!(e1, e0 + 2, "one empty decree for the restarted founder");
     settled_on(&cluster, e1, 4);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -625,10 +604,10 @@ fn a_node_joins_as_a_standby_serves_clients_survives_restarts_and_leaves() {
     // only the empty decree a restarted member asks for.
     cluster.restart(joiner);
     settled_on(&cluster, e1 + 2, 4);
-    assert_eq!(all_voting(&cluster), e1 + 2);
+    assert_eq!(cluster.all_voting(), e1 + 2);
     cluster.kill(joiner);
     cluster.restart(joiner);
-    assert_eq!(all_voting(&cluster), e1 + 3);
+    assert_eq!(cluster.all_voting(), e1 + 3);
     settled_on(&cluster, e1 + 3, 4);
     read_all(&cluster, joiner);
 }
@@ -892,7 +871,7 @@ fn partitions_move_while_writers_run_through_joins_a_leave_a_replace_and_a_crash
     let mut epoch = 0;
 
     // Node 4 joins and takes its share: a move, settled by the members.
-    all_voting(&cluster);
+    cluster.all_voting();
     cluster.join(4, 1);
     writer.set_targets(client_addrs(&cluster));
     epoch = moves_settled(&cluster, epoch, 4);

@@ -453,6 +453,35 @@ impl Cluster {
         self.fault(id, &FaultCmd::DropPeers(peers.to_vec()));
     }
 
+    /// Waits until every running member votes on the next layout decree
+    /// (`layout_vote votes`: its recovery after a start is over, and the
+    /// empty decree a member that recovered late asks for is made) and all
+    /// are at one epoch; returns that epoch. A change made before then can
+    /// race that empty decree for its epoch.
+    ///
+    /// # Panics
+    /// If they do not within [`super::hostile::WAIT_MAX`].
+    pub fn all_voting(&self) -> u64 {
+        let mut epoch = 0;
+        super::hostile::wait_for("every member to vote on the next layout decree", || {
+            let running = self.running_ids();
+            let all: Vec<BTreeMap<String, String>> = running
+                .iter()
+                .map(|&id| cluster_stats(&mut self.connect(id)))
+                .collect();
+            let epochs: std::collections::BTreeSet<&str> = all
+                .iter()
+                .map(|s| s.get("epoch").map_or("", String::as_str))
+                .collect();
+            epoch = epochs.first().and_then(|e| e.parse().ok()).unwrap_or(0);
+            epochs.len() == 1
+                && all
+                    .iter()
+                    .all(|s| s.get("layout_vote").map(String::as_str) == Some("votes"))
+        });
+        epoch
+    }
+
     /// Every node but those that exited by themselves ([`Cluster::wait_exit`],
     /// a node that left) and have not started since: the members, as far
     /// as this harness knows.
