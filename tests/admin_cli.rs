@@ -346,7 +346,10 @@ fn cluster_quorums_decides_a_new_epoch_that_status_shows() {
     });
     assert_eq!(
         last.1,
-        format!("layout epoch {}: R=1 W=3; every member follows it\n", e0 + 1)
+        format!(
+            "layout epoch {}: R=1 W=3; every member follows it\n",
+            e0 + 1
+        )
     );
     let other = cluster.member(ids[2]).client.to_string();
     wait_for("another member at the change's epoch", || {

@@ -15,6 +15,7 @@
 //! Commands travel as raw protocol bytes, so a command runs through exactly
 //! the single-node code wherever it runs (see [`super::message`]).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -1949,7 +1950,7 @@ impl Cluster {
         let others: Vec<NodeId> = pref.iter().copied().filter(|&n| n != self.me).collect();
         // Where the new state goes: the replicas, and while partitions
         // move, the new owners too (W needed on each set).
-        let mut copies = view.layout.write_set(key, self.me, &others).into_owned();
+        let (mut copies, mut need) = self.placement(&view.layout, key, pref, &others, w);
         // Catch up first where this node's copy may be stale: a failed-over
         // primary may have missed writes and its clock may be behind their
         // versions; any read-modify-write must see the latest acknowledged
@@ -2007,7 +2008,6 @@ impl Cluster {
                 );
             }
         }
-        let mut need = view.layout.write_need(key, self.me, w);
         // The layout the state is shipped under: a replica past it refuses
         // the state unapplied, and it goes again under the newer one.
         let mut newer_view: Option<Arc<Topology>> = None;
@@ -2104,7 +2104,10 @@ impl Cluster {
                     break shipped;
                 }
                 relayouts += 1;
-                (copies, need) = self.placement(&now.layout, key, w);
+                let pref = now.layout.ring.preference_list_for_key(key);
+                let others: Vec<NodeId> = pref.iter().copied().filter(|&n| n != self.me).collect();
+                let (to, needed) = self.placement(&now.layout, key, pref, &others, w);
+                (copies, need) = (Cow::Owned(to.into_owned()), needed);
                 newer_view = Some(now);
             };
             let view = newer_view.as_deref().unwrap_or(view);
@@ -2204,16 +2207,24 @@ impl Cluster {
         );
     }
 
-    /// Where a write of `key` that this node executed goes under `layout`,
-    /// and the quorum it needs there: as [`Layout::write_set`] and
+    /// Where a write of `key` that this node executed goes under `layout`
+    /// (`pref`, its replicas; `others`, those but this node), and the
+    /// quorum it needs there: as [`Layout::write_set`] and
     /// [`Layout::write_need`] for a primary, and W of the replicas
-    /// themselves where this node is no longer one of them.
-    fn placement(&self, layout: &Layout, key: &[u8], w: usize) -> (Vec<NodeId>, Need) {
-        let pref = layout.ring.preference_list_for_key(key);
-        let others: Vec<NodeId> = pref.iter().copied().filter(|&n| n != self.me).collect();
-        let copies = layout.write_set(key, self.me, &others).into_owned();
+    /// themselves where this node is not one of them (the layout moved
+    /// the key away while the write ran). Nothing moving, it allocates
+    /// nothing.
+    fn placement<'a>(
+        &self,
+        layout: &Layout,
+        key: &[u8],
+        pref: &[NodeId],
+        others: &'a [NodeId],
+        w: usize,
+    ) -> (Cow<'a, [NodeId]>, Need) {
+        let copies = layout.write_set(key, self.me, others);
         let need = match layout.write_need(key, self.me, w) {
-            Need::Any(_) if others.len() == pref.len() => Need::Sets(vec![(w, others)]),
+            Need::Any(_) if others.len() == pref.len() => Need::Sets(vec![(w, others.to_vec())]),
             need => need,
         };
         (copies, need)
@@ -2278,15 +2289,16 @@ impl Cluster {
             async move { peer.call_at(view.layout.epoch, req, timeout).await }
         });
         let mut answered = 0;
+        let mut take = |state: Option<KeyState>| {
+            answered += 1;
+            if let Some(state) = state {
+                store.apply(key, &state);
+            }
+        };
         let mut ahead = Vec::new();
         for (&node, answer) in others.iter().zip(join_all(calls).await) {
             match answer {
-                Ok(PeerResponse::State(state)) => {
-                    answered += 1;
-                    if let Some(state) = state {
-                        store.apply(key, &state);
-                    }
-                }
+                Ok(PeerResponse::State(state)) => take(state),
                 Ok(PeerResponse::StaleEpoch { epoch }) => ahead.push((node, epoch)),
                 _ => {}
             }
@@ -2302,10 +2314,7 @@ impl Cluster {
                 if let Ok(PeerResponse::State(state)) =
                     peer.call_at(now.layout.epoch, req, self.hop_timeout).await
                 {
-                    answered += 1;
-                    if let Some(state) = state {
-                        store.apply(key, &state);
-                    }
+                    take(state);
                 }
             }
         }
